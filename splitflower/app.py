@@ -1,0 +1,174 @@
+"""Builders that turn a strategy, a server-model factory and a client factory into Flower apps.
+
+The ServerApp hosts the split-learning gRPC service for the run's lifetime and hands its
+address and a per-round token to each client in the round's ConfigRecord; Flower messages
+carry only that control and the client-segment weights. Run-config keys the ServerApp
+reads (all optional): ``num-server-rounds`` (default 1), ``sf-host`` (default 127.0.0.1),
+``sf-port`` (0 = any free port), ``sf-advertised-host``, ``sf-max-message-bytes``, and for
+TLS ``sf-tls-certificate``, ``sf-tls-private-key``, ``sf-tls-root-certificates`` (paths to
+PEM files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from splitflower.client import Client
+from splitflower.errors import ConfigError
+from splitflower.proxy import ServerModelProxy
+from splitflower.server_model import ServerModel
+from splitflower.service import SplitService, TlsConfig
+from splitflower.strategy import CentralEvaluateFn, SplitResult, SplitStrategy
+from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, RecordKey
+
+__all__ = ["build_server_app", "build_client_app", "service_from_run_config", "client_reply_metrics"]
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_STATE_KEY = "sf-local-state"
+
+
+def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
+    path = Path(str(run_config[key]))
+    if not path.is_file():
+        raise ConfigError(f"run config {key!r} must name a PEM file; {path} does not exist")
+    return path.read_bytes()
+
+
+def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
+    """Build (not start) the split-learning service the run config describes."""
+    tls_keys = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
+    given = [k for k in tls_keys if k in run_config]
+    if given and len(given) != len(tls_keys):
+        raise ConfigError(f"TLS needs all of {list(tls_keys)}; got only {given}")
+    tls = TlsConfig(*(_read_pem(run_config, k) for k in tls_keys)) if given else None
+    return SplitService(
+        str(run_config.get("sf-host", "127.0.0.1")),
+        int(run_config.get("sf-port", 0)),
+        advertised_host=str(run_config["sf-advertised-host"]) if "sf-advertised-host" in run_config else None,
+        max_message_bytes=int(run_config.get("sf-max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+        tls=tls,
+    )
+
+
+def build_server_app(
+    strategy: Callable[[Context], SplitStrategy],
+    server_model: Callable[[Context], ServerModel],
+    *,
+    initial_client_weights: Callable[[Context], Mapping[str, torch.Tensor]],
+    train_config: Callable[[Context], Mapping[str, Any]] | None = None,
+    central_evaluate: Callable[[Context], CentralEvaluateFn | None] | None = None,
+    on_result: Callable[[Context, SplitResult], None] | None = None,
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    num_rounds: int | None = None,
+) -> ServerApp:
+    """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
+
+    ``num_rounds`` overrides the run config's ``num-server-rounds``.
+
+    Example
+    -------
+    >>> app = build_server_app(  # doctest: +SKIP
+    ...     lambda ctx: ParallelStrategy(),
+    ...     lambda ctx: CSLServerModel(top),
+    ...     initial_client_weights=lambda ctx: {"segment." + k: v for k, v in bottom.state_dict().items()},
+    ... )
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        service = service_from_run_config(context.run_config)
+        service.start()
+        try:
+            split_strategy = strategy(context)
+            config = ConfigRecord(dict(train_config(context)) if train_config else {})
+            result = split_strategy.start(
+                grid,
+                ArrayRecord(dict(initial_client_weights(context))),
+                num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
+                train_config=config,
+                evaluate_fn=central_evaluate(context) if central_evaluate else None,
+                service=service,
+                server_model_factory=lambda: server_model(context),
+                on_round=on_round,
+            )
+            if on_result is not None:
+                on_result(context, result)
+        finally:
+            service.stop()
+
+    return app
+
+
+def client_reply_metrics(client: Client, proxy: ServerModelProxy, examples: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The flat metrics a client reports: its own, traffic, time split and memory."""
+    out: dict[str, float] = {RecordKey.NUM_EXAMPLES: float(examples), **{k: float(v) for k, v in metrics.items()}}
+    out.update({k: float(v) for k, v in proxy.traffic.totals().items()})
+    times = proxy.times.seconds
+    wall = float(metrics.get("client_wall_s", 0.0))
+    blocked, server = times["blocked_s"], times["server_compute_s"]
+    out["client_compute_s"] = max(wall - blocked, 0.0)
+    out["server_compute_s"] = server
+    out["communication_wait_s"] = max(blocked - server, 0.0)
+    out.update(client.memory.summary("client"))
+    return out
+
+
+def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
+    """A Flower ClientApp whose train handler runs ``client(context).fit`` over the proxy.
+
+    Per-client state (:meth:`Client.local_state`) is kept in ``context.state``: in
+    simulation, actors are shared between virtual clients, so nothing per-client may live
+    in module globals.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = dict(msg.content[RecordKey.CONFIG])  # type: ignore[call-overload]
+        arrays: ArrayRecord = msg.content[RecordKey.ARRAYS]  # type: ignore[assignment]
+        instance = client(context)
+        if _LOCAL_STATE_KEY in context.state:
+            instance.load_local_state(context.state[_LOCAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+        proxy = _proxy_from_config(config, instance)
+        instance.server_model_proxy = proxy
+        try:
+            fit = instance.fit(arrays.to_torch_state_dict() if len(arrays) else {}, config)
+        finally:
+            proxy.close()
+        local = instance.local_state()
+        if local:
+            context.state[_LOCAL_STATE_KEY] = ArrayRecord(local)
+        manifest = json.dumps({"manifest": proxy.traffic.manifest(), "by_method": proxy.traffic.by_method()})
+        content = RecordDict({
+            RecordKey.ARRAYS: ArrayRecord(fit.weights),
+            RecordKey.METRICS: MetricRecord(client_reply_metrics(instance, proxy, fit.num_examples, fit.metrics)),  # type: ignore[arg-type]
+            RecordKey.WIRE_MANIFEST: ConfigRecord({"json": manifest}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModelProxy:
+    missing = [k for k in (ConfigKey.PROXY_ADDRESS, ConfigKey.TOKEN) if k not in config]
+    if missing:
+        raise ConfigError(f"round config lacks {missing}; was this message sent by a SplitStrategy?")
+    return ServerModelProxy(
+        str(config[ConfigKey.PROXY_ADDRESS]),
+        bytes(config[ConfigKey.TOKEN]),
+        root_certificates=config.get(ConfigKey.ROOT_CERTIFICATES) or None,
+        max_message_bytes=int(config.get(ConfigKey.MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)),
+        log_prefix=client.log_prefix,
+        memory=client.memory,
+    )

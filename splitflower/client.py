@@ -1,0 +1,154 @@
+"""The client side of a split model: :class:`Client`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitflower.data import ArrayDataset
+from splitflower.errors import ConfigError
+from splitflower.metering import MemoryTally
+from splitflower.proxy import ServerModelProxy
+from splitflower.server_model import FitResult, OptimizerFactory, sgd
+from splitflower.wire import ConfigKey
+
+__all__ = ["Client", "EvaluateResult"]
+
+logger = logging.getLogger(__name__)
+
+EvaluateResult = tuple[float, int, dict[str, float]]
+
+
+class Client:
+    """A client: its model segment, its private data, and one hook per training step.
+
+    The base class owns the round: it loads the round's weights into ``self.model``
+    (a ``ModuleDict`` holding ``"segment"`` and any module an algorithm adds, e.g. an
+    auxiliary head), builds the optimizer over all of them, iterates the local epochs and
+    batches, measures memory and time, drains outstanding fire-and-forget calls, and
+    returns the weights. An algorithm overrides :meth:`train_step` (and :meth:`evaluate`
+    if it evaluates differently), offloading work with
+    ``self.server_model_proxy.<method>(**tensors)``.
+
+    Example
+    -------
+    >>> class ConventionalClient(Client):
+    ...     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    ...         z = self.model["segment"](x)
+    ...         grad = self.server_model_proxy.forward_backward(embeddings=z, labels=y)
+    ...         self.optimizer.zero_grad()
+    ...         z.backward(grad)
+    ...         self.optimizer.step()
+    ...         return {}
+    """
+
+    server_model_proxy: ServerModelProxy
+
+    def __init__(
+        self,
+        segment: nn.Module,
+        train_data: ArrayDataset,
+        test_data: ArrayDataset | None = None,
+        *,
+        optimizer: OptimizerFactory | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+        client_id: int | str = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = nn.ModuleDict({"segment": segment}).to(self.device)
+        self.train_data = train_data
+        self.test_data = test_data
+        self.optimizer_factory = optimizer or sgd()
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.optimizer: torch.optim.Optimizer = self.optimizer_factory(self.model.parameters(), 0.01)
+        self.memory = MemoryTally()
+        self.log_prefix = f"[client {client_id}]"
+        self.config: Mapping[str, Any] = {}
+
+    @property
+    def segment(self) -> nn.Module:
+        """The client's part of the split network."""
+        return self.model["segment"]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float]:
+        """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step(x, y)")
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load the round's weights; an empty mapping keeps the current ones."""
+        if weights:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of every weight in ``self.model``."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """State that stays on this client between rounds (kept in Flower's context)."""
+        return {}
+
+    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
+        """Restore what :meth:`local_state` returned in an earlier round."""
+
+    def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        """Train for ``local-epochs`` epochs; return weights, examples and metrics."""
+        epochs, batch_size = _positive_int(config, ConfigKey.LOCAL_EPOCHS, 1), _positive_int(config, ConfigKey.BATCH_SIZE, 32)
+        lr = float(config.get(ConfigKey.LR, 0.01))
+        self.config = config
+        self.load_weights(weights)
+        self.optimizer = self.optimizer_factory(self.model.parameters(), lr)
+        self.model.train()
+        generator = self.batch_generator(config)
+        sums: dict[str, float] = {}
+        examples = 0
+        started = time.perf_counter()
+        for _ in range(epochs):
+            for x, y in self.train_data.batches(batch_size, shuffle=True, generator=generator):
+                x, y = x.to(self.device), y.to(self.device)
+                with self.memory.track():
+                    step_metrics = self.train_step(x, y)
+                self.memory.observe_state(self.model.values(), self.optimizer)
+                for name, value in step_metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * len(y)
+                examples += len(y)
+        self.server_model_proxy.wait_all()
+        metrics = {name: total / max(examples, 1) for name, total in sums.items()}
+        metrics["client_wall_s"] = time.perf_counter() - started
+        logger.debug("%s trained on %d examples", self.log_prefix, examples)
+        return FitResult(self.weights(), examples, metrics)
+
+    @staticmethod
+    def batch_generator(config: Mapping[str, Any]) -> torch.Generator:
+        """The generator that orders the round's batches, from the run seed, round and client."""
+        seed = int(config.get(ConfigKey.SEED, 0)) * 1_000_003 + int(config.get(ConfigKey.SERVER_ROUND, 0)) * 1009
+        return torch.Generator().manual_seed(seed + int(config.get(ConfigKey.CLIENT_INDEX, 0)))
+
+    @torch.no_grad()
+    def evaluate(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> EvaluateResult:
+        """Loss, examples and accuracy on the client's test data, via the server's ``predict``."""
+        if self.test_data is None:
+            raise ConfigError(f"{self.log_prefix} has no test data to evaluate on; pass test_data")
+        self.load_weights(weights)
+        self.model.eval()
+        loss_sum, correct = 0.0, 0
+        for x, y in self.test_data.batches(int(config.get(ConfigKey.BATCH_SIZE, 256)), shuffle=False):
+            logits = self.server_model_proxy.predict(embeddings=self.segment(x.to(self.device)))
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"predict must return a tensor of logits, got {type(logits).__name__}")
+            loss_sum += float(self.loss_fn(logits, y.to(self.device))) * len(y)
+            correct += int((logits.argmax(1).cpu() == y).sum())
+        total = len(self.test_data)
+        return loss_sum / total, total, {"accuracy": correct / total}
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config {key!r} must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,81 @@
+"""Exception classes of splitflower.
+
+Every error the framework raises derives from :class:`SplitflowerError` and from the
+builtin that best describes it, so callers can catch either ``ValueError`` or the
+framework-specific class.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SplitflowerError",
+    "SplitError",
+    "DatasetError",
+    "ConfigError",
+    "CodecError",
+    "RemoteCallError",
+    "UnknownMethodError",
+    "InvalidArgumentsError",
+    "AuthenticationError",
+    "MessageTooLargeError",
+    "RemoteComputationError",
+    "ServerModelTimeoutError",
+    "ServerUnavailableError",
+    "IncompatibleStrategyError",
+]
+
+
+class SplitflowerError(Exception):
+    """Base class of every error raised by splitflower."""
+
+
+class SplitError(SplitflowerError, ValueError):
+    """A model cannot be split as requested (bad index, path or cut name)."""
+
+
+class DatasetError(SplitflowerError, ValueError):
+    """A dataset is missing, malformed or asked for with bad parameters."""
+
+
+class ConfigError(SplitflowerError, ValueError):
+    """A configuration value (CLI, run config, round config) is invalid."""
+
+
+class CodecError(SplitflowerError, ValueError):
+    """Bytes on the wire do not decode into the tensors they claim to hold."""
+
+
+class RemoteCallError(SplitflowerError, RuntimeError):
+    """A call through the server-model proxy failed; subclasses say why."""
+
+
+class UnknownMethodError(RemoteCallError, AttributeError):
+    """The server model has no remotely callable method of that name."""
+
+
+class InvalidArgumentsError(RemoteCallError, TypeError):
+    """Argument names, dtypes or shapes do not match what the method expects."""
+
+
+class AuthenticationError(RemoteCallError, PermissionError):
+    """The request carried no token, or one the server did not issue for this round."""
+
+
+class MessageTooLargeError(RemoteCallError, ValueError):
+    """A request or reply exceeds the configured message size limit."""
+
+
+class RemoteComputationError(RemoteCallError):
+    """The server-model method itself raised; the message carries the server's error."""
+
+
+class ServerModelTimeoutError(RemoteCallError, TimeoutError):
+    """A proxy call did not complete within its timeout."""
+
+
+class ServerUnavailableError(RemoteCallError, ConnectionError):
+    """The split-learning service cannot be reached."""
+
+
+class IncompatibleStrategyError(SplitflowerError, ValueError):
+    """An algorithm was paired with a strategy it cannot run under."""

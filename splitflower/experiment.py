@@ -1,0 +1,341 @@
+"""An experiment: dataset x model x cut x algorithm x strategy, run as a Flower simulation.
+
+The CLI (``splitflower run``) and the example app are thin layers over this module. The
+results it writes follow the schema documented in the README (``splitflower.results/1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from torch import nn
+
+from splitflower.algorithms import ALGORITHMS, Algorithm
+from splitflower.app import build_client_app, build_server_app
+from splitflower.client import Client
+from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
+from splitflower.errors import ConfigError
+from splitflower.models import MODEL_NAMES, build_model
+from splitflower.server_model import ServerModel, sgd
+from splitflower.split import split_for_cut
+from splitflower.strategies import STRATEGIES
+from splitflower.strategy import SplitResult, SplitStrategy
+from splitflower.wire import ConfigKey
+
+__all__ = ["ExperimentConfig", "Experiment", "run_experiment", "RESULTS_SCHEMA", "summarise_round"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "splitflower.results/1"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a run; ``validate()`` names every bad field at once."""
+
+    algorithm: str = "dsl"
+    strategy: str | None = None  # None: the algorithm's default
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    model: str = "lenet5"
+    cut: str = "s"
+    clients: int = 3
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    partition: str = "iid"
+    batching: bool = False
+    flush_timeout: float = 0.05
+    device: str = "cpu"
+    synthetic_size: int = 2048
+    torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
+
+    def validate(self) -> ExperimentConfig:
+        """Return the config with defaults resolved, or raise ConfigError listing problems."""
+        problems: list[str] = []
+        if self.algorithm not in ALGORITHMS:
+            problems.append(f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
+        if self.dataset not in DATASET_NAMES:
+            problems.append(f"dataset must be one of {list(DATASET_NAMES)}, got {self.dataset!r}")
+        if self.model not in MODEL_NAMES:
+            problems.append(f"model must be one of {list(MODEL_NAMES)}, got {self.model!r}")
+        for name in ("clients", "rounds", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        try:
+            parse_partition(self.partition)
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(problems))
+        algorithm = ALGORITHMS[self.algorithm]
+        strategy = self.strategy or algorithm.default_strategy
+        algorithm.check_strategy(strategy)
+        return replace(self, strategy=strategy)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_experiment(config: ExperimentConfig) -> Experiment:
+    # Simulation actors serve many virtual clients: load data and build the model once each.
+    return Experiment(config)
+
+
+@dataclass
+class Experiment:
+    """The objects a config describes: data, the split model, factories for both parties."""
+
+    config: ExperimentConfig
+    train: ArrayDataset = field(init=False)
+    test: ArrayDataset = field(init=False)
+    bottom: nn.Module = field(init=False)
+    top: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = self.config.validate()
+        size = self.config.synthetic_size
+        if self.config.dataset == "synthetic":
+            self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
+        else:
+            self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+        channels, height, _ = self.train.input_shape
+        torch.manual_seed(self.config.seed)
+        model = build_model(self.config.model, num_classes=self.train.num_classes, in_channels=channels, image_size=height)
+        self.bottom, self.top = split_for_cut(self.config.model, model, _cut_value(self.config.cut))
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.config.algorithm]
+
+    def _optimizer(self) -> Any:
+        return sgd(self.config.momentum, self.config.weight_decay)
+
+    def make_client(self, partition_id: int, data: ArrayDataset | None = None) -> Client:
+        """The algorithm's client for one partition, starting from the common initial weights."""
+        c = self.config
+        if data is None:
+            data = client_partition(self.train, partition_id, c.clients, c.partition, seed=c.seed)
+        torch.manual_seed(c.seed + 1)  # the same auxiliary modules on every client
+        return self.algorithm.client(
+            copy.deepcopy(self.bottom), data, None, optimizer=self._optimizer(), device=c.device, client_id=partition_id
+        )
+
+    def make_server_model(self) -> ServerModel:
+        return self.algorithm.server_model(copy.deepcopy(self.top), optimizer=self._optimizer(), device=self.config.device)
+
+    def initial_client_weights(self) -> dict[str, torch.Tensor]:
+        return self.make_client(0, self.test).weights()
+
+    def train_config(self) -> dict[str, Any]:
+        c = self.config
+        return {ConfigKey.LOCAL_EPOCHS: c.local_epochs, ConfigKey.BATCH_SIZE: c.batch_size, ConfigKey.LR: c.lr, ConfigKey.SEED: c.seed}
+
+    def make_strategy(self) -> SplitStrategy:
+        c = self.config
+        strategy_cls = STRATEGIES[str(c.strategy)]
+        return strategy_cls(min_train_nodes=c.clients, min_available_nodes=c.clients, batching=c.batching, flush_timeout=c.flush_timeout)
+
+    @torch.no_grad()
+    def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
+        """Test loss and accuracy of the assembled model (client segment + server model)."""
+        bottom, top = copy.deepcopy(self.bottom), copy.deepcopy(self.top)
+        state = client_arrays.to_torch_state_dict()
+        bottom.load_state_dict({k.removeprefix("segment."): v for k, v in state.items() if k.startswith("segment.")})
+        top.load_state_dict(server_arrays.to_torch_state_dict())
+        full = nn.Sequential(bottom, top).to(self.config.device).eval()
+        loss_sum, correct = 0.0, 0
+        for x, y in self.test.batches(1000, shuffle=False):
+            logits = full(x.to(self.config.device))
+            loss_sum += float(nn.functional.cross_entropy(logits, y.to(self.config.device), reduction="sum"))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+        return {"test_loss": loss_sum / len(self.test), "test_accuracy": correct / len(self.test)}
+
+    def client_app(self) -> ClientApp:
+        return _client_app(self.config)
+
+    def server_app(
+        self,
+        strategy: SplitStrategy,
+        on_result: Callable[[Context, SplitResult], None],
+        on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> ServerApp:
+        return build_server_app(
+            lambda _: strategy,
+            lambda _: self.make_server_model(),
+            initial_client_weights=lambda _: self.initial_client_weights(),
+            train_config=lambda _: self.train_config(),
+            central_evaluate=lambda _: self.evaluate,
+            on_result=on_result,
+            on_round=on_round,
+            num_rounds=self.config.rounds,
+        )
+
+
+def _cut_value(cut: str) -> str | int:
+    return int(cut) if cut.lstrip("-").isdigit() else cut
+
+
+def _threads_per_client(config: ExperimentConfig) -> int:
+    if config.torch_threads > 0:
+        return config.torch_threads
+    concurrent = 1 if config.strategy == "sequential" else config.clients
+    return max(1, (os.cpu_count() or 1) // concurrent)
+
+
+def _client_app(config: ExperimentConfig) -> ClientApp:
+    def make(context: Context) -> Client:
+        torch.set_num_threads(_threads_per_client(config))
+        partition_id = int(context.node_config.get("partition-id", 0))
+        return _cached_experiment(config).make_client(partition_id)
+
+    return build_client_app(make)
+
+
+def _sum(clients: list[dict[str, Any]], key: str) -> float:
+    return float(sum(c.get("metrics", {}).get(key, 0.0) for c in clients))
+
+
+def _max(values: list[float]) -> float:
+    return max(values, default=0.0)
+
+
+def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Condense a strategy round record into the results-file round entry."""
+    clients = [c for c in record["clients"] if "metrics" in c]
+    byte_keys = ("up_payload_bytes", "up_wire_bytes", "down_payload_bytes", "down_wire_bytes", "up_messages", "down_messages")
+    per_tensor: dict[str, int] = {}
+    for c in clients:
+        for entry in c.get("wire", {}).get("manifest", []):
+            key = f"{entry['direction']}:{entry['method']}:{entry['name']}"
+            per_tensor[key] = per_tensor.get(key, 0) + int(entry["payload_bytes"])
+    servers = record["server_models"]
+    return {
+        "round": record["round"],
+        "seconds": record["seconds"],
+        **record.get("evaluation", {}),
+        "num_examples": int(_sum(clients, "num-examples")),
+        "failed_clients": [c["node_id"] for c in record["clients"] if "error" in c],
+        "bytes": {k: int(_sum(clients, k)) for k in byte_keys},
+        "payload_bytes_by_tensor": per_tensor,
+        "memory": {
+            "client_peak_tally_bytes": _max([c["metrics"]["client_peak_tally_bytes"] for c in clients]),
+            "client_peak_saved_activation_bytes": _max([c["metrics"]["client_peak_saved_activation_bytes"] for c in clients]),
+            "client_peak_rss_bytes": _max([c["metrics"]["client_peak_rss_bytes"] for c in clients]),
+            "server_peak_tally_bytes": _max([s["memory"]["server_peak_tally_bytes"] for s in servers]),
+            "server_peak_saved_activation_bytes": _max([s["memory"]["server_peak_saved_activation_bytes"] for s in servers]),
+            "server_peak_rss_bytes": _max([s["memory"]["server_peak_rss_bytes"] for s in servers]),
+        },
+        "time": {k: _sum(clients, k) for k in ("client_compute_s", "server_compute_s", "communication_wait_s")},
+        "clients": record["clients"],
+        "server_models": servers,
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("splitflower", "torch", "flwr", "grpcio", "flwr-datasets", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+class _Progress:
+    """Prints how far the server models have got, every few seconds, while a round runs."""
+
+    def __init__(self, strategy: SplitStrategy, total: int, say: Callable[[str], None], every: float = 5.0) -> None:
+        self.strategy, self.total, self.say, self.every = strategy, total, say, every
+        self.round = 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="splitflower-progress")
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        while not self._stop.wait(self.every):
+            done = sum(m.num_examples for m in self.strategy.server_models)
+            self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({time.perf_counter() - started:.0f}s)")
+
+
+def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``config`` as a Flower simulation and return the results document."""
+    from flwr.simulation import run_simulation
+
+    for key, value in (
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+        ("HF_HUB_OFFLINE", "1"),
+    ):
+        os.environ.setdefault(key, value)
+    experiment = _cached_experiment(config)
+    config = experiment.config
+    strategy = experiment.make_strategy()
+    rounds: list[dict[str, Any]] = []
+    holder: dict[str, SplitResult] = {}
+    progress = _Progress(strategy, len(experiment.train) * config.local_epochs, say)
+
+    def on_round(server_round: int, record: dict[str, Any]) -> None:
+        entry = summarise_round(record)
+        rounds.append(entry)
+        progress.round = server_round + 1
+        say(
+            f"round {server_round}/{config.rounds}: test accuracy {entry.get('test_accuracy', float('nan')):.4f}, "
+            f"up {entry['bytes']['up_payload_bytes'] / 1e6:.1f} MB, down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
+            f"{entry['seconds']:.1f}s"
+        )
+
+    started = time.perf_counter()
+    say(f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, {config.clients} clients, {config.rounds} rounds")
+    concurrent = 1 if config.strategy == "sequential" else config.clients
+    with progress:
+        run_simulation(
+            server_app=experiment.server_app(strategy, lambda _, result: holder.setdefault("result", result), on_round),
+            client_app=experiment.client_app(),
+            num_supernodes=config.clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": concurrent, "include_dashboard": False},
+            },
+        )
+    if "result" not in holder:
+        raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
+    return {
+        "schema": RESULTS_SCHEMA,
+        "config": asdict(config),
+        "versions": _versions(),
+        "wall_s": time.perf_counter() - started,
+        "rounds": rounds,
+        "final": {k: v for k, v in rounds[-1].items() if k in ("test_accuracy", "test_loss")} if rounds else {},
+    }

@@ -1,0 +1,338 @@
+"""The client's handle on its server model: ``self.server_model_proxy.<method>(**tensors)``.
+
+Three ways to call, one wire:
+
+* ``proxy.forward(embeddings=z, labels=y)`` blocks and returns the result as torch tensors
+  on the caller's device (the device of the first argument);
+* ``proxy.forward.future(...)`` returns a :class:`ProxyFuture` at once, so many requests
+  can be outstanding;
+* ``proxy.forward.send(...)`` is fire-and-forget: it returns nothing, the server sends no
+  tensors back, and at most ``max_in_flight`` such calls are outstanding (``send`` blocks
+  while the window is full). An error in one surfaces at the next call or at
+  :meth:`ServerModelProxy.wait_all`.
+
+Every form takes ``timeout=`` seconds (default: the proxy's ``default_timeout``), enforced
+as a gRPC deadline. Requests of one proxy are executed in the order they were issued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import torch
+
+from splitflower.codec import decode_reply, encode_request, payload_bytes, value_tensors
+from splitflower.errors import (
+    AuthenticationError,
+    CodecError,
+    InvalidArgumentsError,
+    MessageTooLargeError,
+    RemoteCallError,
+    RemoteComputationError,
+    ServerModelTimeoutError,
+    ServerUnavailableError,
+    UnknownMethodError,
+)
+from splitflower.metering import MemoryTally, TimeMeter, TrafficMeter
+from splitflower.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ERROR_KIND_METADATA_KEY,
+    FINISH_METHOD,
+    GRPC_CALL_PATH,
+    ErrorKind,
+)
+
+__all__ = ["ServerModelProxy", "RemoteMethod", "ProxyFuture"]
+
+logger = logging.getLogger(__name__)
+
+_KIND_TO_ERROR: dict[str, type[RemoteCallError]] = {
+    ErrorKind.UNKNOWN_METHOD: UnknownMethodError,
+    ErrorKind.INVALID_ARGUMENTS: InvalidArgumentsError,
+    ErrorKind.CORRUPT: InvalidArgumentsError,
+    ErrorKind.AUTH: AuthenticationError,
+    ErrorKind.TOO_LARGE: MessageTooLargeError,
+    ErrorKind.COMPUTATION: RemoteComputationError,
+    ErrorKind.TIMEOUT: ServerModelTimeoutError,
+}
+
+Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def _to_device(value: Value, device: torch.device | None) -> Value:
+    if device is None or device.type == "cpu" or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return tuple(v.to(device) for v in value)
+
+
+def _as_tensors(arguments: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in arguments.items()}
+
+
+class ProxyFuture:
+    """An outstanding call; :meth:`result` waits for it and returns the method's value."""
+
+    def __init__(self, proxy: ServerModelProxy, method: str, call: Future[bytes], device: torch.device | None) -> None:
+        self._proxy, self._method, self._call, self._device = proxy, method, call, device
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> Value:
+        """Block until the reply arrives (counted as time blocked on the channel)."""
+        with self._proxy.times.measure("blocked_s"):
+            try:
+                frame = self._call.result(timeout=timeout)
+            except FutureTimeoutError as err:
+                raise ServerModelTimeoutError(
+                    f"{self._method}: no reply within result(timeout={timeout}); the call is still outstanding"
+                ) from err
+            except grpc.RpcError as err:
+                raise self._proxy._translate(self._method, err) from None
+        return _to_device(self._proxy._finish_reply(self._method, frame), self._device)
+
+
+class RemoteMethod:
+    """``proxy.<name>``: call it to block, ``.future(...)`` or ``.send(...)`` to not."""
+
+    def __init__(self, proxy: ServerModelProxy, name: str) -> None:
+        self._proxy, self._name = proxy, name
+
+    def __call__(self, *, timeout: float | None = None, **tensors: Any) -> Value:
+        return self._proxy._blocking(self._name, tensors, timeout)
+
+    def future(self, *, timeout: float | None = None, **tensors: Any) -> ProxyFuture:
+        return self._proxy._start(self._name, tensors, timeout, no_reply=False)
+
+    def send(self, *, timeout: float | None = None, **tensors: Any) -> None:
+        self._proxy._send(self._name, tensors, timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name!r} of {self._proxy!r}>"
+
+
+class ServerModelProxy:
+    """A client's channel to the server model that serves it this round.
+
+    Built by the framework from the round config; a :class:`~splitflower.client.Client`
+    finds it as ``self.server_model_proxy``.
+
+    Example
+    -------
+    >>> proxy = ServerModelProxy("127.0.0.1:50051", token=b"0" * 16)  # doctest: +SKIP
+    >>> grad = proxy.forward_backward(embeddings=z, labels=y)  # doctest: +SKIP
+    >>> proxy.train.send(embeddings=z, labels=y)  # doctest: +SKIP
+    >>> proxy.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: bytes,
+        *,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        default_timeout: float | None = 120.0,
+        max_in_flight: int = 8,
+        log_prefix: str = "[client]",
+        memory: MemoryTally | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.address = address
+        self.max_message_bytes = max_message_bytes
+        self.default_timeout = default_timeout
+        self.log_prefix = log_prefix
+        self.traffic = TrafficMeter()
+        self.times = TimeMeter()
+        self.memory = memory or MemoryTally()
+        self._token = token
+        self._next_seq = 0
+        self._seq_lock = threading.Lock()
+        self._window = threading.BoundedSemaphore(max_in_flight)
+        self._outstanding: set[Future[bytes]] = set()
+        # gRPC's own futures start a polling thread per idle period (~0.7 ms a call); a
+        # small pool running blocking calls is cheaper and bounds concurrency.
+        self._executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix="splitflower-proxy")
+        self._outstanding_lock = threading.Lock()
+        self._deferred_error: BaseException | None = None
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_http_proxy", 0),
+        ]
+        if root_certificates:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._call: Callable[..., Any] = self._channel.unary_unary(GRPC_CALL_PATH)
+        self._closed = False
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        if name.startswith("_"):
+            raise AttributeError(f"{name!r} is private: private server-model methods are not callable remotely")
+        return RemoteMethod(self, name)
+
+    def __repr__(self) -> str:
+        return f"ServerModelProxy({self.address!r})"
+
+    def call(self, method: str, /, *, timeout: float | None = None, **tensors: Any) -> Value:
+        """Blocking call by method name (same as ``getattr(proxy, method)(...)``)."""
+        return RemoteMethod(self, method)(timeout=timeout, **tensors)
+
+    def _prepare(self, method: str, arguments: Mapping[str, Any], no_reply: bool) -> tuple[bytes, torch.device | None]:
+        self._raise_deferred()
+        if self._closed:
+            raise RemoteCallError(f"{self.log_prefix} proxy is closed; {method} was not sent")
+        tensors = _as_tensors(arguments)
+        device = next((t.device for t in tensors.values()), None)
+        with self._seq_lock:
+            # The server runs this client's requests in the order of these numbers; a frame
+            # that is never sent must not use one up.
+            frame = encode_request(self._token, self._next_seq, method, tensors, no_reply=no_reply)
+            if len(frame) > self.max_message_bytes:
+                raise MessageTooLargeError(
+                    f"{method}: request is {len(frame)} bytes, over the limit of {self.max_message_bytes}; "
+                    "send smaller batches or raise max_message_bytes on the service"
+                )
+            self._next_seq += 1
+        self.traffic.record("up", method, tensors, frame_bytes=len(frame))
+        return frame, device
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.default_timeout if timeout is None else timeout
+
+    def _blocking(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> Value:
+        frame, device = self._prepare(method, arguments, no_reply=False)
+        with self.times.measure("blocked_s"):
+            try:
+                reply = self._call(frame, timeout=self._deadline(timeout))
+            except grpc.RpcError as err:
+                raise self._translate(method, err) from None
+        return _to_device(self._finish_reply(method, reply), device)
+
+    def _start(self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool) -> ProxyFuture:
+        frame, device = self._prepare(method, arguments, no_reply)
+        call = self._executor.submit(self._call, frame, timeout=self._deadline(timeout))
+        return ProxyFuture(self, method, call, device)
+
+    def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
+        with self.times.measure("blocked_s"):
+            self._window.acquire()
+        held = payload_bytes(_as_tensors(arguments))
+        try:
+            future = self._start(method, arguments, timeout, no_reply=True)
+        except BaseException:
+            self._window.release()
+            raise
+        self.memory.add_in_flight(held)
+        call = future._call
+        with self._outstanding_lock:
+            self._outstanding.add(call)
+
+        def settle(done: Future[bytes]) -> None:
+            with self._outstanding_lock:
+                self._outstanding.discard(done)
+            self.memory.add_in_flight(-held)
+            self._window.release()
+            try:
+                self._finish_reply(method, done.result())
+            except grpc.RpcError as err:
+                self._defer(self._translate(method, err))
+            except RemoteCallError as err:
+                self._defer(err)
+
+        call.add_done_callback(settle)
+
+    def _defer(self, error: BaseException) -> None:
+        logger.warning("%s fire-and-forget call failed: %s", self.log_prefix, error)
+        if self._deferred_error is None:
+            self._deferred_error = error
+
+    def _raise_deferred(self) -> None:
+        error, self._deferred_error = self._deferred_error, None
+        if error is not None:
+            raise type(error)(f"an earlier fire-and-forget call failed: {error}") from error
+
+    def _finish_reply(self, method: str, frame: bytes) -> Value:
+        try:
+            reply = decode_reply(frame)
+        except CodecError as err:
+            raise RemoteCallError(f"{method}: the server's reply is corrupt: {err}") from err
+        self.times.add("server_compute_s", reply.server_compute_s)
+        self.times.add("server_queue_s", reply.queue_wait_s)
+        value = reply.value
+        self.traffic.record("down", method, value_tensors(value), frame_bytes=len(frame))
+        return value
+
+    def _translate(self, method: str, err: grpc.RpcError) -> RemoteCallError:
+        code = err.code() if hasattr(err, "code") else None
+        details = err.details() if hasattr(err, "details") else str(err)
+        trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+        kind = trailing.get(ERROR_KIND_METADATA_KEY)
+        if isinstance(kind, str) and kind in _KIND_TO_ERROR:
+            return _KIND_TO_ERROR[kind](f"{method}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServerModelTimeoutError(f"{method}: no reply within the call's timeout ({details})")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return MessageTooLargeError(
+                f"{method}: message over the size limit ({details}); the service accepts at most "
+                f"{self.max_message_bytes} bytes unless configured otherwise"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServerUnavailableError(f"{method}: split-learning service at {self.address} unreachable ({details})")
+        return RemoteCallError(f"{method}: {code}: {details}")
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        """Wait for every fire-and-forget call to complete; raise the first failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.times.measure("blocked_s"):
+            while True:
+                with self._outstanding_lock:
+                    pending = next(iter(self._outstanding), None)
+                if pending is None:
+                    break
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    pending.result(timeout=remaining)
+                except FutureTimeoutError as err:
+                    raise ServerModelTimeoutError(f"fire-and-forget calls still outstanding after {timeout}s") from err
+                except grpc.RpcError:
+                    pass  # recorded by its callback
+                # The done-callback removes it; spin until that happened.
+                while True:
+                    with self._outstanding_lock:
+                        if pending not in self._outstanding:
+                            break
+                    time.sleep(0.0005)
+        self._raise_deferred()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain outstanding calls, tell the server this client is done, close the channel."""
+        if self._closed:
+            return
+        try:
+            self.wait_all(timeout)
+            self._start(FINISH_METHOD, {}, timeout, no_reply=True).result()
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=False)
+            self._channel.close()
+
+    def __enter__(self) -> ServerModelProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

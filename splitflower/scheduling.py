@@ -1,0 +1,237 @@
+"""When server-model computations run: at once, or batched across clients.
+
+A scheduler owns one :class:`~splitflower.server_model.ServerModel` and serialises the
+computations on it; the gRPC threads that carry requests only wait on it, so a long
+computation for one model never stalls requests for another.
+
+The batching scheduler concatenates the pending requests of the model's active clients
+along dimension 0, runs the method once, and splits the results back. It flushes when
+every active client has a request pending (whatever method each called), when a client
+finishing its round makes that so, or when the oldest pending request has waited
+``flush_timeout`` seconds. It therefore cannot wait forever on a client that is slow,
+has fewer batches than the others, or has died.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitflower.codec import payload_bytes
+from splitflower.server_model import ServerModel, resolve_call
+
+__all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """A computation's result, or the exception it raised, with its timing."""
+
+    value: Any = None
+    error: BaseException | None = None
+    compute_s: float = 0.0
+    queue_wait_s: float = 0.0
+
+
+class Scheduler(ABC):
+    """Decides when a server model runs the calls routed to it."""
+
+    def __init__(self, model: ServerModel) -> None:
+        self.model = model
+        self._model_lock = threading.Lock()
+
+    def set_clients(self, clients: Collection[Hashable]) -> None:  # noqa: B027 - optional hook
+        """The clients this model serves in the current round."""
+
+    def client_finished(self, client: Hashable) -> None:  # noqa: B027 - optional hook
+        """``client`` will send no more requests this round."""
+
+    @abstractmethod
+    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
+        """Run ``method`` for ``client`` and return its outcome (blocks until done)."""
+
+    def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
+        """Validate, run under the model lock with memory tracking; returns (value, seconds)."""
+        device = self.model.device
+        moved = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        with self._model_lock:
+            bound = resolve_call(self.model, method, moved)
+            start = time.perf_counter()
+            in_flight = payload_bytes(moved)
+            self.model.memory.add_in_flight(in_flight)
+            try:
+                with self.model.memory.track():
+                    value = bound(**moved)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            finally:
+                self.model.memory.add_in_flight(-in_flight)
+            return value, time.perf_counter() - start
+
+
+class ImmediateScheduler(Scheduler):
+    """Runs each call as soon as the model is free."""
+
+    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
+        arrived = time.perf_counter()
+        try:
+            value, seconds = self._invoke(method, tensors)
+        except Exception as err:  # noqa: BLE001 - reported to the caller, server keeps serving
+            return Outcome(error=err)
+        return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
+
+
+@dataclass
+class _Slot:
+    client: Hashable
+    tensors: Mapping[str, torch.Tensor]
+    arrived: float
+    outcome: Outcome | None = None
+
+
+@dataclass
+class _Group:
+    deadline: float
+    slots: list[_Slot] = field(default_factory=list)
+
+
+def _signature(method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Hashable, ...]:
+    return (method, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in tensors.items()))
+
+
+class BatchingScheduler(Scheduler):
+    """Concatenates requests of the active clients into one batch (see the module docstring).
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> class Double(ServerModel):
+    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return 2 * x
+    >>> scheduler = BatchingScheduler(Double(nn.Identity()), flush_timeout=0.01)
+    >>> scheduler.set_clients(["a"])
+    >>> scheduler.run("a", "double", {"x": torch.ones(2)}).value
+    tensor([2., 2.])
+    """
+
+    def __init__(self, model: ServerModel, *, flush_timeout: float = 0.05) -> None:
+        super().__init__(model)
+        if flush_timeout <= 0:
+            raise ValueError(f"flush_timeout must be positive seconds, got {flush_timeout}")
+        self.flush_timeout = flush_timeout
+        self._cond = threading.Condition()
+        self._groups: dict[tuple[Hashable, ...], _Group] = {}
+        self._active: set[Hashable] = set()
+        self.flushes = 0
+        self.timeout_flushes = 0
+
+    def set_clients(self, clients: Collection[Hashable]) -> None:
+        with self._cond:
+            self._active = set(clients)
+
+    def client_finished(self, client: Hashable) -> None:
+        with self._cond:
+            self._active.discard(client)
+            ready = self._take_if_all_waiting()
+        self._run_groups(ready)
+
+    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
+        try:
+            resolve_call(self.model, method, tensors)
+        except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
+            return Outcome(error=err)
+        slot = _Slot(client, tensors, time.perf_counter())
+        with self._cond:
+            key = _signature(method, tensors)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(deadline=slot.arrived + self.flush_timeout)
+            group.slots.append(slot)
+            ready = self._take_if_all_waiting()
+        self._run_groups(ready)
+        with self._cond:
+            while slot.outcome is None:
+                remaining = group.deadline - time.perf_counter()
+                if remaining <= 0 and self._groups.get(key) is group:
+                    del self._groups[key]
+                    self.timeout_flushes += 1
+                    ready = [(key, group)]
+                    break
+                self._cond.wait(max(remaining, 0.001))
+            else:
+                return slot.outcome
+        self._run_groups(ready)
+        with self._cond:
+            while slot.outcome is None:
+                self._cond.wait()
+            return slot.outcome
+
+    def _take_if_all_waiting(self) -> list[tuple[tuple[Hashable, ...], _Group]]:
+        waiting = {s.client for g in self._groups.values() for s in g.slots}
+        if not waiting or not self._active <= waiting:
+            return []
+        groups = list(self._groups.items())
+        self._groups.clear()
+        return groups
+
+    def _run_groups(self, groups: list[tuple[tuple[Hashable, ...], _Group]]) -> None:
+        for key, group in groups:
+            self._flush(str(key[0]), group.slots)
+
+    def _flush(self, method: str, slots: list[_Slot]) -> None:
+        self.flushes += 1
+        sizes = [_batch_size(s.tensors) for s in slots]
+        started = time.perf_counter()
+        try:
+            merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
+            value, seconds = self._invoke(method, merged)
+            parts = _split_value(value, sizes)
+            outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
+        except Exception as err:  # noqa: BLE001 - reported to every caller of the batch
+            outcomes = [Outcome(error=err) for _ in slots]
+        with self._cond:
+            for slot, outcome in zip(slots, outcomes, strict=True):
+                outcome.queue_wait_s = started - slot.arrived
+                slot.outcome = outcome
+            self._cond.notify_all()
+
+
+def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    sizes = {v.shape[0] if v.dim() else 1 for v in tensors.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"batched calls need one batch size across arguments, got {sorted(sizes)}")
+    return sizes.pop() if sizes else 0
+
+
+def _split_value(value: Any, sizes: list[int]) -> list[Any]:
+    """Split batch-aligned tensors back per request; broadcast anything else."""
+    total = sum(sizes)
+
+    def split(t: torch.Tensor) -> list[torch.Tensor]:
+        if t.dim() and t.shape[0] == total:
+            return list(torch.split(t, sizes))
+        return [t] * len(sizes)
+
+    if value is None:
+        return [None] * len(sizes)
+    if isinstance(value, torch.Tensor):
+        return split(value)
+    if isinstance(value, Mapping):
+        pieces = {k: split(v) for k, v in value.items()}
+        return [{k: p[i] for k, p in pieces.items()} for i in range(len(sizes))]
+    if isinstance(value, tuple | list):
+        columns = [split(v) for v in value]
+        return [tuple(c[i] for c in columns) for i in range(len(sizes))]
+    raise TypeError(f"cannot split a batched result of type {type(value).__name__}")
+
+
+SchedulerFactory = Callable[[ServerModel], Scheduler]

@@ -1,0 +1,268 @@
+"""The server side of a split model: :class:`ServerModel` and its remotely callable methods."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import EllipsisType
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from splitflower.errors import InvalidArgumentsError, UnknownMethodError
+from splitflower.metering import MemoryTally
+
+__all__ = [
+    "FLOATING",
+    "TensorSpec",
+    "remote",
+    "ServerModel",
+    "FitResult",
+    "OptimizerFactory",
+    "remote_methods",
+    "sgd",
+]
+
+logger = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+FLOATING: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_RESERVED_ARGUMENTS = frozenset({"timeout"})
+_F = TypeVar("_F", bound=Callable[..., Any])
+_SPECS_ATTRIBUTE = "__splitflower_specs__"
+
+
+def sgd(momentum: float = 0.9, weight_decay: float = 0.0) -> OptimizerFactory:
+    """An optimizer factory: ``sgd(0.9)(params, lr)`` builds ``torch.optim.SGD``."""
+
+    def build(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    return build
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a remote method accepts for one argument.
+
+    ``shape`` entries are an int (exact), a str (a named size that must agree across the
+    arguments of one call, e.g. ``"batch"``), ``None`` (any), and a final ``...`` (any
+    number of further dimensions).
+
+    Example
+    -------
+    >>> spec = TensorSpec(dtypes=(torch.int64,), shape=("batch",))
+    >>> spec.check("labels", torch.zeros(4, dtype=torch.int64), {})
+    """
+
+    dtypes: tuple[torch.dtype, ...] | None = None
+    shape: tuple[int | str | None | EllipsisType, ...] | None = None
+
+    def check(self, name: str, tensor: torch.Tensor, sizes: dict[str, int]) -> None:
+        """Raise :class:`InvalidArgumentsError` if ``tensor`` does not match."""
+        if self.dtypes is not None and tensor.dtype not in self.dtypes:
+            wanted = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            got = str(tensor.dtype).removeprefix("torch.")
+            raise InvalidArgumentsError(f"argument {name!r}: expected dtype {wanted}, got {got}")
+        if self.shape is None:
+            return
+        open_ended = bool(self.shape) and self.shape[-1] is Ellipsis
+        fixed = self.shape[:-1] if open_ended else self.shape
+        if tensor.dim() < len(fixed) or (not open_ended and tensor.dim() != len(fixed)):
+            raise InvalidArgumentsError(
+                f"argument {name!r}: expected shape {_show(self.shape)}, got {list(tensor.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(fixed, tensor.shape, strict=False)):
+            if isinstance(want, int) and want != got:
+                raise InvalidArgumentsError(
+                    f"argument {name!r}: dimension {axis} must be {want}, got {got} "
+                    f"(expected shape {_show(self.shape)}, got {list(tensor.shape)})"
+                )
+            if isinstance(want, str):
+                bound = sizes.setdefault(want, got)
+                if bound != got:
+                    raise InvalidArgumentsError(
+                        f"argument {name!r}: dimension {axis} ({want!r}) is {got}, but another "
+                        f"argument of this call has {want!r} = {bound}"
+                    )
+
+
+def _show(shape: tuple[int | str | None | EllipsisType, ...]) -> str:
+    return "[" + ", ".join("..." if s is Ellipsis else repr(s) if isinstance(s, str) else str(s) for s in shape) + "]"
+
+
+def remote(**specs: TensorSpec) -> Callable[[_F], _F]:
+    """Declare what each argument of a remotely callable method must look like.
+
+    Example
+    -------
+    >>> class Echo(ServerModel):
+    ...     @remote(x=TensorSpec(dtypes=FLOATING))
+    ...     def echo(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return x
+    """
+
+    def decorate(method: _F) -> _F:
+        setattr(method, _SPECS_ATTRIBUTE, dict(specs))
+        return method
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class _RemoteMethod:
+    name: str
+    parameters: tuple[str, ...]
+    required: frozenset[str]
+    specs: Mapping[str, TensorSpec]
+
+
+@dataclass
+class FitResult:
+    """What a party returns after a round: weights, the examples it trained on, metrics."""
+
+    weights: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ServerModel:
+    """One server-side model segment, its optimizer, and the computations clients offload.
+
+    Every public method a subclass defines is callable by clients through their
+    ``server_model_proxy`` with keyword tensors; the framework's own methods (those defined
+    here) and ``_private`` names are not. Arguments arrive on ``self.device``; the return
+    value (None, a tensor, a dict or a tuple of tensors) goes back to the caller.
+    ``configure_fit`` loads the round's weights and rebuilds the optimizer;
+    ``get_fit_result`` hands the trained weights back to the strategy. The optimizer state
+    therefore lives for one round, as on the clients.
+
+    Example
+    -------
+    >>> class Classifier(ServerModel):
+    ...     def train_step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    ...         loss = nn.functional.cross_entropy(self.model(embeddings), labels)
+    ...         self.step(loss, num_examples=len(labels))
+    >>> server = Classifier(nn.Linear(8, 2))
+    >>> server.configure_fit(None, {"lr": 0.1})
+    >>> server.train_step(torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
+    >>> server.get_fit_result().num_examples
+    4
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: OptimizerFactory | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.optimizer_factory = optimizer or sgd()
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.optimizer = self._build_optimizer(0.01)
+        self.memory = MemoryTally()
+        self.log_prefix = "[server]"
+        self._num_examples = 0
+        self._loss_sum = 0.0
+
+    def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
+        """Load the round's global server weights (if given) and reset the optimizer."""
+        if weights is not None:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        lr = float(config.get("lr", 0.01))
+        self.optimizer = self._build_optimizer(lr)
+        self.model.train()
+        self.memory = MemoryTally()
+        self.memory.observe_state([self.model], self.optimizer)
+        self._num_examples = 0
+        self._loss_sum = 0.0
+
+    @property
+    def num_examples(self) -> int:
+        """Examples trained on since the round began."""
+        return self._num_examples
+
+    def _build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.optimizer_factory(params, lr) if params else None
+
+    def get_fit_result(self) -> FitResult:
+        """Weights (detached CPU copies), examples trained on, and mean training loss."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        metrics: dict[str, float] = {}
+        if self._num_examples:
+            metrics["server_train_loss"] = self._loss_sum / self._num_examples
+        return FitResult(weights, self._num_examples, metrics)
+
+    def step(self, loss: torch.Tensor, *, num_examples: int) -> None:
+        """Backpropagate ``loss``, step the optimizer and count ``num_examples``."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.memory.observe_state([self.model], self.optimizer)
+        self._num_examples += num_examples
+        self._loss_sum += float(loss.detach()) * num_examples
+
+
+def _describe(cls: type) -> dict[str, _RemoteMethod]:
+    framework = set(dir(ServerModel))
+    methods: dict[str, _RemoteMethod] = {}
+    for name, member in inspect.getmembers(cls, inspect.isfunction):
+        if name.startswith("_") or name in framework:
+            continue
+        params = list(inspect.signature(member).parameters.values())[1:]
+        bad = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
+        if bad:
+            raise TypeError(f"{cls.__name__}.{name}: remote methods take keyword tensors; {bad} cannot be passed")
+        reserved = _RESERVED_ARGUMENTS & {p.name for p in params}
+        if reserved:
+            raise TypeError(f"{cls.__name__}.{name}: argument name(s) {sorted(reserved)} are reserved by the proxy")
+        names = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
+        required = frozenset(p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD)
+        methods[name] = _RemoteMethod(name, names, required, getattr(member, _SPECS_ATTRIBUTE, {}))
+    return methods
+
+
+_CACHE: dict[type, dict[str, _RemoteMethod]] = {}
+
+
+def remote_methods(cls: type[ServerModel]) -> dict[str, _RemoteMethod]:
+    """The remotely callable methods of a ServerModel class, by name."""
+    if cls not in _CACHE:
+        _CACHE[cls] = _describe(cls)
+    return _CACHE[cls]
+
+
+def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
+    """Check ``method`` and its arguments against ``model``; return the bound method."""
+    methods = remote_methods(type(model))
+    target = methods.get(method)
+    if target is None:
+        why = "is private or part of the framework" if hasattr(model, method) else "does not exist"
+        available = ", ".join(sorted(methods)) or "none"
+        raise UnknownMethodError(
+            f"{type(model).__name__}.{method} {why} and cannot be called remotely; "
+            f"remotely callable methods: {available}"
+        )
+    given = set(tensors)
+    missing = target.required - given
+    unexpected = given - set(target.parameters)
+    if missing or unexpected:
+        raise InvalidArgumentsError(
+            f"{method}() takes ({', '.join(target.parameters)}); "
+            f"missing {sorted(missing) or 'nothing'}, unexpected {sorted(unexpected) or 'nothing'}"
+        )
+    sizes: dict[str, int] = {}
+    for name, spec in target.specs.items():
+        if name in tensors:
+            spec.check(name, tensors[name], sizes)
+    bound: Callable[..., Any] = getattr(model, method)
+    return bound

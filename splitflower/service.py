@@ -1,0 +1,274 @@
+"""The split-learning gRPC service that the ServerApp hosts for the run's lifetime.
+
+Clients reach server models through it, one unary call per offloaded computation, with
+frames encoded by :mod:`splitflower.codec` (no protobuf code generation, no pickle). The
+service authenticates each request by a token the strategy issued to that client for the
+round, keeps each client's requests in the order it sent them, and hands them to the
+scheduler of the server model that serves the client. Every failure (unknown method, bad
+arguments, corrupt bytes, oversize message, missing or stale token, an exception in the
+method) is answered to that caller alone with a gRPC status and an error kind; the service
+keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+import grpc
+
+from splitflower.codec import TOKEN_BYTES, decode_request, encode_reply, value_tensors
+from splitflower.errors import (
+    CodecError,
+    ConfigError,
+    InvalidArgumentsError,
+    UnknownMethodError,
+)
+from splitflower.metering import TimeMeter, TrafficMeter
+from splitflower.scheduling import Scheduler
+from splitflower.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ERROR_KIND_METADATA_KEY,
+    FINISH_METHOD,
+    GRPC_CALL_METHOD,
+    GRPC_SERVICE,
+    ErrorKind,
+)
+
+__all__ = ["TlsConfig", "SplitService", "ClientSession"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM-encoded server certificate chain and key; clients verify against ``root_certificates``."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    root_certificates: bytes
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.kind, self.message = code, kind, message
+
+
+@dataclass
+class ClientSession:
+    """One client's access for one round: its scheduler, order of requests and traffic."""
+
+    client: Hashable
+    scheduler: Scheduler
+    traffic: TrafficMeter = field(default_factory=TrafficMeter)
+    times: TimeMeter = field(default_factory=TimeMeter)
+    finished: bool = False
+    _next_seq: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @contextmanager
+    def turn(self, seq: int, timeout: float) -> Iterator[None]:
+        """Run the block when every earlier request of this client has been handled."""
+        with self._cond:
+            if seq < self._next_seq:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    ErrorKind.INVALID_ARGUMENTS,
+                    f"request number {seq} was already used (next expected {self._next_seq}); "
+                    "create one proxy per token",
+                )
+            if not self._cond.wait_for(lambda: self._next_seq == seq, timeout):
+                raise _Abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ErrorKind.TIMEOUT,
+                    f"request number {seq} waited {timeout:.1f}s for request {self._next_seq}, "
+                    "which never arrived",
+                )
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next_seq = seq + 1
+                self._cond.notify_all()
+
+
+class SplitService:
+    """A gRPC server giving clients access to server models.
+
+    Parameters
+    ----------
+    host, port:
+        Where to listen; port 0 picks a free port (see :attr:`address`).
+    advertised_host:
+        The host clients should dial, when it differs from ``host`` (e.g. listening on
+        ``0.0.0.0`` and advertising the machine's LAN address).
+    max_message_bytes:
+        Largest request or reply accepted, in bytes.
+    tls:
+        Serve over TLS with this certificate; clients receive ``root_certificates``.
+    max_workers:
+        Threads carrying requests. Batching holds one thread per waiting client, so keep
+        this above the number of concurrent clients.
+
+    Example
+    -------
+    >>> service = SplitService(port=0)
+    >>> service.start()
+    >>> service.address.startswith("127.0.0.1:")
+    True
+    >>> service.stop()
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        advertised_host: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsConfig | None = None,
+        max_workers: int = 64,
+        sequence_timeout: float = 60.0,
+    ) -> None:
+        if max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        self.host, self.port = host, port
+        self.advertised_host = advertised_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
+        self.max_message_bytes = max_message_bytes
+        self.tls = tls
+        self.sequence_timeout = sequence_timeout
+        self._max_workers = max_workers
+        self._server: grpc.Server | None = None
+        self._sessions: dict[bytes, ClientSession] = {}
+        self._lock = threading.Lock()
+        self.bound_port = 0
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for clients to dial (valid after :meth:`start`)."""
+        return f"{self.advertised_host}:{self.bound_port}"
+
+    @property
+    def root_certificates(self) -> bytes | None:
+        return self.tls.root_certificates if self.tls else None
+
+    def start(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(ThreadPoolExecutor(self._max_workers, "splitflower-rpc"), options=options)
+        handler = grpc.unary_unary_rpc_method_handler(self._handle)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),))
+        bind = f"{self.host}:{self.port}"
+        if self.tls:
+            creds = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
+            self.bound_port = server.add_secure_port(bind, creds)
+        else:
+            self.bound_port = server.add_insecure_port(bind)
+        if not self.bound_port:
+            raise ConfigError(f"cannot listen on {bind}; pick another host or port")
+        server.start()
+        self._server = server
+        logger.info("[server] split-learning service listening on %s (tls=%s)", bind.replace(":0", f":{self.bound_port}"), bool(self.tls))
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+            logger.info("[server] split-learning service stopped")
+
+    def __enter__(self) -> SplitService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def open_session(self, client: Hashable, scheduler: Scheduler) -> tuple[bytes, ClientSession]:
+        """Issue a fresh token giving ``client`` access to ``scheduler``'s model."""
+        token = secrets.token_bytes(TOKEN_BYTES)
+        session = ClientSession(client, scheduler)
+        with self._lock:
+            self._sessions[token] = session
+        return token, session
+
+    def close_session(self, token: bytes) -> None:
+        """Revoke a token; the client's later requests are refused."""
+        with self._lock:
+            session = self._sessions.pop(token, None)
+        if session is not None and not session.finished:
+            session.finished = True
+            session.scheduler.client_finished(session.client)
+
+    def _handle(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._serve(frame, context)
+        except _Abort as abort:
+            context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, abort.kind),))
+            context.abort(abort.code, abort.message)
+            raise  # unreachable: abort raises
+
+    def _serve(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        arrived = time.perf_counter()
+        try:
+            request = decode_request(frame)
+        except CodecError as err:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
+        with self._lock:
+            session = self._sessions.get(request.token)
+        if session is None:
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                ErrorKind.AUTH,
+                "token not issued for the current round (missing, wrong or expired); "
+                "a client gets its token from the strategy's round config",
+            )
+        remaining = context.time_remaining()
+        wait = self.sequence_timeout if remaining is None else min(remaining, self.sequence_timeout)
+        with session.turn(request.seq, wait):
+            session.traffic.record("up", request.method, request.tensors, frame_bytes=len(frame))
+            if request.method == FINISH_METHOD:
+                session.finished = True
+                session.scheduler.client_finished(session.client)
+                return encode_reply(None)
+            outcome = session.scheduler.run(session.client, request.method, request.tensors)
+        if outcome.error is not None:
+            raise _error_to_abort(request.method, outcome.error, session.client)
+        session.times.add("server_compute_s", outcome.compute_s)
+        session.times.add("server_queue_s", outcome.queue_wait_s)
+        value = None if request.no_reply else outcome.value
+        try:
+            reply = encode_reply(value, server_compute_s=outcome.compute_s, queue_wait_s=outcome.queue_wait_s)
+        except CodecError as err:
+            raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.COMPUTATION, f"{request.method}: {err}") from err
+        if len(reply) > self.max_message_bytes:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ErrorKind.TOO_LARGE,
+                f"reply of {request.method} is {len(reply)} bytes, over the limit of "
+                f"{self.max_message_bytes}; raise max_message_bytes or return less",
+            )
+        session.traffic.record("down", request.method, value_tensors(value), frame_bytes=len(reply))
+        session.times.add("server_handle_s", time.perf_counter() - arrived)
+        return reply
+
+
+def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abort:
+    if isinstance(error, UnknownMethodError):
+        return _Abort(grpc.StatusCode.UNIMPLEMENTED, ErrorKind.UNKNOWN_METHOD, str(error))
+    if isinstance(error, InvalidArgumentsError):
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.INVALID_ARGUMENTS, str(error))
+    logger.warning("[server] %s raised for client %s: %r", method, client, error)
+    return _Abort(
+        grpc.StatusCode.INTERNAL,
+        ErrorKind.COMPUTATION,
+        f"{method} raised {type(error).__name__}: {error}",
+    )

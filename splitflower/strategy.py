@@ -1,0 +1,269 @@
+"""The split-learning strategy: Flower's FedAvg plus server models, routing and scheduling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
+
+from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
+from splitflower.server_model import FitResult, ServerModel
+from splitflower.service import ClientSession, SplitService
+from splitflower.wire import ConfigKey, RecordKey
+
+__all__ = ["SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
+
+logger = logging.getLogger(__name__)
+
+CentralEvaluateFn = Callable[[int, ArrayRecord, ArrayRecord], Mapping[str, float] | None]
+
+
+@dataclass
+class RoundPlan:
+    """Who trains this round, and which server model serves each of them."""
+
+    server_round: int
+    node_ids: list[int]
+    server_models: list[ServerModel]
+    schedulers: list[Scheduler]
+    assignment: dict[int, int]
+    tokens: dict[int, bytes] = field(default_factory=dict)
+    sessions: dict[int, ClientSession] = field(default_factory=dict)
+
+
+@dataclass
+class SplitResult(Result):
+    """Flower's :class:`Result` plus the server-side weights and per-round measurements."""
+
+    server_arrays: ArrayRecord = field(default_factory=ArrayRecord)
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class SplitStrategy(FedAvg):
+    """Samples clients, places server models, schedules requests, aggregates both sides.
+
+    Built on Flower's :class:`~flwr.serverapp.strategy.FedAvg`: its sampling, message
+    construction, reply checks and example-weighted averaging are reused as they are.
+    What split learning adds lives in four hooks a subclass may override:
+
+    * :meth:`num_server_models` - how many server models exist this round (default 1);
+    * :meth:`assign` - which of them serves the i-th sampled client (default 0);
+    * :meth:`make_scheduler` - when requests run: at once, or batched across clients
+      (``batching=True``) with a ``flush_timeout`` so it can never wait forever;
+    * :meth:`train_round` - how the round's clients are driven: all at once (default) or,
+      e.g., one after another.
+
+    Server models are averaged by examples trained, like client segments.
+
+    Example
+    -------
+    >>> class OneServerModelPerClient(SplitStrategy):
+    ...     def num_server_models(self, num_clients: int) -> int:
+    ...         return num_clients
+    ...     def assign(self, index: int, num_clients: int) -> int:
+    ...         return index
+    """
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        min_available_nodes: int = 1,
+        batching: bool = False,
+        flush_timeout: float = 0.05,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=0,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=RecordKey.NUM_EXAMPLES,
+            arrayrecord_key=RecordKey.ARRAYS,
+            configrecord_key=RecordKey.CONFIG,
+        )
+        self.batching = batching
+        self.flush_timeout = flush_timeout
+        self._server_models: list[ServerModel] = []
+        self._service: SplitService
+        self._server_model_factory: Callable[[], ServerModel]
+
+    # ----------------------------------------------------------------------------- hooks
+    def num_server_models(self, num_clients: int) -> int:
+        """How many server models train this round."""
+        return 1
+
+    def assign(self, index: int, num_clients: int) -> int:
+        """Index of the server model serving the ``index``-th sampled client."""
+        return 0
+
+    def make_scheduler(self, model: ServerModel) -> Scheduler:
+        """When requests to ``model`` run."""
+        if self.batching:
+            return BatchingScheduler(model, flush_timeout=self.flush_timeout)
+        return ImmediateScheduler(model)
+
+    def order_clients(self, node_ids: list[int]) -> list[int]:
+        """The order of the round's clients (sorted node ids, for reproducibility)."""
+        return sorted(node_ids)
+
+    def train_round(self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[Message]:
+        """Send every client its message at once and wait for all replies."""
+        messages = [self.client_message(plan, node, arrays, config) for node in plan.node_ids]
+        return self.collect(plan, grid.send_and_receive(messages, timeout=timeout))
+
+    @property
+    def server_models(self) -> list[ServerModel]:
+        """The server models created so far (read-only view for monitoring)."""
+        return list(self._server_models)
+
+    # ------------------------------------------------------------------------- mechanics
+    def client_message(self, plan: RoundPlan, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
+        """The train message for one client: weights and a config carrying its token."""
+        own = ConfigRecord(dict(config))
+        own[ConfigKey.SERVER_ROUND] = plan.server_round
+        own[ConfigKey.TOKEN] = plan.tokens[node_id]
+        own[ConfigKey.PROXY_ADDRESS] = self._service.address
+        own[ConfigKey.MAX_MESSAGE_BYTES] = self._service.max_message_bytes
+        own[ConfigKey.CLIENT_INDEX] = plan.node_ids.index(node_id)
+        if self._service.root_certificates:
+            own[ConfigKey.ROOT_CERTIFICATES] = self._service.root_certificates
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: own})
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+    def collect(self, plan: RoundPlan, replies: Iterable[Message]) -> list[Message]:
+        """Close each replying client's session, so batching stops waiting for it."""
+        collected = list(replies)
+        for reply in collected:
+            token = plan.tokens.get(reply.metadata.src_node_id)
+            if token is not None:
+                self._service.close_session(token)
+        return collected
+
+    def _plan_round(self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord) -> RoundPlan:
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        sampled, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids = self.order_clients(sampled)
+        logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))
+        count = self.num_server_models(len(node_ids))
+        while len(self._server_models) < count:
+            self._server_models.append(self._server_model_factory())
+        models = self._server_models[:count]
+        weights = server_weights.to_torch_state_dict() if len(server_weights) else None
+        for model in models:
+            model.configure_fit(weights, dict(config))
+        schedulers = [self.make_scheduler(model) for model in models]
+        assignment = {node: self.assign(i, len(node_ids)) for i, node in enumerate(node_ids)}
+        plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)
+        for index, scheduler in enumerate(schedulers):
+            scheduler.set_clients([n for n, m in assignment.items() if m == index])
+        for node in node_ids:
+            plan.tokens[node], plan.sessions[node] = self._service.open_session(node, schedulers[assignment[node]])
+        return plan
+
+    def aggregate_server_models(self, results: Sequence[FitResult]) -> ArrayRecord | None:
+        """Example-weighted average of the server models that trained this round."""
+        trained = [r for r in results if r.num_examples > 0]
+        if not trained:
+            return None
+        records = [
+            RecordDict({"a": ArrayRecord(r.weights), "m": MetricRecord({self.weighted_by_key: r.num_examples})})
+            for r in trained
+        ]
+        return aggregate_arrayrecords(records, self.weighted_by_key)
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: CentralEvaluateFn | None = None,
+        *,
+        service: SplitService,
+        server_model_factory: Callable[[], ServerModel],
+        initial_server_arrays: ArrayRecord | None = None,
+        on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> SplitResult:
+        """Run ``num_rounds`` rounds; ``evaluate_fn(round, client_arrays, server_arrays)``
+        evaluates the assembled model centrally after each round."""
+        self._service = service
+        self._server_model_factory = server_model_factory
+        config = ConfigRecord(dict(train_config or ConfigRecord()))
+        if initial_server_arrays is None:
+            # Every server model starts from the first one's initial weights.
+            self._server_models = [server_model_factory()]
+            initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
+        result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
+        for server_round in range(1, num_rounds + 1):
+            started = time.perf_counter()
+            plan = self._plan_round(server_round, grid, result.server_arrays, config)
+            try:
+                replies = self.train_round(grid, plan, result.arrays, config, timeout)
+            finally:
+                for token in plan.tokens.values():
+                    service.close_session(token)
+            arrays, metrics = self.aggregate_train(server_round, replies)
+            server_results = [m.get_fit_result() for m in plan.server_models]
+            server_arrays = self.aggregate_server_models(server_results)
+            if arrays is not None:
+                result.arrays = arrays
+            if server_arrays is not None:
+                result.server_arrays = server_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            record = _round_record(plan, replies, server_results, time.perf_counter() - started)
+            if evaluate_fn is not None:
+                evaluation = evaluate_fn(server_round, result.arrays, result.server_arrays)
+                if evaluation is not None:
+                    result.evaluate_metrics_serverapp[server_round] = MetricRecord(dict(evaluation))
+                    record["evaluation"] = dict(evaluation)
+            result.rounds[server_round] = record
+            if on_round is not None:
+                on_round(server_round, record)
+        return result
+
+
+def _round_record(
+    plan: RoundPlan, replies: Sequence[Message], server_results: Sequence[FitResult], seconds: float
+) -> dict[str, Any]:
+    """A JSON-able account of one round: per client and per server model."""
+    clients: list[dict[str, Any]] = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        entry: dict[str, Any] = {"node_id": node, "index": plan.node_ids.index(node) if node in plan.node_ids else -1}
+        if reply.has_error():
+            entry["error"] = reply.error.reason
+        else:
+            entry["metrics"] = dict(reply.content[RecordKey.METRICS])  # type: ignore[call-overload]
+            if RecordKey.WIRE_MANIFEST in reply.content:
+                manifest = reply.content[RecordKey.WIRE_MANIFEST]
+                entry["wire"] = json.loads(str(manifest["json"]))  # type: ignore[index]
+        session = plan.sessions.get(node)
+        if session is not None:
+            entry["server_view"] = {
+                "traffic": session.traffic.totals(),
+                "times": dict(session.times.seconds),
+            }
+        clients.append(entry)
+    servers = []
+    for index, (model, fit) in enumerate(zip(plan.server_models, server_results, strict=True)):
+        servers.append({
+            "index": index,
+            "num_examples": fit.num_examples,
+            "metrics": fit.metrics,
+            "memory": model.memory.summary("server"),
+        })
+    return {"round": plan.server_round, "seconds": seconds, "clients": clients, "server_models": servers}
+

@@ -1,0 +1,43 @@
+"""Vanilla (sequential) split learning: one client at a time, the segment handed along."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from splitflower.strategy import RoundPlan, SplitStrategy
+
+__all__ = ["SequentialStrategy"]
+
+
+class SequentialStrategy(SplitStrategy):
+    """Clients train one after another on one server model; each starts from the
+    client segment the previous client returned (LocFedMix-SL, eq. 3). The round's
+    client weights are those of the last client that finished.
+
+    Example
+    -------
+    >>> SequentialStrategy().order_clients([7, 3, 5])
+    [3, 5, 7]
+    """
+
+    def train_round(self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[Message]:
+        replies: list[Message] = []
+        for node in plan.node_ids:
+            message = self.client_message(plan, node, arrays, config)
+            reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout))
+            replies += reply
+            for answer in reply:
+                if not answer.has_error():
+                    arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
+        return replies
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        _, metrics = super().aggregate_train(server_round, replies)
+        handed_on = [r for r in replies if not r.has_error()]
+        if not handed_on:
+            return None, metrics
+        return handed_on[-1].content[self.arrayrecord_key], metrics  # type: ignore[return-value]
