@@ -27,7 +27,7 @@ class CSLServerModel(SupervisedServerModel):
     """Forward, loss, backward and step on the server; return dL/dz to the client."""
 
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
-    def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         embeddings = embeddings.detach().requires_grad_()
         self.train_on(embeddings, labels)
         return embeddings.grad

@@ -110,7 +110,9 @@ def build_server_app(
     return app
 
 
-def client_reply_metrics(client: Client, proxy: ServerModelProxy, examples: int, metrics: Mapping[str, float]) -> dict[str, float]:
+def client_reply_metrics(
+    client: Client, proxy: ServerModelProxy, examples: int, metrics: Mapping[str, float]
+) -> dict[str, float]:
     """The flat metrics a client reports: its own, traffic, time split and memory."""
     out: dict[str, float] = {RecordKey.NUM_EXAMPLES: float(examples), **{k: float(v) for k, v in metrics.items()}}
     out.update({k: float(v) for k, v in proxy.traffic.totals().items()})
@@ -150,11 +152,13 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         if local:
             context.state[_LOCAL_STATE_KEY] = ArrayRecord(local)
         manifest = json.dumps({"manifest": proxy.traffic.manifest(), "by_method": proxy.traffic.by_method()})
-        content = RecordDict({
-            RecordKey.ARRAYS: ArrayRecord(fit.weights),
-            RecordKey.METRICS: MetricRecord(client_reply_metrics(instance, proxy, fit.num_examples, fit.metrics)),  # type: ignore[arg-type]
-            RecordKey.WIRE_MANIFEST: ConfigRecord({"json": manifest}),
-        })
+        content = RecordDict(
+            {
+                RecordKey.ARRAYS: ArrayRecord(fit.weights),
+                RecordKey.METRICS: MetricRecord(client_reply_metrics(instance, proxy, fit.num_examples, fit.metrics)),  # type: ignore[arg-type]
+                RecordKey.WIRE_MANIFEST: ConfigRecord({"json": manifest}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     return app

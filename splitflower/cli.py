@@ -14,12 +14,13 @@ from typing import Any
 # gRPC core logs an INFO line each time Ray forks a worker; keep the console readable.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from splitflower.algorithms import ALGORITHMS  # noqa: E402
-from splitflower.data import DATASET_NAMES  # noqa: E402
-from splitflower.errors import SplitflowerError  # noqa: E402
-from splitflower.experiment import ExperimentConfig, run_experiment  # noqa: E402
-from splitflower.models import MODEL_NAMES  # noqa: E402
-from splitflower.strategies import STRATEGIES  # noqa: E402
+from splitflower.algorithms import ALGORITHMS
+from splitflower.data import DATASET_NAMES
+from splitflower.errors import SplitflowerError
+from splitflower.experiment import ExperimentConfig, run_experiment
+from splitflower.models import MODEL_NAMES
+from splitflower.report import comparison_table, load_results, plot_results
+from splitflower.strategies import STRATEGIES
 
 __all__ = ["main", "build_parser"]
 
@@ -48,25 +49,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    compare = commands.add_parser("compare", help="compare results files side by side")
+    compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
+    compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
     return parser
 
 
+def _compare(args: argparse.Namespace) -> int:
+    runs = [load_results(path) for path in args.results]
+    print(comparison_table(runs))
+    if args.plot is not None:
+        print(f"plot written to {plot_results(runs, args.plot)}")
+    return 0
+
+
 def _table(results: dict[str, Any]) -> str:
-    header = f"{'round':>5} {'test acc':>9} {'test loss':>9} {'up MB':>9} {'down MB':>9} {'client peak MB':>14} {'server peak MB':>14} {'seconds':>8}"
-    lines = [header, "-" * len(header)]
+    columns = ("round", "test acc", "test loss", "up MB", "down MB", "client MB", "server MB", "seconds")
+    lines = ["".join(f"{c:>11}" for c in columns), "-" * 11 * len(columns)]
     for r in results["rounds"]:
-        lines.append(
-            f"{r['round']:>5} {r.get('test_accuracy', float('nan')):>9.4f} {r.get('test_loss', float('nan')):>9.4f} "
-            f"{r['bytes']['up_payload_bytes'] / 1e6:>9.2f} {r['bytes']['down_payload_bytes'] / 1e6:>9.2f} "
-            f"{r['memory']['client_peak_tally_bytes'] / 1e6:>14.2f} {r['memory']['server_peak_tally_bytes'] / 1e6:>14.2f} "
-            f"{r['seconds']:>8.1f}"
+        cells = (
+            r["round"],
+            r.get("test_accuracy", float("nan")),
+            r.get("test_loss", float("nan")),
+            r["bytes"]["up_payload_bytes"] / 1e6,
+            r["bytes"]["down_payload_bytes"] / 1e6,
+            r["memory"]["client_peak_tally_bytes"] / 1e6,
+            r["memory"]["server_peak_tally_bytes"] / 1e6,
+            r["seconds"],
         )
+        lines.append("".join(f"{c:>11}" if isinstance(c, int) else f"{c:>11.4f}" for c in cells))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "compare":
+        try:
+            return _compare(args)
+        except SplitflowerError as err:
+            print(f"splitflower: error: {err}", file=sys.stderr)
+            return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     config = ExperimentConfig(

@@ -93,12 +93,15 @@ class Client:
         """State that stays on this client between rounds (kept in Flower's context)."""
         return {}
 
-    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook
+    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`local_state` returned in an earlier round."""
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
         """Train for ``local-epochs`` epochs; return weights, examples and metrics."""
-        epochs, batch_size = _positive_int(config, ConfigKey.LOCAL_EPOCHS, 1), _positive_int(config, ConfigKey.BATCH_SIZE, 32)
+        epochs, batch_size = (
+            _positive_int(config, ConfigKey.LOCAL_EPOCHS, 1),
+            _positive_int(config, ConfigKey.BATCH_SIZE, 32),
+        )
         lr = float(config.get(ConfigKey.LR, 0.01))
         self.config = config
         self.load_weights(weights)

@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Any, Final
 
 import torch
 
@@ -108,7 +108,7 @@ class Request:
 class Reply:
     """A decoded reply frame; ``value`` is what the remote method returned."""
 
-    value: None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+    value: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | None
     server_compute_s: float
     queue_wait_s: float
 
@@ -135,7 +135,7 @@ def _raw_bytes(name: str, tensor: torch.Tensor) -> memoryview:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
         raise CodecError(f"argument {name!r}: dtype {tensor.dtype} is not supported; use one of {supported}")
     flat = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _join(head: bytes, tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -196,9 +196,7 @@ def value_tensors(value: object) -> dict[str, torch.Tensor]:
     )
 
 
-def encode_reply(
-    value: object, *, server_compute_s: float = 0.0, queue_wait_s: float = 0.0
-) -> bytes:
+def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: float = 0.0) -> bytes:
     """Encode a server-model method's return value (None, a tensor, a dict or a tuple)."""
     tensors = value_tensors(value)
     if value is None:
@@ -225,33 +223,32 @@ class _Reader:
         end = self.offset + length
         if end > len(self.view):
             raise CodecError(
-                f"frame truncated: {what} needs bytes {self.offset}..{end}, "
-                f"but the frame is {len(self.view)} bytes"
+                f"frame truncated: {what} needs bytes {self.offset}..{end}, but the frame is {len(self.view)} bytes"
             )
         chunk = self.view[self.offset : end]
         self.offset = end
         return chunk
 
-    def unpack(self, fmt: struct.Struct, what: str) -> tuple[object, ...]:
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
         return fmt.unpack(self.take(fmt.size, what))
 
     def text(self, what: str) -> str:
         (length,) = self.unpack(_U8, f"{what} length")
         try:
-            return bytes(self.take(int(length), what)).decode()  # type: ignore[call-overload]
+            return bytes(self.take(int(length), what)).decode()
         except UnicodeDecodeError as err:
             raise CodecError(f"{what} is not valid UTF-8") from err
 
     def tensors(self) -> dict[str, torch.Tensor]:
         (count,) = self.unpack(_U8, "tensor count")
         entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        for _ in range(int(count)):  # type: ignore[call-overload]
+        for _ in range(int(count)):
             name = self.text("tensor name")
             code, ndim = self.unpack(_ENTRY_HEAD, f"header of tensor {name!r}")
-            dtype = _CODE_DTYPES.get(int(code))  # type: ignore[call-overload]
+            dtype = _CODE_DTYPES.get(int(code))
             if dtype is None:
                 raise CodecError(f"tensor {name!r}: unknown dtype code {code}")
-            shape = struct.unpack(f"<{ndim}I", self.take(4 * int(ndim), f"shape of {name!r}"))  # type: ignore[call-overload]
+            shape = struct.unpack(f"<{ndim}I", self.take(4 * int(ndim), f"shape of {name!r}"))
             entries.append((name, dtype, shape))
         decoded: dict[str, torch.Tensor] = {}
         for name, dtype, shape in entries:
@@ -286,10 +283,10 @@ def decode_request(frame: bytes) -> Request:
     method = reader.text("method name")
     tensors = reader.tensors()
     return Request(
-        token=bytes(token),  # type: ignore[arg-type]
-        seq=int(seq),  # type: ignore[call-overload]
+        token=bytes(token),
+        seq=int(seq),
         method=method,
-        no_reply=bool(int(flags) & FLAG_NO_REPLY),  # type: ignore[call-overload]
+        no_reply=bool(int(flags) & FLAG_NO_REPLY),
         tensors=tensors,
     )
 
@@ -301,10 +298,10 @@ def decode_reply(frame: bytes) -> Reply:
     reader.check_head(magic, version, kind, _KIND_REPLY)
     tensors = reader.tensors()
     try:
-        result_kind = ResultKind(int(result))  # type: ignore[call-overload]
+        result_kind = ResultKind(int(result))
     except ValueError as err:
         raise CodecError(f"unknown result kind {result}") from err
-    value: None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+    value: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | None
     if result_kind is ResultKind.NONE:
         value = None
     elif result_kind is ResultKind.TENSOR:
@@ -315,7 +312,7 @@ def decode_reply(frame: bytes) -> Reply:
         value = tensors
     else:
         value = tuple(tensors.values())
-    return Reply(value=value, server_compute_s=float(compute_s), queue_wait_s=float(wait_s))  # type: ignore[arg-type]
+    return Reply(value=value, server_compute_s=float(compute_s), queue_wait_s=float(wait_s))
 
 
 def _prime_frombuffer_warning() -> None:

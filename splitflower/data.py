@@ -161,47 +161,32 @@ class ArrayDataset:
     name: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or not isinstance(
-            self.labels, torch.Tensor
-        ):
+        if not isinstance(self.images, torch.Tensor) or not isinstance(self.labels, torch.Tensor):
             raise DatasetError(
                 f"{self.name}: images and labels must be torch.Tensor, got "
                 f"{type(self.images).__name__} and {type(self.labels).__name__}"
             )
         if self.images.ndim != 4:
-            raise DatasetError(
-                f"{self.name}: images must have shape (N, C, H, W), got "
-                f"{tuple(self.images.shape)}"
-            )
+            raise DatasetError(f"{self.name}: images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
         if not self.images.is_floating_point():
-            raise DatasetError(
-                f"{self.name}: images must be floating point, got {self.images.dtype}"
-            )
+            raise DatasetError(f"{self.name}: images must be floating point, got {self.images.dtype}")
         if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
             raise DatasetError(
                 f"{self.name}: labels must be a 1-D int64 tensor, got shape "
                 f"{tuple(self.labels.shape)} and dtype {self.labels.dtype}"
             )
         if self.images.shape[0] != self.labels.shape[0]:
-            raise DatasetError(
-                f"{self.name}: {self.images.shape[0]} images but "
-                f"{self.labels.shape[0]} labels"
-            )
+            raise DatasetError(f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
-            raise DatasetError(
-                f"{self.name}: num_classes must be an int, got {self.num_classes!r}"
-            )
+            raise DatasetError(f"{self.name}: num_classes must be an int, got {self.num_classes!r}")
         if self.num_classes < 1:
-            raise DatasetError(
-                f"{self.name}: num_classes must be >= 1, got {self.num_classes}"
-            )
+            raise DatasetError(f"{self.name}: num_classes must be >= 1, got {self.num_classes}")
         if self.labels.numel() > 0:
             low = int(self.labels.min())
             high = int(self.labels.max())
             if low < 0 or high >= self.num_classes:
                 raise DatasetError(
-                    f"{self.name}: labels must lie in [0, {self.num_classes}), "
-                    f"found values in [{low}, {high}]"
+                    f"{self.name}: labels must lie in [0, {self.num_classes}), found values in [{low}, {high}]"
                 )
 
     def __len__(self) -> int:
@@ -306,16 +291,12 @@ class ArrayDataset:
                 yield self.images[chunk], self.labels[chunk]
 
 
-def _as_index_tensor(
-    indices: Sequence[int] | torch.Tensor | np.ndarray, size: int, name: str
-) -> torch.Tensor:
+def _as_index_tensor(indices: Sequence[int] | torch.Tensor | np.ndarray, size: int, name: str) -> torch.Tensor:
     """Convert ``indices`` to a 1-D int64 tensor and check they lie in ``[0, size)``."""
     try:
         index = torch.as_tensor(indices)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise DatasetError(
-            f"{name}: indices are not a sequence of ints: {exc}"
-        ) from exc
+        raise DatasetError(f"{name}: indices are not a sequence of ints: {exc}") from exc
     if index.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
@@ -324,9 +305,7 @@ def _as_index_tensor(
     low = int(index.min())
     high = int(index.max())
     if low < 0 or high >= size:
-        raise DatasetError(
-            f"{name}: indices must lie in [0, {size}), found values in [{low}, {high}]"
-        )
+        raise DatasetError(f"{name}: indices must lie in [0, {size}), found values in [{low}, {high}]")
     return index
 
 
@@ -361,8 +340,7 @@ def _find_idx_file(directory: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DatasetError(
-        f"Fashion-MNIST file '{stem}' (or '{stem}.gz') is missing in directory "
-        f"'{directory}'. {_fashion_mnist_hint()}"
+        f"Fashion-MNIST file '{stem}' (or '{stem}.gz') is missing in directory '{directory}'. {_fashion_mnist_hint()}"
     )
 
 
@@ -389,9 +367,7 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     """
     data = _read_maybe_gzip(path)
     if len(data) < 4:
-        raise DatasetError(
-            f"'{path}' is truncated: {len(data)} bytes, too short for an IDX header"
-        )
+        raise DatasetError(f"'{path}' is truncated: {len(data)} bytes, too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
     if magic != expected_magic:
         raise DatasetError(
@@ -401,13 +377,8 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     ndim = expected_magic & 0xFF
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise DatasetError(
-            f"'{path}' is truncated: {len(data)} bytes, the IDX header alone needs "
-            f"{header_len}"
-        )
-    dims = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+        raise DatasetError(f"'{path}' is truncated: {len(data)} bytes, the IDX header alone needs {header_len}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected_bytes = math.prod(dims)
     payload = len(data) - header_len
     if payload != expected_bytes:
@@ -419,26 +390,19 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def _load_idx_pair(
-    images_path: Path, labels_path: Path
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
     if images.shape[1:] != (_MNIST_SIDE, _MNIST_SIDE):
         raise DatasetError(
-            f"'{images_path}' holds images of size {images.shape[1:]}, expected "
-            f"({_MNIST_SIDE}, {_MNIST_SIDE})"
+            f"'{images_path}' holds images of size {images.shape[1:]}, expected ({_MNIST_SIDE}, {_MNIST_SIDE})"
         )
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(
-            f"'{images_path}' holds {images.shape[0]} images but '{labels_path}' "
-            f"holds {labels.shape[0]} labels"
+            f"'{images_path}' holds {images.shape[0]} images but '{labels_path}' holds {labels.shape[0]} labels"
         )
     if labels.size and int(labels.max()) >= 10:
-        raise DatasetError(
-            f"'{labels_path}' holds label {int(labels.max())}; Fashion-MNIST has 10 "
-            "classes"
-        )
+        raise DatasetError(f"'{labels_path}' holds label {int(labels.max())}; Fashion-MNIST has 10 classes")
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0)
     x = x.sub_(_FASHION_MNIST_MEAN).div_(_FASHION_MNIST_STD).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
@@ -458,9 +422,7 @@ def _stat_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
 def _fashion_mnist_tensors(
     signature: tuple[tuple[str, int, int], ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    train_images, train_labels, test_images, test_labels = (
-        Path(entry[0]) for entry in signature
-    )
+    train_images, train_labels, test_images, test_labels = (Path(entry[0]) for entry in signature)
     logger.debug("parsing Fashion-MNIST from %s", train_images.parent)
     x_train, y_train = _load_idx_pair(train_images, train_labels)
     x_test, y_test = _load_idx_pair(test_images, test_labels)
@@ -547,43 +509,32 @@ def _unpickle_batch(path: Path) -> Any:
 
 def _batch_field(batch: Any, key: str, path: Path) -> Any:
     if not isinstance(batch, dict):
-        raise DatasetError(
-            f"'{path}' holds a {type(batch).__name__}, expected a dict batch"
-        )
+        raise DatasetError(f"'{path}' holds a {type(batch).__name__}, expected a dict batch")
     # The official files were written by Python 2, so keys come back as bytes; accept
     # str too for batches re-pickled under Python 3.
     for candidate in (key.encode(), key):
         if candidate in batch:
             return batch[candidate]
-    raise DatasetError(
-        f"'{path}' has no '{key}' entry (keys: {sorted(map(str, batch))})"
-    )
+    raise DatasetError(f"'{path}' has no '{key}' entry (keys: {sorted(map(str, batch))})")
 
 
-def _read_cifar_batch(
-    path: Path, label_key: str, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle_batch(path)
     data = _batch_field(batch, "data", path)
     labels_raw = _batch_field(batch, label_key, path)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise DatasetError(f"'{path}': 'data' must be a uint8 numpy array")
     if data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
-        raise DatasetError(
-            f"'{path}': 'data' has shape {data.shape}, expected (N, {_CIFAR_PIXELS})"
-        )
+        raise DatasetError(f"'{path}': 'data' has shape {data.shape}, expected (N, {_CIFAR_PIXELS})")
     try:
         labels = np.asarray(labels_raw, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"'{path}': '{label_key}' is not a list of ints") from exc
     if labels.shape[0] != data.shape[0]:
-        raise DatasetError(
-            f"'{path}' holds {data.shape[0]} images but {labels.shape[0]} labels"
-        )
+        raise DatasetError(f"'{path}' holds {data.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DatasetError(
-            f"'{path}': labels must lie in [0, {num_classes}), found "
-            f"[{int(labels.min())}, {int(labels.max())}]"
+            f"'{path}': labels must lie in [0, {num_classes}), found [{int(labels.min())}, {int(labels.max())}]"
         )
     return data, labels
 
@@ -647,9 +598,7 @@ def _load_cifar(
             break
     else:
         details = "; ".join(
-            f"in '{c}' missing: "
-            + ", ".join(f for f in expected if not (c / f).is_file())
-            for c in candidates
+            f"in '{c}' missing: " + ", ".join(f for f in expected if not (c / f).is_file()) for c in candidates
         )
         raise DatasetError(f"{name} batch files not found ({details}). {hint}")
     paths = [directory / f for f in expected]
@@ -793,9 +742,7 @@ def synthetic(
     if num_classes < 1:
         raise DatasetError(f"num_classes must be >= 1, got {num_classes}")
     if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        raise DatasetError(
-            f"input_shape must be three positive ints (C, H, W), got {input_shape!r}"
-        )
+        raise DatasetError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
     shape = tuple(int(d) for d in input_shape)
     generator = torch.Generator().manual_seed(seed)
     prototypes = torch.randn((num_classes, *shape), generator=generator)
@@ -816,9 +763,7 @@ def synthetic(
 # --------------------------------------------------------------------------------------
 
 
-def load_dataset(
-    name: str, *, root: str | Path | None = None, seed: int = 0
-) -> tuple[ArrayDataset, ArrayDataset]:
+def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """Load a dataset by name.
 
     Parameters
@@ -855,9 +800,7 @@ def load_dataset(
         return load_cifar100(root)
     if key == "synthetic":
         return synthetic(seed=seed)
-    raise DatasetError(
-        f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}"
-    )
+    raise DatasetError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -906,14 +849,9 @@ class PartitionSpec:
                 or not math.isfinite(self.alpha)
                 or self.alpha <= 0
             ):
-                raise DatasetError(
-                    "a dirichlet partition needs a positive finite alpha, got "
-                    f"{self.alpha!r}"
-                )
+                raise DatasetError(f"a dirichlet partition needs a positive finite alpha, got {self.alpha!r}")
         else:
-            raise DatasetError(
-                f"partition kind must be 'iid' or 'dirichlet', got {self.kind!r}"
-            )
+            raise DatasetError(f"partition kind must be 'iid' or 'dirichlet', got {self.kind!r}")
 
     def __str__(self) -> str:
         return "iid" if self.kind == "iid" else f"dirichlet:{self.alpha}"
@@ -1041,16 +979,11 @@ def _compute_partition_indices(
     return tuple(result)
 
 
-def _validate_partitioning(
-    dataset: ArrayDataset, num_partitions: int, spec: PartitionSpec | str
-) -> PartitionSpec:
+def _validate_partitioning(dataset: ArrayDataset, num_partitions: int, spec: PartitionSpec | str) -> PartitionSpec:
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
         raise DatasetError(f"num_partitions must be an int, got {num_partitions!r}")
     if num_partitions < 1 or num_partitions > len(dataset):
-        raise DatasetError(
-            f"num_partitions must lie in [1, {len(dataset)}] (the dataset size), got "
-            f"{num_partitions}"
-        )
+        raise DatasetError(f"num_partitions must lie in [1, {len(dataset)}] (the dataset size), got {num_partitions}")
     if isinstance(spec, PartitionSpec):
         return spec
     return parse_partition(spec)
@@ -1131,11 +1064,7 @@ def client_partition(
         If ``partition_id`` is out of range or the other arguments are invalid.
     """
     parsed = _validate_partitioning(dataset, num_partitions, spec)
-    if (
-        isinstance(partition_id, bool)
-        or not isinstance(partition_id, int)
-        or not 0 <= partition_id < num_partitions
-    ):
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
         raise DatasetError(
             f"partition_id must be an int in [0, {num_partitions}) for "
             f"{num_partitions} partitions, got {partition_id!r}"

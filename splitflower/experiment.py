@@ -120,7 +120,9 @@ class Experiment:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
-        model = build_model(self.config.model, num_classes=self.train.num_classes, in_channels=channels, image_size=height)
+        model = build_model(
+            self.config.model, num_classes=self.train.num_classes, in_channels=channels, image_size=height
+        )
         self.bottom, self.top = split_for_cut(self.config.model, model, _cut_value(self.config.cut))
 
     @property
@@ -141,19 +143,28 @@ class Experiment:
         )
 
     def make_server_model(self) -> ServerModel:
-        return self.algorithm.server_model(copy.deepcopy(self.top), optimizer=self._optimizer(), device=self.config.device)
+        return self.algorithm.server_model(
+            copy.deepcopy(self.top), optimizer=self._optimizer(), device=self.config.device
+        )
 
     def initial_client_weights(self) -> dict[str, torch.Tensor]:
         return self.make_client(0, self.test).weights()
 
     def train_config(self) -> dict[str, Any]:
         c = self.config
-        return {ConfigKey.LOCAL_EPOCHS: c.local_epochs, ConfigKey.BATCH_SIZE: c.batch_size, ConfigKey.LR: c.lr, ConfigKey.SEED: c.seed}
+        return {
+            ConfigKey.LOCAL_EPOCHS: c.local_epochs,
+            ConfigKey.BATCH_SIZE: c.batch_size,
+            ConfigKey.LR: c.lr,
+            ConfigKey.SEED: c.seed,
+        }
 
     def make_strategy(self) -> SplitStrategy:
         c = self.config
         strategy_cls = STRATEGIES[str(c.strategy)]
-        return strategy_cls(min_train_nodes=c.clients, min_available_nodes=c.clients, batching=c.batching, flush_timeout=c.flush_timeout)
+        return strategy_cls(
+            min_train_nodes=c.clients, min_available_nodes=c.clients, batching=c.batching, flush_timeout=c.flush_timeout
+        )
 
     @torch.no_grad()
     def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
@@ -222,7 +233,14 @@ def _max(values: list[float]) -> float:
 def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     """Condense a strategy round record into the results-file round entry."""
     clients = [c for c in record["clients"] if "metrics" in c]
-    byte_keys = ("up_payload_bytes", "up_wire_bytes", "down_payload_bytes", "down_wire_bytes", "up_messages", "down_messages")
+    byte_keys = (
+        "up_payload_bytes",
+        "up_wire_bytes",
+        "down_payload_bytes",
+        "down_wire_bytes",
+        "up_messages",
+        "down_messages",
+    )
     per_tensor: dict[str, int] = {}
     for c in clients:
         for entry in c.get("wire", {}).get("manifest", []):
@@ -239,10 +257,14 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
         "payload_bytes_by_tensor": per_tensor,
         "memory": {
             "client_peak_tally_bytes": _max([c["metrics"]["client_peak_tally_bytes"] for c in clients]),
-            "client_peak_saved_activation_bytes": _max([c["metrics"]["client_peak_saved_activation_bytes"] for c in clients]),
+            "client_peak_saved_activation_bytes": _max(
+                [c["metrics"]["client_peak_saved_activation_bytes"] for c in clients]
+            ),
             "client_peak_rss_bytes": _max([c["metrics"]["client_peak_rss_bytes"] for c in clients]),
             "server_peak_tally_bytes": _max([s["memory"]["server_peak_tally_bytes"] for s in servers]),
-            "server_peak_saved_activation_bytes": _max([s["memory"]["server_peak_saved_activation_bytes"] for s in servers]),
+            "server_peak_saved_activation_bytes": _max(
+                [s["memory"]["server_peak_saved_activation_bytes"] for s in servers]
+            ),
             "server_peak_rss_bytes": _max([s["memory"]["server_peak_rss_bytes"] for s in servers]),
         },
         "time": {k: _sum(clients, k) for k in ("client_compute_s", "server_compute_s", "communication_wait_s")},
@@ -284,7 +306,10 @@ class _Progress:
         started = time.perf_counter()
         while not self._stop.wait(self.every):
             done = sum(m.num_examples for m in self.strategy.server_models)
-            self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({time.perf_counter() - started:.0f}s)")
+            self.say(
+                f"  round {self.round}: server trained on {done}/{self.total} examples "
+                f"({time.perf_counter() - started:.0f}s)"
+            )
 
 
 def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -312,16 +337,23 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         progress.round = server_round + 1
         say(
             f"round {server_round}/{config.rounds}: test accuracy {entry.get('test_accuracy', float('nan')):.4f}, "
-            f"up {entry['bytes']['up_payload_bytes'] / 1e6:.1f} MB, down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
+            f"up {entry['bytes']['up_payload_bytes'] / 1e6:.1f} MB, "
+            f"down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
             f"{entry['seconds']:.1f}s"
         )
 
+    def keep_result(_: Context, result: SplitResult) -> None:
+        holder["result"] = result
+
     started = time.perf_counter()
-    say(f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, {config.clients} clients, {config.rounds} rounds")
+    say(
+        f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
+        f"{config.clients} clients, {config.rounds} rounds"
+    )
     concurrent = 1 if config.strategy == "sequential" else config.clients
     with progress:
         run_simulation(
-            server_app=experiment.server_app(strategy, lambda _, result: holder.setdefault("result", result), on_round),
+            server_app=experiment.server_app(strategy, keep_result, on_round),
             client_app=experiment.client_app(),
             num_supernodes=config.clients,
             backend_config={

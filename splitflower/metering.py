@@ -25,7 +25,7 @@ import resource
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,9 +94,7 @@ class TrafficMeter:
     _manifest: dict[tuple[str, str, str, str, tuple[int, ...]], list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(
-        self, direction: str, method: str, tensors: Mapping[str, torch.Tensor], *, frame_bytes: int
-    ) -> None:
+    def record(self, direction: str, method: str, tensors: Mapping[str, torch.Tensor], *, frame_bytes: int) -> None:
         """Count one message of ``frame_bytes`` carrying ``tensors`` in ``direction``."""
         payload = _tensor_bytes(tensors.values())
         with self._lock:
@@ -137,7 +135,15 @@ class TrafficMeter:
         with self._lock:
             items = sorted((k, list(v)) for k, v in self._manifest.items())
         return [
-            {"direction": d, "method": m, "name": n, "dtype": t, "sample_shape": list(s), "count": c, "payload_bytes": b}
+            {
+                "direction": d,
+                "method": m,
+                "name": n,
+                "dtype": t,
+                "sample_shape": list(s),
+                "count": c,
+                "payload_bytes": b,
+            }
             for (d, m, n, t, s), (c, b) in items
         ]
 
@@ -145,7 +151,7 @@ class TrafficMeter:
 class _SavedHandle:
     """Stands for one autograd-saved tensor; releases its bytes when autograd drops it."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("__weakref__", "tensor")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
@@ -246,7 +252,7 @@ class TimeMeter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.seconds: Counter[str] = Counter()
+        self.seconds: defaultdict[str, float] = defaultdict(float)
 
     def add(self, name: str, seconds: float) -> None:
         with self._lock:

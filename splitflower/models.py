@@ -106,16 +106,12 @@ class BasicBlock(nn.Module):
         )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(
-            out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False
-        )
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(
-                    in_channels, out_channels, kernel_size=1, stride=stride, bias=False
-                ),
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
         else:
@@ -149,16 +145,8 @@ def residual_blocks(depth: int) -> int:
     >>> residual_blocks(110)
     54
     """
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, int)
-        or depth < 8
-        or (depth - 2) % 6 != 0
-    ):
-        raise ModelSpecError(
-            "CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), "
-            f"got {depth!r}"
-        )
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+        raise ModelSpecError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth!r}")
     return 3 * ((depth - 2) // 6)
 
 
@@ -249,9 +237,7 @@ def resnet110(**kwargs: int) -> nn.Module:
     return resnet(110, **kwargs)
 
 
-def lenet5(
-    *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
-) -> nn.Module:
+def lenet5(*, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     """Build LeNet-5 as used by the LocFedMix-SL paper.
 
     The result is an :class:`~torch.nn.Sequential` with children ``conv1``
@@ -288,9 +274,7 @@ def lenet5(
     padding = 2 if image_size == 28 else 0
     side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
     if side < 1:
-        raise ModelSpecError(
-            f"lenet5 needs images of at least 14x14 pixels, got {image_size}"
-        )
+        raise ModelSpecError(f"lenet5 needs images of at least 14x14 pixels, got {image_size}")
     return nn.Sequential(
         OrderedDict(
             [
@@ -334,9 +318,7 @@ _RESNET_DEPTHS: dict[str, int] = {
 }
 
 
-def build_model(
-    name: str, *, num_classes: int, in_channels: int, image_size: int
-) -> nn.Module:
+def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build a model of :data:`MODEL_NAMES` by name.
 
     ``image_size`` only matters for ``lenet5``; the ResNets adapt to any size.
@@ -356,13 +338,7 @@ def build_model(
     """
     key = name.strip().lower() if isinstance(name, str) else ""
     if key == "lenet5":
-        return lenet5(
-            num_classes=num_classes, in_channels=in_channels, image_size=image_size
-        )
+        return lenet5(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if key in _RESNET_DEPTHS:
-        return resnet(
-            _RESNET_DEPTHS[key], num_classes=num_classes, in_channels=in_channels
-        )
-    raise UnknownModelError(
-        f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}"
-    )
+        return resnet(_RESNET_DEPTHS[key], num_classes=num_classes, in_channels=in_channels)
+    raise UnknownModelError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")

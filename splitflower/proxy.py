@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -223,7 +223,9 @@ class ServerModelProxy:
                 raise self._translate(method, err) from None
         return _to_device(self._finish_reply(method, reply), device)
 
-    def _start(self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool) -> ProxyFuture:
+    def _start(
+        self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool
+    ) -> ProxyFuture:
         frame, device = self._prepare(method, arguments, no_reply)
         call = self._executor.submit(self._call, frame, timeout=self._deadline(timeout))
         return ProxyFuture(self, method, call, device)

@@ -131,12 +131,14 @@ class BatchingScheduler(Scheduler):
         self._cond = threading.Condition()
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
+        self._rank: dict[Hashable, int] = {}
         self.flushes = 0
         self.timeout_flushes = 0
 
     def set_clients(self, clients: Collection[Hashable]) -> None:
         with self._cond:
             self._active = set(clients)
+            self._rank = {client: rank for rank, client in enumerate(clients)}
 
     def client_finished(self, client: Hashable) -> None:
         with self._cond:
@@ -188,6 +190,9 @@ class BatchingScheduler(Scheduler):
             self._flush(str(key[0]), group.slots)
 
     def _flush(self, method: str, slots: list[_Slot]) -> None:
+        # Concatenate in the strategy's client order, not arrival order, so that a batched
+        # computation is reproducible.
+        slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
         self.flushes += 1
         sizes = [_batch_size(s.tensors) for s in slots]
         started = time.perf_counter()

@@ -59,14 +59,14 @@ class TensorSpec:
     """
 
     dtypes: tuple[torch.dtype, ...] | None = None
-    shape: tuple[int | str | None | EllipsisType, ...] | None = None
+    shape: tuple[int | str | EllipsisType | None, ...] | None = None
 
     def check(self, name: str, tensor: torch.Tensor, sizes: dict[str, int]) -> None:
         """Raise :class:`InvalidArgumentsError` if ``tensor`` does not match."""
         if self.dtypes is not None and tensor.dtype not in self.dtypes:
             wanted = " or ".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            got = str(tensor.dtype).removeprefix("torch.")
-            raise InvalidArgumentsError(f"argument {name!r}: expected dtype {wanted}, got {got}")
+            given = str(tensor.dtype).removeprefix("torch.")
+            raise InvalidArgumentsError(f"argument {name!r}: expected dtype {wanted}, got {given}")
         if self.shape is None:
             return
         open_ended = bool(self.shape) and self.shape[-1] is Ellipsis
@@ -90,7 +90,7 @@ class TensorSpec:
                     )
 
 
-def _show(shape: tuple[int | str | None | EllipsisType, ...]) -> str:
+def _show(shape: tuple[int | str | EllipsisType | None, ...]) -> str:
     return "[" + ", ".join("..." if s is Ellipsis else repr(s) if isinstance(s, str) else str(s) for s in shape) + "]"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
 import grpc
 
 from splitflower.codec import TOKEN_BYTES, decode_request, encode_reply, value_tensors
@@ -70,30 +71,54 @@ class ClientSession:
     times: TimeMeter = field(default_factory=TimeMeter)
     finished: bool = False
     _next_seq: int = 0
+    _present: set[int] = field(default_factory=set)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @contextmanager
-    def turn(self, seq: int, timeout: float) -> Iterator[None]:
-        """Run the block when every earlier request of this client has been handled."""
+    def turn(self, seq: int, timeout: float, gap_timeout: float) -> Iterator[None]:
+        """Run the block once every earlier request of this client has been handled.
+
+        A request that never reaches the server (rejected by gRPC for its size, lost with
+        a dropped connection) would otherwise hold up every later one: after
+        ``gap_timeout`` seconds with the missing number absent, it is skipped.
+        """
         with self._cond:
             if seq < self._next_seq:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     ErrorKind.INVALID_ARGUMENTS,
-                    f"request number {seq} was already used (next expected {self._next_seq}); "
-                    "create one proxy per token",
+                    f"request number {seq} arrived after later requests ran (next expected {self._next_seq}); "
+                    "it was skipped as lost, or the token is shared by two proxies",
                 )
-            if not self._cond.wait_for(lambda: self._next_seq == seq, timeout):
-                raise _Abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ErrorKind.TIMEOUT,
-                    f"request number {seq} waited {timeout:.1f}s for request {self._next_seq}, "
-                    "which never arrived",
-                )
+            self._present.add(seq)
+            now = time.monotonic()
+            deadline, gap_deadline = now + timeout, now + gap_timeout
+            while self._next_seq != seq:
+                now = time.monotonic()
+                if now >= deadline:
+                    self._present.discard(seq)
+                    raise _Abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        ErrorKind.TIMEOUT,
+                        f"request number {seq} waited {timeout:.1f}s for request {self._next_seq} to finish",
+                    )
+                if self._next_seq not in self._present and now >= gap_deadline:
+                    skipped_to = min(s for s in self._present if s >= self._next_seq)
+                    logger.warning(
+                        "[server] client %s: requests %d..%d never arrived; skipping them",
+                        self.client,
+                        self._next_seq,
+                        skipped_to - 1,
+                    )
+                    self._next_seq = skipped_to
+                    self._cond.notify_all()
+                    continue
+                self._cond.wait(min(deadline, gap_deadline if self._next_seq not in self._present else deadline) - now)
         try:
             yield
         finally:
             with self._cond:
+                self._present.discard(seq)
                 self._next_seq = seq + 1
                 self._cond.notify_all()
 
@@ -115,6 +140,11 @@ class SplitService:
     max_workers:
         Threads carrying requests. Batching holds one thread per waiting client, so keep
         this above the number of concurrent clients.
+    sequence_timeout:
+        How long a request may wait for this client's earlier requests to finish.
+    gap_timeout:
+        How long a request waits for an earlier request that has not arrived at all before
+        that one is presumed lost and skipped.
 
     Example
     -------
@@ -135,6 +165,7 @@ class SplitService:
         tls: TlsConfig | None = None,
         max_workers: int = 64,
         sequence_timeout: float = 60.0,
+        gap_timeout: float = 1.0,
     ) -> None:
         if max_message_bytes < 1024:
             raise ConfigError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
@@ -143,6 +174,7 @@ class SplitService:
         self.max_message_bytes = max_message_bytes
         self.tls = tls
         self.sequence_timeout = sequence_timeout
+        self.gap_timeout = gap_timeout
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._sessions: dict[bytes, ClientSession] = {}
@@ -166,7 +198,9 @@ class SplitService:
         ]
         server = grpc.server(ThreadPoolExecutor(self._max_workers, "splitflower-rpc"), options=options)
         handler = grpc.unary_unary_rpc_method_handler(self._handle)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
+        )
         bind = f"{self.host}:{self.port}"
         if self.tls:
             creds = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
@@ -177,7 +211,11 @@ class SplitService:
             raise ConfigError(f"cannot listen on {bind}; pick another host or port")
         server.start()
         self._server = server
-        logger.info("[server] split-learning service listening on %s (tls=%s)", bind.replace(":0", f":{self.bound_port}"), bool(self.tls))
+        logger.info(
+            "[server] split-learning service listening on %s (tls=%s)",
+            bind.replace(":0", f":{self.bound_port}"),
+            bool(self.tls),
+        )
 
     def stop(self, grace: float | None = 1.0) -> None:
         if self._server is not None:
@@ -233,7 +271,7 @@ class SplitService:
             )
         remaining = context.time_remaining()
         wait = self.sequence_timeout if remaining is None else min(remaining, self.sequence_timeout)
-        with session.turn(request.seq, wait):
+        with session.turn(request.seq, wait, self.gap_timeout):
             session.traffic.record("up", request.method, request.tensors, frame_bytes=len(frame))
             if request.method == FINISH_METHOD:
                 session.finished = True

@@ -101,10 +101,7 @@ def split_model(model: nn.Module, at: int | str) -> tuple[nn.Module, nn.Module]:
     True
     """
     if isinstance(at, bool) or not isinstance(at, int | str):
-        raise SplitError(
-            "a cut must be an integer child index or a dotted submodule name, "
-            f"got {at!r}"
-        )
+        raise SplitError(f"a cut must be an integer child index or a dotted submodule name, got {at!r}")
     if isinstance(at, int):
         # The containers only refer to the caller's children; the copies below
         # detach them.
@@ -113,9 +110,7 @@ def split_model(model: nn.Module, at: int | str) -> tuple[nn.Module, nn.Module]:
         return copy.deepcopy(bottom), copy.deepcopy(top)
     path = at.strip()
     if not path:
-        raise SplitError(
-            "empty submodule path: name the submodule to cut after, e.g. 'layer2'"
-        )
+        raise SplitError("empty submodule path: name the submodule to cut after, e.g. 'layer2'")
     segments = path.split(".")
     _check_path(model, segments, path)
     # Tracing runs the forward, which may touch module state: work on a copy.
@@ -134,25 +129,16 @@ def split_model(model: nn.Module, at: int | str) -> tuple[nn.Module, nn.Module]:
 
 def _is_plain_sequential(module: nn.Module) -> bool:
     # A Sequential subclass with its own forward is not a chain of its children.
-    return (
-        isinstance(module, nn.Sequential)
-        and type(module).forward is nn.Sequential.forward
-    )
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     # named_children() drops repeated modules, but Sequential.forward calls every
     # entry, including a module registered twice under different names.
-    return [
-        (name, child)
-        for name, child in module.named_modules(remove_duplicate=False)
-        if name and "." not in name
-    ]
+    return [(name, child) for name, child in module.named_modules(remove_duplicate=False) if name and "." not in name]
 
 
-def _sequential(
-    children: Sequence[tuple[str, nn.Module]], like: nn.Module
-) -> nn.Sequential:
+def _sequential(children: Sequence[tuple[str, nn.Module]], like: nn.Module) -> nn.Sequential:
     seq = nn.Sequential(OrderedDict(children))
     # Only the container's own flag: the children keep whatever mode they are in.
     seq.training = like.training
@@ -167,10 +153,7 @@ def _split_at_index(model: nn.Module, at: int) -> tuple[nn.Module, nn.Module]:
         )
     children = _children(model)
     if len(children) < 2:
-        raise SplitError(
-            f"cannot split a Sequential with {len(children)} child(ren): "
-            "it needs at least 2"
-        )
+        raise SplitError(f"cannot split a Sequential with {len(children)} child(ren): it needs at least 2")
     if not 0 < at < len(children):
         raise SplitError(
             f"integer cut must be in the range 1..{len(children) - 1} "
@@ -188,17 +171,12 @@ def _check_path(model: nn.Module, segments: Sequence[str], path: str) -> None:
         children = dict(_children(current))
         if segment not in children:
             available = ", ".join(children) or "(none)"
-            raise SplitError(
-                f"no submodule {segment!r} in {where!r} (path {path!r}); "
-                f"available: {available}"
-            )
+            raise SplitError(f"no submodule {segment!r} in {where!r} (path {path!r}); available: {available}")
         current = children[segment]
         where = ".".join(segments[: depth + 1])
 
 
-def _split_at_path(
-    module: nn.Module, segments: Sequence[str], full_path: str
-) -> tuple[nn.Module, nn.Module | None]:
+def _split_at_path(module: nn.Module, segments: Sequence[str], full_path: str) -> tuple[nn.Module, nn.Module | None]:
     """Cut ``module`` after ``segments``; the top is ``None`` when nothing follows."""
     if not _is_plain_sequential(module):
         return _split_traced(module, ".".join(segments), full_path)
@@ -231,9 +209,7 @@ def _belongs_to(node: fx.Node, path: str) -> bool:
     if not isinstance(stack, Mapping):
         return False
     qualnames = [e[0] for e in stack.values() if isinstance(e, tuple) and e]
-    return any(
-        isinstance(q, str) and (q == path or q.startswith(prefix)) for q in qualnames
-    )
+    return any(isinstance(q, str) and (q == path or q.startswith(prefix)) for q in qualnames)
 
 
 def _trace(module: nn.Module, full_path: str) -> fx.GraphModule:
@@ -275,17 +251,11 @@ def _crossing(nodes: Sequence[fx.Node], cut: int) -> tuple[list[fx.Node], set[fx
     return crossing, recompute
 
 
-def _split_traced(
-    module: nn.Module, path: str, full_path: str
-) -> tuple[nn.Module, nn.Module | None]:
+def _split_traced(module: nn.Module, path: str, full_path: str) -> tuple[nn.Module, nn.Module | None]:
     traced = _trace(module, full_path)
     nodes = list(traced.graph.nodes)
     # Parameter reads are excluded: they can sit anywhere and are cheap to repeat.
-    owned = [
-        i
-        for i, node in enumerate(nodes)
-        if node.op != "get_attr" and _belongs_to(node, path)
-    ]
+    owned = [i for i, node in enumerate(nodes) if node.op != "get_attr" and _belongs_to(node, path)]
     if not owned:
         raise SplitError(
             f"cannot cut after {full_path!r}: torch.fx sees no operation of it in "
@@ -384,9 +354,7 @@ def client_blocks_for_cut(depth: int, cut: str | int) -> int:
     return min(max(round(blocks * PAPER_CUTS[key] / _PAPER_BLOCKS), 1), blocks - 1)
 
 
-def split_for_cut(
-    model_name: str, model: nn.Module, cut: str | int
-) -> tuple[nn.Module, nn.Module]:
+def split_for_cut(model_name: str, model: nn.Module, cut: str | int) -> tuple[nn.Module, nn.Module]:
     """Split a model built by :func:`splitflower.models.build_model` at a named cut.
 
     - ``resnet<depth>``: the client gets the stem and the first
@@ -423,10 +391,7 @@ def split_for_cut(
         return split_model(model, cut)
     match = _RESNET_NAME.fullmatch(name)
     if match is None:
-        raise UnknownModelError(
-            f"cannot split unknown model {model_name!r}; "
-            "expected 'lenet5' or 'resnet<depth>'"
-        )
+        raise UnknownModelError(f"cannot split unknown model {model_name!r}; expected 'lenet5' or 'resnet<depth>'")
     depth = int(match.group(1))
     client_blocks = client_blocks_for_cut(depth, cut)
     expected = residual_blocks(depth) + 2
@@ -465,17 +430,11 @@ def cut_shape(bottom: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
     torch.Size([6, 14, 14])
     """
     if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape):
-        raise SplitError(
-            f"input_shape must hold positive integers, got {input_shape!r}"
-        )
+        raise SplitError(f"input_shape must hold positive integers, got {input_shape!r}")
     reference: torch.Tensor | None = next(iter(bottom.parameters()), None)
     if reference is None:
         reference = next(iter(bottom.buffers()), None)
-    dtype = (
-        reference.dtype
-        if reference is not None and reference.is_floating_point()
-        else None
-    )
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
     device = reference.device if reference is not None else None
     sample = torch.zeros((2, *input_shape), dtype=dtype, device=device)
     modes = [(module, module.training) for module in bottom.modules()]
@@ -487,7 +446,5 @@ def cut_shape(bottom: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
         for module, training in modes:
             module.training = training
     if not isinstance(out, torch.Tensor):
-        raise SplitError(
-            f"the bottom must return a single tensor, got {type(out).__name__}"
-        )
+        raise SplitError(f"the bottom must return a single tensor, got {type(out).__name__}")
     return out.shape[1:]

@@ -116,7 +116,9 @@ class SplitStrategy(FedAvg):
         """The order of the round's clients (sorted node ids, for reproducibility)."""
         return sorted(node_ids)
 
-    def train_round(self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[Message]:
+    def train_round(
+        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> list[Message]:
         """Send every client its message at once and wait for all replies."""
         messages = [self.client_message(plan, node, arrays, config) for node in plan.node_ids]
         return self.collect(plan, grid.send_and_receive(messages, timeout=timeout))
@@ -149,7 +151,9 @@ class SplitStrategy(FedAvg):
                 self._service.close_session(token)
         return collected
 
-    def _plan_round(self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord) -> RoundPlan:
+    def _plan_round(
+        self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord
+    ) -> RoundPlan:
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         sampled, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         node_ids = self.order_clients(sampled)
@@ -259,11 +263,12 @@ def _round_record(
         clients.append(entry)
     servers = []
     for index, (model, fit) in enumerate(zip(plan.server_models, server_results, strict=True)):
-        servers.append({
-            "index": index,
-            "num_examples": fit.num_examples,
-            "metrics": fit.metrics,
-            "memory": model.memory.summary("server"),
-        })
+        servers.append(
+            {
+                "index": index,
+                "num_examples": fit.num_examples,
+                "metrics": fit.metrics,
+                "memory": model.memory.summary("server"),
+            }
+        )
     return {"round": plan.server_round, "seconds": seconds, "clients": clients, "server_models": servers}
-

@@ -23,7 +23,9 @@ class SequentialStrategy(SplitStrategy):
     [3, 5, 7]
     """
 
-    def train_round(self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[Message]:
+    def train_round(
+        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> list[Message]:
         replies: list[Message] = []
         for node in plan.node_ids:
             message = self.client_message(plan, node, arrays, config)
@@ -34,7 +36,9 @@ class SequentialStrategy(SplitStrategy):
                     arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
         return replies
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         _, metrics = super().aggregate_train(server_round, replies)
         handed_on = [r for r in replies if not r.has_error()]

@@ -37,9 +37,7 @@ _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 def _idx_bytes(array: np.ndarray) -> bytes:
     magic = 0x00000800 | array.ndim
-    header = struct.pack(">I", magic) + b"".join(
-        struct.pack(">I", d) for d in array.shape
-    )
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 
@@ -50,9 +48,7 @@ def _write(path: Path, payload: bytes, *, gz: bool) -> None:
         path.write_bytes(payload)
 
 
-def _make_fashion_dir(
-    directory: Path, *, gz: bool, n_train: int = 6, n_test: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+def _make_fashion_dir(directory: Path, *, gz: bool, n_train: int = 6, n_test: int = 4) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
     train_x = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
@@ -66,9 +62,7 @@ def _make_fashion_dir(
     return train_x, train_y
 
 
-def _cifar_batch(
-    n: int, label_key: bytes, num_classes: int, seed: int
-) -> dict[bytes, Any]:
+def _cifar_batch(n: int, label_key: bytes, num_classes: int, seed: int) -> dict[bytes, Any]:
     rng = np.random.default_rng(seed)
     return {
         b"batch_label": b"synthetic batch",
@@ -216,7 +210,7 @@ def test_fashion_mnist_bad_magic(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[3] = 0x03  # labels file now claims to be a 3-D image file
     path.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match="magic number 0x00000803.*0x00000801") as e:
+    with pytest.raises(DatasetError, match=r"magic number 0x00000803.*0x00000801") as e:
         load_fashion_mnist(tmp_path)
     assert "train-labels-idx1-ubyte" in str(e.value)
 
@@ -244,7 +238,7 @@ def test_fashion_mnist_count_mismatch(tmp_path: Path) -> None:
     _make_fashion_dir(tmp_path, gz=False)
     labels = np.zeros(5, dtype=np.uint8)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(labels))
-    with pytest.raises(DatasetError, match="6 images.*5 labels"):
+    with pytest.raises(DatasetError, match=r"6 images.*5 labels"):
         load_fashion_mnist(tmp_path)
 
 
@@ -301,15 +295,11 @@ def test_cifar10_layouts(tmp_path: Path, layout: str) -> None:
     first = batches[0][b"data"][0].reshape(3, 32, 32).astype(np.float32) / 255.0
     mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(3, 1, 1)
     std = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(3, 1, 1)
-    np.testing.assert_allclose(
-        train.images[0].numpy(), (first - mean) / std, rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(train.images[0].numpy(), (first - mean) / std, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["direct", "parent"])
-def test_cifar100_layouts(
-    tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cifar100_layouts(tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
     train_batch = _make_cifar100(tmp_path / "cifar-100-python")
     root = tmp_path / "cifar-100-python" if layout == "direct" else tmp_path
     monkeypatch.setenv("SPLITFLOWER_CIFAR100", str(root))
@@ -358,9 +348,7 @@ def test_cifar_forbidden_global_not_executed(tmp_path: Path) -> None:
     evil = _cifar_batch(3, b"fine_labels", 100, seed=5)
     evil[b"payload"] = _Evil(marker)
     _dump(tmp_path / "test", evil)
-    with pytest.raises(
-        DatasetError, match=r"refusing to unpickle global '\w+\.system'"
-    ):
+    with pytest.raises(DatasetError, match=r"refusing to unpickle global '\w+\.system'"):
         load_cifar100(tmp_path)
     assert not marker.exists()
 
@@ -410,9 +398,7 @@ def test_synthetic_learnable() -> None:
         optimiser.step()
     with torch.no_grad():
         train_acc = (model(x).argmax(1) == train.labels).float().mean().item()
-        test_acc = (
-            (model(test.images.flatten(1)).argmax(1) == test.labels).float().mean()
-        ).item()
+        test_acc = ((model(test.images.flatten(1)).argmax(1) == test.labels).float().mean()).item()
     assert train_acc > 0.8
     assert test_acc > 0.5
 
@@ -476,9 +462,7 @@ def test_dirichlet_partition_skewed_and_complete() -> None:
     parts = partition(ds, 10, "dirichlet:0.1", seed=0)
     assert _covered(parts) == list(range(2000))
     assert all(len(p) >= 1 for p in parts)
-    max_share = max(
-        float(torch.bincount(p.labels, minlength=10).max()) / len(p) for p in parts
-    )
+    max_share = max(float(torch.bincount(p.labels, minlength=10).max()) / len(p) for p in parts)
     # Uniform label mix would be 0.1 per class; strong skew puts most on one class.
     assert max_share > 0.5
 
@@ -488,13 +472,9 @@ def test_partition_reproducible() -> None:
     for spec in ("iid", "dirichlet:0.3"):
         a = partition(ds, 4, spec, seed=11)
         b = partition(_labelled(500), 4, parse_partition(spec), seed=11)
-        assert [p.images.flatten().tolist() for p in a] == [
-            p.images.flatten().tolist() for p in b
-        ]
+        assert [p.images.flatten().tolist() for p in a] == [p.images.flatten().tolist() for p in b]
         c = partition(ds, 4, spec, seed=12)
-        assert [p.images.flatten().tolist() for p in a] != [
-            p.images.flatten().tolist() for p in c
-        ]
+        assert [p.images.flatten().tolist() for p in a] != [p.images.flatten().tolist() for p in c]
         one = client_partition(ds, 2, 4, spec, seed=11)
         assert torch.equal(one.images, a[2].images)
 

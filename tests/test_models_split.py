@@ -38,9 +38,7 @@ class _TvBasicBlock(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(
-            inplanes, planes, 3, stride=stride, padding=1, bias=False
-        )
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
@@ -72,9 +70,7 @@ class TinyTorchvisionLikeResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(2)
         self.layer1 = nn.Sequential(_TvBasicBlock(8, 8), _TvBasicBlock(8, 8))
-        self.layer2 = nn.Sequential(
-            _TvBasicBlock(8, 16, stride=2), _TvBasicBlock(16, 16)
-        )
+        self.layer2 = nn.Sequential(_TvBasicBlock(8, 16, stride=2), _TvBasicBlock(16, 16))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(16, num_classes)
 
@@ -120,9 +116,7 @@ def _nested() -> nn.Sequential:
     )
 
 
-def _check_composes(
-    model: nn.Module, bottom: nn.Module, top: nn.Module, x: torch.Tensor
-) -> None:
+def _check_composes(model: nn.Module, bottom: nn.Module, top: nn.Module, x: torch.Tensor) -> None:
     model.eval()
     bottom.eval()
     top.eval()
@@ -207,9 +201,7 @@ def test_split_int_needs_sequential() -> None:
         split_model(TinyTorchvisionLikeResNet(), 2)
 
 
-@pytest.mark.parametrize(
-    "at", ["layer1", "layer2.0", "layer2.1", "layer2.2", "layer3.0"]
-)
+@pytest.mark.parametrize("at", ["layer1", "layer2.0", "layer2.1", "layer2.2", "layer3.0"])
 def test_split_nested_sequential(at: str) -> None:
     model = _nested()
     bottom, top = split_model(model, at)
@@ -320,9 +312,7 @@ def test_split_keeps_training_flags() -> None:
         (_nested(), "layer2.1", (2, 4)),
     ],
 )
-def test_split_gradients_flow(
-    model: nn.Module, at: int | str, shape: tuple[int, ...]
-) -> None:
+def test_split_gradients_flow(model: nn.Module, at: int | str, shape: tuple[int, ...]) -> None:
     bottom, top = split_model(model, at)
     top(bottom(torch.randn(shape))).sum().backward()
     for half in (bottom, top):
@@ -360,13 +350,9 @@ def test_client_blocks_for_cut_validation() -> None:
         client_blocks_for_cut(21, "s")
 
 
-@pytest.mark.parametrize(
-    ("name", "cut"), [("resnet20", "m"), ("resnet110", "s"), ("resnet20", 5)]
-)
+@pytest.mark.parametrize(("name", "cut"), [("resnet20", "m"), ("resnet110", "s"), ("resnet20", 5)])
 def test_split_for_cut_resnet(name: str, cut: str | int) -> None:
-    model = _randomize_bn(
-        build_model(name, num_classes=10, in_channels=3, image_size=32)
-    )
+    model = _randomize_bn(build_model(name, num_classes=10, in_channels=3, image_size=32))
     bottom, top = split_for_cut(name, model, cut)
     depth = int(name.removeprefix("resnet"))
     assert len(bottom) == 1 + client_blocks_for_cut(depth, cut)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh), then lints, type-checks and runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+.venv/bin/ruff check splitflower strategies algorithms tests benchmarks examples
+.venv/bin/mypy splitflower strategies algorithms
+.venv/bin/python -m pytest -q "$@"

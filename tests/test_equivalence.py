@@ -1,0 +1,145 @@
+"""Split training through the real gRPC proxy equals the same computation in one process."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import connect
+from splitflower.algorithms.csl import CSLClient, CSLServerModel
+from torch import nn
+
+from splitflower.client import Client
+from splitflower.data import ArrayDataset, partition, synthetic
+from splitflower.scheduling import BatchingScheduler
+from splitflower.server_model import sgd
+from splitflower.service import SplitService
+from splitflower.split import split_model
+from splitflower.wire import ConfigKey
+
+LR, BATCH = 0.05, 8
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def _data(num: int) -> ArrayDataset:
+    train, _ = synthetic(num, 8, num_classes=3, input_shape=(1, 8, 8), seed=1)
+    return train
+
+
+def _config(index: int = 0) -> dict[str, object]:
+    return {
+        ConfigKey.LR: LR,
+        ConfigKey.LOCAL_EPOCHS: 1,
+        ConfigKey.BATCH_SIZE: BATCH,
+        ConfigKey.SEED: 7,
+        ConfigKey.CLIENT_INDEX: index,
+    }
+
+
+def _batches(data: ArrayDataset, config: dict[str, object]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(data.batches(BATCH, shuffle=True, generator=Client.batch_generator(config)))
+
+
+def _segment_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("segment."): v for k, v in weights.items()}
+
+
+def test_csl_one_client_equals_unsplit_training(service: SplitService) -> None:
+    data = _data(24 * BATCH)
+    bottom, top = split_model(_model(), 4)
+    reference = nn.Sequential(copy.deepcopy(bottom), copy.deepcopy(top))
+
+    server = CSLServerModel(top, optimizer=sgd(0.9))
+    server.configure_fit(None, {"lr": LR})
+    client = CSLClient(bottom, data, optimizer=sgd(0.9))
+    client.server_model_proxy = connect(service, server)
+    fit = client.fit({}, _config())
+    client.server_model_proxy.close()
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9)
+    steps = 0
+    for x, y in _batches(data, _config()):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+        steps += 1
+    assert steps >= 20
+    assert fit.num_examples == len(data)
+    torch.testing.assert_close(_segment_weights(fit.weights), reference[0].state_dict())
+    torch.testing.assert_close(server.get_fit_result().weights, reference[1].state_dict())
+
+
+def test_parallel_csl_three_clients_equals_joint_computation(service: SplitService) -> None:
+    """Three clients, one shared server model batching their requests: each step is one
+    forward/backward of the server segment on the three clients' activations concatenated."""
+    parts = partition(_data(3 * 20 * BATCH), 3, "iid", seed=0)
+    bottom, top = split_model(_model(), 4)
+    initial_bottom = copy.deepcopy(bottom)
+    reference_top = copy.deepcopy(top)
+
+    server = CSLServerModel(top, optimizer=sgd(0.9))
+    server.configure_fit(None, {"lr": LR})
+    scheduler = BatchingScheduler(server, flush_timeout=30.0)
+    scheduler.set_clients([0, 1, 2])
+    clients = [CSLClient(copy.deepcopy(initial_bottom), parts[i], optimizer=sgd(0.9), client_id=i) for i in range(3)]
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            clients[i].server_model_proxy = connect(service, scheduler, client=i)
+            results[i] = _segment_weights(clients[i].fit({}, _config(i)).weights)
+            clients[i].server_model_proxy.close()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert scheduler.timeout_flushes == 0
+
+    bottoms = [copy.deepcopy(initial_bottom) for _ in range(3)]
+    params = [p for m in [*bottoms, reference_top] for p in m.parameters()]
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    streams = [_batches(parts[i], _config(i)) for i in range(3)]
+    assert len(streams[0]) >= 20 and len({len(s) for s in streams}) == 1
+    for step in zip(*streams, strict=True):
+        z = torch.cat([bottoms[i](x) for i, (x, _) in enumerate(step)])
+        y = torch.cat([y for _, y in step])
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference_top(z), y).backward()
+        optimizer.step()
+    for i in range(3):
+        torch.testing.assert_close(results[i], bottoms[i].state_dict())
+    torch.testing.assert_close(server.get_fit_result().weights, reference_top.state_dict())
+
+
+@pytest.mark.parametrize("steps", [3])
+def test_csl_returns_gradient_on_callers_tensor_shape(service: SplitService, steps: int) -> None:
+    _, top = split_model(_model(), 4)
+    server = CSLServerModel(top)
+    server.configure_fit(None, {"lr": LR})
+    proxy = connect(service, server)
+    z = torch.randn(BATCH, 4, 4, 4)
+    for _ in range(steps):
+        grad = proxy.forward_backward(embeddings=z, labels=torch.zeros(BATCH, dtype=torch.int64))
+        assert isinstance(grad, torch.Tensor) and grad.shape == z.shape and grad.dtype == z.dtype
+    proxy.close()

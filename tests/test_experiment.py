@@ -1,0 +1,164 @@
+"""End to end under Flower: the CLI, the results file, and a client dying mid-round."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context
+from flwr.simulation import run_simulation
+from splitflower.algorithms.csl import CSLClient
+
+from splitflower.app import build_client_app
+from splitflower.data import client_partition
+from splitflower.errors import ConfigError, IncompatibleStrategyError
+from splitflower.experiment import Experiment, ExperimentConfig, summarise_round
+from splitflower.server_model import sgd
+from splitflower.wire import ConfigKey
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _activation_bytes(results: dict[str, Any]) -> int:
+    """Payload of cut-layer tensors (embeddings and their gradients), labels and control aside."""
+    return sum(
+        b
+        for r in results["rounds"]
+        for k, b in r["payload_bytes_by_tensor"].items()
+        if not k.endswith(":labels") and ":predict:" not in k
+    )
+
+
+def _run_cli(tmp_path: Path, algorithm: str, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{algorithm}.json"
+    command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", algorithm, "--out", str(out), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "test acc" in done.stdout  # the final table
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_cli_dsl_and_csl_on_fashion_mnist(tmp_path: Path) -> None:
+    common = (
+        "--strategy",
+        "parallel",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "lenet5",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+    )
+    dsl, csl = _run_cli(tmp_path, "dsl", *common), _run_cli(tmp_path, "csl", *common)
+    for results in (dsl, csl):
+        assert results["schema"] == "splitflower.results/1"
+        assert results["final"]["test_accuracy"] > 0.80, results["final"]
+        assert {"torch", "flwr", "grpcio"} <= set(results["versions"])
+        first = results["rounds"][0]
+        assert set(first["memory"]) >= {"client_peak_tally_bytes", "server_peak_tally_bytes", "client_peak_rss_bytes"}
+        assert set(first["time"]) == {"client_compute_s", "server_compute_s", "communication_wait_s"}
+    for r in dsl["rounds"]:
+        per_batch = [c["wire"]["by_method"]["train_batch"] for c in r["clients"]]
+        assert all(m["down_payload_bytes"] == 0 for m in per_batch)
+    assert 2 * _activation_bytes(dsl) == _activation_bytes(csl)
+
+
+@pytest.mark.slow
+def test_cli_rejects_bad_input_clearly(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "splitflower.cli",
+            "run",
+            "--partition",
+            "dirichlet:-1",
+            "--clients",
+            "0",
+            "--dataset",
+            "synthetic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "clients must be at least 1, got 0" in done.stderr
+    assert "dirichlet" in done.stderr
+
+
+def test_config_validation_names_every_problem() -> None:
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig(algorithm="nope", model="vgg", rounds=0, lr=-1.0).validate()
+    message = str(caught.value)
+    for fragment in (
+        "algorithm must be one of",
+        "model must be one of",
+        "rounds must be at least 1",
+        "lr must be positive",
+    ):
+        assert fragment in message
+    with pytest.raises(IncompatibleStrategyError):
+        from splitflower.algorithms import Algorithm
+
+        Algorithm("x", CSLClient, CSLClient, strategies=("sequential",)).check_strategy("parallel")  # type: ignore[arg-type]
+
+
+class DiesAfterTwoBatches(CSLClient):
+    """A CSL client whose second partition crashes mid-round."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.config.get(ConfigKey.CLIENT_INDEX) == 1 and self.steps > 2:
+            raise RuntimeError("client crashed")
+        return super().train_step(x, y)
+
+
+@pytest.mark.slow
+def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> None:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot import tests/
+    config = ExperimentConfig(
+        algorithm="csl",
+        strategy="parallel",
+        dataset="synthetic",
+        clients=2,
+        rounds=1,
+        batching=True,
+        flush_timeout=0.5,
+        synthetic_size=512,
+    )
+    experiment = Experiment(config)
+
+    def make_client(context: Context) -> CSLClient:
+        partition_id = int(context.node_config["partition-id"])
+        data = client_partition(experiment.train, partition_id, 2, "iid")
+        return DiesAfterTwoBatches(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
+
+    records: list[dict[str, Any]] = []
+    run_simulation(
+        server_app=experiment.server_app(
+            experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(summarise_round(r))
+        ),
+        client_app=build_client_app(make_client),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    assert len(records) == 1
+    round_one = records[0]
+    assert len(round_one["failed_clients"]) == 1
+    assert "client crashed" in next(c["error"] for c in round_one["clients"] if "error" in c)
+    assert round_one["num_examples"] == 256  # the surviving client's whole partition
+    assert 0.0 <= round_one["test_accuracy"] <= 1.0

@@ -1,0 +1,116 @@
+"""Batching across clients never hangs: unequal batch counts, different methods, dead clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from conftest import connect
+from torch import nn
+
+from splitflower.proxy import ServerModelProxy
+from splitflower.scheduling import BatchingScheduler
+from splitflower.server_model import ServerModel
+from splitflower.service import SplitService
+
+
+class Counter(ServerModel):
+    """Records the batch size of every computation it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        self.batches: list[tuple[str, int]] = []
+
+    def double(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(("double", len(x)))
+        return 2 * x
+
+    def negate(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(("negate", len(x)))
+        return -x
+
+
+def _run_clients(jobs: list[Callable[[], None]], limit: float) -> float:
+    errors: list[BaseException] = []
+
+    def guard(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=guard, args=(job,), daemon=True) for job in jobs]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=limit)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors
+    return time.perf_counter() - started
+
+
+def test_unequal_batch_counts_finish_and_are_batched(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=0.2)
+    counts = {0: 2, 1: 5, 2: 9}
+    scheduler.set_clients(list(counts))
+
+    def client(i: int) -> Callable[[], None]:
+        def run() -> None:
+            proxy = connect(service, scheduler, client=i)
+            for step in range(counts[i]):
+                x = torch.full((4,), float(step))
+                torch.testing.assert_close(proxy.double(x=x), 2 * x)
+            proxy.close()  # tells the scheduler to stop waiting for this client
+
+        return run
+
+    _run_clients([client(i) for i in counts], limit=30)
+    assert sum(size for _, size in model.batches) == 4 * sum(counts.values())
+    assert len(model.batches) < sum(counts.values()), "requests of several clients shared a batch"
+
+
+def test_clients_calling_different_methods_do_not_wait_for_the_timeout(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=10.0)
+    scheduler.set_clients(["a", "b"])
+
+    def client(name: str, method: str) -> Callable[[], None]:
+        def run() -> None:
+            proxy = connect(service, scheduler, client=name)
+            for _ in range(3):
+                proxy.call(method, x=torch.ones(2))
+            proxy.close()
+
+        return run
+
+    elapsed = _run_clients([client("a", "double"), client("b", "negate")], limit=30)
+    assert elapsed < 5.0
+    assert scheduler.timeout_flushes == 0
+
+
+def test_client_that_dies_mid_round_does_not_block_the_others(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=0.3)
+    scheduler.set_clients(["dead", "alive"])
+    dead_token, _ = service.open_session("dead", scheduler)
+
+    def alive() -> None:
+        proxy = connect(service, scheduler, client="alive")
+        for _ in range(6):
+            proxy.double(x=torch.ones(3))
+        proxy.close()
+
+    def dead() -> None:
+        proxy = ServerModelProxy(service.address, dead_token)
+        proxy.double(x=torch.ones(3))
+        proxy.double(x=torch.ones(3))
+        proxy._channel.close()  # gone without saying goodbye
+
+    elapsed = _run_clients([dead, alive], limit=30)
+    assert elapsed < 10
+    assert scheduler.timeout_flushes >= 1
+    service.close_session(dead_token)  # what the strategy does when the client's reply fails

@@ -1,0 +1,280 @@
+"""Every bad input through the real gRPC channel gets a clear error, and the server keeps serving."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import connect
+from torch import nn
+
+from splitflower.codec import encode_request
+from splitflower.errors import (
+    AuthenticationError,
+    InvalidArgumentsError,
+    MessageTooLargeError,
+    RemoteComputationError,
+    ServerModelTimeoutError,
+    ServerUnavailableError,
+    UnknownMethodError,
+)
+from splitflower.proxy import ServerModelProxy
+from splitflower.scheduling import ImmediateScheduler
+from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
+from splitflower.service import SplitService, TlsConfig
+from splitflower.wire import ERROR_KIND_METADATA_KEY, GRPC_CALL_PATH, ErrorKind
+
+
+class Toy(ServerModel):
+    """Echo, a batch-checked method, a failing one, a slow one and an order recorder."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        self.seen: list[int] = []
+
+    @remote(
+        z=TensorSpec(dtypes=FLOATING, shape=("batch", 3)), labels=TensorSpec(dtypes=(torch.int64,), shape=("batch",))
+    )
+    def score(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return z.sum(1) + labels
+
+    def echo(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def fail(self, x: torch.Tensor) -> None:
+        raise ValueError("deliberate failure")
+
+    def slow(self, seconds: torch.Tensor) -> None:
+        time.sleep(float(seconds))
+
+    def record(self, i: torch.Tensor) -> None:
+        self.seen.append(int(i))
+
+    def _secret(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _still_serves(proxy: ServerModelProxy) -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    torch.testing.assert_close(proxy.echo(x=x), x)
+
+
+def test_blocking_future_and_fire_and_forget(service: SplitService) -> None:
+    model = Toy()
+    proxy = connect(service, model)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(proxy.echo(x=x), x)
+    futures = [proxy.echo.future(x=x + i) for i in range(6)]
+    for i, future in enumerate(futures):
+        torch.testing.assert_close(future.result(), x + i)
+    for i in range(20):
+        assert proxy.record.send(i=torch.tensor(i)) is None
+    proxy.wait_all()
+    assert model.seen == list(range(20)), "requests of one client run in the order issued"
+    assert proxy.traffic.by_method()["record"]["down_payload_bytes"] == 0
+    proxy.close()
+
+
+def test_unknown_method_lists_what_exists(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    with pytest.raises(UnknownMethodError, match=r"nope.*does not exist.*echo"):
+        proxy.nope(x=torch.ones(1))
+    _still_serves(proxy)
+
+
+def test_private_and_framework_methods_are_refused(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    with pytest.raises(AttributeError, match="private"):
+        proxy._secret(x=torch.ones(1))
+    with pytest.raises(UnknownMethodError, match="framework"):
+        proxy.configure_fit(x=torch.ones(1))
+    with pytest.raises(UnknownMethodError):
+        proxy.call("_secret", x=torch.ones(1))
+    _still_serves(proxy)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"z": torch.ones(2, 3)}, r"missing \['labels'\]"),
+        ({"z": torch.ones(2, 3), "labels": torch.zeros(2, dtype=torch.int64), "extra": torch.ones(1)}, "unexpected"),
+        (
+            {"z": torch.ones(2, 3, dtype=torch.int32), "labels": torch.zeros(2, dtype=torch.int64)},
+            "expected dtype float32",
+        ),
+        ({"z": torch.ones(2, 4), "labels": torch.zeros(2, dtype=torch.int64)}, "dimension 1 must be 3, got 4"),
+        ({"z": torch.ones(2, 3), "labels": torch.zeros(5, dtype=torch.int64)}, "'batch'"),
+        ({"z": torch.ones(2, 3, 1), "labels": torch.zeros(2, dtype=torch.int64)}, r"expected shape \['batch', 3\]"),
+    ],
+)
+def test_bad_arguments_name_expected_and_received(
+    service: SplitService, arguments: dict[str, torch.Tensor], message: str
+) -> None:
+    proxy = connect(service, Toy())
+    with pytest.raises(InvalidArgumentsError, match=message):
+        proxy.score(**arguments)
+    _still_serves(proxy)
+
+
+def test_exception_in_method_reaches_caller(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    with pytest.raises(RemoteComputationError, match="ValueError: deliberate failure"):
+        proxy.fail(x=torch.ones(1))
+    _still_serves(proxy)
+
+
+def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(service.address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=5)
+    return caught.value
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "bad-dtype"])
+def test_corrupt_bytes_are_rejected(service: SplitService, corruption: str) -> None:
+    proxy = connect(service, Toy())
+    frame = encode_request(b"\0" * 16, 0, "echo", {"x": torch.ones(8)})
+    bad = {
+        "garbage": b"\x00\x01not a frame at all",
+        "truncated": frame[:-5],
+        "bad-dtype": frame.replace(b"x\x01\x01", b"x\x63\x01", 1),
+    }[corruption]
+    error = _raw_call(service, bad)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "corrupt request" in (error.details() or "")
+    assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
+    _still_serves(proxy)
+
+
+def test_missing_wrong_and_expired_tokens(service: SplitService) -> None:
+    model = Toy()
+    good = connect(service, model)
+    for token in (b"\0" * 16, b"not-the-token-xx"):
+        with pytest.raises(AuthenticationError, match="token not issued"):
+            ServerModelProxy(service.address, token).echo(x=torch.ones(1))
+    token, _ = service.open_session("late", ImmediateScheduler(model))
+    service.close_session(token)
+    with pytest.raises(AuthenticationError):
+        ServerModelProxy(service.address, token).echo(x=torch.ones(1))
+    _still_serves(good)
+
+
+def test_message_size_limit_on_both_ends(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    too_big = torch.ones(2 * 1024 * 1024)  # 8 MiB against a 4 MiB service limit
+    with pytest.raises(MessageTooLargeError, match="over the limit of 4194304"):
+        proxy.echo(x=too_big)
+    unaware = connect(service, Toy(), client="unaware", max_message_bytes=64 * 1024 * 1024)
+    with pytest.raises(MessageTooLargeError, match="size limit"):
+        unaware.echo(x=too_big)
+    _still_serves(proxy)
+    _still_serves(unaware)
+
+
+def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
+    slow = connect(service, Toy(), client="slow")
+    started = time.perf_counter()
+    with pytest.raises(ServerModelTimeoutError):
+        slow.slow(seconds=torch.tensor(2.0), timeout=0.3)
+    assert time.perf_counter() - started < 1.5
+    _still_serves(connect(service, Toy(), client="other"))
+
+
+def test_slow_model_does_not_block_other_models(service: SplitService) -> None:
+    slow, fast = connect(service, Toy(), client="a"), connect(service, Toy(), client="b")
+    worker = threading.Thread(target=lambda: slow.slow(seconds=torch.tensor(1.5)))
+    worker.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    _still_serves(fast)
+    assert time.perf_counter() - started < 0.5
+    worker.join()
+
+
+def test_fire_and_forget_error_surfaces_at_wait_all(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    proxy.fail.send(x=torch.ones(1))
+    with pytest.raises(RemoteComputationError, match="earlier fire-and-forget"):
+        proxy.wait_all()
+    _still_serves(proxy)
+
+
+def test_unreachable_service_is_reported() -> None:
+    proxy = ServerModelProxy("127.0.0.1:1", b"\0" * 16, default_timeout=2.0)
+    with pytest.raises((ServerUnavailableError, ServerModelTimeoutError), match="echo"):
+        proxy.echo(x=torch.ones(1))
+
+
+def test_results_return_on_callers_device_and_dtypes_roundtrip(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    for dtype in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ):
+        x = (torch.arange(12) % 2).to(dtype).reshape(3, 4)
+        back = proxy.echo(x=x.t())  # non-contiguous input
+        assert back.dtype == dtype
+        torch.testing.assert_close(back, x.t())
+    torch.testing.assert_close(proxy.echo(x=torch.empty(0, 5)), torch.empty(0, 5))
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+
+def test_tls_clients_verify_the_server_certificate() -> None:
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed()
+    other_cert, _ = _self_signed()
+    service = SplitService(tls=TlsConfig(cert, key, cert))
+    service.start()
+    try:
+        model = Toy()
+        token, _ = service.open_session("c", ImmediateScheduler(model))
+        proxy = ServerModelProxy(service.address, token, root_certificates=cert)
+        _still_serves(proxy)
+        for roots in (other_cert, None):
+            stranger = ServerModelProxy(service.address, token, root_certificates=roots, default_timeout=3.0)
+            with pytest.raises((ServerUnavailableError, ServerModelTimeoutError)):
+                stranger.echo(x=torch.ones(1))
+        _still_serves(proxy)
+    finally:
+        service.stop(grace=0)
