@@ -8,13 +8,13 @@ instead of yielding garbage.
 
 Request frame::
 
-    "SF" | version u8 | kind=1 u8 | flags u8 | token 16B | seq u32 | method (u8 len + utf-8)
-    | tensor table | padding to 8 | tensor data (each block padded to 8)
+    "SF" | version u8 | kind=1 u8 | flags u8 | token 16B | seq u32 | table length u16
+    | method (u8 len + utf-8) | tensor table | padding to 8 | tensor data (each block padded to 8)
 
 Reply frame::
 
     "SF" | version u8 | kind=2 u8 | result u8 | server compute s f64 | queue wait s f64
-    | tensor table | padding to 8 | tensor data
+    | table length u16 | tensor table | padding to 8 | tensor data (each block padded to 8)
 
 Tensor table: ``count u8`` then per tensor ``name (u8 len + utf-8) | dtype u8 | ndim u8 |
 dims u32 x ndim``. Byte order is little-endian on both ends (every platform splitflower
@@ -62,8 +62,8 @@ _VERSION: Final = 1
 _KIND_REQUEST: Final = 1
 _KIND_REPLY: Final = 2
 _ALIGN: Final = 8
-_REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sI")
-_REPLY_HEAD = struct.Struct("<2sBBBdd")
+_REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sIH")
+_REPLY_HEAD = struct.Struct("<2sBBBddH")
 _U8 = struct.Struct("<B")
 _ENTRY_HEAD = struct.Struct("<BB")
 
@@ -116,14 +116,35 @@ class Reply:
 def payload_bytes(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> int:
     """Bytes of tensor data alone: what the paper's ``numel * itemsize`` accounting counts."""
     values = tensors.values() if isinstance(tensors, Mapping) else tensors
-    return sum(t.numel() * t.element_size() for t in values)
+    return sum(t.nbytes for t in values)
 
 
 def _pad(length: int) -> int:
     return -length % _ALIGN
 
 
-def _raw_bytes(name: str, tensor: torch.Tensor) -> memoryview:
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+
+
+# Tables repeat batch after batch (same names, dtypes, shapes): encode and parse each once.
+_ENCODED_TABLES: dict[tuple[Any, ...], bytes] = {}
+_PARSED_TABLES: dict[bytes, tuple[_Entry, ...]] = {}
+_CACHE_LIMIT = 1024
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+def _check_tensor(name: str, tensor: object) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise CodecError(
             f"argument {name!r}: expected a torch.Tensor, got {type(tensor).__name__}; "
@@ -134,35 +155,65 @@ def _raw_bytes(name: str, tensor: torch.Tensor) -> memoryview:
     if tensor.dtype not in _DTYPE_CODES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
         raise CodecError(f"argument {name!r}: dtype {tensor.dtype} is not supported; use one of {supported}")
-    flat = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().data.cast("B")
+    if tensor.dim() > 255:
+        raise CodecError(f"argument {name!r}: at most 255 dimensions, got {tensor.dim()}")
+    return tensor
 
 
-def _join(head: bytes, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    table_parts: list[bytes] = [_U8.pack(len(tensors))]
-    blocks: list[memoryview] = []
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.dtype is torch.bfloat16:  # numpy has no bfloat16; the bytes are what matter
+        tensor = tensor.view(torch.int16)
+    if tensor.dim() != 1:  # memoryview casts only flat, non-empty views
+        tensor = tensor.reshape(-1)
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    key = tuple((name, t.dtype, t.shape) for name, t in tensors.items())
+    table = _ENCODED_TABLES.get(key)
+    if table is not None:
+        return table
     if len(tensors) > 255:
         raise CodecError(f"at most 255 tensors fit in one call, got {len(tensors)}")
+    parts = [_U8.pack(len(tensors))]
     for name, tensor in tensors.items():
         encoded_name = name.encode()
         if not encoded_name or len(encoded_name) > 255:
             raise CodecError(f"tensor names must be 1-255 bytes of UTF-8, got {name!r}")
-        data = _raw_bytes(name, tensor)
-        if tensor.dim() > 255:
-            raise CodecError(f"argument {name!r}: at most 255 dimensions, got {tensor.dim()}")
-        table_parts.append(_U8.pack(len(encoded_name)) + encoded_name)
-        table_parts.append(_ENTRY_HEAD.pack(_DTYPE_CODES[tensor.dtype], tensor.dim()))
-        table_parts.append(struct.pack(f"<{tensor.dim()}I", *tensor.shape))
-        blocks.append(data)
-    parts: list[bytes | memoryview] = [head, *table_parts]
-    offset = len(head) + sum(len(p) for p in table_parts)
-    for block in blocks:
-        padding = _pad(offset)
-        if padding:
-            parts.append(bytes(padding))
+        _check_tensor(name, tensor)
+        parts.append(_U8.pack(len(encoded_name)) + encoded_name)
+        parts.append(_ENTRY_HEAD.pack(_DTYPE_CODES[tensor.dtype], tensor.dim()))
+        parts.append(struct.pack(f"<{tensor.dim()}I", *tensor.shape))
+    table = b"".join(parts)
+    if len(table) > 0xFFFF:
+        raise CodecError(f"the tensor table is {len(table)} bytes; at most 65535 fit in a frame")
+    _remember(_ENCODED_TABLES, key, table)
+    return table
+
+
+def _join(head: bytes, table: bytes, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    parts: list[bytes | memoryview] = [head, table]
+    padding = _pad(len(head) + len(table))
+    if padding:
+        parts.append(_ZEROS[:padding])
+    for name, tensor in tensors.items():
+        block = _raw_bytes(_check_tensor(name, tensor))
         parts.append(block)
-        offset += padding + len(block)
+        padding = _pad(len(block))
+        if padding:
+            parts.append(_ZEROS[:padding])
     return b"".join(parts)
+
+
+_ZEROS = bytes(_ALIGN)
 
 
 def encode_request(
@@ -174,10 +225,11 @@ def encode_request(
     encoded_method = method.encode()
     if not encoded_method or len(encoded_method) > 255:
         raise CodecError(f"method names must be 1-255 bytes of UTF-8, got {method!r}")
+    table = _encode_table(tensors)
     head = _REQUEST_HEAD.pack(
-        _MAGIC, _VERSION, _KIND_REQUEST, FLAG_NO_REPLY if no_reply else 0, token, seq & 0xFFFFFFFF
+        _MAGIC, _VERSION, _KIND_REQUEST, FLAG_NO_REPLY if no_reply else 0, token, seq & 0xFFFFFFFF, len(table)
     )
-    return _join(head + _U8.pack(len(encoded_method)) + encoded_method, tensors)
+    return _join(head + _U8.pack(len(encoded_method)) + encoded_method, table, tensors)
 
 
 def value_tensors(value: object) -> dict[str, torch.Tensor]:
@@ -207,112 +259,121 @@ def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: 
         kind = ResultKind.DICT
     else:
         kind = ResultKind.TUPLE
-    head = _REPLY_HEAD.pack(_MAGIC, _VERSION, _KIND_REPLY, kind, server_compute_s, queue_wait_s)
-    return _join(head, tensors)
+    table = _encode_table(tensors)
+    head = _REPLY_HEAD.pack(_MAGIC, _VERSION, _KIND_REPLY, kind, server_compute_s, queue_wait_s, len(table))
+    return _join(head, table, tensors)
 
 
-class _Reader:
-    """Bounds-checked cursor over a frame."""
+def _parse_table(table: bytes) -> tuple[_Entry, ...]:
+    entries = _PARSED_TABLES.get(table)
+    if entries is not None:
+        return entries
+    view, offset = memoryview(table), 0
 
-    def __init__(self, frame: bytes) -> None:
-        self.frame = frame
-        self.view = memoryview(frame)
-        self.offset = 0
-
-    def take(self, length: int, what: str) -> memoryview:
-        end = self.offset + length
-        if end > len(self.view):
-            raise CodecError(
-                f"frame truncated: {what} needs bytes {self.offset}..{end}, but the frame is {len(self.view)} bytes"
-            )
-        chunk = self.view[self.offset : end]
-        self.offset = end
+    def take(length: int, what: str) -> memoryview:
+        nonlocal offset
+        if offset + length > len(view):
+            raise CodecError(f"tensor table truncated: {what} needs {length} bytes at {offset} of {len(view)}")
+        chunk = view[offset : offset + length]
+        offset += length
         return chunk
 
-    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
-        return fmt.unpack(self.take(fmt.size, what))
-
-    def text(self, what: str) -> str:
-        (length,) = self.unpack(_U8, f"{what} length")
+    (count,) = _U8.unpack(take(1, "tensor count"))
+    parsed: list[_Entry] = []
+    for _ in range(count):
+        (name_length,) = _U8.unpack(take(1, "name length"))
         try:
-            return bytes(self.take(int(length), what)).decode()
+            name = bytes(take(name_length, "tensor name")).decode()
         except UnicodeDecodeError as err:
-            raise CodecError(f"{what} is not valid UTF-8") from err
+            raise CodecError("a tensor name is not valid UTF-8") from err
+        code, ndim = _ENTRY_HEAD.unpack(take(_ENTRY_HEAD.size, f"header of tensor {name!r}"))
+        dtype = _CODE_DTYPES.get(code)
+        if dtype is None:
+            raise CodecError(f"tensor {name!r}: unknown dtype code {code}")
+        shape = struct.unpack(f"<{ndim}I", take(4 * ndim, f"shape of {name!r}"))
+        numel = math.prod(shape)
+        parsed.append(_Entry(name, dtype, shape, numel, numel * dtype.itemsize))
+    if offset != len(view):
+        raise CodecError(f"tensor table has {len(view) - offset} unexplained trailing bytes")
+    if len({e.name for e in parsed}) != len(parsed):
+        raise CodecError("a tensor name appears twice in one frame")
+    entries = tuple(parsed)
+    _remember(_PARSED_TABLES, table, entries)
+    return entries
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        (count,) = self.unpack(_U8, "tensor count")
-        entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-        for _ in range(int(count)):
-            name = self.text("tensor name")
-            code, ndim = self.unpack(_ENTRY_HEAD, f"header of tensor {name!r}")
-            dtype = _CODE_DTYPES.get(int(code))
-            if dtype is None:
-                raise CodecError(f"tensor {name!r}: unknown dtype code {code}")
-            shape = struct.unpack(f"<{ndim}I", self.take(4 * int(ndim), f"shape of {name!r}"))
-            entries.append((name, dtype, shape))
-        decoded: dict[str, torch.Tensor] = {}
-        for name, dtype, shape in entries:
-            if name in decoded:
-                raise CodecError(f"tensor {name!r} appears twice in one frame")
-            self.take(_pad(self.offset), "padding")
-            numel = math.prod(shape)
-            start = self.offset
-            self.take(numel * dtype.itemsize, f"data of tensor {name!r} {list(shape)}")
-            if numel == 0:
-                decoded[name] = torch.empty(shape, dtype=dtype)
-            else:
-                decoded[name] = torch.frombuffer(self.frame, dtype=dtype, count=numel, offset=start).view(shape)
-        if self.offset != len(self.view):
-            raise CodecError(f"frame has {len(self.view) - self.offset} trailing bytes after its tensors")
-        return decoded
 
-    def check_head(self, magic: object, version: object, kind: object, expected_kind: int) -> None:
-        if magic != _MAGIC:
-            raise CodecError(f"not a splitflower frame: expected magic {_MAGIC!r}, got {magic!r}")
-        if version != _VERSION:
-            raise CodecError(f"unsupported frame version {version}; this side speaks {_VERSION}")
-        if kind != expected_kind:
-            raise CodecError(f"expected frame kind {expected_kind}, got {kind}")
+def _decode_tensors(frame: bytes, offset: int, table_length: int) -> dict[str, torch.Tensor]:
+    if offset + table_length > len(frame):
+        raise CodecError(f"frame truncated: the tensor table needs {table_length} bytes at {offset} of {len(frame)}")
+    entries = _parse_table(frame[offset : offset + table_length])
+    offset += table_length
+    offset += _pad(offset)
+    expected = offset + sum(e.nbytes + _pad(e.nbytes) for e in entries)
+    if expected != len(frame):
+        shapes = ", ".join(f"{e.name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}" for e in entries)
+        raise CodecError(f"frame is {len(frame)} bytes but its table ({shapes or 'no tensors'}) needs {expected}")
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        if entry.numel == 0:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype)
+        else:
+            flat = torch.frombuffer(frame, dtype=entry.dtype, count=entry.numel, offset=offset)
+            tensors[entry.name] = flat if len(entry.shape) == 1 else flat.view(entry.shape)
+        offset += entry.nbytes + _pad(entry.nbytes)
+    return tensors
+
+
+def _check_head(magic: bytes, version: int, kind: int, expected_kind: int) -> None:
+    if magic != _MAGIC:
+        raise CodecError(f"not a splitflower frame: expected magic {_MAGIC!r}, got {magic!r}")
+    if version != _VERSION:
+        raise CodecError(f"unsupported frame version {version}; this side speaks {_VERSION}")
+    if kind != expected_kind:
+        raise CodecError(f"expected frame kind {expected_kind}, got {kind}")
 
 
 def decode_request(frame: bytes) -> Request:
     """Decode a request frame; tensors share memory with ``frame`` (no copy)."""
-    reader = _Reader(frame)
-    magic, version, kind, flags, token, seq = reader.unpack(_REQUEST_HEAD, "request header")
-    reader.check_head(magic, version, kind, _KIND_REQUEST)
-    method = reader.text("method name")
-    tensors = reader.tensors()
-    return Request(
-        token=bytes(token),
-        seq=int(seq),
-        method=method,
-        no_reply=bool(int(flags) & FLAG_NO_REPLY),
-        tensors=tensors,
-    )
+    if len(frame) < _REQUEST_HEAD.size + 1:
+        raise CodecError(f"frame truncated: {len(frame)} bytes is shorter than a request header")
+    magic, version, kind, flags, token, seq, table_length = _REQUEST_HEAD.unpack_from(frame)
+    _check_head(magic, version, kind, _KIND_REQUEST)
+    offset = _REQUEST_HEAD.size
+    method_length = frame[offset]
+    method_bytes = frame[offset + 1 : offset + 1 + method_length]
+    if len(method_bytes) != method_length:
+        raise CodecError("frame truncated inside the method name")
+    try:
+        method = method_bytes.decode()
+    except UnicodeDecodeError as err:
+        raise CodecError("the method name is not valid UTF-8") from err
+    tensors = _decode_tensors(frame, offset + 1 + method_length, table_length)
+    return Request(token=token, seq=seq, method=method, no_reply=bool(flags & FLAG_NO_REPLY), tensors=tensors)
 
 
 def decode_reply(frame: bytes) -> Reply:
     """Decode a reply frame back into the value the remote method returned."""
-    reader = _Reader(frame)
-    magic, version, kind, result, compute_s, wait_s = reader.unpack(_REPLY_HEAD, "reply header")
-    reader.check_head(magic, version, kind, _KIND_REPLY)
-    tensors = reader.tensors()
+    if len(frame) < _REPLY_HEAD.size:
+        raise CodecError(f"frame truncated: {len(frame)} bytes is shorter than a reply header")
+    magic, version, kind, result, compute_s, wait_s, table_length = _REPLY_HEAD.unpack_from(frame)
+    _check_head(magic, version, kind, _KIND_REPLY)
+    tensors = _decode_tensors(frame, _REPLY_HEAD.size, table_length)
     try:
-        result_kind = ResultKind(int(result))
+        result_kind = ResultKind(result)
     except ValueError as err:
         raise CodecError(f"unknown result kind {result}") from err
     value: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | None
     if result_kind is ResultKind.NONE:
         value = None
     elif result_kind is ResultKind.TENSOR:
-        value = next(iter(tensors.values()), None)
-        if value is None or len(tensors) != 1:
+        if len(tensors) != 1:
             raise CodecError(f"a single-tensor reply must hold one tensor, got {len(tensors)}")
+        value = next(iter(tensors.values()))
     elif result_kind is ResultKind.DICT:
         value = tensors
     else:
         value = tuple(tensors.values())
-    return Reply(value=value, server_compute_s=float(compute_s), queue_wait_s=float(wait_s))
+    return Reply(value=value, server_compute_s=compute_s, queue_wait_s=wait_s)
 
 
 def _prime_frombuffer_warning() -> None:

@@ -91,22 +91,26 @@ class TrafficMeter:
     """
 
     _by_method: dict[tuple[str, str], _Direction] = field(default_factory=dict)
-    _manifest: dict[tuple[str, str, str, str, tuple[int, ...]], list[int]] = field(default_factory=dict)
+    _manifest: dict[tuple[str, str, str, torch.dtype, tuple[int, ...]], list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, direction: str, method: str, tensors: Mapping[str, torch.Tensor], *, frame_bytes: int) -> None:
         """Count one message of ``frame_bytes`` carrying ``tensors`` in ``direction``."""
-        payload = _tensor_bytes(tensors.values())
         with self._lock:
-            entry = self._by_method.setdefault((direction, method), _Direction())
+            entry = self._by_method.get((direction, method))
+            if entry is None:
+                entry = self._by_method[(direction, method)] = _Direction()
             entry.calls += 1
-            entry.payload += payload
             entry.wire += frame_bytes + GRPC_PREFIX_BYTES
             for name, tensor in tensors.items():
-                dtype = str(tensor.dtype).removeprefix("torch.")
-                seen = self._manifest.setdefault((direction, method, name, dtype, tuple(tensor.shape[1:])), [0, 0])
+                nbytes = tensor.nbytes
+                entry.payload += nbytes
+                key = (direction, method, name, tensor.dtype, tensor.shape[1:])
+                seen = self._manifest.get(key)
+                if seen is None:
+                    seen = self._manifest[key] = [0, 0]
                 seen[0] += 1
-                seen[1] += tensor.numel() * tensor.element_size()
+                seen[1] += nbytes
 
     def totals(self) -> dict[str, int]:
         """Flat totals: ``{up,down}_{payload,wire}_bytes`` and ``{up,down}_messages``."""
@@ -133,7 +137,10 @@ class TrafficMeter:
         """Every distinct (direction, method, tensor name, dtype, per-sample shape) seen,
         with how many messages carried it and its payload bytes in total."""
         with self._lock:
-            items = sorted((k, list(v)) for k, v in self._manifest.items())
+            items = sorted(
+                ((d, m, n, str(t).removeprefix("torch."), tuple(s)), list(v))
+                for (d, m, n, t, s), v in self._manifest.items()
+            )
         return [
             {
                 "direction": d,
