@@ -173,7 +173,7 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
         tensor = tensor.reshape(-1)
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.numpy()).cast("B")
+    return tensor.numpy().data.cast("B")
 
 
 def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
