@@ -45,17 +45,26 @@ def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
 
 
 def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
-    """Build (not start) the split-learning service the run config describes."""
+    """Build (not start) the split-learning service the run config describes.
+
+    Empty values count as unset, so an app can declare every key (Flower refuses
+    ``--run-config`` overrides of undeclared keys) with ``""`` as its default.
+    """
     tls_keys = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
-    given = [k for k in tls_keys if k in run_config]
+    given = [k for k in tls_keys if run_config.get(k)]
     if given and len(given) != len(tls_keys):
         raise ConfigError(f"TLS needs all of {list(tls_keys)}; got only {given}")
     tls = TlsConfig(*(_read_pem(run_config, k) for k in tls_keys)) if given else None
+    try:
+        port = int(run_config.get("sf-port") or 0)
+        max_bytes = int(run_config.get("sf-max-message-bytes") or DEFAULT_MAX_MESSAGE_BYTES)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sf-port and sf-max-message-bytes must be integers: {err}") from err
     return SplitService(
-        str(run_config.get("sf-host", "127.0.0.1")),
-        int(run_config.get("sf-port", 0)),
-        advertised_host=str(run_config["sf-advertised-host"]) if "sf-advertised-host" in run_config else None,
-        max_message_bytes=int(run_config.get("sf-max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+        str(run_config.get("sf-host") or "127.0.0.1"),
+        port,
+        advertised_host=str(run_config.get("sf-advertised-host") or "") or None,
+        max_message_bytes=max_bytes,
         tls=tls,
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -17,7 +16,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from splitflower.algorithms import ALGORITHMS
 from splitflower.data import DATASET_NAMES
 from splitflower.errors import SplitflowerError
-from splitflower.experiment import ExperimentConfig, run_experiment
+from splitflower.experiment import ExperimentConfig, run_experiment, write_results
 from splitflower.models import MODEL_NAMES
 from splitflower.report import comparison_table, load_results, plot_results
 from splitflower.strategies import STRATEGIES
@@ -121,11 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(_table(results))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.out)  # never leave a half-written results file
-        print(f"results written to {args.out}")
+        print(f"results written to {write_results(results, args.out)}")
     return 0
 
 

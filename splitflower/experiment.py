@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
 import platform
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +37,18 @@ from splitflower.strategies import STRATEGIES
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey
 
-__all__ = ["ExperimentConfig", "Experiment", "run_experiment", "RESULTS_SCHEMA", "summarise_round"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "Experiment",
+    "ExperimentConfig",
+    "cached_experiment",
+    "results_document",
+    "run_experiment",
+    "summarise_round",
+    "threads_per_client",
+    "versions",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +82,31 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
-        problems: list[str] = []
-        if self.algorithm not in ALGORITHMS:
-            problems.append(f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            problems.append(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
-        if self.dataset not in DATASET_NAMES:
-            problems.append(f"dataset must be one of {list(DATASET_NAMES)}, got {self.dataset!r}")
-        if self.model not in MODEL_NAMES:
-            problems.append(f"model must be one of {list(MODEL_NAMES)}, got {self.model!r}")
-        for name in ("clients", "rounds", "local_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
-        try:
-            parse_partition(self.partition)
-        except ValueError as err:
-            problems.append(str(err))
+        problems = _type_problems(self)
+        mistyped = {p.split()[0] for p in problems}
+        choices = (
+            ("algorithm", sorted(ALGORITHMS)),
+            ("strategy", sorted(STRATEGIES)),
+            ("dataset", list(DATASET_NAMES)),
+            ("model", list(MODEL_NAMES)),
+        )
+        for name, allowed in choices:
+            value = getattr(self, name)
+            if name not in mistyped and value is not None and value not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {value!r}")
+        lowest = {"clients": 1, "rounds": 1, "local_epochs": 1, "batch_size": 1, "synthetic_size": 1}
+        lowest |= {"momentum": 0, "weight_decay": 0}
+        for name, low in lowest.items():
+            if name not in mistyped and getattr(self, name) < low:
+                problems.append(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("lr", "flush_timeout"):
+            if name not in mistyped and not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if "partition" not in mistyped:
+            try:
+                parse_partition(self.partition)
+            except ValueError as err:
+                problems.append(str(err))
         if problems:
             raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(problems))
         algorithm = ALGORITHMS[self.algorithm]
@@ -95,8 +115,24 @@ class ExperimentConfig:
         return replace(self, strategy=strategy)
 
 
+def _type_problems(config: ExperimentConfig) -> list[str]:
+    """Fields whose value is not of the declared type (bools are not numbers here)."""
+    problems = []
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+        kinds = [allowed[k.strip()] for k in str(spec.type).replace("None", "").split("|") if k.strip() in allowed]
+        if value is None and "None" in str(spec.type):
+            continue
+        wanted = tuple(t for kind in kinds for t in kind)
+        if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+            names = " or ".join(sorted({t.__name__ for t in wanted}))
+            problems.append(f"{spec.name} must be {names}, got {value!r} ({type(value).__name__})")
+    return problems
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_experiment(config: ExperimentConfig) -> Experiment:
+def cached_experiment(config: ExperimentConfig) -> Experiment:
     # Simulation actors serve many virtual clients: load data and build the model once each.
     return Experiment(config)
 
@@ -206,7 +242,8 @@ def _cut_value(cut: str) -> str | int:
     return int(cut) if cut.lstrip("-").isdigit() else cut
 
 
-def _threads_per_client(config: ExperimentConfig) -> int:
+def threads_per_client(config: ExperimentConfig) -> int:
+    """Torch threads for one client: the cores shared by the clients that run at once."""
     if config.torch_threads > 0:
         return config.torch_threads
     concurrent = 1 if config.strategy == "sequential" else config.clients
@@ -215,9 +252,9 @@ def _threads_per_client(config: ExperimentConfig) -> int:
 
 def _client_app(config: ExperimentConfig) -> ClientApp:
     def make(context: Context) -> Client:
-        torch.set_num_threads(_threads_per_client(config))
+        torch.set_num_threads(threads_per_client(config))
         partition_id = int(context.node_config.get("partition-id", 0))
-        return _cached_experiment(config).make_client(partition_id)
+        return cached_experiment(config).make_client(partition_id)
 
     return build_client_app(make)
 
@@ -273,7 +310,8 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages a result depends on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -291,6 +329,7 @@ class _Progress:
     def __init__(self, strategy: SplitStrategy, total: int, say: Callable[[str], None], every: float = 5.0) -> None:
         self.strategy, self.total, self.say, self.every = strategy, total, say, every
         self.round = 1
+        self.last_round = 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="splitflower-progress")
 
@@ -305,6 +344,8 @@ class _Progress:
     def _run(self) -> None:
         started = time.perf_counter()
         while not self._stop.wait(self.every):
+            if self.round > self.last_round:
+                continue
             done = sum(m.num_examples for m in self.strategy.server_models)
             self.say(
                 f"  round {self.round}: server trained on {done}/{self.total} examples "
@@ -324,12 +365,13 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         ("HF_HUB_OFFLINE", "1"),
     ):
         os.environ.setdefault(key, value)
-    experiment = _cached_experiment(config)
+    experiment = cached_experiment(config)
     config = experiment.config
     strategy = experiment.make_strategy()
     rounds: list[dict[str, Any]] = []
     holder: dict[str, SplitResult] = {}
     progress = _Progress(strategy, len(experiment.train) * config.local_epochs, say)
+    progress.last_round = config.rounds
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         entry = summarise_round(record)
@@ -363,11 +405,29 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         )
     if "result" not in holder:
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
+    return results_document(config, rounds, time.perf_counter() - started)
+
+
+def results_document(
+    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, **extra: Any
+) -> dict[str, Any]:
+    """The results file's content (schema ``splitflower.results/1``) from summarised rounds."""
     return {
         "schema": RESULTS_SCHEMA,
         "config": asdict(config),
-        "versions": _versions(),
-        "wall_s": time.perf_counter() - started,
+        "versions": versions(),
+        "wall_s": wall_s,
+        **extra,
         "rounds": rounds,
         "final": {k: v for k, v in rounds[-1].items() if k in ("test_accuracy", "test_loss")} if rounds else {},
     }
+
+
+def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a results document atomically: a reader never sees a half-written file."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,54 @@
+"""dsl_vs_csl ServerApp: runs the strategy, evaluates centrally, writes the results JSON."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import Context
+
+from dsl_vs_csl.task import experiment_config, load_experiment
+from splitflower.app import build_server_app
+from splitflower.experiment import Experiment, results_document, summarise_round, write_results
+from splitflower.strategy import SplitResult, SplitStrategy
+
+logger = logging.getLogger("dsl_vs_csl")
+_started: dict[int, float] = {}  # run id -> perf_counter at start
+
+
+def _experiment(context: Context) -> Experiment:
+    return load_experiment(experiment_config(context.run_config))
+
+
+def _strategy(context: Context) -> SplitStrategy:
+    _started[context.run_id] = time.perf_counter()
+    c = _experiment(context).config
+    logger.warning("dsl_vs_csl: %s / %s, %s, %s cut %s, %d clients, %d rounds",
+                   c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
+    return _experiment(context).make_strategy()
+
+
+def _on_round(server_round: int, record: dict[str, Any]) -> None:
+    accuracy = record.get("evaluation", {}).get("test_accuracy", float("nan"))
+    logger.warning("dsl_vs_csl: round %d: test accuracy %.4f, %.1fs", server_round, accuracy, record["seconds"])
+
+
+def _write_results(context: Context, result: SplitResult) -> None:
+    rounds = [summarise_round(record) for _, record in sorted(result.rounds.items())]
+    wall_s = time.perf_counter() - _started.pop(context.run_id, time.perf_counter())
+    runtime = {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
+    document = results_document(_experiment(context).config, rounds, wall_s, runtime=runtime)
+    out = write_results(document, str(context.run_config.get("out", "dsl_vs_csl-results.json")))
+    logger.warning("dsl_vs_csl: results written to %s", out.resolve())
+
+
+app = build_server_app(
+    _strategy,
+    lambda ctx: _experiment(ctx).make_server_model(),
+    initial_client_weights=lambda ctx: _experiment(ctx).initial_client_weights(),
+    train_config=lambda ctx: _experiment(ctx).train_config(),
+    central_evaluate=lambda ctx: _experiment(ctx).evaluate,
+    on_result=_write_results,
+    on_round=_on_round,
+)

@@ -1,0 +1,288 @@
+"""examples/dsl_vs_csl end to end through Flower's own runtimes: `flwr run` against a
+local simulation SuperLink, and against a localhost deployment (SuperLink + 2 SuperNodes).
+
+Every process a test starts, directly or through Flower (the detached local SuperLink,
+SuperExecs, ServerApp/ClientApp/simulation processes, Ray), is killed in the fixture's
+teardown: descendants of the processes started here, plus any process whose command line
+names this test's FLWR_HOME, Ray temp dir or one of its ports. FLWR_HOME and RAY_TMPDIR
+point into temporary directories, so nothing is left in ~/.flwr or /tmp/ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitflower.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # a dependency of flwr
+
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "examples" / "dsl_vs_csl"
+BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, flower-supernode
+RUN_CONFIG = "dataset='synthetic' synthetic-size=512 num-server-rounds=1 num-clients=2"
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) for every live process."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+        table[int(entry)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+class Flower:
+    """Starts Flower processes with an isolated environment and kills them all afterwards."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="sfray-"))  # short: Ray's socket paths must stay short
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.home),
+            "RAY_TMPDIR": str(self.ray_tmp),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "GRPC_VERBOSITY": "ERROR",
+        }
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[str, Path] = {}
+        self.patterns = [re.escape(str(self.home)), re.escape(str(self.ray_tmp))]
+
+    def watch_port(self, port: int) -> None:
+        """Also kill, at teardown, any process whose command line names this port."""
+        self.patterns.append(rf"(?:127\.0\.0\.1:|--port ){port}(?!\d)")
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{name}.log"
+        self.logs[name] = log
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]], env=self.env, stdout=sink, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.started.append(proc)
+        return proc
+
+    def run(self, name: str, *args: str, timeout: float) -> int:
+        proc = self.start(name, *args)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(args)} ran past {timeout}s\n{self.tail()}")
+
+    def run_status(self, superlink: str) -> tuple[str, str]:
+        """(status, details) of the only run on ``superlink``: `flwr run` exits 0 even when the run fails."""
+        done = subprocess.run(
+            [str(BIN / "flwr"), "ls", superlink, "--format", "json"], env=self.env, capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")
+        runs = json.loads(done.stdout)["runs"]
+        assert len(runs) == 1, runs
+        return runs[0]["status"], runs[0].get("status-details", "")
+
+    def tail(self, chars: int = 3000) -> str:
+        parts = [f"----- {name}.log\n{log.read_text(errors='replace')[-chars:]}" for name, log in self.logs.items()]
+        return "\n".join(parts)
+
+    def _targets(self) -> set[int]:
+        table = _process_table()
+        pattern = re.compile("|".join(self.patterns))
+        found = {p.pid for p in self.started if p.pid in table}
+        found |= {pid for pid, (_, _, cmd) in table.items() if pattern.search(cmd)}
+        grew = True
+        while grew:  # and every descendant of those
+            more = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+            found |= more
+            grew = bool(more)
+        protected, pid = set(), os.getpid()
+        while pid > 1 and pid in table:  # never this process or its ancestors
+            protected.add(pid)
+            pid = table[pid][0]
+        return {p for p in found - protected if table[p][1] != "Z"}
+
+    def cleanup(self) -> list[str]:
+        """Terminate (then kill) everything; return the command lines that survived."""
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0), (signal.SIGKILL, 5.0)):
+            targets = self._targets()
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while targets and time.monotonic() < deadline:
+                for proc in self.started:
+                    proc.poll()  # reap our own children
+                time.sleep(0.2)
+                targets = self._targets()
+            if not targets:
+                break
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        table = _process_table()
+        return [table[p][2] for p in self._targets() if p in table]
+
+
+@pytest.fixture
+def flower(tmp_path: Path) -> Iterator[Flower]:
+    env = Flower(tmp_path)
+    try:
+        yield env
+    finally:
+        survivors = env.cleanup()
+        assert not survivors, f"processes survived cleanup: {survivors}"
+
+
+def _check_results(path: Path, log: str) -> dict[str, Any]:
+    assert path.is_file(), f"no results JSON at {path}\n{log}"
+    results = json.loads(path.read_text())
+    assert results["schema"] == "splitflower.results/1"
+    assert results["config"]["dataset"] == "synthetic" and results["config"]["clients"] == 2
+    assert [r["round"] for r in results["rounds"]] == [1]
+    entry = results["rounds"][0]
+    assert entry["failed_clients"] == [] and entry["num_examples"] == 512
+    assert 0.0 <= results["final"]["test_accuracy"] <= 1.0
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_flwr_run_local_simulation(flower: Flower) -> None:
+    """`flwr run` starts a detached local SuperLink (simulation runtime) on the ports we give it."""
+    http_port, control_port = _free_ports(2)
+    flower.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    flower.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    flower.watch_port(http_port)
+    flower.watch_port(control_port)
+    out = flower.tmp / "simulation-results.json"
+    rc = flower.run(
+        "flwr-run", "flwr", "run", str(APP), "local", "--stream",
+        "--run-config", f"{RUN_CONFIG} out='{out}'",
+        "--federation-config", "num-supernodes=2 client-resources-num-cpus=1",
+        timeout=180,
+    )
+    assert rc == 0, flower.tail()
+    status, details = flower.run_status("local")
+    assert status == "finished:completed", f"{details}\n{flower.tail()}"
+    _check_results(out, flower.tail())
+
+
+def _wait_healthy(flower: Flower, proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"flower-superlink exited with {proc.returncode}\n{flower.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"flower-superlink not healthy after {timeout}s\n{flower.tail()}")
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_flwr_run_localhost_deployment(flower: Flower) -> None:
+    """SuperLink + 2 SuperNodes on localhost; every message starts a fresh ClientApp process."""
+    link_port, *node_ports = _free_ports(3)
+    for port in (link_port, *node_ports):
+        flower.watch_port(port)
+    link = flower.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port))
+    _wait_healthy(flower, link, link_port)
+    for i, port in enumerate(node_ports):
+        flower.start(
+            f"supernode-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+            "--port", str(port), "--node-config", f"partition-id={i} num-partitions={len(node_ports)}",
+        )
+    # Flower 1.41 reads SuperLink connections from $FLWR_HOME/config.toml: `flwr run APP localhost`.
+    (flower.home / "config.toml").write_text(
+        f'[superlink]\ndefault = "localhost"\n\n'
+        f'[superlink.localhost]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    out = flower.tmp / "deployment-results.json"
+    rc = flower.run(
+        "flwr-run", "flwr", "run", str(APP), "localhost", "--stream",
+        "--run-config", f"{RUN_CONFIG} out='{out}'",
+        timeout=180,
+    )
+    assert rc == 0, flower.tail()
+    status, details = flower.run_status("localhost")
+    assert status == "finished:completed", f"{details}\n{flower.tail()}"
+    _check_results(out, flower.tail())
+
+
+# ------------------------------------------------------------------ the app's own checks (fast)
+@pytest.fixture
+def task(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(APP))
+    import dsl_vs_csl.task
+
+    return dsl_vs_csl.task
+
+
+def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
+    with (APP / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)
+    flwr = project["tool"]["flwr"]
+    assert "federations" not in flwr  # Flower 1.41 would migrate it to config.toml and rewrite the file
+    run_config = flwr["app"]["config"]
+    server = task.experiment_config(run_config)
+    assert (server.algorithm, server.strategy, server.clients, server.rounds) == ("dsl", "parallel", 2, 2)
+    client = task.experiment_config(run_config, {"partition-id": 1, "num-partitions": 3})
+    assert client.clients == 3 and client.lr == 0.01 and client.cut == "s"
+    assert task.experiment_config({**run_config, "strategy": "", "data-root": ""}).data_root is None
+
+
+def test_example_config_names_every_bad_value(task: Any) -> None:
+    bad = {"lr": -1.0, "batch-size": "64", "algorithm": "nope", "num-clients": True, "synthetic-size": 0, "out": ""}
+    with pytest.raises(ConfigError) as info:
+        task.experiment_config(bad, {"num-partitions": 0})
+    message = str(info.value)
+    for fragment in ("batch_size must be int", "clients must be int", "algorithm must be one of",
+                     "lr must be positive", "synthetic_size must be at least 1", "'out' must be", "'num-partitions'"):
+        assert fragment in message, message

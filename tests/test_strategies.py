@@ -1,0 +1,126 @@
+"""Strategies under a real Flower simulation: sequential hand-over, parallel averaging, client state."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from conftest import connect
+from splitflower.algorithms.csl import CSLClient
+from splitflower.algorithms.dsl import DSLClient, DSLServerModel
+from splitflower.app import build_client_app
+from splitflower.data import client_partition, synthetic
+from splitflower.experiment import Experiment, ExperimentConfig
+from splitflower.server_model import FitResult, sgd
+from splitflower.service import SplitService
+from splitflower.split import split_model
+from splitflower.strategies import ParallelStrategy, SequentialStrategy
+from splitflower.wire import ConfigKey
+
+
+def _checksum(weights: Mapping[str, torch.Tensor]) -> float:
+    return float(sum(v.double().sum() for k, v in weights.items() if v.is_floating_point()))
+
+
+class Recording(CSLClient):
+    """Reports what it received and returned, and how many rounds it has seen (kept in context)."""
+
+    rounds_seen = 0
+
+    def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        received = _checksum(weights)
+        result = super().fit(weights, config)
+        self.rounds_seen += 1
+        metrics = {**result.metrics, "received": received, "returned": _checksum(result.weights)}
+        metrics["rounds_seen"] = float(self.rounds_seen)
+        metrics["index"] = float(config[ConfigKey.CLIENT_INDEX])
+        return FitResult(result.weights, result.num_examples, metrics)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {"rounds_seen": torch.tensor(self.rounds_seen)}
+
+    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.rounds_seen = int(state["rounds_seen"])
+
+
+def _simulate(strategy_name: str, rounds: int) -> list[dict[str, Any]]:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot import tests/
+    config = ExperimentConfig(
+        algorithm="csl", strategy=strategy_name, dataset="synthetic", clients=3, rounds=rounds, synthetic_size=384
+    )
+    experiment = Experiment(config)
+
+    def make_client(context: Context) -> CSLClient:
+        partition_id = int(context.node_config["partition-id"])
+        data = client_partition(experiment.train, partition_id, 3, "iid")
+        return Recording(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
+
+    records: list[dict[str, Any]] = []
+    run_simulation(
+        server_app=experiment.server_app(experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(r)),
+        client_app=build_client_app(make_client),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 3}},
+    )
+    return records
+
+
+@pytest.mark.slow
+def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_state() -> None:
+    records = _simulate("sequential", rounds=2)
+    assert len(records) == 2
+    for record in records:
+        clients = [c["metrics"] for c in record["clients"]]
+        assert [c["index"] for c in clients] == [0.0, 1.0, 2.0], "visited in order"
+        for before, after in zip(clients, clients[1:], strict=False):
+            assert after["received"] == pytest.approx(before["returned"], rel=1e-9)
+    last_of_first = records[0]["clients"][-1]["metrics"]["returned"]
+    assert records[1]["clients"][0]["metrics"]["received"] == pytest.approx(last_of_first, rel=1e-9)
+    assert all(c["metrics"]["rounds_seen"] == 2.0 for c in records[1]["clients"]), "state kept in context.state"
+
+
+@pytest.mark.slow
+def test_parallel_starts_every_client_from_the_same_weights() -> None:
+    (record,) = _simulate("parallel", rounds=1)
+    received = {c["metrics"]["received"] for c in record["clients"]}
+    assert len(received) == 1
+    assert len({c["metrics"]["returned"] for c in record["clients"]}) == 3
+
+
+def test_strategy_defaults() -> None:
+    assert ParallelStrategy().num_server_models(5) == 1
+    assert SequentialStrategy().order_clients([9, 2, 4]) == [2, 4, 9]
+
+
+def test_dsl_sends_nothing_back_and_half_of_csl(service: SplitService) -> None:
+    """Same data and batches: DSL's activation payload is exactly half of CSL's, none downstream."""
+    train, _ = synthetic(96, 8, num_classes=3, input_shape=(1, 8, 8), seed=2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3)
+    )
+    bottom, top = split_model(model, 2)
+    config = {ConfigKey.LR: 0.01, ConfigKey.BATCH_SIZE: 16, ConfigKey.LOCAL_EPOCHS: 1}
+    traffic = {}
+    for name, client_cls, server_cls in (("dsl", DSLClient, DSLServerModel), ("csl", CSLClient, None)):
+        from splitflower.algorithms.csl import CSLServerModel
+
+        server = (server_cls or CSLServerModel)(copy.deepcopy(top))
+        server.configure_fit(None, config)
+        client = client_cls(copy.deepcopy(bottom), train)
+        client.server_model_proxy = connect(service, server, client=name)
+        client.fit({}, config)
+        client.server_model_proxy.close()
+        traffic[name] = client.server_model_proxy.traffic
+    dsl, csl = traffic["dsl"].by_method()["train_batch"], traffic["csl"].by_method()["forward_backward"]
+    assert dsl["down_payload_bytes"] == 0
+    labels = 96 * 8  # int64 labels, sent by both
+    assert 2 * (dsl["up_payload_bytes"] - labels) == csl["up_payload_bytes"] - labels + csl["down_payload_bytes"]
