@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-from conftest import connect
-from splitflower.algorithms.csl import CSLClient, CSLServerModel
 from torch import nn
 
+from conftest import connect
+from splitflower.algorithms.csl import CSLClient, CSLServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
 from splitflower.scheduling import BatchingScheduler

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
-from splitflower.algorithms.csl import CSLClient
 
+from splitflower.algorithms.csl import CSLClient
 from splitflower.app import build_client_app
 from splitflower.data import client_partition
 from splitflower.errors import ConfigError, IncompatibleStrategyError

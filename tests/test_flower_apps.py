@@ -101,8 +101,12 @@ class Flower:
         self.logs[name] = log
         with log.open("wb") as sink:
             proc = subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]], env=self.env, stdout=sink, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [str(BIN / args[0]), *args[1:]],
+                env=self.env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.started.append(proc)
         return proc
@@ -199,9 +203,16 @@ def test_flwr_run_local_simulation(flower: Flower) -> None:
     flower.watch_port(control_port)
     out = flower.tmp / "simulation-results.json"
     rc = flower.run(
-        "flwr-run", "flwr", "run", str(APP), "local", "--stream",
-        "--run-config", f"{RUN_CONFIG} out='{out}'",
-        "--federation-config", "num-supernodes=2 client-resources-num-cpus=1",
+        "flwr-run",
+        "flwr",
+        "run",
+        str(APP),
+        "local",
+        "--stream",
+        "--run-config",
+        f"{RUN_CONFIG} out='{out}'",
+        "--federation-config",
+        "num-supernodes=2 client-resources-num-cpus=1",
         timeout=180,
     )
     assert rc == 0, flower.tail()
@@ -236,8 +247,15 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     _wait_healthy(flower, link, link_port)
     for i, port in enumerate(node_ports):
         flower.start(
-            f"supernode-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-            "--port", str(port), "--node-config", f"partition-id={i} num-partitions={len(node_ports)}",
+            f"supernode-{i}",
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{link_port}",
+            "--port",
+            str(port),
+            "--node-config",
+            f"partition-id={i} num-partitions={len(node_ports)}",
         )
     # Flower 1.41 reads SuperLink connections from $FLWR_HOME/config.toml: `flwr run APP localhost`.
     (flower.home / "config.toml").write_text(
@@ -246,8 +264,14 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     )
     out = flower.tmp / "deployment-results.json"
     rc = flower.run(
-        "flwr-run", "flwr", "run", str(APP), "localhost", "--stream",
-        "--run-config", f"{RUN_CONFIG} out='{out}'",
+        "flwr-run",
+        "flwr",
+        "run",
+        str(APP),
+        "localhost",
+        "--stream",
+        "--run-config",
+        f"{RUN_CONFIG} out='{out}'",
         timeout=180,
     )
     assert rc == 0, flower.tail()
@@ -283,6 +307,13 @@ def test_example_config_names_every_bad_value(task: Any) -> None:
     with pytest.raises(ConfigError) as info:
         task.experiment_config(bad, {"num-partitions": 0})
     message = str(info.value)
-    for fragment in ("batch_size must be int", "clients must be int", "algorithm must be one of",
-                     "lr must be positive", "synthetic_size must be at least 1", "'out' must be", "'num-partitions'"):
+    for fragment in (
+        "batch_size must be int",
+        "clients must be int",
+        "algorithm must be one of",
+        "lr must be positive",
+        "synthetic_size must be at least 1",
+        "'out' must be",
+        "'num-partitions'",
+    ):
         assert fragment in message, message

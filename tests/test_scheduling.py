@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from conftest import connect
 from torch import nn
 
+from conftest import connect
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import ServerModel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -81,7 +82,7 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
     for record in records:
         clients = [c["metrics"] for c in record["clients"]]
         assert [c["index"] for c in clients] == [0.0, 1.0, 2.0], "visited in order"
-        for before, after in zip(clients, clients[1:], strict=False):
+        for before, after in itertools.pairwise(clients):
             assert after["received"] == pytest.approx(before["returned"], rel=1e-9)
     last_of_first = records[0]["clients"][-1]["metrics"]["returned"]
     assert records[1]["clients"][0]["metrics"]["received"] == pytest.approx(last_of_first, rel=1e-9)
@@ -104,9 +105,7 @@ def test_strategy_defaults() -> None:
 def test_dsl_sends_nothing_back_and_half_of_csl(service: SplitService) -> None:
     """Same data and batches: DSL's activation payload is exactly half of CSL's, none downstream."""
     train, _ = synthetic(96, 8, num_classes=3, input_shape=(1, 8, 8), seed=2)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3)
-    )
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3))
     bottom, top = split_model(model, 2)
     config = {ConfigKey.LR: 0.01, ConfigKey.BATCH_SIZE: 16, ConfigKey.LOCAL_EPOCHS: 1}
     traffic = {}

@@ -9,9 +9,9 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import connect
 from torch import nn
 
+from conftest import connect
 from splitflower.codec import encode_request
 from splitflower.errors import (
     AuthenticationError,
