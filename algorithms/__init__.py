@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from splitflower.algorithms.csl import CSLClient, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLServerModel
-
 from splitflower.client import Client
 from splitflower.errors import IncompatibleStrategyError
 from splitflower.server_model import ServerModel
