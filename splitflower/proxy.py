@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -28,7 +27,7 @@ from typing import Any
 import grpc
 import torch
 
-from splitflower.codec import decode_reply, encode_request, payload_bytes, value_tensors
+from splitflower.codec import decode_reply, encode_request, value_tensors
 from splitflower.errors import (
     AuthenticationError,
     CodecError,
@@ -161,11 +160,11 @@ class ServerModelProxy:
         self._next_seq = 0
         self._seq_lock = threading.Lock()
         self._window = threading.BoundedSemaphore(max_in_flight)
-        self._outstanding: set[Future[bytes]] = set()
+        self._unsettled_sends = 0
+        self._settled = threading.Condition()
         # gRPC's own futures start a polling thread per idle period (~0.7 ms a call); a
         # small pool running blocking calls is cheaper and bounds concurrency.
         self._executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix="splitflower-proxy")
-        self._outstanding_lock = threading.Lock()
         self._deferred_error: BaseException | None = None
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -216,47 +215,51 @@ class ServerModelProxy:
 
     def _blocking(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> Value:
         frame, device = self._prepare(method, arguments, no_reply=False)
-        with self.times.measure("blocked_s"):
-            try:
+        self.memory.add_in_flight(len(frame))
+        try:
+            with self.times.measure("blocked_s"):
                 reply = self._call(frame, timeout=self._deadline(timeout))
-            except grpc.RpcError as err:
-                raise self._translate(method, err) from None
+        except grpc.RpcError as err:
+            raise self._translate(method, err) from None
+        finally:
+            self.memory.add_in_flight(-len(frame))
         return _to_device(self._finish_reply(method, reply), device)
 
     def _start(
         self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool
     ) -> ProxyFuture:
         frame, device = self._prepare(method, arguments, no_reply)
+        # The encoded request is held until its reply arrives: count it as the party's memory.
+        self.memory.add_in_flight(len(frame))
         call = self._executor.submit(self._call, frame, timeout=self._deadline(timeout))
+        call.add_done_callback(lambda _: self.memory.add_in_flight(-len(frame)))
         return ProxyFuture(self, method, call, device)
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
         with self.times.measure("blocked_s"):
             self._window.acquire()
-        held = payload_bytes(_as_tensors(arguments))
         try:
             future = self._start(method, arguments, timeout, no_reply=True)
         except BaseException:
             self._window.release()
             raise
-        self.memory.add_in_flight(held)
-        call = future._call
-        with self._outstanding_lock:
-            self._outstanding.add(call)
+        with self._settled:
+            self._unsettled_sends += 1
 
         def settle(done: Future[bytes]) -> None:
-            with self._outstanding_lock:
-                self._outstanding.discard(done)
-            self.memory.add_in_flight(-held)
-            self._window.release()
             try:
                 self._finish_reply(method, done.result())
             except grpc.RpcError as err:
                 self._defer(self._translate(method, err))
             except RemoteCallError as err:
                 self._defer(err)
+            finally:
+                self._window.release()
+                with self._settled:
+                    self._unsettled_sends -= 1
+                    self._settled.notify_all()
 
-        call.add_done_callback(settle)
+        future._call.add_done_callback(settle)
 
     def _defer(self, error: BaseException) -> None:
         logger.warning("%s fire-and-forget call failed: %s", self.log_prefix, error)
@@ -299,26 +302,11 @@ class ServerModelProxy:
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every fire-and-forget call to complete; raise the first failure."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.times.measure("blocked_s"):
-            while True:
-                with self._outstanding_lock:
-                    pending = next(iter(self._outstanding), None)
-                if pending is None:
-                    break
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                try:
-                    pending.result(timeout=remaining)
-                except FutureTimeoutError as err:
-                    raise ServerModelTimeoutError(f"fire-and-forget calls still outstanding after {timeout}s") from err
-                except grpc.RpcError:
-                    pass  # recorded by its callback
-                # The done-callback removes it; spin until that happened.
-                while True:
-                    with self._outstanding_lock:
-                        if pending not in self._outstanding:
-                            break
-                    time.sleep(0.0005)
+        with self.times.measure("blocked_s"), self._settled:
+            if not self._settled.wait_for(lambda: self._unsettled_sends == 0, timeout):
+                raise ServerModelTimeoutError(
+                    f"{self._unsettled_sends} fire-and-forget calls still outstanding after {timeout}s"
+                )
         self._raise_deferred()
 
     def close(self, timeout: float | None = None) -> None:
