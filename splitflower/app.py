@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from splitflower.client import Client
+from splitflower.compute import run_on_compute_thread
 from splitflower.errors import ConfigError
 from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import ServerModel
@@ -103,7 +104,7 @@ def build_server_app(
             config = ConfigRecord(dict(train_config(context)) if train_config else {})
             result = split_strategy.start(
                 grid,
-                ArrayRecord(dict(initial_client_weights(context))),
+                ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
                 num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
                 train_config=config,
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
@@ -182,6 +183,7 @@ def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModel
         bytes(config[ConfigKey.TOKEN]),
         root_certificates=config.get(ConfigKey.ROOT_CERTIFICATES) or None,
         max_message_bytes=int(config.get(ConfigKey.MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)),
+        default_timeout=float(config[ConfigKey.CALL_TIMEOUT]) if ConfigKey.CALL_TIMEOUT in config else None,
         log_prefix=client.log_prefix,
         memory=client.memory,
     )

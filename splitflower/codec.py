@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import torch
 
@@ -93,8 +93,7 @@ class ResultKind(IntEnum):
     TUPLE = 3
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A decoded request frame."""
 
     token: bytes
@@ -104,8 +103,7 @@ class Request:
     tensors: dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """A decoded reply frame; ``value`` is what the remote method returned."""
 
     value: torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...] | None

@@ -28,6 +28,7 @@ from torch import nn
 from splitflower.algorithms import ALGORITHMS, Algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
+from splitflower.compute import run_on_compute_thread
 from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
 from splitflower.errors import ConfigError
 from splitflower.models import MODEL_NAMES, build_model
@@ -365,7 +366,9 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         ("HF_HUB_OFFLINE", "1"),
     ):
         os.environ.setdefault(key, value)
-    experiment = cached_experiment(config)
+    # Data and models are built on the compute thread, the only thread of this process
+    # that runs parallel torch work (see splitflower.compute).
+    experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
     strategy = experiment.make_strategy()
     rounds: list[dict[str, Any]] = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 import resource
 import threading
 import time
-import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -158,10 +157,13 @@ class TrafficMeter:
 class _SavedHandle:
     """Stands for one autograd-saved tensor; releases its bytes when autograd drops it."""
 
-    __slots__ = ("__weakref__", "tensor")
+    __slots__ = ("key", "nbytes", "tally", "tensor")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+    def __init__(self, tally: MemoryTally, tensor: torch.Tensor, key: int, nbytes: int) -> None:
+        self.tally, self.tensor, self.key, self.nbytes = tally, tensor, key, nbytes
+
+    def __del__(self) -> None:
+        self.tally._release(self.key, self.nbytes)
 
 
 class MemoryTally:
@@ -191,6 +193,7 @@ class MemoryTally:
         self.peak_state_bytes = 0
         self.peak_in_flight_bytes = 0
         self.peak_bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _update_peak(self) -> None:
         self.peak_saved_bytes = max(self.peak_saved_bytes, self._saved)
@@ -198,16 +201,14 @@ class MemoryTally:
         self.peak_bytes = max(self.peak_bytes, self._state + self._saved + self._in_flight)
 
     def _pack(self, tensor: torch.Tensor) -> _SavedHandle:
-        key = tensor.untyped_storage().data_ptr()
-        nbytes = tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
         with self._lock:
             if self._storages[key] == 0:
                 self._saved += nbytes
             self._storages[key] += 1
             self._update_peak()
-        handle = _SavedHandle(tensor)
-        weakref.finalize(handle, self._release, key, nbytes)
-        return handle
+        return _SavedHandle(self, tensor, key, nbytes)
 
     def _release(self, key: int, nbytes: int) -> None:
         with self._lock:
@@ -220,11 +221,10 @@ class MemoryTally:
     def _unpack(handle: _SavedHandle) -> torch.Tensor:
         return handle.tensor
 
-    @contextmanager
-    def track(self) -> Iterator[None]:
-        """Count tensors autograd saves for backward while the block runs."""
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            yield
+    def track(self, holding: int = 0) -> _Tracking:
+        """Count tensors autograd saves for backward while the block runs, and ``holding``
+        bytes of inputs in flight. Not re-entrant from two threads at once."""
+        return _Tracking(self, holding)
 
     def observe_state(self, modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
         """Record the current parameter + gradient + optimizer-state bytes."""
@@ -254,6 +254,25 @@ class MemoryTally:
         return out
 
 
+class _Tracking:
+    """``with tally.track():`` as a plain class: this runs once per server call."""
+
+    __slots__ = ("holding", "tally")
+
+    def __init__(self, tally: MemoryTally, holding: int) -> None:
+        self.tally, self.holding = tally, holding
+
+    def __enter__(self) -> None:
+        if self.holding:
+            self.tally.add_in_flight(self.holding)
+        self.tally._hooks.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.tally._hooks.__exit__(*exc)
+        if self.holding:
+            self.tally.add_in_flight(-self.holding)
+
+
 class TimeMeter:
     """Accumulates named durations; ``with meter.measure("blocked"): ...``."""
 
@@ -264,6 +283,12 @@ class TimeMeter:
     def add(self, name: str, seconds: float) -> None:
         with self._lock:
             self.seconds[name] += seconds
+
+    def add_all(self, **seconds: float) -> None:
+        """Several durations under one lock acquisition."""
+        with self._lock:
+            for name, value in seconds.items():
+                self.seconds[name] += value
 
     @contextmanager
     def measure(self, name: str) -> Iterator[None]:

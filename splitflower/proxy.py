@@ -11,14 +11,16 @@ Three ways to call, one wire:
   while the window is full). An error in one surfaces at the next call or at
   :meth:`ServerModelProxy.wait_all`.
 
-Every form takes ``timeout=`` seconds (default: the proxy's ``default_timeout``), enforced
-as a gRPC deadline. Requests of one proxy are executed in the order they were issued.
+Every form takes ``timeout=`` seconds (default: the proxy's ``default_timeout``, none unless
+set: a deadline costs gRPC some work on every call), enforced as a gRPC deadline.
+Requests of one proxy are executed in the order they were issued.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -27,6 +29,7 @@ from typing import Any
 import grpc
 import torch
 
+from splitflower._malloc import keep_freed_memory
 from splitflower.codec import decode_reply, encode_request, value_tensors
 from splitflower.errors import (
     AuthenticationError,
@@ -66,7 +69,7 @@ Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 
 
 def _to_device(value: Value, device: torch.device | None) -> Value:
-    if device is None or device.type == "cpu" or value is None:
+    if device is None or value is None:
         return value
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -75,8 +78,11 @@ def _to_device(value: Value, device: torch.device | None) -> Value:
     return tuple(v.to(device) for v in value)
 
 
-def _as_tensors(arguments: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in arguments.items()}
+def _as_tensors(arguments: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    for value in arguments.values():
+        if not isinstance(value, torch.Tensor):
+            return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in arguments.items()}
+    return arguments
 
 
 class ProxyFuture:
@@ -142,7 +148,7 @@ class ServerModelProxy:
         *,
         root_certificates: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        default_timeout: float | None = 120.0,
+        default_timeout: float | None = None,
         max_in_flight: int = 8,
         log_prefix: str = "[client]",
         memory: MemoryTally | None = None,
@@ -156,6 +162,7 @@ class ServerModelProxy:
         self.traffic = TrafficMeter()
         self.times = TimeMeter()
         self.memory = memory or MemoryTally()
+        keep_freed_memory()
         self._token = token
         self._next_seq = 0
         self._seq_lock = threading.Lock()
@@ -192,11 +199,13 @@ class ServerModelProxy:
         return RemoteMethod(self, method)(timeout=timeout, **tensors)
 
     def _prepare(self, method: str, arguments: Mapping[str, Any], no_reply: bool) -> tuple[bytes, torch.device | None]:
-        self._raise_deferred()
+        if self._deferred_error is not None:
+            self._raise_deferred()
         if self._closed:
             raise RemoteCallError(f"{self.log_prefix} proxy is closed; {method} was not sent")
         tensors = _as_tensors(arguments)
-        device = next((t.device for t in tensors.values()), None)
+        first = next(iter(tensors.values()), None)
+        device = None if first is None or first.is_cpu else first.device
         with self._seq_lock:
             # The server runs this client's requests in the order of these numbers; a frame
             # that is never sent must not use one up.
@@ -216,14 +225,15 @@ class ServerModelProxy:
     def _blocking(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> Value:
         frame, device = self._prepare(method, arguments, no_reply=False)
         self.memory.add_in_flight(len(frame))
+        started = time.perf_counter()
         try:
-            with self.times.measure("blocked_s"):
-                reply = self._call(frame, timeout=self._deadline(timeout))
+            reply = self._call(frame, timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise self._translate(method, err) from None
         finally:
+            blocked = time.perf_counter() - started
             self.memory.add_in_flight(-len(frame))
-        return _to_device(self._finish_reply(method, reply), device)
+        return _to_device(self._finish_reply(method, reply, blocked), device)
 
     def _start(
         self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool
@@ -271,13 +281,14 @@ class ServerModelProxy:
         if error is not None:
             raise type(error)(f"an earlier fire-and-forget call failed: {error}") from error
 
-    def _finish_reply(self, method: str, frame: bytes) -> Value:
+    def _finish_reply(self, method: str, frame: bytes, blocked_s: float = 0.0) -> Value:
         try:
             reply = decode_reply(frame)
         except CodecError as err:
             raise RemoteCallError(f"{method}: the server's reply is corrupt: {err}") from err
-        self.times.add("server_compute_s", reply.server_compute_s)
-        self.times.add("server_queue_s", reply.queue_wait_s)
+        self.times.add_all(
+            blocked_s=blocked_s, server_compute_s=reply.server_compute_s, server_queue_s=reply.queue_wait_s
+        )
         value = reply.value
         self.traffic.record("down", method, value_tensors(value), frame_bytes=len(frame))
         return value

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from splitflower.codec import payload_bytes
+from splitflower.compute import ComputeThread, shared_compute_thread
 from splitflower.server_model import ServerModel, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
@@ -43,10 +44,15 @@ class Outcome:
 
 
 class Scheduler(ABC):
-    """Decides when a server model runs the calls routed to it."""
+    """Decides when a server model runs the calls routed to it.
 
-    def __init__(self, model: ServerModel) -> None:
+    Computations run on ``compute`` (default: the process's shared compute thread, see
+    :mod:`splitflower.compute`), one at a time per model.
+    """
+
+    def __init__(self, model: ServerModel, *, compute: ComputeThread | None = None) -> None:
         self.model = model
+        self.compute = compute or shared_compute_thread()
         self._model_lock = threading.Lock()
 
     def set_clients(self, clients: Collection[Hashable]) -> None:  # noqa: B027 - optional hook
@@ -60,22 +66,22 @@ class Scheduler(ABC):
         """Run ``method`` for ``client`` and return its outcome (blocks until done)."""
 
     def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
-        """Validate, run under the model lock with memory tracking; returns (value, seconds)."""
-        device = self.model.device
-        moved = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        """Validate here, then run on the compute thread; returns (value, seconds)."""
+        bound = resolve_call(self.model, method, tensors)
         with self._model_lock:
-            bound = resolve_call(self.model, method, moved)
-            start = time.perf_counter()
-            in_flight = payload_bytes(moved)
-            self.model.memory.add_in_flight(in_flight)
-            try:
-                with self.model.memory.track():
-                    value = bound(**moved)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            finally:
-                self.model.memory.add_in_flight(-in_flight)
-            return value, time.perf_counter() - start
+            return self.compute.run(self._call, bound, tensors)
+
+    def _call(self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
+        device = self.model.device
+        if device.type != "cpu":
+            tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        start = time.perf_counter()
+        # The received tensors live while the method runs: count them as in flight.
+        with self.model.memory.track(holding=payload_bytes(tensors)):
+            value = bound(**tensors)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return value, time.perf_counter() - start
 
 
 class ImmediateScheduler(Scheduler):
@@ -123,8 +129,10 @@ class BatchingScheduler(Scheduler):
     tensor([2., 2.])
     """
 
-    def __init__(self, model: ServerModel, *, flush_timeout: float = 0.05) -> None:
-        super().__init__(model)
+    def __init__(
+        self, model: ServerModel, *, flush_timeout: float = 0.05, compute: ComputeThread | None = None
+    ) -> None:
+        super().__init__(model, compute=compute)
         if flush_timeout <= 0:
             raise ValueError(f"flush_timeout must be positive seconds, got {flush_timeout}")
         self.flush_timeout = flush_timeout

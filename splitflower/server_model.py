@@ -241,8 +241,19 @@ def remote_methods(cls: type[ServerModel]) -> dict[str, _RemoteMethod]:
     return _CACHE[cls]
 
 
+_VALID_CALLS: dict[tuple[Any, ...], bool] = {}
+
+
 def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
-    """Check ``method`` and its arguments against ``model``; return the bound method."""
+    """Check ``method`` and its arguments against ``model``; return the bound method.
+
+    A call with the same class, method, names, dtypes and shapes as one already accepted
+    is accepted without checking again (batch after batch repeats them).
+    """
+    key = (type(model), method, *((k, v.dtype, v.shape) for k, v in tensors.items()))
+    if key in _VALID_CALLS:
+        bound: Callable[..., Any] = getattr(model, method)
+        return bound
     methods = remote_methods(type(model))
     target = methods.get(method)
     if target is None:
@@ -264,5 +275,7 @@ def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
     for name, spec in target.specs.items():
         if name in tensors:
             spec.check(name, tensors[name], sizes)
-    bound: Callable[..., Any] = getattr(model, method)
-    return bound
+    if len(_VALID_CALLS) > 4096:
+        _VALID_CALLS.clear()
+    _VALID_CALLS[key] = True
+    return getattr(model, method)  # type: ignore[no-any-return]

@@ -16,21 +16,20 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from dataclasses import dataclass
 
 import grpc
 
-from splitflower.codec import TOKEN_BYTES, decode_request, encode_reply, value_tensors
+from splitflower._malloc import keep_freed_memory
+from splitflower._threads import StickyExecutor
+from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply
 from splitflower.errors import (
     CodecError,
     ConfigError,
     InvalidArgumentsError,
     UnknownMethodError,
 )
-from splitflower.metering import TimeMeter, TrafficMeter
 from splitflower.scheduling import Scheduler
 from splitflower.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -55,34 +54,43 @@ class TlsConfig:
     root_certificates: bytes
 
 
+# The server counts frames only (the client's TrafficMeter has the per-tensor detail), so
+# accounting stays off the per-call hot path.
+_WIRE_KEYS = ("up_frame_bytes", "up_messages", "down_frame_bytes", "down_messages")
+_TIME_KEYS = ("server_compute_s", "server_queue_s", "server_handle_s")
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, kind: str, message: str) -> None:
         super().__init__(message)
         self.code, self.kind, self.message = code, kind, message
 
 
-@dataclass
 class ClientSession:
-    """One client's access for one round: its scheduler, order of requests and traffic."""
+    """One client's access for one round: its scheduler, the order of its requests, and
+    what the server saw of it (frame bytes and time)."""
 
-    client: Hashable
-    scheduler: Scheduler
-    traffic: TrafficMeter = field(default_factory=TrafficMeter)
-    times: TimeMeter = field(default_factory=TimeMeter)
-    finished: bool = False
-    _next_seq: int = 0
-    _present: set[int] = field(default_factory=set)
-    _cond: threading.Condition = field(default_factory=threading.Condition)
+    def __init__(self, client: Hashable, scheduler: Scheduler) -> None:
+        self.client = client
+        self.scheduler = scheduler
+        self.finished = False
+        self.wire = dict.fromkeys(_WIRE_KEYS, 0)
+        self.seconds = dict.fromkeys(_TIME_KEYS, 0.0)
+        self._next_seq = 0
+        self._present: set[int] = set()
+        self._cond = threading.Condition()
 
-    @contextmanager
-    def turn(self, seq: int, timeout: float, gap_timeout: float) -> Iterator[None]:
-        """Run the block once every earlier request of this client has been handled.
+    def enter(self, seq: int, context: grpc.ServicerContext, sequence_timeout: float, gap_timeout: float) -> None:
+        """Return once every earlier request of this client has been handled.
 
         A request that never reaches the server (rejected by gRPC for its size, lost with
         a dropped connection) would otherwise hold up every later one: after
         ``gap_timeout`` seconds with the missing number absent, it is skipped.
         """
         with self._cond:
+            if seq == self._next_seq:  # the usual case: nothing to wait for
+                self._present.add(seq)
+                return
             if seq < self._next_seq:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,6 +99,8 @@ class ClientSession:
                     "it was skipped as lost, or the token is shared by two proxies",
                 )
             self._present.add(seq)
+            remaining = context.time_remaining()
+            timeout = sequence_timeout if remaining is None else min(remaining, sequence_timeout)
             now = time.monotonic()
             deadline, gap_deadline = now + timeout, now + gap_timeout
             while self._next_seq != seq:
@@ -102,7 +112,8 @@ class ClientSession:
                         ErrorKind.TIMEOUT,
                         f"request number {seq} waited {timeout:.1f}s for request {self._next_seq} to finish",
                     )
-                if self._next_seq not in self._present and now >= gap_deadline:
+                missing = self._next_seq not in self._present
+                if missing and now >= gap_deadline:
                     skipped_to = min(s for s in self._present if s >= self._next_seq)
                     logger.warning(
                         "[server] client %s: requests %d..%d never arrived; skipping them",
@@ -113,14 +124,14 @@ class ClientSession:
                     self._next_seq = skipped_to
                     self._cond.notify_all()
                     continue
-                self._cond.wait(min(deadline, gap_deadline if self._next_seq not in self._present else deadline) - now)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._present.discard(seq)
-                self._next_seq = seq + 1
-                self._cond.notify_all()
+                self._cond.wait((gap_deadline if missing else deadline) - now)
+
+    def leave(self, seq: int) -> None:
+        """Let this client's next request run."""
+        with self._cond:
+            self._present.discard(seq)
+            self._next_seq = seq + 1
+            self._cond.notify_all()
 
 
 class SplitService:
@@ -196,7 +207,9 @@ class SplitService:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.server(ThreadPoolExecutor(self._max_workers, "splitflower-rpc"), options=options)
+        keep_freed_memory()
+        self._executor = StickyExecutor(self._max_workers, "splitflower-rpc")
+        server = grpc.server(self._executor, options=options)
         handler = grpc.unary_unary_rpc_method_handler(self._handle)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
@@ -221,6 +234,7 @@ class SplitService:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+            self._executor.shutdown(wait=False)
             logger.info("[server] split-learning service stopped")
 
     def __enter__(self) -> SplitService:
@@ -260,8 +274,7 @@ class SplitService:
             request = decode_request(frame)
         except CodecError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
-        with self._lock:
-            session = self._sessions.get(request.token)
+        session = self._sessions.get(request.token)  # a single dict read: atomic under the GIL
         if session is None:
             raise _Abort(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -269,19 +282,30 @@ class SplitService:
                 "token not issued for the current round (missing, wrong or expired); "
                 "a client gets its token from the strategy's round config",
             )
-        remaining = context.time_remaining()
-        wait = self.sequence_timeout if remaining is None else min(remaining, self.sequence_timeout)
-        with session.turn(request.seq, wait, self.gap_timeout):
-            session.traffic.record("up", request.method, request.tensors, frame_bytes=len(frame))
+        session.enter(request.seq, context, self.sequence_timeout, self.gap_timeout)
+        try:  # everything below runs for one request of this client at a time
+            wire, seconds = session.wire, session.seconds
+            wire["up_frame_bytes"] += len(frame)
+            wire["up_messages"] += 1
             if request.method == FINISH_METHOD:
                 session.finished = True
                 session.scheduler.client_finished(session.client)
-                return encode_reply(None)
-            outcome = session.scheduler.run(session.client, request.method, request.tensors)
+                reply = encode_reply(None)
+            else:
+                reply = self._run(session, request)
+            wire["down_frame_bytes"] += len(reply)
+            wire["down_messages"] += 1
+            seconds["server_handle_s"] += time.perf_counter() - arrived
+            return reply
+        finally:
+            session.leave(request.seq)
+
+    def _run(self, session: ClientSession, request: Request) -> bytes:
+        outcome = session.scheduler.run(session.client, request.method, request.tensors)
         if outcome.error is not None:
             raise _error_to_abort(request.method, outcome.error, session.client)
-        session.times.add("server_compute_s", outcome.compute_s)
-        session.times.add("server_queue_s", outcome.queue_wait_s)
+        session.seconds["server_compute_s"] += outcome.compute_s
+        session.seconds["server_queue_s"] += outcome.queue_wait_s
         value = None if request.no_reply else outcome.value
         try:
             reply = encode_reply(value, server_compute_s=outcome.compute_s, queue_wait_s=outcome.queue_wait_s)
@@ -294,8 +318,6 @@ class SplitService:
                 f"reply of {request.method} is {len(reply)} bytes, over the limit of "
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
-        session.traffic.record("down", request.method, value_tensors(value), frame_bytes=len(reply))
-        session.times.add("server_handle_s", time.perf_counter() - arrived)
         return reply
 
 

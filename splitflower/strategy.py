@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
+from splitflower.compute import run_on_compute_thread
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
@@ -61,6 +62,8 @@ class SplitStrategy(FedAvg):
     * :meth:`train_round` - how the round's clients are driven: all at once (default) or,
       e.g., one after another.
 
+    ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
+
     Server models are averaged by examples trained, like client segments.
 
     Example
@@ -80,6 +83,7 @@ class SplitStrategy(FedAvg):
         min_available_nodes: int = 1,
         batching: bool = False,
         flush_timeout: float = 0.05,
+        call_timeout: float | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -93,6 +97,7 @@ class SplitStrategy(FedAvg):
         )
         self.batching = batching
         self.flush_timeout = flush_timeout
+        self.call_timeout = call_timeout
         self._server_models: list[ServerModel] = []
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
@@ -137,6 +142,8 @@ class SplitStrategy(FedAvg):
         own[ConfigKey.PROXY_ADDRESS] = self._service.address
         own[ConfigKey.MAX_MESSAGE_BYTES] = self._service.max_message_bytes
         own[ConfigKey.CLIENT_INDEX] = plan.node_ids.index(node_id)
+        if self.call_timeout is not None:
+            own[ConfigKey.CALL_TIMEOUT] = self.call_timeout
         if self._service.root_certificates:
             own[ConfigKey.ROOT_CERTIFICATES] = self._service.root_certificates
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: own})
@@ -160,11 +167,11 @@ class SplitStrategy(FedAvg):
         logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))
         count = self.num_server_models(len(node_ids))
         while len(self._server_models) < count:
-            self._server_models.append(self._server_model_factory())
+            self._server_models.append(run_on_compute_thread(self._server_model_factory))
         models = self._server_models[:count]
         weights = server_weights.to_torch_state_dict() if len(server_weights) else None
         for model in models:
-            model.configure_fit(weights, dict(config))
+            run_on_compute_thread(model.configure_fit, weights, dict(config))
         schedulers = [self.make_scheduler(model) for model in models]
         assignment = {node: self.assign(i, len(node_ids)) for i, node in enumerate(node_ids)}
         plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)
@@ -207,7 +214,7 @@ class SplitStrategy(FedAvg):
         config = ConfigRecord(dict(train_config or ConfigRecord()))
         if initial_server_arrays is None:
             # Every server model starts from the first one's initial weights.
-            self._server_models = [server_model_factory()]
+            self._server_models = [run_on_compute_thread(server_model_factory)]
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
         for server_round in range(1, num_rounds + 1):
@@ -219,7 +226,7 @@ class SplitStrategy(FedAvg):
                 for token in plan.tokens.values():
                     service.close_session(token)
             arrays, metrics = self.aggregate_train(server_round, replies)
-            server_results = [m.get_fit_result() for m in plan.server_models]
+            server_results = [run_on_compute_thread(m.get_fit_result) for m in plan.server_models]
             server_arrays = self.aggregate_server_models(server_results)
             if arrays is not None:
                 result.arrays = arrays
@@ -229,7 +236,7 @@ class SplitStrategy(FedAvg):
                 result.train_metrics_clientapp[server_round] = metrics
             record = _round_record(plan, replies, server_results, time.perf_counter() - started)
             if evaluate_fn is not None:
-                evaluation = evaluate_fn(server_round, result.arrays, result.server_arrays)
+                evaluation = run_on_compute_thread(evaluate_fn, server_round, result.arrays, result.server_arrays)
                 if evaluation is not None:
                     result.evaluate_metrics_serverapp[server_round] = MetricRecord(dict(evaluation))
                     record["evaluation"] = dict(evaluation)
@@ -257,8 +264,8 @@ def _round_record(
         session = plan.sessions.get(node)
         if session is not None:
             entry["server_view"] = {
-                "traffic": session.traffic.totals(),
-                "times": dict(session.times.seconds),
+                "wire": dict(session.wire),
+                "times": dict(session.seconds),
             }
         clients.append(entry)
     servers = []

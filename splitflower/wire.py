@@ -59,6 +59,7 @@ class ConfigKey:
     LR: Final = "lr"
     SEED: Final = "seed"
     CLIENT_INDEX: Final = "sf-client-index"
+    CALL_TIMEOUT: Final = "sf-call-timeout"
 
 
 class RecordKey:

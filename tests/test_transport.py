@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import connect
 from splitflower.codec import encode_request
+from splitflower.compute import ComputeThread
 from splitflower.errors import (
     AuthenticationError,
     InvalidArgumentsError,
@@ -184,14 +185,32 @@ def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
     _still_serves(connect(service, Toy(), client="other"))
 
 
-def test_slow_model_does_not_block_other_models(service: SplitService) -> None:
-    slow, fast = connect(service, Toy(), client="a"), connect(service, Toy(), client="b")
+def test_models_on_their_own_compute_threads_do_not_wait_for_each_other(service: SplitService) -> None:
+    slow = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="a")
+    fast = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="b")
     worker = threading.Thread(target=lambda: slow.slow(seconds=torch.tensor(1.5)))
     worker.start()
     time.sleep(0.1)
     started = time.perf_counter()
     _still_serves(fast)
     assert time.perf_counter() - started < 0.5
+    worker.join()
+
+
+def test_a_long_computation_does_not_block_the_transport(service: SplitService) -> None:
+    """On the shared compute thread computations queue up, but requests are still received,
+    checked and answered: a bad one is refused at once, a good one runs when its turn comes."""
+    slow, other = connect(service, Toy(), client="a"), connect(service, Toy(), client="b")
+    worker = threading.Thread(target=lambda: slow.slow(seconds=torch.tensor(1.5)))
+    worker.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    with pytest.raises(AuthenticationError):
+        ServerModelProxy(service.address, b"\1" * 16).echo(x=torch.ones(1))
+    with pytest.raises(InvalidArgumentsError):
+        other.echo(y=torch.ones(1))
+    assert time.perf_counter() - started < 0.5
+    _still_serves(other)
     worker.join()
 
 

@@ -1,0 +1,970 @@
+"""Transport benchmark: what splitflower's gRPC channel costs over bare gRPC and one process.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/transport.py            # full run (about 1.5 minutes on 2 cores)
+    .venv/bin/python benchmarks/transport.py --quick    # smoke run (about 15-30 s)
+
+It prints its figures with PASS/FAIL beside each target, writes them as JSON to
+``<out-dir>/transport-<short commit>[-dirty].json`` and overwrites
+``<out-dir>/transport.md`` with the latest table (``--out-dir`` defaults to
+``benchmarks/results``). Both record the git commit (``-dirty`` when ``git status
+--porcelain`` is non-empty), the date, the machine (CPU count, platform, Python, torch,
+grpcio, torch threads) and the exact command line. It is a report, not a test: it exits 0
+whether the targets pass or fail, and non-zero only when something breaks.
+
+What is measured, and how
+-------------------------
+Every server runs in ONE separate server process (multiprocessing, "spawn" context), so
+client and server never contend for one GIL; the server process reports its ports over a
+Pipe and issues session tokens on request. The client process dials its own channels.
+
+1. **Round-trip time** of one blocking call carrying one float32 tensor of 1 KiB, 64 KiB,
+   1 MiB and 8 MiB that the server echoes back: ``proxy.echo(x=tensor)`` against a
+   :class:`~splitflower.service.SplitService` hosting a ServerModel whose ``echo(x)``
+   returns ``x`` (ImmediateScheduler), beside a *bare gRPC echo* of the same number of
+   bytes: a plain ``grpc.server`` with a generic unary-unary handler (no serializers, raw
+   bytes) returning the request, called as ``channel.unary_unary(path)(payload)``. The
+   bare server gets the same thread-pool server type, pool size and options as the split
+   service (captured from ``SplitService.start`` while it builds its server), and the bare
+   channel the same options as the proxy's (captured the same way). After a warm-up, the
+   two are measured in alternating blocks (6 blocks; the first variant alternates between
+   blocks); the median and p90 per size are in microseconds, and the ratio is
+   proxy median / bare median. Targets: 1 KiB <= 1.2, 8 MiB <= 1.3.
+
+2. **Wire bytes / payload bytes** at the TCP level: the client dials a counting TCP relay
+   on 127.0.0.1 (a threaded socket forwarder) instead of the server; the relay counts the
+   TCP stream bytes in both directions (HTTP/2 frames and everything inside them; TCP/IP
+   packet headers are not counted, they depend on segmentation). After a warm-up, a fixed
+   number of calls runs through the relay, and the TCP bytes are divided by the payload
+   bytes (proxy: tensor bytes up + tensor bytes down; bare: request + reply bytes).
+   splitflower's own accounting (``proxy.traffic.totals()``: frame + 5-byte gRPC prefix
+   vs tensor bytes) is reported beside it. Targets (proxy): <= 1.10 at 1 KiB, <= 1.01
+   from 64 KiB up.
+
+3. **CSL training-step ratio**: ResNet-20 (3x32x32 random inputs, 10 classes, batch 64,
+   SGD lr 0.01 momentum 0.9), cut after stage 1 (client: stem + block0..block2). (a) One
+   process: forward, loss, backward and step of the unsplit model. (b) Split: the server
+   process hosts a ``CSLServerModel(top)`` (``configure_fit(None, {"lr": 0.01})``) behind
+   an ImmediateScheduler; the client process runs ``z = bottom(x); grad =
+   proxy.forward_backward(embeddings=z, labels=y); zero_grad; z.backward(grad); step``
+   with its own SGD over ``bottom``. Both processes use the same ``torch.set_num_threads``
+   (torch's default on this machine unless ``--threads`` is given). CSL is sequential, so
+   in (b) the client and server processes take turns on the cores rather than competing
+   for them. After a warm-up, the two variants run in alternating blocks; the target is
+   median split step / median one-process step <= 1.07. A bare gRPC echo of the cut
+   activations' bytes (what a CSL step sends up and gets back) is timed in the same blocks;
+   ``(one-process + bare echo) / one-process`` is the ratio that even bare gRPC could not
+   beat on this machine (reported as ``bare_floor_ratio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import gc
+import inspect
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from torch import nn
+
+from splitflower.algorithms.csl import CSLServerModel
+from splitflower.compute import run_on_compute_thread
+from splitflower.models import resnet20
+from splitflower.proxy import ServerModelProxy
+from splitflower.scheduling import ImmediateScheduler
+from splitflower.server_model import ServerModel
+from splitflower.service import SplitService
+from splitflower.split import split_model
+from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+
+BARE_SERVICE = "splitflower.bench.BareEcho"
+BARE_METHOD = "Echo"
+BARE_PATH = f"/{BARE_SERVICE}/{BARE_METHOD}"
+
+KIB = 1024
+MIB = 1024 * 1024
+SIZES: tuple[int, ...] = (KIB, 64 * KIB, MIB, 8 * MIB)
+
+RTT_TARGETS: dict[int, float] = {KIB: 1.2, 8 * MIB: 1.3}
+WIRE_TARGETS: dict[int, float] = {KIB: 1.10, 64 * KIB: 1.01, MIB: 1.01, 8 * MIB: 1.01}
+CSL_TARGET = 1.07
+
+CSL_BATCH = 64
+CSL_CUT = 4  # stem + block0..block2 = through stage 1 of ResNet-20
+CSL_LR = 0.01
+CSL_MOMENTUM = 0.9
+SEED = 0
+
+# Environment variables that change what is measured (thread pools, OpenMP waiting, glibc malloc).
+TUNING_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Iteration counts of one run."""
+
+    rtt_calls: dict[int, int]  # per variant, split over the blocks
+    rtt_warmup: dict[int, int]
+    blocks: int
+    wire_calls: dict[int, int]
+    wire_warmup: int
+    csl_steps: int  # per variant, split over the blocks
+    csl_blocks: int
+    csl_warmup: int
+
+
+FULL_PLAN = Plan(
+    rtt_calls={KIB: 10000, 64 * KIB: 5000, MIB: 1500, 8 * MIB: 200},
+    rtt_warmup={KIB: 300, 64 * KIB: 200, MIB: 50, 8 * MIB: 10},
+    blocks=6,
+    wire_calls={KIB: 200, 64 * KIB: 200, MIB: 200, 8 * MIB: 50},
+    wire_warmup=10,
+    csl_steps=120,
+    csl_blocks=12,
+    csl_warmup=6,
+)
+QUICK_PLAN = Plan(
+    rtt_calls={KIB: 200, 64 * KIB: 100, MIB: 20, 8 * MIB: 4},
+    rtt_warmup={KIB: 20, 64 * KIB: 10, MIB: 4, 8 * MIB: 2},
+    blocks=2,
+    wire_calls={KIB: 20, 64 * KIB: 20, MIB: 10, 8 * MIB: 4},
+    wire_warmup=3,
+    csl_steps=4,
+    csl_blocks=2,
+    csl_warmup=2,
+)
+
+
+def size_label(size: int) -> str:
+    return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+
+
+# --------------------------------------------------------------------------------------
+# Server process
+# --------------------------------------------------------------------------------------
+
+
+class EchoModel(ServerModel):
+    """A server model whose one remote method sends its argument straight back."""
+
+    def echo(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _echo_bytes(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+@contextmanager
+def _spy(name: str, seen: dict[str, Any]) -> Iterator[None]:
+    """Record the arguments of ``grpc.<name>(...)`` calls made while the block runs."""
+    real = getattr(grpc, name)
+    signature = inspect.signature(real)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(signature.bind_partial(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    setattr(grpc, name, spy)
+    try:
+        yield
+    finally:
+        setattr(grpc, name, real)
+
+
+def _start_bare_echo(options: Sequence[tuple[str, Any]], max_workers: int) -> tuple[grpc.Server, int]:
+    server = grpc.server(ThreadPoolExecutor(max_workers, "bare-echo"), options=list(options))
+    handler = grpc.unary_unary_rpc_method_handler(_echo_bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(BARE_SERVICE, {BARE_METHOD: handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    if not port:
+        raise RuntimeError("bare echo server could not bind a port")
+    server.start()
+    return server, port
+
+
+def _csl_halves(seed: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The same ResNet-20 in every process: (whole model, bottom, top)."""
+    torch.manual_seed(seed)
+    model = resnet20(num_classes=10, in_channels=3)
+    bottom, top = split_model(model, CSL_CUT)
+    return model, bottom, top
+
+
+def _csl_server_model(seed: int) -> CSLServerModel:
+    _, _, top = _csl_halves(seed)
+    server_model = CSLServerModel(top)
+    server_model.configure_fit(None, {"lr": CSL_LR})
+    return server_model
+
+
+def server_main(conn: Connection, threads: int) -> None:
+    """Entry point of the server process: bare echo + SplitService, sessions on request."""
+    service: SplitService | None = None
+    bare: grpc.Server | None = None
+    try:
+        torch.set_num_threads(threads)
+        service = SplitService("127.0.0.1", 0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        seen: dict[str, Any] = {}
+        with _spy("server", seen):
+            service.start()
+        options = list(seen.get("options") or [])
+        pool = seen.get("thread_pool")
+        workers = int(getattr(pool, "_max_workers", 64))
+        bare, bare_port = _start_bare_echo(options, workers)
+        conn.send(
+            {
+                "service": service.address,
+                "bare": f"127.0.0.1:{bare_port}",
+                "server_options": [list(o) for o in options],
+                "server_pool": f"{type(pool).__name__}(max_workers={workers})",
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+        opened = 0
+        while True:
+            command, *args = conn.recv()
+            if command == "stop":
+                conn.send("stopped")
+                break
+            opened += 1
+            if command == "open-echo":
+                token, _ = service.open_session(("echo", opened), ImmediateScheduler(EchoModel(nn.Identity())))
+            elif command == "open-csl":
+                # As SplitStrategy does: build and configure server models on the compute thread.
+                server_model = run_on_compute_thread(_csl_server_model, int(args[0]))
+                token, _ = service.open_session(("csl", opened), ImmediateScheduler(server_model))
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            conn.send(token)
+    except BaseException:
+        try:
+            conn.send({"error": traceback.format_exc()})
+        except OSError:
+            pass
+        raise
+    finally:
+        if bare is not None:
+            bare.stop(0.5).wait()
+        if service is not None:
+            service.stop(0.5)
+        conn.close()
+
+
+class ServerProcess:
+    """The spawned server process and the pipe to it."""
+
+    def __init__(self, threads: int) -> None:
+        context = mp.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=server_main, args=(child, threads), name="transport-server")
+        self.process.start()
+        child.close()
+        self.info: dict[str, Any] = self._receive(timeout=120)
+
+    def _receive(self, timeout: float = 60) -> Any:
+        if not self._conn.poll(timeout):
+            raise RuntimeError(f"server process did not answer within {timeout}s")
+        reply = self._conn.recv()
+        if isinstance(reply, dict) and "error" in reply:
+            raise RuntimeError(f"server process failed:\n{reply['error']}")
+        return reply
+
+    def ask(self, *command: object) -> Any:
+        self._conn.send(command)
+        return self._receive()
+
+    def stop(self) -> None:
+        try:
+            if self.process.is_alive():
+                self.ask("stop")
+        finally:
+            self.process.join(10)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(5)
+            self._conn.close()
+
+
+# --------------------------------------------------------------------------------------
+# Client side helpers
+# --------------------------------------------------------------------------------------
+
+
+class CountingRelay:
+    """A TCP forwarder on 127.0.0.1 that counts the stream bytes in each direction."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.up = 0
+        self.down = 0
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up, self.down
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            for sock in (downstream, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sockets += [downstream, upstream]
+            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, is_up: bool) -> None:
+        buffer = bytearray(4 * MIB)
+        view = memoryview(buffer)
+        try:
+            while True:
+                n = source.recv_into(buffer)
+                if n == 0:
+                    break
+                # Count before forwarding, so a reply the client has received is counted.
+                with self._lock:
+                    if is_up:
+                        self.up += n
+                    else:
+                        self.down += n
+                sink.sendall(view[:n])
+        except OSError:
+            pass
+        finally:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def _summary(samples_us: Sequence[float]) -> tuple[float, float]:
+    values = np.asarray(samples_us, dtype=np.float64)
+    return float(np.median(values)), float(np.percentile(values, 90))
+
+
+def _timed(call: Callable[[], object], n: int) -> list[float]:
+    """Durations of ``n`` calls in microseconds."""
+    clock = time.perf_counter_ns
+    out: list[float] = []
+    for _ in range(n):
+        start = clock()
+        call()
+        out.append((clock() - start) / 1000.0)
+    return out
+
+
+@dataclass
+class Samples:
+    """Durations (microseconds) of each variant, and the median of each of its blocks."""
+
+    all: dict[str, list[float]]
+    block_medians: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> list[float]:
+        return self.all[name]
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], total: int, blocks: int) -> Samples:
+    """Run each variant ``total`` times in ``blocks`` alternating blocks; first variant alternates."""
+    names = list(calls)
+    samples = Samples({name: [] for name in names}, {name: [] for name in names})
+    per_block = [total // blocks + (1 if b < total % blocks else 0) for b in range(blocks)]
+    for b, n in enumerate(per_block):
+        order = names if b % 2 == 0 else names[::-1]
+        for name in order:
+            gc.collect()
+            block = _timed(calls[name], n)
+            samples.all[name] += block
+            samples.block_medians[name].append(round(float(np.median(block)), 1))
+    return samples
+
+
+def _bare_channel(address: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=list(options))
+
+
+def _proxy_channel_options(address: str) -> list[tuple[str, Any]]:
+    """The options ServerModelProxy gives its channel (captured while one is built)."""
+    seen: dict[str, Any] = {}
+    with _spy("insecure_channel", seen):
+        probe = ServerModelProxy(address, b"\0" * 16, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+    probe._channel.close()  # never used: closing it directly sends nothing to the server
+    return list(seen.get("options") or [])
+
+
+def _proxy(server: ServerProcess, address: str, command: str, *args: object) -> ServerModelProxy:
+    token: bytes = server.ask(command, *args)
+    return ServerModelProxy(address, token, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+
+
+def _proxy_echo(proxy: ServerModelProxy, tensor: torch.Tensor) -> Callable[[], object]:
+    def call() -> object:
+        return proxy.echo(x=tensor)  # attribute lookup per call, as in real use
+
+    return call
+
+
+def _payload(size: int) -> tuple[torch.Tensor, bytes]:
+    generator = torch.Generator().manual_seed(size)
+    tensor = torch.randn(size // 4, generator=generator, dtype=torch.float32)
+    return tensor, tensor.numpy().tobytes()
+
+
+# --------------------------------------------------------------------------------------
+# 1. Round-trip time
+# --------------------------------------------------------------------------------------
+
+
+def measure_rtt(server: ServerProcess, plan: Plan, channel_options: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    proxy = _proxy(server, server.info["service"], "open-echo")
+    channel = _bare_channel(server.info["bare"], channel_options)
+    bare_call = channel.unary_unary(BARE_PATH)
+    rows: list[dict[str, Any]] = []
+    try:
+        for size in SIZES:
+            tensor, raw = _payload(size)
+            echoed = proxy.echo(x=tensor)
+            if not isinstance(echoed, torch.Tensor) or not torch.equal(echoed, tensor):
+                raise RuntimeError(f"proxy echo of {size_label(size)} came back different")
+            if bare_call(raw) != raw:
+                raise RuntimeError(f"bare echo of {size_label(size)} came back different")
+            variants: dict[str, Callable[[], object]] = {
+                "bare": functools.partial(bare_call, raw),
+                "proxy": _proxy_echo(proxy, tensor),
+            }
+            for call in variants.values():
+                _timed(call, plan.rtt_warmup[size])
+            samples = _interleaved(variants, plan.rtt_calls[size], plan.blocks)
+            bare_median, bare_p90 = _summary(samples["bare"])
+            proxy_median, proxy_p90 = _summary(samples["proxy"])
+            ratio = proxy_median / bare_median
+            target = RTT_TARGETS.get(size)
+            row: dict[str, Any] = {
+                "size_bytes": size,
+                "size": size_label(size),
+                "calls_per_variant": plan.rtt_calls[size],
+                "blocks": plan.blocks,
+                "bare_median_us": round(bare_median, 1),
+                "bare_p90_us": round(bare_p90, 1),
+                "proxy_median_us": round(proxy_median, 1),
+                "proxy_p90_us": round(proxy_p90, 1),
+                "ratio": round(ratio, 3),
+                "target": target,
+                "pass": None if target is None else ratio <= target,
+                "bare_block_medians_us": samples.block_medians["bare"],
+                "proxy_block_medians_us": samples.block_medians["proxy"],
+            }
+            rows.append(row)
+            print(
+                f"  {row['size']:>7}: bare {bare_median:10.1f} us (p90 {bare_p90:10.1f})  "
+                f"proxy {proxy_median:10.1f} us (p90 {proxy_p90:10.1f})  ratio {ratio:6.3f}  "
+                f"{_verdict(row['pass'], target, '<=')}",
+                flush=True,
+            )
+    finally:
+        proxy.close()
+        channel.close()
+    return rows
+
+
+def _verdict(passed: bool | None, target: float | None, op: str) -> str:
+    if passed is None or target is None:
+        return "(no target)"
+    return f"target {op} {target:g}: {'PASS' if passed else 'FAIL'}"
+
+
+# --------------------------------------------------------------------------------------
+# 2. Wire bytes through a counting relay
+# --------------------------------------------------------------------------------------
+
+
+def _settle() -> None:
+    # Let trailing control frames (WINDOW_UPDATE, PING acks) cross the relay.
+    time.sleep(0.2)
+
+
+def measure_wire(server: ServerProcess, plan: Plan, channel_options: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    proxy_relay = CountingRelay(server.info["service"])
+    bare_relay = CountingRelay(server.info["bare"])
+    proxy = _proxy(server, proxy_relay.address, "open-echo")
+    channel = _bare_channel(bare_relay.address, channel_options)
+    bare_call = channel.unary_unary(BARE_PATH)
+    rows: list[dict[str, Any]] = []
+    try:
+        for size in SIZES:
+            tensor, raw = _payload(size)
+            n = plan.wire_calls[size]
+            for _ in range(plan.wire_warmup):
+                bare_call(raw)
+                proxy.echo(x=tensor)
+            _settle()
+
+            before = sum(bare_relay.counts())
+            for _ in range(n):
+                bare_call(raw)
+            _settle()
+            bare_tcp = sum(bare_relay.counts()) - before
+            bare_payload = 2 * len(raw) * n
+
+            before = sum(proxy_relay.counts())
+            accounted_before = proxy.traffic.totals()
+            for _ in range(n):
+                proxy.echo(x=tensor)
+            _settle()
+            proxy_tcp = sum(proxy_relay.counts()) - before
+            accounted_after = proxy.traffic.totals()
+            tensor_bytes = tensor.numel() * tensor.element_size()
+            proxy_payload = 2 * tensor_bytes * n
+            acc = {k: accounted_after[k] - accounted_before[k] for k in accounted_after}
+            acc_wire = acc["up_wire_bytes"] + acc["down_wire_bytes"]
+            acc_payload = acc["up_payload_bytes"] + acc["down_payload_bytes"]
+
+            ratio = proxy_tcp / proxy_payload
+            target = WIRE_TARGETS.get(size)
+            row: dict[str, Any] = {
+                "size_bytes": size,
+                "size": size_label(size),
+                "calls": n,
+                "bare_tcp_bytes": bare_tcp,
+                "bare_payload_bytes": bare_payload,
+                "bare_ratio": round(bare_tcp / bare_payload, 5),
+                "bare_overhead_bytes_per_call": round((bare_tcp - bare_payload) / n, 1),
+                "proxy_tcp_bytes": proxy_tcp,
+                "proxy_payload_bytes": proxy_payload,
+                "proxy_ratio": round(ratio, 5),
+                "proxy_overhead_bytes_per_call": round((proxy_tcp - proxy_payload) / n, 1),
+                "accounted_wire_bytes": acc_wire,
+                "accounted_payload_bytes": acc_payload,
+                "accounted_ratio": round(acc_wire / acc_payload, 5) if acc_payload else None,
+                "target": target,
+                "pass": None if target is None else ratio <= target,
+            }
+            rows.append(row)
+            print(
+                f"  {row['size']:>7}: bare {row['bare_ratio']:.4f} "
+                f"(+{row['bare_overhead_bytes_per_call']:.0f} B/call)  proxy {ratio:.4f} "
+                f"(+{row['proxy_overhead_bytes_per_call']:.0f} B/call)  splitflower-accounted "
+                f"{row['accounted_ratio']:.4f}  {_verdict(row['pass'], target, '<=')}",
+                flush=True,
+            )
+    finally:
+        proxy.close()
+        channel.close()
+        proxy_relay.close()
+        bare_relay.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# 3. CSL training step
+# --------------------------------------------------------------------------------------
+
+
+def measure_csl(
+    server: ServerProcess, plan: Plan, threads: int, channel_options: Sequence[tuple[str, Any]]
+) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    x = torch.randn(CSL_BATCH, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (CSL_BATCH,), generator=generator)
+
+    model, bottom, _ = _csl_halves(SEED)
+    model.train()
+    bottom.train()
+    full_optimizer = torch.optim.SGD(model.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
+    bottom_optimizer = torch.optim.SGD(bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
+    proxy = _proxy(server, server.info["service"], "open-csl", SEED)
+    channel = _bare_channel(server.info["bare"], channel_options)
+    bare_call = channel.unary_unary(BARE_PATH)
+
+    def one_process_step() -> None:
+        full_optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        full_optimizer.step()
+
+    def split_step() -> None:
+        z = bottom(x)
+        grad = proxy.forward_backward(embeddings=z, labels=y)
+        bottom_optimizer.zero_grad()
+        z.backward(grad)
+        bottom_optimizer.step()
+
+    try:
+        with torch.no_grad():
+            cut = tuple(bottom(x[:1]).shape[1:])
+        cut_raw = bytes(4 * CSL_BATCH * int(np.prod(cut)))
+        variants: dict[str, Callable[[], object]] = {
+            "one_process": one_process_step,
+            "split": split_step,
+            "bare_echo_cut": lambda: bare_call(cut_raw),
+        }
+        for call in variants.values():
+            _timed(call, plan.csl_warmup)
+        times_before = dict(proxy.times.seconds)
+        samples = _interleaved(variants, plan.csl_steps, plan.csl_blocks)
+        times_after = dict(proxy.times.seconds)
+    finally:
+        proxy.close()
+        channel.close()
+    one_median, one_p90 = _summary(samples["one_process"])
+    split_median, split_p90 = _summary(samples["split"])
+    bare_cut_median, _ = _summary(samples["bare_echo_cut"])
+    n = len(samples["split"])
+    blocked = (times_after.get("blocked_s", 0.0) - times_before.get("blocked_s", 0.0)) / n
+    server_compute = (times_after.get("server_compute_s", 0.0) - times_before.get("server_compute_s", 0.0)) / n
+    ratio = split_median / one_median
+    cut_bytes = 4 * CSL_BATCH * int(np.prod(cut))
+    result: dict[str, Any] = {
+        "model": "resnet20",
+        "cut": "after stage 1 (client: stem + block0..block2)",
+        "cut_shape": list(cut),
+        "batch": CSL_BATCH,
+        "cut_payload_bytes_per_direction": cut_bytes,
+        "optimizer": f"SGD(lr={CSL_LR}, momentum={CSL_MOMENTUM})",
+        "torch_threads_per_process": threads,
+        "steps_per_variant": n,
+        "blocks": plan.csl_blocks,
+        "one_process_median_ms": round(one_median / 1000, 2),
+        "one_process_p90_ms": round(one_p90 / 1000, 2),
+        "split_median_ms": round(split_median / 1000, 2),
+        "split_p90_ms": round(split_p90 / 1000, 2),
+        "split_mean_blocked_ms": round(blocked * 1000, 2),
+        "split_mean_server_compute_ms": round(server_compute * 1000, 2),
+        "split_mean_transport_ms": round((blocked - server_compute) * 1000, 2),
+        "bare_echo_cut_median_ms": round(bare_cut_median / 1000, 2),
+        "block_medians_ms": {k: [round(v / 1000, 2) for v in b] for k, b in samples.block_medians.items()},
+        "bare_floor_ratio": round((one_median + bare_cut_median) / one_median, 3),
+        "ratio": round(ratio, 3),
+        "target": CSL_TARGET,
+        "pass": ratio <= CSL_TARGET,
+    }
+    print(
+        f"  one process {result['one_process_median_ms']:.1f} ms (p90 {result['one_process_p90_ms']:.1f})  "
+        f"split {result['split_median_ms']:.1f} ms (p90 {result['split_p90_ms']:.1f})  ratio {ratio:.3f}  "
+        f"{_verdict(result['pass'], CSL_TARGET, '<=')}",
+        flush=True,
+    )
+    print(
+        f"  split step breakdown (means): blocked on the server {result['split_mean_blocked_ms']:.1f} ms = "
+        f"server compute {result['split_mean_server_compute_ms']:.1f} ms + transport and framework "
+        f"{result['split_mean_transport_ms']:.1f} ms; cut {list(cut)} = {cut_bytes / MIB:.1f} MiB each way",
+        flush=True,
+    )
+    print(
+        f"  bare gRPC echo of the cut bytes {result['bare_echo_cut_median_ms']:.1f} ms: even bare gRPC would give "
+        f"a ratio of {result['bare_floor_ratio']:.3f}",
+        flush=True,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Provenance and reporting
+# --------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def provenance() -> dict[str, Any]:
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain"))
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    marker = "-dirty" if dirty else ""
+    return {
+        "commit": commit + marker,
+        "commit_short": commit[:7] + marker,
+        "dirty": dirty,
+        "date": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+    }
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": cpu_model or platform.processor(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "torch_threads": threads,
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        "env": {k: os.environ[k] for k in TUNING_ENV if k in os.environ},
+    }
+
+
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for row in results["rtt"]:
+        if row["target"] is not None:
+            out.append(
+                {
+                    "name": f"rtt ratio {row['size']}",
+                    "value": row["ratio"],
+                    "target": row["target"],
+                    "pass": row["pass"],
+                }
+            )
+    for row in results["wire"]:
+        if row["target"] is not None:
+            out.append(
+                {
+                    "name": f"proxy wire/payload {row['size']}",
+                    "value": row["proxy_ratio"],
+                    "target": row["target"],
+                    "pass": row["pass"],
+                }
+            )
+    csl = results["csl"]
+    out.append(
+        {"name": "CSL split/one-process step", "value": csl["ratio"], "target": csl["target"], "pass": csl["pass"]}
+    )
+    return out
+
+
+def _mark(passed: bool | None) -> str:
+    return "-" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# Transport benchmark (latest run)",
+        "",
+        f"- commit: `{results['commit']}`",
+        f"- date: {results['date']}",
+        f"- command: `{results['command']}`" + (" (quick: smoke-run iteration counts)" if results["quick"] else ""),
+        f"- machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['platform']}, Python {m['python']}, "
+        f"torch {m['torch']}, grpcio {m['grpcio']}, torch threads {m['torch_threads']} per process, "
+        f"load average at start {m['load_average_at_start']}, tuning environment {m['env'] or 'none'}",
+        f"- server: {results['server']['server_pool']}, options {results['server']['server_options']}; "
+        f"client channel options {results['server']['channel_options']}",
+        "",
+        "## 1. Round-trip time of one blocking call (float32 tensor echoed back)",
+        "",
+        "| size | calls/variant | bare median µs | bare p90 µs | proxy median µs | proxy p90 µs "
+        "| proxy/bare (medians) | target | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rtt"]:
+        target = f"<= {r['target']:g}" if r["target"] is not None else "-"
+        lines.append(
+            f"| {r['size']} | {r['calls_per_variant']} | {r['bare_median_us']:.1f} | {r['bare_p90_us']:.1f} "
+            f"| {r['proxy_median_us']:.1f} | {r['proxy_p90_us']:.1f} | {r['ratio']:.3f} | {target} "
+            f"| {_mark(r['pass'])} |"
+        )
+    lines += [
+        "",
+        "## 2. Wire bytes / payload bytes (TCP stream bytes through a counting relay)",
+        "",
+        "| size | calls | bare TCP/payload | bare overhead B/call | proxy TCP/payload | proxy overhead B/call "
+        "| splitflower-accounted wire/payload | target (proxy) | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["wire"]:
+        target = f"<= {r['target']:g}" if r["target"] is not None else "-"
+        lines.append(
+            f"| {r['size']} | {r['calls']} | {r['bare_ratio']:.4f} | {r['bare_overhead_bytes_per_call']:.0f} "
+            f"| {r['proxy_ratio']:.4f} | {r['proxy_overhead_bytes_per_call']:.0f} | {r['accounted_ratio']:.4f} "
+            f"| {target} | {_mark(r['pass'])} |"
+        )
+    c = results["csl"]
+    lines += [
+        "",
+        f"## 3. CSL training step: ResNet-20, cut after stage 1 ({c['cut_shape']}), batch {c['batch']}, "
+        f"{c['optimizer']}",
+        "",
+        "| variant | steps | median ms | p90 ms |",
+        "|---|---|---|---|",
+        f"| one process | {c['steps_per_variant']} | {c['one_process_median_ms']:.1f} "
+        f"| {c['one_process_p90_ms']:.1f} |",
+        f"| split (client + server process) | {c['steps_per_variant']} | {c['split_median_ms']:.1f} "
+        f"| {c['split_p90_ms']:.1f} |",
+        "",
+        f"Ratio split/one-process (medians): **{c['ratio']:.3f}** (target <= {c['target']:g}: "
+        f"{_mark(c['pass'])}). Split step, means: blocked on the server {c['split_mean_blocked_ms']:.1f} ms = "
+        f"server compute {c['split_mean_server_compute_ms']:.1f} ms + transport/framework "
+        f"{c['split_mean_transport_ms']:.1f} ms; {c['cut_payload_bytes_per_direction'] / MIB:.1f} MiB each way. "
+        f"A bare gRPC echo of those bytes takes {c['bare_echo_cut_median_ms']:.1f} ms (median, same blocks): "
+        f"(one process + bare echo) / one process = {c['bare_floor_ratio']:.3f}, the best ratio any gRPC "
+        "transport could reach here.",
+        "",
+        "## Targets",
+        "",
+        "| target | value | limit | result |",
+        "|---|---|---|---|",
+    ]
+    for t in results["targets"]:
+        lines.append(f"| {t['name']} | {t['value']} | <= {t['target']:g} | {_mark(t['pass'])} |")
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "Servers (bare echo and SplitService) run in one separate spawned process; the client process dials them, "
+    "so client and server do not share a GIL.",
+    "The bare echo is a grpc.server with the split service's thread-pool type, size and options and a generic "
+    "raw-bytes unary-unary handler; its channel has the proxy's channel options. Bare calls pass no deadline; "
+    "the proxy's calls carry its default deadline, as in real use.",
+    "Bare and proxy calls (and one-process and split CSL steps) are measured in alternating blocks after a "
+    "warm-up; the first variant alternates between blocks.",
+    "TCP bytes are stream bytes counted by a relay (HTTP/2 frames and their contents); TCP/IP headers are not "
+    "counted. Payload: tensor bytes up + down (proxy), request + reply bytes (bare).",
+    "CSL is sequential: in the split run the client process waits while the server process computes and vice "
+    "versa, so each process using all torch threads takes turns on the cores rather than competing; the "
+    "one-process baseline runs with the same thread count while the server process idles.",
+    "From 1 MiB up, times depend on glibc malloc's adaptive mmap/trim thresholds (multi-MiB frames that are "
+    "allocated fresh and page-faulted in on every call); they shift with allocation history, so a variant can "
+    "switch speed mid-run. The JSON keeps per-block medians to show it; malloc-related environment variables "
+    "in effect are recorded under machine.env.",
+    "A report, not a test: the script exits 0 whether targets pass or fail.",
+]
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"transport-{results['commit_short']}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path = out_dir / "transport.md"
+    md_path.write_text(markdown(results))
+    return json_path, md_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="far fewer iterations (a smoke run)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where results go (default: %(default)s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads in both processes (default: torch's default here, %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    results: dict[str, Any] = {"benchmark": "transport", **provenance(), "quick": bool(args.quick)}
+    results["machine"] = machine_info(args.threads)
+    print(f"transport benchmark at {results['commit']} ({results['date']})")
+    print(f"  command: {results['command']}")
+    m = results["machine"]
+    print(
+        f"  machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']}, "
+        f"grpcio {m['grpcio']}, torch threads {m['torch_threads']}, load {m['load_average_at_start']}"
+    )
+
+    server = ServerProcess(args.threads)
+    try:
+        if server.info["torch_threads"] != args.threads:
+            raise RuntimeError(f"server process runs {server.info['torch_threads']} torch threads, not {args.threads}")
+        channel_options = _proxy_channel_options(server.info["service"])
+        results["server"] = {
+            "server_pool": server.info["server_pool"],
+            "server_options": server.info["server_options"],
+            "channel_options": [list(o) for o in channel_options],
+        }
+        sections: dict[str, float] = {}
+        mark = time.perf_counter()
+        print("1. round-trip time, blocking call with one float32 tensor echoed back (proxy vs bare gRPC)")
+        results["rtt"] = measure_rtt(server, plan, channel_options)
+        sections["rtt"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+        print("2. wire bytes / payload bytes through a counting TCP relay")
+        results["wire"] = measure_wire(server, plan, channel_options)
+        sections["wire"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+        print(
+            f"3. CSL training step, ResNet-20 cut after stage 1, batch {CSL_BATCH}, {args.threads} torch threads "
+            "per process (client and server take turns on the cores)"
+        )
+        results["csl"] = measure_csl(server, plan, args.threads, channel_options)
+        sections["csl"] = round(time.perf_counter() - mark, 1)
+        results["section_s"] = sections
+    finally:
+        server.stop()
+
+    results["targets"] = _targets(results)
+    results["notes"] = NOTES
+    results["runtime_s"] = round(time.perf_counter() - started, 1)
+    json_path, md_path = write_results(results, args.out_dir)
+    passed = sum(1 for t in results["targets"] if t["pass"])
+    print(
+        f"targets: {passed}/{len(results['targets'])} PASS; "
+        + ", ".join(f"{t['name']} {_mark(t['pass'])}" for t in results["targets"])
+    )
+    print(f"wrote {json_path} and {md_path} in {results['runtime_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
