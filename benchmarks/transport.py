@@ -25,9 +25,10 @@ Pipe and issues session tokens on request. The client process dials its own chan
    returns ``x`` (ImmediateScheduler), beside a *bare gRPC echo* of the same number of
    bytes: a plain ``grpc.server`` with a generic unary-unary handler (no serializers, raw
    bytes) returning the request, called as ``channel.unary_unary(path)(payload)``. The
-   bare server gets the same thread-pool server type, pool size and options as the split
-   service (captured from ``SplitService.start`` while it builds its server), and the bare
-   channel the same options as the proxy's (captured the same way). After a warm-up, the
+   bare server is gRPC as usually deployed, a ``ThreadPoolExecutor`` of the split
+   service's pool size with its options (captured from ``SplitService.start`` while it
+   builds its server), and the bare channel gets the proxy's options (captured the same
+   way). After a warm-up, the
    two are measured in alternating blocks (6 blocks; the first variant alternates between
    blocks); the median and p90 per size are in microseconds, and the ratio is
    proxy median / bare median. Targets: 1 KiB <= 1.2, 8 MiB <= 1.3.
