@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -18,9 +23,16 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
+from flwr.app import Context  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+from splitflower.app import build_client_app  # noqa: E402
+from splitflower.client import Client  # noqa: E402
+from splitflower.data import client_partition  # noqa: E402
+from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
 from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
-from splitflower.server_model import ServerModel  # noqa: E402
+from splitflower.server_model import ServerModel, sgd  # noqa: E402
 from splitflower.service import SplitService  # noqa: E402
 
 
@@ -39,6 +51,44 @@ def service() -> Iterator[SplitService]:
     svc.start()
     yield svc
     svc.stop(grace=0)
+
+
+def simulate(config: ExperimentConfig, client_cls: type[Client]) -> list[dict[str, Any]]:
+    """Run ``config`` as a Flower simulation whose clients are ``client_cls`` (defined in a
+    test module); returns the strategy's raw round records.
+
+    Each simulation runs in a fresh process: Ray started a second time in one process can
+    time out while its new node starts.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_simulate_here, config, client_cls).result(timeout=600)
+
+
+def _simulate_here(config: ExperimentConfig, client_cls: type[Client]) -> list[dict[str, Any]]:
+    from ray import cloudpickle
+
+    # Ray actors cannot import tests/: ship the test's classes and this helper by value.
+    cloudpickle.register_pickle_by_value(sys.modules[client_cls.__module__])
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    experiment = Experiment(config)
+
+    def make_client(context: Context) -> Client:
+        partition_id = int(context.node_config["partition-id"])
+        data = client_partition(experiment.train, partition_id, config.clients, config.partition)
+        return client_cls(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
+
+    records: list[dict[str, Any]] = []
+    run_simulation(
+        server_app=experiment.server_app(experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(r)),
+        client_app=build_client_app(make_client),
+        num_supernodes=config.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": config.clients},
+        },
+    )
+    return records
 
 
 def connect(

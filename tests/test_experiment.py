@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -11,15 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context
-from flwr.simulation import run_simulation
 
+from conftest import simulate
 from splitflower.algorithms.csl import CSLClient
-from splitflower.app import build_client_app
-from splitflower.data import client_partition
 from splitflower.errors import ConfigError, IncompatibleStrategyError
-from splitflower.experiment import Experiment, ExperimentConfig, summarise_round
-from splitflower.server_model import sgd
+from splitflower.experiment import ExperimentConfig, summarise_round
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -127,9 +122,6 @@ class DiesAfterTwoBatches(CSLClient):
 
 @pytest.mark.slow
 def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> None:
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot import tests/
     config = ExperimentConfig(
         algorithm="csl",
         strategy="parallel",
@@ -140,22 +132,7 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> Non
         flush_timeout=0.5,
         synthetic_size=512,
     )
-    experiment = Experiment(config)
-
-    def make_client(context: Context) -> CSLClient:
-        partition_id = int(context.node_config["partition-id"])
-        data = client_partition(experiment.train, partition_id, 2, "iid")
-        return DiesAfterTwoBatches(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
-
-    records: list[dict[str, Any]] = []
-    run_simulation(
-        server_app=experiment.server_app(
-            experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(summarise_round(r))
-        ),
-        client_app=build_client_app(make_client),
-        num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-    )
+    records = [summarise_round(r) for r in simulate(config, DiesAfterTwoBatches)]
     assert len(records) == 1
     round_one = records[0]
     assert len(round_one["failed_clients"]) == 1

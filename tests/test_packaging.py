@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,11 @@ import splitflower.strategies
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _clean_env() -> dict[str, str]:
+    # Ray adds the working directory to PYTHONPATH when a test runs a simulation in-process.
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def test_installed_environment_imports_subpackages_from_the_source_folders(tmp_path: Path) -> None:
     assert Path(splitflower.strategies.__file__).parent == ROOT / "strategies"
     assert Path(splitflower.algorithms.__file__).parent == ROOT / "algorithms"
@@ -22,7 +28,13 @@ def test_installed_environment_imports_subpackages_from_the_source_folders(tmp_p
     probe += " u.find_spec('algorithms'))"
     # From outside the checkout, the install exposes no generic top-level modules.
     shown = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=120,
+        check=False,
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split() == ["None", "None"]

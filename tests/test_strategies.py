@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context
-from flwr.simulation import run_simulation
 
-from conftest import connect
+from conftest import connect, simulate
 from splitflower.algorithms.csl import CSLClient
 from splitflower.algorithms.dsl import DSLClient, DSLServerModel
-from splitflower.app import build_client_app
-from splitflower.data import client_partition, synthetic
-from splitflower.experiment import Experiment, ExperimentConfig
-from splitflower.server_model import FitResult, sgd
+from splitflower.data import synthetic
+from splitflower.experiment import ExperimentConfig
+from splitflower.server_model import FitResult
 from splitflower.service import SplitService
 from splitflower.split import split_model
 from splitflower.strategies import ParallelStrategy, SequentialStrategy
@@ -52,27 +48,10 @@ class Recording(CSLClient):
 
 
 def _simulate(strategy_name: str, rounds: int) -> list[dict[str, Any]]:
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray actors cannot import tests/
     config = ExperimentConfig(
         algorithm="csl", strategy=strategy_name, dataset="synthetic", clients=3, rounds=rounds, synthetic_size=384
     )
-    experiment = Experiment(config)
-
-    def make_client(context: Context) -> CSLClient:
-        partition_id = int(context.node_config["partition-id"])
-        data = client_partition(experiment.train, partition_id, 3, "iid")
-        return Recording(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
-
-    records: list[dict[str, Any]] = []
-    run_simulation(
-        server_app=experiment.server_app(experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(r)),
-        client_app=build_client_app(make_client),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 3}},
-    )
-    return records
+    return simulate(config, Recording)
 
 
 @pytest.mark.slow
