@@ -5,7 +5,13 @@ Core abstractions: :class:`Client`, :class:`ServerModel`, :class:`SplitStrategy`
 :mod:`splitflower.strategies`, algorithms in :mod:`splitflower.algorithms`.
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# gRPC core logs an INFO line each time a process with open channels forks (Ray does, for
+# every worker); unless the user chose a verbosity, keep those out of the console.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-# gRPC core logs an INFO line each time Ray forks a worker; keep the console readable.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from splitflower.algorithms import ALGORITHMS
 from splitflower.data import DATASET_NAMES
