@@ -47,13 +47,13 @@ class Scheduler(ABC):
     """Decides when a server model runs the calls routed to it.
 
     Computations run on ``compute`` (default: the process's shared compute thread, see
-    :mod:`splitflower.compute`), one at a time per model.
+    :mod:`splitflower.compute`), one at a time: give models that must overlap (e.g. on
+    different GPUs) a :class:`~splitflower.compute.ComputeThread` each.
     """
 
     def __init__(self, model: ServerModel, *, compute: ComputeThread | None = None) -> None:
         self.model = model
         self.compute = compute or shared_compute_thread()
-        self._model_lock = threading.Lock()
 
     def set_clients(self, clients: Collection[Hashable]) -> None:  # noqa: B027 - optional hook
         """The clients this model serves in the current round."""
@@ -68,8 +68,8 @@ class Scheduler(ABC):
     def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
         """Validate here, then run on the compute thread; returns (value, seconds)."""
         bound = resolve_call(self.model, method, tensors)
-        with self._model_lock:
-            return self.compute.run(self._call, bound, tensors)
+        # One compute thread runs one job at a time: that is what serialises a model's work.
+        return self.compute.run(self._call, bound, tensors)
 
     def _call(self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
         device = self.model.device
