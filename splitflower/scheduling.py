@@ -1,8 +1,9 @@
 """When server-model computations run: at once, or batched across clients.
 
-A scheduler owns one :class:`~splitflower.server_model.ServerModel` and serialises the
-computations on it; the gRPC threads that carry requests only wait on it, so a long
-computation for one model never stalls requests for another.
+A scheduler owns one :class:`~splitflower.server_model.ServerModel`. It checks each
+request on the gRPC thread that carries it (so bad requests are refused at once, whatever
+is computing) and runs the computation on its compute thread (see
+:mod:`splitflower.compute`), where computations run one at a time.
 
 The batching scheduler concatenates the pending requests of the model's active clients
 along dimension 0, runs the method once, and splits the results back. It flushes when
