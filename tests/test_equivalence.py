@@ -143,3 +143,31 @@ def test_csl_returns_gradient_on_callers_tensor_shape(service: SplitService, ste
         grad = proxy.forward_backward(embeddings=z, labels=torch.zeros(BATCH, dtype=torch.int64))
         assert isinstance(grad, torch.Tensor) and grad.shape == z.shape and grad.dtype == z.dtype
     proxy.close()
+
+
+def test_client_evaluate_through_the_proxy_equals_the_assembled_model(service: SplitService) -> None:
+    data = _data(64)
+    bottom, top = split_model(_model(), 4)
+    server = CSLServerModel(copy.deepcopy(top))
+    client = CSLClient(copy.deepcopy(bottom), data, data)
+    client.server_model_proxy = connect(service, server)
+    loss, examples, metrics = client.evaluate({}, {ConfigKey.BATCH_SIZE: 16})
+    client.server_model_proxy.close()
+    with torch.no_grad():
+        full = nn.Sequential(bottom, top).eval()
+        logits = full(data.images)
+    assert examples == len(data)
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == data.labels).float().mean()))
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(logits, data.labels)), rel=1e-5)
+
+
+def test_server_models_are_averaged_by_examples() -> None:
+    from splitflower.server_model import FitResult
+    from splitflower.strategies import ParallelStrategy
+
+    a = FitResult({"w": torch.tensor([0.0, 4.0])}, num_examples=1)
+    b = FitResult({"w": torch.tensor([4.0, 0.0])}, num_examples=3)
+    idle = FitResult({"w": torch.tensor([100.0, 100.0])}, num_examples=0)
+    averaged = ParallelStrategy().aggregate_server_models([a, b, idle])
+    assert averaged is not None
+    torch.testing.assert_close(averaged.to_torch_state_dict()["w"], torch.tensor([3.0, 1.0]))
