@@ -9,7 +9,7 @@ It prints its figures with PASS/FAIL beside each target, writes them as JSON to
 ``<out-dir>/transport-<short commit>[-dirty].json`` and overwrites
 ``<out-dir>/transport.md`` with the latest table (``--out-dir`` defaults to
 ``benchmarks/results``). Both record the git commit (``-dirty`` when ``git status
---porcelain`` is non-empty), the date, the machine (CPU count, platform, Python, torch,
+--porcelain`` shows changes outside ``benchmarks/results``), the date, the machine (CPU count, platform, Python, torch,
 grpcio, torch threads) and the exact command line. It is a report, not a test: it exits 0
 whether the targets pass or fail, and non-zero only when something breaks.
 
@@ -725,7 +725,8 @@ def _git(*args: str) -> str:
 def provenance() -> dict[str, Any]:
     try:
         commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain"))
+        # Results written by earlier runs do not make the measured code dirty.
+        dirty = bool(_git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"))
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     marker = "-dirty" if dirty else ""
