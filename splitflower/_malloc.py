@@ -2,9 +2,10 @@
 
 Each call allocates a frame as large as its tensors. With glibc's defaults a multi-MiB
 buffer is mmap-ed and unmapped, or the heap grows and is trimmed, on every call: thousands
-of page faults per call (measured here: a 4 MiB round trip took 12.4 ms, 6.4 ms with these
-settings, against 5.3 ms for bare gRPC). Raising the mmap and trim thresholds keeps freed
-memory in the process for reuse; the process's RSS stays near its peak instead.
+of page faults per call (a development measurement, not a recorded benchmark: a 4 MiB round
+trip took 12.4 ms, 6.4 ms with these settings, against 5.3 ms for bare gRPC).
+Raising the mmap and trim thresholds keeps freed memory in the process for reuse; the
+process's RSS stays near its peak instead.
 
 Set ``SPLITFLOWER_KEEP_MALLOC_DEFAULTS=1`` to leave the allocator alone; settings already
 made through ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are respected.

@@ -2,10 +2,11 @@
 
 ``concurrent.futures.ThreadPoolExecutor`` wakes its idle workers in turn, so a stream of
 requests rotates through every thread of the pool. Each thread that runs torch on the CPU
-gets an OpenMP team of its own, and many teams on few cores slow every operation down
-(measured here: a server segment's step took 80-90 ms across rotating gRPC threads and
-53-65 ms on one thread). Handing work to the last worker that went idle keeps the set of
-threads running torch as small as the concurrency allows, at no hand-off cost.
+gets an OpenMP team of its own, and many teams on few cores slow every operation down.
+Handing work to the last worker that went idle keeps the set of
+threads running torch as small as the concurrency allows, at no hand-off cost. (Torch work
+now runs on :mod:`splitflower.compute`'s thread; this pool still keeps the threads that
+decode and check requests warm.)
 """
 
 from __future__ import annotations

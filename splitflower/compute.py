@@ -2,9 +2,9 @@
 
 On the CPU every thread that runs a parallel torch operation gets an OpenMP team of its
 own, and as soon as a process has more OpenMP threads than cores, libgomp stops spinning
-at its barriers and every parallel operation slows down (measured here: a server
-segment's training step took 80 ms on gRPC worker threads of a process whose main thread
-had also run torch, 55 ms when every torch operation of the process ran on one thread).
+at its barriers and every parallel operation slows down (while this was developed, the
+server compute of the CSL step in ``benchmarks/transport.py`` went from about 80 ms on gRPC
+worker threads to about 60 ms on one thread; the recorded runs are the "after").
 So the framework runs server-model construction, computations, weight loading and
 evaluation on one thread, and hands each request over to it (about 30 us).
 

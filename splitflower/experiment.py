@@ -14,8 +14,9 @@ import os
 import platform
 import threading
 import time
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,8 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
-        problems = _type_problems(self)
-        mistyped = {p.split()[0] for p in problems}
+        mistyped = _type_problems(self)
+        problems = list(mistyped.values())
         choices = (
             ("algorithm", sorted(ALGORITHMS)),
             ("strategy", sorted(STRATEGIES)),
@@ -116,19 +117,19 @@ class ExperimentConfig:
         return replace(self, strategy=strategy)
 
 
-def _type_problems(config: ExperimentConfig) -> list[str]:
-    """Fields whose value is not of the declared type (bools are not numbers here)."""
-    problems = []
-    for spec in fields(config):
-        value = getattr(config, spec.name)
-        allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
-        kinds = [allowed[k.strip()] for k in str(spec.type).replace("None", "").split("|") if k.strip() in allowed]
-        if value is None and "None" in str(spec.type):
+def _type_problems(config: ExperimentConfig) -> dict[str, str]:
+    """Fields whose value is not of the declared type, by name (bools are not numbers here)."""
+    widen = {float: (int, float)}  # an int is a fine float
+    problems: dict[str, str] = {}
+    for name, hint in typing.get_type_hints(ExperimentConfig).items():
+        value = getattr(config, name)
+        declared = typing.get_args(hint) or (hint,)
+        if value is None and type(None) in declared:
             continue
-        wanted = tuple(t for kind in kinds for t in kind)
+        wanted = tuple(t for kind in declared if kind is not type(None) for t in widen.get(kind, (kind,)))
         if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
             names = " or ".join(sorted({t.__name__ for t in wanted}))
-            problems.append(f"{spec.name} must be {names}, got {value!r} ({type(value).__name__})")
+            problems[name] = f"{name} must be {names}, got {value!r} ({type(value).__name__})"
     return problems
 
 
@@ -327,10 +328,12 @@ def versions() -> dict[str, str]:
 class _Progress:
     """Prints how far the server models have got, every few seconds, while a round runs."""
 
-    def __init__(self, strategy: SplitStrategy, total: int, say: Callable[[str], None], every: float = 5.0) -> None:
+    def __init__(
+        self, strategy: SplitStrategy, total: int, rounds: int, say: Callable[[str], None], every: float = 5.0
+    ) -> None:
         self.strategy, self.total, self.say, self.every = strategy, total, say, every
         self.round = 1
-        self.last_round = 1
+        self.last_round = rounds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="splitflower-progress")
 
@@ -373,8 +376,7 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
     strategy = experiment.make_strategy()
     rounds: list[dict[str, Any]] = []
     holder: dict[str, SplitResult] = {}
-    progress = _Progress(strategy, len(experiment.train) * config.local_epochs, say)
-    progress.last_round = config.rounds
+    progress = _Progress(strategy, len(experiment.train) * config.local_epochs, config.rounds, say)
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         entry = summarise_round(record)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from splitflower.codec import payload_bytes
+
 __all__ = [
     "GRPC_PREFIX_BYTES",
     "TrafficMeter",
@@ -61,10 +63,10 @@ def module_state_bytes(modules: Iterable[nn.Module], optimizer: torch.optim.Opti
             total += param.numel() * param.element_size()
             if param.grad is not None:
                 total += param.grad.numel() * param.grad.element_size()
-        total += _tensor_bytes(module.buffers())
+        total += payload_bytes(list(module.buffers()))
     if optimizer is not None:
         for state in optimizer.state.values():
-            total += _tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
+            total += payload_bytes([v for v in state.values() if isinstance(v, torch.Tensor)])
     return total
 
 

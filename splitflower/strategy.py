@@ -135,7 +135,14 @@ class SplitStrategy(FedAvg):
 
     # ------------------------------------------------------------------------- mechanics
     def client_message(self, plan: RoundPlan, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
-        """The train message for one client: weights and a config carrying its token."""
+        """The train message for one client: weights and its own config (see :meth:`client_config`)."""
+        content = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: self.client_config(plan, node_id, config)}
+        )
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+    def client_config(self, plan: RoundPlan, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        """A copy of the round's config plus what this client needs to reach its server model."""
         own = ConfigRecord(dict(config))
         own[ConfigKey.SERVER_ROUND] = plan.server_round
         own[ConfigKey.TOKEN] = plan.tokens[node_id]
@@ -146,8 +153,7 @@ class SplitStrategy(FedAvg):
             own[ConfigKey.CALL_TIMEOUT] = self.call_timeout
         if self._service.root_certificates:
             own[ConfigKey.ROOT_CERTIFICATES] = self._service.root_certificates
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: own})
-        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+        return own
 
     def collect(self, plan: RoundPlan, replies: Iterable[Message]) -> list[Message]:
         """Close each replying client's session, so batching stops waiting for it."""

@@ -39,9 +39,9 @@ class SequentialStrategy(SplitStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        _, metrics = super().aggregate_train(server_round, replies)
-        handed_on = [r for r in replies if not r.has_error()]
+        # No averaging: the segment the last client handed on is the round's result.
+        handed_on, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not handed_on:
-            return None, metrics
+            return None, None
+        metrics = self.train_metrics_aggr_fn([r.content for r in handed_on], self.weighted_by_key)
         return handed_on[-1].content[self.arrayrecord_key], metrics  # type: ignore[return-value]

@@ -1,0 +1,111 @@
+"""The supporting pieces: results reports, worker pools, compute thread, run-config parsing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from splitflower._threads import StickyExecutor
+from splitflower.app import _proxy_from_config, service_from_run_config
+from splitflower.client import Client
+from splitflower.compute import ComputeThread
+from splitflower.data import synthetic
+from splitflower.errors import ConfigError
+from splitflower.report import comparison_table, load_results, plot_results
+from splitflower.service import SplitService
+from splitflower.strategies import ParallelStrategy
+from splitflower.strategy import RoundPlan
+from splitflower.wire import ConfigKey
+
+
+def _results(algorithm: str, up: int, down: int, accuracy: float) -> dict[str, Any]:
+    round_entry = {
+        "round": 1,
+        "test_accuracy": accuracy,
+        "bytes": {"up_payload_bytes": up, "down_payload_bytes": down},
+        "memory": {"client_peak_tally_bytes": 2e6, "server_peak_tally_bytes": 3e6},
+        "time": {"client_compute_s": 1.0, "server_compute_s": 2.0, "communication_wait_s": 0.5},
+    }
+    return {
+        "schema": "splitflower.results/1",
+        "config": {"algorithm": algorithm, "strategy": "parallel"},
+        "wall_s": 10.0,
+        "rounds": [round_entry],
+    }
+
+
+def test_comparison_table_and_plot(tmp_path: Path) -> None:
+    dsl, csl = _results("dsl", 100_000_000, 0, 0.87), _results("csl", 100_000_000, 100_000_000, 0.86)
+    table = comparison_table([dsl, csl]).splitlines()
+    assert table[2].startswith("dsl/parallel") and "100.0000" in table[2]
+    label, ratios = table[-1][:24], table[-1][24:].split()
+    assert label.startswith("dsl/parallel / csl")
+    assert ratios[:3] == ["1.012", "1.000", "0.000"], "accuracy, up and down, each DSL / CSL"
+    png = plot_results([dsl, csl], tmp_path / "plots" / "cmp.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_results_refuses_other_files(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "something/else"}))
+    with pytest.raises(ConfigError, match="not a splitflower results file"):
+        load_results(other)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_results(tmp_path / "missing.json")
+
+
+def test_sticky_executor_reuses_the_last_idle_thread_and_reports_errors() -> None:
+    pool = StickyExecutor(4, "test")
+    names = {pool.submit(lambda: threading.current_thread().name).result() for _ in range(20)}
+    assert len(names) == 1, "sequential tasks stay on one warm thread"
+    failing = pool.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    gate = threading.Event()
+    blocked = [pool.submit(gate.wait) for _ in range(6)]  # more than max_workers: the rest wait
+    gate.set()
+    assert all(f.result(timeout=5) for f in blocked)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
+
+
+def test_compute_thread_runs_everything_on_one_thread() -> None:
+    compute = ComputeThread()
+    names = {compute.run(lambda: threading.current_thread().name) for _ in range(5)}
+    assert names == {"splitflower-compute"}
+    assert compute.run(lambda: compute.run(lambda: 7)) == 7, "a job may call run() without deadlock"
+    with pytest.raises(ValueError, match="boom"):
+        compute.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+def test_service_from_run_config_treats_empty_values_as_unset(tmp_path: Path) -> None:
+    empty = {"sf-host": "", "sf-port": 0, "sf-advertised-host": "", "sf-tls-certificate": ""}
+    service = service_from_run_config(empty)
+    assert (service.host, service.advertised_host, service.tls) == ("127.0.0.1", "127.0.0.1", None)
+    with pytest.raises(ConfigError, match="TLS needs all of"):
+        service_from_run_config({"sf-tls-certificate": str(tmp_path / "cert.pem")})
+    with pytest.raises(ConfigError, match="does not exist"):
+        keys = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
+        service_from_run_config(dict.fromkeys(keys, str(tmp_path / "missing.pem")))
+    with pytest.raises(ConfigError, match="integers"):
+        service_from_run_config({"sf-port": "eighty"})
+
+
+def test_strategy_call_timeout_reaches_the_clients_proxy() -> None:
+    train, _ = synthetic(8, 8)
+    client = Client(torch.nn.Linear(2, 2), train)
+    for timeout in (2.5, None):
+        strategy = ParallelStrategy(call_timeout=timeout)
+        strategy._service = SplitService()  # not started: only its address and limits are read
+        plan = RoundPlan(1, [7], [], [], {7: 0}, tokens={7: b"\0" * 16})
+        config = dict(strategy.client_config(plan, 7, ConfigRecord({ConfigKey.LR: 0.1})))
+        assert _proxy_from_config(config, client).default_timeout == timeout
+    with pytest.raises(ConfigError, match="sf-token"):
+        _proxy_from_config({ConfigKey.PROXY_ADDRESS: "x"}, client)
