@@ -121,6 +121,7 @@ class DiesAfterTwoBatches(CSLClient):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> None:
     config = ExperimentConfig(
         algorithm="csl",

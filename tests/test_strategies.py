@@ -55,6 +55,7 @@ def _simulate(strategy_name: str, rounds: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_state() -> None:
     records = _simulate("sequential", rounds=2)
     assert len(records) == 2
@@ -69,6 +70,7 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_parallel_starts_every_client_from_the_same_weights() -> None:
     (record,) = _simulate("parallel", rounds=1)
     received = {c["metrics"]["received"] for c in record["clients"]}
