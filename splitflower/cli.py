@@ -15,6 +15,7 @@ from splitflower.errors import SplitflowerError
 from splitflower.experiment import ExperimentConfig, run_experiment, write_results
 from splitflower.models import MODEL_NAMES
 from splitflower.report import comparison_table, load_results, plot_results
+from splitflower.reproduce import add_reproduce_parser, reproduce_main
 from splitflower.strategies import STRATEGIES
 
 __all__ = ["main", "build_parser"]
@@ -42,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--train-size", type=int, default=0, help="train on a seeded subset of this many examples")
+    run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
+    run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    add_reproduce_parser(commands)
     compare = commands.add_parser("compare", help="compare results files side by side")
     compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
     compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
@@ -78,9 +83,9 @@ def _table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "compare":
+    if args.command in ("compare", "reproduce"):
         try:
-            return _compare(args)
+            return _compare(args) if args.command == "compare" else reproduce_main(args)
         except SplitflowerError as err:
             print(f"splitflower: error: {err}", file=sys.stderr)
             return 2
@@ -108,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batching=args.batching,
         flush_timeout=args.flush_timeout,
         device=args.device,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        link=args.link,
     )
     try:
         results = run_experiment(config, say=lambda line: print(line, flush=True))

@@ -32,6 +32,7 @@ from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
 from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
 from splitflower.errors import ConfigError
+from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
 from splitflower.split import split_for_cut
@@ -81,6 +82,9 @@ class ExperimentConfig:
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
+    train_size: int = 0  # 0: the whole training set; else a seeded random subset of this many examples
+    test_size: int = 0  # 0: the whole test set; else a seeded random subset (central evaluation)
+    link: str = ""  # "": no emulation; else "UP/DOWN/RTT" per client, e.g. "10mbit/50mbit/20ms" (linkemu)
 
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
@@ -97,7 +101,7 @@ class ExperimentConfig:
             if name not in mistyped and value is not None and value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
         lowest = {"clients": 1, "rounds": 1, "local_epochs": 1, "batch_size": 1, "synthetic_size": 1}
-        lowest |= {"momentum": 0, "weight_decay": 0}
+        lowest |= {"momentum": 0, "weight_decay": 0, "train_size": 0, "test_size": 0}
         for name, low in lowest.items():
             if name not in mistyped and getattr(self, name) < low:
                 problems.append(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -108,6 +112,11 @@ class ExperimentConfig:
             try:
                 parse_partition(self.partition)
             except ValueError as err:
+                problems.append(str(err))
+        if "link" not in mistyped and self.link:
+            try:
+                parse_link(self.link)
+            except ConfigError as err:
                 problems.append(str(err))
         if problems:
             raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(problems))
@@ -156,6 +165,8 @@ class Experiment:
             self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
         else:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+        self.train = _sample(self.train, self.config.train_size, self.config.seed, "train_size")
+        self.test = _sample(self.test, self.config.test_size, self.config.seed + 1, "test_size")
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
         model = build_model(
@@ -201,7 +212,11 @@ class Experiment:
         c = self.config
         strategy_cls = STRATEGIES[str(c.strategy)]
         return strategy_cls(
-            min_train_nodes=c.clients, min_available_nodes=c.clients, batching=c.batching, flush_timeout=c.flush_timeout
+            min_train_nodes=c.clients,
+            min_available_nodes=c.clients,
+            batching=c.batching,
+            flush_timeout=c.flush_timeout,
+            link=parse_link(c.link) if c.link else None,
         )
 
     @torch.no_grad()
@@ -238,6 +253,15 @@ class Experiment:
             on_round=on_round,
             num_rounds=self.config.rounds,
         )
+
+
+def _sample(data: ArrayDataset, size: int, seed: int, name: str) -> ArrayDataset:
+    """A seeded random subset of ``size`` examples (0: all of them)."""
+    if size == 0:
+        return data
+    if size > len(data):
+        raise ConfigError(f"{name} must be at most the {len(data)} examples {data.name} has, got {size}; use 0 for all")
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size])
 
 
 def _cut_value(cut: str) -> str | int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from splitflower.compute import run_on_compute_thread
+from splitflower.linkemu import LinkEmulator, LinkSpec
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
@@ -63,6 +65,8 @@ class SplitStrategy(FedAvg):
       e.g., one after another.
 
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
+    ``link`` (a :class:`~splitflower.linkemu.LinkSpec`) puts an emulated link between each
+    client and the service: clients are handed a relay's address (:mod:`splitflower.linkemu`).
 
     Server models are averaged by examples trained, like client segments.
 
@@ -84,6 +88,7 @@ class SplitStrategy(FedAvg):
         batching: bool = False,
         flush_timeout: float = 0.05,
         call_timeout: float | None = None,
+        link: LinkSpec | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -98,6 +103,8 @@ class SplitStrategy(FedAvg):
         self.batching = batching
         self.flush_timeout = flush_timeout
         self.call_timeout = call_timeout
+        self.link = link
+        self._client_address = ""
         self._server_models: list[ServerModel] = []
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
@@ -146,7 +153,7 @@ class SplitStrategy(FedAvg):
         own = ConfigRecord(dict(config))
         own[ConfigKey.SERVER_ROUND] = plan.server_round
         own[ConfigKey.TOKEN] = plan.tokens[node_id]
-        own[ConfigKey.PROXY_ADDRESS] = self._service.address
+        own[ConfigKey.PROXY_ADDRESS] = self._client_address or self._service.address
         own[ConfigKey.MAX_MESSAGE_BYTES] = self._service.max_message_bytes
         own[ConfigKey.CLIENT_INDEX] = plan.node_ids.index(node_id)
         if self.call_timeout is not None:
@@ -223,6 +230,24 @@ class SplitStrategy(FedAvg):
             self._server_models = [run_on_compute_thread(server_model_factory)]
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
+        with contextlib.ExitStack() as stack:
+            if self.link is not None:
+                self._client_address = stack.enter_context(LinkEmulator(service.address, self.link)).address
+            self._run_rounds(grid, num_rounds, timeout, config, evaluate_fn, on_round, result)
+        self._client_address = ""
+        return result
+
+    def _run_rounds(
+        self,
+        grid: Grid,
+        num_rounds: int,
+        timeout: float,
+        config: ConfigRecord,
+        evaluate_fn: CentralEvaluateFn | None,
+        on_round: Callable[[int, dict[str, Any]], None] | None,
+        result: SplitResult,
+    ) -> None:
+        service = self._service
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
             plan = self._plan_round(server_round, grid, result.server_arrays, config)
@@ -249,7 +274,6 @@ class SplitStrategy(FedAvg):
             result.rounds[server_round] = record
             if on_round is not None:
                 on_round(server_round, record)
-        return result
 
 
 def _round_record(

@@ -1,0 +1,341 @@
+"""``splitflower reproduce dsl-paper``: the decoupled-SL paper's grid, one results file per cell.
+
+The grid is algorithm {CSL, DSL} x cut {s, m, d} x clients N {1, 5, 10} with the paper's
+hyperparameters (SGD, momentum 0.9, learning rate 0.001, weight decay 1e-4 as in its code,
+batch 128; DSL's auxiliary head is one linear layer, the algorithm's default). Clients train
+one after another on one shared model, as the paper's code does: the ``sequential``
+strategy, one Flower round = one epoch (``local_epochs`` 1; each client makes one pass over
+its IID share, so a round is one pass over the training set).
+
+Two scales (:data:`SCALES`):
+
+* ``paper``: ResNet-110, 50 epochs, the full datasets: CIFAR-10 and CIFAR-100 from
+  ``--data-root`` where given, Fashion-MNIST otherwise. Meant for a GPU (``--device cuda``).
+* ``small``: ResNet-20 on Fashion-MNIST, 3 epochs on a seeded 2,560-example training subset
+  and a 1,000-example test subset: the 18 cells take about 45 minutes on a 2-core CPU.
+
+Each cell runs in a fresh process (a Flower simulation starts Ray, which does not start twice
+in one process reliably) and writes ``<out>/<dataset>-<algorithm>-<cut>-n<N>.json``
+atomically; a rerun skips every cell whose file exists with the same configuration, so an
+interrupted grid resumes where it stopped.
+
+Example
+-------
+>>> cells = grid_configs(SCALES["small"], algorithms=("dsl",), cuts=("s",), clients=(1,))
+>>> cell_filename(cells[0])
+'fashion-mnist-dsl-s-n1.json'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from splitflower.errors import ConfigError
+from splitflower.experiment import ExperimentConfig, run_experiment, write_results
+
+__all__ = [
+    "ALGORITHMS",
+    "CLIENTS",
+    "CUTS",
+    "GRIDS",
+    "SCALES",
+    "CellOutcome",
+    "Scale",
+    "cell_filename",
+    "grid_configs",
+    "run_grid",
+    "source_commit",
+]
+
+logger = logging.getLogger(__name__)
+
+GRIDS = ("dsl-paper",)
+ALGORITHMS = ("csl", "dsl")
+CUTS = ("s", "m", "d")
+CLIENTS = (1, 5, 10)
+
+# Section IV-A of the paper; weight decay from its code.
+PAPER_HYPERPARAMETERS: dict[str, Any] = {
+    "batch_size": 128,
+    "lr": 0.001,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "local_epochs": 1,
+    "strategy": "sequential",
+    "partition": "iid",
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model, epochs and data sizes of one scale of the grid (0 sizes: the whole set).
+
+    Example
+    -------
+    >>> SCALES["paper"].model, SCALES["paper"].epochs
+    ('resnet110', 50)
+    """
+
+    name: str
+    model: str
+    epochs: int
+    train_size: int = 0
+    test_size: int = 0
+
+    def datasets(self, data_root: str | None) -> tuple[str, ...]:
+        """The datasets this scale runs on when none is named."""
+        if self.name == "paper" and data_root:
+            return ("cifar10", "cifar100")
+        return ("fashion-mnist",)
+
+
+SCALES: dict[str, Scale] = {
+    "paper": Scale("paper", "resnet110", 50),
+    # Chosen from a measured cell (docs/results/report.md, "Scale"): 18 cells in ~45 min on 2 cores.
+    "small": Scale("small", "resnet20", 3, train_size=2560, test_size=1000),
+}
+
+
+def grid_configs(
+    scale: Scale,
+    *,
+    datasets: Sequence[str] | None = None,
+    data_root: str | None = None,
+    algorithms: Sequence[str] = ALGORITHMS,
+    cuts: Sequence[str] = CUTS,
+    clients: Sequence[int] = CLIENTS,
+    epochs: int | None = None,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    link: str = "",
+) -> list[ExperimentConfig]:
+    """Every cell's validated config, in run order (dataset, N, cut, algorithm: the two
+    algorithms of a cell pair run back to back, so a partial grid still pairs up)."""
+    problems = []
+    for label, given, allowed in (("algorithm", algorithms, ALGORITHMS), ("cut", cuts, CUTS)):
+        problems += [f"{label} must be one of {list(allowed)}, got {g!r}" for g in given if g not in allowed]
+    if not algorithms or not cuts or not clients:
+        problems.append("algorithms, cuts and clients must each name at least one value")
+    if problems:
+        raise ConfigError("invalid grid:\n  - " + "\n  - ".join(problems))
+    configs = []
+    for dataset in datasets or scale.datasets(data_root):
+        for n in clients:
+            for cut in cuts:
+                for algorithm in algorithms:
+                    config = ExperimentConfig(
+                        algorithm=algorithm,
+                        dataset=dataset,
+                        data_root=data_root if dataset != "synthetic" else None,
+                        model=scale.model,
+                        cut=cut,
+                        clients=n,
+                        rounds=scale.epochs if epochs is None else epochs,
+                        train_size=scale.train_size if train_size is None else train_size,
+                        test_size=scale.test_size if test_size is None else test_size,
+                        device=device,
+                        seed=seed,
+                        link=link,
+                        **PAPER_HYPERPARAMETERS,
+                    )
+                    configs.append(config.validate())
+    return configs
+
+
+def cell_filename(config: ExperimentConfig) -> str:
+    """``<dataset>-<algorithm>-<cut>-n<N>.json``."""
+    return f"{config.dataset}-{config.algorithm}-{config.cut}-n{config.clients}.json"
+
+
+def source_commit() -> str:
+    """The git commit the code runs from (``+dirty`` when the tree has changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What happened to one cell: ``ran``, ``skipped`` (already done) or ``failed``."""
+
+    config: ExperimentConfig
+    path: Path
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _finished(path: Path, config: ExperimentConfig) -> bool:
+    """Whether ``path`` holds this cell's results; raise if it holds another configuration's."""
+    if not path.is_file():
+        return False
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable: run the cell again (results are written atomically)
+    if existing.get("config") != json.loads(json.dumps(asdict(config))):
+        differing = sorted(k for k, v in asdict(config).items() if existing.get("config", {}).get(k) != v)
+        raise ConfigError(
+            f"{path} holds results of a different configuration (differs in {differing}); "
+            "choose another --out directory or delete the file"
+        )
+    return bool(existing.get("rounds"))
+
+
+def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> None:
+    """Child-process entry point: run one cell and write its results file."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    results = run_experiment(config, say=lambda line: print(f"    {line}", flush=True))
+    results["reproduce"] = extra
+    write_results(results, path)
+
+
+def run_grid(
+    configs: Sequence[ExperimentConfig],
+    out_dir: str | Path,
+    *,
+    grid: str = "dsl-paper",
+    scale: str = "",
+    say: Callable[[str], None] = print,
+    runner: Callable[[ExperimentConfig, str, dict[str, Any]], None] | None = None,
+) -> list[CellOutcome]:
+    """Run every cell not yet finished in ``out_dir``, each in a fresh process.
+
+    ``runner`` replaces the child process (tests). A failing cell is reported and the grid
+    goes on; the outcomes say which failed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    commit = source_commit()
+    outcomes: list[CellOutcome] = []
+    started = time.perf_counter()
+    ran_seconds: list[float] = []
+    for number, config in enumerate(configs, 1):
+        path = out / cell_filename(config)
+        label = (
+            f"cell {number}/{len(configs)} {config.algorithm} cut {config.cut} N={config.clients} ({config.dataset})"
+        )
+        if _finished(path, config):
+            say(f"{label}: done already ({path.name}), skipped")
+            outcomes.append(CellOutcome(config, path, "skipped"))
+            continue
+        remaining = sum(1 for c in configs[number - 1 :] if not (out / cell_filename(c)).is_file())
+        eta = f", about {sum(ran_seconds) / len(ran_seconds) * remaining / 60:.0f} min left" if ran_seconds else ""
+        say(f"{label}: running ({time.perf_counter() - started:.0f}s into the grid{eta})")
+        extra = {"grid": grid, "scale": scale, "commit": commit, "cell": number, "cells": len(configs)}
+        cell_started = time.perf_counter()
+        error = ""
+        try:
+            if runner is not None:
+                runner(config, str(path), extra)
+            else:
+                process = multiprocessing.get_context("spawn").Process(
+                    target=_run_cell, args=(config, str(path), extra), name=f"splitflower-cell-{number}"
+                )
+                process.start()
+                process.join()
+                if process.exitcode != 0:
+                    error = f"the cell's process exited with code {process.exitcode} (its output is above)"
+        except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
+            error = f"{type(err).__name__}: {err}"
+        seconds = time.perf_counter() - cell_started
+        if error or not path.is_file():
+            error = error or f"no results file {path} was written"
+            say(f"{label}: FAILED after {seconds:.0f}s: {error}")
+            outcomes.append(CellOutcome(config, path, "failed", seconds, error))
+            continue
+        ran_seconds.append(seconds)
+        accuracy = json.loads(path.read_text()).get("final", {}).get("test_accuracy", float("nan"))
+        say(f"{label}: finished in {seconds:.0f}s, test accuracy {accuracy:.4f} -> {path}")
+        outcomes.append(CellOutcome(config, path, "ran", seconds))
+    failed = [o for o in outcomes if o.status == "failed"]
+    say(
+        f"grid: {sum(o.status == 'ran' for o in outcomes)} ran, {sum(o.status == 'skipped' for o in outcomes)} "
+        f"skipped, {len(failed)} failed, {time.perf_counter() - started:.0f}s"
+    )
+    return outcomes
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError as err:
+        raise ConfigError(f"--clients must be comma-separated integers such as 1,5,10, got {text!r}") from err
+
+
+def add_reproduce_parser(commands: Any) -> None:
+    """Add ``reproduce`` to the CLI's subcommands (``commands`` from ``add_subparsers``)."""
+    parser = commands.add_parser("reproduce", help="run a paper's grid of experiments, one results file per cell")
+    parser.add_argument("grid", choices=GRIDS)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="default: small")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default results/<grid>-<scale>)")
+    parser.add_argument("--data-root", default=None, help="directory holding CIFAR-10/100 (paper scale)")
+    parser.add_argument("--datasets", default="", help="comma list; default: the scale's own")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--cuts", default=",".join(CUTS))
+    parser.add_argument("--clients", default=",".join(map(str, CLIENTS)))
+    parser.add_argument("--epochs", type=int, default=None, help="default: the scale's own")
+    parser.add_argument("--train-size", type=int, default=None, help="default: the scale's own (0: all)")
+    parser.add_argument("--test-size", type=int, default=None, help="default: the scale's own (0: all)")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda for the paper scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
+    parser.add_argument("--report-only", action="store_true", help="only build the plots and report from the files")
+    parser.add_argument("--no-report", action="store_true", help="do not build the plots and report at the end")
+
+
+def reproduce_main(args: Any) -> int:
+    """Run ``splitflower reproduce`` with parsed ``args``; 0 when every cell is done."""
+    from splitflower.paper_report import build_report
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or Path("results") / f"{args.grid}-{args.scale}"
+    outcomes: list[CellOutcome] = []
+    if not args.report_only:
+        configs = grid_configs(
+            SCALES[args.scale],
+            datasets=_names(args.datasets) or None,
+            data_root=args.data_root,
+            algorithms=_names(args.algorithms),
+            cuts=_names(args.cuts),
+            clients=_numbers(args.clients),
+            epochs=args.epochs,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            device=args.device,
+            seed=args.seed,
+            link=args.link,
+        )
+        outcomes = run_grid(configs, out, grid=args.grid, scale=args.scale, say=lambda s: print(s, flush=True))
+    if not args.no_report:
+        for path in build_report(out):
+            print(f"written: {path}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
