@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
+    run.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the algorithm (repeatable), e.g. --option window=4",
+    )
     run.add_argument("--device", default="cpu")
     run.add_argument("--train-size", type=int, default=0, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
@@ -113,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batching=args.batching,
         flush_timeout=args.flush_timeout,
         device=args.device,
+        options=tuple(args.option),
         train_size=args.train_size,
         test_size=args.test_size,
         link=args.link,

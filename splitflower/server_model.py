@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -153,6 +153,9 @@ class ServerModel:
     4
     """
 
+    Options: ClassVar[type | None] = None
+    """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -160,6 +163,7 @@ class ServerModel:
         optimizer: OptimizerFactory | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
+        options: Any = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -170,6 +174,7 @@ class ServerModel:
         self.log_prefix = "[server]"
         self._num_examples = 0
         self._loss_sum = 0.0
+        self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer."""
