@@ -112,7 +112,7 @@ def parse_link(spec: str) -> LinkSpec:
             raise ConfigError(f"link {spec!r}: cannot read the {label} {part!r}; {_FORMAT_HINT}")
         bits = float(match.group(1)) * _RATE_UNITS[match.group(2).lower()]
         if bits <= 0:
-            raise ConfigError(f"link {spec!r}: the {label} must be positive, got {part!r}")
+            raise ConfigError(f"link {spec!r}: the {label} must be positive, got {part!r}; {_FORMAT_HINT}")
         rates.append(bits / 8)
     match = _TIME.fullmatch(parts[2])
     if match is None:

@@ -228,9 +228,8 @@ def plot_figures(cells: Sequence[Cell], directory: str | Path) -> list[Path]:
             ax.set_title(f"N = {n}")
             if i == 0:
                 ax.set_ylabel("peak training memory, tally (MB)")
-            ax.legend(fontsize=8)
         figure.suptitle(f"Peak memory per party ({dataset})")
-        written.append(_save(figure, out / f"fig6-memory-{dataset}.png", plt))
+        written.append(_save(figure, out / f"fig6-memory-{dataset}.png", plt, legend_from=axes[0][0]))
 
         # Figure 7: time per epoch.
         figure, axes = plt.subplots(1, len(clients), figsize=(5 * len(clients), 4), squeeze=False, sharey=True)
@@ -267,9 +266,8 @@ def plot_figures(cells: Sequence[Cell], directory: str | Path) -> list[Path]:
             ax.set_title(f"N = {n}")
             if i == 0:
                 ax.set_ylabel("seconds per epoch")
-            ax.legend(fontsize=7)
         figure.suptitle(f"Training time breakdown per epoch ({dataset})")
-        written.append(_save(figure, out / f"fig7-time-{dataset}.png", plt))
+        written.append(_save(figure, out / f"fig7-time-{dataset}.png", plt, legend_from=axes[0][0]))
     return written
 
 
@@ -282,8 +280,13 @@ def _present(
     ]
 
 
-def _save(figure: Any, path: Path, plt: Any) -> Path:
-    figure.tight_layout()
+def _save(figure: Any, path: Path, plt: Any, legend_from: Any = None) -> Path:
+    if legend_from is None:
+        figure.tight_layout()
+    else:  # one legend for all panels, below them
+        handles, labels = legend_from.get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+        figure.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

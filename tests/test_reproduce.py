@@ -1,0 +1,173 @@
+"""``splitflower reproduce dsl-paper``: per-cell results, resuming, and the report built from them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitflower.errors import ConfigError
+from splitflower.experiment import ExperimentConfig, results_document, write_results
+from splitflower.paper_report import build_report, load_cells
+from splitflower.reproduce import PAPER_HYPERPARAMETERS, SCALES, cell_filename, grid_configs, run_grid
+
+TINY = {"datasets": ("synthetic",), "cuts": ("s",), "clients": (2,), "epochs": 1, "train_size": 256, "test_size": 64}
+
+
+def _fake_round(config: ExperimentConfig, number: int) -> dict[str, Any]:
+    """A round entry shaped like summarise_round's: DSL sends nothing back and holds less."""
+    up = 1000 * config.clients
+    down = 0 if config.algorithm == "dsl" else up
+    return {
+        "round": number,
+        "seconds": 2.0,
+        "test_accuracy": 0.5 + 0.1 * number,
+        "test_loss": 1.0,
+        "bytes": {"up_payload_bytes": up, "down_payload_bytes": down},
+        "payload_bytes_by_tensor": {"up:m:embeddings": up - 10, "up:m:labels": 10},
+        "memory": {
+            "client_peak_tally_bytes": 400 if config.algorithm == "dsl" else 1000,
+            "server_peak_tally_bytes": 500,
+        },
+        "time": {"client_compute_s": 1.0, "server_compute_s": 0.5, "communication_wait_s": 0.25},
+    }
+
+
+class _FakeRunner:
+    def __init__(self, fail: str = "") -> None:
+        self.ran: list[str] = []
+        self.fail = fail
+
+    def __call__(self, config: ExperimentConfig, path: str, extra: dict[str, Any]) -> None:
+        self.ran.append(Path(path).name)
+        if config.algorithm == self.fail:
+            raise RuntimeError("deliberate failure")
+        rounds = [_fake_round(config, r) for r in range(1, config.rounds + 1)]
+        document = results_document(config, rounds, 1.0)
+        document["reproduce"] = extra
+        write_results(document, path)
+
+
+def test_grid_covers_algorithms_cuts_and_clients_with_the_papers_hyperparameters() -> None:
+    configs = grid_configs(SCALES["small"])
+    assert {(c.algorithm, c.cut, c.clients) for c in configs} == {
+        (a, k, n) for a in ("csl", "dsl") for k in ("s", "m", "d") for n in (1, 5, 10)
+    }
+    for config in configs:
+        assert {k: getattr(config, k) for k in PAPER_HYPERPARAMETERS} == PAPER_HYPERPARAMETERS
+        assert config.model == SCALES["small"].model
+        assert config.rounds == SCALES["small"].epochs
+    assert len({cell_filename(c) for c in configs}) == len(configs)
+    paper = grid_configs(SCALES["paper"], data_root="/data", cuts=("s",), clients=(1,))
+    assert {c.dataset for c in paper} == {"cifar10", "cifar100"}
+    assert {c.model for c in paper} == {"resnet110"}
+    assert {c.dataset for c in grid_configs(SCALES["paper"], cuts=("s",), clients=(1,))} == {"fashion-mnist"}
+
+
+def test_bad_grid_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="cut must be one of"):
+        grid_configs(SCALES["small"], cuts=("x",))
+    with pytest.raises(ConfigError, match="train_size must be at least 0"):
+        grid_configs(SCALES["small"], train_size=-1)
+
+
+def test_grid_writes_one_file_per_cell_and_skips_finished_cells(tmp_path: Path) -> None:
+    configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
+    first = _FakeRunner()
+    outcomes = run_grid(configs, tmp_path, runner=first, say=lambda _: None)
+    assert [o.status for o in outcomes] == ["ran", "ran"]
+    assert sorted(first.ran) == sorted(p.name for p in tmp_path.glob("*.json"))
+    stored = json.loads((tmp_path / cell_filename(configs[0])).read_text())
+    assert stored["reproduce"]["grid"] == "dsl-paper"
+    again = _FakeRunner()
+    assert [o.status for o in run_grid(configs, tmp_path, runner=again, say=lambda _: None)] == ["skipped"] * 2
+    assert again.ran == []
+
+
+def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
+    configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
+    runner = _FakeRunner(fail="csl")
+    outcomes = run_grid(configs, tmp_path, runner=runner, say=lambda _: None)
+    assert [(o.config.algorithm, o.status) for o in outcomes] == [("csl", "failed"), ("dsl", "ran")]
+    assert "deliberate failure" in outcomes[0].error
+    # The rerun retries only the failed cell.
+    retry = _FakeRunner()
+    run_grid(configs, tmp_path, runner=retry, say=lambda _: None)
+    assert retry.ran == [cell_filename(configs[0])]
+
+
+def test_a_file_from_another_configuration_is_not_taken_as_done(tmp_path: Path) -> None:
+    configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
+    run_grid(configs, tmp_path, runner=_FakeRunner(), say=lambda _: None)
+    other = grid_configs(SCALES["small"], **{**TINY, "epochs": 2})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"different configuration \(differs in \['rounds'\]\)"):
+        run_grid(other, tmp_path, runner=_FakeRunner(), say=lambda _: None)
+
+
+def test_report_and_figures_are_built_from_the_files(tmp_path: Path) -> None:
+    configs = grid_configs(SCALES["small"], **{**TINY, "cuts": ("s", "d"), "epochs": 2})  # type: ignore[arg-type]
+    run_grid(configs, tmp_path, runner=_FakeRunner(), say=lambda _: None)
+    (tmp_path / "extra-memory.json").write_text(
+        json.dumps(
+            {"title": "Extra table", "command": "cmd", "commit": "abc", "columns": ["a", "b"], "rows": [[1, 0.5]]}
+        )
+    )
+    (tmp_path / "notes.md").write_text("Hand-written notes.\n")
+    written = build_report(tmp_path)
+    names = {p.name for p in written}
+    for figure in ("accuracy", "communication", "memory", "time"):
+        assert any(n.startswith("fig") and figure in n and n.endswith(".png") for n in names), figure
+    for path in written:
+        assert path.stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    cells = load_cells(tmp_path)
+    assert len(cells) == len(configs)  # extra-*.json is not a cell
+    fake_csl, fake_dsl = _fake_round(configs[0], 1), _fake_round(configs[1], 1)
+    total_ratio = fake_dsl["bytes"]["up_payload_bytes"] / (2 * fake_csl["bytes"]["up_payload_bytes"])
+    assert f"total {total_ratio:.3f}" in report
+    client_ratio = fake_dsl["memory"]["client_peak_tally_bytes"] / fake_csl["memory"]["client_peak_tally_bytes"]
+    assert f"client {client_ratio:.3f}" in report
+    assert "DSL - CSL final test accuracy: 0.000" in report  # the fake gives both the same accuracy
+    assert "## Extra table" in report and "Hand-written notes." in report
+    assert report.count("| synthetic | 2 |") == 4 * 2  # four per-cell tables, two cuts
+
+
+@pytest.mark.slow
+def test_reproduce_command_on_a_tiny_grid(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "splitflower.cli",
+        "reproduce",
+        "dsl-paper",
+        "--datasets",
+        "synthetic",
+        "--cuts",
+        "s",
+        "--clients",
+        "1",
+        "--epochs",
+        "1",
+        "--train-size",
+        "256",
+        "--test-size",
+        "64",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = sorted(tmp_path.glob("synthetic-*.json"))
+    assert [p.name for p in cells] == ["synthetic-csl-s-n1.json", "synthetic-dsl-s-n1.json"]
+    for path in cells:
+        results = json.loads(path.read_text())
+        assert results["config"]["train_size"] == 256 and len(results["rounds"]) == 1
+        assert results["rounds"][0]["num_examples"] == 256
+    assert (tmp_path / "report.md").is_file() and list(tmp_path.glob("fig7-time-*.png"))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done already") == 2
