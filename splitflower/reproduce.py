@@ -31,8 +31,11 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,9 +216,33 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
     """Child-process entry point: run one cell and write its results file."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    results = run_experiment(config, say=lambda line: print(f"    {line}", flush=True))
-    results["reproduce"] = extra
-    write_results(results, path)
+    try:
+        results = run_experiment(config, say=lambda line: print(f"    {line}", flush=True))
+        results["reproduce"] = extra
+        write_results(results, path)
+    except BaseException:  # noqa: BLE001 - reported, then the process ends at once
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # When Ray fails to start, Flower's ServerApp thread is left waiting forever; a normal
+        # exit would join it and hang. Leave at once so the grid can retry the cell.
+        os._exit(1)
+
+
+def _run_in_child(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> str:
+    """Run one cell in a fresh process; return an error message, or "" on success."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_run_cell, args=(config, path, extra), name="splitflower-cell"
+    )
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return f"the cell did not finish within {timeout:.0f}s and was stopped"
+    if process.exitcode != 0:
+        return f"the cell's process exited with code {process.exitcode} (its output is above)"
+    return ""
 
 
 def run_grid(
@@ -226,11 +253,15 @@ def run_grid(
     scale: str = "",
     say: Callable[[str], None] = print,
     runner: Callable[[ExperimentConfig, str, dict[str, Any]], None] | None = None,
+    attempts: int = 2,
+    cell_timeout: float | None = None,
 ) -> list[CellOutcome]:
     """Run every cell not yet finished in ``out_dir``, each in a fresh process.
 
-    ``runner`` replaces the child process (tests). A failing cell is reported and the grid
-    goes on; the outcomes say which failed.
+    ``runner`` replaces the child process (tests). A failing cell is tried ``attempts`` times
+    in all (Ray's local node sometimes misses its start-up window on a loaded machine), then
+    reported, and the grid goes on; the outcomes say which failed. ``cell_timeout`` (seconds)
+    stops a cell's process that runs longer.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,20 +283,19 @@ def run_grid(
         say(f"{label}: running ({time.perf_counter() - started:.0f}s into the grid{eta})")
         extra = {"grid": grid, "scale": scale, "commit": commit, "cell": number, "cells": len(configs)}
         cell_started = time.perf_counter()
-        error = ""
-        try:
-            if runner is not None:
-                runner(config, str(path), extra)
-            else:
-                process = multiprocessing.get_context("spawn").Process(
-                    target=_run_cell, args=(config, str(path), extra), name=f"splitflower-cell-{number}"
-                )
-                process.start()
-                process.join()
-                if process.exitcode != 0:
-                    error = f"the cell's process exited with code {process.exitcode} (its output is above)"
-        except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
-            error = f"{type(err).__name__}: {err}"
+        for attempt in range(1, max(attempts, 1) + 1):
+            error = ""
+            try:
+                if runner is not None:
+                    runner(config, str(path), extra)
+                else:
+                    error = _run_in_child(config, str(path), extra, cell_timeout)
+            except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
+                error = f"{type(err).__name__}: {err}"
+            if not error and path.is_file():
+                break
+            if attempt < attempts:
+                say(f"{label}: attempt {attempt} failed ({error or 'no results file'}); trying again")
         seconds = time.perf_counter() - cell_started
         if error or not path.is_file():
             error = error or f"no results file {path} was written"
@@ -312,6 +342,7 @@ def add_reproduce_parser(commands: Any) -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cuda for the paper scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
+    parser.add_argument("--cell-timeout", type=float, default=None, help="stop a cell that runs longer (seconds)")
     parser.add_argument("--report-only", action="store_true", help="only build the plots and report from the files")
     parser.add_argument("--no-report", action="store_true", help="do not build the plots and report at the end")
 
@@ -338,7 +369,14 @@ def reproduce_main(args: Any) -> int:
             seed=args.seed,
             link=args.link,
         )
-        outcomes = run_grid(configs, out, grid=args.grid, scale=args.scale, say=lambda s: print(s, flush=True))
+        outcomes = run_grid(
+            configs,
+            out,
+            grid=args.grid,
+            scale=args.scale,
+            say=lambda s: print(s, flush=True),
+            cell_timeout=args.cell_timeout,
+        )
     if not args.no_report:
         for path in build_report(out):
             print(f"written: {path}")

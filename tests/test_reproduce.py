@@ -94,6 +94,7 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
     outcomes = run_grid(configs, tmp_path, runner=runner, say=lambda _: None)
     assert [(o.config.algorithm, o.status) for o in outcomes] == [("csl", "failed"), ("dsl", "ran")]
     assert "deliberate failure" in outcomes[0].error
+    assert runner.ran.count(cell_filename(configs[0])) == 2  # tried again once before giving up
     # The rerun retries only the failed cell.
     retry = _FakeRunner()
     run_grid(configs, tmp_path, runner=retry, say=lambda _: None)
