@@ -54,6 +54,7 @@ __all__ = [
     "Scale",
     "cell_filename",
     "grid_configs",
+    "run_cell_process",
     "run_grid",
     "source_commit",
 ]
@@ -229,7 +230,7 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
         os._exit(1)
 
 
-def _run_in_child(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> str:
+def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> str:
     """Run one cell in a fresh process; return an error message, or "" on success."""
     process = multiprocessing.get_context("spawn").Process(
         target=_run_cell, args=(config, path, extra), name="splitflower-cell"
@@ -289,7 +290,7 @@ def run_grid(
                 if runner is not None:
                     runner(config, str(path), extra)
                 else:
-                    error = _run_in_child(config, str(path), extra, cell_timeout)
+                    error = run_cell_process(config, str(path), extra, cell_timeout)
             except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
                 error = f"{type(err).__name__}: {err}"
             if not error and path.is_file():
