@@ -443,7 +443,8 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
             client_app=experiment.client_app(),
             num_supernodes=config.clients,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
+                "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / concurrent if config.device.startswith("cuda") else 0.0},
                 "init_args": {"num_cpus": concurrent, "include_dashboard": False},
             },
         )
