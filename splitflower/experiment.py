@@ -437,14 +437,15 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         f"{config.clients} clients, {config.rounds} rounds"
     )
     concurrent = 1 if config.strategy == "sequential" else config.clients
+    # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
+    gpus_per_client = 1 / concurrent if config.device.startswith("cuda") else 0.0
     with progress:
         run_simulation(
             server_app=experiment.server_app(strategy, keep_result, on_round),
             client_app=experiment.client_app(),
             num_supernodes=config.clients,
             backend_config={
-                # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
-                "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / concurrent if config.device.startswith("cuda") else 0.0},
+                "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_client},
                 "init_args": {"num_cpus": concurrent, "include_dashboard": False},
             },
         )
