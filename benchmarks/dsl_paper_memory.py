@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     setting = (
-        f"{args.model} on Fashion-MNIST, batch {PAPER_HYPERPARAMETERS['batch_size']}, {args.batches} batches, "
+        f"Fashion-MNIST, batch {PAPER_HYPERPARAMETERS['batch_size']}, the number of batches in the command, "
         "one client; memory is the deterministic tally (parameters + gradients + optimizer state + "
         "autograd-saved activations + request payload in flight), not the process RSS."
     )
@@ -235,14 +235,31 @@ def main(argv: list[str] | None = None) -> int:
             "the server computes; DSL frees them after the auxiliary step, before the server's step.",
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    for path in write_tables(args.out, tables, args.model):
+        print(f"written: {path}")
+    return 0
+
+
+def write_tables(folder: Path, tables: dict[str, dict[str, Any]], model: str) -> list[Path]:
+    """Write each table, keeping the rows of other models already in the file (one file
+    holds e.g. ResNet-20 and ResNet-110); the commands and commits of both are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
     for name, table in tables.items():
-        path = args.out / name
+        path = folder / name
+        if path.is_file():
+            old = json.loads(path.read_text())
+            kept = [row for row in old.get("rows", []) if row and row[0] != model]
+            if kept:
+                table = table | {"rows": kept + table["rows"]}
+                for key in ("command", "commit"):
+                    earlier = [part for part in str(old.get(key, "")).split("; ") if part and part != table[key]]
+                    table[key] = "; ".join([*earlier, table[key]])
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(path)
-        print(f"written: {path}")
-    return 0
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":
