@@ -47,10 +47,18 @@ WINDOWS = (("csl", 1), ("csl", 4), ("dsl", 0), ("dsl", 1), ("dsl", 4), ("dsl", 8
 MB = 1e6
 
 
-def _config(model: str, cut: str, batches: int, algorithm: str = "csl", window: int | None = None) -> ExperimentConfig:
+def _config(
+    model: str,
+    cut: str,
+    batches: int,
+    algorithm: str = "csl",
+    window: int | None = None,
+    dataset: str = "fashion-mnist",
+) -> ExperimentConfig:
     hyper = {k: v for k, v in PAPER_HYPERPARAMETERS.items() if k != "strategy"}
     return ExperimentConfig(
         algorithm=algorithm,
+        dataset=dataset,
         model=model,
         cut=cut,
         clients=1,
@@ -61,9 +69,11 @@ def _config(model: str, cut: str, batches: int, algorithm: str = "csl", window: 
     )
 
 
-def distributed(model: str, cut: str, algorithm: str, window: int, batches: int) -> dict[str, float]:
+def distributed(
+    model: str, cut: str, algorithm: str, window: int, batches: int, dataset: str = "fashion-mnist"
+) -> dict[str, float]:
     """One client and one server model over the loopback gRPC service; their peak tallies."""
-    experiment = Experiment(_config(model, cut, batches, algorithm, window))
+    experiment = Experiment(_config(model, cut, batches, algorithm, window, dataset))
     train_config = experiment.train_config() | {ConfigKey.SERVER_ROUND: 1, ConfigKey.CLIENT_INDEX: 0}
     service = SplitService(port=0)
     service.start()
@@ -90,9 +100,9 @@ def distributed(model: str, cut: str, algorithm: str, window: int, batches: int)
     }
 
 
-def colocated(model: str, cut: str, algorithm: str, batches: int) -> float:
+def colocated(model: str, cut: str, algorithm: str, batches: int, dataset: str = "fashion-mnist") -> float:
     """Both halves in one thread, one tally, no channel: the peak (bytes)."""
-    experiment = Experiment(_config(model, cut, batches, algorithm))
+    experiment = Experiment(_config(model, cut, batches, algorithm, dataset=dataset))
     client = experiment.make_client(0)  # holds the segment (and DSL's auxiliary head)
     top = experiment.make_server_model().model
     modules = [*client.model.values(), top]
