@@ -1,16 +1,18 @@
 """Wall time per epoch, DSL / CSL, with and without an emulated client link and with and
 without pipelining (DSL window 8 vs 0), each configuration run several times.
 
-Every run is a real Flower simulation (``splitflower.experiment.run_experiment`` in a fresh
-process, as ``splitflower reproduce`` runs a cell): ResNet-20 cut s on Fashion-MNIST, one
-client, the paper's hyperparameters, one epoch over a seeded training subset. The time per
-epoch is the round's wall time as the strategy measures it (client training and draining, not
-Ray's start-up or the central evaluation). Configurations: CSL (window 1, blocking), DSL
-window 0 (blocking: the client waits for the server after each batch, as a single-process
-implementation does) and DSL window 8 (pipelined), each without a link and with the
-emulated link (``--link``, default 10 Mbit/s up, 50 Mbit/s down, 20 ms RTT; see
-``splitflower.linkemu``). Repeats run interleaved (all configurations once, then again) so
-that drifting load on the machine spreads over all of them.
+Every run puts the server model in a process of its own, serving the split-learning gRPC
+service (behind the link emulator when there is a link), and trains the client in this process
+over that channel: the data path of a Flower run, without Ray and Flower's control messages,
+whose start-up (about 35 s a run on this machine) would cost more than the runs themselves.
+ResNet-20 cut s on Fashion-MNIST, one client, the paper's hyperparameters, one epoch over a
+seeded training subset. The time per epoch is the client's ``fit`` plus closing the proxy
+(which waits for every batch still in flight to be trained on by the server).
+Configurations: CSL (window 1, blocking), DSL window 0 (blocking: the client waits for the
+server after each batch, as a single-process implementation does) and DSL window 8
+(pipelined), each without a link and with the emulated link (``--link``, default 10 Mbit/s
+up, 50 Mbit/s down, 20 ms RTT; see ``splitflower.linkemu``). Repeats run interleaved (all
+configurations once, then again) so that drifting load on the machine spreads over all of them.
 
 Writes ``extra-timing-runs.json`` (every run) and ``extra-timing-ratios.json`` (DSL/CSL of
 the median times, with the range over repeats paired in order) into ``--out``; the grid
@@ -22,16 +24,27 @@ Usage: ``python benchmarks/dsl_paper_timing.py --out docs/results [--batches 16]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import sys
-import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from splitflower.experiment import ExperimentConfig
-from splitflower.reproduce import PAPER_HYPERPARAMETERS, run_cell_process, source_commit
+import torch
+
+from splitflower.app import client_reply_metrics
+from splitflower.compute import run_on_compute_thread
+from splitflower.experiment import Experiment, ExperimentConfig, threads_per_client
+from splitflower.linkemu import LinkEmulator, parse_link
+from splitflower.proxy import ServerModelProxy
+from splitflower.reproduce import PAPER_HYPERPARAMETERS, source_commit
+from splitflower.scheduling import ImmediateScheduler
+from splitflower.service import SplitService
+from splitflower.wire import ConfigKey
 
 RUNS = (("csl", 1, "CSL"), ("dsl", 0, "DSL blocking (window 0)"), ("dsl", 8, "DSL pipelined (window 8)"))
 
@@ -51,14 +64,48 @@ def _config(algorithm: str, window: int, link: str, batches: int, model: str, cu
     ).validate()
 
 
-def _run(config: ExperimentConfig, folder: Path, name: str) -> dict[str, Any]:
-    path = folder / f"{name}.json"
-    for attempt in (1, 2):  # Ray's node sometimes misses its start-up window on a loaded machine
-        error = run_cell_process(config, str(path), {"benchmark": "dsl_paper_timing"}, 900.0)
-        if not error and path.is_file():
-            return dict(json.loads(path.read_text())["rounds"][0])
-        print(f"  {name}: attempt {attempt} failed: {error}", flush=True)
-    raise RuntimeError(f"{name} failed twice")
+def _serve(config: ExperimentConfig, pipe: Connection) -> None:
+    """Server process: the service, one server model, the link emulator; until told to stop."""
+    experiment = run_on_compute_thread(Experiment, config)
+    service = SplitService(port=0)
+    service.start()
+    server = run_on_compute_thread(experiment.make_server_model)
+    run_on_compute_thread(server.configure_fit, None, experiment.train_config())
+    token, _ = service.open_session("client-0", ImmediateScheduler(server))
+    with contextlib.ExitStack() as stack:
+        address = service.address
+        if config.link:
+            address = stack.enter_context(LinkEmulator(service.address, parse_link(config.link))).address
+        pipe.send((address, token))
+        pipe.recv()  # the client is done
+    service.stop(grace=0)
+
+
+def _run(config: ExperimentConfig) -> dict[str, Any]:
+    """One epoch of one client against a server model in another process."""
+    here, there = multiprocessing.get_context("spawn").Pipe()
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(config, there), daemon=True)
+    server.start()
+    try:
+        if not here.poll(300):
+            raise RuntimeError("the server process did not start within 300 s")
+        address, token = here.recv()
+        experiment = Experiment(config)
+        torch.set_num_threads(threads_per_client(config))
+        client = experiment.make_client(0)
+        proxy = ServerModelProxy(address, token, max_in_flight=client.max_in_flight, memory=client.memory)
+        client.server_model_proxy = proxy
+        train_config = experiment.train_config() | {ConfigKey.SERVER_ROUND: 1, ConfigKey.CLIENT_INDEX: 0}
+        started = time.perf_counter()
+        fit = client.fit({}, train_config)
+        proxy.close()
+        wall = time.perf_counter() - started
+        here.send("done")
+    finally:
+        server.join(30)
+        if server.is_alive():
+            server.kill()
+    return {"seconds": wall, **client_reply_metrics(client, proxy, fit.num_examples, fit.metrics)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,32 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     commit = source_commit()
     seconds: dict[tuple[str, str], list[float]] = {}
     rows: list[list[Any]] = []
-    with tempfile.TemporaryDirectory(prefix="dsl-timing-") as tmp:
-        for repeat in range(1, args.repeats + 1):
-            for link in ("", args.link):
-                for algorithm, window, label in RUNS:
-                    config = _config(algorithm, window, link, args.batches, args.model, args.cut)
-                    started = time.perf_counter()
-                    name = f"{algorithm}-w{window}-{'link' if link else 'nolink'}-{repeat}"
-                    entry = _run(config, Path(tmp), name)
-                    times = entry["time"]
-                    seconds.setdefault((label, link or "none"), []).append(float(entry["seconds"]))
-                    rows.append(
-                        [label, link or "none", repeat, round(float(entry["seconds"]), 2)]
-                        + [
-                            round(float(times[k]), 2)
-                            for k in ("client_compute_s", "server_compute_s", "communication_wait_s")
-                        ]
-                        + [
-                            round(entry["bytes"]["up_payload_bytes"] / 1e6, 1),
-                            round(entry["bytes"]["down_payload_bytes"] / 1e6, 1),
-                        ]
-                    )
-                    print(
-                        f"repeat {repeat} {label}, link {link or 'none'}: epoch {entry['seconds']:.1f}s "
-                        f"({time.perf_counter() - started:.0f}s with start-up)",
-                        flush=True,
-                    )
+    for repeat in range(1, args.repeats + 1):
+        for link in ("", args.link):
+            for algorithm, window, label in RUNS:
+                config = _config(algorithm, window, link, args.batches, args.model, args.cut)
+                started = time.perf_counter()
+                entry = _run(config)
+                seconds.setdefault((label, link or "none"), []).append(float(entry["seconds"]))
+                rows.append(
+                    [label, link or "none", repeat, round(float(entry["seconds"]), 2)]
+                    + [
+                        round(float(entry[k]), 2)
+                        for k in ("client_compute_s", "server_compute_s", "communication_wait_s")
+                    ]
+                    + [
+                        round(entry["up_payload_bytes"] / 1e6, 1),
+                        round(entry["down_payload_bytes"] / 1e6, 1),
+                    ]
+                )
+                print(
+                    f"repeat {repeat} {label}, link {link or 'none'}: epoch {entry['seconds']:.1f}s "
+                    f"({time.perf_counter() - started:.0f}s with start-up)",
+                    flush=True,
+                )
     ratio_rows: list[list[Any]] = []
     for link in ("none", args.link):
         base = seconds[("CSL", link)]
@@ -119,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (
         f"{args.model} cut {args.cut}, Fashion-MNIST, one client, {args.batches} batches of "
         f"{PAPER_HYPERPARAMETERS['batch_size']} (one epoch over a seeded subset), {args.repeats} repeats, "
-        "Flower simulation on this shared 2-core machine (other jobs were running: absolute times are "
+        "server model in its own process, on this shared 2-core machine (other jobs were running: absolute times are "
         "indicative, ratios within a repeat more so)."
     )
     tables = {
