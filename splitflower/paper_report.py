@@ -8,7 +8,8 @@ Reads every ``*.json`` results file (schema ``splitflower.results/1``) in a dire
   server) and backward (server to client), at the largest N (the paper's N = 10);
 * ``fig6-memory-<dataset>.png``: peak training memory (tally) per party, per cut and N;
 * ``fig7-time-<dataset>.png``: time per epoch split into client compute, server compute and
-  communication wait, per cut and N, with the epoch's wall time marked;
+  communication wait, per cut and N, with the epoch's wall time marked (mean of the epochs
+  after the first, which includes the client actor's start-up);
 
 and ``report.md``: the paper's four claims beside what was measured, and per-cell tables.
 Tables of extra measurements (``extra-*.json`` files in the directory, each
@@ -86,7 +87,11 @@ class Cell:
 
     @property
     def wall_per_epoch(self) -> float:
-        return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else math.nan
+        """Mean wall time of the epochs after the first (the first includes starting the
+        client's Ray actor, loading its data and building its model); the first alone if
+        there is only one."""
+        later = self.epoch_seconds[1:] or self.epoch_seconds
+        return sum(later) / len(later) if later else math.nan
 
 
 def _cell(path: Path, document: dict[str, Any]) -> Cell:
@@ -468,7 +473,8 @@ def _cell_tables(pairs: Sequence[tuple[Cell, Cell]]) -> list[str]:
         )
     lines += [
         "",
-        "## Time per epoch per cell (seconds; client compute / server compute / comm wait, summed over clients)",
+        "## Time per epoch per cell (seconds; wall: mean of epochs 2 and later; client compute / server compute / "
+        "comm wait: per epoch, summed over clients)",
         "",
         head + " CSL wall | DSL wall | DSL/CSL wall | CSL client/server/comm | DSL client/server/comm |",
         "|---|---|---|---|---|---|---|---|",
