@@ -46,6 +46,7 @@ from splitflower.scheduling import ImmediateScheduler
 from splitflower.service import SplitService
 from splitflower.wire import ConfigKey
 
+GAP_TIMEOUT_S = 120.0
 RUNS = (("csl", 1, "CSL"), ("dsl", 0, "DSL blocking (window 0)"), ("dsl", 8, "DSL pipelined (window 8)"))
 
 
@@ -67,7 +68,10 @@ def _config(algorithm: str, window: int, link: str, batches: int, model: str, cu
 def _serve(config: ExperimentConfig, pipe: Connection) -> None:
     """Server process: the service, one server model, the link emulator; until told to stop."""
     experiment = run_on_compute_thread(Experiment, config)
-    service = SplitService(port=0)
+    # Over a slow link, requests multiplexed on one HTTP/2 connection can complete out of
+    # order by many seconds; the default 1 s before a missing request is presumed lost is
+    # too short there (the service then skips it and the client's later call fails).
+    service = SplitService(port=0, gap_timeout=GAP_TIMEOUT_S)
     service.start()
     server = run_on_compute_thread(experiment.make_server_model)
     run_on_compute_thread(server.configure_fit, None, experiment.train_config())
