@@ -50,7 +50,9 @@ GAP_TIMEOUT_S = 120.0
 RUNS = (("csl", 1, "CSL"), ("dsl", 0, "DSL blocking (window 0)"), ("dsl", 8, "DSL pipelined (window 8)"))
 
 
-def _config(algorithm: str, window: int, link: str, batches: int, model: str, cut: str) -> ExperimentConfig:
+def _config(
+    algorithm: str, window: int, link: str, batches: int, model: str, cut: str, threads: int = 0
+) -> ExperimentConfig:
     return ExperimentConfig(
         algorithm=algorithm,
         model=model,
@@ -61,12 +63,15 @@ def _config(algorithm: str, window: int, link: str, batches: int, model: str, cu
         test_size=100,
         options=(f"window={window}",),
         link=link,
+        torch_threads=threads,
         **PAPER_HYPERPARAMETERS,
     ).validate()
 
 
 def _serve(config: ExperimentConfig, pipe: Connection) -> None:
     """Server process: the service, one server model, the link emulator; until told to stop."""
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     experiment = run_on_compute_thread(Experiment, config)
     # Over a slow link, requests multiplexed on one HTTP/2 connection can complete out of
     # order by many seconds; the default 1 s before a missing request is presumed lost is
@@ -120,15 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", default="10mbit/50mbit/20ms")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--cut", default="s")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per party (0: as in a Flower run)")
+    parser.add_argument("--tag", default="", help="infix of the output file names, e.g. 1thread")
     args = parser.parse_args(argv)
     command = "python " + " ".join(["benchmarks/dsl_paper_timing.py", *(argv or sys.argv[1:])])
     commit = source_commit()
+    links = ("", args.link) if args.link else ("",)  # --link "": without a link only
+    infix = f"-{args.tag}" if args.tag else ""
+    title = f" ({args.threads} torch thread(s) per party)" if args.threads else ""
     seconds: dict[tuple[str, str], list[float]] = {}
     rows: list[list[Any]] = []
     for repeat in range(1, args.repeats + 1):
-        for link in ("", args.link):
+        for link in links:
             for algorithm, window, label in RUNS:
-                config = _config(algorithm, window, link, args.batches, args.model, args.cut)
+                config = _config(algorithm, window, link, args.batches, args.model, args.cut, args.threads)
                 started = time.perf_counter()
                 entry = _run(config)
                 seconds.setdefault((label, link or "none"), []).append(float(entry["seconds"]))
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     ratio_rows: list[list[Any]] = []
-    for link in ("none", args.link):
+    for link in [link or "none" for link in links]:
         base = seconds[("CSL", link)]
         for _, _, label in RUNS[1:]:
             mine = seconds[(label, link)]
@@ -167,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     setting = (
         f"{args.model} cut {args.cut}, Fashion-MNIST, one client, {args.batches} batches of "
         f"{PAPER_HYPERPARAMETERS['batch_size']} (one epoch over a seeded subset), {args.repeats} repeats, "
-        "server model in its own process, on this shared 2-core machine (other jobs were running: absolute times are "
+        "server model in its own process, on this 2-core machine shared with other agents' jobs (absolute times are "
         "indicative, ratios within a repeat more so)."
     )
     tables = {
-        "extra-timing-runs.json": {
-            "title": "Wall time per epoch, every run (seconds; payload in MB)",
+        f"extra-timing{infix}-runs.json": {
+            "title": f"Wall time per epoch, every run (seconds; payload in MB){title}",
             "columns": [
                 "configuration",
                 "link",
@@ -187,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "notes": setting,
         },
-        "extra-timing-ratios.json": {
-            "title": "Wall time per epoch, DSL / CSL, with and without link emulation and pipelining",
+        f"extra-timing{infix}-ratios.json": {
+            "title": f"Wall time per epoch, DSL / CSL, with and without link emulation and pipelining{title}",
             "columns": [
                 "ratio",
                 "link",

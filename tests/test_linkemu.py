@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +177,39 @@ def test_proxy_calls_cross_the_emulated_link(service: SplitService) -> None:
         proxy.close()
     assert torch.equal(result, x)
     assert elapsed >= spec.rtt_s  # one round trip at least
+
+
+@pytest.mark.slow
+def test_a_flower_run_over_an_emulated_link(tmp_path: Path) -> None:
+    out = tmp_path / "linked.json"
+    command = [
+        sys.executable,
+        "-m",
+        "splitflower.cli",
+        "run",
+        "--algorithm",
+        "csl",
+        "--dataset",
+        "synthetic",
+        "--clients",
+        "1",
+        "--rounds",
+        "1",
+        "--train-size",
+        "256",
+        "--test-size",
+        "64",
+        "--link",
+        "200mbit/200mbit/10ms",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["config"]["link"] == "200mbit/200mbit/10ms"
+    first = results["rounds"][0]
+    assert first["num_examples"] == 256
+    batches = -(-results["config"]["train_size"] // results["config"]["batch_size"])
+    # Every blocking call waits one round trip at least, which the client counts as waiting.
+    assert first["time"]["communication_wait_s"] + first["time"]["server_compute_s"] >= batches * 0.010
