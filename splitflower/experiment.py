@@ -35,7 +35,7 @@ from splitflower.errors import ConfigError
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
 from splitflower.split import split_for_cut
-from splitflower.strategies import STRATEGIES
+from splitflower.strategies import STRATEGIES, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey
 
@@ -248,8 +248,13 @@ def threads_per_client(config: ExperimentConfig) -> int:
     """Torch threads for one client: the cores shared by the clients that run at once."""
     if config.torch_threads > 0:
         return config.torch_threads
-    concurrent = 1 if config.strategy == "sequential" else config.clients
-    return max(1, (os.cpu_count() or 1) // concurrent)
+    return max(1, (os.cpu_count() or 1) // _concurrent_clients(config))
+
+
+def _concurrent_clients(config: ExperimentConfig) -> int:
+    """Clients training at once: one under strategies that serve clients in turn."""
+    strategy = STRATEGIES.get(str(config.strategy))
+    return 1 if strategy is not None and issubclass(strategy, SequentialStrategy) else config.clients
 
 
 def _client_app(config: ExperimentConfig) -> ClientApp:
@@ -397,7 +402,7 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
         f"{config.clients} clients, {config.rounds} rounds"
     )
-    concurrent = 1 if config.strategy == "sequential" else config.clients
+    concurrent = _concurrent_clients(config)
     with progress:
         run_simulation(
             server_app=experiment.server_app(strategy, keep_result, on_round),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
 from typing import Any, TypeVar
@@ -16,6 +16,7 @@ from splitflower.errors import InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 
 __all__ = [
+    "CallContext",
     "FLOATING",
     "TensorSpec",
     "remote",
@@ -120,6 +121,49 @@ class _RemoteMethod:
     specs: Mapping[str, TensorSpec]
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling a server-model method, and which rows of its batch are whose.
+
+    Schedulers set it for the duration of each call (see :attr:`ServerModel.call_context`).
+    ``callers`` are the clients whose requests the call serves, in the order their
+    tensors were concatenated; ``rows[i]`` is the slice of dimension 0 that came from
+    ``callers[i]``. An unbatched call has one caller owning every row.
+
+    Example
+    -------
+    >>> context = CallContext(callers=("a", "b"), rows=(slice(0, 2), slice(2, 5)))
+    >>> context.sizes
+    [2, 3]
+    >>> context.own_mean_scale()
+    tensor([2.5000, 2.5000, 1.6667, 1.6667, 1.6667])
+    """
+
+    callers: tuple[Hashable, ...] = ()
+    rows: tuple[slice, ...] = ()
+
+    @property
+    def caller(self) -> Hashable:
+        """The one client this call serves; refuses a call batched across clients."""
+        if len(self.callers) != 1:
+            raise RuntimeError(
+                f"call_context.caller needs exactly one caller, got {len(self.callers)} "
+                f"({list(self.callers)}); use callers/rows under a batching scheduler"
+            )
+        return self.callers[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per caller."""
+        return [r.stop - r.start for r in self.rows]
+
+    def own_mean_scale(self) -> torch.Tensor:
+        """Per-row factor turning the gradient of the batch-mean loss into each caller's
+        gradient of its own mean loss (``total rows / the row's caller's rows``)."""
+        total = sum(self.sizes)
+        return torch.cat([torch.full((n,), total / n) for n in self.sizes])
+
+
 @dataclass
 class FitResult:
     """What a party returns after a round: weights, the examples it trained on, metrics."""
@@ -138,7 +182,9 @@ class ServerModel:
     value (None, a tensor, a dict or a tuple of tensors) goes back to the caller.
     ``configure_fit`` loads the round's weights and rebuilds the optimizer;
     ``get_fit_result`` hands the trained weights back to the strategy. The optimizer state
-    therefore lives for one round, as on the clients.
+    therefore lives for one round, as on the clients. During a call, :attr:`call_context`
+    says which client(s) it serves (and, when a scheduler batched several clients'
+    requests, which rows are whose), so a method can keep per-client state.
 
     Example
     -------
@@ -170,6 +216,12 @@ class ServerModel:
         self.log_prefix = "[server]"
         self._num_examples = 0
         self._loss_sum = 0.0
+        self._call_context = CallContext()
+
+    @property
+    def call_context(self) -> CallContext:
+        """The clients served by the call in progress (empty outside a scheduled call)."""
+        return self._call_context
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer."""

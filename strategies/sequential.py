@@ -15,13 +15,16 @@ __all__ = ["SequentialStrategy"]
 class SequentialStrategy(SplitStrategy):
     """Clients train one after another on one server model; each starts from the
     client segment the previous client returned (LocFedMix-SL, eq. 3). The round's
-    client weights are those of the last client that finished.
+    client weights are those of the last client that finished. A subclass that sets
+    ``hands_on = False`` starts every client from the round's weights instead.
 
     Example
     -------
     >>> SequentialStrategy().order_clients([7, 3, 5])
     [3, 5, 7]
     """
+
+    hands_on = True
 
     def train_round(
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
@@ -32,7 +35,7 @@ class SequentialStrategy(SplitStrategy):
             reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout))
             replies += reply
             for answer in reply:
-                if not answer.has_error():
+                if self.hands_on and not answer.has_error():
                     arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
         return replies
 
