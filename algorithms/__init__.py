@@ -6,26 +6,65 @@ to each algorithm's pair and the strategies it can run under.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from splitflower.algorithms.csl import CSLClient, CSLServerModel
-from splitflower.algorithms.dsl import DSLClient, DSLServerModel
+from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
+from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.client import Client
-from splitflower.errors import IncompatibleStrategyError
+from splitflower.errors import ConfigError, IncompatibleStrategyError
+from splitflower.options import parse_options
 from splitflower.server_model import ServerModel
 
-__all__ = ["ALGORITHMS", "Algorithm", "CSLClient", "CSLServerModel", "DSLClient", "DSLServerModel"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "CSLClient",
+    "CSLOptions",
+    "CSLServerModel",
+    "DSLClient",
+    "DSLOptions",
+    "DSLServerModel",
+]
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A named client + server-model pair and the strategies it runs under."""
+    """A named client + server-model pair, the strategies it runs under, and its options.
+
+    Its options are the client's ``Options`` dataclass (else the server model's); when
+    there is one, both the client and the server model are built with ``options=<instance>``.
+
+    Example
+    -------
+    >>> ALGORITHMS["csl"].parse_options(["window=2"])
+    CSLOptions(window=2)
+    """
 
     name: str
     client: type[Client]
     server_model: type[ServerModel]
     default_strategy: str = "parallel"
     strategies: tuple[str, ...] | None = None  # None: any strategy
+
+    @property
+    def options(self) -> type | None:
+        """The dataclass of this algorithm's options, if it has any."""
+        return self.client.Options or self.server_model.Options
+
+    def parse_options(self, pairs: Sequence[str]) -> Any:
+        """The options instance for ``key=value`` strings (None if the algorithm has none)."""
+        if self.options is None:
+            if pairs:
+                raise ConfigError(f"algorithm {self.name!r} takes no options, got {list(pairs)}")
+            return None
+        return parse_options(self.options, pairs, owner=self.name)
+
+    def option_kwargs(self, pairs: Sequence[str]) -> dict[str, Any]:
+        """Keyword arguments that hand the parsed options to a client or server model."""
+        options = self.parse_options(pairs)
+        return {} if options is None else {"options": options}
 
     def check_strategy(self, strategy: str) -> None:
         """Refuse a strategy this algorithm cannot run under, naming the ones it can."""

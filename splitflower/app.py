@@ -184,6 +184,7 @@ def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModel
         root_certificates=config.get(ConfigKey.ROOT_CERTIFICATES) or None,
         max_message_bytes=int(config.get(ConfigKey.MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)),
         default_timeout=float(config[ConfigKey.CALL_TIMEOUT]) if ConfigKey.CALL_TIMEOUT in config else None,
+        max_in_flight=client.max_in_flight,
         log_prefix=client.log_prefix,
         memory=client.memory,
     )

@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
+    run.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the algorithm (repeatable), e.g. --option window=4",
+    )
     run.add_argument("--device", default="cpu")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -108,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batching=args.batching,
         flush_timeout=args.flush_timeout,
         device=args.device,
+        options=tuple(args.option),
     )
     try:
         results = run_experiment(config, say=lambda line: print(line, flush=True))

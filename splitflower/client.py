@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,25 +29,28 @@ class Client:
 
     The base class owns the round: it loads the round's weights into ``self.model``
     (a ``ModuleDict`` holding ``"segment"`` and any module an algorithm adds, e.g. an
-    auxiliary head), builds the optimizer over all of them, iterates the local epochs and
-    batches, measures memory and time, drains outstanding fire-and-forget calls, and
-    returns the weights. An algorithm overrides :meth:`train_step` (and :meth:`evaluate`
-    if it evaluates differently), offloading work with
-    ``self.server_model_proxy.<method>(**tensors)``.
+    auxiliary head), builds the optimizer over their trainable parameters (none: no
+    optimizer, e.g. a frozen segment), iterates the local epochs and batches, calls
+    :meth:`end_round`, measures memory and time, drains outstanding fire-and-forget calls,
+    and returns the weights. An algorithm overrides :meth:`train_step` (and
+    :meth:`evaluate` if it evaluates differently), offloading work with
+    ``self.server_model_proxy.<method>(**tensors)`` and updating its weights with
+    :meth:`step`.
 
     Example
     -------
     >>> class ConventionalClient(Client):
     ...     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    ...         z = self.model["segment"](x)
-    ...         grad = self.server_model_proxy.forward_backward(embeddings=z, labels=y)
-    ...         self.optimizer.zero_grad()
-    ...         z.backward(grad)
-    ...         self.optimizer.step()
+    ...         z = self.segment(x)
+    ...         self.step(z, self.server_model_proxy.forward_backward(embeddings=z, labels=y))
     ...         return {}
     """
 
     server_model_proxy: ServerModelProxy
+    Options: ClassVar[type | None] = None
+    """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
+    max_in_flight: int = 8
+    """How many fire-and-forget (``.send``) calls may be unacknowledged at once."""
 
     def __init__(
         self,
@@ -59,6 +62,7 @@ class Client:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
         client_id: int | str = 0,
+        options: Any = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = nn.ModuleDict({"segment": segment}).to(self.device)
@@ -66,10 +70,11 @@ class Client:
         self.test_data = test_data
         self.optimizer_factory = optimizer or sgd()
         self.loss_fn = loss_fn or nn.functional.cross_entropy
-        self.optimizer: torch.optim.Optimizer = self.optimizer_factory(self.model.parameters(), 0.01)
+        self.optimizer: torch.optim.Optimizer | None = None  # built by fit() for the round's lr
         self.memory = MemoryTally()
         self.log_prefix = f"[client {client_id}]"
         self.config: Mapping[str, Any] = {}
+        self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     @property
     def segment(self) -> nn.Module:
@@ -79,6 +84,23 @@ class Client:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float]:
         """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement train_step(x, y)")
+
+    def end_round(self) -> Mapping[str, float]:
+        """Called after the round's last batch (e.g. to settle batches still in flight)."""
+        return {}
+
+    def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None) -> None:
+        """Backpropagate ``output`` (a loss, or activations with their ``grad``; or lists of
+        them, accumulated) and take one optimizer step."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
+        torch.autograd.backward(output, grad)
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+    def _build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.optimizer_factory(params, lr) if params else None
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load the round's weights; an empty mapping keeps the current ones."""
@@ -105,7 +127,7 @@ class Client:
         lr = float(config.get(ConfigKey.LR, 0.01))
         self.config = config
         self.load_weights(weights)
-        self.optimizer = self.optimizer_factory(self.model.parameters(), lr)
+        self.optimizer = self._build_optimizer(lr)
         self.model.train()
         generator = self.batch_generator(config)
         sums: dict[str, float] = {}
@@ -120,6 +142,8 @@ class Client:
                 for name, value in step_metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * len(y)
                 examples += len(y)
+        with self.memory.track():
+            sums.update({name: float(value) * examples for name, value in self.end_round().items()})
         self.server_model_proxy.wait_all()
         metrics = {name: total / max(examples, 1) for name, total in sums.items()}
         metrics["client_wall_s"] = time.perf_counter() - started

@@ -81,6 +81,7 @@ class ExperimentConfig:
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
+    options: tuple[str, ...] = ()  # the algorithm's options as "key=value" (see splitflower.options)
 
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
@@ -114,6 +115,7 @@ class ExperimentConfig:
         algorithm = ALGORITHMS[self.algorithm]
         strategy = self.strategy or algorithm.default_strategy
         algorithm.check_strategy(strategy)
+        algorithm.parse_options(self.options)
         return replace(self, strategy=strategy)
 
 
@@ -123,6 +125,10 @@ def _type_problems(config: ExperimentConfig) -> dict[str, str]:
     problems: dict[str, str] = {}
     for name, hint in typing.get_type_hints(ExperimentConfig).items():
         value = getattr(config, name)
+        if typing.get_origin(hint) is tuple:  # tuple[str, ...]
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                problems[name] = f"{name} must be a tuple of strings, got {value!r}"
+            continue
         declared = typing.get_args(hint) or (hint,)
         if value is None and type(None) in declared:
             continue
@@ -177,12 +183,21 @@ class Experiment:
             data = client_partition(self.train, partition_id, c.clients, c.partition, seed=c.seed)
         torch.manual_seed(c.seed + 1)  # the same auxiliary modules on every client
         return self.algorithm.client(
-            copy.deepcopy(self.bottom), data, None, optimizer=self._optimizer(), device=c.device, client_id=partition_id
+            copy.deepcopy(self.bottom),
+            data,
+            None,
+            optimizer=self._optimizer(),
+            device=c.device,
+            client_id=partition_id,
+            **self.algorithm.option_kwargs(c.options),
         )
 
     def make_server_model(self) -> ServerModel:
         return self.algorithm.server_model(
-            copy.deepcopy(self.top), optimizer=self._optimizer(), device=self.config.device
+            copy.deepcopy(self.top),
+            optimizer=self._optimizer(),
+            device=self.config.device,
+            **self.algorithm.option_kwargs(self.config.options),
         )
 
     def initial_client_weights(self) -> dict[str, torch.Tensor]:

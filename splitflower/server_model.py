@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -199,6 +199,9 @@ class ServerModel:
     4
     """
 
+    Options: ClassVar[type | None] = None
+    """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -206,6 +209,7 @@ class ServerModel:
         optimizer: OptimizerFactory | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
+        options: Any = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -217,6 +221,7 @@ class ServerModel:
         self._num_examples = 0
         self._loss_sum = 0.0
         self._call_context = CallContext()
+        self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     @property
     def call_context(self) -> CallContext:

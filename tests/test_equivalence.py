@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import connect
-from splitflower.algorithms.csl import CSLClient, CSLServerModel
+from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
 from splitflower.scheduling import BatchingScheduler
@@ -171,3 +171,37 @@ def test_server_models_are_averaged_by_examples() -> None:
     averaged = ParallelStrategy().aggregate_server_models([a, b, idle])
     assert averaged is not None
     torch.testing.assert_close(averaged.to_torch_state_dict()["w"], torch.tensor([3.0, 1.0]))
+
+
+def test_csl_window_accumulates_gradients_of_batches_in_flight(service: SplitService) -> None:
+    """CSL with window=3: three batches forwarded with the same client weights, the server
+    training on each in turn, then one client step on the three gradients summed."""
+    data = _data(9 * BATCH)
+    bottom, top = split_model(_model(), 4)
+    ref_bottom, ref_top = copy.deepcopy(bottom), copy.deepcopy(top)
+
+    server = CSLServerModel(top, optimizer=sgd(0.9))
+    server.configure_fit(None, {"lr": LR})
+    client = CSLClient(bottom, data, optimizer=sgd(0.9), options=CSLOptions(window=3))
+    client.server_model_proxy = connect(service, server)
+    fit = client.fit({}, _config())
+    client.server_model_proxy.close()
+
+    client_opt = torch.optim.SGD(ref_bottom.parameters(), lr=LR, momentum=0.9)
+    server_opt = torch.optim.SGD(ref_top.parameters(), lr=LR, momentum=0.9)
+    batches = _batches(data, _config())
+    for start in range(0, len(batches), 3):
+        outputs, grads = [], []
+        for x, y in batches[start : start + 3]:
+            z = ref_bottom(x)
+            cut = z.detach().requires_grad_()
+            server_opt.zero_grad()
+            nn.functional.cross_entropy(ref_top(cut), y).backward()
+            server_opt.step()
+            outputs.append(z)
+            grads.append(cut.grad)
+        client_opt.zero_grad()
+        torch.autograd.backward(outputs, grads)
+        client_opt.step()
+    torch.testing.assert_close(_segment_weights(fit.weights), ref_bottom.state_dict())
+    torch.testing.assert_close(server.get_fit_result().weights, ref_top.state_dict())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,10 +13,12 @@ import pytest
 import torch
 
 from conftest import connect, simulate
-from splitflower.algorithms.csl import CSLClient
-from splitflower.algorithms.dsl import DSLClient, DSLServerModel
+from splitflower.algorithms import ALGORITHMS
+from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
+from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.data import synthetic
-from splitflower.experiment import ExperimentConfig
+from splitflower.errors import ConfigError
+from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.server_model import FitResult
 from splitflower.service import SplitService
 from splitflower.split import split_model
@@ -91,8 +95,6 @@ def test_dsl_sends_nothing_back_and_half_of_csl(service: SplitService) -> None:
     config = {ConfigKey.LR: 0.01, ConfigKey.BATCH_SIZE: 16, ConfigKey.LOCAL_EPOCHS: 1}
     traffic = {}
     for name, client_cls, server_cls in (("dsl", DSLClient, DSLServerModel), ("csl", CSLClient, None)):
-        from splitflower.algorithms.csl import CSLServerModel
-
         server = (server_cls or CSLServerModel)(copy.deepcopy(top))
         server.configure_fit(None, config)
         client = client_cls(copy.deepcopy(bottom), train)
@@ -104,3 +106,97 @@ def test_dsl_sends_nothing_back_and_half_of_csl(service: SplitService) -> None:
     assert dsl["down_payload_bytes"] == 0
     labels = 96 * 8  # int64 labels, sent by both
     assert 2 * (dsl["up_payload_bytes"] - labels) == csl["up_payload_bytes"] - labels + csl["down_payload_bytes"]
+
+
+class _GatedDSLServer(DSLServerModel):
+    gate = threading.Event()
+
+    def train_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        self.gate.wait(10)
+        super().train_batch(embeddings=embeddings, labels=labels)
+
+
+class _CountingDSLClient(DSLClient):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        metrics = super().train_step(x, y)
+        self.steps_done = getattr(self, "steps_done", 0) + 1
+        return metrics
+
+
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_dsl_window_bounds_the_batches_the_client_runs_ahead(service: SplitService, window: int) -> None:
+    """While the server is stalled, the client completes exactly ``window`` steps (0: it waits every batch)."""
+    train, _ = synthetic(80, 8, num_classes=3, input_shape=(1, 8, 8), seed=2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(72, 3))
+    bottom, top = split_model(model, 2)
+    config = {ConfigKey.LR: 0.01, ConfigKey.BATCH_SIZE: 8, ConfigKey.LOCAL_EPOCHS: 1}
+    server = _GatedDSLServer(top)
+    server.configure_fit(None, config)
+    _GatedDSLServer.gate = threading.Event()
+    client = _CountingDSLClient(bottom, train, options=DSLOptions(window=window))
+    client.server_model_proxy = connect(service, server, max_in_flight=client.max_in_flight)
+    runner = threading.Thread(target=client.fit, args=({}, config))
+    runner.start()
+    time.sleep(1.0)
+    ahead = getattr(client, "steps_done", 0)
+    _GatedDSLServer.gate.set()
+    runner.join(30)
+    client.server_model_proxy.close()
+    assert ahead == window
+    assert server.get_fit_result().num_examples == 80
+
+
+def test_algorithm_options_are_parsed_by_type_and_refused_clearly() -> None:
+    csl = ALGORITHMS["csl"]
+    assert csl.parse_options(["window=4"]) == CSLOptions(window=4)
+    assert csl.parse_options([]) == CSLOptions()
+    with pytest.raises(ConfigError, match=r"unknown option 'widow' \(known: window\)"):
+        csl.parse_options(["widow=4"])
+    with pytest.raises(ConfigError, match="option 'window': expected int, got 'four'"):
+        csl.parse_options(["window=four"])
+    with pytest.raises(ConfigError, match="window must be at least 1, got 0"):
+        csl.parse_options(["window=0"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE, got 'window'"):
+        csl.parse_options(["window"])
+    with pytest.raises(ConfigError, match="window must be at least 1"):
+        ExperimentConfig(algorithm="csl", options=("window=0",)).validate()
+    with pytest.raises(ConfigError, match="options must be a tuple of strings"):
+        ExperimentConfig(algorithm="csl", options=["window=2"]).validate()  # type: ignore[arg-type]
+
+
+def test_options_reach_both_parties_of_an_experiment() -> None:
+    experiment = Experiment(
+        ExperimentConfig(algorithm="dsl", dataset="synthetic", synthetic_size=64, options=("window=0",))
+    )
+    client = experiment.make_client(0)
+    assert client.options == DSLOptions(window=0)
+    assert client.max_in_flight == 1
+    assert experiment.make_server_model().options == DSLOptions(window=0)
+
+
+class _FrozenClient(CSLClient):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            z = self.segment(x)
+        self.server_model_proxy.forward_backward(embeddings=z, labels=y)
+        return {}
+
+
+def test_a_client_whose_segment_has_no_trainable_parameters_trains_without_an_optimizer(
+    service: SplitService,
+) -> None:
+    train, _ = synthetic(32, 8, num_classes=3, input_shape=(1, 8, 8), seed=2)
+    bottom, top = split_model(
+        torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3)), 2
+    )
+    bottom.requires_grad_(False)
+    before = copy.deepcopy(bottom.state_dict())
+    server = CSLServerModel(top)
+    server.configure_fit(None, {})
+    client = _FrozenClient(bottom, train)
+    client.server_model_proxy = connect(service, server)
+    fit = client.fit({}, {ConfigKey.BATCH_SIZE: 8})
+    client.server_model_proxy.close()
+    assert client.optimizer is None
+    assert fit.num_examples == 32 and server.get_fit_result().num_examples == 32
+    torch.testing.assert_close({k.removeprefix("segment."): v for k, v in fit.weights.items()}, before)

@@ -9,6 +9,7 @@ from flwr.app import Context
 
 from splitflower.errors import ConfigError
 from splitflower.experiment import Experiment, ExperimentConfig, cached_experiment
+from splitflower.options import split_option_string
 
 # run-config key (as in pyproject.toml) -> ExperimentConfig field
 _FIELDS = {
@@ -56,6 +57,11 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
         else:
             values["clients"] = count
     values["cut"] = str(values.get("cut", "s"))
+    options = run_config.get("options", "")
+    if isinstance(options, str):
+        values["options"] = split_option_string(options)
+    else:
+        problems.append(f"run config 'options' must be a string like \"window=4,lam=0.5\", got {options!r}")
     for optional in ("strategy", "data_root"):  # "" means: use the default
         values[optional] = values.get(optional) or None
     try:
