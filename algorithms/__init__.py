@@ -12,6 +12,7 @@ from typing import Any
 
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
+from splitflower.algorithms.locfedmix import LocFedMixClient, LocFedMixOptions, LocFedMixServerModel
 from splitflower.client import Client
 from splitflower.errors import ConfigError, IncompatibleStrategyError
 from splitflower.options import parse_options
@@ -26,6 +27,9 @@ __all__ = [
     "DSLClient",
     "DSLOptions",
     "DSLServerModel",
+    "LocFedMixClient",
+    "LocFedMixOptions",
+    "LocFedMixServerModel",
 ]
 
 
@@ -78,4 +82,5 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "csl": Algorithm("csl", CSLClient, CSLServerModel),
     "dsl": Algorithm("dsl", DSLClient, DSLServerModel),
+    "locfedmix": Algorithm("locfedmix", LocFedMixClient, LocFedMixServerModel, "batched", ("batched", "sequential")),
 }

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight-decay", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    run.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
     run.add_argument(
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush_timeout=args.flush_timeout,
         device=args.device,
         options=tuple(args.option),
+        train_size=args.train_size,
     )
     try:
         results = run_experiment(config, say=lambda line: print(line, flush=True))

@@ -81,6 +81,7 @@ class ExperimentConfig:
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
+    train_size: int = 0  # 0: the whole training set; else a seeded random subset of this many examples
     options: tuple[str, ...] = ()  # the algorithm's options as "key=value" (see splitflower.options)
 
     def validate(self) -> ExperimentConfig:
@@ -98,7 +99,7 @@ class ExperimentConfig:
             if name not in mistyped and value is not None and value not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {value!r}")
         lowest = {"clients": 1, "rounds": 1, "local_epochs": 1, "batch_size": 1, "synthetic_size": 1}
-        lowest |= {"momentum": 0, "weight_decay": 0}
+        lowest |= {"momentum": 0, "weight_decay": 0, "train_size": 0}
         for name, low in lowest.items():
             if name not in mistyped and getattr(self, name) < low:
                 problems.append(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -162,6 +163,9 @@ class Experiment:
             self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
         else:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
+        if 0 < self.config.train_size < len(self.train):
+            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed))
+            self.train = self.train.subset(order[: self.config.train_size])
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
         model = build_model(

@@ -135,7 +135,7 @@ class CallContext:
     >>> context = CallContext(callers=("a", "b"), rows=(slice(0, 2), slice(2, 5)))
     >>> context.sizes
     [2, 3]
-    >>> context.own_mean_scale()
+    >>> context.own_mean_grad(torch.ones(5))
     tensor([2.5000, 2.5000, 1.6667, 1.6667, 1.6667])
     """
 
@@ -157,11 +157,14 @@ class CallContext:
         """Rows per caller."""
         return [r.stop - r.start for r in self.rows]
 
-    def own_mean_scale(self) -> torch.Tensor:
-        """Per-row factor turning the gradient of the batch-mean loss into each caller's
-        gradient of its own mean loss (``total rows / the row's caller's rows``)."""
+    def own_mean_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Turn the gradient of a loss averaged over the whole batch into each caller's
+        gradient of its own mean loss: rows scaled by ``total rows / the caller's rows``."""
+        if grad is None or not self.rows:
+            return grad
         total = sum(self.sizes)
-        return torch.cat([torch.full((n,), total / n) for n in self.sizes])
+        scale = torch.cat([torch.full((n,), total / n) for n in self.sizes]).to(grad)
+        return grad * scale.view(-1, *[1] * (grad.dim() - 1))
 
 
 @dataclass

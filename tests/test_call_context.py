@@ -63,9 +63,10 @@ def test_batched_call_gives_each_caller_its_rows(service: SplitService) -> None:
         assert (reply["starts"].tolist(), reply["stops"].tolist()) == ([0, 3], [3, 8])
 
 
-def test_caller_refuses_a_batched_call_and_scale_restores_own_means() -> None:
+def test_caller_refuses_a_batched_call_and_own_mean_grad_rescales_rows() -> None:
     context = CallContext(callers=("a", "b"), rows=(slice(0, 1), slice(1, 4)))
     with pytest.raises(RuntimeError, match="exactly one caller"):
         _ = context.caller
     # d(mean over 4 rows)/d(row) = 1/4; each caller's own mean gives 1/1 and 1/3.
-    torch.testing.assert_close(context.own_mean_scale() / 4, torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3]))
+    grad = context.own_mean_grad(torch.full((4, 2), 1 / 4))
+    torch.testing.assert_close(grad, torch.tensor([[1.0, 1.0]] + [[1 / 3, 1 / 3]] * 3))
