@@ -34,7 +34,7 @@ from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load
 from splitflower.errors import ConfigError
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
-from splitflower.split import split_for_cut
+from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import STRATEGIES, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey
@@ -155,6 +155,7 @@ class Experiment:
     test: ArrayDataset = field(init=False)
     bottom: nn.Module = field(init=False)
     top: nn.Module = field(init=False)
+    tail: nn.Module | None = field(init=False, default=None)  # the client's last layer (U-shaped SL)
 
     def __post_init__(self) -> None:
         self.config = self.config.validate()
@@ -172,6 +173,8 @@ class Experiment:
             self.config.model, num_classes=self.train.num_classes, in_channels=channels, image_size=height
         )
         self.bottom, self.top = split_for_cut(self.config.model, model, _cut_value(self.config.cut))
+        if self.algorithm.keeps_tail:
+            self.top, self.tail = split_last_layer(self.top)
 
     @property
     def algorithm(self) -> Algorithm:
@@ -193,6 +196,7 @@ class Experiment:
             optimizer=self._optimizer(),
             device=c.device,
             client_id=partition_id,
+            **({"tail": copy.deepcopy(self.tail)} if self.tail is not None else {}),
             **self.algorithm.option_kwargs(c.options),
         )
 
@@ -226,11 +230,13 @@ class Experiment:
     @torch.no_grad()
     def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
         """Test loss and accuracy of the assembled model (client segment + server model)."""
-        bottom, top = copy.deepcopy(self.bottom), copy.deepcopy(self.top)
+        bottom, top, tail = copy.deepcopy(self.bottom), copy.deepcopy(self.top), copy.deepcopy(self.tail)
         state = client_arrays.to_torch_state_dict()
         bottom.load_state_dict({k.removeprefix("segment."): v for k, v in state.items() if k.startswith("segment.")})
         top.load_state_dict(server_arrays.to_torch_state_dict())
-        full = nn.Sequential(bottom, top).to(self.config.device).eval()
+        if tail is not None:
+            tail.load_state_dict({k.removeprefix("tail."): v for k, v in state.items() if k.startswith("tail.")})
+        full = nn.Sequential(bottom, top, *([tail] if tail is not None else [])).to(self.config.device).eval()
         loss_sum, correct = 0.0, 0
         for x, y in self.test.batches(1000, shuffle=False):
             logits = full(x.to(self.config.device))

@@ -260,16 +260,19 @@ class ServerModel:
             metrics["server_train_loss"] = self._loss_sum / self._num_examples
         return FitResult(weights, self._num_examples, metrics)
 
-    def step(self, loss: torch.Tensor, *, num_examples: int) -> None:
-        """Backpropagate ``loss``, step the optimizer and count ``num_examples``."""
+    def step(self, loss: torch.Tensor, *, num_examples: int, grad: torch.Tensor | None = None) -> None:
+        """Backpropagate ``loss`` (or an output with its ``grad``, e.g. one a client sent
+        back), step the optimizer and count ``num_examples``; a scalar loss is averaged
+        into the round's ``server_train_loss``."""
         if self.optimizer is not None:
             self.optimizer.zero_grad()
-        loss.backward()
+        loss.backward(grad)
         if self.optimizer is not None:
             self.optimizer.step()
         self.memory.observe_state([self.model], self.optimizer)
         self._num_examples += num_examples
-        self._loss_sum += float(loss.detach()) * num_examples
+        if grad is None:
+            self._loss_sum += float(loss.detach()) * num_examples
 
 
 def _describe(cls: type) -> dict[str, _RemoteMethod]:
