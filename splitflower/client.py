@@ -13,7 +13,7 @@ from torch import nn
 from splitflower.data import ArrayDataset
 from splitflower.errors import ConfigError
 from splitflower.metering import MemoryTally
-from splitflower.proxy import ServerModelProxy
+from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.server_model import FitResult, OptimizerFactory, sgd
 from splitflower.wire import ConfigKey
 
@@ -75,6 +75,7 @@ class Client:
         self.log_prefix = f"[client {client_id}]"
         self.config: Mapping[str, Any] = {}
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
+        self._pending: list[tuple[Any, ProxyFuture]] = []
 
     @property
     def segment(self) -> nn.Module:
@@ -89,14 +90,29 @@ class Client:
         """Called after the round's last batch (e.g. to settle batches still in flight)."""
         return {}
 
-    def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None) -> None:
+    def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None, *, window: int = 1) -> None:
         """Backpropagate ``output`` (a loss, or activations with their ``grad``; or lists of
-        them, accumulated) and take one optimizer step."""
+        them, accumulated) and take one optimizer step.
+
+        ``grad`` may be a :class:`~splitflower.proxy.ProxyFuture` (from
+        ``proxy.<method>.future(...)``): the step then waits until ``window`` such outputs
+        are pending, backpropagates them all with their results and steps once (whatever
+        is still pending after the last batch is settled the same way)."""
+        if isinstance(grad, ProxyFuture):
+            self._pending.append((output, grad))
+            if len(self._pending) >= window:
+                self._settle()
+            return
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         torch.autograd.backward(output, grad)
         if self.optimizer is not None:
             self.optimizer.step()
+
+    def _settle(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self.step([output for output, _ in pending], [grad.result() for _, grad in pending])
 
     def _build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -143,6 +159,7 @@ class Client:
                     sums[name] = sums.get(name, 0.0) + float(value) * len(y)
                 examples += len(y)
         with self.memory.track():
+            self._settle()
             sums.update({name: float(value) * examples for name, value in self.end_round().items()})
         self.server_model_proxy.wait_all()
         metrics = {name: total / max(examples, 1) for name, total in sums.items()}
