@@ -23,7 +23,6 @@ from splitflower.client import Client
 from splitflower.server_model import remote
 from splitflower.split import cut_shape
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
-from splitflower.wire import ConfigKey
 
 __all__ = ["LocFedMixClient", "LocFedMixOptions", "LocFedMixServerModel", "TABLE3_COMBOS", "infopro_decoder"]
 
@@ -85,16 +84,26 @@ def _unit_range(x: torch.Tensor) -> torch.Tensor:
 
 
 class LocFedMixClient(Client):
-    """Combines the server's gradient with its decoder's (4); keeps its own segment between syncs (5)."""
+    """Combines the server's gradient with its decoder's (4); adopts the averaged segment
+    and decoder every ``sync_every`` rounds and keeps its own in between (5).
+
+    Example
+    -------
+    >>> from splitflower.data import synthetic
+    >>> segment = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2))
+    >>> client = LocFedMixClient(segment, synthetic(8, 8)[0], options=LocFedMixOptions(combo=7))
+    >>> sorted(client.model), client.sync_every
+    (['decoder', 'segment'], 1)
+    """
 
     Options = LocFedMixOptions
 
     def __init__(self, segment: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
+        self.sync_every = self.options.sync_every
         if self.options.decoder:
             shape = self.train_data.input_shape
             self.model["decoder"] = infopro_decoder(cut_shape(segment, shape), shape).to(self.device)
-        self._own: Mapping[str, torch.Tensor] = {}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)
@@ -102,17 +111,6 @@ class LocFedMixClient(Client):
         local = [nn.functional.mse_loss(self.model["decoder"](z), _unit_range(x))] if self.options.decoder else []
         self.step([z, *local], [grad.result(), *[None] * len(local)])
         return {"reconstruction_loss": local[0].item()} if local else {}
-
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        every, server_round = self.options.sync_every, int(self.config.get(ConfigKey.SERVER_ROUND, 1))
-        synced = every > 0 and (server_round - 1) % every == 0
-        super().load_weights(weights if synced or not self._own else self._own)
-
-    def local_state(self) -> dict[str, torch.Tensor]:
-        return {} if self.options.sync_every == 1 else self.weights()
-
-    def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._own = state
 
 
 class LocFedMixServerModel(SupervisedServerModel):

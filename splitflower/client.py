@@ -51,6 +51,11 @@ class Client:
     """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
     max_in_flight: int = 8
     """How many fire-and-forget (``.send``) calls may be unacknowledged at once."""
+    sync_every: int = 1
+    """Rounds between adopting the strategy's weights. 1: every round. k > 1: rounds 1,
+    k+1, 2k+1, ... start from the strategy's (e.g. averaged) weights, the others from the
+    weights this client ended its previous round with (kept in Flower's context by
+    :meth:`local_state`). 0: only the first round."""
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class Client:
         self.config: Mapping[str, Any] = {}
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
         self._pending: list[tuple[Any, ProxyFuture]] = []
+        self._own_weights: Mapping[str, torch.Tensor] = {}
 
     @property
     def segment(self) -> nn.Module:
@@ -128,11 +134,18 @@ class Client:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """State that stays on this client between rounds (kept in Flower's context)."""
-        return {}
+        """State that stays on this client between rounds (kept in Flower's context): its
+        weights when :attr:`sync_every` is not 1. An override should extend ``super()``'s."""
+        return {} if self.sync_every == 1 else self.weights()
 
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`local_state` returned in an earlier round."""
+        self._own_weights = state
+
+    def round_weights(self, weights: Mapping[str, torch.Tensor], server_round: int) -> Mapping[str, torch.Tensor]:
+        """The weights round ``server_round`` starts from (see :attr:`sync_every`)."""
+        synced = self.sync_every > 0 and (server_round - 1) % self.sync_every == 0
+        return weights if synced or self.sync_every == 1 or not self._own_weights else self._own_weights
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
         """Train for ``local-epochs`` epochs; return weights, examples and metrics."""
@@ -142,7 +155,7 @@ class Client:
         )
         lr = float(config.get(ConfigKey.LR, 0.01))
         self.config = config
-        self.load_weights(weights)
+        self.load_weights(self.round_weights(weights, int(config.get(ConfigKey.SERVER_ROUND, 1))))
         self.optimizer = self._build_optimizer(lr)
         self.model.train()
         generator = self.batch_generator(config)

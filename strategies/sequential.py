@@ -16,7 +16,8 @@ class SequentialStrategy(SplitStrategy):
     """Clients train one after another on one server model; each starts from the
     client segment the previous client returned (LocFedMix-SL, eq. 3). The round's
     client weights are those of the last client that finished. A subclass that sets
-    ``hands_on = False`` starts every client from the round's weights instead.
+    ``hands_on = False`` starts every client from the round's weights instead and
+    averages the returned segments (FedAvg).
 
     Example
     -------
@@ -42,6 +43,8 @@ class SequentialStrategy(SplitStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.hands_on:
+            return super().aggregate_train(server_round, replies)
         # No averaging: the segment the last client handed on is the round's result.
         handed_on, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not handed_on:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
-
 from splitflower.strategies.sequential import SequentialStrategy
 
 __all__ = ["SplitFedV2Strategy"]
@@ -25,8 +20,3 @@ class SplitFedV2Strategy(SequentialStrategy):
     """
 
     hands_on = False
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return FedAvg.aggregate_train(self, server_round, replies)
