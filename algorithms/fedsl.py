@@ -26,7 +26,8 @@ class FedSLClient(Client):
     Example
     -------
     >>> from splitflower.data import synthetic
-    >>> client = FedSLClient(nn.Linear(4, 4), synthetic(8, 8, num_classes=3, input_shape=(4,))[0])
+    >>> data = synthetic(8, 8, num_classes=3, input_shape=(1, 4, 4))[0]
+    >>> client = FedSLClient(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), data)
     >>> sorted(client.model)
     ['aux_head', 'segment']
     """

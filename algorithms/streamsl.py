@@ -24,7 +24,8 @@ class StreamSLClient(Client):
     Example
     -------
     >>> from splitflower.data import synthetic
-    >>> client = StreamSLClient(nn.Linear(4, 4), synthetic(8, 8, input_shape=(4,))[0])
+    >>> data = synthetic(8, 8, input_shape=(1, 4, 4))[0]
+    >>> client = StreamSLClient(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), data)
     >>> any(p.requires_grad for p in client.segment.parameters())
     False
     """

@@ -29,8 +29,8 @@ class UShapedClient(Client):
     Example
     -------
     >>> from splitflower.data import synthetic
-    >>> data = synthetic(8, 8, num_classes=3, input_shape=(4,))[0]
-    >>> sorted(UShapedClient(nn.Linear(4, 4), data, tail=nn.Linear(4, 3)).model)
+    >>> data = synthetic(8, 8, num_classes=3, input_shape=(1, 4, 4))[0]
+    >>> sorted(UShapedClient(nn.Flatten(), data, tail=nn.Linear(16, 3)).model)
     ['segment', 'tail']
     """
 

@@ -299,3 +299,12 @@ def test_every_algorithm_registered_with_its_strategies() -> None:
     for algorithm in ALGORITHMS.values():
         algorithm.check_strategy(algorithm.default_strategy)
         assert issubclass(algorithm.server_model, ServerModel)
+
+
+def test_dsl_options_parse_lam_and_head() -> None:
+    dsl = ALGORITHMS["dsl"]
+    assert dsl.parse_options(["lam=0.5", "head=pooled"]) == DSLOptions(lam=0.5, head="pooled")
+    with pytest.raises(ConfigError, match="option 'head': expected one of linear, pooled, mlp, got 'none'"):
+        dsl.parse_options(["head=none"])
+    with pytest.raises(ConfigError, match="lam must be 0"):
+        dsl.parse_options(["lam=-1"])
