@@ -46,7 +46,16 @@ class FedSLClient(Client):
 
 
 class FedSLServerModel(SupervisedServerModel):
-    """Trains on the activations it receives; replies with nothing."""
+    """Trains on the activations it receives; replies with nothing.
+
+    Example
+    -------
+    >>> server = FedSLServerModel(nn.Linear(4, 3))
+    >>> server.configure_fit(None, {"lr": 0.1})
+    >>> server.train_batch(embeddings=torch.ones(2, 4), labels=torch.tensor([0, 2]))
+    >>> server.num_examples
+    2
+    """
 
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
     def train_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:

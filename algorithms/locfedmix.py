@@ -44,7 +44,13 @@ class LocFedMixOptions:
     """``combo``: a row of Table 3 (1-8); when given, it sets ``mixup``, ``decoder`` and
     ``sync_every`` (the defaults are those of row 8, LocFedMix-SL). ``n_s``: other clients
     each sample is mixed with (0: all others in the call); ``alpha``: lambda ~ Beta(alpha,
-    alpha), 1 = uniform."""
+    alpha), 1 = uniform.
+
+    Example
+    -------
+    >>> LocFedMixOptions(combo=4)
+    LocFedMixOptions(combo=4, mixup=False, n_s=0, alpha=1.0, decoder=False, sync_every=1)
+    """
 
     combo: int = 0
     mixup: bool = True
@@ -114,7 +120,14 @@ class LocFedMixClient(Client):
 
 
 class LocFedMixServerModel(SupervisedServerModel):
-    """Trains on the clients' smashed data plus its mixups (3); returns each client's dL_i/ds_i (2)."""
+    """Trains on the clients' smashed data plus its mixups (3); returns each client's dL_i/ds_i (2).
+
+    Example
+    -------
+    >>> server = LocFedMixServerModel(nn.Linear(4, 3), options=LocFedMixOptions(combo=6))
+    >>> server.options.mixup, server.options.decoder, server.options.n_s
+    (True, False, 0)
+    """
 
     Options = LocFedMixOptions
 

@@ -41,4 +41,13 @@ class StreamSLClient(Client):
 
 
 class StreamSLServerModel(DSLServerModel):
-    """Trains the server segment on the streamed embeddings (DSL's ``train_batch``)."""
+    """Trains the server segment on the streamed embeddings (DSL's ``train_batch``).
+
+    Example
+    -------
+    >>> server = StreamSLServerModel(nn.Linear(4, 3))
+    >>> server.configure_fit(None, {"lr": 0.1})
+    >>> server.train_batch(embeddings=torch.ones(2, 4), labels=torch.tensor([0, 2]))
+    >>> server.num_examples
+    2
+    """

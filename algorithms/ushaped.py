@@ -48,7 +48,14 @@ class UShapedClient(Client):
 
 
 class UShapedServerModel(ServerModel):
-    """The middle of the network; keeps each caller's graph from ``forward`` to ``backward``."""
+    """The middle of the network; keeps each caller's graph from ``forward`` to ``backward``.
+
+    Example
+    -------
+    >>> from splitflower.server_model import remote_methods
+    >>> sorted(remote_methods(UShapedServerModel))
+    ['backward', 'forward']
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

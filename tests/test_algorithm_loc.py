@@ -30,6 +30,11 @@ def test_every_algorithm_needs_at_most_splitbuds_lines() -> None:
         assert f"| {row['algorithm']} |" in done.stdout
 
 
+def test_readme_shows_the_script_s_table() -> None:
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    assert _script().markdown(_script().table()) in readme, "README's table is stale: rerun scripts/algorithm_loc.py"
+
+
 def test_the_rule_counts_code_and_skips_docstrings_comments_decorators() -> None:
     script = _script()
 
