@@ -308,3 +308,18 @@ def test_dsl_options_parse_lam_and_head() -> None:
         dsl.parse_options(["head=none"])
     with pytest.raises(ConfigError, match="lam must be 0"):
         dsl.parse_options(["lam=-1"])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_split_last_layer_gives_u_shaped_thirds_that_compose(name: str) -> None:
+    from splitflower.models import build_model
+    from splitflower.split import split_for_cut
+
+    model = build_model(name, num_classes=10, in_channels=1, image_size=28).eval()
+    bottom, top = split_for_cut(name, model, "s")
+    middle, tail = split_last_layer(top)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(tail.eval()(middle.eval()(bottom.eval()(x))), model(x))
+    (last,) = [m for m in tail.modules() if next(m.parameters(False), None) is not None]
+    assert isinstance(last, nn.Linear) and last.out_features == 10, "the client keeps the output layer"
