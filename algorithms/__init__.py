@@ -100,7 +100,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     "csl": Algorithm("csl", CSLClient, CSLServerModel),
     "dsl": Algorithm("dsl", DSLClient, DSLServerModel),
     "locfedmix": Algorithm("locfedmix", LocFedMixClient, LocFedMixServerModel, "batched", ("batched", "sequential")),
-    "ushaped": Algorithm("ushaped", UShapedClient, UShapedServerModel, "splitfed-v1", _ONE_CLIENT_PER_MODEL, True),
+    "ushaped": Algorithm(
+        "ushaped", UShapedClient, UShapedServerModel, "splitfed-v1", _ONE_CLIENT_PER_MODEL, keeps_tail=True
+    ),
     "streamsl": Algorithm("streamsl", StreamSLClient, StreamSLServerModel),
     "fedsl": Algorithm("fedsl", FedSLClient, FedSLServerModel),
     "splitavg": Algorithm("splitavg", SplitAvgClient, SplitAvgServerModel, "batched", ("batched",)),
