@@ -12,6 +12,11 @@ from typing import Any
 
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
+from splitflower.algorithms.fedsl import FedSLClient, FedSLServerModel
+from splitflower.algorithms.locfedmix import LocFedMixClient, LocFedMixOptions, LocFedMixServerModel
+from splitflower.algorithms.splitavg import SplitAvgClient, SplitAvgServerModel
+from splitflower.algorithms.streamsl import StreamSLClient, StreamSLServerModel
+from splitflower.algorithms.ushaped import UShapedClient, UShapedServerModel
 from splitflower.client import Client
 from splitflower.errors import ConfigError, IncompatibleStrategyError
 from splitflower.options import parse_options
@@ -26,7 +31,22 @@ __all__ = [
     "DSLClient",
     "DSLOptions",
     "DSLServerModel",
+    "FedSLClient",
+    "FedSLServerModel",
+    "LocFedMixClient",
+    "LocFedMixOptions",
+    "LocFedMixServerModel",
+    "SplitAvgClient",
+    "SplitAvgServerModel",
+    "StreamSLClient",
+    "StreamSLServerModel",
+    "UShapedClient",
+    "UShapedServerModel",
 ]
+
+# A server model holding a client's graph between two calls must not step for another
+# client meanwhile (the step would invalidate the held graph): one client per model at a time.
+_ONE_CLIENT_PER_MODEL = ("splitfed-v1", "splitfed-v2", "sequential")
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class Algorithm:
     server_model: type[ServerModel]
     default_strategy: str = "parallel"
     strategies: tuple[str, ...] | None = None  # None: any strategy
+    keeps_tail: bool = False  # the client also keeps the model's last layer (``tail=`` to the client)
 
     @property
     def options(self) -> type | None:
@@ -78,4 +99,11 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "csl": Algorithm("csl", CSLClient, CSLServerModel),
     "dsl": Algorithm("dsl", DSLClient, DSLServerModel),
+    "locfedmix": Algorithm("locfedmix", LocFedMixClient, LocFedMixServerModel, "batched", ("batched", "sequential")),
+    "ushaped": Algorithm(
+        "ushaped", UShapedClient, UShapedServerModel, "splitfed-v1", _ONE_CLIENT_PER_MODEL, keeps_tail=True
+    ),
+    "streamsl": Algorithm("streamsl", StreamSLClient, StreamSLServerModel),
+    "fedsl": Algorithm("fedsl", FedSLClient, FedSLServerModel),
+    "splitavg": Algorithm("splitavg", SplitAvgClient, SplitAvgServerModel, "batched", ("batched",)),
 }

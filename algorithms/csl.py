@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from splitflower.client import Client
-from splitflower.proxy import ProxyFuture
 from splitflower.server_model import remote
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
 
@@ -29,26 +27,16 @@ class CSLOptions:
 
 
 class CSLClient(Client):
-    """Forward the segment, let the server do the rest, backpropagate its dL/dz."""
+    """Forward the segment, let the server do the rest, backpropagate its dL/dz (with
+    ``window`` > 1, as futures that :meth:`Client.step` settles ``window`` at a time)."""
 
     Options = CSLOptions
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._in_flight: list[tuple[torch.Tensor, ProxyFuture]] = []
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)
-        if self.options.window == 1:
-            self.step(z, self.server_model_proxy.forward_backward(embeddings=z, labels=y))
-            return {}
-        self._in_flight.append((z, self.server_model_proxy.forward_backward.future(embeddings=z, labels=y)))
-        return self.end_round() if len(self._in_flight) == self.options.window else {}
-
-    def end_round(self) -> dict[str, float]:
-        pending, self._in_flight = self._in_flight, []
-        if pending:
-            self.step([z for z, _ in pending], [grad.result() for _, grad in pending])
+        forward_backward = self.server_model_proxy.forward_backward
+        call = forward_backward if self.options.window == 1 else forward_backward.future
+        self.step(z, call(embeddings=z, labels=y), window=self.options.window)
         return {}
 
 

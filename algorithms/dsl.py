@@ -2,20 +2,24 @@
 
 The client trains its segment with a local auxiliary classifier and streams the cut
 activations and labels to the server fire-and-forget; the server trains on the true loss.
+Options from the paper's section III.C: ``lam`` > 0 mixes the server's gradient into the
+client's objective (``L_aux + lam * L``; it needs the gradient back, so each batch waits for
+it), and ``head`` picks the auxiliary head (``linear``, ``pooled``, ``mlp``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from splitflower.algorithms.csl import CSLServerModel
 from splitflower.client import Client
 from splitflower.server_model import remote
 from splitflower.split import cut_shape
-from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel, linear_head
+from splitflower.supervised import AUX_HEADS, EMBEDDINGS, LABELS
 
 __all__ = ["DSLClient", "DSLOptions", "DSLServerModel"]
 
@@ -23,38 +27,52 @@ __all__ = ["DSLClient", "DSLOptions", "DSLServerModel"]
 @dataclass(frozen=True)
 class DSLOptions:
     """``window``: batches sent but not yet acknowledged by the server (pipelining); 0 waits
-    for the server after every batch, as a single-process implementation does."""
+    for the server after every batch, as a single-process implementation does. ``lam``:
+    weight of the server's loss in the client's objective (0 = pure DSL; > 0 waits for the
+    gradient every batch, whatever ``window`` says). ``head``: the auxiliary head."""
 
     window: int = 8
+    lam: float = 0.0
+    head: Literal["linear", "pooled", "mlp"] = "linear"
 
     def __post_init__(self) -> None:
         if self.window < 0:
             raise ValueError(f"window must be 0 (blocking) or more, got {self.window}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be 0 (pure DSL) or more, got {self.lam}")
 
 
 class DSLClient(Client):
-    """Local auxiliary loss (by default one linear layer on the flattened cut activations)."""
+    """Local auxiliary loss (by default one linear layer on the flattened cut activations),
+    plus ``lam`` times the server's loss when ``lam`` > 0."""
 
     Options = DSLOptions
 
     def __init__(self, segment: nn.Module, *args: Any, aux_head: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
         data = self.train_data
-        head = aux_head or linear_head(cut_shape(segment, data.input_shape), data.num_classes)
+        head = aux_head or AUX_HEADS[self.options.head](cut_shape(segment, data.input_shape), data.num_classes)
         self.model["aux_head"] = head.to(self.device)
         self.max_in_flight = max(self.options.window, 1)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)
-        train_batch = self.server_model_proxy.train_batch
-        (train_batch.send if self.options.window else train_batch)(embeddings=z, labels=y)
+        proxy, lam = self.server_model_proxy, self.options.lam
+        if lam:  # L_aux + lam * L: the server's gradient of L comes back
+            grad = proxy.forward_backward.future(embeddings=z, labels=y)
+        else:
+            (proxy.train_batch.send if self.options.window else proxy.train_batch)(embeddings=z, labels=y)
         loss = self.loss_fn(self.model["aux_head"](z), y)
-        self.step(loss)
+        if lam:
+            self.step([loss, lam * z], [None, grad.result()])
+        else:
+            self.step(loss)
         return {"aux_loss": loss.item()}
 
 
-class DSLServerModel(SupervisedServerModel):
-    """Train the server segment on the activations it receives; reply with nothing."""
+class DSLServerModel(CSLServerModel):
+    """Train the server segment on the activations it receives; reply with nothing
+    (``lam`` > 0 calls CSL's ``forward_backward`` instead, for the gradient)."""
 
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
     def train_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:

@@ -46,7 +46,6 @@ from splitflower.scheduling import ImmediateScheduler
 from splitflower.service import SplitService
 from splitflower.wire import ConfigKey
 
-GAP_TIMEOUT_S = 120.0
 RUNS = (("csl", 1, "CSL"), ("dsl", 0, "DSL blocking (window 0)"), ("dsl", 8, "DSL pipelined (window 8)"))
 
 
@@ -73,10 +72,7 @@ def _serve(config: ExperimentConfig, pipe: Connection) -> None:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     experiment = run_on_compute_thread(Experiment, config)
-    # Over a slow link, requests multiplexed on one HTTP/2 connection can complete out of
-    # order by many seconds; the default 1 s before a missing request is presumed lost is
-    # too short there (the service then skips it and the client's later call fails).
-    service = SplitService(port=0, gap_timeout=GAP_TIMEOUT_S)
+    service = SplitService(port=0)
     service.start()
     server = run_on_compute_thread(experiment.make_server_model)
     run_on_compute_thread(server.configure_fit, None, experiment.train_config())

@@ -17,7 +17,7 @@ from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
-from splitflower.server_model import FLOATING, FitResult, ServerModel, TensorSpec, remote, sgd
+from splitflower.server_model import FLOATING, CallContext, FitResult, ServerModel, TensorSpec, remote, sgd
 from splitflower.service import SplitService, TlsConfig
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.supervised import SupervisedServerModel
@@ -29,6 +29,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BatchingScheduler",
+    "CallContext",
     "Client",
     "FLOATING",
     "FitResult",

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight-decay", type=float, default=0.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    run.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
     run.add_argument(
@@ -51,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="an option of the algorithm (repeatable), e.g. --option window=4",
     )
     run.add_argument("--device", default="cpu")
-    run.add_argument("--train-size", type=int, default=0, help="train on a seeded subset of this many examples")
     run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here")

@@ -13,7 +13,7 @@ from torch import nn
 from splitflower.data import ArrayDataset
 from splitflower.errors import ConfigError
 from splitflower.metering import MemoryTally
-from splitflower.proxy import ServerModelProxy
+from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.server_model import FitResult, OptimizerFactory, sgd
 from splitflower.wire import ConfigKey
 
@@ -51,6 +51,11 @@ class Client:
     """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
     max_in_flight: int = 8
     """How many fire-and-forget (``.send``) calls may be unacknowledged at once."""
+    sync_every: int = 1
+    """Rounds between adopting the strategy's weights. 1: every round. k > 1: rounds 1,
+    k+1, 2k+1, ... start from the strategy's (e.g. averaged) weights, the others from the
+    weights this client ended its previous round with (kept in Flower's context by
+    :meth:`local_state`). 0: only the first round."""
 
     def __init__(
         self,
@@ -75,6 +80,8 @@ class Client:
         self.log_prefix = f"[client {client_id}]"
         self.config: Mapping[str, Any] = {}
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
+        self._pending: list[tuple[Any, ProxyFuture]] = []
+        self._own_weights: Mapping[str, torch.Tensor] = {}
 
     @property
     def segment(self) -> nn.Module:
@@ -89,14 +96,29 @@ class Client:
         """Called after the round's last batch (e.g. to settle batches still in flight)."""
         return {}
 
-    def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None) -> None:
+    def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None, *, window: int = 1) -> None:
         """Backpropagate ``output`` (a loss, or activations with their ``grad``; or lists of
-        them, accumulated) and take one optimizer step."""
+        them, accumulated) and take one optimizer step.
+
+        ``grad`` may be a :class:`~splitflower.proxy.ProxyFuture` (from
+        ``proxy.<method>.future(...)``): the step then waits until ``window`` such outputs
+        are pending, backpropagates them all with their results and steps once (whatever
+        is still pending after the last batch is settled the same way)."""
+        if isinstance(grad, ProxyFuture):
+            self._pending.append((output, grad))
+            if len(self._pending) >= window:
+                self._settle()
+            return
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         torch.autograd.backward(output, grad)
         if self.optimizer is not None:
             self.optimizer.step()
+
+    def _settle(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self.step([output for output, _ in pending], [grad.result() for _, grad in pending])
 
     def _build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -112,11 +134,18 @@ class Client:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """State that stays on this client between rounds (kept in Flower's context)."""
-        return {}
+        """State that stays on this client between rounds (kept in Flower's context): its
+        weights when :attr:`sync_every` is not 1. An override should extend ``super()``'s."""
+        return {} if self.sync_every == 1 else self.weights()
 
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`local_state` returned in an earlier round."""
+        self._own_weights = state
+
+    def round_weights(self, weights: Mapping[str, torch.Tensor], server_round: int) -> Mapping[str, torch.Tensor]:
+        """The weights round ``server_round`` starts from (see :attr:`sync_every`)."""
+        synced = self.sync_every > 0 and (server_round - 1) % self.sync_every == 0
+        return weights if synced or self.sync_every == 1 or not self._own_weights else self._own_weights
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
         """Train for ``local-epochs`` epochs; return weights, examples and metrics."""
@@ -126,7 +155,7 @@ class Client:
         )
         lr = float(config.get(ConfigKey.LR, 0.01))
         self.config = config
-        self.load_weights(weights)
+        self.load_weights(self.round_weights(weights, int(config.get(ConfigKey.SERVER_ROUND, 1))))
         self.optimizer = self._build_optimizer(lr)
         self.model.train()
         generator = self.batch_generator(config)
@@ -143,6 +172,7 @@ class Client:
                     sums[name] = sums.get(name, 0.0) + float(value) * len(y)
                 examples += len(y)
         with self.memory.track():
+            self._settle()
             sums.update({name: float(value) * examples for name, value in self.end_round().items()})
         self.server_model_proxy.wait_all()
         metrics = {name: total / max(examples, 1) for name, total in sums.items()}

@@ -8,7 +8,8 @@ instead of yielding garbage.
 
 Request frame::
 
-    "SF" | version u8 | kind=1 u8 | flags u8 | token 16B | seq u32 | table length u16
+    "SF" | version u8 | kind=1 u8 | flags u8 | token 16B | seq u32 | settled below u32
+    | table length u16
     | method (u8 len + utf-8) | tensor table | padding to 8 | tensor data (each block padded to 8)
 
 Reply frame::
@@ -58,11 +59,11 @@ __all__ = [
 
 TOKEN_BYTES: Final = 16
 _MAGIC: Final = b"SF"
-_VERSION: Final = 1
+_VERSION: Final = 2
 _KIND_REQUEST: Final = 1
 _KIND_REPLY: Final = 2
 _ALIGN: Final = 8
-_REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sIH")
+_REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sIIH")
 _REPLY_HEAD = struct.Struct("<2sBBBddH")
 _U8 = struct.Struct("<B")
 _ENTRY_HEAD = struct.Struct("<BB")
@@ -101,6 +102,9 @@ class Request(NamedTuple):
     method: str
     no_reply: bool
     tensors: dict[str, torch.Tensor]
+    settled_below: int = 0
+    """Every request numbered below this has settled on the client (answered, or failed
+    there): one of them the server has not seen will never come."""
 
 
 class Reply(NamedTuple):
@@ -215,9 +219,20 @@ _ZEROS = bytes(_ALIGN)
 
 
 def encode_request(
-    token: bytes, seq: int, method: str, tensors: Mapping[str, torch.Tensor], *, no_reply: bool = False
+    token: bytes,
+    seq: int,
+    method: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    no_reply: bool = False,
+    settled_below: int | None = None,
 ) -> bytes:
-    """Encode one call of ``method`` with keyword tensors into a request frame."""
+    """Encode one call of ``method`` with keyword tensors into a request frame.
+
+    ``settled_below`` (default ``seq``): the client's lowest request number still awaiting
+    its outcome, so the server can tell a request that failed before reaching it from one
+    still on its way.
+    """
     if len(token) != TOKEN_BYTES:
         raise CodecError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
     encoded_method = method.encode()
@@ -225,7 +240,14 @@ def encode_request(
         raise CodecError(f"method names must be 1-255 bytes of UTF-8, got {method!r}")
     table = _encode_table(tensors)
     head = _REQUEST_HEAD.pack(
-        _MAGIC, _VERSION, _KIND_REQUEST, FLAG_NO_REPLY if no_reply else 0, token, seq & 0xFFFFFFFF, len(table)
+        _MAGIC,
+        _VERSION,
+        _KIND_REQUEST,
+        FLAG_NO_REPLY if no_reply else 0,
+        token,
+        seq & 0xFFFFFFFF,
+        (seq if settled_below is None else settled_below) & 0xFFFFFFFF,
+        len(table),
     )
     return _join(head + _U8.pack(len(encoded_method)) + encoded_method, table, tensors)
 
@@ -334,7 +356,7 @@ def decode_request(frame: bytes) -> Request:
     """Decode a request frame; tensors share memory with ``frame`` (no copy)."""
     if len(frame) < _REQUEST_HEAD.size + 1:
         raise CodecError(f"frame truncated: {len(frame)} bytes is shorter than a request header")
-    magic, version, kind, flags, token, seq, table_length = _REQUEST_HEAD.unpack_from(frame)
+    magic, version, kind, flags, token, seq, settled_below, table_length = _REQUEST_HEAD.unpack_from(frame)
     _check_head(magic, version, kind, _KIND_REQUEST)
     offset = _REQUEST_HEAD.size
     method_length = frame[offset]
@@ -346,7 +368,8 @@ def decode_request(frame: bytes) -> Request:
     except UnicodeDecodeError as err:
         raise CodecError("the method name is not valid UTF-8") from err
     tensors = _decode_tensors(frame, offset + 1 + method_length, table_length)
-    return Request(token=token, seq=seq, method=method, no_reply=bool(flags & FLAG_NO_REPLY), tensors=tensors)
+    no_reply = bool(flags & FLAG_NO_REPLY)
+    return Request(token, seq, method, no_reply, tensors, settled_below)
 
 
 def decode_reply(frame: bytes) -> Reply:

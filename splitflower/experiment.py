@@ -35,8 +35,8 @@ from splitflower.errors import ConfigError
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
-from splitflower.split import split_for_cut
-from splitflower.strategies import STRATEGIES
+from splitflower.split import split_for_cut, split_last_layer
+from splitflower.strategies import STRATEGIES, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey
 
@@ -82,8 +82,8 @@ class ExperimentConfig:
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
-    options: tuple[str, ...] = ()  # the algorithm's options as "key=value" (see splitflower.options)
     train_size: int = 0  # 0: the whole training set; else a seeded random subset of this many examples
+    options: tuple[str, ...] = ()  # the algorithm's options as "key=value" (see splitflower.options)
     test_size: int = 0  # 0: the whole test set; else a seeded random subset (central evaluation)
     link: str = ""  # "": no emulation; else "UP/DOWN/RTT" per client, e.g. "10mbit/50mbit/20ms" (linkemu)
 
@@ -163,6 +163,7 @@ class Experiment:
     test: ArrayDataset = field(init=False)
     bottom: nn.Module = field(init=False)
     top: nn.Module = field(init=False)
+    tail: nn.Module | None = field(init=False, default=None)  # the client's last layer (U-shaped SL)
 
     def __post_init__(self) -> None:
         self.config = self.config.validate()
@@ -171,7 +172,9 @@ class Experiment:
             self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
         else:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
-        self.train = _sample(self.train, self.config.train_size, self.config.seed, "train_size")
+        if 0 < self.config.train_size < len(self.train):
+            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed))
+            self.train = self.train.subset(order[: self.config.train_size])
         self.test = _sample(self.test, self.config.test_size, self.config.seed + 1, "test_size")
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
@@ -179,6 +182,8 @@ class Experiment:
             self.config.model, num_classes=self.train.num_classes, in_channels=channels, image_size=height
         )
         self.bottom, self.top = split_for_cut(self.config.model, model, _cut_value(self.config.cut))
+        if self.algorithm.keeps_tail:
+            self.top, self.tail = split_last_layer(self.top)
 
     @property
     def algorithm(self) -> Algorithm:
@@ -200,6 +205,7 @@ class Experiment:
             optimizer=self._optimizer(),
             device=c.device,
             client_id=partition_id,
+            **({"tail": copy.deepcopy(self.tail)} if self.tail is not None else {}),
             **self.algorithm.option_kwargs(c.options),
         )
 
@@ -237,11 +243,13 @@ class Experiment:
     @torch.no_grad()
     def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
         """Test loss and accuracy of the assembled model (client segment + server model)."""
-        bottom, top = copy.deepcopy(self.bottom), copy.deepcopy(self.top)
+        bottom, top, tail = copy.deepcopy(self.bottom), copy.deepcopy(self.top), copy.deepcopy(self.tail)
         state = client_arrays.to_torch_state_dict()
         bottom.load_state_dict({k.removeprefix("segment."): v for k, v in state.items() if k.startswith("segment.")})
         top.load_state_dict(server_arrays.to_torch_state_dict())
-        full = nn.Sequential(bottom, top).to(self.config.device).eval()
+        if tail is not None:
+            tail.load_state_dict({k.removeprefix("tail."): v for k, v in state.items() if k.startswith("tail.")})
+        full = nn.Sequential(bottom, top, *([tail] if tail is not None else [])).to(self.config.device).eval()
         loss_sum, correct = 0.0, 0
         for x, y in self.test.batches(1000, shuffle=False):
             logits = full(x.to(self.config.device))
@@ -287,8 +295,13 @@ def threads_per_client(config: ExperimentConfig) -> int:
     """Torch threads for one client: the cores shared by the clients that run at once."""
     if config.torch_threads > 0:
         return config.torch_threads
-    concurrent = 1 if config.strategy == "sequential" else config.clients
-    return max(1, (os.cpu_count() or 1) // concurrent)
+    return max(1, (os.cpu_count() or 1) // _concurrent_clients(config))
+
+
+def _concurrent_clients(config: ExperimentConfig) -> int:
+    """Clients training at once: one under strategies that serve clients in turn."""
+    strategy = STRATEGIES.get(str(config.strategy))
+    return 1 if strategy is not None and issubclass(strategy, SequentialStrategy) else config.clients
 
 
 def _client_app(config: ExperimentConfig) -> ClientApp:
@@ -436,7 +449,7 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
         f"{config.clients} clients, {config.rounds} rounds"
     )
-    concurrent = 1 if config.strategy == "sequential" else config.clients
+    concurrent = _concurrent_clients(config)
     # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
     gpus_per_client = 1 / concurrent if config.device.startswith("cuda") else 0.0
     with progress:

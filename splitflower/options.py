@@ -62,8 +62,10 @@ def parse_options(options_cls: type[_T], pairs: Iterable[str], *, owner: str) ->
 
 
 def _convert(hint: Any, raw: str) -> Any:
-    kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
-    if raw.lower() in ("", "none") and len(kinds) < len(typing.get_args(hint) or (hint,)):
+    # A bare Literal's args are its allowed values, not member types of a Union.
+    members = (hint,) if typing.get_origin(hint) is typing.Literal else typing.get_args(hint) or (hint,)
+    kinds = [k for k in members if k is not type(None)]
+    if raw.lower() in ("", "none") and len(kinds) < len(members):
         return None
     kind = kinds[0]
     if kind is bool:

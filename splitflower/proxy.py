@@ -165,6 +165,7 @@ class ServerModelProxy:
         keep_freed_memory()
         self._token = token
         self._next_seq = 0
+        self._unsettled: set[int] = set()  # numbers of requests sent whose outcome is not back
         self._seq_lock = threading.Lock()
         self._window = threading.BoundedSemaphore(max_in_flight)
         self._unsettled_sends = 0
@@ -198,7 +199,9 @@ class ServerModelProxy:
         """Blocking call by method name (same as ``getattr(proxy, method)(...)``)."""
         return RemoteMethod(self, method)(timeout=timeout, **tensors)
 
-    def _prepare(self, method: str, arguments: Mapping[str, Any], no_reply: bool) -> tuple[bytes, torch.device | None]:
+    def _prepare(
+        self, method: str, arguments: Mapping[str, Any], no_reply: bool
+    ) -> tuple[bytes, torch.device | None, int]:
         if self._deferred_error is not None:
             self._raise_deferred()
         if self._closed:
@@ -209,21 +212,30 @@ class ServerModelProxy:
         with self._seq_lock:
             # The server runs this client's requests in the order of these numbers; a frame
             # that is never sent must not use one up.
-            frame = encode_request(self._token, self._next_seq, method, tensors, no_reply=no_reply)
+            seq = self._next_seq
+            # Every number below min(unsettled) has its outcome here: if the server never saw
+            # one of them, it failed on the way and the server need not wait for it.
+            settled_below = min(self._unsettled, default=seq)
+            frame = encode_request(self._token, seq, method, tensors, no_reply=no_reply, settled_below=settled_below)
             if len(frame) > self.max_message_bytes:
                 raise MessageTooLargeError(
                     f"{method}: request is {len(frame)} bytes, over the limit of {self.max_message_bytes}; "
                     "send smaller batches or raise max_message_bytes on the service"
                 )
             self._next_seq += 1
+            self._unsettled.add(seq)
         self.traffic.record("up", method, tensors, frame_bytes=len(frame))
-        return frame, device
+        return frame, device, seq
+
+    def _settle(self, seq: int) -> None:
+        with self._seq_lock:
+            self._unsettled.discard(seq)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.default_timeout if timeout is None else timeout
 
     def _blocking(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> Value:
-        frame, device = self._prepare(method, arguments, no_reply=False)
+        frame, device, seq = self._prepare(method, arguments, no_reply=False)
         self.memory.add_in_flight(len(frame))
         started = time.perf_counter()
         try:
@@ -233,16 +245,22 @@ class ServerModelProxy:
         finally:
             blocked = time.perf_counter() - started
             self.memory.add_in_flight(-len(frame))
+            self._settle(seq)
         return _to_device(self._finish_reply(method, reply, blocked), device)
 
     def _start(
         self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool
     ) -> ProxyFuture:
-        frame, device = self._prepare(method, arguments, no_reply)
+        frame, device, seq = self._prepare(method, arguments, no_reply)
         # The encoded request is held until its reply arrives: count it as the party's memory.
         self.memory.add_in_flight(len(frame))
         call = self._executor.submit(self._call, frame, timeout=self._deadline(timeout))
-        call.add_done_callback(lambda _: self.memory.add_in_flight(-len(frame)))
+
+        def settle(_: Future[bytes]) -> None:
+            self.memory.add_in_flight(-len(frame))
+            self._settle(seq)
+
+        call.add_done_callback(settle)
         return ProxyFuture(self, method, call, device)
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:

@@ -15,6 +15,7 @@ has fewer batches than the others, or has died.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ import torch
 
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
-from splitflower.server_model import ServerModel, resolve_call
+from splitflower.server_model import CallContext, ServerModel, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
 
@@ -66,22 +67,28 @@ class Scheduler(ABC):
     def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
         """Run ``method`` for ``client`` and return its outcome (blocks until done)."""
 
-    def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
+    def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor], context: CallContext) -> tuple[Any, float]:
         """Validate here, then run on the compute thread; returns (value, seconds)."""
         bound = resolve_call(self.model, method, tensors)
         # One compute thread runs one job at a time: that is what serialises a model's work.
-        return self.compute.run(self._call, bound, tensors)
+        return self.compute.run(self._call, bound, tensors, context)
 
-    def _call(self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
+    def _call(
+        self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor], context: CallContext
+    ) -> tuple[Any, float]:
         device = self.model.device
         if device.type != "cpu":
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         start = time.perf_counter()
         # The received tensors live while the method runs: count them as in flight.
-        with self.model.memory.track(holding=payload_bytes(tensors)):
-            value = bound(**tensors)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        self.model._call_context = context
+        try:
+            with self.model.memory.track(holding=payload_bytes(tensors)):
+                value = bound(**tensors)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        finally:
+            self.model._call_context = CallContext()
         return value, time.perf_counter() - start
 
 
@@ -91,7 +98,9 @@ class ImmediateScheduler(Scheduler):
     def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
         arrived = time.perf_counter()
         try:
-            value, seconds = self._invoke(method, tensors)
+            rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
+            context = CallContext((client,), (slice(0, rows),))
+            value, seconds = self._invoke(method, tensors, context)
         except Exception as err:  # noqa: BLE001 - reported to the caller, server keeps serving
             return Outcome(error=err)
         return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
@@ -207,7 +216,10 @@ class BatchingScheduler(Scheduler):
         started = time.perf_counter()
         try:
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
-            value, seconds = self._invoke(method, merged)
+            ends = list(itertools.accumulate(sizes))
+            rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
+            context = CallContext(tuple(s.client for s in slots), rows)
+            value, seconds = self._invoke(method, merged, context)
             parts = _split_value(value, sizes)
             outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
         except Exception as err:  # noqa: BLE001 - reported to every caller of the batch

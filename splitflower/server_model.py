@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
 from typing import Any, ClassVar, TypeVar
@@ -16,6 +16,7 @@ from splitflower.errors import InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 
 __all__ = [
+    "CallContext",
     "FLOATING",
     "TensorSpec",
     "remote",
@@ -120,6 +121,52 @@ class _RemoteMethod:
     specs: Mapping[str, TensorSpec]
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling a server-model method, and which rows of its batch are whose.
+
+    Schedulers set it for the duration of each call (see :attr:`ServerModel.call_context`).
+    ``callers`` are the clients whose requests the call serves, in the order their
+    tensors were concatenated; ``rows[i]`` is the slice of dimension 0 that came from
+    ``callers[i]``. An unbatched call has one caller owning every row.
+
+    Example
+    -------
+    >>> context = CallContext(callers=("a", "b"), rows=(slice(0, 2), slice(2, 5)))
+    >>> context.sizes
+    [2, 3]
+    >>> context.own_mean_grad(torch.ones(5))
+    tensor([2.5000, 2.5000, 1.6667, 1.6667, 1.6667])
+    """
+
+    callers: tuple[Hashable, ...] = ()
+    rows: tuple[slice, ...] = ()
+
+    @property
+    def caller(self) -> Hashable:
+        """The one client this call serves; refuses a call batched across clients."""
+        if len(self.callers) != 1:
+            raise RuntimeError(
+                f"call_context.caller needs exactly one caller, got {len(self.callers)} "
+                f"({list(self.callers)}); use callers/rows under a batching scheduler"
+            )
+        return self.callers[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows per caller."""
+        return [r.stop - r.start for r in self.rows]
+
+    def own_mean_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Turn the gradient of a loss averaged over the whole batch into each caller's
+        gradient of its own mean loss: rows scaled by ``total rows / the caller's rows``."""
+        if grad is None or not self.rows:
+            return grad
+        total = sum(self.sizes)
+        scale = torch.cat([torch.full((n,), total / n) for n in self.sizes]).to(grad)
+        return grad * scale.view(-1, *[1] * (grad.dim() - 1))
+
+
 @dataclass
 class FitResult:
     """What a party returns after a round: weights, the examples it trained on, metrics."""
@@ -138,7 +185,9 @@ class ServerModel:
     value (None, a tensor, a dict or a tuple of tensors) goes back to the caller.
     ``configure_fit`` loads the round's weights and rebuilds the optimizer;
     ``get_fit_result`` hands the trained weights back to the strategy. The optimizer state
-    therefore lives for one round, as on the clients.
+    therefore lives for one round, as on the clients. During a call, :attr:`call_context`
+    says which client(s) it serves (and, when a scheduler batched several clients'
+    requests, which rows are whose), so a method can keep per-client state.
 
     Example
     -------
@@ -174,7 +223,13 @@ class ServerModel:
         self.log_prefix = "[server]"
         self._num_examples = 0
         self._loss_sum = 0.0
+        self._call_context = CallContext()
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
+
+    @property
+    def call_context(self) -> CallContext:
+        """The clients served by the call in progress (empty outside a scheduled call)."""
+        return self._call_context
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer."""
@@ -205,16 +260,19 @@ class ServerModel:
             metrics["server_train_loss"] = self._loss_sum / self._num_examples
         return FitResult(weights, self._num_examples, metrics)
 
-    def step(self, loss: torch.Tensor, *, num_examples: int) -> None:
-        """Backpropagate ``loss``, step the optimizer and count ``num_examples``."""
+    def step(self, loss: torch.Tensor, *, num_examples: int, grad: torch.Tensor | None = None) -> None:
+        """Backpropagate ``loss`` (or an output with its ``grad``, e.g. one a client sent
+        back), step the optimizer and count ``num_examples``; a scalar loss is averaged
+        into the round's ``server_train_loss``."""
         if self.optimizer is not None:
             self.optimizer.zero_grad()
-        loss.backward()
+        loss.backward(grad)
         if self.optimizer is not None:
             self.optimizer.step()
         self.memory.observe_state([self.model], self.optimizer)
         self._num_examples += num_examples
-        self._loss_sum += float(loss.detach()) * num_examples
+        if grad is None:
+            self._loss_sum += float(loss.detach()) * num_examples
 
 
 def _describe(cls: type) -> dict[str, _RemoteMethod]:

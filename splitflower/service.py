@@ -77,17 +77,24 @@ class ClientSession:
         self.wire = dict.fromkeys(_WIRE_KEYS, 0)
         self.seconds = dict.fromkeys(_TIME_KEYS, 0.0)
         self._next_seq = 0
+        self._settled_below = 0
         self._present: set[int] = set()
         self._cond = threading.Condition()
 
-    def enter(self, seq: int, context: grpc.ServicerContext, sequence_timeout: float, gap_timeout: float) -> None:
+    def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
 
-        A request that never reaches the server (rejected by gRPC for its size, lost with
-        a dropped connection) would otherwise hold up every later one: after
-        ``gap_timeout`` seconds with the missing number absent, it is skipped.
+        Requests may arrive out of order (several are in flight on one HTTP/2 connection,
+        and a small one overtakes a large one on a slow link), so a request waits for the
+        earlier ones, however long they take, up to ``sequence_timeout`` or its deadline. A
+        request that will never arrive (it failed on the client's side, e.g. its deadline
+        passed on the way) is skipped as soon as a later request reports, in
+        ``settled_below``, that the client has its outcome; it is never guessed from time.
         """
         with self._cond:
+            if settled_below > self._settled_below:
+                self._settled_below = settled_below
+                self._skip_settled()
             if seq == self._next_seq:  # the usual case: nothing to wait for
                 self._present.add(seq)
                 return
@@ -96,41 +103,43 @@ class ClientSession:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     ErrorKind.INVALID_ARGUMENTS,
                     f"request number {seq} arrived after later requests ran (next expected {self._next_seq}); "
-                    "it was skipped as lost, or the token is shared by two proxies",
+                    "the client had already given it up, or the token is shared by two proxies",
                 )
             self._present.add(seq)
             remaining = context.time_remaining()
             timeout = sequence_timeout if remaining is None else min(remaining, sequence_timeout)
-            now = time.monotonic()
-            deadline, gap_deadline = now + timeout, now + gap_timeout
+            deadline = time.monotonic() + timeout
             while self._next_seq != seq:
-                now = time.monotonic()
-                if now >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     self._present.discard(seq)
                     raise _Abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         ErrorKind.TIMEOUT,
                         f"request number {seq} waited {timeout:.1f}s for request {self._next_seq} to finish",
                     )
-                missing = self._next_seq not in self._present
-                if missing and now >= gap_deadline:
-                    skipped_to = min(s for s in self._present if s >= self._next_seq)
-                    logger.warning(
-                        "[server] client %s: requests %d..%d never arrived; skipping them",
-                        self.client,
-                        self._next_seq,
-                        skipped_to - 1,
-                    )
-                    self._next_seq = skipped_to
-                    self._cond.notify_all()
-                    continue
-                self._cond.wait((gap_deadline if missing else deadline) - now)
+                self._cond.wait(left)
+
+    def _skip_settled(self) -> None:
+        """Move past requests the client has settled without the server ever seeing them."""
+        if self._next_seq in self._present or self._next_seq >= self._settled_below:
+            return
+        target = min([s for s in self._present if s > self._next_seq] + [self._settled_below])
+        logger.warning(
+            "[server] client %s: requests %d..%d failed before reaching the server; skipping them",
+            self.client,
+            self._next_seq,
+            target - 1,
+        )
+        self._next_seq = target
+        self._cond.notify_all()
 
     def leave(self, seq: int) -> None:
         """Let this client's next request run."""
         with self._cond:
             self._present.discard(seq)
             self._next_seq = seq + 1
+            self._skip_settled()
             self._cond.notify_all()
 
 
@@ -152,10 +161,9 @@ class SplitService:
         Threads carrying requests. Batching holds one thread per waiting client, so keep
         this above the number of concurrent clients.
     sequence_timeout:
-        How long a request may wait for this client's earlier requests to finish.
-    gap_timeout:
-        How long a request waits for an earlier request that has not arrived at all before
-        that one is presumed lost and skipped.
+        How long a request may wait for this client's earlier requests to arrive and finish
+        (at most; its own deadline may be shorter). Requests that failed on the client's
+        side are skipped without waiting (see :meth:`ClientSession.enter`).
 
     Example
     -------
@@ -175,8 +183,7 @@ class SplitService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: TlsConfig | None = None,
         max_workers: int = 64,
-        sequence_timeout: float = 60.0,
-        gap_timeout: float = 1.0,
+        sequence_timeout: float = 120.0,
     ) -> None:
         if max_message_bytes < 1024:
             raise ConfigError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
@@ -185,7 +192,6 @@ class SplitService:
         self.max_message_bytes = max_message_bytes
         self.tls = tls
         self.sequence_timeout = sequence_timeout
-        self.gap_timeout = gap_timeout
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._sessions: dict[bytes, ClientSession] = {}
@@ -282,7 +288,7 @@ class SplitService:
                 "token not issued for the current round (missing, wrong or expired); "
                 "a client gets its token from the strategy's round config",
             )
-        session.enter(request.seq, context, self.sequence_timeout, self.gap_timeout)
+        session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
         try:  # everything below runs for one request of this client at a time
             wire, seconds = session.wire, session.seconds
             wire["up_frame_bytes"] += len(frame)

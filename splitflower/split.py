@@ -32,6 +32,7 @@ __all__ = [
     "client_blocks_for_cut",
     "cut_shape",
     "split_for_cut",
+    "split_last_layer",
     "split_model",
 ]
 
@@ -401,6 +402,35 @@ def split_for_cut(model_name: str, model: nn.Module, cut: str | int) -> tuple[nn
             f"{expected - 2} residual blocks and head ({expected} children)"
         )
     return split_model(model, 1 + client_blocks)
+
+
+def split_last_layer(top: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split ``top`` into ``(middle, tail)`` with the tail holding its last layer with
+    parameters (e.g. the classifier's final linear layer), for U-shaped split learning,
+    where the client keeps both ends of the network: ``tail(middle(x)) == top(x)``.
+
+    Raises
+    ------
+    SplitError
+        If ``top`` has no parameterised layer after its first layer.
+
+    Examples
+    --------
+    >>> top = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> middle, tail = split_last_layer(top)
+    >>> len(middle), tail
+    (2, Sequential(
+      (2): Linear(in_features=8, out_features=2, bias=True)
+    ))
+    """
+    leaves = [name for name, module in top.named_modules() if name and not next(module.children(), None)]
+    weighted = [i for i, name in enumerate(leaves) if next(top.get_submodule(name).parameters(False), None) is not None]
+    if not weighted or weighted[-1] == 0:
+        raise SplitError(
+            f"cannot split a last layer off {type(top).__name__}: it needs a layer with parameters "
+            "after its first layer (the server would keep nothing)"
+        )
+    return split_model(top, leaves[weighted[-1] - 1])
 
 
 def cut_shape(bottom: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:

@@ -10,7 +10,7 @@ from torch import nn
 
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
 
-__all__ = ["EMBEDDINGS", "LABELS", "SupervisedServerModel", "linear_head"]
+__all__ = ["AUX_HEADS", "EMBEDDINGS", "LABELS", "SupervisedServerModel", "linear_head", "mlp_head", "pooled_head"]
 
 EMBEDDINGS = TensorSpec(dtypes=FLOATING, shape=("batch", ...))
 LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",))
@@ -19,6 +19,24 @@ LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",))
 def linear_head(cut_shape: Sequence[int], num_classes: int) -> nn.Module:
     """One fully connected layer on the flattened cut activations (the DSL paper's head)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(cut_shape), num_classes))
+
+
+def pooled_head(cut_shape: Sequence[int], num_classes: int, side: int = 2) -> nn.Module:
+    """Average-pool the cut activations to ``side`` x ``side`` per channel, then one linear layer."""
+    pool = nn.AdaptiveAvgPool2d(side) if len(cut_shape) == 3 else nn.Identity()
+    features = cut_shape[0] * side * side if len(cut_shape) == 3 else math.prod(cut_shape)
+    return nn.Sequential(pool, nn.Flatten(), nn.Linear(features, num_classes))
+
+
+def mlp_head(cut_shape: Sequence[int], num_classes: int, hidden: int = 128) -> nn.Module:
+    """A small MLP on the flattened cut activations: linear, ReLU, linear."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(cut_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
+AUX_HEADS = {"linear": linear_head, "pooled": pooled_head, "mlp": mlp_head}
+"""Auxiliary heads by name (DSL's ``head`` option)."""
 
 
 class SupervisedServerModel(ServerModel):

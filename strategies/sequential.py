@@ -15,13 +15,17 @@ __all__ = ["SequentialStrategy"]
 class SequentialStrategy(SplitStrategy):
     """Clients train one after another on one server model; each starts from the
     client segment the previous client returned (LocFedMix-SL, eq. 3). The round's
-    client weights are those of the last client that finished.
+    client weights are those of the last client that finished. A subclass that sets
+    ``hands_on = False`` starts every client from the round's weights instead and
+    averages the returned segments (FedAvg).
 
     Example
     -------
     >>> SequentialStrategy().order_clients([7, 3, 5])
     [3, 5, 7]
     """
+
+    hands_on = True
 
     def train_round(
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
@@ -32,13 +36,15 @@ class SequentialStrategy(SplitStrategy):
             reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout))
             replies += reply
             for answer in reply:
-                if not answer.has_error():
+                if self.hands_on and not answer.has_error():
                     arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
         return replies
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.hands_on:
+            return super().aggregate_train(server_round, replies)
         # No averaging: the segment the last client handed on is the round's result.
         handed_on, _ = self._check_and_log_replies(list(replies), is_train=True)
         if not handed_on:

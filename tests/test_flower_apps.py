@@ -118,6 +118,20 @@ class Flower:
         except subprocess.TimeoutExpired:
             pytest.fail(f"{' '.join(args)} ran past {timeout}s\n{self.tail()}")
 
+    def use_local_superlink_ports(self) -> None:
+        """Have `flwr run ... local` start its detached SuperLink on free ports, killed at cleanup."""
+        http_port, control_port = _free_ports(2)
+        self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+        self.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+        self.watch_port(http_port)
+        self.watch_port(control_port)
+
+    def flwr_run_local(self, name: str, run_config: str, timeout: float) -> int:
+        """`flwr run APP local` in simulation with two SuperNodes, one CPU each."""
+        federation = "num-supernodes=2 client-resources-num-cpus=1"
+        arguments = ("run", str(APP), "local", "--stream", "--run-config", run_config)
+        return self.run(name, "flwr", *arguments, "--federation-config", federation, timeout=timeout)
+
     def run_status(self, superlink: str) -> tuple[str, str]:
         """(status, details) of the only run on ``superlink``: `flwr run` exits 0 even when the run fails."""
         done = subprocess.run(
@@ -196,25 +210,9 @@ def _check_results(path: Path, log: str) -> dict[str, Any]:
 @pytest.mark.timeout(240)
 def test_flwr_run_local_simulation(flower: Flower) -> None:
     """`flwr run` starts a detached local SuperLink (simulation runtime) on the ports we give it."""
-    http_port, control_port = _free_ports(2)
-    flower.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-    flower.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-    flower.watch_port(http_port)
-    flower.watch_port(control_port)
+    flower.use_local_superlink_ports()
     out = flower.tmp / "simulation-results.json"
-    rc = flower.run(
-        "flwr-run",
-        "flwr",
-        "run",
-        str(APP),
-        "local",
-        "--stream",
-        "--run-config",
-        f"{RUN_CONFIG} out='{out}'",
-        "--federation-config",
-        "num-supernodes=2 client-resources-num-cpus=1",
-        timeout=180,
-    )
+    rc = flower.flwr_run_local("flwr-run", f"{RUN_CONFIG} out='{out}'", timeout=180)
     assert rc == 0, flower.tail()
     status, details = flower.run_status("local")
     assert status == "finished:completed", f"{details}\n{flower.tail()}"

@@ -1,0 +1,157 @@
+"""LocFedMix-SL (Oh et al., WWW 2022, section 3.4 and Algorithm 4), each technique switchable.
+
+Techniques as the paper numbers them: (1) parallel smashed-data forward and (2) global
+gradient back to the clients come from the strategy (``batched``: the server sees every
+client's batch in one call; ``sequential`` gives vanilla SL, combination 1); (3) smashed-data
+mixup on the server (``mixup``, ``n_s``, ``alpha``); (4) a local InfoPro-style decoder whose
+reconstruction gradient the client adds to the global one (``decoder``); (5) federated
+averaging of the client segment and decoder every ``sync_every`` rounds (0: never).
+``combo=K`` sets (3), (4) and (5) as in row K of the paper's Table 3 (combination 1 is
+combination 4's settings run under ``--strategy sequential``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitflower.client import Client
+from splitflower.server_model import remote
+from splitflower.split import cut_shape
+from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
+
+__all__ = ["LocFedMixClient", "LocFedMixOptions", "LocFedMixServerModel", "TABLE3_COMBOS", "infopro_decoder"]
+
+TABLE3_COMBOS: Mapping[int, tuple[bool, bool, int]] = {
+    # combination: (mixup (3), decoder (4), sync_every (5)); (1) and (2) always on.
+    1: (False, False, 1),  # vanilla SL: run under the sequential strategy
+    2: (True, False, 0),
+    3: (False, True, 0),
+    4: (False, False, 1),  # SplitFed
+    5: (True, True, 0),
+    6: (True, False, 1),
+    7: (False, True, 1),  # LocSplitFed + (2)
+    8: (True, True, 1),  # LocFedMix-SL
+}
+
+
+@dataclass(frozen=True)
+class LocFedMixOptions:
+    """``combo``: a row of Table 3 (1-8); when given, it sets ``mixup``, ``decoder`` and
+    ``sync_every`` (the defaults are those of row 8, LocFedMix-SL). ``n_s``: other clients
+    each sample is mixed with (0: all others in the call); ``alpha``: lambda ~ Beta(alpha,
+    alpha), 1 = uniform.
+
+    Example
+    -------
+    >>> LocFedMixOptions(combo=4)
+    LocFedMixOptions(combo=4, mixup=False, n_s=0, alpha=1.0, decoder=False, sync_every=1)
+    """
+
+    combo: int = 0
+    mixup: bool = True
+    n_s: int = 0
+    alpha: float = 1.0
+    decoder: bool = True
+    sync_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.combo and self.combo not in TABLE3_COMBOS:
+            raise ValueError(f"combo must be 0 (use mixup/decoder/sync_every) or 1..8, got {self.combo}")
+        if self.n_s < 0 or self.sync_every < 0 or not self.alpha > 0:
+            raise ValueError(
+                f"need n_s >= 0, sync_every >= 0 and alpha > 0, got {self.n_s}, {self.sync_every}, {self.alpha}"
+            )
+        if self.combo:
+            for name, value in zip(("mixup", "decoder", "sync_every"), TABLE3_COMBOS[self.combo], strict=True):
+                object.__setattr__(self, name, value)
+
+
+def infopro_decoder(cut: Sequence[int], input_shape: Sequence[int], width: int = 32) -> nn.Module:
+    """InfoPro-style decoder: interpolate to the input size, two convolutions, batch norm,
+    ReLU, sigmoid (the paper's section 4)."""
+    return nn.Sequential(
+        nn.Upsample(size=tuple(input_shape[1:]), mode="bilinear", align_corners=False),
+        nn.Conv2d(cut[0], width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, input_shape[0], 3, padding=1),
+        nn.Sigmoid(),
+    )
+
+
+def _unit_range(x: torch.Tensor) -> torch.Tensor:
+    """The batch rescaled to [0, 1], the range of the decoder's sigmoid (inputs are normalised)."""
+    return (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+
+
+class LocFedMixClient(Client):
+    """Combines the server's gradient with its decoder's (4); adopts the averaged segment
+    and decoder every ``sync_every`` rounds and keeps its own in between (5).
+
+    Example
+    -------
+    >>> from splitflower.data import synthetic
+    >>> segment = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2))
+    >>> client = LocFedMixClient(segment, synthetic(8, 8)[0], options=LocFedMixOptions(combo=7))
+    >>> sorted(client.model), client.sync_every
+    (['decoder', 'segment'], 1)
+    """
+
+    Options = LocFedMixOptions
+
+    def __init__(self, segment: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(segment, *args, **kwargs)
+        self.sync_every = self.options.sync_every
+        if self.options.decoder:
+            shape = self.train_data.input_shape
+            self.model["decoder"] = infopro_decoder(cut_shape(segment, shape), shape).to(self.device)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        z = self.segment(x)
+        grad = self.server_model_proxy.forward_backward.future(embeddings=z, labels=y)
+        local = [nn.functional.mse_loss(self.model["decoder"](z), _unit_range(x))] if self.options.decoder else []
+        self.step([z, *local], [grad.result(), *[None] * len(local)])
+        return {"reconstruction_loss": local[0].item()} if local else {}
+
+
+class LocFedMixServerModel(SupervisedServerModel):
+    """Trains on the clients' smashed data plus its mixups (3); returns each client's dL_i/ds_i (2).
+
+    Example
+    -------
+    >>> server = LocFedMixServerModel(nn.Linear(4, 3), options=LocFedMixOptions(combo=6))
+    >>> server.options.mixup, server.options.decoder, server.options.n_s
+    (True, False, 0)
+    """
+
+    Options = LocFedMixOptions
+
+    @remote(embeddings=EMBEDDINGS, labels=LABELS)
+    def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        s = embeddings.detach().requires_grad_()
+        logits = self.model(s)
+        targets = nn.functional.one_hot(labels, logits.shape[1]).to(s.dtype)
+        if self.options.mixup and len(self.call_context.callers) > 1:
+            mixed, mixed_targets = self.mix(s.detach(), targets)
+            logits, targets = torch.cat([logits, self.model(mixed)]), torch.cat([targets, mixed_targets])
+        # eq. (6): sum_i delta_i (L_i + sum over n_s partners of the mixed loss), delta_i = rows_i / rows
+        self.step(nn.functional.cross_entropy(logits, targets, reduction="sum") / len(s), num_examples=len(s))
+        return self.call_context.own_mean_grad(s.grad)
+
+    def mix(self, s: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row mixed with a random row of each of ``n_s`` other callers (eq. 5)."""
+        sizes = torch.tensor(self.call_context.sizes)
+        k = len(sizes)
+        n_s = min(self.options.n_s or k - 1, k - 1)
+        partners = torch.argsort(torch.rand(k, k) + torch.eye(k), dim=1)[:, :n_s]  # self sorts last
+        partner = partners.repeat_interleave(sizes, dim=0)  # (rows, n_s) caller indices
+        starts = torch.cumsum(sizes, 0) - sizes
+        rows = starts[partner] + (torch.rand(partner.shape) * sizes[partner]).long()
+        lam = torch.distributions.Beta(self.options.alpha, self.options.alpha).sample(partner.shape)
+        mixed = torch.lerp(s[rows], s.unsqueeze(1), lam.view(*lam.shape, *[1] * (s.dim() - 1)))
+        return mixed.flatten(0, 1), torch.lerp(targets[rows], targets.unsqueeze(1), lam.unsqueeze(-1)).flatten(0, 1)

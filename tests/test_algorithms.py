@@ -1,0 +1,325 @@
+"""Each algorithm's defining property, through the real service (one process, threads as clients)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import connect
+from splitflower.algorithms import ALGORITHMS
+from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
+from splitflower.algorithms.fedsl import FedSLClient, FedSLServerModel
+from splitflower.algorithms.locfedmix import LocFedMixClient, LocFedMixOptions, LocFedMixServerModel, _unit_range
+from splitflower.algorithms.splitavg import SplitAvgServerModel
+from splitflower.algorithms.streamsl import StreamSLClient, StreamSLServerModel
+from splitflower.algorithms.ushaped import UShapedClient, UShapedServerModel
+from splitflower.client import Client
+from splitflower.data import ArrayDataset, partition, synthetic
+from splitflower.errors import ConfigError, IncompatibleStrategyError
+from splitflower.experiment import ExperimentConfig
+from splitflower.scheduling import BatchingScheduler, Scheduler
+from splitflower.server_model import ServerModel, sgd
+from splitflower.service import SplitService
+from splitflower.split import split_last_layer, split_model
+from splitflower.wire import ConfigKey
+
+LR, CLASSES = 0.05, 3
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Linear(16, CLASSES),
+    )
+
+
+def _data(num: int, seed: int = 1) -> ArrayDataset:
+    return synthetic(num, 8, num_classes=CLASSES, input_shape=(1, 8, 8), seed=seed)[0]
+
+
+def _config(batch: int = 16, server_round: int = 1) -> dict[str, Any]:
+    return {ConfigKey.LR: LR, ConfigKey.BATCH_SIZE: batch, ConfigKey.SEED: 3, ConfigKey.SERVER_ROUND: server_round}
+
+
+def _fit(service: SplitService, scheduler: Scheduler, clients: Sequence[Client], config: dict[str, Any]) -> None:
+    """Fit every client at once, each on its own thread and session (client ids 0..n-1)."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            clients[i].server_model_proxy = connect(service, scheduler, client=i)
+            clients[i].fit({}, config)
+            clients[i].server_model_proxy.close()
+            scheduler.client_finished(i)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(err)
+
+    scheduler.set_clients(list(range(len(clients))))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class _Counting(nn.Module):
+    """Wraps a server segment and records the rows of every forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(len(x))
+        return self.inner(x)
+
+
+# ------------------------------------------------------------------------------ LocFedMix-SL
+def test_locfedmix_server_trains_on_mixups_and_client_combines_both_gradients(service: SplitService) -> None:
+    """3 clients, one batch each, n_s = 1: the server forwards (1 + n_s) x the rows, and each
+    client's update is its decoder's gradient plus the gradient of its own mean loss at the
+    server's weights before the step (mixed rows send nothing back)."""
+    bottom, top = split_model(_model(), 3)
+    parts = partition(_data(48), 3, "iid", seed=0)
+    options = LocFedMixOptions(n_s=1, decoder=True, mixup=True)
+    counting = _Counting(copy.deepcopy(top))
+    server = LocFedMixServerModel(counting, optimizer=sgd(0.0), options=options)
+    server.configure_fit(None, {"lr": LR})
+    clients = [LocFedMixClient(copy.deepcopy(bottom), p, optimizer=sgd(0.0), options=options) for p in parts]
+    initial = [_state(c.model) for c in clients]
+    scheduler = BatchingScheduler(server, flush_timeout=10.0)
+    _fit(service, scheduler, clients, _config(batch=16))
+
+    assert scheduler.flushes == 1 and server.num_examples == 48, "one batched call of 3 x 16 rows"
+    assert sum(counting.rows) == 48 * (1 + options.n_s), "the server trained on (1 + n_s) x the rows"
+    for client, part, start in zip(clients, parts, initial, strict=True):
+        reference = LocFedMixClient(copy.deepcopy(bottom), part, options=options)
+        reference.model.load_state_dict(start)
+        reference.model.train()
+        x, y = part.images, part.labels
+        z = reference.segment(x)
+        zd = z.detach().requires_grad_()
+        (global_grad,) = torch.autograd.grad(nn.functional.cross_entropy(top(zd), y), zd)
+        local = nn.functional.mse_loss(reference.model["decoder"](z), _unit_range(x))
+        torch.autograd.backward([z, local], [global_grad, None])
+        with torch.no_grad():
+            for p in reference.model.parameters():
+                p -= LR * p.grad
+        torch.testing.assert_close(_state(client.model), _state(reference.model), rtol=1e-4, atol=1e-5)
+
+
+def test_locfedmix_combos_set_the_techniques_and_keep_segments_between_syncs() -> None:
+    assert (LocFedMixOptions(combo=4).mixup, LocFedMixOptions(combo=4).decoder) == (False, False)
+    eight = LocFedMixOptions(combo=8)
+    assert (eight.mixup, eight.decoder, eight.sync_every) == (True, True, 1)
+    assert LocFedMixOptions(combo=2).sync_every == 0
+    with pytest.raises(ConfigError, match="combo must be 0"):
+        ALGORITHMS["locfedmix"].parse_options(["combo=9"])
+    client = LocFedMixClient(split_model(_model(), 3)[0], _data(16), options=LocFedMixOptions(sync_every=2))
+    own = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in client.weights().items()}
+    fresh = {k: torch.zeros_like(v) for k, v in own.items()}
+    assert client.local_state().keys() == own.keys(), "its weights are kept in Flower's context"
+    client.load_local_state(own)
+    for server_round, expected in ((1, fresh), (2, own), (3, fresh), (4, own)):
+        assert client.round_weights(fresh, server_round) is expected, f"round {server_round}"
+
+
+# --------------------------------------------------------------------------------- U-shaped
+def test_ushaped_no_label_or_logit_crosses_the_wire(service: SplitService) -> None:
+    bottom, top = split_model(_model(), 3)
+    middle, tail = split_last_layer(top)
+    server = UShapedServerModel(middle)
+    server.configure_fit(None, {"lr": LR})
+    client = UShapedClient(bottom, _data(64), tail=tail)
+    before_client, before_server = _state(client.model), _state(server.model)
+    client.server_model_proxy = connect(service, server)
+    client.fit({}, _config())
+    client.server_model_proxy.close()
+    manifest = client.server_model_proxy.traffic.manifest()
+    assert {(e["direction"], e["method"]) for e in manifest} == {
+        ("up", "forward"),
+        ("down", "forward"),
+        ("up", "backward"),
+        ("down", "backward"),
+    }
+    for entry in manifest:
+        assert "int" not in entry["dtype"], f"an integer (label) tensor crossed the wire: {entry}"
+        assert entry["sample_shape"] != [CLASSES], f"a logit-shaped tensor crossed the wire: {entry}"
+    assert _changed(before_client, _state(client.model)) and _changed(before_server, _state(server.model))
+    assert _changed({"t": before_client["tail.6.weight"]}, {"t": client.model["tail"].state_dict()["6.weight"]})
+
+
+def test_ushaped_refuses_batching_and_shared_server_models() -> None:
+    for strategy in ("batched", "parallel"):
+        with pytest.raises(IncompatibleStrategyError, match="runs under splitfed-v1"):
+            ExperimentConfig(algorithm="ushaped", strategy=strategy).validate()
+
+
+# --------------------------------------------------------------------------------- StreamSL
+def test_streamsl_client_frozen_server_trained(service: SplitService) -> None:
+    bottom, top = split_model(_model(), 3)
+    server = StreamSLServerModel(top)
+    server.configure_fit(None, {"lr": LR})
+    client = StreamSLClient(bottom, _data(64))
+    before_client, before_server = _state(client.model), _state(server.model)
+    client.server_model_proxy = connect(service, server)
+    result = client.fit({}, _config())
+    client.server_model_proxy.close()
+    torch.testing.assert_close(result.weights, before_client)
+    assert client.optimizer is None
+    assert server.num_examples == 64 and _changed(before_server, _state(server.model))
+    assert client.server_model_proxy.traffic.by_method()["train_batch"]["down_payload_bytes"] == 0
+
+
+# ----------------------------------------------------------------------------------- FedSL
+def test_fedsl_trains_locally_and_streams(service: SplitService) -> None:
+    bottom, top = split_model(_model(), 3)
+    server = FedSLServerModel(top)
+    server.configure_fit(None, {"lr": LR})
+    client = FedSLClient(bottom, _data(64))
+    before = _state(client.model)
+    client.server_model_proxy = connect(service, server)
+    client.fit({}, _config())
+    client.server_model_proxy.close()
+    assert _changed(before, _state(client.model)) and server.num_examples == 64
+    assert client.server_model_proxy.traffic.by_method()["train_batch"]["down_payload_bytes"] == 0
+
+
+# --------------------------------------------------------------------------------- SplitAvg
+def test_splitavg_every_client_of_a_batched_call_gets_the_same_mean_gradient(service: SplitService) -> None:
+    _, top = split_model(_model(), 3)
+    server = SplitAvgServerModel(copy.deepcopy(top))
+    server.configure_fit(None, {"lr": LR})
+    scheduler = BatchingScheduler(server, flush_timeout=10.0)
+    scheduler.set_clients([0, 1, 2])
+    inputs = [(torch.randn(5, 4, 4, 4), torch.randint(0, CLASSES, (5,))) for _ in range(3)]
+    grads: dict[int, torch.Tensor] = {}
+
+    def call(i: int) -> None:
+        proxy = connect(service, scheduler, client=i)
+        grad = proxy.forward_backward(embeddings=inputs[i][0], labels=inputs[i][1])
+        assert isinstance(grad, torch.Tensor)
+        grads[i] = grad
+        proxy.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert scheduler.flushes == 1
+    own = []
+    for z, y in inputs:
+        z = z.clone().requires_grad_()
+        own.append(torch.autograd.grad(nn.functional.cross_entropy(top(z), y), z)[0])
+    for i in range(3):
+        torch.testing.assert_close(grads[i], torch.stack(own).mean(0))
+
+
+def test_splitavg_and_locfedmix_need_the_batched_strategy() -> None:
+    with pytest.raises(IncompatibleStrategyError, match="runs under batched, not 'parallel'"):
+        ExperimentConfig(algorithm="splitavg", strategy="parallel").validate()
+    assert ExperimentConfig(algorithm="splitavg").validate().strategy == "batched"
+    assert ExperimentConfig(algorithm="locfedmix").validate().strategy == "batched"
+
+
+# ------------------------------------------------------------------------------ DSL options
+def _dsl_one_step(service: SplitService, options: DSLOptions, data: ArrayDataset) -> dict[str, torch.Tensor]:
+    bottom, top = split_model(_model(), 3)
+    server = DSLServerModel(top, optimizer=sgd(0.0))
+    server.configure_fit(None, {"lr": LR})
+    torch.manual_seed(5)  # the same auxiliary head every time
+    client = DSLClient(bottom, data, optimizer=sgd(0.0), options=options)
+    client.server_model_proxy = connect(service, server)
+    client.fit({}, _config(batch=len(data)))
+    client.server_model_proxy.close()
+    return _state(client.model)
+
+
+def test_dsl_lam_zero_is_pure_dsl_and_lam_adds_the_server_gradient(service: SplitService) -> None:
+    data = _data(32)
+    bottom, top = split_model(_model(), 3)
+    torch.manual_seed(5)
+    reference = DSLClient(bottom, data, options=DSLOptions())
+    start = _state(reference.model)
+    results = {}
+    for lam in (0.0, 0.5):
+        results[lam] = _dsl_one_step(service, DSLOptions(lam=lam), data)
+        model = copy.deepcopy(reference.model)
+        model.load_state_dict(start)
+        z = model["segment"](data.images)
+        loss = nn.functional.cross_entropy(model["aux_head"](z), data.labels)
+        zd = z.detach().requires_grad_()
+        (server_grad,) = torch.autograd.grad(nn.functional.cross_entropy(top(zd), data.labels), zd)
+        torch.autograd.backward([loss, z], [None, lam * server_grad])
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+        torch.testing.assert_close(results[lam], _state(model), rtol=1e-4, atol=1e-6)
+    assert _changed(results[0.0], results[0.5]), "lam > 0 changes the client's update"
+
+
+@pytest.mark.parametrize("head", ["linear", "pooled", "mlp"])
+def test_dsl_each_head_kind_trains(service: SplitService, head: str) -> None:
+    bottom, top = split_model(_model(), 3)
+    server = DSLServerModel(top)
+    client = DSLClient(bottom, _data(96), options=DSLOptions(head=head))
+    losses = []
+    for server_round in (1, 2, 3):
+        server.configure_fit(None, {"lr": LR})
+        client.server_model_proxy = connect(service, server, client=f"round-{server_round}")
+        losses.append(client.fit({}, _config(server_round=server_round)).metrics["aux_loss"])
+        client.server_model_proxy.close()
+    assert losses[-1] < losses[0], losses
+
+
+def test_every_algorithm_registered_with_its_strategies() -> None:
+    assert {"csl", "dsl", "locfedmix", "ushaped", "streamsl", "fedsl", "splitavg"} <= set(ALGORITHMS)
+    for algorithm in ALGORITHMS.values():
+        algorithm.check_strategy(algorithm.default_strategy)
+        assert issubclass(algorithm.server_model, ServerModel)
+
+
+def test_dsl_options_parse_lam_and_head() -> None:
+    dsl = ALGORITHMS["dsl"]
+    assert dsl.parse_options(["lam=0.5", "head=pooled"]) == DSLOptions(lam=0.5, head="pooled")
+    with pytest.raises(ConfigError, match="option 'head': expected one of linear, pooled, mlp, got 'none'"):
+        dsl.parse_options(["head=none"])
+    with pytest.raises(ConfigError, match="lam must be 0"):
+        dsl.parse_options(["lam=-1"])
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_split_last_layer_gives_u_shaped_thirds_that_compose(name: str) -> None:
+    from splitflower.models import build_model
+    from splitflower.split import split_for_cut
+
+    model = build_model(name, num_classes=10, in_channels=1, image_size=28).eval()
+    bottom, top = split_for_cut(name, model, "s")
+    middle, tail = split_last_layer(top)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(tail.eval()(middle.eval()(bottom.eval()(x))), model(x))
+    (last,) = [m for m in tail.modules() if next(m.parameters(False), None) is not None]
+    assert isinstance(last, nn.Linear) and last.out_features == 10, "the client keeps the output layer"
