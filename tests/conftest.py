@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -107,3 +108,22 @@ def connect(
     token, _ = service.open_session(client, scheduler)
     options: dict[str, object] = {"max_message_bytes": service.max_message_bytes, **proxy_options}
     return ServerModelProxy(service.address, token, **options)  # type: ignore[arg-type]
+
+
+RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
+
+
+def run_cli(command: list[str], attempt_timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run a ``splitflower run`` command; one more try if Ray's local node missed its start-up
+    window (Flower's simulation then hangs, so each attempt is bounded). A hang or failure of
+    the second attempt is returned as it is."""
+    for attempt in (1, 2):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=attempt_timeout)
+        except subprocess.TimeoutExpired as err:
+            stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
+            done = subprocess.CompletedProcess(command, -9, "", f"timed out after {attempt_timeout}s\n{stderr}")
+        hung_or_ray = done.returncode == -9 or any(sign in done.stderr for sign in RAY_START_UP_FAILURES)
+        if done.returncode == 0 or attempt == 2 or not hung_or_ray:
+            return done
+    raise AssertionError("unreachable")

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
-
-
-def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
-        return subprocess.CompletedProcess(command, -9, "", stderr)
-
+from conftest import run_cli
 
 CASES = [
     ("locfedmix", "batched", ["--option", "n_s=1"]),
@@ -38,11 +28,7 @@ def test_splitflower_run(tmp_path: Path, algorithm: str, strategy: str, extra: l
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", algorithm, "--strategy", strategy]
     command += ["--dataset", "synthetic", "--train-size", "192", "--clients", "2", "--rounds", "1", *extra]
-    done = _run([*command, "--out", str(out)])
-    if done.returncode != 0 and any(sign in done.stderr for sign in RAY_START_UP_FAILURES):
-        # Ray's local node sometimes misses its start-up window on a loaded 2-core machine
-        # (and Flower's simulation then does not exit): that says nothing about splitflower.
-        done = _run([*command, "--out", str(out)])
+    done = run_cli([*command, "--out", str(out)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["config"]["algorithm"] == algorithm and results["config"]["strategy"] == strategy

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_cli
 from splitflower.errors import ConfigError
 from splitflower.experiment import ExperimentConfig
 from splitflower.linkemu import LinkEmulator, LinkSpec, parse_link
@@ -204,7 +204,7 @@ def test_a_flower_run_over_an_emulated_link(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    done = run_cli(command)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["config"]["link"] == "200mbit/200mbit/10ms"
