@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitflower.experiment import Experiment, ExperimentConfig
+from splitflower.experiment import Experiment, ExperimentConfig, write_results
 from splitflower.metering import MemoryTally
 from splitflower.proxy import ServerModelProxy
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, source_commit
@@ -265,9 +265,7 @@ def write_tables(folder: Path, tables: dict[str, dict[str, Any]], model: str) ->
                 for key in ("command", "commit"):
                     earlier = [part for part in str(old.get(key, "")).split("; ") if part and part != table[key]]
                     table[key] = "; ".join([*earlier, table[key]])
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        tmp.replace(path)
+        write_results(table, path)
         written.append(path)
     return written
 

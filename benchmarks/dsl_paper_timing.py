@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 
 from splitflower.app import client_reply_metrics
 from splitflower.compute import run_on_compute_thread
-from splitflower.experiment import Experiment, ExperimentConfig, threads_per_client
+from splitflower.experiment import Experiment, ExperimentConfig, threads_per_client, write_results
 from splitflower.linkemu import LinkEmulator, parse_link
 from splitflower.proxy import ServerModelProxy
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, source_commit
@@ -211,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in tables.items():
         table |= {"command": command, "commit": commit}
         path = args.out / name
-        tmp_path = path.with_suffix(".json.tmp")
-        tmp_path.write_text(json.dumps(table, indent=1))
-        tmp_path.replace(path)
+        write_results(table, path)
         print(f"written: {path}")
     return 0
 

@@ -30,9 +30,9 @@ class Client:
     The base class owns the round: it loads the round's weights into ``self.model``
     (a ``ModuleDict`` holding ``"segment"`` and any module an algorithm adds, e.g. an
     auxiliary head), builds the optimizer over their trainable parameters (none: no
-    optimizer, e.g. a frozen segment), iterates the local epochs and batches, calls
-    :meth:`end_round`, measures memory and time, drains outstanding fire-and-forget calls,
-    and returns the weights. An algorithm overrides :meth:`train_step` (and
+    optimizer, e.g. a frozen segment), iterates the local epochs and batches, settles
+    batches :meth:`step` still holds, measures memory and time, drains outstanding
+    fire-and-forget calls, and returns the weights. An algorithm overrides :meth:`train_step` (and
     :meth:`evaluate` if it evaluates differently), offloading work with
     ``self.server_model_proxy.<method>(**tensors)`` and updating its weights with
     :meth:`step`.
@@ -91,10 +91,6 @@ class Client:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float]:
         """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement train_step(x, y)")
-
-    def end_round(self) -> Mapping[str, float]:
-        """Called after the round's last batch (e.g. to settle batches still in flight)."""
-        return {}
 
     def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None, *, window: int = 1) -> None:
         """Backpropagate ``output`` (a loss, or activations with their ``grad``; or lists of
@@ -173,7 +169,6 @@ class Client:
                 examples += len(y)
         with self.memory.track():
             self._settle()
-            sums.update({name: float(value) * examples for name, value in self.end_round().items()})
         self.server_model_proxy.wait_all()
         metrics = {name: total / max(examples, 1) for name, total in sums.items()}
         metrics["client_wall_s"] = time.perf_counter() - started

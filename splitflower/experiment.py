@@ -172,9 +172,7 @@ class Experiment:
             self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
         else:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
-        if 0 < self.config.train_size < len(self.train):
-            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed))
-            self.train = self.train.subset(order[: self.config.train_size])
+        self.train = _sample(self.train, self.config.train_size, self.config.seed, "train_size")
         self.test = _sample(self.test, self.config.test_size, self.config.seed + 1, "test_size")
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)

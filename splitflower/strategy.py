@@ -230,11 +230,13 @@ class SplitStrategy(FedAvg):
             self._server_models = [run_on_compute_thread(server_model_factory)]
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
-        with contextlib.ExitStack() as stack:
-            if self.link is not None:
-                self._client_address = stack.enter_context(LinkEmulator(service.address, self.link)).address
-            self._run_rounds(grid, num_rounds, timeout, config, evaluate_fn, on_round, result)
-        self._client_address = ""
+        link = LinkEmulator(service.address, self.link) if self.link is not None else contextlib.nullcontext()
+        with link as emulator:
+            self._client_address = emulator.address if emulator is not None else ""
+            try:
+                self._run_rounds(grid, num_rounds, timeout, config, evaluate_fn, on_round, result)
+            finally:
+                self._client_address = ""
         return result
 
     def _run_rounds(
