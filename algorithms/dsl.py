@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from splitflower.algorithms.csl import CSLServerModel
+from splitflower.algorithms.fedsl import FedSLServerModel
 from splitflower.client import Client
-from splitflower.server_model import remote
 from splitflower.split import cut_shape
-from splitflower.supervised import AUX_HEADS, EMBEDDINGS, LABELS
+from splitflower.supervised import AUX_HEADS
 
 __all__ = ["DSLClient", "DSLOptions", "DSLServerModel"]
 
@@ -70,10 +70,7 @@ class DSLClient(Client):
         return {"aux_loss": loss.item()}
 
 
-class DSLServerModel(CSLServerModel):
-    """Train the server segment on the activations it receives; reply with nothing
-    (``lam`` > 0 calls CSL's ``forward_backward`` instead, for the gradient)."""
-
-    @remote(embeddings=EMBEDDINGS, labels=LABELS)
-    def train_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        self.train_on(embeddings, labels)
+class DSLServerModel(FedSLServerModel, CSLServerModel):
+    """Train the server segment on the activations it receives and reply with nothing
+    (FedSL's ``train_batch``); ``lam`` > 0 calls CSL's ``forward_backward`` instead, for
+    the gradient."""

@@ -1,7 +1,7 @@
 """StreamSL: a frozen (e.g. pretrained) client segment streams embeddings; the server trains.
 
 The client never backpropagates: it runs its segment in eval mode without autograd and
-sends each batch's embeddings and labels fire-and-forget. The server model is DSL's: it
+sends each batch's embeddings and labels fire-and-forget. The server model is FedSL's: it
 trains on what arrives and replies with nothing.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitflower.algorithms.dsl import DSLServerModel
+from splitflower.algorithms.fedsl import FedSLServerModel
 from splitflower.client import Client
 
 __all__ = ["StreamSLClient", "StreamSLServerModel"]
@@ -40,8 +40,8 @@ class StreamSLClient(Client):
         return {}
 
 
-class StreamSLServerModel(DSLServerModel):
-    """Trains the server segment on the streamed embeddings (DSL's ``train_batch``).
+class StreamSLServerModel(FedSLServerModel):
+    """Trains the server segment on the streamed embeddings (FedSL's ``train_batch``).
 
     Example
     -------

@@ -26,7 +26,8 @@ from splitflower.experiment import ExperimentConfig
 from splitflower.scheduling import BatchingScheduler, Scheduler
 from splitflower.server_model import ServerModel, sgd
 from splitflower.service import SplitService
-from splitflower.split import split_last_layer, split_model
+from splitflower.split import cut_shape, split_last_layer, split_model
+from splitflower.supervised import AUX_HEADS
 from splitflower.wire import ConfigKey
 
 LR, CLASSES = 0.05, 3
@@ -143,6 +144,9 @@ def test_locfedmix_combos_set_the_techniques_and_keep_segments_between_syncs() -
     client.load_local_state(own)
     for server_round, expected in ((1, fresh), (2, own), (3, fresh), (4, own)):
         assert client.round_weights(fresh, server_round) is expected, f"round {server_round}"
+    client.sync_every = 0  # only the first round (before any own state exists) adopts the strategy's weights
+    for server_round in (2, 3, 5):
+        assert client.round_weights(fresh, server_round) is own, f"sync_every=0, round {server_round}"
 
 
 # --------------------------------------------------------------------------------- U-shaped
@@ -285,6 +289,8 @@ def test_dsl_each_head_kind_trains(service: SplitService, head: str) -> None:
     bottom, top = split_model(_model(), 3)
     server = DSLServerModel(top)
     client = DSLClient(bottom, _data(96), options=DSLOptions(head=head))
+    expected = AUX_HEADS[head](cut_shape(bottom, (1, 8, 8)), CLASSES)
+    assert str(client.model["aux_head"]) == str(expected), "the head the option names is built"
     losses = []
     for server_round in (1, 2, 3):
         server.configure_fit(None, {"lr": LR})
