@@ -72,7 +72,6 @@ import os
 import platform
 import shlex
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -92,6 +91,7 @@ from torch import nn
 
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.compute import run_on_compute_thread
+from splitflower.experiment import source_commit
 from splitflower.models import resnet20
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
@@ -100,7 +100,6 @@ from splitflower.service import SplitService
 from splitflower.split import split_model
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 
 BARE_SERVICE = "splitflower.bench.BareEcho"
@@ -718,18 +717,12 @@ def measure_csl(
 # --------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
 def provenance() -> dict[str, Any]:
-    try:
-        commit = _git("rev-parse", "HEAD")
-        # Results written by earlier runs do not make the measured code dirty.
-        dirty = bool(_git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"))
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
+    # Results written by earlier runs do not make the measured code dirty.
+    commit = source_commit(exclude=["benchmarks/results"])
+    dirty = commit.endswith("+dirty")
     marker = "-dirty" if dirty else ""
+    commit = commit.removesuffix("+dirty")
     return {
         "commit": commit + marker,
         "commit_short": commit[:7] + marker,

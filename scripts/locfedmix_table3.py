@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from splitflower.experiment import source_commit
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
@@ -26,14 +27,6 @@ COMBOS = {1: "vanilla SL (1)", 4: "SplitFed (1+2+5)", 6: "mixup + averaging (1+2
 # The paper's Table 3 (CIFAR-10, T = 10,000 rounds), n = 20 column: accuracy, rounds to converge.
 PAPER_N20 = {1: (0.5946, 9770), 4: (0.6214, 6270), 6: (0.6292, 3750), 8: (0.6365, 3590)}
 TARGET = 0.70  # accuracy whose first round we report (a stand-in for the paper's rounds to converge)
-
-
-def _commit() -> str:
-    if os.environ.get("SPLITFLOWER_COMMIT"):  # when run from an exported copy of the tree
-        return os.environ["SPLITFLOWER_COMMIT"]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _command(combo: int, clients: int, args: argparse.Namespace, out: Path) -> list[str]:
@@ -93,7 +86,7 @@ def main() -> int:
     runs_dir = OUT / "locfedmix-table3-runs"
     runs_dir.mkdir(exist_ok=True)
     document: dict[str, Any] = {
-        "commit": _commit(),
+        "commit": source_commit(),
         "setting": (
             f"LeNet-5 cut after conv1+pool, Fashion-MNIST, {args.per_client} training examples per client "
             f"(IID), {args.rounds} rounds of one local epoch, batch 64, SGD lr {args.lr} momentum 0.9, "

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import threading
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "cached_experiment",
     "results_document",
     "run_experiment",
+    "source_commit",
     "summarise_round",
     "threads_per_client",
     "versions",
@@ -362,11 +364,31 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def source_commit(exclude: Sequence[str] = ()) -> str:
+    """The git commit this code runs from, ``+dirty`` when tracked files differ from it
+    (paths under ``exclude``, e.g. a results folder, aside); ``$SPLITFLOWER_COMMIT`` when
+    set (a copy of the tree without git); ``unknown`` outside a git checkout."""
+    if os.environ.get("SPLITFLOWER_COMMIT"):
+        return os.environ["SPLITFLOWER_COMMIT"]
+    here = Path(__file__).resolve().parent
+    pathspec = ["--", ".", *(f":(exclude){path}" for path in exclude)] if exclude else []
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", *pathspec).strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def versions() -> dict[str, str]:
-    """Versions of Python and of the packages a result depends on."""
+    """Versions of Python and of the packages a result depends on, and the source commit."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "splitflower_commit": source_commit()}
     for package in ("splitflower", "torch", "flwr", "grpcio", "flwr-datasets", "numpy"):
         try:
             out[package] = version(package)

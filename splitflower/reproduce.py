@@ -32,7 +32,6 @@ import json
 import logging
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import ExperimentConfig, run_experiment, write_results
+from splitflower.experiment import ExperimentConfig, run_experiment, source_commit, write_results
 
 __all__ = [
     "ALGORITHMS",
@@ -161,26 +160,6 @@ def cell_filename(config: ExperimentConfig) -> str:
     return f"{config.dataset}-{config.algorithm}-{config.cut}-n{config.clients}.json"
 
 
-def source_commit() -> str:
-    """The git commit the code runs from (``+dirty`` when the tree has changes), or ``unknown``."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 @dataclass(frozen=True)
 class CellOutcome:
     """What happened to one cell: ``ran``, ``skipped`` (already done) or ``failed``."""
@@ -270,12 +249,15 @@ def run_grid(
     outcomes: list[CellOutcome] = []
     started = time.perf_counter()
     ran_seconds: list[float] = []
+    # Checked before any cell runs: a folder holding another configuration's file is refused
+    # at once, not after hours of the cells before it.
+    finished = [_finished(out / cell_filename(config), config) for config in configs]
     for number, config in enumerate(configs, 1):
         path = out / cell_filename(config)
         label = (
             f"cell {number}/{len(configs)} {config.algorithm} cut {config.cut} N={config.clients} ({config.dataset})"
         )
-        if _finished(path, config):
+        if finished[number - 1]:
             say(f"{label}: done already ({path.name}), skipped")
             outcomes.append(CellOutcome(config, path, "skipped"))
             continue

@@ -105,8 +105,12 @@ def test_a_file_from_another_configuration_is_not_taken_as_done(tmp_path: Path) 
     configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
     run_grid(configs, tmp_path, runner=_FakeRunner(), say=lambda _: None)
     other = grid_configs(SCALES["small"], **{**TINY, "epochs": 2})  # type: ignore[arg-type]
+    for config in other[:-1]:  # only the last cell's file is another configuration's
+        (tmp_path / cell_filename(config)).unlink()
+    runner = _FakeRunner()
     with pytest.raises(ConfigError, match=r"different configuration \(differs in \['rounds'\]\)"):
-        run_grid(other, tmp_path, runner=_FakeRunner(), say=lambda _: None)
+        run_grid(other, tmp_path, runner=runner, say=lambda _: None)
+    assert runner.ran == [], "refused before any cell ran"
 
 
 def test_report_and_figures_are_built_from_the_files(tmp_path: Path) -> None:
