@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,73 +207,56 @@ def plot_figures(cells: Sequence[Cell], directory: str | Path) -> list[Path]:
         ax.legend()
         written.append(_save(figure, out / f"fig5-communication-{dataset}.png", plt))
 
-        # Figure 6: peak memory per party.
-        figure, axes = plt.subplots(1, len(clients), figsize=(5 * len(clients), 4), squeeze=False, sharey=True)
-        bars = [(a, party) for party in ("client", "server") for a in _ALGORITHMS]
-        width = 0.8 / len(bars)
-        for i, n in enumerate(clients):
-            ax = axes[0][i]
-            for k, (algorithm, party) in enumerate(bars):
-                xs, ys = [], []
-                for j, cut in enumerate(cuts):
-                    cell = index.get((dataset, n, cut, algorithm))
-                    if cell is not None:
-                        xs.append(j + (k - (len(bars) - 1) / 2) * width)
-                        ys.append((cell.client_peak if party == "client" else cell.server_peak) / _MB)
-                ax.bar(
-                    xs,
-                    ys,
-                    width,
-                    color=_COLOURS[algorithm],
-                    alpha=1.0 if party == "client" else 0.45,
-                    hatch="" if party == "client" else "..",
-                    label=f"{algorithm.upper()} {party}",
-                )
-            ax.set_xticks(range(len(cuts)), [f"cut {c}" for c in cuts])
-            ax.set_title(f"N = {n}")
-            if i == 0:
-                ax.set_ylabel("peak training memory, tally (MB)")
-        figure.suptitle(f"Peak memory per party ({dataset})")
-        written.append(_save(figure, out / f"fig6-memory-{dataset}.png", plt, legend_from=axes[0][0]))
-
-        # Figure 7: time per epoch.
-        figure, axes = plt.subplots(1, len(clients), figsize=(5 * len(clients), 4), squeeze=False, sharey=True)
-        parts = (("client_s", "client compute", 1.0), ("server_s", "server compute", 0.6), ("comm_s", "comm wait", 0.3))
-        width = 0.38
-        for i, n in enumerate(clients):
-            ax = axes[0][i]
-            for k, algorithm in enumerate(_ALGORITHMS):
-                found = _present(index, dataset, n, cuts, algorithm)
-                xs = [j + (k - 0.5) * width for j, _ in found]
-                bottom = [0.0] * len(found)
-                for attribute, name, alpha in parts:
-                    values = [c.per_epoch(getattr(c, attribute)) for _, c in found]
-                    ax.bar(
-                        xs,
-                        values,
-                        width,
-                        bottom=bottom,
-                        color=_COLOURS[algorithm],
-                        alpha=alpha,
-                        label=f"{algorithm.upper()} {name}",
-                    )
-                    bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-                ax.scatter(
-                    xs,
-                    [c.wall_per_epoch for _, c in found],
-                    marker="_",
-                    s=400,
-                    color="black",
-                    zorder=3,
-                    label="wall" if k == 0 else None,
-                )
-            ax.set_xticks(range(len(cuts)), [f"cut {c}" for c in cuts])
-            ax.set_title(f"N = {n}")
-            if i == 0:
-                ax.set_ylabel("seconds per epoch")
-        figure.suptitle(f"Training time breakdown per epoch ({dataset})")
-        written.append(_save(figure, out / f"fig7-time-{dataset}.png", plt, legend_from=axes[0][0]))
+        # Figures 6 and 7: a panel per N with the cuts along x.
+        for path, ylabel, title, draw in (
+            (f"fig6-memory-{dataset}.png", "peak training memory, tally (MB)", "Peak memory per party", _draw_memory),
+            (f"fig7-time-{dataset}.png", "seconds per epoch", "Training time breakdown per epoch", _draw_time),
+        ):
+            figure, axes = plt.subplots(1, len(clients), figsize=(5 * len(clients), 4), squeeze=False, sharey=True)
+            for i, n in enumerate(clients):
+                ax = axes[0][i]
+                draw(ax, {a: _present(index, dataset, n, cuts, a) for a in _ALGORITHMS})
+                ax.set_xticks(range(len(cuts)), [f"cut {c}" for c in cuts])
+                ax.set_title(f"N = {n}")
+                if i == 0:
+                    ax.set_ylabel(ylabel)
+            figure.suptitle(f"{title} ({dataset})")
+            written.append(_save(figure, out / path, plt, legend_from=axes[0][0]))
     return written
+
+
+def _draw_memory(ax: Any, found: Mapping[str, list[tuple[int, Cell]]]) -> None:
+    """Figure 6's bars: each algorithm's client and server peak at each cut."""
+    bars = [(a, party) for party in ("client", "server") for a in _ALGORITHMS]
+    width = 0.8 / len(bars)
+    for k, (algorithm, party) in enumerate(bars):
+        ax.bar(
+            [j + (k - (len(bars) - 1) / 2) * width for j, _ in found[algorithm]],
+            [(c.client_peak if party == "client" else c.server_peak) / _MB for _, c in found[algorithm]],
+            width,
+            color=_COLOURS[algorithm],
+            alpha=1.0 if party == "client" else 0.45,
+            hatch="" if party == "client" else "..",
+            label=f"{algorithm.upper()} {party}",
+        )
+
+
+_TIME_PARTS = (("client_s", "client compute", 1.0), ("server_s", "server compute", 0.6), ("comm_s", "comm wait", 0.3))
+
+
+def _draw_time(ax: Any, found: Mapping[str, list[tuple[int, Cell]]]) -> None:
+    """Figure 7's stacked bars (client, server, communication per epoch) and wall-time marks."""
+    width = 0.38
+    for k, algorithm in enumerate(_ALGORITHMS):
+        xs = [j + (k - 0.5) * width for j, _ in found[algorithm]]
+        bottom = [0.0] * len(xs)
+        for attribute, name, alpha in _TIME_PARTS:
+            values = [c.per_epoch(getattr(c, attribute)) for _, c in found[algorithm]]
+            label = f"{algorithm.upper()} {name}"
+            ax.bar(xs, values, width, bottom=bottom, color=_COLOURS[algorithm], alpha=alpha, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        walls = [c.wall_per_epoch for _, c in found[algorithm]]
+        ax.scatter(xs, walls, marker="_", s=400, color="black", zorder=3, label="wall" if k == 0 else None)
 
 
 def _present(

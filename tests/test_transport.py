@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -128,11 +129,20 @@ def test_exception_in_method_reaches_caller(service: SplitService) -> None:
     _still_serves(proxy)
 
 
-def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
+def _raw(service: SplitService, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
+    """Send a hand-made frame; the reply frame, or the error gRPC raised."""
     with grpc.insecure_channel(service.address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=5)
-    return caught.value
+        try:
+            reply: bytes = channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=timeout)
+        except grpc.RpcError as err:
+            return err
+    return reply
+
+
+def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
+    result = _raw(service, frame)
+    assert isinstance(result, grpc.RpcError), "the frame was accepted"
+    return result
 
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "bad-dtype"])
@@ -299,14 +309,6 @@ def test_tls_clients_verify_the_server_certificate() -> None:
         service.stop(grace=0)
 
 
-def _raw_ok(service: SplitService, frame: bytes, results: dict[int, bytes | BaseException], key: int) -> None:
-    with grpc.insecure_channel(service.address) as channel:
-        try:
-            results[key] = channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=10)
-        except grpc.RpcError as err:
-            results[key] = err
-
-
 def _record_frame(token: bytes, seq: int, settled_below: int) -> bytes:
     return encode_request(token, seq, "record", {"i": torch.tensor(seq)}, settled_below=settled_below)
 
@@ -316,28 +318,25 @@ def test_a_request_overtaken_on_the_way_waits_for_its_late_predecessor(service: 
     waits (its client still awaits the earlier), and both run in the client's order."""
     model = Toy()
     token, _ = service.open_session("slow-link", ImmediateScheduler(model))
-    results: dict[int, bytes | BaseException] = {}
-    later = threading.Thread(target=_raw_ok, args=(service, _record_frame(token, 1, 0), results, 1))
-    later.start()
-    time.sleep(2.0)
-    _raw_ok(service, _record_frame(token, 0, 0), results, 0)
-    later.join(10)
-    assert all(isinstance(r, bytes) for r in results.values()), results
+    with ThreadPoolExecutor(1) as background:
+        later = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
+        time.sleep(2.0)
+        results = [_raw(service, _record_frame(token, 0, 0), 10), later.result(10)]
+    assert all(isinstance(r, bytes) for r in results), results
     assert model.seen == [0, 1]
 
 
 def test_a_request_the_client_gave_up_on_is_skipped_once_a_later_request_says_so(service: SplitService) -> None:
     model = Toy()
     token, _ = service.open_session("gave-up", ImmediateScheduler(model))
-    results: dict[int, bytes | BaseException] = {}
-    waiting = threading.Thread(target=_raw_ok, args=(service, _record_frame(token, 1, 0), results, 1))
-    waiting.start()
-    time.sleep(0.5)
-    assert model.seen == []  # request 0 may still be on its way: request 1 waits
-    _raw_ok(service, _record_frame(token, 2, 1), results, 2)  # "everything below 1 has settled here"
-    waiting.join(10)
+    with ThreadPoolExecutor(1) as background:
+        waiting = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
+        time.sleep(0.5)
+        assert model.seen == []  # request 0 may still be on its way: request 1 waits
+        # "everything below 1 has settled here":
+        results = [_raw(service, _record_frame(token, 2, 1), 10), waiting.result(10)]
     assert model.seen == [1, 2]
-    assert all(isinstance(r, bytes) for r in results.values()), results
+    assert all(isinstance(r, bytes) for r in results), results
     error = _raw_call(service, _record_frame(token, 0, 0))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already given it up" in (error.details() or "")
