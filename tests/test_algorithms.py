@@ -97,13 +97,21 @@ class _Counting(nn.Module):
 
 
 # ------------------------------------------------------------------------------ LocFedMix-SL
-def test_locfedmix_server_trains_on_mixups_and_client_combines_both_gradients(service: SplitService) -> None:
-    """3 clients, one batch each, n_s = 1: the server forwards (1 + n_s) x the rows, and each
-    client's update is its decoder's gradient plus the gradient of its own mean loss at the
-    server's weights before the step (mixed rows send nothing back)."""
+@pytest.mark.parametrize(
+    ("mixup", "decoder", "n_s", "partners"),
+    [(True, True, 1, 1), (False, False, 1, 0), (True, False, 0, 2)],
+    ids=["mixup-decoder-ns1", "neither", "mixup-ns0-all-others"],
+)
+def test_locfedmix_server_trains_on_mixups_and_client_combines_both_gradients(
+    service: SplitService, mixup: bool, decoder: bool, n_s: int, partners: int
+) -> None:
+    """3 clients, one batch each: the server forwards (1 + partners) x the rows (n_s others
+    each; n_s = 0: all others; no mixup: none), and each client's update is its decoder's
+    gradient (when it has one) plus the gradient of its own mean loss at the server's weights
+    before the step (mixed rows send nothing back)."""
     bottom, top = split_model(_model(), 3)
     parts = partition(_data(48), 3, "iid", seed=0)
-    options = LocFedMixOptions(n_s=1, decoder=True, mixup=True)
+    options = LocFedMixOptions(n_s=n_s, decoder=decoder, mixup=mixup)
     counting = _Counting(copy.deepcopy(top))
     server = LocFedMixServerModel(counting, optimizer=sgd(0.0), options=options)
     server.configure_fit(None, {"lr": LR})
@@ -113,7 +121,7 @@ def test_locfedmix_server_trains_on_mixups_and_client_combines_both_gradients(se
     _fit(service, scheduler, clients, _config(batch=16))
 
     assert scheduler.flushes == 1 and server.num_examples == 48, "one batched call of 3 x 16 rows"
-    assert sum(counting.rows) == 48 * (1 + options.n_s), "the server trained on (1 + n_s) x the rows"
+    assert sum(counting.rows) == 48 * (1 + partners), "the server trained on (1 + n_s) x the rows"
     for client, part, start in zip(clients, parts, initial, strict=True):
         reference = LocFedMixClient(copy.deepcopy(bottom), part, options=options)
         reference.model.load_state_dict(start)
@@ -122,8 +130,9 @@ def test_locfedmix_server_trains_on_mixups_and_client_combines_both_gradients(se
         z = reference.segment(x)
         zd = z.detach().requires_grad_()
         (global_grad,) = torch.autograd.grad(nn.functional.cross_entropy(top(zd), y), zd)
-        local = nn.functional.mse_loss(reference.model["decoder"](z), _unit_range(x))
-        torch.autograd.backward([z, local], [global_grad, None])
+        local = [nn.functional.mse_loss(reference.model["decoder"](z), _unit_range(x))] if decoder else []
+        assert ("decoder" in client.model) == decoder
+        torch.autograd.backward([z, *local], [global_grad, *[None] * len(local)])
         with torch.no_grad():
             for p in reference.model.parameters():
                 p -= LR * p.grad
