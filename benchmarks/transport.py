@@ -31,7 +31,11 @@ Pipe and issues session tokens on request. The client process dials its own chan
    way). After a warm-up, the
    two are measured in alternating blocks (6 blocks; the first variant alternates between
    blocks); the median and p90 per size are in microseconds, and the ratio is
-   proxy median / bare median. Targets: 1 KiB <= 1.2, 8 MiB <= 1.3.
+   proxy median / bare median. Targets: 1 KiB <= 1.2, 8 MiB <= 1.3. A third variant in the
+   same blocks, *codec alone*, encodes a request frame, has a handler on the bare server
+   decode it and encode the tensor back, and decodes the reply: the floor for moving torch
+   tensors through splitflower's codec, with none of its sessions, ordering, scheduling or
+   accounting (reported as ``codec_ratio``).
 
 2. **Wire bytes / payload bytes** at the TCP level: the client dials a counting TCP relay
    on 127.0.0.1 (a threaded socket forwarder) instead of the server; the relay counts the
@@ -56,7 +60,12 @@ Pipe and issues session tokens on request. The client process dials its own chan
    median split step / median one-process step <= 1.07. A bare gRPC echo of the cut
    activations' bytes (what a CSL step sends up and gets back) is timed in the same blocks;
    ``(one-process + bare echo) / one-process`` is the ratio that even bare gRPC could not
-   beat on this machine (reported as ``bare_floor_ratio``).
+   beat on this machine (reported as ``bare_floor_ratio``). A reference split step over bare
+   gRPC runs in the same blocks: the cut activations and labels go up as raw bytes, a
+   handler on the bare server runs the server half on the server's compute thread and
+   returns the gradient's raw bytes (``bare_split_ratio``: what two processes taking turns
+   cost on this machine without any of splitflower; ``split_over_bare_split``: what
+   splitflower adds to that).
 """
 
 from __future__ import annotations
@@ -90,6 +99,7 @@ import torch
 from torch import nn
 
 from splitflower.algorithms.csl import CSLServerModel
+from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
 from splitflower.compute import run_on_compute_thread
 from splitflower.experiment import source_commit
 from splitflower.models import resnet20
@@ -105,6 +115,12 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 BARE_SERVICE = "splitflower.bench.BareEcho"
 BARE_METHOD = "Echo"
 BARE_PATH = f"/{BARE_SERVICE}/{BARE_METHOD}"
+# Two references served beside the bare echo, on the same gRPC server: the codec alone, and a
+# CSL step done over bare gRPC with nothing of splitflower but its compute thread.
+CODEC_METHOD = "CodecEcho"
+CODEC_PATH = f"/{BARE_SERVICE}/{CODEC_METHOD}"
+BARE_SPLIT_METHOD = "BareSplitStep"
+BARE_SPLIT_PATH = f"/{BARE_SERVICE}/{BARE_SPLIT_METHOD}"
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -206,10 +222,45 @@ def _spy(name: str, seen: dict[str, Any]) -> Iterator[None]:
         setattr(grpc, name, real)
 
 
+def _codec_echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """Decode a request frame and encode its first tensor as the reply: the codec, nothing else."""
+    return encode_reply(next(iter(decode_request(request).tensors.values())))
+
+
+class _BareSplitTop:
+    """The server half of a CSL step over bare gRPC: raw cut bytes + labels in, raw gradient
+    bytes out, computed on the process's compute thread like a ServerModel's methods."""
+
+    def __init__(self) -> None:
+        _, bottom, self.top = _csl_halves(SEED)
+        with torch.no_grad():
+            self.cut_shape = (CSL_BATCH, *bottom(torch.zeros(1, 3, 32, 32)).shape[1:])
+        self.cut_numel = int(np.prod(self.cut_shape))
+        self.optimizer = torch.optim.SGD(self.top.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
+
+    def __call__(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return run_on_compute_thread(self._step, request)
+
+    def _step(self, request: bytes) -> bytes:
+        z = torch.frombuffer(request, dtype=torch.float32, count=self.cut_numel).view(self.cut_shape)
+        z.requires_grad_()
+        labels = torch.frombuffer(request, dtype=torch.int64, offset=4 * self.cut_numel)
+        self.optimizer.zero_grad()
+        nn.functional.cross_entropy(self.top(z), labels).backward()
+        self.optimizer.step()
+        if z.grad is None:
+            raise RuntimeError("the bare split step produced no gradient for the cut activations")
+        return z.grad.numpy().tobytes()
+
+
 def _start_bare_echo(options: Sequence[tuple[str, Any]], max_workers: int) -> tuple[grpc.Server, int]:
     server = grpc.server(ThreadPoolExecutor(max_workers, "bare-echo"), options=list(options))
-    handler = grpc.unary_unary_rpc_method_handler(_echo_bytes)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(BARE_SERVICE, {BARE_METHOD: handler}),))
+    handlers = {
+        BARE_METHOD: grpc.unary_unary_rpc_method_handler(_echo_bytes),
+        CODEC_METHOD: grpc.unary_unary_rpc_method_handler(_codec_echo),
+        BARE_SPLIT_METHOD: grpc.unary_unary_rpc_method_handler(run_on_compute_thread(_BareSplitTop)),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(BARE_SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     if not port:
         raise RuntimeError("bare echo server could not bind a port")
@@ -458,6 +509,15 @@ def _proxy_echo(proxy: ServerModelProxy, tensor: torch.Tensor) -> Callable[[], o
     return call
 
 
+def _codec_echo_call(codec_call: Callable[..., bytes], tensor: torch.Tensor) -> Callable[[], Any]:
+    token = bytes(16)
+
+    def call() -> Any:
+        return decode_reply(codec_call(encode_request(token, 0, "echo", {"x": tensor}))).value
+
+    return call
+
+
 def _payload(size: int) -> tuple[torch.Tensor, bytes]:
     generator = torch.Generator().manual_seed(size)
     tensor = torch.randn(size // 4, generator=generator, dtype=torch.float32)
@@ -473,6 +533,7 @@ def measure_rtt(server: ServerProcess, plan: Plan, channel_options: Sequence[tup
     proxy = _proxy(server, server.info["service"], "open-echo")
     channel = _bare_channel(server.info["bare"], channel_options)
     bare_call = channel.unary_unary(BARE_PATH)
+    codec_call = channel.unary_unary(CODEC_PATH)
     rows: list[dict[str, Any]] = []
     try:
         for size in SIZES:
@@ -482,15 +543,20 @@ def measure_rtt(server: ServerProcess, plan: Plan, channel_options: Sequence[tup
                 raise RuntimeError(f"proxy echo of {size_label(size)} came back different")
             if bare_call(raw) != raw:
                 raise RuntimeError(f"bare echo of {size_label(size)} came back different")
+            codec_echo = _codec_echo_call(codec_call, tensor)
+            if not torch.equal(codec_echo(), tensor):
+                raise RuntimeError(f"codec echo of {size_label(size)} came back different")
             variants: dict[str, Callable[[], object]] = {
                 "bare": functools.partial(bare_call, raw),
                 "proxy": _proxy_echo(proxy, tensor),
+                "codec": codec_echo,
             }
             for call in variants.values():
                 _timed(call, plan.rtt_warmup[size])
             samples = _interleaved(variants, plan.rtt_calls[size], plan.blocks)
             bare_median, bare_p90 = _summary(samples["bare"])
             proxy_median, proxy_p90 = _summary(samples["proxy"])
+            codec_median, _ = _summary(samples["codec"])
             ratio = proxy_median / bare_median
             target = RTT_TARGETS.get(size)
             row: dict[str, Any] = {
@@ -505,14 +571,17 @@ def measure_rtt(server: ServerProcess, plan: Plan, channel_options: Sequence[tup
                 "ratio": round(ratio, 3),
                 "target": target,
                 "pass": None if target is None else ratio <= target,
+                "codec_median_us": round(codec_median, 1),
+                "codec_ratio": round(codec_median / bare_median, 3),
                 "bare_block_medians_us": samples.block_medians["bare"],
                 "proxy_block_medians_us": samples.block_medians["proxy"],
+                "codec_block_medians_us": samples.block_medians["codec"],
             }
             rows.append(row)
             print(
                 f"  {row['size']:>7}: bare {bare_median:10.1f} us (p90 {bare_p90:10.1f})  "
                 f"proxy {proxy_median:10.1f} us (p90 {proxy_p90:10.1f})  ratio {ratio:6.3f}  "
-                f"{_verdict(row['pass'], target, '<=')}",
+                f"{_verdict(row['pass'], target, '<=')}  (codec alone {row['codec_ratio']:.3f})",
                 flush=True,
             )
     finally:
@@ -622,13 +691,17 @@ def measure_csl(
     y = torch.randint(0, 10, (CSL_BATCH,), generator=generator)
 
     model, bottom, _ = _csl_halves(SEED)
-    model.train()
-    bottom.train()
+    _, bare_bottom, _ = _csl_halves(SEED)
+    for module in (model, bottom, bare_bottom):
+        module.train()
     full_optimizer = torch.optim.SGD(model.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
     bottom_optimizer = torch.optim.SGD(bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
+    bare_optimizer = torch.optim.SGD(bare_bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
+    labels_raw = y.numpy().tobytes()
     proxy = _proxy(server, server.info["service"], "open-csl", SEED)
     channel = _bare_channel(server.info["bare"], channel_options)
     bare_call = channel.unary_unary(BARE_PATH)
+    bare_split_call = channel.unary_unary(BARE_SPLIT_PATH)
 
     def one_process_step() -> None:
         full_optimizer.zero_grad()
@@ -643,6 +716,14 @@ def measure_csl(
         z.backward(grad)
         bottom_optimizer.step()
 
+    def bare_split_step() -> None:
+        z = bare_bottom(x)
+        reply = bare_split_call(b"".join((memoryview(z.detach().numpy()).cast("B"), labels_raw)))
+        grad = torch.frombuffer(reply, dtype=torch.float32).view(z.shape)
+        bare_optimizer.zero_grad()
+        z.backward(grad)
+        bare_optimizer.step()
+
     try:
         with torch.no_grad():
             cut = tuple(bottom(x[:1]).shape[1:])
@@ -650,6 +731,7 @@ def measure_csl(
         variants: dict[str, Callable[[], object]] = {
             "one_process": one_process_step,
             "split": split_step,
+            "bare_split": bare_split_step,
             "bare_echo_cut": lambda: bare_call(cut_raw),
         }
         for call in variants.values():
@@ -663,6 +745,7 @@ def measure_csl(
     one_median, one_p90 = _summary(samples["one_process"])
     split_median, split_p90 = _summary(samples["split"])
     bare_cut_median, _ = _summary(samples["bare_echo_cut"])
+    bare_split_median, _ = _summary(samples["bare_split"])
     n = len(samples["split"])
     blocked = (times_after.get("blocked_s", 0.0) - times_before.get("blocked_s", 0.0)) / n
     server_compute = (times_after.get("server_compute_s", 0.0) - times_before.get("server_compute_s", 0.0)) / n
@@ -688,6 +771,9 @@ def measure_csl(
         "bare_echo_cut_median_ms": round(bare_cut_median / 1000, 2),
         "block_medians_ms": {k: [round(v / 1000, 2) for v in b] for k, b in samples.block_medians.items()},
         "bare_floor_ratio": round((one_median + bare_cut_median) / one_median, 3),
+        "bare_split_median_ms": round(bare_split_median / 1000, 2),
+        "bare_split_ratio": round(bare_split_median / one_median, 3),
+        "split_over_bare_split": round(split_median / bare_split_median, 3),
         "ratio": round(ratio, 3),
         "target": CSL_TARGET,
         "pass": ratio <= CSL_TARGET,
@@ -707,6 +793,12 @@ def measure_csl(
     print(
         f"  bare gRPC echo of the cut bytes {result['bare_echo_cut_median_ms']:.1f} ms: even bare gRPC would give "
         f"a ratio of {result['bare_floor_ratio']:.3f}",
+        flush=True,
+    )
+    print(
+        f"  the same split step over bare gRPC (raw bytes, no splitflower but its compute thread) "
+        f"{result['bare_split_median_ms']:.1f} ms: ratio {result['bare_split_ratio']:.3f} to one process; "
+        f"splitflower's split step is {result['split_over_bare_split']:.3f}x that",
         flush=True,
     )
     return result
@@ -806,17 +898,21 @@ def markdown(results: dict[str, Any]) -> str:
         "## 1. Round-trip time of one blocking call (float32 tensor echoed back)",
         "",
         "| size | calls/variant | bare median µs | bare p90 µs | proxy median µs | proxy p90 µs "
-        "| proxy/bare (medians) | target | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| proxy/bare (medians) | target | result | codec alone µs | codec alone/bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rtt"]:
         target = f"<= {r['target']:g}" if r["target"] is not None else "-"
         lines.append(
             f"| {r['size']} | {r['calls_per_variant']} | {r['bare_median_us']:.1f} | {r['bare_p90_us']:.1f} "
             f"| {r['proxy_median_us']:.1f} | {r['proxy_p90_us']:.1f} | {r['ratio']:.3f} | {target} "
-            f"| {_mark(r['pass'])} |"
+            f"| {_mark(r['pass'])} | {r['codec_median_us']:.1f} | {r['codec_ratio']:.3f} |"
         )
     lines += [
+        "",
+        "Codec alone: the client encodes a request frame, a handler on the bare server decodes it and encodes "
+        "the tensor back, the client decodes the reply; no sessions, ordering, scheduling, compute thread or "
+        "accounting. It is the floor for any transport that moves torch tensors through this codec.",
         "",
         "## 2. Wire bytes / payload bytes (TCP stream bytes through a counting relay)",
         "",
@@ -843,6 +939,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"| {c['one_process_p90_ms']:.1f} |",
         f"| split (client + server process) | {c['steps_per_variant']} | {c['split_median_ms']:.1f} "
         f"| {c['split_p90_ms']:.1f} |",
+        f"| reference: the same split over bare gRPC | {c['steps_per_variant']} | {c['bare_split_median_ms']:.1f} "
+        "| - |",
         "",
         f"Ratio split/one-process (medians): **{c['ratio']:.3f}** (target <= {c['target']:g}: "
         f"{_mark(c['pass'])}). Split step, means: blocked on the server {c['split_mean_blocked_ms']:.1f} ms = "
@@ -850,7 +948,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{c['split_mean_transport_ms']:.1f} ms; {c['cut_payload_bytes_per_direction'] / MIB:.1f} MiB each way. "
         f"A bare gRPC echo of those bytes takes {c['bare_echo_cut_median_ms']:.1f} ms (median, same blocks): "
         f"(one process + bare echo) / one process = {c['bare_floor_ratio']:.3f}, the best ratio any gRPC "
-        "transport could reach here.",
+        "transport could reach here if computing in two processes cost nothing extra. The reference split over "
+        "bare gRPC (cut bytes and labels as raw bytes, the server half run on the server's compute thread, the "
+        "gradient returned as raw bytes: nothing of splitflower's codec, sessions or accounting) gives "
+        f"{c['bare_split_ratio']:.3f} to one process; splitflower's split step is {c['split_over_bare_split']:.3f}x "
+        "that reference.",
         "",
         "## Targets",
         "",

@@ -33,9 +33,28 @@ TOP_LEVEL_KEYS = {
     "notes",
 }
 MACHINE_KEYS = {"cpu_count", "platform", "python", "torch", "grpcio", "torch_threads"}
-RTT_KEYS = {"size_bytes", "bare_median_us", "bare_p90_us", "proxy_median_us", "proxy_p90_us", "ratio", "pass"}
+RTT_KEYS = {
+    "size_bytes",
+    "bare_median_us",
+    "bare_p90_us",
+    "proxy_median_us",
+    "proxy_p90_us",
+    "ratio",
+    "pass",
+    "codec_median_us",
+    "codec_ratio",
+}
 WIRE_KEYS = {"size_bytes", "bare_ratio", "proxy_ratio", "accounted_ratio", "pass"}
-CSL_KEYS = {"one_process_median_ms", "split_median_ms", "ratio", "torch_threads_per_process", "pass"}
+CSL_KEYS = {
+    "one_process_median_ms",
+    "split_median_ms",
+    "ratio",
+    "torch_threads_per_process",
+    "pass",
+    "bare_split_median_ms",
+    "bare_split_ratio",
+    "split_over_bare_split",
+}
 SIZES = [1024, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024]
 
 
@@ -65,13 +84,14 @@ def test_transport_benchmark_quick_run_writes_results(tmp_path: Path) -> None:
     assert [row["size_bytes"] for row in results["wire"]] == SIZES
     for row in results["rtt"]:
         assert RTT_KEYS <= row.keys()
-        assert row["bare_median_us"] > 0 and row["proxy_median_us"] > 0
+        assert row["bare_median_us"] > 0 and row["proxy_median_us"] > 0 and row["codec_median_us"] > 0
     for row in results["wire"]:
         assert WIRE_KEYS <= row.keys()
         # Every payload byte crossed the relay, plus framing: a ratio below 1 means miscounting.
         assert row["bare_ratio"] >= 1.0 and row["proxy_ratio"] >= 1.0
     assert CSL_KEYS <= results["csl"].keys()
     assert results["csl"]["one_process_median_ms"] > 0 and results["csl"]["split_median_ms"] > 0
+    assert results["csl"]["bare_split_median_ms"] > 0
     assert {t["name"] for t in results["targets"]} >= {"CSL split/one-process step"}
 
     table = (tmp_path / "transport.md").read_text()
