@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,11 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument(
+        "--startup-timeout",
+        type=_positive_seconds,
+        default=300.0,
+        help="exit with status 3 if no client has reached a server model after this many seconds "
+        "(Flower's simulation hangs when Ray fails to start; default %(default)s)",
+    )
     add_reproduce_parser(commands)
     compare = commands.add_parser("compare", help="compare results files side by side")
     compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
     compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
     return parser
+
+
+STALLED_EXIT_CODE = 3
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _exit_stalled(message: str) -> None:
+    # Flower's run_simulation blocks the main thread and never returns in this state: only a
+    # hard exit ends the run.
+    print(f"splitflower: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(STALLED_EXIT_CODE)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -127,7 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         link=args.link,
     )
     try:
-        results = run_experiment(config, say=lambda line: print(line, flush=True))
+        results = run_experiment(
+            config,
+            say=lambda line: print(line, flush=True),
+            startup_timeout=args.startup_timeout,
+            on_stall=_exit_stalled,
+        )
     except SplitflowerError as err:
         print(f"splitflower: error: {err}", file=sys.stderr)
         return 2

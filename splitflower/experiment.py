@@ -397,15 +397,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+STALL_MESSAGE = (
+    "no client reached a server model within {seconds:.0f}s of the simulation starting; Ray's local "
+    "node most likely failed to start (look for 'The current node timed out during startup' above), "
+    "and Flower's simulation does not end by itself then. Run again; if it keeps happening, free memory "
+    "and CPU for Ray or raise --startup-timeout"
+)
+
+
 class _Progress:
-    """Prints how far the server models have got, every few seconds, while a round runs."""
+    """Prints how far the server models have got, every few seconds, while a round runs.
+
+    If no server model has trained on a single example ``startup_timeout`` seconds after
+    the simulation started, it calls ``on_stall`` once with :data:`STALL_MESSAGE`.
+    """
 
     def __init__(
-        self, strategy: SplitStrategy, total: int, rounds: int, say: Callable[[str], None], every: float = 5.0
+        self,
+        strategy: SplitStrategy,
+        total: int,
+        rounds: int,
+        say: Callable[[str], None],
+        every: float = 5.0,
+        *,
+        startup_timeout: float | None = None,
+        on_stall: Callable[[str], None] | None = None,
     ) -> None:
         self.strategy, self.total, self.say, self.every = strategy, total, say, every
         self.round = 1
         self.last_round = rounds
+        self.startup_timeout = startup_timeout
+        self.on_stall = on_stall or say
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="splitflower-progress")
 
@@ -419,18 +441,37 @@ class _Progress:
 
     def _run(self) -> None:
         started = time.perf_counter()
+        stalled = False
         while not self._stop.wait(self.every):
             if self.round > self.last_round:
                 continue
             done = sum(m.num_examples for m in self.strategy.server_models)
+            waited = time.perf_counter() - started
+            if self.round == 1 and not done and not stalled and self.startup_timeout is not None:
+                if waited >= self.startup_timeout:
+                    stalled = True
+                    self.on_stall(STALL_MESSAGE.format(seconds=waited))
+                    continue
             self.say(
                 f"  round {self.round}: server trained on {done}/{self.total} examples "
                 f"({time.perf_counter() - started:.0f}s)"
             )
 
 
-def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``config`` as a Flower simulation and return the results document."""
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    say: Callable[[str], None] = print,
+    startup_timeout: float | None = None,
+    on_stall: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``config`` as a Flower simulation and return the results document.
+
+    ``startup_timeout``: seconds after which, if no client has reached a server model yet,
+    ``on_stall`` (default: ``say``) is called once with the reason. Flower's simulation
+    never returns when Ray's node fails to start, so only a caller that owns the process
+    (the CLI) can act on it, by exiting.
+    """
     from flwr.simulation import run_simulation
 
     for key, value in (
@@ -448,7 +489,14 @@ def run_experiment(config: ExperimentConfig, *, say: Callable[[str], None] = pri
     strategy = experiment.make_strategy()
     rounds: list[dict[str, Any]] = []
     holder: dict[str, SplitResult] = {}
-    progress = _Progress(strategy, len(experiment.train) * config.local_epochs, config.rounds, say)
+    progress = _Progress(
+        strategy,
+        len(experiment.train) * config.local_epochs,
+        config.rounds,
+        say,
+        startup_timeout=startup_timeout,
+        on_stall=on_stall,
+    )
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         entry = summarise_round(record)

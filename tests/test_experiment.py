@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 
 from conftest import simulate
 from splitflower.algorithms.csl import CSLClient
+from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.errors import ConfigError, IncompatibleStrategyError
-from splitflower.experiment import ExperimentConfig, summarise_round
+from splitflower.experiment import ExperimentConfig, _Progress, summarise_round
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -140,3 +142,56 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> Non
     assert "client crashed" in next(c["error"] for c in round_one["clients"] if "error" in c)
     assert round_one["num_examples"] == 256  # the surviving client's whole partition
     assert 0.0 <= round_one["test_accuracy"] <= 1.0
+
+
+class _IdleServerModel:
+    def __init__(self, num_examples: int) -> None:
+        self.num_examples = num_examples
+
+
+class _FakeStrategy:
+    def __init__(self, num_examples: int) -> None:
+        self.server_models = [_IdleServerModel(num_examples)]
+
+
+@pytest.mark.parametrize(("trained", "stalls"), [(0, 1), (5, 0)])
+def test_progress_reports_a_start_that_never_reaches_a_server_model_once(trained: int, stalls: int) -> None:
+    said: list[str] = []
+    stalled: list[str] = []
+    progress = _Progress(
+        _FakeStrategy(trained),  # type: ignore[arg-type]
+        total=10,
+        rounds=1,
+        say=said.append,
+        every=0.01,
+        startup_timeout=0.05,
+        on_stall=stalled.append,
+    )
+    with progress:
+        time.sleep(0.4)
+    assert len(stalled) == stalls
+    if stalls:
+        assert "Ray's local node most likely failed to start" in stalled[0]
+    assert said, "progress lines keep coming while the round runs"
+
+
+@pytest.mark.slow
+def test_cli_exits_when_the_simulation_never_starts() -> None:
+    # Stand in for Flower's simulation hanging after Ray's node failed to start.
+    script = (
+        "import time, flwr.simulation\n"
+        "flwr.simulation.run_simulation = lambda **kwargs: time.sleep(120)\n"
+        "from splitflower.cli import main\n"
+        "main(['run', '--dataset', 'synthetic', '--clients', '1', '--rounds', '1', '--startup-timeout', '1'])\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == STALLED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no client reached a server model" in done.stderr
+    assert time.monotonic() - started < 100
+
+
+def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--startup-timeout", "0"])
+    assert "expected a positive number of seconds, got '0'" in capsys.readouterr().err
