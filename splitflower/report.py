@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
+from splitflower.experiment import RESULTS_SCHEMA
 
 __all__ = ["load_results", "comparison_table", "plot_results"]
 
@@ -19,8 +20,11 @@ def load_results(path: str | Path) -> dict[str, Any]:
         results = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read results file {file}: {err}") from err
-    if not isinstance(results, dict) or results.get("schema") != "splitflower.results/1":
-        raise ConfigError(f"{file} is not a splitflower results file (expected schema 'splitflower.results/1')")
+    if not isinstance(results, dict) or results.get("schema") != RESULTS_SCHEMA:
+        found = results.get("schema") if isinstance(results, dict) else type(results).__name__
+        raise ConfigError(
+            f"{file} is not a splitflower results file (expected schema {RESULTS_SCHEMA!r}, got {found!r})"
+        )
     return results
 
 

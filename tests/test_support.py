@@ -54,7 +54,7 @@ def test_comparison_table_and_plot(tmp_path: Path) -> None:
 def test_load_results_refuses_other_files(tmp_path: Path) -> None:
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"schema": "something/else"}))
-    with pytest.raises(ConfigError, match="not a splitflower results file"):
+    with pytest.raises(ConfigError, match="expected schema 'splitflower.results/1', got 'something/else'"):
         load_results(other)
     with pytest.raises(ConfigError, match="cannot read"):
         load_results(tmp_path / "missing.json")
