@@ -44,7 +44,17 @@ class DSLOptions:
 
 class DSLClient(Client):
     """Local auxiliary loss (by default one linear layer on the flattened cut activations),
-    plus ``lam`` times the server's loss when ``lam`` > 0."""
+    plus ``lam`` times the server's loss when ``lam`` > 0. ``aux_head=`` takes any module
+    from the cut activations to class logits instead of the one the ``head`` option names.
+
+    Example
+    -------
+    >>> from splitflower.data import synthetic
+    >>> data = synthetic(8, 2, input_shape=(1, 4, 4), num_classes=3)[0]
+    >>> head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    >>> DSLClient(nn.Conv2d(1, 2, 3, padding=1), data, aux_head=head).model["aux_head"] is head
+    True
+    """
 
     Options = DSLOptions
 

@@ -23,8 +23,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from splitflower.client import Client
+from splitflower.codec import decode_reply, encode_reply
 from splitflower.compute import run_on_compute_thread
-from splitflower.errors import ConfigError
+from splitflower.errors import CodecError, ConfigError
 from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import ServerModel
 from splitflower.service import SplitService, TlsConfig
@@ -152,6 +153,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         instance = client(context)
         if _LOCAL_STATE_KEY in context.state:
             instance.load_local_state(context.state[_LOCAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+        instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
         proxy = _proxy_from_config(config, instance)
         instance.server_model_proxy = proxy
         try:
@@ -166,12 +168,33 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
             {
                 RecordKey.ARRAYS: ArrayRecord(fit.weights),
                 RecordKey.METRICS: MetricRecord(client_reply_metrics(instance, proxy, fit.num_examples, fit.metrics)),  # type: ignore[arg-type]
-                RecordKey.WIRE_MANIFEST: ConfigRecord({"json": manifest}),
+                RecordKey.WIRE_MANIFEST: ConfigRecord({RecordKey.VALUE: manifest}),
             }
         )
+        if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
+            content[RecordKey.OPTIMIZER] = ConfigRecord({RecordKey.VALUE: encode_reply(instance.optimizer_state())})
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
+    record = content.get(RecordKey.OPTIMIZER)
+    if record is None:
+        return {}
+    frame = record.get(RecordKey.VALUE) if isinstance(record, ConfigRecord) else None
+    if not isinstance(frame, bytes):
+        raise ConfigError(
+            f"the handed-on optimizer state must be a ConfigRecord holding a tensor frame under "
+            f"{RecordKey.VALUE!r}, got {type(record).__name__}"
+        )
+    try:
+        value = decode_reply(frame).value
+    except CodecError as err:
+        raise ConfigError(f"the handed-on optimizer state is not a valid tensor frame: {err}") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"the handed-on optimizer state must be named tensors, got {type(value).__name__}")
+    return value
 
 
 def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModelProxy:

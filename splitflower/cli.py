@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
     run.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
+    run.add_argument(
+        "--hand-over-optimizer",
+        action="store_true",
+        help="sequential strategy: hand the client optimizer's state (momentum) on with the segment",
+    )
     run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
     run.add_argument(
         "--option",
@@ -154,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_size=args.train_size,
         test_size=args.test_size,
         link=args.link,
+        hand_over_optimizer=args.hand_over_optimizer,
     )
     try:
         results = run_experiment(

@@ -82,6 +82,9 @@ class Client:
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
         self._pending: list[tuple[Any, ProxyFuture]] = []
         self._own_weights: Mapping[str, torch.Tensor] = {}
+        self.handed_optimizer_state: Mapping[str, torch.Tensor] = {}
+        """Optimizer state another client handed on (see :meth:`optimizer_state`); ``fit``
+        continues from it. Set by the framework when the strategy hands optimizers on."""
 
     @property
     def segment(self) -> nn.Module:
@@ -120,6 +123,44 @@ class Client:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return self.optimizer_factory(params, lr) if params else None
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter state (momentum buffers, Adam's moments and step)
+        as CPU tensors named ``"<parameter index>.<key>"``; empty without an optimizer."""
+        if self.optimizer is None:
+            return {}
+        return {
+            f"{index}.{key}": value.detach().to("cpu", copy=True)
+            for index, state in self.optimizer.state_dict()["state"].items()
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor)
+        }
+
+    def load_optimizer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from :meth:`optimizer_state` of a client with the same segment; the
+        hyperparameters (the round's learning rate) stay this optimizer's own."""
+        if not state:
+            return
+        if self.optimizer is None:
+            raise ConfigError(f"{self.log_prefix} was handed optimizer state but has no trainable parameters")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in state.items():
+            index, _, key = name.partition(".")
+            if not index.isdigit() or not key or int(index) >= len(params):
+                raise ConfigError(
+                    f"optimizer state entry {name!r}: expected '<parameter index>.<key>' with an index "
+                    f"below {len(params)} (this optimizer's parameters); was it handed on from another model?"
+                )
+            shape = params[int(index)].shape
+            if value.dim() and value.shape != shape:
+                raise ConfigError(
+                    f"optimizer state entry {name!r} has shape {list(value.shape)}, its parameter {list(shape)}"
+                )
+            # A copy: the optimizer updates its state in place, and ``state`` may be read-only.
+            per_param.setdefault(int(index), {})[key] = value.to(self.device, copy=True)
+        own = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": own["param_groups"]})
+
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load the round's weights; an empty mapping keeps the current ones."""
         if weights:
@@ -153,6 +194,7 @@ class Client:
         self.config = config
         self.load_weights(self.round_weights(weights, int(config.get(ConfigKey.SERVER_ROUND, 1))))
         self.optimizer = self._build_optimizer(lr)
+        self.load_optimizer_state(self.handed_optimizer_state)
         self.model.train()
         generator = self.batch_generator(config)
         sums: dict[str, float] = {}

@@ -88,6 +88,7 @@ class ExperimentConfig:
     options: tuple[str, ...] = ()  # the algorithm's options as "key=value" (see splitflower.options)
     test_size: int = 0  # 0: the whole test set; else a seeded random subset (central evaluation)
     link: str = ""  # "": no emulation; else "UP/DOWN/RTT" per client, e.g. "10mbit/50mbit/20ms" (linkemu)
+    hand_over_optimizer: bool = False  # sequential only: the client optimizer's state travels with the segment
 
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
@@ -127,7 +128,16 @@ class ExperimentConfig:
         strategy = self.strategy or algorithm.default_strategy
         algorithm.check_strategy(strategy)
         algorithm.parse_options(self.options)
+        if self.hand_over_optimizer and not _hands_segments_on(strategy):
+            raise ConfigError(
+                f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
+            )
         return replace(self, strategy=strategy)
+
+
+def _hands_segments_on(strategy: str) -> bool:
+    cls = STRATEGIES[strategy]
+    return issubclass(cls, SequentialStrategy) and cls.hands_on
 
 
 def _type_problems(config: ExperimentConfig) -> dict[str, str]:
@@ -232,12 +242,14 @@ class Experiment:
     def make_strategy(self) -> SplitStrategy:
         c = self.config
         strategy_cls = STRATEGIES[str(c.strategy)]
+        extra: dict[str, Any] = {"hand_over_optimizer": True} if c.hand_over_optimizer else {}
         return strategy_cls(
             min_train_nodes=c.clients,
             min_available_nodes=c.clients,
             batching=c.batching,
             flush_timeout=c.flush_timeout,
             link=parse_link(c.link) if c.link else None,
+            **extra,
         )
 
     @torch.no_grad()

@@ -292,7 +292,7 @@ def _round_record(
             entry["metrics"] = dict(reply.content[RecordKey.METRICS])  # type: ignore[call-overload]
             if RecordKey.WIRE_MANIFEST in reply.content:
                 manifest = reply.content[RecordKey.WIRE_MANIFEST]
-                entry["wire"] = json.loads(str(manifest["json"]))  # type: ignore[index]
+                entry["wire"] = json.loads(str(manifest[RecordKey.VALUE]))  # type: ignore[index]
         session = plan.sessions.get(node)
         if session is not None:
             entry["server_view"] = {

@@ -60,6 +60,7 @@ class ConfigKey:
     SEED: Final = "seed"
     CLIENT_INDEX: Final = "sf-client-index"
     CALL_TIMEOUT: Final = "sf-call-timeout"
+    HAND_OVER_OPTIMIZER: Final = "sf-hand-over-optimizer"
 
 
 class RecordKey:
@@ -70,3 +71,7 @@ class RecordKey:
     METRICS: Final = "metrics"
     WIRE_MANIFEST: Final = "sf-wire-manifest"
     NUM_EXAMPLES: Final = "num-examples"
+    OPTIMIZER: Final = "sf-optimizer"
+    # A ConfigRecord carrying one encoded value (the wire manifest's JSON, the optimizer
+    # state's codec frame: a reply may hold only one ArrayRecord) keeps it under this key.
+    VALUE: Final = "value"

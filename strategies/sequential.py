@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from splitflower.strategy import RoundPlan, SplitStrategy
+from splitflower.wire import ConfigKey, RecordKey
 
 __all__ = ["SequentialStrategy"]
 
@@ -19,6 +21,11 @@ class SequentialStrategy(SplitStrategy):
     ``hands_on = False`` starts every client from the round's weights instead and
     averages the returned segments (FedAvg).
 
+    ``hand_over_optimizer=True`` also hands the client optimizer's state (e.g. momentum
+    buffers) from each client to the next, across rounds too, as if one optimizer trained
+    the segment throughout (the DSL paper's single-process code does so); by default every
+    client starts a fresh optimizer.
+
     Example
     -------
     >>> SequentialStrategy().order_clients([7, 3, 5])
@@ -27,17 +34,30 @@ class SequentialStrategy(SplitStrategy):
 
     hands_on = True
 
+    def __init__(self, *, hand_over_optimizer: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if hand_over_optimizer and not self.hands_on:
+            raise ValueError(f"{type(self).__name__} does not hand segments on, so it cannot hand optimizers on")
+        self.hand_over_optimizer = hand_over_optimizer
+        self._optimizer_state: ConfigRecord | None = None
+
     def train_round(
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
     ) -> list[Message]:
+        if self.hand_over_optimizer:
+            config = ConfigRecord({**config, ConfigKey.HAND_OVER_OPTIMIZER: True})
         replies: list[Message] = []
         for node in plan.node_ids:
             message = self.client_message(plan, node, arrays, config)
+            if self.hand_over_optimizer and self._optimizer_state is not None:
+                message.content[RecordKey.OPTIMIZER] = self._optimizer_state
             reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout))
             replies += reply
             for answer in reply:
                 if self.hands_on and not answer.has_error():
                     arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
+                    if self.hand_over_optimizer:
+                        self._optimizer_state = answer.content[RecordKey.OPTIMIZER]  # type: ignore[assignment]
         return replies
 
     def aggregate_train(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -220,13 +221,16 @@ def test_fedsl_trains_locally_and_streams(service: SplitService) -> None:
 
 
 # --------------------------------------------------------------------------------- SplitAvg
-def test_splitavg_every_client_of_a_batched_call_gets_the_same_mean_gradient(service: SplitService) -> None:
+@pytest.mark.parametrize("sizes", [(5, 5, 5), (5, 5, 3)], ids=["equal", "last-batch-smaller"])
+def test_splitavg_every_client_of_a_batched_call_gets_the_same_mean_gradient(
+    service: SplitService, sizes: tuple[int, ...]
+) -> None:
     _, top = split_model(_model(), 3)
     server = SplitAvgServerModel(copy.deepcopy(top))
     server.configure_fit(None, {"lr": LR})
     scheduler = BatchingScheduler(server, flush_timeout=10.0)
     scheduler.set_clients([0, 1, 2])
-    inputs = [(torch.randn(5, 4, 4, 4), torch.randint(0, CLASSES, (5,))) for _ in range(3)]
+    inputs = [(torch.randn(n, 4, 4, 4), torch.randint(0, CLASSES, (n,))) for n in sizes]
     grads: dict[int, torch.Tensor] = {}
 
     def call(i: int) -> None:
@@ -247,7 +251,9 @@ def test_splitavg_every_client_of_a_batched_call_gets_the_same_mean_gradient(ser
         z = z.clone().requires_grad_()
         own.append(torch.autograd.grad(nn.functional.cross_entropy(top(z), y), z)[0])
     for i in range(3):
-        torch.testing.assert_close(grads[i], torch.stack(own).mean(0))
+        # Averaged over the clients whose batch has the same size (a smaller last batch alone).
+        peers = [own[j] for j in range(3) if sizes[j] == sizes[i]]
+        torch.testing.assert_close(grads[i], torch.stack(peers).mean(0))
 
 
 def test_splitavg_and_locfedmix_need_the_batched_strategy() -> None:
@@ -291,6 +297,19 @@ def test_dsl_lam_zero_is_pure_dsl_and_lam_adds_the_server_gradient(service: Spli
                 p -= LR * p.grad
         torch.testing.assert_close(results[lam], _state(model), rtol=1e-4, atol=1e-6)
     assert _changed(results[0.0], results[0.5]), "lam > 0 changes the client's update"
+
+
+def test_dsl_client_trains_a_head_it_is_given(service: SplitService) -> None:
+    bottom, top = split_model(_model(), 3)
+    numel = math.prod(cut_shape(bottom, (1, 8, 8)))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(numel, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+    before = _state(head)
+    client = DSLClient(bottom, _data(32), aux_head=head)
+    assert client.model["aux_head"] is head
+    client.server_model_proxy = connect(service, DSLServerModel(top))
+    client.fit({}, _config())
+    client.server_model_proxy.close()
+    assert _changed(before, _state(head)), "the given head is trained by the auxiliary loss"
 
 
 @pytest.mark.parametrize("head", ["linear", "pooled", "mlp"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import connect
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
+from splitflower.errors import ConfigError
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import sgd
 from splitflower.service import SplitService
@@ -205,3 +207,54 @@ def test_csl_window_accumulates_gradients_of_batches_in_flight(service: SplitSer
         client_opt.step()
     torch.testing.assert_close(_segment_weights(fit.weights), ref_bottom.state_dict())
     torch.testing.assert_close(server.get_fit_result().weights, ref_top.state_dict())
+
+
+@pytest.mark.parametrize("hand_over", [True, False], ids=["optimizer-handed-on", "fresh-optimizer"])
+def test_sequential_csl_with_the_optimizer_handed_on_equals_one_optimizer(
+    service: SplitService, hand_over: bool
+) -> None:
+    """Vanilla SL, two clients one after the other on one server model: with the client
+    optimizer's state handed on with the segment, training equals one model and one
+    optimizer going through the first client's batches and then the second's."""
+    parts = partition(_data(2 * 10 * BATCH), 2, "iid", seed=0)
+    bottom, top = split_model(_model(), 4)
+    reference = nn.Sequential(copy.deepcopy(bottom), copy.deepcopy(top))
+    server = CSLServerModel(top, optimizer=sgd(0.9))
+    server.configure_fit(None, {"lr": LR})
+    weights: dict[str, torch.Tensor] = {}
+    handed: dict[str, torch.Tensor] = {}
+    for index, data in enumerate(parts):
+        client = CSLClient(copy.deepcopy(bottom), data, optimizer=sgd(0.9), client_id=index)
+        client.handed_optimizer_state = handed
+        client.server_model_proxy = connect(service, server, client=index)
+        weights = client.fit(weights, _config(index)).weights
+        client.server_model_proxy.close()
+        handed = client.optimizer_state() if hand_over else {}
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9)
+    for index, data in enumerate(parts):
+        for x, y in _batches(data, _config(index)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+    if hand_over:
+        torch.testing.assert_close(_segment_weights(weights), reference[0].state_dict())
+        torch.testing.assert_close(server.get_fit_result().weights, reference[1].state_dict())
+    else:  # a fresh optimizer per client forgets the momentum: not the same computation
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(_segment_weights(weights), reference[0].state_dict())
+
+
+def test_handed_optimizer_state_that_does_not_fit_is_refused_clearly() -> None:
+    bottom, _ = split_model(_model(), 4)
+    client = CSLClient(bottom, _data(8), optimizer=sgd(0.9))
+    client.optimizer = client._build_optimizer(LR)
+    with pytest.raises(ConfigError, match=r"index below 4 \(this optimizer's parameters\)"):
+        client.load_optimizer_state({"9.momentum_buffer": torch.zeros(3)})
+    with pytest.raises(ConfigError, match=r"'0.momentum_buffer' has shape \[3\], its parameter \[4, 1, 3, 3\]"):
+        client.load_optimizer_state({"0.momentum_buffer": torch.zeros(3)})
+    with pytest.raises(ConfigError, match=re.escape("expected '<parameter index>.<key>'")):
+        client.load_optimizer_state({"momentum": torch.zeros(3)})
+    frozen = CSLClient(nn.Flatten(), _data(8))
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        frozen.load_optimizer_state({"0.momentum_buffer": torch.zeros(3)})

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import simulate
+from conftest import run_cli, simulate
 from splitflower.algorithms.csl import CSLClient
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.errors import ConfigError, IncompatibleStrategyError
@@ -35,7 +35,7 @@ def _activation_bytes(results: dict[str, Any]) -> int:
 def _run_cli(tmp_path: Path, algorithm: str, *extra: str) -> dict[str, Any]:
     out = tmp_path / f"{algorithm}.json"
     command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", algorithm, "--out", str(out), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    done = run_cli(command, attempt_timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test acc" in done.stdout  # the final table
     return json.loads(out.read_text())
@@ -110,6 +110,14 @@ def test_config_validation_names_every_problem() -> None:
         from splitflower.algorithms import Algorithm
 
         Algorithm("x", CSLClient, CSLClient, strategies=("sequential",)).check_strategy("parallel")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strategy", ["parallel", "splitfed-v2"])
+def test_only_a_strategy_that_hands_segments_on_hands_optimizers_on(strategy: str) -> None:
+    with pytest.raises(ConfigError, match=f"hands the client segment on \\(sequential\\), got '{strategy}'"):
+        ExperimentConfig(algorithm="csl", strategy=strategy, hand_over_optimizer=True).validate()
+    config = ExperimentConfig(algorithm="csl", strategy="sequential", hand_over_optimizer=True).validate()
+    assert config.hand_over_optimizer
 
 
 class DiesAfterTwoBatches(CSLClient):

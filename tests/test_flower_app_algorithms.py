@@ -6,18 +6,17 @@ simulation runtime); the processes are cleaned up as in test_flower_apps.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_flower_apps import BIN, RUN_CONFIG, Flower, _check_results
+from test_flower_apps import RUN_CONFIG, Flower, _check_results
+
+from conftest import RAY_START_UP_FAILURES
 
 # (algorithm, strategy ("" = its own), options). With test_flower_apps.py (dsl under parallel)
 # every algorithm and every strategy runs under `flwr run`: batched is locfedmix's and
 # splitavg's own; the others are chosen here.
-RAY_START_UP_FAILURE = "The current node timed out during startup"
 CASES = [
     ("locfedmix", "", "n_s=1"),
     ("splitavg", "", ""),
@@ -41,10 +40,7 @@ def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
 
 def _runs(flower: Flower) -> dict[str, str]:
     """Status of every run the local SuperLink has seen, by run id."""
-    listed = subprocess.run(
-        [str(BIN / "flwr"), "ls", "local", "--format", "json"], env=flower.env, capture_output=True, timeout=60
-    )
-    return {run["run-id"]: run["status"] for run in json.loads(listed.stdout)["runs"]}
+    return {run["run-id"]: run["status"] for run in flower.runs("local")}
 
 
 def _run_once(flower: Flower, name: str, run_config: str) -> str:
@@ -64,7 +60,7 @@ def test_flwr_run_each_algorithm(flower: Flower, algorithm: str, strategy: str, 
     out = flower.tmp / f"{algorithm}-{strategy}.json"
     run_config = f"{RUN_CONFIG} algorithm='{algorithm}' strategy='{strategy}' options='{options}' out='{out}'"
     status = _run_once(flower, f"flwr-run-{algorithm}-{strategy}", run_config)
-    if status != "finished:completed" and RAY_START_UP_FAILURE in flower.tail(20_000):
+    if status != "finished:completed" and any(sign in flower.tail(20_000) for sign in RAY_START_UP_FAILURES):
         # Ray's local node sometimes misses its start-up window on a loaded 2-core machine;
         # that says nothing about splitflower, so the run gets one more try.
         status = _run_once(flower, f"flwr-run-{algorithm}-{strategy}-retry", run_config)

@@ -132,13 +132,18 @@ class Flower:
         arguments = ("run", str(APP), "local", "--stream", "--run-config", run_config)
         return self.run(name, "flwr", *arguments, "--federation-config", federation, timeout=timeout)
 
-    def run_status(self, superlink: str) -> tuple[str, str]:
-        """(status, details) of the only run on ``superlink``: `flwr run` exits 0 even when the run fails."""
+    def runs(self, superlink: str) -> list[dict[str, Any]]:
+        """Every run ``superlink`` has seen, as `flwr ls` lists them."""
         done = subprocess.run(
             [str(BIN / "flwr"), "ls", superlink, "--format", "json"], env=self.env, capture_output=True, timeout=60
         )
         assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")
-        runs = json.loads(done.stdout)["runs"]
+        runs: list[dict[str, Any]] = json.loads(done.stdout)["runs"]
+        return runs
+
+    def run_status(self, superlink: str) -> tuple[str, str]:
+        """(status, details) of the only run on ``superlink``: `flwr run` exits 0 even when the run fails."""
+        runs = self.runs(superlink)
         assert len(runs) == 1, runs
         return runs[0]["status"], runs[0].get("status-details", "")
 

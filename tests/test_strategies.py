@@ -51,11 +51,30 @@ class Recording(CSLClient):
         self.rounds_seen = int(state["rounds_seen"])
 
 
-def _simulate(strategy_name: str, rounds: int) -> list[dict[str, Any]]:
+class RecordingOptimizer(Recording):
+    """Also reports the optimizer state it was handed and the one it finished with."""
+
+    def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        handed = self.handed_optimizer_state
+        result = super().fit(weights, config)
+        metrics = {**result.metrics, "handed_entries": float(len(handed)), "handed": _checksum(handed)}
+        metrics["optimizer_returned"] = _checksum(self.optimizer_state())
+        return FitResult(result.weights, result.num_examples, metrics)
+
+
+def _simulate(
+    strategy_name: str, rounds: int, client: type[Recording] = Recording, **extra: Any
+) -> list[dict[str, Any]]:
     config = ExperimentConfig(
-        algorithm="csl", strategy=strategy_name, dataset="synthetic", clients=3, rounds=rounds, synthetic_size=384
+        algorithm="csl",
+        strategy=strategy_name,
+        dataset="synthetic",
+        clients=3,
+        rounds=rounds,
+        synthetic_size=384,
+        **extra,
     )
-    return simulate(config, Recording)
+    return simulate(config, client)
 
 
 @pytest.mark.slow
@@ -71,6 +90,17 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
     last_of_first = records[0]["clients"][-1]["metrics"]["returned"]
     assert records[1]["clients"][0]["metrics"]["received"] == pytest.approx(last_of_first, rel=1e-9)
     assert all(c["metrics"]["rounds_seen"] == 2.0 for c in records[1]["clients"]), "state kept in context.state"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
+def test_sequential_hands_the_optimizer_state_on_when_asked() -> None:
+    records = _simulate("sequential", rounds=2, client=RecordingOptimizer, hand_over_optimizer=True)
+    clients = [c["metrics"] for record in records for c in record["clients"]]
+    assert clients[0]["handed_entries"] == 0, "the very first client starts a fresh optimizer"
+    for before, after in itertools.pairwise(clients):  # within a round and across rounds
+        assert after["handed_entries"] > 0
+        assert after["handed"] == pytest.approx(before["optimizer_returned"], rel=1e-9)
 
 
 @pytest.mark.slow

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from splitflower._threads import StickyExecutor
-from splitflower.app import _proxy_from_config, service_from_run_config
+from splitflower.app import _handed_optimizer_state, _proxy_from_config, service_from_run_config
 from splitflower.client import Client
+from splitflower.codec import encode_reply
 from splitflower.compute import ComputeThread
 from splitflower.data import synthetic
 from splitflower.errors import ConfigError
@@ -21,7 +23,7 @@ from splitflower.report import comparison_table, load_results, plot_results
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy
 from splitflower.strategy import RoundPlan
-from splitflower.wire import ConfigKey
+from splitflower.wire import ConfigKey, RecordKey
 
 
 def _results(algorithm: str, up: int, down: int, accuracy: float) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def test_comparison_table_and_plot(tmp_path: Path) -> None:
 def test_load_results_refuses_other_files(tmp_path: Path) -> None:
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"schema": "something/else"}))
-    with pytest.raises(ConfigError, match="expected schema 'splitflower.results/1', got 'something/else'"):
+    with pytest.raises(ConfigError, match=re.escape("expected schema 'splitflower.results/1', got 'something/else'")):
         load_results(other)
     with pytest.raises(ConfigError, match="cannot read"):
         load_results(tmp_path / "missing.json")
@@ -109,3 +111,19 @@ def test_strategy_call_timeout_reaches_the_clients_proxy() -> None:
         assert _proxy_from_config(config, client).default_timeout == timeout
     with pytest.raises(ConfigError, match="sf-token"):
         _proxy_from_config({ConfigKey.PROXY_ADDRESS: "x"}, client)
+
+
+def test_handed_optimizer_state_round_trips_and_bad_records_are_refused() -> None:
+    state = {"0.momentum_buffer": torch.arange(6.0).view(2, 3), "1.step": torch.tensor(4.0)}
+    frame = encode_reply(state)
+    handed = _handed_optimizer_state(RecordDict({RecordKey.OPTIMIZER: ConfigRecord({RecordKey.VALUE: frame})}))
+    torch.testing.assert_close(handed, state)
+    assert _handed_optimizer_state(RecordDict({})) == {}
+    bad: dict[str, ArrayRecord | ConfigRecord] = {
+        "a ConfigRecord holding a tensor frame": ArrayRecord({"x": torch.ones(1)}),
+        "not a valid tensor frame": ConfigRecord({RecordKey.VALUE: b"not a frame"}),
+        "must be named tensors, got Tensor": ConfigRecord({RecordKey.VALUE: encode_reply(torch.ones(2))}),
+    }
+    for message, record in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            _handed_optimizer_state(RecordDict({RecordKey.OPTIMIZER: record}))
