@@ -59,7 +59,7 @@ def _docstring_lines(node: ast.AST) -> set[int]:
         return set()
     if not isinstance(first.value.value, str):
         return set()
-    return set(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    return set(range(first.lineno, (first.end_lineno or first.lineno) + 1))
 
 
 def class_lines(cls: type) -> int:

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-.venv/bin/ruff check splitflower strategies algorithms tests benchmarks examples
-.venv/bin/mypy splitflower strategies algorithms
+.venv/bin/ruff check splitflower strategies algorithms tests benchmarks examples scripts
+.venv/bin/mypy splitflower strategies algorithms tests benchmarks examples scripts
 .venv/bin/python -m pytest -q "$@"

@@ -90,7 +90,8 @@ class _Counting(nn.Module):
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.inner, self.rows = inner, []
+        self.inner = inner
+        self.rows: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.rows.append(len(x))

@@ -99,9 +99,21 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     # Non-trivial running statistics make sure buffers really travel with the halves.
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def _child(module: nn.Module, name: str) -> nn.Module:
+    child = getattr(module, name)
+    assert isinstance(child, nn.Module), f"{name} is not a submodule"
+    return child
+
+
+def _len(module: nn.Module) -> int:
+    assert isinstance(module, nn.Sequential), f"expected a Sequential, got {type(module).__name__}"
+    return len(module)
 
 
 def _nested() -> nn.Sequential:
@@ -172,7 +184,7 @@ def test_lenet5_shapes(channels: int, size: int) -> None:
     ]
     x = torch.randn(2, channels, size, size)
     with torch.no_grad():
-        assert model.conv2(model.conv1(x)).shape == (2, 16, 5, 5)
+        assert _child(model, "conv2")(_child(model, "conv1")(x)).shape == (2, 16, 5, 5)
         assert model(x).shape == (2, 10)
 
 
@@ -182,10 +194,10 @@ def test_lenet5_shapes(channels: int, size: int) -> None:
 def test_split_at_every_int() -> None:
     model = _randomize_bn(resnet20())
     x = torch.randn(2, 3, 32, 32)
-    for at in range(1, len(model)):
+    for at in range(1, _len(model)):
         bottom, top = split_model(model, at)
-        assert len(bottom) == at
-        assert len(top) == len(model) - at
+        assert _len(bottom) == at
+        assert _len(top) == _len(model) - at
         _check_composes(model, bottom, top, x)
 
 
@@ -217,8 +229,8 @@ def test_split_nested_sequential_structure() -> None:
     assert isinstance(bottom, nn.Sequential)
     assert isinstance(top, nn.Sequential)
     assert [name for name, _ in bottom.named_children()] == ["layer1", "layer2"]
-    assert len(bottom.layer2) == 2
-    assert len(top.layer2) == 1
+    assert _len(_child(bottom, "layer2")) == 2
+    assert _len(_child(top, "layer2")) == 1
     assert [name for name, _ in top.named_children()] == ["layer2", "layer3"]
 
 
@@ -355,7 +367,7 @@ def test_split_for_cut_resnet(name: str, cut: str | int) -> None:
     model = _randomize_bn(build_model(name, num_classes=10, in_channels=3, image_size=32))
     bottom, top = split_for_cut(name, model, cut)
     depth = int(name.removeprefix("resnet"))
-    assert len(bottom) == 1 + client_blocks_for_cut(depth, cut)
+    assert _len(bottom) == 1 + client_blocks_for_cut(depth, cut)
     _check_composes(model, bottom, top, torch.randn(2, 3, 32, 32))
 
 
@@ -363,8 +375,8 @@ def test_split_for_cut_resnet110_sizes() -> None:
     model = resnet110()
     for cut, blocks in (("s", 12), ("m", 17), ("d", 26)):
         bottom, top = split_for_cut("resnet110", model, cut)
-        assert len(bottom) == 1 + blocks
-        assert len(top) == 54 - blocks + 1
+        assert _len(bottom) == 1 + blocks
+        assert _len(top) == 54 - blocks + 1
 
 
 def test_split_for_cut_rejects_mismatch() -> None:
@@ -393,12 +405,12 @@ def test_lenet5_cuts(channels: int, size: int) -> None:
 def test_cut_shape_restores_mode_and_stats() -> None:
     bottom, _ = split_model(resnet20(), 3)
     bottom.train()
-    bottom.block0.eval()
+    _child(bottom, "block0").eval()
     stats = {k: v.clone() for k, v in bottom.state_dict().items()}
     assert cut_shape(bottom, (3, 32, 32)) == (16, 32, 32)
     assert bottom.training
-    assert bottom.stem.training
-    assert not bottom.block0.training
+    assert _child(bottom, "stem").training
+    assert not _child(bottom, "block0").training
     for key, value in bottom.state_dict().items():
         torch.testing.assert_close(value, stats[key])
     with pytest.raises(SplitError):

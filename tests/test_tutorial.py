@@ -21,7 +21,7 @@ def _without_docstrings(source: str, name: str) -> str:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         first = body[0] if isinstance(body, list) and body else None
-        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        if isinstance(body, list) and isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
             node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
     return ast.dump(tree)
 
