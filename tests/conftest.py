@@ -7,9 +7,10 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, cast
 
 import pytest
 import torch
@@ -54,24 +55,53 @@ def service() -> Iterator[SplitService]:
     svc.stop(grace=0)
 
 
-def simulate(config: ExperimentConfig, client_cls: type[Client]) -> list[dict[str, Any]]:
+def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float = 240) -> list[dict[str, Any]]:
     """Run ``config`` as a Flower simulation whose clients are ``client_cls`` (defined in a
     test module); returns the strategy's raw round records.
 
-    Each simulation runs in a fresh process: Ray started a second time in one process can
-    time out while its new node starts.
+    Each simulation runs in a fresh process (Ray started a second time in one process can
+    time out while its new node starts), which is ended whatever happens: when Ray's node
+    misses its start-up window, Flower's ServerApp thread waits for replies forever and the
+    process would never exit by itself. Such a failure, or a hang, gets one more try.
     """
     context = multiprocessing.get_context("spawn")
     for attempt in (1, 2):
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_simulate_child, args=(sender, config, client_cls), daemon=True)
+        process.start()
+        sender.close()
+        outcome: tuple[str, Any]
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                return pool.submit(_simulate_here, config, client_cls).result(timeout=240)
-        except RuntimeError as err:
-            # Ray's local node sometimes misses its 30 s start-up window on a loaded 2-core
-            # machine ("Simulation Runtime crashed"); that says nothing about splitflower.
-            if attempt == 2 or "Ending simulation" not in str(err):
-                raise
+            outcome = receiver.recv() if receiver.poll(timeout) else ("hung", f"no result within {timeout:.0f}s")
+        except EOFError:
+            outcome = ("error", f"the simulation process died (exit code {process.exitcode})")
+        finally:
+            receiver.close()
+            process.terminate()
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        kind, value = outcome[0], cast(Any, outcome[1])
+        if kind == "ok" and len(value) == config.rounds:
+            records: list[dict[str, Any]] = value
+            return records
+        problem = f"{len(value)} of {config.rounds} rounds ran" if kind == "ok" else value
+        # Ray's local node sometimes misses its 30 s start-up window on a loaded 2-core
+        # machine ("Simulation Runtime crashed", missing rounds, a hang): not splitflower's doing.
+        retryable = kind in ("ok", "hung") or "Ending simulation" in value
+        if attempt == 2 or not retryable:
+            raise RuntimeError(f"simulation failed ({kind}): {problem}")
     raise AssertionError("unreachable")
+
+
+def _simulate_child(sender: Connection, config: ExperimentConfig, client_cls: type[Client]) -> None:
+    try:
+        sender.send(("ok", _simulate_here(config, client_cls)))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which decides
+        sender.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        sender.close()
+        os._exit(0)  # Flower's ServerApp thread may be stuck: do not wait for it
 
 
 def _simulate_here(config: ExperimentConfig, client_cls: type[Client]) -> list[dict[str, Any]]:
