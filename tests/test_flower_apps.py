@@ -303,6 +303,8 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
     client = task.experiment_config(run_config, {"partition-id": 1, "num-partitions": 3})
     assert client.clients == 3 and client.lr == 0.01 and client.cut == "s"
     assert task.experiment_config({**run_config, "strategy": "", "data-root": ""}).data_root is None
+    handing = task.experiment_config({**run_config, "strategy": "sequential", "hand-over-optimizer": True})
+    assert handing.hand_over_optimizer
 
 
 def test_example_config_names_every_bad_value(task: Any) -> None:

@@ -31,6 +31,7 @@ _FIELDS = {
     "batching": "batching",
     "flush-timeout": "flush_timeout",
     "synthetic-size": "synthetic_size",
+    "hand-over-optimizer": "hand_over_optimizer",
 }
 _FLOATS = {"lr", "momentum", "weight_decay", "flush_timeout"}
 
