@@ -229,7 +229,9 @@ def _codec_echo(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 class _BareSplitTop:
     """The server half of a CSL step over bare gRPC: raw cut bytes + labels in, raw gradient
-    bytes out, computed on the process's compute thread like a ServerModel's methods."""
+    bytes out, computed on the process's compute thread like a ServerModel's methods. It
+    repeats CSLServerModel.forward_backward's computation by hand so that the reference
+    carries none of splitflower's per-step memory accounting (checked equal before timing)."""
 
     def __init__(self) -> None:
         _, bottom, self.top = _csl_halves(SEED)
@@ -683,6 +685,23 @@ def measure_wire(server: ServerProcess, plan: Plan, channel_options: Sequence[tu
 # --------------------------------------------------------------------------------------
 
 
+def _check_bare_split_matches(
+    proxy: ServerModelProxy,
+    bare_split_call: Callable[[bytes], bytes],
+    bottom: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels_raw: bytes,
+) -> None:
+    """Both server halves start from the same weights: their first gradients must agree."""
+    z = bottom(x).detach()
+    split_grad = proxy.forward_backward(embeddings=z, labels=y)
+    reply = bare_split_call(b"".join((memoryview(z.numpy()).cast("B"), labels_raw)))
+    bare_grad = torch.frombuffer(bytearray(reply), dtype=torch.float32).view(z.shape)
+    if not isinstance(split_grad, torch.Tensor) or not torch.allclose(split_grad, bare_grad, atol=1e-6):
+        raise RuntimeError("the bare split reference computes another gradient than CSLServerModel")
+
+
 def measure_csl(
     server: ServerProcess, plan: Plan, threads: int, channel_options: Sequence[tuple[str, Any]]
 ) -> dict[str, Any]:
@@ -725,6 +744,7 @@ def measure_csl(
         bare_optimizer.step()
 
     try:
+        _check_bare_split_matches(proxy, bare_split_call, bottom, x, y, labels_raw)
         with torch.no_grad():
             cut = tuple(bottom(x[:1]).shape[1:])
         cut_raw = bytes(4 * CSL_BATCH * int(np.prod(cut)))

@@ -172,13 +172,19 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
             }
         )
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
-            content[RecordKey.OPTIMIZER] = ConfigRecord({RecordKey.VALUE: encode_reply(instance.optimizer_state())})
+            content[RecordKey.OPTIMIZER] = _optimizer_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)
 
     return app
 
 
+def _optimizer_record(state: Mapping[str, torch.Tensor]) -> ConfigRecord:
+    """Optimizer state as one codec frame in a ConfigRecord (a reply holds one ArrayRecord)."""
+    return ConfigRecord({RecordKey.VALUE: encode_reply(dict(state))})
+
+
 def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The optimizer state a message carries (see :func:`_optimizer_record`), or none."""
     record = content.get(RecordKey.OPTIMIZER)
     if record is None:
         return {}

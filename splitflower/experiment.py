@@ -464,10 +464,7 @@ class _Progress:
                     stalled = True
                     self.on_stall(STALL_MESSAGE.format(seconds=waited))
                     continue
-            self.say(
-                f"  round {self.round}: server trained on {done}/{self.total} examples "
-                f"({time.perf_counter() - started:.0f}s)"
-            )
+            self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({waited:.0f}s)")
 
 
 def run_experiment(
