@@ -6,7 +6,10 @@ at its barriers and every parallel operation slows down (while this was develope
 server compute of the CSL step in ``benchmarks/transport.py`` went from about 80 ms on gRPC
 worker threads to about 60 ms on one thread; the recorded runs are the "after").
 So the framework runs server-model construction, computations, weight loading and
-evaluation on one thread, and hands each request over to it (about 30 us).
+evaluation on one thread, and hands each request over to it (about 30 us). When no request
+has come for a millisecond, the thread ends its OpenMP workers (see
+:mod:`splitflower._openmp`): left spinning, they would take the cores of clients that share
+the machine.
 
 A scheduler may instead give its model a :class:`ComputeThread` of its own, so that a long
 computation on one model does not delay another (useful with several GPUs).
@@ -24,9 +27,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from splitflower._openmp import release_openmp_workers
+
 __all__ = ["ComputeThread", "run_on_compute_thread", "shared_compute_thread"]
 
 _T = TypeVar("_T")
+_IDLE_GRACE_S = 0.001  # a request arriving within this keeps the OpenMP workers warm
 
 
 class _Job:
@@ -50,7 +56,12 @@ class ComputeThread:
 
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=_IDLE_GRACE_S)
+            except queue.Empty:
+                # Idle: stop this thread's OpenMP workers spinning on cores a client may need.
+                release_openmp_workers()
+                job = self._jobs.get()
             try:
                 job.result = job.fn(*job.args, **job.kwargs)
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread

@@ -19,6 +19,7 @@ Requests of one proxy are executed in the order they were issued.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ import grpc
 import torch
 
 from splitflower._malloc import keep_freed_memory
+from splitflower._openmp import release_openmp_workers
 from splitflower.codec import decode_reply, encode_request, value_tensors
 from splitflower.errors import (
     AuthenticationError,
@@ -65,6 +67,10 @@ _KIND_TO_ERROR: dict[str, type[RemoteCallError]] = {
     ErrorKind.TIMEOUT: ServerModelTimeoutError,
 }
 
+# A wait shorter than this is not worth ending the caller's OpenMP workers for (restarting
+# them costs tens of microseconds, their spinning takes a core for about 10 ms).
+_RELEASE_WORKERS_AFTER_S = 0.002
+
 Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 
 
@@ -96,6 +102,8 @@ class ProxyFuture:
 
     def result(self, timeout: float | None = None) -> Value:
         """Block until the reply arrives (counted as time blocked on the channel)."""
+        if not self._call.done():
+            self._proxy._before_waiting()
         with self._proxy.times.measure("blocked_s"):
             try:
                 frame = self._call.result(timeout=timeout)
@@ -186,6 +194,7 @@ class ServerModelProxy:
             self._channel = grpc.insecure_channel(address, options=options)
         self._call: Callable[..., Any] = self._channel.unary_unary(GRPC_CALL_PATH)
         self._closed = False
+        self._last_wait_s = math.inf  # how long the last blocking call waited
 
     def __getattr__(self, name: str) -> RemoteMethod:
         if name.startswith("_"):
@@ -237,6 +246,7 @@ class ServerModelProxy:
     def _blocking(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> Value:
         frame, device, seq = self._prepare(method, arguments, no_reply=False)
         self.memory.add_in_flight(len(frame))
+        self._before_waiting()
         started = time.perf_counter()
         try:
             reply = self._call(frame, timeout=self._deadline(timeout))
@@ -244,9 +254,16 @@ class ServerModelProxy:
             raise self._translate(method, err) from None
         finally:
             blocked = time.perf_counter() - started
+            self._last_wait_s = blocked
             self.memory.add_in_flight(-len(frame))
             self._settle(seq)
         return _to_device(self._finish_reply(method, reply, blocked), device)
+
+    def _before_waiting(self) -> None:
+        # The caller's spinning OpenMP workers would take cores from a server on this
+        # machine; a short wait is not worth restarting them.
+        if self._last_wait_s >= _RELEASE_WORKERS_AFTER_S:
+            release_openmp_workers()
 
     def _start(
         self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool

@@ -1,0 +1,98 @@
+"""A party that waits on the other releases its OpenMP workers, so they stop taking cores.
+
+Each case runs in a fresh interpreter with two torch threads: the test process keeps torch
+at one thread, and which variables are set decides whether workers may be released.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Prints {"workers": [...], "alive_after_wait": [...]}: the threads a parallel op started on
+# the waiting party's thread, and which of them still exist after it waited.
+_SCENARIO = r"""
+import json, os, sys, threading, time
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+def tids():
+    return set(os.listdir("/proc/self/task"))
+
+def parallel_op():
+    torch.ones(4_000_000).mul_(2.0)
+
+def workers_started_by(run):
+    before = tids()
+    run(parallel_op)
+    return sorted(tids() - before)
+
+party = sys.argv[1]
+if party == "compute":
+    from splitflower.compute import ComputeThread
+    compute = ComputeThread()
+    workers = workers_started_by(compute.run)
+    time.sleep(0.2)  # the compute thread is idle now
+else:
+    from splitflower.proxy import ServerModelProxy
+    from splitflower.scheduling import ImmediateScheduler
+    from splitflower.server_model import ServerModel
+    from splitflower.service import SplitService
+
+    class Sleeper(ServerModel):
+        def nap(self, seconds: torch.Tensor) -> torch.Tensor:
+            time.sleep(float(seconds))
+            return seconds
+
+    service = SplitService(port=0)
+    service.start()
+    token, _ = service.open_session("client-0", ImmediateScheduler(Sleeper(nn.Identity())))
+    proxy = ServerModelProxy(service.address, token)
+    workers = workers_started_by(lambda op: op())
+    if party == "client-blocking":
+        proxy.nap(seconds=torch.tensor(0.05))
+    else:
+        proxy.nap.future(seconds=torch.tensor(0.05)).result()
+    proxy.close()
+    service.stop(grace=0)
+print(json.dumps({"workers": workers, "alive_after_wait": sorted(tids() & set(workers))}))
+"""
+
+_SPIN_SETTINGS = ("SPLITFLOWER_KEEP_OPENMP_SPINNING", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+
+
+def _run(party: str, **env: str) -> dict[str, list[str]]:
+    clean = {k: v for k, v in os.environ.items() if k not in _SPIN_SETTINGS}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCENARIO, party],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, list[str]] = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result["workers"]:
+        pytest.skip("torch started no OpenMP worker here (one core, or no OpenMP runtime)")
+    return result
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are counted through /proc")
+@pytest.mark.parametrize("party", ["compute", "client-blocking", "client-future"])
+def test_waiting_party_releases_its_openmp_workers(party: str) -> None:
+    assert _run(party)["alive_after_wait"] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are counted through /proc")
+@pytest.mark.parametrize("opt_out", [{"SPLITFLOWER_KEEP_OPENMP_SPINNING": "1"}, {"OMP_WAIT_POLICY": "active"}])
+def test_workers_are_kept_when_the_user_chose_how_openmp_waits(opt_out: dict[str, str]) -> None:
+    result = _run("client-blocking", **opt_out)
+    assert result["alive_after_wait"] == result["workers"]
