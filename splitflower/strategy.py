@@ -163,13 +163,34 @@ class SplitStrategy(FedAvg):
         return own
 
     def collect(self, plan: RoundPlan, replies: Iterable[Message]) -> list[Message]:
-        """Close each replying client's session, so batching stops waiting for it."""
-        collected = list(replies)
-        for reply in collected:
-            token = plan.tokens.get(reply.metadata.src_node_id)
+        """Close each replying client's session, so batching stops waiting for it; leave out
+        (with a warning) a successful reply that lacks what aggregation needs, rather than let
+        one client's malformed reply end the run."""
+        collected: list[Message] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            token = plan.tokens.get(node)
             if token is not None:
                 self._service.close_session(token)
+            problem = None if reply.has_error() else self.reply_problem(reply)
+            if problem is None:
+                collected.append(reply)
+            else:
+                logger.warning("[server] round %d: left out client %d's reply: %s", plan.server_round, node, problem)
         return collected
+
+    def reply_problem(self, reply: Message) -> str | None:
+        """What a successful train reply lacks, or None: one ArrayRecord named
+        ``arrayrecord_key`` and one MetricRecord holding ``weighted_by_key``."""
+        arrays, metrics = reply.content.array_records, reply.content.metric_records
+        if list(arrays) != [self.arrayrecord_key]:
+            return f"expected one ArrayRecord named {self.arrayrecord_key!r}, got {sorted(arrays) or 'none'}"
+        if len(metrics) != 1 or self.weighted_by_key not in next(iter(metrics.values())):
+            return (
+                f"expected one MetricRecord holding {self.weighted_by_key!r}, got "
+                f"{ {name: sorted(record) for name, record in metrics.items()} or 'none' }"
+            )
+        return None
 
     def _plan_round(
         self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord
@@ -278,6 +299,19 @@ class SplitStrategy(FedAvg):
                 on_round(server_round, record)
 
 
+def _client_wire(reply: Message) -> Any:
+    """What a client reports crossed its wire (a JSON ConfigRecord), or None if absent or unreadable."""
+    record = reply.content.config_records.get(RecordKey.WIRE_MANIFEST)
+    if record is None:
+        return None
+    try:
+        return json.loads(str(record[RecordKey.VALUE]))
+    except (KeyError, ValueError) as err:
+        node = reply.metadata.src_node_id
+        logger.warning("[server] client %d's wire manifest is unreadable (%s); left out", node, err)
+        return None
+
+
 def _round_record(
     plan: RoundPlan, replies: Sequence[Message], server_results: Sequence[FitResult], seconds: float
 ) -> dict[str, Any]:
@@ -289,10 +323,11 @@ def _round_record(
         if reply.has_error():
             entry["error"] = reply.error.reason
         else:
-            entry["metrics"] = dict(reply.content[RecordKey.METRICS])  # type: ignore[call-overload]
-            if RecordKey.WIRE_MANIFEST in reply.content:
-                manifest = reply.content[RecordKey.WIRE_MANIFEST]
-                entry["wire"] = json.loads(str(manifest[RecordKey.VALUE]))  # type: ignore[index]
+            # collect() let through only replies with exactly one MetricRecord.
+            entry["metrics"] = dict(next(iter(reply.content.metric_records.values())))
+            wire = _client_wire(reply)
+            if wire is not None:
+                entry["wire"] = wire
         session = plan.sessions.get(node)
         if session is not None:
             entry["server_view"] = {

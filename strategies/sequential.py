@@ -54,11 +54,18 @@ class SequentialStrategy(SplitStrategy):
             reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout))
             replies += reply
             for answer in reply:
+                # A failed or left-out client hands on the segment it was given.
                 if self.hands_on and not answer.has_error():
-                    arrays = answer.content[self.arrayrecord_key]  # type: ignore[assignment]
+                    arrays = answer.content.array_records[self.arrayrecord_key]
                     if self.hand_over_optimizer:
-                        self._optimizer_state = answer.content[RecordKey.OPTIMIZER]  # type: ignore[assignment]
+                        self._optimizer_state = answer.content.config_records[RecordKey.OPTIMIZER]
         return replies
+
+    def reply_problem(self, reply: Message) -> str | None:
+        problem = super().reply_problem(reply)
+        if problem is None and self.hand_over_optimizer and RecordKey.OPTIMIZER not in reply.content.config_records:
+            return f"hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}, and none came"
+        return problem
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
