@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,13 +27,13 @@ torch.set_num_threads(2)
 def tids():
     return set(os.listdir("/proc/self/task"))
 
-def parallel_op():
+def parallel_op_then_tids():
     torch.ones(4_000_000).mul_(2.0)
+    return tids()  # listed on the same thread, before any release can happen
 
 def workers_started_by(run):
     before = tids()
-    run(parallel_op)
-    return sorted(tids() - before)
+    return sorted(run(parallel_op_then_tids) - before)
 
 party = sys.argv[1]
 if party == "compute":
@@ -62,13 +63,15 @@ else:
         proxy.nap.future(seconds=torch.tensor(0.05)).result()
     proxy.close()
     service.stop(grace=0)
-print(json.dumps({"workers": workers, "alive_after_wait": sorted(tids() & set(workers))}))
+omp_env = {k: v for k, v in os.environ.items() if "OMP" in k or "MKL" in k or "THREADS" in k}
+print(json.dumps({"workers": workers, "alive_after_wait": sorted(tids() & set(workers)),
+                  "torch_threads": torch.get_num_threads(), "env": omp_env}))
 """
 
 _SPIN_SETTINGS = ("SPLITFLOWER_KEEP_OPENMP_SPINNING", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
-def _run(party: str, **env: str) -> dict[str, list[str]]:
+def _run(party: str, **env: str) -> dict[str, Any]:
     clean = {k: v for k, v in os.environ.items() if k not in _SPIN_SETTINGS}
     done = subprocess.run(
         [sys.executable, "-c", _SCENARIO, party],
@@ -79,9 +82,9 @@ def _run(party: str, **env: str) -> dict[str, list[str]]:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, list[str]] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if not result["workers"]:
-        pytest.skip("torch started no OpenMP worker here (one core, or no OpenMP runtime)")
+        pytest.skip(f"torch started no OpenMP worker here ({result['torch_threads']} threads, {result['env']})")
     return result
 
 
