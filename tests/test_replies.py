@@ -67,6 +67,18 @@ def good_reply(node: int, message: Message) -> RecordDict:
     return content
 
 
+def breaking(node: int, edit: Callable[[RecordDict], object]) -> Script:
+    """Good replies from every node but ``node``, whose reply ``edit`` spoils."""
+
+    def script(sender: int, message: Message) -> RecordDict:
+        content = good_reply(sender, message)
+        if sender == node:
+            edit(content)
+        return content
+
+    return script
+
+
 def run(strategy: SplitStrategy, script: Script, service: SplitService) -> tuple[SplitResult, ScriptedGrid]:
     grid = ScriptedGrid(script)
     result = strategy.start(
@@ -82,14 +94,8 @@ def run(strategy: SplitStrategy, script: Script, service: SplitService) -> tuple
 def test_parallel_averages_the_usable_replies_and_skips_one_without_weights(
     service: SplitService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def script(node: int, message: Message) -> RecordDict:
-        content = good_reply(node, message)
-        if node == 2:
-            del content[RecordKey.ARRAYS]
-        return content
-
     with caplog.at_level(logging.WARNING):
-        result, _ = run(ParallelStrategy(), script, service)
+        result, _ = run(ParallelStrategy(), breaking(2, lambda c: c.pop(RecordKey.ARRAYS)), service)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))  # mean of 1 and 3
     assert [c["node_id"] for c in result.rounds[1]["clients"]] == [1, 3]
     assert f"left out client 2's reply: expected one ArrayRecord named {RecordKey.ARRAYS!r}, got none" in caplog.text
@@ -98,12 +104,7 @@ def test_parallel_averages_the_usable_replies_and_skips_one_without_weights(
 def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
     service: SplitService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def script(node: int, message: Message) -> RecordDict:
-        content = good_reply(node, message)
-        if node == 2:
-            del content[RecordKey.OPTIMIZER]
-        return content
-
+    script = breaking(2, lambda c: c.pop(RecordKey.OPTIMIZER))
     with caplog.at_level(logging.WARNING):
         result, grid = run(SequentialStrategy(hand_over_optimizer=True), script, service)
     third = grid.received[3][0].content
@@ -121,16 +122,12 @@ def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
 def test_a_reply_without_its_example_count_is_left_out(
     service: SplitService, caplog: pytest.LogCaptureFixture, metrics: dict[str, MetricRecord], expected: str
 ) -> None:
-    def script(node: int, message: Message) -> RecordDict:
-        content = good_reply(node, message)
-        if node == 1:
-            del content[RecordKey.METRICS]
-            for name, record in metrics.items():
-                content[name] = record
-        return content
+    def replace_metrics(content: RecordDict) -> None:
+        del content[RecordKey.METRICS]
+        content.update(metrics)
 
     with caplog.at_level(logging.WARNING):
-        result, _ = run(ParallelStrategy(), script, service)
+        result, _ = run(ParallelStrategy(), breaking(1, replace_metrics), service)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 2.5))  # mean of 2 and 3
     assert f"expected one MetricRecord holding 'num-examples', {expected}" in caplog.text
 
@@ -138,14 +135,11 @@ def test_a_reply_without_its_example_count_is_left_out(
 def test_an_unreadable_wire_manifest_is_dropped_from_the_round_record(
     service: SplitService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def script(node: int, message: Message) -> RecordDict:
-        content = good_reply(node, message)
-        if node == 3:
-            content[RecordKey.WIRE_MANIFEST] = ConfigRecord({RecordKey.VALUE: "{not json"})
-        return content
+    def spoil_manifest(content: RecordDict) -> None:
+        content[RecordKey.WIRE_MANIFEST] = ConfigRecord({RecordKey.VALUE: "{not json"})
 
     with caplog.at_level(logging.WARNING):
-        result, _ = run(ParallelStrategy(), script, service)
+        result, _ = run(ParallelStrategy(), breaking(3, spoil_manifest), service)
     clients = result.rounds[1]["clients"]
     assert ["wire" in c for c in clients] == [True, True, False]
     assert "client 3's wire manifest is unreadable" in caplog.text
