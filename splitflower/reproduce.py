@@ -121,9 +121,12 @@ def grid_configs(
     device: str = "cpu",
     seed: int = 0,
     link: str = "",
+    hand_over_optimizer: bool = False,
 ) -> list[ExperimentConfig]:
     """Every cell's validated config, in run order (dataset, N, cut, algorithm: the two
-    algorithms of a cell pair run back to back, so a partial grid still pairs up)."""
+    algorithms of a cell pair run back to back, so a partial grid still pairs up).
+    ``hand_over_optimizer``: the client optimizer's state travels from client to client
+    with the segment, as in the paper's single-process code."""
     problems = []
     for label, given, allowed in (("algorithm", algorithms, ALGORITHMS), ("cut", cuts, CUTS)):
         problems += [f"{label} must be one of {list(allowed)}, got {g!r}" for g in given if g not in allowed]
@@ -149,6 +152,7 @@ def grid_configs(
                         device=device,
                         seed=seed,
                         link=link,
+                        hand_over_optimizer=hand_over_optimizer,
                         **PAPER_HYPERPARAMETERS,
                     )
                     configs.append(config.validate())
@@ -325,6 +329,11 @@ def add_reproduce_parser(commands: Any) -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cuda for the paper scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
+    parser.add_argument(
+        "--hand-over-optimizer",
+        action="store_true",
+        help="hand the client optimizer's state on with the segment, as the paper's code does",
+    )
     parser.add_argument("--cell-timeout", type=float, default=None, help="stop a cell that runs longer (seconds)")
     parser.add_argument("--report-only", action="store_true", help="only build the plots and report from the files")
     parser.add_argument("--no-report", action="store_true", help="do not build the plots and report at the end")
@@ -351,6 +360,7 @@ def reproduce_main(args: Any) -> int:
             device=args.device,
             seed=args.seed,
             link=args.link,
+            hand_over_optimizer=args.hand_over_optimizer,
         )
         outcomes = run_grid(
             configs,

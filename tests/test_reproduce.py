@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from splitflower import reproduce
+from splitflower.cli import build_parser
 from splitflower.errors import ConfigError
 from splitflower.experiment import ExperimentConfig, results_document, write_results
 from splitflower.paper_report import build_report, load_cells
@@ -66,6 +68,20 @@ def test_grid_covers_algorithms_cuts_and_clients_with_the_papers_hyperparameters
     assert {c.dataset for c in paper} == {"cifar10", "cifar100"}
     assert {c.model for c in paper} == {"resnet110"}
     assert {c.dataset for c in grid_configs(SCALES["paper"], cuts=("s",), clients=(1,))} == {"fashion-mnist"}
+
+
+@pytest.mark.parametrize("flag", [[], ["--hand-over-optimizer"]])
+def test_reproduce_can_hand_the_client_optimizer_on(flag: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    planned: list[ExperimentConfig] = []
+
+    def plan_only(configs: list[ExperimentConfig], *args: object, **kwargs: object) -> list[object]:
+        planned.extend(configs)
+        return []
+
+    monkeypatch.setattr(reproduce, "run_grid", plan_only)
+    args = build_parser().parse_args(["reproduce", "dsl-paper", "--cuts", "s", "--clients", "5", "--no-report", *flag])
+    assert reproduce.reproduce_main(args) == 0
+    assert planned and {c.hand_over_optimizer for c in planned} == {bool(flag)}
 
 
 def test_bad_grid_values_are_refused() -> None:
