@@ -163,8 +163,16 @@ def _check_tensor(name: str, tensor: object) -> torch.Tensor:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    if not tensor.requires_grad and tensor.is_cpu:
+        # The common case in one torch call: numpy() fails for bfloat16 and neg/conj views,
+        # cast() for non-contiguous and empty arrays; those take the general path below.
+        try:
+            return memoryview(tensor.numpy()).cast("B")
+        except (TypeError, RuntimeError):
+            pass
     if tensor.requires_grad:
         tensor = tensor.detach()
+    tensor = tensor.resolve_neg()  # a lazily negated view's bytes are not its values
     if not tensor.is_cpu:
         tensor = tensor.cpu()
     if not tensor.is_contiguous():
@@ -179,7 +187,12 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    key = tuple((name, t.dtype, t.shape) for name, t in tensors.items())
+    """The tensor table, after checking every tensor (see :func:`_check_tensor`): a table
+    seen before stands for tensors of the same names, dtypes, layouts and shapes, all checked."""
+    try:
+        key: tuple[Any, ...] | None = tuple((name, t.dtype, t.layout, t.shape) for name, t in tensors.items())
+    except AttributeError:  # not a tensor: _check_tensor below says so
+        key = None
     table = _ENCODED_TABLES.get(key)
     if table is not None:
         return table
@@ -197,17 +210,19 @@ def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
     table = b"".join(parts)
     if len(table) > 0xFFFF:
         raise CodecError(f"the tensor table is {len(table)} bytes; at most 65535 fit in a frame")
-    _remember(_ENCODED_TABLES, key, table)
+    if key is not None:
+        _remember(_ENCODED_TABLES, key, table)
     return table
 
 
 def _join(head: bytes, table: bytes, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The frame: ``table`` must come from :func:`_encode_table` of these ``tensors``."""
     parts: list[bytes | memoryview] = [head, table]
     padding = _pad(len(head) + len(table))
     if padding:
         parts.append(_ZEROS[:padding])
-    for name, tensor in tensors.items():
-        block = _raw_bytes(_check_tensor(name, tensor))
+    for tensor in tensors.values():
+        block = _raw_bytes(tensor)
         parts.append(block)
         padding = _pad(len(block))
         if padding:

@@ -1,0 +1,53 @@
+"""The codec gives back exactly the tensors it was given, whatever their memory layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
+from splitflower.errors import CodecError
+
+TOKEN = bytes(16)
+
+
+def _round_trip(tensor: torch.Tensor) -> torch.Tensor:
+    sent = decode_request(encode_request(TOKEN, 0, "m", {"x": tensor})).tensors["x"]
+    back = decode_reply(encode_reply(sent)).value
+    assert isinstance(back, torch.Tensor)
+    return back
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(3, 4),
+        lambda: torch.randn(3, 4).t(),  # non-contiguous
+        lambda: torch.arange(10.0)[3:7],  # contiguous with a storage offset
+        lambda: torch.arange(12.0).reshape(3, 4)[:, ::2],  # strided
+        lambda: torch.tensor(2.5),  # 0-d
+        lambda: torch.empty(0, 5),
+        lambda: torch.randn(4, requires_grad=True),
+        lambda: torch.randn(4)._neg_view(),  # a lazily negated view: numpy() refuses it
+        lambda: torch.randn(2, 3).to(torch.bfloat16),  # no numpy dtype
+        lambda: torch.tensor([True, False, True]),
+    ],
+)
+def test_every_tensor_layout_round_trips_exactly(make: object) -> None:
+    tensor = make()  # type: ignore[operator]
+    back = _round_trip(tensor)
+    assert back.dtype == tensor.dtype and back.shape == tensor.shape and not back.requires_grad
+    torch.testing.assert_close(back, tensor.detach().resolve_neg(), rtol=0, atol=0)
+
+
+def test_a_sparse_tensor_is_refused_even_after_a_dense_one_of_its_dtype_and_shape() -> None:
+    dense = torch.eye(3)
+    encode_request(TOKEN, 0, "m", {"x": dense})  # the dense table is now cached
+    with pytest.raises(CodecError, match="expected a dense tensor"):
+        encode_request(TOKEN, 1, "m", {"x": dense.to_sparse()})
+
+
+def test_a_non_tensor_is_refused_even_under_a_name_seen_before() -> None:
+    encode_reply({"y": torch.ones(2)})
+    with pytest.raises(CodecError, match=r"argument 'y': expected a torch\.Tensor, got list"):
+        encode_reply({"y": [1.0, 1.0]})
