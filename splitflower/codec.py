@@ -167,7 +167,7 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
         # The common case in one torch call: numpy() fails for bfloat16 and neg/conj views,
         # cast() for non-contiguous and empty arrays; those take the general path below.
         try:
-            return memoryview(tensor.numpy()).cast("B")
+            return tensor.numpy().data.cast("B")
         except (TypeError, RuntimeError):
             pass
     if tensor.requires_grad:
@@ -193,7 +193,7 @@ def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
         key: tuple[Any, ...] | None = tuple((name, t.dtype, t.layout, t.shape) for name, t in tensors.items())
     except AttributeError:  # not a tensor: _check_tensor below says so
         key = None
-    table = _ENCODED_TABLES.get(key)
+    table = None if key is None else _ENCODED_TABLES.get(key)
     if table is not None:
         return table
     if len(tensors) > 255:
