@@ -20,6 +20,7 @@ from splitflower.experiment import ExperimentConfig, _Progress, summarise_round
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CLI_ATTEMPT_S = 240  # one Fashion-MNIST run takes 35-75 s here
 
 
 def _activation_bytes(results: dict[str, Any]) -> int:
@@ -35,13 +36,14 @@ def _activation_bytes(results: dict[str, Any]) -> int:
 def _run_cli(tmp_path: Path, algorithm: str, *extra: str) -> dict[str, Any]:
     out = tmp_path / f"{algorithm}.json"
     command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", algorithm, "--out", str(out), *extra]
-    done = run_cli(command, attempt_timeout=420)
+    done = run_cli(command, attempt_timeout=CLI_ATTEMPT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test acc" in done.stdout  # the final table
     return json.loads(out.read_text())
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * CLI_ATTEMPT_S + 60)  # two runs, each with room for one retry of Ray's start-up
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_cli_dsl_and_csl_on_fashion_mnist(tmp_path: Path) -> None:
     common = (

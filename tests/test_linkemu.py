@@ -185,6 +185,7 @@ def test_proxy_calls_cross_the_emulated_link(service: SplitService) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # room for one retry of Ray's start-up
 def test_a_flower_run_over_an_emulated_link(tmp_path: Path) -> None:
     out = tmp_path / "linked.json"
     command = [
