@@ -55,14 +55,16 @@ class SplitStrategy(FedAvg):
 
     Built on Flower's :class:`~flwr.serverapp.strategy.FedAvg`: its sampling, message
     construction, reply checks and example-weighted averaging are reused as they are.
-    What split learning adds lives in four hooks a subclass may override:
+    What split learning adds lives in five hooks a subclass may override:
 
     * :meth:`num_server_models` - how many server models exist this round (default 1);
     * :meth:`assign` - which of them serves the i-th sampled client (default 0);
     * :meth:`make_scheduler` - when requests run: at once, or batched across clients
       (``batching=True``) with a ``flush_timeout`` so it can never wait forever;
     * :meth:`train_round` - how the round's clients are driven: all at once (default) or,
-      e.g., one after another.
+      e.g., one after another;
+    * :meth:`reply_problem` - what a client's reply must hold to be aggregated (a reply
+      lacking it is left out with a warning, never ends the run).
 
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
     ``link`` (a :class:`~splitflower.linkemu.LinkSpec`) puts an emulated link between each
