@@ -6,15 +6,16 @@ at once. In split learning one party often waits on the other: a client blocked 
 CSL call, a server compute thread with no request queued. On a machine both parties share
 (a simulation, a loopback benchmark), the waiting party's spinning workers then take cores
 from the party that computes. OpenMP 5.0's ``omp_pause_resource_all(omp_pause_soft)``
-ends the calling thread's workers; its next parallel region starts them again (tens of
-microseconds, against milliseconds of spinning). A development measurement, not a recorded
-benchmark: the CSL step of ``benchmarks/transport.py`` went from 117 to 104 ms (means of
-three runs each, client and server on this 2-core machine).
+makes libgomp end the calling thread's workers; its next parallel region starts them again
+(tens of microseconds, against milliseconds of spinning). A development measurement, not a
+recorded benchmark: twelve paired runs of the CSL step of ``benchmarks/transport.py``
+(client and server on this 2-core machine) took 122 ms on average without and 108 ms with.
 
 Set ``SPLITFLOWER_KEEP_OPENMP_SPINNING=1`` to leave the workers alone; a process whose
-``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set is left alone too (its owner chose).
-Without a loaded OpenMP runtime that has the call (another platform, another build of
-torch), releasing does nothing.
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set is left alone too (its owner chose). These
+are read once, at the first release. Only libgomp (torch's runtime on Linux) is used: other
+runtimes (LLVM's libomp, Intel's libiomp5) pause every thread's workers at once, and a
+process without libgomp is left alone.
 """
 
 from __future__ import annotations
@@ -30,42 +31,43 @@ __all__ = ["release_openmp_workers"]
 logger = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1
-_RUNTIME_NAMES = ("libgomp", "libiomp5", "libomp")
+_RUNTIME_PREFIX = "libgomp"
 _OPT_OUT = ("SPLITFLOWER_KEEP_OPENMP_SPINNING", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _pause: Callable[[int], int] | None = None
 _resolved = False
 
 
-def _loaded_runtime() -> Path | None:
-    """The OpenMP runtime this process has already loaded (torch's), if any."""
+def _loaded_runtimes() -> list[str]:
+    """Paths of the libgomp copies this process has already loaded (torch's among them)."""
+    paths: list[str] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
-                path = Path(line.rsplit(maxsplit=1)[-1])
-                if path.name.startswith(_RUNTIME_NAMES) and ".so" in path.name:
-                    return path
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = fields[5].strip().removesuffix(" (deleted)") if len(fields) == 6 else ""
+                name = Path(path).name
+                if name.startswith(_RUNTIME_PREFIX) and ".so" in name and path not in paths:
+                    paths.append(path)
     except OSError:  # no /proc: not Linux
         pass
-    return None
+    return paths
 
 
 def _resolve() -> Callable[[int], int] | None:
     if os.environ.get(_OPT_OUT[0]) == "1" or any(name in os.environ for name in _OPT_OUT[1:]):
         return None
-    path = _loaded_runtime()
-    if path is None:
-        return None
-    try:
-        # RTLD_NOLOAD: use the copy torch loaded, never load a second runtime.
-        runtime = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD)
-        pause = runtime.omp_pause_resource_all
-    except (OSError, AttributeError):  # an OpenMP older than 5.0
-        return None
-    pause.argtypes = [ctypes.c_int]
-    pause.restype = ctypes.c_int
-    logger.debug("idle OpenMP workers are released through %s", path)
-    result: Callable[[int], int] = pause
-    return result
+    for path in _loaded_runtimes():
+        try:
+            # RTLD_NOLOAD: use a copy already loaded, never load a second runtime.
+            pause = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).omp_pause_resource_all
+        except (OSError, AttributeError):  # gone, or a libgomp older than OpenMP 5.0
+            continue
+        pause.argtypes = [ctypes.c_int]
+        pause.restype = ctypes.c_int
+        logger.debug("idle OpenMP workers are released through %s", path)
+        result: Callable[[int], int] = pause
+        return result
+    return None
 
 
 def release_openmp_workers() -> None:

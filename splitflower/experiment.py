@@ -355,15 +355,15 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": record["seconds"],
         **record.get("evaluation", {}),
         "num_examples": int(_sum(clients, "num-examples")),
-        "failed_clients": [c["node_id"] for c in record["clients"] if "error" in c],
+        "failed_clients": [c["node_id"] for c in record["clients"] if "error" in c or "left_out" in c],
         "bytes": {k: int(_sum(clients, k)) for k in byte_keys},
         "payload_bytes_by_tensor": per_tensor,
         "memory": {
-            "client_peak_tally_bytes": _max([c["metrics"]["client_peak_tally_bytes"] for c in clients]),
+            "client_peak_tally_bytes": _max([c["metrics"].get("client_peak_tally_bytes", 0.0) for c in clients]),
             "client_peak_saved_activation_bytes": _max(
-                [c["metrics"]["client_peak_saved_activation_bytes"] for c in clients]
+                [c["metrics"].get("client_peak_saved_activation_bytes", 0.0) for c in clients]
             ),
-            "client_peak_rss_bytes": _max([c["metrics"]["client_peak_rss_bytes"] for c in clients]),
+            "client_peak_rss_bytes": _max([c["metrics"].get("client_peak_rss_bytes", 0.0) for c in clients]),
             "server_peak_tally_bytes": _max([s["memory"]["server_peak_tally_bytes"] for s in servers]),
             "server_peak_saved_activation_bytes": _max(
                 [s["memory"]["server_peak_saved_activation_bytes"] for s in servers]

@@ -67,8 +67,10 @@ _KIND_TO_ERROR: dict[str, type[RemoteCallError]] = {
     ErrorKind.TIMEOUT: ServerModelTimeoutError,
 }
 
-# A wait shorter than this is not worth ending the caller's OpenMP workers for (restarting
-# them costs tens of microseconds, their spinning takes a core for about 10 ms).
+# The caller's OpenMP workers are ended before a wait only when the last blocking call
+# waited at least this long (the best guess of the next wait): restarting them costs tens
+# of microseconds, their spinning takes a core for about 10 ms. Waits on futures are not
+# timed, so a client that only uses futures releases before every unfinished one.
 _RELEASE_WORKERS_AFTER_S = 0.002
 
 Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
@@ -260,8 +262,8 @@ class ServerModelProxy:
         return _to_device(self._finish_reply(method, reply, blocked), device)
 
     def _before_waiting(self) -> None:
-        # The caller's spinning OpenMP workers would take cores from a server on this
-        # machine; a short wait is not worth restarting them.
+        # Left spinning, the caller's OpenMP workers would take cores from a server on this
+        # machine. (Released before the request is sent: gRPC's blocking call sends and waits.)
         if self._last_wait_s >= _RELEASE_WORKERS_AFTER_S:
             release_openmp_workers()
 

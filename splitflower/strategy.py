@@ -40,6 +40,11 @@ class RoundPlan:
     assignment: dict[int, int]
     tokens: dict[int, bytes] = field(default_factory=dict)
     sessions: dict[int, ClientSession] = field(default_factory=dict)
+    left_out: dict[int, str] = field(default_factory=dict)
+    """Clients whose reply could not be aggregated, and why."""
+    reply_keys: tuple[frozenset[str], frozenset[str]] | None = None
+    """Weight and metric names of the round's first accepted reply: Flower averages only
+    replies that agree on them."""
 
 
 @dataclass
@@ -166,24 +171,25 @@ class SplitStrategy(FedAvg):
 
     def collect(self, plan: RoundPlan, replies: Iterable[Message]) -> list[Message]:
         """Close each replying client's session, so batching stops waiting for it; leave out
-        (with a warning) a successful reply that lacks what aggregation needs, rather than let
-        one client's malformed reply end the run."""
+        (with a warning, and noted in ``plan.left_out``) a successful reply that cannot be
+        aggregated, rather than let one client's malformed reply end the run."""
         collected: list[Message] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             token = plan.tokens.get(node)
             if token is not None:
                 self._service.close_session(token)
-            problem = None if reply.has_error() else self.reply_problem(reply)
+            problem = None if reply.has_error() else self.reply_problem(reply) or _disagreement(plan, reply)
             if problem is None:
                 collected.append(reply)
             else:
+                plan.left_out[node] = problem
                 logger.warning("[server] round %d: left out client %d's reply: %s", plan.server_round, node, problem)
         return collected
 
     def reply_problem(self, reply: Message) -> str | None:
         """What a successful train reply lacks, or None: one ArrayRecord named
-        ``arrayrecord_key`` and one MetricRecord holding ``weighted_by_key``."""
+        ``arrayrecord_key`` and one MetricRecord whose ``weighted_by_key`` is a number >= 0."""
         arrays, metrics = reply.content.array_records, reply.content.metric_records
         if list(arrays) != [self.arrayrecord_key]:
             return f"expected one ArrayRecord named {self.arrayrecord_key!r}, got {sorted(arrays) or 'none'}"
@@ -192,6 +198,9 @@ class SplitStrategy(FedAvg):
                 f"expected one MetricRecord holding {self.weighted_by_key!r}, got "
                 f"{ {name: sorted(record) for name, record in metrics.items()} or 'none' }"
             )
+        weight = next(iter(metrics.values()))[self.weighted_by_key]
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            return f"expected {self.weighted_by_key!r} to be a number >= 0, got {weight!r}"
         return None
 
     def _plan_round(
@@ -301,6 +310,25 @@ class SplitStrategy(FedAvg):
                 on_round(server_round, record)
 
 
+def _disagreement(plan: RoundPlan, reply: Message) -> str | None:
+    """How ``reply``'s weight and metric names differ from the round's first accepted reply's
+    (the first sets them), or None."""
+    keys = (
+        frozenset(next(iter(reply.content.array_records.values())).keys()),
+        frozenset(next(iter(reply.content.metric_records.values())).keys()),
+    )
+    if plan.reply_keys is None:
+        plan.reply_keys = keys
+    if keys == plan.reply_keys:
+        return None
+    differences = []
+    for what, got, expected in zip(("weights", "metrics"), keys, plan.reply_keys, strict=True):
+        if got != expected:
+            missing, extra = sorted(expected - got)[:5], sorted(got - expected)[:5]
+            differences.append(f"{what} missing {missing or 'none'}, unexpected {extra or 'none'}")
+    return "its names differ from the round's first reply's (" + "; ".join(differences) + ")"
+
+
 def _client_wire(reply: Message) -> Any:
     """What a client reports crossed its wire (a JSON ConfigRecord), or None if absent or unreadable."""
     record = reply.content.config_records.get(RecordKey.WIRE_MANIFEST)
@@ -314,6 +342,10 @@ def _client_wire(reply: Message) -> Any:
         return None
 
 
+def _index(plan: RoundPlan, node: int) -> int:
+    return plan.node_ids.index(node) if node in plan.node_ids else -1
+
+
 def _round_record(
     plan: RoundPlan, replies: Sequence[Message], server_results: Sequence[FitResult], seconds: float
 ) -> dict[str, Any]:
@@ -321,22 +353,22 @@ def _round_record(
     clients: list[dict[str, Any]] = []
     for reply in replies:
         node = reply.metadata.src_node_id
-        entry: dict[str, Any] = {"node_id": node, "index": plan.node_ids.index(node) if node in plan.node_ids else -1}
+        entry: dict[str, Any] = {"node_id": node, "index": _index(plan, node)}
         if reply.has_error():
             entry["error"] = reply.error.reason
         else:
-            # collect() let through only replies with exactly one MetricRecord.
-            entry["metrics"] = dict(next(iter(reply.content.metric_records.values())))
+            metrics = list(reply.content.metric_records.values())
+            entry["metrics"] = dict(metrics[0]) if metrics else {}
             wire = _client_wire(reply)
             if wire is not None:
                 entry["wire"] = wire
-        session = plan.sessions.get(node)
-        if session is not None:
-            entry["server_view"] = {
-                "wire": dict(session.wire),
-                "times": dict(session.seconds),
-            }
         clients.append(entry)
+    for node, problem in plan.left_out.items():
+        clients.append({"node_id": node, "index": _index(plan, node), "left_out": problem})
+    for entry in clients:
+        session = plan.sessions.get(entry["node_id"])
+        if session is not None:
+            entry["server_view"] = {"wire": dict(session.wire), "times": dict(session.seconds)}
     servers = []
     for index, (model, fit) in enumerate(zip(plan.server_models, server_results, strict=True)):
         servers.append(

@@ -62,6 +62,7 @@ class SequentialStrategy(SplitStrategy):
         return replies
 
     def reply_problem(self, reply: Message) -> str | None:
+        """Also the optimizer state, when ``hand_over_optimizer`` asks clients for it."""
         problem = super().reply_problem(reply)
         if problem is None and self.hand_over_optimizer and RecordKey.OPTIMIZER not in reply.content.config_records:
             return f"hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}, and none came"

@@ -47,7 +47,7 @@ def test_a_sparse_tensor_is_refused_even_after_a_dense_one_of_its_dtype_and_shap
         encode_request(TOKEN, 1, "m", {"x": dense.to_sparse()})
 
 
-def test_a_non_tensor_is_refused_even_under_a_name_seen_before() -> None:
+def test_a_non_tensor_is_refused_under_a_name_that_carried_a_tensor() -> None:
     encode_reply({"y": torch.ones(2)})
     with pytest.raises(CodecError, match=r"argument 'y': expected a torch\.Tensor, got list"):
         encode_reply({"y": [1.0, 1.0]})

@@ -56,8 +56,12 @@ else:
     service.start()
     token, _ = service.open_session("client-0", ImmediateScheduler(Sleeper(nn.Identity())))
     proxy = ServerModelProxy(service.address, token)
+    if party == "client-after-a-short-wait":
+        import splitflower.proxy
+        splitflower.proxy._RELEASE_WORKERS_AFTER_S = 10.0  # so that a 50 ms wait counts as short
+        proxy.nap(seconds=torch.tensor(0.05))
     workers = workers_started_by(lambda op: op())
-    if party == "client-blocking":
+    if party != "client-future":
         proxy.nap(seconds=torch.tensor(0.05))
     else:
         proxy.nap.future(seconds=torch.tensor(0.05)).result()
@@ -92,6 +96,12 @@ def _run(party: str, **env: str) -> dict[str, Any]:
 @pytest.mark.parametrize("party", ["compute", "client-blocking", "client-future"])
 def test_waiting_party_releases_its_openmp_workers(party: str) -> None:
     assert _run(party)["alive_after_wait"] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are counted through /proc")
+def test_a_client_whose_last_wait_was_short_keeps_its_workers() -> None:
+    result = _run("client-after-a-short-wait")
+    assert result["alive_after_wait"] == result["workers"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are counted through /proc")

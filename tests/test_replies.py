@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch import nn
 
 from splitflower.algorithms.csl import CSLServerModel
+from splitflower.experiment import summarise_round
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy
@@ -58,7 +59,7 @@ def good_reply(node: int, message: Message) -> RecordDict:
     content = RecordDict(
         {
             RecordKey.ARRAYS: ArrayRecord({"w": torch.full((2,), float(node))}),
-            RecordKey.METRICS: MetricRecord({"num-examples": 10}),
+            RecordKey.METRICS: MetricRecord({RecordKey.NUM_EXAMPLES: 10}),
             RecordKey.WIRE_MANIFEST: ConfigRecord({RecordKey.VALUE: "{}"}),
         }
     )
@@ -91,14 +92,17 @@ def run(strategy: SplitStrategy, script: Script, service: SplitService) -> tuple
     return result, grid
 
 
-def test_parallel_averages_the_usable_replies_and_skips_one_without_weights(
+def test_parallel_averages_the_usable_replies_and_records_the_left_out_one(
     service: SplitService, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
         result, _ = run(ParallelStrategy(), breaking(2, lambda c: c.pop(RecordKey.ARRAYS)), service)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))  # mean of 1 and 3
-    assert [c["node_id"] for c in result.rounds[1]["clients"]] == [1, 3]
-    assert f"left out client 2's reply: expected one ArrayRecord named {RecordKey.ARRAYS!r}, got none" in caplog.text
+    problem = f"expected one ArrayRecord named {RecordKey.ARRAYS!r}, got none"
+    assert f"left out client 2's reply: {problem}" in caplog.text
+    clients = {c["node_id"]: c for c in result.rounds[1]["clients"]}
+    assert sorted(clients) == NODES and clients[2]["left_out"] == problem and "metrics" not in clients[2]
+    assert summarise_round(result.rounds[1])["failed_clients"] == [2]
 
 
 def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
@@ -115,21 +119,40 @@ def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
     assert expected in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("metrics", "expected"),
-    [({}, "got none"), ({"metrics": MetricRecord({"loss": 1.0})}, "got {'metrics': ['loss']}")],
-)
-def test_a_reply_without_its_example_count_is_left_out(
-    service: SplitService, caplog: pytest.LogCaptureFixture, metrics: dict[str, MetricRecord], expected: str
-) -> None:
-    def replace_metrics(content: RecordDict) -> None:
+def _metrics(record: MetricRecord | None) -> Callable[[RecordDict], None]:
+    def replace(content: RecordDict) -> None:
         del content[RecordKey.METRICS]
-        content.update(metrics)
+        if record is not None:
+            content[RecordKey.METRICS] = record
 
+    return replace
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (_metrics(None), f"expected one MetricRecord holding {RecordKey.NUM_EXAMPLES!r}, got none"),
+        (_metrics(MetricRecord({"loss": 1.0})), f"holding {RecordKey.NUM_EXAMPLES!r}, got {{'metrics': ['loss']}}"),
+        (_metrics(MetricRecord({RecordKey.NUM_EXAMPLES: [10, 10]})), "to be a number >= 0, got [10, 10]"),
+        (_metrics(MetricRecord({RecordKey.NUM_EXAMPLES: -10})), "to be a number >= 0, got -10"),
+        (
+            lambda c: c.__setitem__(RecordKey.ARRAYS, ArrayRecord({"w": torch.ones(2), "extra": torch.ones(1)})),
+            "its names differ from the round's first reply's (weights missing none, unexpected ['extra'])",
+        ),
+        (
+            _metrics(MetricRecord({RecordKey.NUM_EXAMPLES: 10, "loss": 0.5})),
+            "(metrics missing none, unexpected ['loss'])",
+        ),
+    ],
+    ids=["no-metrics", "no-example-count", "count-is-a-list", "negative-count", "other-weights", "other-metrics"],
+)
+def test_a_reply_that_cannot_be_averaged_with_the_others_is_left_out(
+    service: SplitService, caplog: pytest.LogCaptureFixture, spoil: Callable[[RecordDict], object], expected: str
+) -> None:
     with caplog.at_level(logging.WARNING):
-        result, _ = run(ParallelStrategy(), breaking(1, replace_metrics), service)
-    torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 2.5))  # mean of 2 and 3
-    assert f"expected one MetricRecord holding 'num-examples', {expected}" in caplog.text
+        result, _ = run(ParallelStrategy(), breaking(3, spoil), service)
+    torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 1.5))  # mean of 1 and 2
+    assert expected in caplog.text
 
 
 def test_an_unreadable_wire_manifest_is_dropped_from_the_round_record(
