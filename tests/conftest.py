@@ -29,6 +29,7 @@ from flwr.app import Context  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from splitflower.app import build_client_app  # noqa: E402
+from splitflower.cli import STALLED_EXIT_CODE  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
 from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
@@ -145,15 +146,17 @@ RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out
 
 def run_cli(command: list[str], attempt_timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run a ``splitflower run`` command; one more try if Ray's local node missed its start-up
-    window (Flower's simulation then hangs, so each attempt is bounded). A hang or failure of
-    the second attempt is returned as it is."""
+    window (Flower's simulation then hangs until the CLI's --startup-timeout gives up, and each
+    attempt is bounded besides). A hang or failure of the second attempt is returned as it is."""
     for attempt in (1, 2):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=attempt_timeout)
         except subprocess.TimeoutExpired as err:
             stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
             done = subprocess.CompletedProcess(command, -9, "", f"timed out after {attempt_timeout}s\n{stderr}")
-        hung_or_ray = done.returncode == -9 or any(sign in done.stderr for sign in RAY_START_UP_FAILURES)
+        hung_or_ray = done.returncode in (-9, STALLED_EXIT_CODE) or any(
+            sign in done.stderr for sign in RAY_START_UP_FAILURES
+        )
         if done.returncode == 0 or attempt == 2 or not hung_or_ray:
             return done
     raise AssertionError("unreachable")
