@@ -685,6 +685,26 @@ def measure_wire(server: ServerProcess, plan: Plan, channel_options: Sequence[tu
 # --------------------------------------------------------------------------------------
 
 
+def csl_split_step(
+    proxy: ServerModelProxy, bottom: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One CSL step through the proxy: forward the bottom, get dL/dz back, backpropagate, step."""
+
+    def step() -> None:
+        z = bottom(x)
+        grad = proxy.forward_backward(embeddings=z, labels=y)
+        optimizer.zero_grad()
+        z.backward(grad)
+        optimizer.step()
+
+    return step
+
+
+def _bare_split_request(z: torch.Tensor, labels_raw: bytes) -> bytes:
+    """What the bare split sends up: the cut activations' raw bytes, then the labels'."""
+    return b"".join((z.detach().numpy().data.cast("B"), labels_raw))
+
+
 def _check_bare_split_matches(
     proxy: ServerModelProxy,
     bare_split_call: Callable[[bytes], bytes],
@@ -696,7 +716,7 @@ def _check_bare_split_matches(
     """Both server halves start from the same weights: their first gradients must agree."""
     z = bottom(x).detach()
     split_grad = proxy.forward_backward(embeddings=z, labels=y)
-    reply = bare_split_call(b"".join((memoryview(z.numpy()).cast("B"), labels_raw)))
+    reply = bare_split_call(_bare_split_request(z, labels_raw))
     bare_grad = torch.frombuffer(bytearray(reply), dtype=torch.float32).view(z.shape)
     if not isinstance(split_grad, torch.Tensor) or not torch.allclose(split_grad, bare_grad, atol=1e-6):
         raise RuntimeError("the bare split reference computes another gradient than CSLServerModel")
@@ -728,16 +748,11 @@ def measure_csl(
         loss.backward()
         full_optimizer.step()
 
-    def split_step() -> None:
-        z = bottom(x)
-        grad = proxy.forward_backward(embeddings=z, labels=y)
-        bottom_optimizer.zero_grad()
-        z.backward(grad)
-        bottom_optimizer.step()
+    split_step = csl_split_step(proxy, bottom, bottom_optimizer, x, y)
 
     def bare_split_step() -> None:
         z = bare_bottom(x)
-        reply = bare_split_call(b"".join((memoryview(z.detach().numpy()).cast("B"), labels_raw)))
+        reply = bare_split_call(_bare_split_request(z, labels_raw))
         grad = torch.frombuffer(reply, dtype=torch.float32).view(z.shape)
         bare_optimizer.zero_grad()
         z.backward(grad)

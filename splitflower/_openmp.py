@@ -26,13 +26,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["release_openmp_workers"]
+__all__ = ["KEEP_SPINNING_ENV", "release_openmp_workers"]
 
 logger = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1
 _RUNTIME_PREFIX = "libgomp"
-_OPT_OUT = ("SPLITFLOWER_KEEP_OPENMP_SPINNING", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+KEEP_SPINNING_ENV = "SPLITFLOWER_KEEP_OPENMP_SPINNING"
+_OPT_OUT = (KEEP_SPINNING_ENV, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _pause: Callable[[int], int] | None = None
 _resolved = False
 

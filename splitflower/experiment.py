@@ -128,16 +128,11 @@ class ExperimentConfig:
         strategy = self.strategy or algorithm.default_strategy
         algorithm.check_strategy(strategy)
         algorithm.parse_options(self.options)
-        if self.hand_over_optimizer and not _hands_segments_on(strategy):
+        if self.hand_over_optimizer and not STRATEGIES[strategy].hands_on:
             raise ConfigError(
                 f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
             )
         return replace(self, strategy=strategy)
-
-
-def _hands_segments_on(strategy: str) -> bool:
-    cls = STRATEGIES[strategy]
-    return issubclass(cls, SequentialStrategy) and cls.hands_on
 
 
 def _type_problems(config: ExperimentConfig) -> dict[str, str]:

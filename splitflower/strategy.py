@@ -75,7 +75,8 @@ class SplitStrategy(FedAvg):
     ``link`` (a :class:`~splitflower.linkemu.LinkSpec`) puts an emulated link between each
     client and the service: clients are handed a relay's address (:mod:`splitflower.linkemu`).
 
-    Server models are averaged by examples trained, like client segments.
+    Server models are averaged by examples trained, like client segments. ``hands_on``
+    tells whether a strategy hands each client's segment on to the next (sequential SL).
 
     Example
     -------
@@ -85,6 +86,8 @@ class SplitStrategy(FedAvg):
     ...     def assign(self, index: int, num_clients: int) -> int:
     ...         return index
     """
+
+    hands_on = False
 
     def __init__(
         self,
@@ -193,12 +196,13 @@ class SplitStrategy(FedAvg):
         arrays, metrics = reply.content.array_records, reply.content.metric_records
         if list(arrays) != [self.arrayrecord_key]:
             return f"expected one ArrayRecord named {self.arrayrecord_key!r}, got {sorted(arrays) or 'none'}"
-        if len(metrics) != 1 or self.weighted_by_key not in next(iter(metrics.values())):
+        record = next(iter(metrics.values()), None)
+        if len(metrics) != 1 or record is None or self.weighted_by_key not in record:
             return (
                 f"expected one MetricRecord holding {self.weighted_by_key!r}, got "
                 f"{ {name: sorted(record) for name, record in metrics.items()} or 'none' }"
             )
-        weight = next(iter(metrics.values()))[self.weighted_by_key]
+        weight = record[self.weighted_by_key]
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
             return f"expected {self.weighted_by_key!r} to be a number >= 0, got {weight!r}"
         return None

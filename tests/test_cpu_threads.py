@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from splitflower._openmp import KEEP_SPINNING_ENV
+
 # Prints {"workers": [...], "alive_after_wait": [...]}: the threads a parallel op started on
 # the waiting party's thread, and which of them still exist after it waited.
 _SCENARIO = r"""
@@ -72,7 +74,7 @@ print(json.dumps({"workers": workers, "alive_after_wait": sorted(tids() & set(wo
                   "torch_threads": torch.get_num_threads(), "env": omp_env}))
 """
 
-_SPIN_SETTINGS = ("SPLITFLOWER_KEEP_OPENMP_SPINNING", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+_SPIN_SETTINGS = (KEEP_SPINNING_ENV, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
 def _run(party: str, **env: str) -> dict[str, Any]:
@@ -105,7 +107,7 @@ def test_a_client_whose_last_wait_was_short_keeps_its_workers() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are counted through /proc")
-@pytest.mark.parametrize("opt_out", [{"SPLITFLOWER_KEEP_OPENMP_SPINNING": "1"}, {"OMP_WAIT_POLICY": "active"}])
+@pytest.mark.parametrize("opt_out", [{KEEP_SPINNING_ENV: "1"}, {"OMP_WAIT_POLICY": "active"}])
 def test_workers_are_kept_when_the_user_chose_how_openmp_waits(opt_out: dict[str, str]) -> None:
     result = _run("client-blocking", **opt_out)
     assert result["alive_after_wait"] == result["workers"]
