@@ -7,9 +7,9 @@ CSL call, a server compute thread with no request queued. On a machine both part
 (a simulation, a loopback benchmark), the waiting party's spinning workers then take cores
 from the party that computes. OpenMP 5.0's ``omp_pause_resource_all(omp_pause_soft)``
 makes libgomp end the calling thread's workers; its next parallel region starts them again
-(tens of microseconds, against milliseconds of spinning). A development measurement, not a
-recorded benchmark: twelve paired runs of the CSL step of ``benchmarks/transport.py``
-(client and server on this 2-core machine) took 122 ms on average without and 108 ms with.
+(tens of microseconds, against milliseconds of spinning). ``benchmarks/openmp_release.py``
+measures the saving on the CSL step of ``benchmarks/transport.py`` (client and server sharing
+a 2-core machine) and records it in ``benchmarks/results/``.
 
 Set ``SPLITFLOWER_KEEP_OPENMP_SPINNING=1`` to leave the workers alone; a process whose
 ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set is left alone too (its owner chose). These
