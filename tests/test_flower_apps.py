@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from conftest import RAY_START_UP_FAILURES
 from splitflower.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -132,6 +133,24 @@ class Flower:
         arguments = ("run", str(APP), "local", "--stream", "--run-config", run_config)
         return self.run(name, "flwr", *arguments, "--federation-config", federation, timeout=timeout)
 
+    def flwr_run_local_status(self, name: str, run_config: str, timeout: float) -> str:
+        """`flwr run APP local` and the status of the run it created; one more run if Ray's local
+        node missed its start-up window (that says nothing about splitflower, and happens on a
+        loaded 2-core machine)."""
+        status = self._new_run_status(name, run_config, timeout)
+        if not status.startswith("finished:completed") and any(s in self.tail(20_000) for s in RAY_START_UP_FAILURES):
+            status = self._new_run_status(f"{name}-retry", run_config, timeout)
+        return status
+
+    def _new_run_status(self, name: str, run_config: str, timeout: float) -> str:
+        before = {run["run-id"] for run in self.runs("local")}
+        rc = self.flwr_run_local(name, run_config, timeout)
+        assert rc == 0, self.tail()
+        new = {run["run-id"]: run for run in self.runs("local") if run["run-id"] not in before}
+        assert len(new) == 1, f"expected one new run, got {new}\n{self.tail()}"
+        run = next(iter(new.values()))
+        return f"{run['status']} {run.get('status-details', '')}".strip()
+
     def runs(self, superlink: str) -> list[dict[str, Any]]:
         """Every run ``superlink`` has seen, as `flwr ls` lists them."""
         done = subprocess.run(
@@ -212,15 +231,13 @@ def _check_results(path: Path, log: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # room for one retry of Ray's start-up
 def test_flwr_run_local_simulation(flower: Flower) -> None:
     """`flwr run` starts a detached local SuperLink (simulation runtime) on the ports we give it."""
     flower.use_local_superlink_ports()
     out = flower.tmp / "simulation-results.json"
-    rc = flower.flwr_run_local("flwr-run", f"{RUN_CONFIG} out='{out}'", timeout=180)
-    assert rc == 0, flower.tail()
-    status, details = flower.run_status("local")
-    assert status == "finished:completed", f"{details}\n{flower.tail()}"
+    status = flower.flwr_run_local_status("flwr-run", f"{RUN_CONFIG} out='{out}'", timeout=180)
+    assert status.startswith("finished:completed"), f"{status}\n{flower.tail()}"
     _check_results(out, flower.tail())
 
 
