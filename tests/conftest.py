@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -37,6 +39,12 @@ from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
 from splitflower.server_model import ServerModel, sgd  # noqa: E402
 from splitflower.service import SplitService  # noqa: E402
+from splitflower.strategy import SplitStrategy  # noqa: E402
+
+# A tiny simulation's first client reaches its server model about 10 s after the simulation
+# starts here; when Ray's node misses its start-up, nothing ever does, and the run is retried
+# after this long instead of after the whole attempt's timeout.
+STARTUP_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +105,7 @@ def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float 
 
 def _simulate_child(sender: Connection, config: ExperimentConfig, client_cls: type[Client]) -> None:
     try:
-        sender.send(("ok", _simulate_here(config, client_cls)))
+        sender.send(("ok", _simulate_here(config, client_cls, sender)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which decides
         sender.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
@@ -105,7 +113,7 @@ def _simulate_child(sender: Connection, config: ExperimentConfig, client_cls: ty
         os._exit(0)  # Flower's ServerApp thread may be stuck: do not wait for it
 
 
-def _simulate_here(config: ExperimentConfig, client_cls: type[Client]) -> list[dict[str, Any]]:
+def _simulate_here(config: ExperimentConfig, client_cls: type[Client], sender: Connection) -> list[dict[str, Any]]:
     from ray import cloudpickle
 
     # Ray actors cannot import tests/: ship the test's classes and this helper by value.
@@ -119,16 +127,30 @@ def _simulate_here(config: ExperimentConfig, client_cls: type[Client]) -> list[d
         return client_cls(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
 
     records: list[dict[str, Any]] = []
+    strategy = experiment.make_strategy()
+    _end_if_no_client_starts(strategy, records, sender)
     run_simulation(
-        server_app=experiment.server_app(experiment.make_strategy(), lambda *_: None, lambda _, r: records.append(r)),
+        server_app=experiment.server_app(strategy, lambda *_: None, lambda _, r: records.append(r)),
         client_app=build_client_app(make_client),
         num_supernodes=config.clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": config.clients},
+            "init_args": {"num_cpus": config.clients, "include_dashboard": False},
         },
     )
     return records
+
+
+def _end_if_no_client_starts(strategy: SplitStrategy, records: list[dict[str, Any]], sender: Connection) -> None:
+    """Report a hang and end this process if no client reached a server model in time."""
+
+    def watch() -> None:
+        time.sleep(STARTUP_TIMEOUT_S)
+        if not records and not any(m.num_examples for m in strategy.server_models):
+            sender.send(("hung", f"no client reached a server model within {STARTUP_TIMEOUT_S:.0f}s"))
+            os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="startup-watch").start()
 
 
 def connect(
@@ -144,10 +166,13 @@ def connect(
 RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
 
 
-def run_cli(command: list[str], attempt_timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    command: list[str], attempt_timeout: float = 180, startup_timeout: float = STARTUP_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run a ``splitflower run`` command; one more try if Ray's local node missed its start-up
     window (Flower's simulation then hangs until the CLI's --startup-timeout gives up, and each
     attempt is bounded besides). A hang or failure of the second attempt is returned as it is."""
+    command = [*command, "--startup-timeout", str(startup_timeout)]
     for attempt in (1, 2):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=attempt_timeout)

@@ -13,7 +13,6 @@ from conftest import run_cli
 CASES = [
     ("locfedmix", "batched", ["--option", "n_s=1"]),
     ("ushaped", "splitfed-v1", []),
-    ("ushaped", "splitfed-v2", []),
     ("streamsl", "parallel", []),
     ("fedsl", "parallel", []),
     ("splitavg", "batched", []),

@@ -23,7 +23,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # One Fashion-MNIST run takes 35-75 s on this machine and took over 250 s on a busier CI
 # machine; a Ray start-up that hangs ends at --startup-timeout and is tried once more.
 CLI_ATTEMPT_S = 480
-CLI_STARTUP_S = "120"
+CLI_STARTUP_S = 120.0
 
 
 def _activation_bytes(results: dict[str, Any]) -> int:
@@ -39,8 +39,7 @@ def _activation_bytes(results: dict[str, Any]) -> int:
 def _run_cli(tmp_path: Path, algorithm: str, *extra: str) -> dict[str, Any]:
     out = tmp_path / f"{algorithm}.json"
     command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", algorithm, "--out", str(out)]
-    command += ["--startup-timeout", CLI_STARTUP_S, *extra]
-    done = run_cli(command, attempt_timeout=CLI_ATTEMPT_S)
+    done = run_cli([*command, *extra], attempt_timeout=CLI_ATTEMPT_S, startup_timeout=CLI_STARTUP_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test acc" in done.stdout  # the final table
     return json.loads(out.read_text())
