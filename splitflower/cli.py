@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,13 +12,19 @@ from typing import Any
 from splitflower.algorithms import ALGORITHMS
 from splitflower.data import DATASET_NAMES
 from splitflower.errors import SplitflowerError
-from splitflower.experiment import ExperimentConfig, run_experiment, write_results
+from splitflower.experiment import (
+    DEFAULT_STARTUP_TIMEOUT_S,
+    STALLED_EXIT_CODE,
+    ExperimentConfig,
+    run_experiment_owning_the_process,
+    write_results,
+)
 from splitflower.models import MODEL_NAMES
 from splitflower.report import comparison_table, load_results, plot_results
 from splitflower.reproduce import add_reproduce_parser, reproduce_main
 from splitflower.strategies import STRATEGIES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["STALLED_EXIT_CODE", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--startup-timeout",
         type=_positive_seconds,
-        default=300.0,
-        help="exit with status 3 if no client has reached a server model after this many seconds "
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        help=f"exit with status {STALLED_EXIT_CODE} if no client has reached a server model after this many seconds "
         "(Flower's simulation hangs when Ray fails to start; default %(default)s)",
     )
     add_reproduce_parser(commands)
@@ -74,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
     compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
     return parser
-
-
-STALLED_EXIT_CODE = 3
 
 
 def _positive_seconds(text: str) -> float:
@@ -87,14 +89,6 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
-
-
-def _exit_stalled(message: str) -> None:
-    # Flower's run_simulation blocks the main thread and never returns in this state: only a
-    # hard exit ends the run.
-    print(f"splitflower: error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(STALLED_EXIT_CODE)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -162,11 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hand_over_optimizer=args.hand_over_optimizer,
     )
     try:
-        results = run_experiment(
-            config,
-            say=lambda line: print(line, flush=True),
-            startup_timeout=args.startup_timeout,
-            on_stall=_exit_stalled,
+        results = run_experiment_owning_the_process(
+            config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
         )
     except SplitflowerError as err:
         print(f"splitflower: error: {err}", file=sys.stderr)

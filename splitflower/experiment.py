@@ -13,13 +13,15 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
+import traceback
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -32,7 +34,7 @@ from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
 from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, SplitflowerError
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
@@ -42,12 +44,16 @@ from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey
 
 __all__ = [
+    "CRASHED_EXIT_CODE",
+    "DEFAULT_STARTUP_TIMEOUT_S",
     "RESULTS_SCHEMA",
+    "STALLED_EXIT_CODE",
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
     "results_document",
     "run_experiment",
+    "run_experiment_owning_the_process",
     "source_commit",
     "summarise_round",
     "threads_per_client",
@@ -58,6 +64,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "splitflower.results/1"
+
+# Exit codes of a process that runs one experiment and ends itself (see
+# run_experiment_owning_the_process): no client ever started, or the simulation failed.
+STALLED_EXIT_CODE = 3
+CRASHED_EXIT_CODE = 1
+DEFAULT_STARTUP_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -537,6 +549,40 @@ def run_experiment(
     if "result" not in holder:
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     return results_document(config, rounds, time.perf_counter() - started)
+
+
+def run_experiment_owning_the_process(
+    config: ExperimentConfig,
+    *,
+    say: Callable[[str], None] = print,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+) -> dict[str, Any]:
+    """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
+
+    When Ray's node fails to start, Flower's ServerApp thread waits for replies forever, and
+    a normal exit would wait for that thread: the process would never end. So if no client
+    reaches a server model within ``startup_timeout`` seconds, the process ends with
+    :data:`STALLED_EXIT_CODE`; if the simulation fails, it prints the traceback and ends with
+    :data:`CRASHED_EXIT_CODE`. A bad config or dataset, found before the simulation starts,
+    raises its :class:`~splitflower.errors.SplitflowerError` as usual.
+    """
+    try:
+        return run_experiment(config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled)
+    except SplitflowerError:
+        raise
+    except Exception:  # noqa: BLE001 - reported, then the process ends at once
+        traceback.print_exc()
+        _end_process(CRASHED_EXIT_CODE, "splitflower: error: the simulation failed (traceback above)")
+
+
+def _end_stalled(message: str) -> NoReturn:
+    _end_process(STALLED_EXIT_CODE, f"splitflower: error: {message}")
+
+
+def _end_process(code: int, message: str) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def results_document(

@@ -31,17 +31,14 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import ExperimentConfig, run_experiment, source_commit, write_results
+from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process, source_commit, write_results
 
 __all__ = [
     "ALGORITHMS",
@@ -200,17 +197,10 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
     """Child-process entry point: run one cell and write its results file."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    try:
-        results = run_experiment(config, say=lambda line: print(f"    {line}", flush=True))
-        results["reproduce"] = extra
-        write_results(results, path)
-    except BaseException:  # noqa: BLE001 - reported, then the process ends at once
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # When Ray fails to start, Flower's ServerApp thread is left waiting forever; a normal
-        # exit would join it and hang. Leave at once so the grid can retry the cell.
-        os._exit(1)
+    # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
+    results = run_experiment_owning_the_process(config, say=lambda line: print(f"    {line}", flush=True))
+    results["reproduce"] = extra
+    write_results(results, path)
 
 
 def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> str:

@@ -16,7 +16,7 @@ from conftest import run_cli, simulate
 from splitflower.algorithms.csl import CSLClient
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.errors import ConfigError, IncompatibleStrategyError
-from splitflower.experiment import ExperimentConfig, _Progress, summarise_round
+from splitflower.experiment import CRASHED_EXIT_CODE, ExperimentConfig, _Progress, summarise_round
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -188,20 +188,41 @@ def test_progress_reports_a_start_that_never_reaches_a_server_model_once(trained
     assert said, "progress lines keep coming while the round runs"
 
 
-@pytest.mark.slow
-def test_cli_exits_when_the_simulation_never_starts() -> None:
-    # Stand in for Flower's simulation hanging after Ray's node failed to start.
+def _cli_over_fake_simulation(fake_simulation: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`splitflower run` in a fresh interpreter whose Flower run_simulation is ``fake_simulation``
+    (source defining ``def fake_simulation(**kwargs)``); it must end well within its 110 s."""
     script = (
-        "import time, flwr.simulation\n"
-        "flwr.simulation.run_simulation = lambda **kwargs: time.sleep(120)\n"
+        f"import threading, time, flwr.simulation\n{fake_simulation}\n"
+        "flwr.simulation.run_simulation = fake_simulation\n"
         "from splitflower.cli import main\n"
-        "main(['run', '--dataset', 'synthetic', '--clients', '1', '--rounds', '1', '--startup-timeout', '1'])\n"
+        f"main(['run', '--dataset', 'synthetic', '--clients', '1', '--rounds', '1', *{list(options)!r}])\n"
     )
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110, check=False)
+    assert time.monotonic() - started < 100
+    return done
+
+
+@pytest.mark.slow
+def test_cli_exits_when_the_simulation_never_starts() -> None:
+    # Stand in for Flower's simulation hanging after Ray's node failed to start.
+    hang = "def fake_simulation(**kwargs):\n    time.sleep(120)"
+    done = _cli_over_fake_simulation(hang, "--startup-timeout", "1")
     assert done.returncode == STALLED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
     assert "no client reached a server model" in done.stderr
-    assert time.monotonic() - started < 100
+
+
+def test_cli_exits_when_the_simulation_crashes_and_leaves_a_thread_waiting() -> None:
+    # Stand in for Flower after Ray failed to start: run_simulation raises, and the ServerApp
+    # thread it started (not a daemon) keeps waiting for replies.
+    crash = (
+        "def fake_simulation(**kwargs):\n"
+        "    threading.Thread(target=time.sleep, args=(120,)).start()\n"
+        "    raise RuntimeError('Simulation Runtime crashed.')"
+    )
+    done = _cli_over_fake_simulation(crash)
+    assert done.returncode == CRASHED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Simulation Runtime crashed." in done.stderr and "the simulation failed" in done.stderr
 
 
 def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:
