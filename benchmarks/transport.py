@@ -65,12 +65,17 @@ Pipe and issues session tokens on request. The client process dials its own chan
    handler on the bare server runs the server half on the server's compute thread and
    returns the gradient's raw bytes (``bare_split_ratio``: what two processes taking turns
    cost on this machine without any of splitflower; ``split_over_bare_split``: what
-   splitflower adds to that).
+   splitflower adds to that). Phases: the split step's client forward, time blocked on the
+   server, the server's compute and the client's backward + step are timed beside the same
+   computation cut at the same layer in one process, once straight through and once with the
+   OpenMP workers released and a 5 ms sleep between the phases (does waiting itself slow the
+   next phase?). Minor page faults per split step of both processes follow the timed blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import gc
@@ -98,6 +103,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from splitflower._openmp import release_openmp_workers
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
 from splitflower.compute import run_on_compute_thread
@@ -129,6 +135,7 @@ SIZES: tuple[int, ...] = (KIB, 64 * KIB, MIB, 8 * MIB)
 RTT_TARGETS: dict[int, float] = {KIB: 1.2, 8 * MIB: 1.3}
 WIRE_TARGETS: dict[int, float] = {KIB: 1.10, 64 * KIB: 1.01, MIB: 1.01, 8 * MIB: 1.01}
 CSL_TARGET = 1.07
+PHASE_PAUSE_S = 0.005  # between the phases of the paused one-process reference
 
 CSL_BATCH = 64
 CSL_CUT = 4  # stem + block0..block2 = through stage 1 of ResNet-20
@@ -685,19 +692,102 @@ def measure_wire(server: ServerProcess, plan: Plan, channel_options: Sequence[tu
 # --------------------------------------------------------------------------------------
 
 
+class Phases:
+    """Durations (ms) of a step's phases, by name: ``with phases("name"): ...``."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, list[float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.ms.setdefault(name, []).append((time.perf_counter() - start) * 1000)
+
+    def medians(self) -> dict[str, float]:
+        return {name: round(float(np.median(values)), 2) for name, values in self.ms.items()}
+
+
+def _no_phases(_: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def csl_split_step(
-    proxy: ServerModelProxy, bottom: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    proxy: ServerModelProxy,
+    bottom: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phases: Callable[[str], contextlib.AbstractContextManager[None]] = _no_phases,
 ) -> Callable[[], None]:
     """One CSL step through the proxy: forward the bottom, get dL/dz back, backpropagate, step."""
 
     def step() -> None:
-        z = bottom(x)
-        grad = proxy.forward_backward(embeddings=z, labels=y)
-        optimizer.zero_grad()
-        z.backward(grad)
-        optimizer.step()
+        with phases("client_forward"):
+            z = bottom(x)
+        with phases("blocked_on_server"):
+            grad = proxy.forward_backward(embeddings=z, labels=y)
+        with phases("client_backward_step"):
+            optimizer.zero_grad()
+            z.backward(grad)
+            optimizer.step()
 
     return step
+
+
+def _one_process_cut_step(
+    bottom: nn.Module,
+    top: nn.Module,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phases: Phases,
+    pause_s: float = 0.0,
+) -> Callable[[], None]:
+    """The split step's computation in one process, phase by phase: the bottom's forward, the
+    top's forward, backward and step on detached cut activations, the bottom's backward and
+    step. With ``pause_s``, the thread releases its OpenMP workers and sleeps that long between
+    the phases, as a party waiting on the other would."""
+
+    def wait() -> None:
+        if pause_s:
+            release_openmp_workers()
+            time.sleep(pause_s)
+
+    def step() -> None:
+        with phases("client_forward"):
+            z = bottom(x)
+        wait()
+        with phases("server_half"):
+            cut = z.detach().requires_grad_()
+            optimizers[1].zero_grad()
+            nn.functional.cross_entropy(top(cut), y).backward()
+            optimizers[1].step()
+        wait()
+        with phases("client_backward_step"):
+            optimizers[0].zero_grad()
+            z.backward(cut.grad)
+            optimizers[0].step()
+
+    return step
+
+
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (Linux /proc)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def _faults_per_step(step: Callable[[], None], server_pid: int | None, steps: int) -> dict[str, float] | None:
+    """Minor page faults per step in the client process and in the server process."""
+    if server_pid is None or not Path("/proc/self/stat").exists():
+        return None
+    client, server = _minor_faults(os.getpid()), _minor_faults(server_pid)
+    for _ in range(steps):
+        step()
+    return {
+        "client": round((_minor_faults(os.getpid()) - client) / steps, 1),
+        "server": round((_minor_faults(server_pid) - server) / steps, 1),
+    }
 
 
 def _bare_split_request(z: torch.Tensor, labels_raw: bytes) -> bytes:
@@ -731,8 +821,13 @@ def measure_csl(
 
     model, bottom, _ = _csl_halves(SEED)
     _, bare_bottom, _ = _csl_halves(SEED)
-    for module in (model, bottom, bare_bottom):
+    _, cut_bottom, cut_top = _csl_halves(SEED)
+    for module in (model, bottom, bare_bottom, cut_bottom, cut_top):
         module.train()
+    cut_optimizers = (
+        torch.optim.SGD(cut_bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM),
+        torch.optim.SGD(cut_top.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM),
+    )
     full_optimizer = torch.optim.SGD(model.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
     bottom_optimizer = torch.optim.SGD(bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
     bare_optimizer = torch.optim.SGD(bare_bottom.parameters(), lr=CSL_LR, momentum=CSL_MOMENTUM)
@@ -748,7 +843,14 @@ def measure_csl(
         loss.backward()
         full_optimizer.step()
 
-    split_step = csl_split_step(proxy, bottom, bottom_optimizer, x, y)
+    split_phases, cut_phases, paused_phases = Phases(), Phases(), Phases()
+    split_step = csl_split_step(proxy, bottom, bottom_optimizer, x, y, split_phases)
+    server_compute_ms: list[float] = []
+
+    def split_step_and_server_compute() -> None:
+        before = proxy.times.seconds.get("server_compute_s", 0.0)
+        split_step()
+        server_compute_ms.append((proxy.times.seconds["server_compute_s"] - before) * 1000)
 
     def bare_split_step() -> None:
         z = bare_bottom(x)
@@ -765,15 +867,23 @@ def measure_csl(
         cut_raw = bytes(4 * CSL_BATCH * int(np.prod(cut)))
         variants: dict[str, Callable[[], object]] = {
             "one_process": one_process_step,
-            "split": split_step,
+            "split": split_step_and_server_compute,
             "bare_split": bare_split_step,
             "bare_echo_cut": lambda: bare_call(cut_raw),
+            "one_process_cut": _one_process_cut_step(cut_bottom, cut_top, cut_optimizers, x, y, cut_phases),
+            "one_process_cut_paused": _one_process_cut_step(
+                cut_bottom, cut_top, cut_optimizers, x, y, paused_phases, pause_s=PHASE_PAUSE_S
+            ),
         }
         for call in variants.values():
             _timed(call, plan.csl_warmup)
+        for phases in (split_phases, cut_phases, paused_phases):
+            phases.ms.clear()
+        server_compute_ms.clear()
         times_before = dict(proxy.times.seconds)
         samples = _interleaved(variants, plan.csl_steps, plan.csl_blocks)
         times_after = dict(proxy.times.seconds)
+        faults = _faults_per_step(split_step, server.process.pid, plan.csl_warmup)
     finally:
         proxy.close()
         channel.close()
@@ -812,6 +922,13 @@ def measure_csl(
         "ratio": round(ratio, 3),
         "target": CSL_TARGET,
         "pass": ratio <= CSL_TARGET,
+        "phase_medians_ms": {
+            "split": {**split_phases.medians(), "server_compute": round(float(np.median(server_compute_ms)), 2)},
+            "one_process_cut": cut_phases.medians(),
+            f"one_process_cut_paused_{PHASE_PAUSE_S * 1000:g}ms": paused_phases.medians(),
+        },
+        "one_process_cut_median_ms": round(_summary(samples["one_process_cut"])[0] / 1000, 2),
+        "split_minor_faults_per_step": faults,
     }
     print(
         f"  one process {result['one_process_median_ms']:.1f} ms (p90 {result['one_process_p90_ms']:.1f})  "
@@ -836,6 +953,7 @@ def measure_csl(
         f"splitflower's split step is {result['split_over_bare_split']:.3f}x that",
         flush=True,
     )
+    print(f"  phase medians (ms): {result['phase_medians_ms']}", flush=True)
     return result
 
 
@@ -989,6 +1107,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{c['bare_split_ratio']:.3f} to one process; splitflower's split step is {c['split_over_bare_split']:.3f}x "
         "that reference.",
         "",
+        *_phase_lines(c),
+        "",
         "## Targets",
         "",
         "| target | value | limit | result |",
@@ -1019,6 +1139,42 @@ NOTES = [
     "in effect are recorded under machine.env.",
     "A report, not a test: the script exits 0 whether targets pass or fail.",
 ]
+
+
+def _phase_lines(c: dict[str, Any]) -> list[str]:
+    """Section 3's phase table: where the split step's time goes, beside the same computation
+    in one process (straight through, and with a pause between the phases)."""
+    phases = c["phase_medians_ms"]
+    split, cut = phases["split"], phases["one_process_cut"]
+    paused_name = next(name for name in phases if name.startswith("one_process_cut_paused"))
+    paused = phases[paused_name]
+    rows = [
+        ("client forward", "client_forward", "client_forward"),
+        ("server half (split: its compute on the server)", "server_compute", "server_half"),
+        ("client backward + step", "client_backward_step", "client_backward_step"),
+    ]
+    lines = [
+        "Phase medians (ms), the split step beside the same computation cut at the same layer in one process "
+        f"(whole step {c['one_process_cut_median_ms']:.1f} ms), and that one-process run with "
+        f"{paused_name.rsplit('_', 1)[-1]} pauses between the phases (OpenMP workers released first, as a "
+        "waiting party's are):",
+        "",
+        "| phase | split | one process | one process, paused | split / one process |",
+        "|---|---|---|---|---|",
+    ]
+    for label, split_key, cut_key in rows:
+        lines.append(
+            f"| {label} | {split[split_key]:.1f} | {cut[cut_key]:.1f} | {paused[cut_key]:.1f} "
+            f"| {split[split_key] / cut[cut_key]:.3f} |"
+        )
+    lines.append(f"| blocked on the server (split only) | {split['blocked_on_server']:.1f} | - | - | - |")
+    faults = c.get("split_minor_faults_per_step")
+    if faults:
+        lines += [
+            "",
+            f"Minor page faults per split step after the runs: client {faults['client']}, server {faults['server']}.",
+        ]
+    return lines
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

@@ -7,8 +7,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
-import time
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -34,12 +32,11 @@ from splitflower.app import build_client_app  # noqa: E402
 from splitflower.cli import STALLED_EXIT_CODE  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
-from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
+from splitflower.experiment import Experiment, ExperimentConfig, _Progress  # noqa: E402
 from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
 from splitflower.server_model import ServerModel, sgd  # noqa: E402
 from splitflower.service import SplitService  # noqa: E402
-from splitflower.strategy import SplitStrategy  # noqa: E402
 
 # A tiny simulation's first client reaches its server model about 10 s after the simulation
 # starts here; when Ray's node misses its start-up, nothing ever does, and the run is retried
@@ -128,29 +125,31 @@ def _simulate_here(config: ExperimentConfig, client_cls: type[Client], sender: C
 
     records: list[dict[str, Any]] = []
     strategy = experiment.make_strategy()
-    _end_if_no_client_starts(strategy, records, sender)
-    run_simulation(
-        server_app=experiment.server_app(strategy, lambda *_: None, lambda _, r: records.append(r)),
-        client_app=build_client_app(make_client),
-        num_supernodes=config.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": config.clients, "include_dashboard": False},
-        },
+
+    def report_hang(message: str) -> None:
+        sender.send(("hung", message))
+        os._exit(0)
+
+    # The experiment's own start-up watch: the run is retried when no client ever starts.
+    progress = _Progress(
+        strategy, 0, config.rounds, lambda _: None, startup_timeout=STARTUP_TIMEOUT_S, on_stall=report_hang
     )
+
+    def on_round(server_round: int, record: dict[str, Any]) -> None:
+        records.append(record)
+        progress.round = server_round + 1
+
+    with progress:
+        run_simulation(
+            server_app=experiment.server_app(strategy, lambda *_: None, on_round),
+            client_app=build_client_app(make_client),
+            num_supernodes=config.clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": config.clients, "include_dashboard": False},
+            },
+        )
     return records
-
-
-def _end_if_no_client_starts(strategy: SplitStrategy, records: list[dict[str, Any]], sender: Connection) -> None:
-    """Report a hang and end this process if no client reached a server model in time."""
-
-    def watch() -> None:
-        time.sleep(STARTUP_TIMEOUT_S)
-        if not records and not any(m.num_examples for m in strategy.server_models):
-            sender.send(("hung", f"no client reached a server model within {STARTUP_TIMEOUT_S:.0f}s"))
-            os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="startup-watch").start()
 
 
 def connect(

@@ -54,6 +54,8 @@ CSL_KEYS = {
     "bare_split_median_ms",
     "bare_split_ratio",
     "split_over_bare_split",
+    "phase_medians_ms",
+    "split_minor_faults_per_step",
 }
 SIZES = [1024, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024]
 
@@ -92,6 +94,8 @@ def test_transport_benchmark_quick_run_writes_results(tmp_path: Path) -> None:
     assert CSL_KEYS <= results["csl"].keys()
     assert results["csl"]["one_process_median_ms"] > 0 and results["csl"]["split_median_ms"] > 0
     assert results["csl"]["bare_split_median_ms"] > 0
+    phases = results["csl"]["phase_medians_ms"]
+    assert phases["split"]["server_compute"] > 0 and phases["one_process_cut"]["server_half"] > 0
     assert {t["name"] for t in results["targets"]} >= {"CSL split/one-process step"}
 
     table = (tmp_path / "transport.md").read_text()
