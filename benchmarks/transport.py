@@ -168,6 +168,7 @@ class Plan:
     csl_steps: int  # per variant, split over the blocks
     csl_blocks: int
     csl_warmup: int
+    csl_fault_steps: int  # split steps whose page faults are counted (they vary from step to step)
 
 
 FULL_PLAN = Plan(
@@ -179,6 +180,7 @@ FULL_PLAN = Plan(
     csl_steps=120,
     csl_blocks=12,
     csl_warmup=6,
+    csl_fault_steps=30,
 )
 QUICK_PLAN = Plan(
     rtt_calls={KIB: 200, 64 * KIB: 100, MIB: 20, 8 * MIB: 4},
@@ -189,6 +191,7 @@ QUICK_PLAN = Plan(
     csl_steps=4,
     csl_blocks=2,
     csl_warmup=2,
+    csl_fault_steps=2,
 )
 
 
@@ -883,7 +886,7 @@ def measure_csl(
         times_before = dict(proxy.times.seconds)
         samples = _interleaved(variants, plan.csl_steps, plan.csl_blocks)
         times_after = dict(proxy.times.seconds)
-        faults = _faults_per_step(split_step, server.process.pid, plan.csl_warmup)
+        faults = _faults_per_step(split_step, server.process.pid, plan.csl_fault_steps)
     finally:
         proxy.close()
         channel.close()
@@ -929,6 +932,7 @@ def measure_csl(
         },
         "one_process_cut_median_ms": round(_summary(samples["one_process_cut"])[0] / 1000, 2),
         "split_minor_faults_per_step": faults,
+        "split_fault_steps": plan.csl_fault_steps,
     }
     print(
         f"  one process {result['one_process_median_ms']:.1f} ms (p90 {result['one_process_p90_ms']:.1f})  "
@@ -1172,7 +1176,8 @@ def _phase_lines(c: dict[str, Any]) -> list[str]:
     if faults:
         lines += [
             "",
-            f"Minor page faults per split step after the runs: client {faults['client']}, server {faults['server']}.",
+            f"Minor page faults per split step, over {c['split_fault_steps']} steps after the timed blocks: "
+            f"client {faults['client']}, server {faults['server']}.",
         ]
     return lines
 
