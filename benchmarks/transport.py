@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/transport.py            # full run (about 1.5 minutes on 2 cores)
+    .venv/bin/python benchmarks/transport.py            # full run (about 3 minutes on 2 cores)
     .venv/bin/python benchmarks/transport.py --quick    # smoke run (about 15-30 s)
 
 It prints its figures with PASS/FAIL beside each target, writes them as JSON to
