@@ -1,14 +1,23 @@
-"""Keep glibc from returning large freed buffers to the OS after every call.
+"""Keep glibc from returning large freed buffers to the OS after every call or step.
 
-Each call allocates a frame as large as its tensors. With glibc's defaults a multi-MiB
-buffer is mmap-ed and unmapped, or the heap grows and is trimmed, on every call: thousands
-of page faults per call (a development measurement, not a recorded benchmark: a 4 MiB round
-trip took 12.4 ms, 6.4 ms with these settings, against 5.3 ms for bare gRPC).
-Raising the mmap and trim thresholds keeps freed memory in the process for reuse; the
-process's RSS stays near its peak instead.
+Each call allocates a frame as large as its tensors, and each training step allocates its
+activations and gradients anew. With glibc's defaults that memory goes back to the OS and
+is faulted in again, page by page, on the next call or step:
 
-Set ``SPLITFLOWER_KEEP_MALLOC_DEFAULTS=1`` to leave the allocator alone; settings already
-made through ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are respected.
+- a multi-MiB buffer is mmap-ed and unmapped, or the main heap grows and is trimmed, on
+  every call (a development measurement, not a recorded benchmark: a 4 MiB round trip took
+  12.4 ms, 6.4 ms with the thresholds below, against 5.3 ms for bare gRPC). Raising the
+  mmap and trim thresholds keeps that memory.
+- a thread other than the main one (the compute thread, gRPC's threads) allocates from a
+  per-thread arena made of heaps of at most 64 MiB. When a heap beyond an arena's first
+  becomes entirely free, glibc unmaps it whatever the trim threshold says, unless the
+  arena's top pad is at least a heap's size. A ResNet-20 server half on the compute thread
+  faulted in 1500 to 3000 fresh pages per step that way (the main thread: about 20).
+  ``benchmarks/malloc_settings.py`` records what the pad changes on the CSL step.
+
+The process's RSS stays near its peak instead. Set ``SPLITFLOWER_KEEP_MALLOC_DEFAULTS=1`` to
+leave the allocator alone; a setting already made through its glibc variable
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``) is respected.
 """
 
 from __future__ import annotations
@@ -19,34 +28,37 @@ import logging
 import os
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["KEEP_DEFAULTS_ENV", "SETTINGS", "keep_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 128 * 1024 * 1024
-_TRIM_THRESHOLD = 256 * 1024 * 1024
-_done = False
+KEEP_DEFAULTS_ENV = "SPLITFLOWER_KEEP_MALLOC_DEFAULTS"
+# glibc's environment variable, mallopt parameter and splitflower's value for each setting.
+SETTINGS: tuple[tuple[str, int, int], ...] = (
+    ("MALLOC_MMAP_THRESHOLD_", -3, 128 * 1024 * 1024),
+    ("MALLOC_TRIM_THRESHOLD_", -1, 256 * 1024 * 1024),
+    ("MALLOC_TOP_PAD_", -2, 64 * 1024 * 1024),  # glibc's largest heap (HEAP_MAX_SIZE, 64-bit)
+)
+_applied: tuple[str, ...] | None = None
 
 
-def keep_freed_memory() -> bool:
-    """Apply the thresholds once per process; returns whether they are in effect."""
-    global _done
-    if _done:
-        return True
-    if os.environ.get("SPLITFLOWER_KEEP_MALLOC_DEFAULTS") == "1" or platform.system() != "Linux":
-        return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
+def keep_freed_memory() -> tuple[str, ...]:
+    """Apply the settings once per process; returns the glibc variables of those applied."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = ()
+    if os.environ.get(KEEP_DEFAULTS_ENV) == "1" or platform.system() != "Linux":
+        return _applied
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
-    if ok:
-        logger.debug("glibc mmap/trim thresholds raised to %d/%d bytes", _MMAP_THRESHOLD, _TRIM_THRESHOLD)
-    _done = ok
-    return ok
+        return _applied
+    _applied = tuple(
+        variable
+        for variable, parameter, value in SETTINGS
+        if variable not in os.environ and mallopt(parameter, value) == 1
+    )
+    logger.debug("glibc malloc settings applied: %s", ", ".join(_applied) or "none")
+    return _applied

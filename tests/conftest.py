@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -42,6 +44,7 @@ from splitflower.service import SplitService  # noqa: E402
 # starts here; when Ray's node misses its start-up, nothing ever does, and the run is retried
 # after this long instead of after the whole attempt's timeout.
 STARTUP_TIMEOUT_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +187,22 @@ def run_cli(
         if done.returncode == 0 or attempt == 2 or not hung_or_ray:
             return done
     raise AssertionError("unreachable")
+
+
+def run_fresh_interpreter(
+    code: str, *args: str, drop: frozenset[str] = frozenset(), env: dict[str, str] | None = None, timeout: float = 180
+) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter, without the variables in ``drop`` and with ``env``
+    added, and return the JSON object its last line of output holds."""
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

@@ -6,15 +6,12 @@ at one thread, and which variables are set decides whether workers may be releas
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import run_fresh_interpreter
 from splitflower._openmp import KEEP_SPINNING_ENV
 
 # Prints {"workers": [...], "alive_after_wait": [...]}: the threads a parallel op started on
@@ -74,21 +71,11 @@ print(json.dumps({"workers": workers, "alive_after_wait": sorted(tids() & set(wo
                   "torch_threads": torch.get_num_threads(), "env": omp_env}))
 """
 
-_SPIN_SETTINGS = (KEEP_SPINNING_ENV, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+_SPIN_SETTINGS = frozenset((KEEP_SPINNING_ENV, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"))
 
 
 def _run(party: str, **env: str) -> dict[str, Any]:
-    clean = {k: v for k, v in os.environ.items() if k not in _SPIN_SETTINGS}
-    done = subprocess.run(
-        [sys.executable, "-c", _SCENARIO, party],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_fresh_interpreter(_SCENARIO, party, drop=_SPIN_SETTINGS, env=env, timeout=120)
     if not result["workers"]:
         pytest.skip(f"torch started no OpenMP worker here ({result['torch_threads']} threads, {result['env']})")
     return result
