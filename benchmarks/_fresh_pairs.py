@@ -38,9 +38,7 @@ def one_run(steps: int, threads: int) -> dict[str, float]:
     server = transport.ServerProcess(threads)
     try:
         proxy = transport._proxy(server, server.info["service"], "open-csl", transport.SEED)
-        generator = torch.Generator().manual_seed(transport.SEED + 1)
-        x = torch.randn(transport.CSL_BATCH, 3, 32, 32, generator=generator)
-        y = torch.randint(0, 10, (transport.CSL_BATCH,), generator=generator)
+        x, y = transport.csl_batch()
         _, bottom, _ = transport._csl_halves(transport.SEED)
         optimizer = torch.optim.SGD(bottom.parameters(), lr=transport.CSL_LR, momentum=transport.CSL_MOMENTUM)
 
@@ -49,17 +47,17 @@ def one_run(steps: int, threads: int) -> dict[str, float]:
         server_pid = server.process.pid
         if server_pid is None:
             raise RuntimeError("the server process has no pid: it did not start")
-        faults_before = (transport._minor_faults(os.getpid()), transport._minor_faults(server_pid))
+        faults_per_step = transport.fault_counter(server_pid)
         times_ms = np.asarray(transport._timed(step, steps)) / 1000
-        faults_after = (transport._minor_faults(os.getpid()), transport._minor_faults(server_pid))
+        faults = faults_per_step(steps)
         proxy.close()
     finally:
         server.stop()
     return {
         "median_ms": round(float(np.median(times_ms)), 2),
         "mean_ms": round(float(times_ms.mean()), 2),
-        "client_faults_per_step": round((faults_after[0] - faults_before[0]) / steps, 1),
-        "server_faults_per_step": round((faults_after[1] - faults_before[1]) / steps, 1),
+        "client_faults_per_step": faults["client"],
+        "server_faults_per_step": faults["server"],
     }
 
 

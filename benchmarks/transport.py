@@ -103,7 +103,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitflower._openmp import release_openmp_workers
+from splitflower._malloc import KEEP_DEFAULTS_ENV
+from splitflower._openmp import KEEP_SPINNING_ENV, release_openmp_workers
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
 from splitflower.compute import run_on_compute_thread
@@ -145,6 +146,8 @@ SEED = 0
 
 # Environment variables that change what is measured (thread pools, OpenMP waiting, glibc malloc).
 TUNING_ENV = (
+    KEEP_SPINNING_ENV,
+    KEEP_DEFAULTS_ENV,
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OMP_WAIT_POLICY",
@@ -780,17 +783,35 @@ def _minor_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
+def fault_counter(server_pid: int) -> Callable[[int], dict[str, float]]:
+    """Start counting minor page faults of this (client) process and the server process; the
+    function returned gives them per step, for the number of steps run since."""
+    client, server = _minor_faults(os.getpid()), _minor_faults(server_pid)
+
+    def per_step(steps: int) -> dict[str, float]:
+        return {
+            "client": round((_minor_faults(os.getpid()) - client) / steps, 1),
+            "server": round((_minor_faults(server_pid) - server) / steps, 1),
+        }
+
+    return per_step
+
+
 def _faults_per_step(step: Callable[[], None], server_pid: int | None, steps: int) -> dict[str, float] | None:
     """Minor page faults per step in the client process and in the server process."""
     if server_pid is None or not Path("/proc/self/stat").exists():
         return None
-    client, server = _minor_faults(os.getpid()), _minor_faults(server_pid)
+    per_step = fault_counter(server_pid)
     for _ in range(steps):
         step()
-    return {
-        "client": round((_minor_faults(os.getpid()) - client) / steps, 1),
-        "server": round((_minor_faults(server_pid) - server) / steps, 1),
-    }
+    return per_step(steps)
+
+
+def csl_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSL step's batch (inputs, labels): the same in every run."""
+    generator = torch.Generator().manual_seed(SEED + 1)
+    x = torch.randn(CSL_BATCH, 3, 32, 32, generator=generator)
+    return x, torch.randint(0, 10, (CSL_BATCH,), generator=generator)
 
 
 def _bare_split_request(z: torch.Tensor, labels_raw: bytes) -> bytes:
@@ -818,10 +839,7 @@ def _check_bare_split_matches(
 def measure_csl(
     server: ServerProcess, plan: Plan, threads: int, channel_options: Sequence[tuple[str, Any]]
 ) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(SEED + 1)
-    x = torch.randn(CSL_BATCH, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (CSL_BATCH,), generator=generator)
-
+    x, y = csl_batch()
     model, bottom, _ = _csl_halves(SEED)
     _, bare_bottom, _ = _csl_halves(SEED)
     _, cut_bottom, cut_top = _csl_halves(SEED)

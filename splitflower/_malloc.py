@@ -11,9 +11,10 @@ is faulted in again, page by page, on the next call or step:
 - a thread other than the main one (the compute thread, gRPC's threads) allocates from a
   per-thread arena made of heaps of at most 64 MiB. When a heap beyond an arena's first
   becomes entirely free, glibc unmaps it whatever the trim threshold says, unless the
-  arena's top pad is at least a heap's size. A ResNet-20 server half on the compute thread
-  faulted in 1500 to 3000 fresh pages per step that way (the main thread: about 20).
-  ``benchmarks/malloc_settings.py`` records what the pad changes on the CSL step.
+  arena's top pad is at least a heap's size. ``tests/test_malloc.py`` shows it: a step on the
+  compute thread that needs two heaps faults in one of them afresh every time (10240 pages per
+  step here), and none with the pad. ``benchmarks/malloc_settings.py`` records what the pad
+  changes on the CSL step.
 
 The process's RSS stays near its peak instead. Set ``SPLITFLOWER_KEEP_MALLOC_DEFAULTS=1`` to
 leave the allocator alone; a setting already made through its glibc variable
