@@ -1,4 +1,9 @@
-"""Every algorithm end to end through `splitflower run` (a Flower simulation), tiny and synthetic."""
+"""Algorithms end to end through `splitflower run` (a Flower simulation), tiny and synthetic.
+
+locfedmix and splitavg run under their own strategy (batched) in test_flower_app_algorithms.py
+through the same experiment code; each Flower simulation costs about 20 s here, so they are not
+run twice.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,9 @@ import pytest
 from conftest import run_cli
 
 CASES = [
-    ("locfedmix", "batched", ["--option", "n_s=1"]),
     ("ushaped", "splitfed-v1", []),
     ("streamsl", "parallel", []),
     ("fedsl", "parallel", []),
-    ("splitavg", "batched", []),
     ("dsl", "sequential", ["--option", "lam=0.5", "--option", "head=mlp"]),
 ]
 

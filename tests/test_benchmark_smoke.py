@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "benchmarks" / "transport.py"
+BENCHMARKS = REPO_ROOT / "benchmarks"
 
 TOP_LEVEL_KEYS = {
     "benchmark",
@@ -60,17 +60,15 @@ CSL_KEYS = {
 SIZES = [1024, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024]
 
 
+def _run_benchmark(script: str, *args: str, timeout: float) -> None:
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+
+
 @pytest.mark.slow
 def test_transport_benchmark_quick_run_writes_results(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    _run_benchmark("transport.py", "--quick", "--out-dir", str(tmp_path), timeout=240)
 
     written = sorted(tmp_path.glob("transport-*.json"))
     assert len(written) == 1, sorted(p.name for p in tmp_path.iterdir())
@@ -101,3 +99,29 @@ def test_transport_benchmark_quick_run_writes_results(tmp_path: Path) -> None:
     table = (tmp_path / "transport.md").read_text()
     assert results["commit"] in table
     assert "| 8 MiB |" in table
+
+
+BREAKDOWN_STAGES = {
+    "client: whole call",
+    "client: inside the gRPC call",
+    "server: whole handler",
+    "server: decode request",
+    "server: compute-thread round trip",
+    "server: job on the compute thread",
+    "server: encode reply",
+}
+
+
+@pytest.mark.slow
+def test_rtt_breakdown_times_every_stage_where_it_runs(tmp_path: Path) -> None:
+    _run_benchmark("rtt_breakdown.py", "--calls", "60", "--out-dir", str(tmp_path), timeout=180)
+    (written,) = tmp_path.glob("rtt-breakdown-*.json")
+    results = json.loads(written.read_text())
+    stages = results["in_place_us_per_call"]
+    assert BREAKDOWN_STAGES <= stages.keys()
+    # A stopwatch that never ran (a renamed method left unwrapped) reads zero.
+    assert all(stages[name]["wall_us"] > 0 for name in BREAKDOWN_STAGES), stages
+    assert stages["server: whole handler"]["wall_us"] >= stages["server: decode request"]["wall_us"]
+    assert stages["client: whole call"]["wall_us"] >= stages["client: inside the gRPC call"]["wall_us"]
+    assert results["round_trip"]["bare_median_us"] > 0 and results["round_trip"]["proxy_median_us"] > 0
+    assert all(value > 0 for value in results["hot_loop_us"].values())

@@ -77,10 +77,19 @@ def _simulate(
     return simulate(config, client)
 
 
+@pytest.fixture(scope="module")
+def sequential_records() -> list[dict[str, Any]]:
+    """Two sequential rounds of three clients that hand their optimizer state on (one simulation
+    serves both tests below: each costs about 20 s of Ray start-up)."""
+    return _simulate("sequential", rounds=2, client=RecordingOptimizer, hand_over_optimizer=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # room for one retry of Ray's start-up
-def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_state() -> None:
-    records = _simulate("sequential", rounds=2)
+def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_state(
+    sequential_records: list[dict[str, Any]],
+) -> None:
+    records = sequential_records
     assert len(records) == 2
     for record in records:
         clients = [c["metrics"] for c in record["clients"]]
@@ -94,9 +103,8 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # room for one retry of Ray's start-up
-def test_sequential_hands_the_optimizer_state_on_when_asked() -> None:
-    records = _simulate("sequential", rounds=2, client=RecordingOptimizer, hand_over_optimizer=True)
-    clients = [c["metrics"] for record in records for c in record["clients"]]
+def test_sequential_hands_the_optimizer_state_on_when_asked(sequential_records: list[dict[str, Any]]) -> None:
+    clients = [c["metrics"] for record in sequential_records for c in record["clients"]]
     assert clients[0]["handed_entries"] == 0, "the very first client starts a fresh optimizer"
     for before, after in itertools.pairwise(clients):  # within a round and across rounds
         assert after["handed_entries"] > 0
