@@ -69,7 +69,9 @@ Pipe and issues session tokens on request. The client process dials its own chan
    server, the server's compute and the client's backward + step are timed beside the same
    computation cut at the same layer in one process, once straight through and once with the
    OpenMP workers released and a 5 ms sleep between the phases (does waiting itself slow the
-   next phase?). Minor page faults per split step of both processes follow the timed blocks.
+   next phase?), and once with the server half run on a compute thread of its own, as in the
+   server process (does the thread it runs on matter?). Minor page faults per split step of
+   both processes follow the timed blocks.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ from splitflower._malloc import KEEP_DEFAULTS_ENV
 from splitflower._openmp import KEEP_SPINNING_ENV, release_openmp_workers
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
-from splitflower.compute import run_on_compute_thread
+from splitflower.compute import ComputeThread, run_on_compute_thread
 from splitflower.experiment import source_commit
 from splitflower.models import resnet20
 from splitflower.proxy import ServerModelProxy
@@ -749,30 +751,45 @@ def _one_process_cut_step(
     y: torch.Tensor,
     phases: Phases,
     pause_s: float = 0.0,
+    server_thread: ComputeThread | None = None,
 ) -> Callable[[], None]:
     """The split step's computation in one process, phase by phase: the bottom's forward, the
     top's forward, backward and step on detached cut activations, the bottom's backward and
     step. With ``pause_s``, the thread releases its OpenMP workers and sleeps that long between
-    the phases, as a party waiting on the other would."""
+    the phases, as a party waiting on the other would. With ``server_thread``, the top's phase
+    runs on that thread, as it does on the server's compute thread, after this thread released
+    its OpenMP workers, as a client does before a long wait (the compute thread releases its own
+    when idle): one OpenMP team at a time, as in each of the two processes."""
 
     def wait() -> None:
         if pause_s:
             release_openmp_workers()
             time.sleep(pause_s)
 
+    def server_half(z: torch.Tensor) -> torch.Tensor:
+        cut = z.detach().requires_grad_()
+        optimizers[1].zero_grad()
+        nn.functional.cross_entropy(top(cut), y).backward()
+        optimizers[1].step()
+        if cut.grad is None:
+            raise RuntimeError("the one-process cut step produced no gradient for the cut activations")
+        return cut.grad
+
     def step() -> None:
         with phases("client_forward"):
             z = bottom(x)
         wait()
-        with phases("server_half"):
-            cut = z.detach().requires_grad_()
-            optimizers[1].zero_grad()
-            nn.functional.cross_entropy(top(cut), y).backward()
-            optimizers[1].step()
+        if server_thread is None:
+            with phases("server_half"):
+                grad = server_half(z)
+        else:
+            release_openmp_workers()
+            with phases("server_half"):
+                grad = server_thread.run(server_half, z)
         wait()
         with phases("client_backward_step"):
             optimizers[0].zero_grad()
-            z.backward(cut.grad)
+            z.backward(grad)
             optimizers[0].step()
 
     return step
@@ -864,7 +881,7 @@ def measure_csl(
         loss.backward()
         full_optimizer.step()
 
-    split_phases, cut_phases, paused_phases = Phases(), Phases(), Phases()
+    split_phases, cut_phases, paused_phases, threaded_phases = Phases(), Phases(), Phases(), Phases()
     split_step = csl_split_step(proxy, bottom, bottom_optimizer, x, y, split_phases)
     server_compute_ms: list[float] = []
 
@@ -895,10 +912,13 @@ def measure_csl(
             "one_process_cut_paused": _one_process_cut_step(
                 cut_bottom, cut_top, cut_optimizers, x, y, paused_phases, pause_s=PHASE_PAUSE_S
             ),
+            "one_process_cut_compute_thread": _one_process_cut_step(
+                cut_bottom, cut_top, cut_optimizers, x, y, threaded_phases, server_thread=ComputeThread("cut-server")
+            ),
         }
         for call in variants.values():
             _timed(call, plan.csl_warmup)
-        for phases in (split_phases, cut_phases, paused_phases):
+        for phases in (split_phases, cut_phases, paused_phases, threaded_phases):
             phases.ms.clear()
         server_compute_ms.clear()
         times_before = dict(proxy.times.seconds)
@@ -947,6 +967,7 @@ def measure_csl(
             "split": {**split_phases.medians(), "server_compute": round(float(np.median(server_compute_ms)), 2)},
             "one_process_cut": cut_phases.medians(),
             f"one_process_cut_paused_{PHASE_PAUSE_S * 1000:g}ms": paused_phases.medians(),
+            "one_process_cut_server_half_on_a_compute_thread": threaded_phases.medians(),
         },
         "one_process_cut_median_ms": round(_summary(samples["one_process_cut"])[0] / 1000, 2),
         "split_minor_faults_per_step": faults,
@@ -1170,6 +1191,7 @@ def _phase_lines(c: dict[str, Any]) -> list[str]:
     split, cut = phases["split"], phases["one_process_cut"]
     paused_name = next(name for name in phases if name.startswith("one_process_cut_paused"))
     paused = phases[paused_name]
+    threaded = phases.get("one_process_cut_server_half_on_a_compute_thread")  # absent before 6cb0151
     rows = [
         ("client forward", "client_forward", "client_forward"),
         ("server half (split: its compute on the server)", "server_compute", "server_half"),
@@ -1179,17 +1201,20 @@ def _phase_lines(c: dict[str, Any]) -> list[str]:
         "Phase medians (ms), the split step beside the same computation cut at the same layer in one process "
         f"(whole step {c['one_process_cut_median_ms']:.1f} ms), and that one-process run with "
         f"{paused_name.rsplit('_', 1)[-1]} pauses between the phases (OpenMP workers released first, as a "
-        "waiting party's are):",
+        "waiting party's are), and with the server half run on a compute thread of its own (the OpenMP "
+        "workers of the thread before released, so that one team runs at a time, as in each process of the split):",
         "",
-        "| phase | split | one process | one process, paused | split / one process |",
-        "|---|---|---|---|---|",
+        "| phase | split | one process | one process, paused | one process, server half on a compute thread "
+        "| split / one process |",
+        "|---|---|---|---|---|---|",
     ]
     for label, split_key, cut_key in rows:
+        on_thread = f"{threaded[cut_key]:.1f}" if threaded else "-"
         lines.append(
-            f"| {label} | {split[split_key]:.1f} | {cut[cut_key]:.1f} | {paused[cut_key]:.1f} "
+            f"| {label} | {split[split_key]:.1f} | {cut[cut_key]:.1f} | {paused[cut_key]:.1f} | {on_thread} "
             f"| {split[split_key] / cut[cut_key]:.3f} |"
         )
-    lines.append(f"| blocked on the server (split only) | {split['blocked_on_server']:.1f} | - | - | - |")
+    lines.append(f"| blocked on the server (split only) | {split['blocked_on_server']:.1f} | - | - | - | - |")
     faults = c.get("split_minor_faults_per_step")
     if faults:
         lines += [

@@ -94,6 +94,7 @@ def test_transport_benchmark_quick_run_writes_results(tmp_path: Path) -> None:
     assert results["csl"]["bare_split_median_ms"] > 0
     phases = results["csl"]["phase_medians_ms"]
     assert phases["split"]["server_compute"] > 0 and phases["one_process_cut"]["server_half"] > 0
+    assert phases["one_process_cut_server_half_on_a_compute_thread"]["server_half"] > 0
     assert {t["name"] for t in results["targets"]} >= {"CSL split/one-process step"}
 
     table = (tmp_path / "transport.md").read_text()
