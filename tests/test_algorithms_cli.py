@@ -1,8 +1,8 @@
 """Algorithms end to end through `splitflower run` (a Flower simulation), tiny and synthetic.
 
-locfedmix and splitavg run under their own strategy (batched) in test_flower_app_algorithms.py
-through the same experiment code; each Flower simulation costs about 20 s here, so they are not
-run twice.
+locfedmix and splitavg run under their own strategy (batched), and fedsl under sequential, in
+test_flower_app_algorithms.py through the same experiment code (parallel runs here with
+streamsl); each Flower simulation costs about 20 s here, so those are not run twice.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from conftest import run_cli
 CASES = [
     ("ushaped", "splitfed-v1", []),
     ("streamsl", "parallel", []),
-    ("fedsl", "parallel", []),
     ("dsl", "sequential", ["--option", "lam=0.5", "--option", "head=mlp"]),
 ]
 
