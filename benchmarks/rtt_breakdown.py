@@ -14,10 +14,10 @@ can be compared::
    the scheduler (checking the call, handing it to the compute thread and waiting); the
    job on the compute thread (memory tally and the method); encoding the reply. The client
    wraps its ``_prepare`` (encode and bookkeeping), the gRPC call itself and
-   ``_finish_reply`` (decode and bookkeeping). The stopwatches add their own cost (about
-   1 us each).
-3. Hot loop: the same decode, encode and proxy code run back to back in this process, and
-   the compute-thread hand-off of an empty job.
+   ``_finish_reply`` (decode and bookkeeping). The stopwatches add their own cost, measured
+   in the hot loop below (a wrapped empty method against the bare one).
+3. Hot loop: the same decode, encode and proxy code run back to back in this process, the
+   compute-thread hand-off of an empty job, and one stopwatch's own cost.
 
 It writes ``<out-dir>/rtt-breakdown-<short commit>[-dirty].json`` and prints a table. A
 report, not a test: it exits 0 whatever it finds.
@@ -160,6 +160,11 @@ def _client_in_place(proxy: ServerModelProxy, tensor: torch.Tensor, calls: int) 
     return stages
 
 
+class _Noop:
+    def noop(self) -> None:
+        return None
+
+
 def _hot(fn: Callable[[], object]) -> float:
     for _ in range(HOT_REPEATS // 10):
         fn()
@@ -173,8 +178,13 @@ def hot_loop(tensor: torch.Tensor) -> dict[str, float]:
     reply = encode_reply(tensor)
     stub._call = lambda *args, **kwargs: reply  # type: ignore[method-assign]
     compute = shared_compute_thread()
+    timed_noop = _Noop()
+    Stopwatches().wrap(timed_noop, "noop", "noop")
     try:
         return {
+            "one stopwatch (a wrapped empty method minus the bare one)": round(
+                _hot(timed_noop.noop) - _hot(_Noop().noop), 2
+            ),
             "server: decode request": _hot(lambda: decode_request(frame)),
             "server: encode reply": _hot(lambda: encode_reply(tensor)),
             "server: compute-thread round trip of an empty job": _hot(lambda: compute.run(int)),
