@@ -13,7 +13,8 @@ can be compared::
    call): the whole handler; decoding the request; the ordering of the client's requests;
    the scheduler (checking the call, handing it to the compute thread and waiting); the
    job on the compute thread (memory tally and the method); encoding the reply. The client
-   wraps its ``_prepare`` (encode and bookkeeping), the gRPC call itself and
+   wraps its ``_blocking`` (the whole call), ``_prepare`` (encode and bookkeeping), the gRPC
+   call itself and
    ``_finish_reply`` (decode and bookkeeping). The stopwatches add their own cost, measured
    in the hot loop below (a wrapped empty method against the bare one).
 3. Hot loop: the same decode, encode and proxy code run back to back in this process, the
@@ -26,7 +27,6 @@ report, not a test: it exits 0 whatever it finds.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import multiprocessing as mp
 import sys
@@ -37,7 +37,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -128,36 +127,21 @@ def server_main(conn: Connection) -> None:
 
 
 def _round_trips(bare_call: Callable[[], object], proxy_call: Callable[[], object], calls: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {"bare": [], "proxy": []}
-    variants = {"bare": bare_call, "proxy": proxy_call}
-    for block in range(BLOCKS):
-        order = list(variants) if block % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            gc.collect()
-            samples[name] += transport._timed(variants[name], calls // BLOCKS)
-    bare, proxy = float(np.median(samples["bare"])), float(np.median(samples["proxy"]))
+    samples = transport._interleaved({"bare": bare_call, "proxy": proxy_call}, calls, BLOCKS)
+    bare, _ = transport._summary(samples["bare"])
+    proxy, _ = transport._summary(samples["proxy"])
     return {"bare_median_us": round(bare, 1), "proxy_median_us": round(proxy, 1), "ratio": round(proxy / bare, 3)}
 
 
 def _client_in_place(proxy: ServerModelProxy, tensor: torch.Tensor, calls: int) -> dict[str, dict[str, float]]:
     watches = Stopwatches()
+    watches.wrap(proxy, "_blocking", "client: whole call")
     watches.wrap(proxy, "_prepare", "client: encode request + bookkeeping")
     watches.wrap(proxy, "_call", "client: inside the gRPC call")
     watches.wrap(proxy, "_finish_reply", "client: decode reply + bookkeeping")
-    whole = [0, 0]
     for _ in range(calls):
-        wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
         proxy.echo(x=tensor)
-        whole[0] += time.perf_counter_ns() - wall
-        whole[1] += time.thread_time_ns() - cpu
-    stages = {
-        "client: whole call": {
-            "wall_us": round(whole[0] / calls / 1000, 1),
-            "cpu_us": round(whole[1] / calls / 1000, 1),
-        }
-    }
-    stages.update(watches.per_call(calls))
-    return stages
+    return watches.per_call(calls)
 
 
 class _Noop:

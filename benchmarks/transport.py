@@ -1186,12 +1186,13 @@ NOTES = [
 
 def _phase_lines(c: dict[str, Any]) -> list[str]:
     """Section 3's phase table: where the split step's time goes, beside the same computation
-    in one process (straight through, and with a pause between the phases)."""
+    in one process (straight through, with a pause between the phases, and with the server half
+    on a compute thread of its own)."""
     phases = c["phase_medians_ms"]
     split, cut = phases["split"], phases["one_process_cut"]
     paused_name = next(name for name in phases if name.startswith("one_process_cut_paused"))
     paused = phases[paused_name]
-    threaded = phases.get("one_process_cut_server_half_on_a_compute_thread")  # absent before 6cb0151
+    threaded = phases["one_process_cut_server_half_on_a_compute_thread"]
     rows = [
         ("client forward", "client_forward", "client_forward"),
         ("server half (split: its compute on the server)", "server_compute", "server_half"),
@@ -1209,10 +1210,9 @@ def _phase_lines(c: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for label, split_key, cut_key in rows:
-        on_thread = f"{threaded[cut_key]:.1f}" if threaded else "-"
         lines.append(
-            f"| {label} | {split[split_key]:.1f} | {cut[cut_key]:.1f} | {paused[cut_key]:.1f} | {on_thread} "
-            f"| {split[split_key] / cut[cut_key]:.3f} |"
+            f"| {label} | {split[split_key]:.1f} | {cut[cut_key]:.1f} | {paused[cut_key]:.1f} "
+            f"| {threaded[cut_key]:.1f} | {split[split_key] / cut[cut_key]:.3f} |"
         )
     lines.append(f"| blocked on the server (split only) | {split['blocked_on_server']:.1f} | - | - | - | - |")
     faults = c.get("split_minor_faults_per_step")

@@ -1,4 +1,5 @@
-"""Smoke run of ``benchmarks/transport.py --quick``: it runs end to end and writes its results.
+"""Smoke runs of ``benchmarks/transport.py --quick`` and ``benchmarks/rtt_breakdown.py``: each
+runs end to end and writes its results.
 
 Only the shape of the output is checked, never the timing or byte-ratio targets: on a shared
 or loaded machine those are the benchmark's findings, not pass/fail criteria of the code.
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
 TOP_LEVEL_KEYS = {
@@ -129,3 +131,16 @@ def test_rtt_breakdown_times_every_stage_where_it_runs(tmp_path: Path) -> None:
     # The stopwatch's own cost is a difference of two timings: noise can push it either way.
     assert all(value > 0 for stage, value in hot.items() if not stage.startswith("one stopwatch")), hot
     assert any(stage.startswith("one stopwatch") for stage in hot)
+
+
+@pytest.mark.slow
+def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
+    _run_benchmark("malloc_settings.py", "--pairs", "1", "--steps", "2", "--out-dir", str(tmp_path), timeout=300)
+    (written,) = tmp_path.glob("malloc-settings-*.json")
+    results = json.loads(written.read_text())
+    settings = ["splitflower", "glibc_top_pad", "glibc_defaults"]
+    assert list(results["runs"]) == settings and all(len(runs) == 1 for runs in results["runs"].values())
+    assert results["settings"]["glibc_defaults"] == {"SPLITFLOWER_KEEP_MALLOC_DEFAULTS": "1"}
+    assert set(results["ratios"]) == {"splitflower / glibc_top_pad", "splitflower / glibc_defaults"}
+    for runs in results["runs"].values():
+        assert runs[0]["median_ms"] > 0 and runs[0]["server_faults_per_step"] >= 0
