@@ -5,16 +5,16 @@ activations and gradients anew. With glibc's defaults that memory goes back to t
 is faulted in again, page by page, on the next call or step:
 
 - a multi-MiB buffer is mmap-ed and unmapped, or the main heap grows and is trimmed, on
-  every call (a development measurement, not a recorded benchmark: a 4 MiB round trip took
-  12.4 ms, 6.4 ms with the thresholds below, against 5.3 ms for bare gRPC). Raising the
-  mmap and trim thresholds keeps that memory.
+  every call. Raising the mmap and trim thresholds keeps that memory.
 - a thread other than the main one (the compute thread, gRPC's threads) allocates from a
   per-thread arena made of heaps of at most 64 MiB. When a heap beyond an arena's first
   becomes entirely free, glibc unmaps it whatever the trim threshold says, unless the
   arena's top pad is at least a heap's size. ``tests/test_malloc.py`` shows it: a step on the
   compute thread that needs two heaps faults in one of them afresh every time (10240 pages per
-  step here), and none with the pad. ``benchmarks/malloc_settings.py`` records what the pad
-  changes on the CSL step.
+  step here), and none with the pad.
+
+``benchmarks/malloc_settings.py`` records what the settings change on the CSL step (4 MiB each
+way), in fresh process pairs against glibc's pad alone and against all of glibc's defaults.
 
 The process's RSS stays near its peak instead. Set ``SPLITFLOWER_KEEP_MALLOC_DEFAULTS=1`` to
 leave the allocator alone; a setting already made through its glibc variable
