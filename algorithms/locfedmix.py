@@ -137,13 +137,13 @@ class LocFedMixServerModel(SupervisedServerModel):
         logits = self.model(s)
         targets = nn.functional.one_hot(labels, logits.shape[1]).to(s.dtype)
         if self.options.mixup and len(self.call_context.callers) > 1:
-            mixed, mixed_targets = self.mix(s.detach(), targets)
+            mixed, mixed_targets = self._mix(s.detach(), targets)
             logits, targets = torch.cat([logits, self.model(mixed)]), torch.cat([targets, mixed_targets])
         # eq. (6): sum_i delta_i (L_i + sum over n_s partners of the mixed loss), delta_i = rows_i / rows
         self.step(nn.functional.cross_entropy(logits, targets, reduction="sum") / len(s), num_examples=len(s))
         return self.call_context.own_mean_grad(s.grad)
 
-    def mix(self, s: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix(self, s: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row mixed with a random row of each of ``n_s`` other callers (eq. 5)."""
         sizes = torch.tensor(self.call_context.sizes)
         k = len(sizes)

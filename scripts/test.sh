@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 .venv/bin/ruff check splitflower strategies algorithms tests benchmarks examples scripts
-.venv/bin/mypy splitflower strategies algorithms tests benchmarks examples scripts
+.venv/bin/mypy  # the paths are pyproject.toml's [tool.mypy] files
 .venv/bin/python -m pytest -q "$@"

@@ -2,11 +2,10 @@
 
 On the CPU every thread that runs a parallel torch operation gets an OpenMP team of its
 own, and as soon as a process has more OpenMP threads than cores, libgomp stops spinning
-at its barriers and every parallel operation slows down (while this was developed, the
-server compute of the CSL step in ``benchmarks/transport.py`` went from about 80 ms on gRPC
-worker threads to about 60 ms on one thread; the recorded runs are the "after").
-So the framework runs server-model construction, computations, weight loading and
-evaluation on one thread, and hands each request over to it (about 30 us). When no request
+at its barriers and every parallel operation slows down. So the framework runs
+server-model construction, computations, weight loading and evaluation on one thread, and
+hands each request over to it (``benchmarks/rtt_breakdown.py`` records what the hand-off
+costs: the round trip to this thread and back, with and without a job). When no request
 has come for a millisecond, the thread ends its OpenMP workers (see
 :mod:`splitflower._openmp`): left spinning, they would take the cores of clients that share
 the machine.

@@ -180,8 +180,8 @@ class ServerModelProxy:
         self._window = threading.BoundedSemaphore(max_in_flight)
         self._unsettled_sends = 0
         self._settled = threading.Condition()
-        # gRPC's own futures start a polling thread per idle period (~0.7 ms a call); a
-        # small pool running blocking calls is cheaper and bounds concurrency.
+        # gRPC's own futures start a polling thread whenever the channel has been idle; a
+        # small pool running blocking calls avoids that start-up and bounds concurrency.
         self._executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix="splitflower-proxy")
         self._deferred_error: BaseException | None = None
         options = [

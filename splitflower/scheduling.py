@@ -28,6 +28,7 @@ import torch
 
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
+from splitflower.errors import InvalidArgumentsError
 from splitflower.server_model import CallContext, ServerModel, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
@@ -167,6 +168,7 @@ class BatchingScheduler(Scheduler):
     def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
         try:
             resolve_call(self.model, method, tensors)
+            _batch_size(method, tensors)
         except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
             return Outcome(error=err)
         slot = _Slot(client, tensors, time.perf_counter())
@@ -212,9 +214,9 @@ class BatchingScheduler(Scheduler):
         # computation is reproducible.
         slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
         self.flushes += 1
-        sizes = [_batch_size(s.tensors) for s in slots]
         started = time.perf_counter()
         try:
+            sizes = [_batch_size(method, s.tensors) for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
             ends = list(itertools.accumulate(sizes))
             rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
@@ -231,10 +233,16 @@ class BatchingScheduler(Scheduler):
             self._cond.notify_all()
 
 
-def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
-    sizes = {v.shape[0] if v.dim() else 1 for v in tensors.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"batched calls need one batch size across arguments, got {sorted(sizes)}")
+def _batch_size(method: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """The rows a request adds to a batch: every argument's leading dimension, all equal."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    sizes = {shape[0] for shape in shapes.values() if shape}
+    if len(sizes) > 1 or any(not shape for shape in shapes.values()):
+        raise InvalidArgumentsError(
+            f"{method}(): a batching strategy concatenates every argument along dimension 0, so all "
+            f"arguments need the same leading (batch) dimension; got shapes {shapes}. Give per-call "
+            "values one row per example, or use a strategy that runs requests at once"
+        )
     return sizes.pop() if sizes else 0
 
 

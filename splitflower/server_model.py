@@ -20,6 +20,7 @@ __all__ = [
     "FLOATING",
     "TensorSpec",
     "remote",
+    "local",
     "ServerModel",
     "FitResult",
     "OptimizerFactory",
@@ -34,6 +35,7 @@ FLOATING: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16
 _RESERVED_ARGUMENTS = frozenset({"timeout"})
 _F = TypeVar("_F", bound=Callable[..., Any])
 _SPECS_ATTRIBUTE = "__splitflower_specs__"
+_LOCAL_ATTRIBUTE = "__splitflower_local__"
 
 
 def sgd(momentum: float = 0.9, weight_decay: float = 0.0) -> OptimizerFactory:
@@ -111,6 +113,28 @@ def remote(**specs: TensorSpec) -> Callable[[_F], _F]:
         return method
 
     return decorate
+
+
+def local(method: _F) -> _F:
+    """Keep a public method of a ServerModel off the wire: the server calls it, clients cannot.
+
+    An override in a subclass stays local. Use it for helpers that a subclass or the
+    server's own methods call, such as a training step.
+
+    Example
+    -------
+    >>> class Trainer(ServerModel):
+    ...     @local
+    ...     def train_on(self, x: torch.Tensor) -> None: ...
+    >>> "train_on" in remote_methods(Trainer)
+    False
+    """
+    setattr(method, _LOCAL_ATTRIBUTE, True)
+    return method
+
+
+def _is_local(cls: type, name: str) -> bool:
+    return any(getattr(vars(base).get(name), _LOCAL_ATTRIBUTE, False) for base in cls.__mro__)
 
 
 @dataclass(frozen=True)
@@ -279,7 +303,7 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
     framework = set(dir(ServerModel))
     methods: dict[str, _RemoteMethod] = {}
     for name, member in inspect.getmembers(cls, inspect.isfunction):
-        if name.startswith("_") or name in framework:
+        if name.startswith("_") or name in framework or _is_local(cls, name):
             continue
         params = list(inspect.signature(member).parameters.values())[1:]
         bad = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
@@ -320,7 +344,7 @@ def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
     methods = remote_methods(type(model))
     target = methods.get(method)
     if target is None:
-        why = "is private or part of the framework" if hasattr(model, method) else "does not exist"
+        why = "is private, local or part of the framework" if hasattr(model, method) else "does not exist"
         available = ", ".join(sorted(methods)) or "none"
         raise UnknownMethodError(
             f"{type(model).__name__}.{method} {why} and cannot be called remotely; "

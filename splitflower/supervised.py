@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
+from splitflower.server_model import FLOATING, ServerModel, TensorSpec, local, remote
 
 __all__ = ["AUX_HEADS", "EMBEDDINGS", "LABELS", "SupervisedServerModel", "linear_head", "mlp_head", "pooled_head"]
 
@@ -40,7 +40,7 @@ AUX_HEADS = {"linear": linear_head, "pooled": pooled_head, "mlp": mlp_head}
 
 
 class SupervisedServerModel(ServerModel):
-    """A server segment ending in class logits: adds :meth:`train_on` and a remote ``predict``.
+    """A server segment ending in class logits: adds a local :meth:`train_on` and a remote ``predict``.
 
     Example
     -------
@@ -49,6 +49,7 @@ class SupervisedServerModel(ServerModel):
     torch.Size([2, 3])
     """
 
+    @local
     def train_on(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the task loss; returns the loss."""
         loss = self.loss_fn(self.model(embeddings), labels)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import connect
+from splitflower.errors import InvalidArgumentsError
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import ServerModel
@@ -30,6 +31,10 @@ class Counter(ServerModel):
     def negate(self, x: torch.Tensor) -> torch.Tensor:
         self.batches.append(("negate", len(x)))
         return -x
+
+    def scale(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        self.batches.append(("scale", len(x)))
+        return x * factor
 
 
 def _run_clients(jobs: list[Callable[[], None]], limit: float) -> float:
@@ -114,3 +119,33 @@ def test_client_that_dies_mid_round_does_not_block_the_others(service: SplitServ
     assert elapsed < 10
     assert scheduler.timeout_flushes >= 1
     service.close_session(dead_token)  # what the strategy does when the client's reply fails
+
+
+def test_arguments_that_cannot_be_batched_are_refused_and_the_batch_still_runs(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=0.3)
+    scheduler.set_clients(["bad", "good"])
+    refusals: list[str] = []
+
+    def bad() -> None:
+        proxy = connect(service, scheduler, client="bad")
+        for factor in (torch.tensor(2.0), torch.ones(2)):  # no batch dimension; wrong batch size
+            try:
+                proxy.scale(x=torch.ones(3), factor=factor)
+            except InvalidArgumentsError as err:
+                refusals.append(str(err))
+        torch.testing.assert_close(proxy.scale(x=torch.ones(3), factor=torch.full((3,), 2.0)), torch.full((3,), 2.0))
+        proxy.close()
+
+    def good() -> None:
+        proxy = connect(service, scheduler, client="good")
+        for _ in range(3):
+            torch.testing.assert_close(
+                proxy.scale(x=torch.ones(2), factor=torch.full((2,), 3.0)), torch.full((2,), 3.0)
+            )
+        proxy.close()
+
+    _run_clients([bad, good], limit=30)
+    assert len(refusals) == 2
+    assert all("same leading (batch) dimension" in message and "factor" in message for message in refusals)
+    assert sum(size for _, size in model.batches) == 3 + 3 * 2

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import connect
+from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import encode_request
 from splitflower.compute import ComputeThread
 from splitflower.errors import (
@@ -27,7 +28,7 @@ from splitflower.errors import (
 )
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
-from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
+from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
 from splitflower.service import SplitService, TlsConfig
 from splitflower.wire import ERROR_KIND_METADATA_KEY, GRPC_CALL_PATH, ErrorKind
 
@@ -98,6 +99,19 @@ def test_private_and_framework_methods_are_refused(service: SplitService) -> Non
     with pytest.raises(UnknownMethodError):
         proxy.call("_secret", x=torch.ones(1))
     _still_serves(proxy)
+
+
+def test_local_helpers_are_refused_and_the_model_is_untouched(service: SplitService) -> None:
+    model = CSLServerModel(nn.Linear(4, 3))
+    model.configure_fit(None, {"lr": 0.5})
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    proxy = connect(service, model)
+    with pytest.raises(UnknownMethodError, match="local"):
+        proxy.train_on(embeddings=torch.ones(2, 4), labels=torch.zeros(2, dtype=torch.int64))
+    torch.testing.assert_close(model.model.state_dict(), before)
+    assert model.num_examples == 0
+    assert "forward_backward" in remote_methods(CSLServerModel)
+    proxy.close()
 
 
 @pytest.mark.parametrize(
