@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from splitflower.client import Client
+from splitflower.errors import ConfigError
 from splitflower.server_model import remote
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
 
@@ -23,7 +24,7 @@ class CSLOptions:
 
     def __post_init__(self) -> None:
         if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
+            raise ConfigError(f"window must be at least 1, got {self.window}")
 
 
 class CSLClient(Client):

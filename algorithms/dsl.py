@@ -18,6 +18,7 @@ from torch import nn
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.algorithms.fedsl import FedSLServerModel
 from splitflower.client import Client
+from splitflower.errors import ConfigError
 from splitflower.split import cut_shape
 from splitflower.supervised import AUX_HEADS
 
@@ -37,9 +38,9 @@ class DSLOptions:
 
     def __post_init__(self) -> None:
         if self.window < 0:
-            raise ValueError(f"window must be 0 (blocking) or more, got {self.window}")
+            raise ConfigError(f"window must be 0 (blocking) or more, got {self.window}")
         if self.lam < 0:
-            raise ValueError(f"lam must be 0 (pure DSL) or more, got {self.lam}")
+            raise ConfigError(f"lam must be 0 (pure DSL) or more, got {self.lam}")
 
 
 class DSLClient(Client):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from splitflower.client import Client
+from splitflower.errors import ConfigError
 from splitflower.server_model import remote
 from splitflower.split import cut_shape
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
@@ -41,10 +42,10 @@ TABLE3_COMBOS: Mapping[int, tuple[bool, bool, int]] = {
 
 @dataclass(frozen=True)
 class LocFedMixOptions:
-    """``combo``: a row of Table 3 (1-8); when given, it sets ``mixup``, ``decoder`` and
-    ``sync_every`` (the defaults are those of row 8, LocFedMix-SL). ``n_s``: other clients
-    each sample is mixed with (0: all others in the call); ``alpha``: lambda ~ Beta(alpha,
-    alpha), 1 = uniform.
+    """``combo``: a row of Table 3 (1-8) that sets ``mixup``, ``decoder`` and ``sync_every``;
+    giving one of those as well is refused unless it agrees. Without a combo they default to
+    row 8 (LocFedMix-SL). ``n_s``: other clients each sample is mixed with (0: all others in
+    the call); ``alpha``: lambda ~ Beta(alpha, alpha), 1 = uniform.
 
     Example
     -------
@@ -53,22 +54,27 @@ class LocFedMixOptions:
     """
 
     combo: int = 0
-    mixup: bool = True
+    mixup: bool | None = None
     n_s: int = 0
     alpha: float = 1.0
-    decoder: bool = True
-    sync_every: int = 1
+    decoder: bool | None = None
+    sync_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.combo and self.combo not in TABLE3_COMBOS:
-            raise ValueError(f"combo must be 0 (use mixup/decoder/sync_every) or 1..8, got {self.combo}")
-        if self.n_s < 0 or self.sync_every < 0 or not self.alpha > 0:
-            raise ValueError(
+            raise ConfigError(f"combo must be 0 (use mixup/decoder/sync_every) or 1..8, got {self.combo}")
+        if self.n_s < 0 or (self.sync_every or 0) < 0 or not self.alpha > 0:
+            raise ConfigError(
                 f"need n_s >= 0, sync_every >= 0 and alpha > 0, got {self.n_s}, {self.sync_every}, {self.alpha}"
             )
-        if self.combo:
-            for name, value in zip(("mixup", "decoder", "sync_every"), TABLE3_COMBOS[self.combo], strict=True):
-                object.__setattr__(self, name, value)
+        for name, value in zip(("mixup", "decoder", "sync_every"), TABLE3_COMBOS[self.combo or 8], strict=True):
+            given = getattr(self, name)
+            if self.combo and given is not None and given != value:
+                raise ConfigError(
+                    f"combo={self.combo} sets {name}={value}, but {name}={given} was also given; "
+                    f"drop one of them (or use combo=0 to choose each technique)"
+                )
+            object.__setattr__(self, name, value if given is None else given)
 
 
 def infopro_decoder(cut: Sequence[int], input_shape: Sequence[int], width: int = 32) -> nn.Module:
@@ -106,7 +112,7 @@ class LocFedMixClient(Client):
 
     def __init__(self, segment: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
-        self.sync_every = self.options.sync_every
+        self.sync_every = int(self.options.sync_every or 0)
         if self.options.decoder:
             shape = self.train_data.input_shape
             self.model["decoder"] = infopro_decoder(cut_shape(segment, shape), shape).to(self.device)

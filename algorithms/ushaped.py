@@ -8,7 +8,6 @@ server backpropagates and steps, and returns the gradient of the cut activations
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -57,23 +56,15 @@ class UShapedServerModel(ServerModel):
     ['backward', 'forward']
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._graphs: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
-        self._graphs.clear()  # a client that died between forward and backward left one
-        super().configure_fit(weights, config)
-
     @remote(embeddings=EMBEDDINGS)
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         z = embeddings.detach().requires_grad_()
         h = self.model(z)
-        self._graphs[self.call_context.caller] = (z, h)
+        self.keep(z, h)
         return h.detach()
 
     @remote(grad=FEATURES)
     def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
-        z, h = self._graphs.pop(self.call_context.caller)
+        z, h = self.take_kept("forward")
         self.step(h, grad=grad, num_examples=len(z))
         return z.grad

@@ -30,7 +30,7 @@ from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import ServerModel
 from splitflower.service import SplitService, TlsConfig
 from splitflower.strategy import CentralEvaluateFn, SplitResult, SplitStrategy
-from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, RecordKey
+from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, RecordKey
 
 __all__ = ["build_server_app", "build_client_app", "service_from_run_config", "client_reply_metrics"]
 
@@ -59,7 +59,7 @@ def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
     tls = TlsConfig(*(_read_pem(run_config, k) for k in tls_keys)) if given else None
     try:
         port = int(run_config.get("sf-port") or 0)
-        max_bytes = int(run_config.get("sf-max-message-bytes") or DEFAULT_MAX_MESSAGE_BYTES)
+        max_bytes = int(run_config.get(ConfigKey.MAX_MESSAGE_BYTES) or DEFAULT_MAX_MESSAGE_BYTES)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sf-port and sf-max-message-bytes must be integers: {err}") from err
     return SplitService(
@@ -130,9 +130,9 @@ def client_reply_metrics(
     times = proxy.times.seconds
     wall = float(metrics.get("client_wall_s", 0.0))
     blocked, server = times["blocked_s"], times["server_compute_s"]
-    out["client_compute_s"] = max(wall - blocked, 0.0)
-    out["server_compute_s"] = server
-    out["communication_wait_s"] = max(blocked - server, 0.0)
+    out[MetricKey.CLIENT_COMPUTE_S] = max(wall - blocked, 0.0)
+    out[MetricKey.SERVER_COMPUTE_S] = server
+    out[MetricKey.COMMUNICATION_WAIT_S] = max(blocked - server, 0.0)
     out.update(client.memory.summary("client"))
     return out
 

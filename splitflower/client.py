@@ -37,6 +37,10 @@ class Client:
     ``self.server_model_proxy.<method>(**tensors)`` and updating its weights with
     :meth:`step`.
 
+    The client takes the segment it is given, as a torch optimizer takes parameters: it
+    trains that module in place (a frozen-segment algorithm freezes it). Pass a copy to
+    keep yours.
+
     Example
     -------
     >>> class ConventionalClient(Client):

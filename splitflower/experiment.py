@@ -41,7 +41,7 @@ from splitflower.server_model import ServerModel, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import STRATEGIES, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy
-from splitflower.wire import ConfigKey
+from splitflower.wire import ConfigKey, MetricKey, RecordKey
 
 __all__ = [
     "CRASHED_EXIT_CODE",
@@ -340,6 +340,9 @@ def _max(values: list[float]) -> float:
     return max(values, default=0.0)
 
 
+_MEMORY_SHOWN = (MetricKey.PEAK_TALLY, MetricKey.PEAK_SAVED_ACTIVATIONS, MetricKey.PEAK_RSS)
+
+
 def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     """Condense a strategy round record into the results-file round entry."""
     clients = [c for c in record["clients"] if "metrics" in c]
@@ -361,23 +364,15 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
         "round": record["round"],
         "seconds": record["seconds"],
         **record.get("evaluation", {}),
-        "num_examples": int(_sum(clients, "num-examples")),
+        "num_examples": int(_sum(clients, RecordKey.NUM_EXAMPLES)),
         "failed_clients": [c["node_id"] for c in record["clients"] if "error" in c or "left_out" in c],
         "bytes": {k: int(_sum(clients, k)) for k in byte_keys},
         "payload_bytes_by_tensor": per_tensor,
         "memory": {
-            "client_peak_tally_bytes": _max([c["metrics"].get("client_peak_tally_bytes", 0.0) for c in clients]),
-            "client_peak_saved_activation_bytes": _max(
-                [c["metrics"].get("client_peak_saved_activation_bytes", 0.0) for c in clients]
-            ),
-            "client_peak_rss_bytes": _max([c["metrics"].get("client_peak_rss_bytes", 0.0) for c in clients]),
-            "server_peak_tally_bytes": _max([s["memory"]["server_peak_tally_bytes"] for s in servers]),
-            "server_peak_saved_activation_bytes": _max(
-                [s["memory"]["server_peak_saved_activation_bytes"] for s in servers]
-            ),
-            "server_peak_rss_bytes": _max([s["memory"]["server_peak_rss_bytes"] for s in servers]),
+            **{f"client_{f}": _max([c["metrics"].get(f"client_{f}", 0.0) for c in clients]) for f in _MEMORY_SHOWN},
+            **{f"server_{f}": _max([s["memory"][f"server_{f}"] for s in servers]) for f in _MEMORY_SHOWN},
         },
-        "time": {k: _sum(clients, k) for k in ("client_compute_s", "server_compute_s", "communication_wait_s")},
+        "time": {k: _sum(clients, k) for k in MetricKey.TIME_SPLIT},
         "clients": record["clients"],
         "server_models": servers,
     }

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from splitflower.codec import payload_bytes
+from splitflower.wire import MetricKey
 
 __all__ = [
     "GRPC_PREFIX_BYTES",
@@ -244,13 +245,9 @@ class MemoryTally:
 
     def summary(self, prefix: str) -> dict[str, float]:
         """Peak figures as flat metrics named ``{prefix}_...``."""
-        out = {
-            f"{prefix}_peak_tally_bytes": float(self.peak_bytes),
-            f"{prefix}_peak_saved_activation_bytes": float(self.peak_saved_bytes),
-            f"{prefix}_peak_state_bytes": float(self.peak_state_bytes),
-            f"{prefix}_peak_in_flight_bytes": float(self.peak_in_flight_bytes),
-            f"{prefix}_peak_rss_bytes": float(peak_rss_bytes()),
-        }
+        figures = (self.peak_bytes, self.peak_saved_bytes, self.peak_state_bytes, self.peak_in_flight_bytes)
+        values = [*figures, peak_rss_bytes()]
+        out = {f"{prefix}_{name}": float(v) for name, v in zip(MetricKey.MEMORY_FIGURES, values, strict=True)}
         if torch.cuda.is_available():
             out[f"{prefix}_cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
         return out

@@ -36,6 +36,7 @@ from splitflower.codec import decode_reply, encode_request, value_tensors
 from splitflower.errors import (
     AuthenticationError,
     CodecError,
+    ConfigError,
     InvalidArgumentsError,
     MessageTooLargeError,
     RemoteCallError,
@@ -164,7 +165,7 @@ class ServerModelProxy:
         memory: MemoryTally | None = None,
     ) -> None:
         if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+            raise ConfigError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.address = address
         self.max_message_bytes = max_message_bytes
         self.default_timeout = default_timeout

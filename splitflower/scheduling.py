@@ -28,7 +28,7 @@ import torch
 
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
-from splitflower.errors import InvalidArgumentsError
+from splitflower.errors import ConfigError, InvalidArgumentsError
 from splitflower.server_model import CallContext, ServerModel, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
@@ -145,7 +145,7 @@ class BatchingScheduler(Scheduler):
     ) -> None:
         super().__init__(model, compute=compute)
         if flush_timeout <= 0:
-            raise ValueError(f"flush_timeout must be positive seconds, got {flush_timeout}")
+            raise ConfigError(f"flush_timeout must be positive seconds, got {flush_timeout}")
         self.flush_timeout = flush_timeout
         self._cond = threading.Condition()
         self._groups: dict[tuple[Hashable, ...], _Group] = {}

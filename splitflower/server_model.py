@@ -14,6 +14,7 @@ from torch import nn
 
 from splitflower.errors import InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
+from splitflower.wire import ConfigKey
 
 __all__ = [
     "CallContext",
@@ -211,7 +212,8 @@ class ServerModel:
     ``get_fit_result`` hands the trained weights back to the strategy. The optimizer state
     therefore lives for one round, as on the clients. During a call, :attr:`call_context`
     says which client(s) it serves (and, when a scheduler batched several clients'
-    requests, which rows are whose), so a method can keep per-client state.
+    requests, which rows are whose), so a method can keep per-client state; :meth:`keep`
+    and :meth:`take_kept` carry something (a graph, say) from one call of a client to its next.
 
     Example
     -------
@@ -248,6 +250,7 @@ class ServerModel:
         self._num_examples = 0
         self._loss_sum = 0.0
         self._call_context = CallContext()
+        self._kept: dict[Hashable, tuple[Any, ...]] = {}
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     @property
@@ -255,15 +258,37 @@ class ServerModel:
         """The clients served by the call in progress (empty outside a scheduled call)."""
         return self._call_context
 
+    def keep(self, *values: Any) -> None:
+        """Keep ``values`` (e.g. a graph to backpropagate later) for the calling client's
+        next call, which takes them with :meth:`take_kept`. Dropped at the next round."""
+        self._kept[self.call_context.caller] = values
+
+    def take_kept(self, kept_by: str) -> tuple[Any, ...]:
+        """What the calling client's ``kept_by`` call kept; refuses a call that comes first.
+
+        Example
+        -------
+        >>> server = ServerModel(nn.Identity())
+        >>> server.take_kept("forward")
+        Traceback (most recent call last):
+        ...
+        splitflower.errors.InvalidArgumentsError: nothing kept for client None: call forward() first
+        """
+        caller = self.call_context.caller if self.call_context.callers else None
+        if caller not in self._kept:
+            raise InvalidArgumentsError(f"nothing kept for client {caller!r}: call {kept_by}() first")
+        return self._kept.pop(caller)
+
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer."""
         if weights is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        lr = float(config.get("lr", 0.01))
+        lr = float(config.get(ConfigKey.LR, 0.01))
         self.optimizer = self._build_optimizer(lr)
         self.model.train()
         self.memory = MemoryTally()
         self.memory.observe_state([self.model], self.optimizer)
+        self._kept.clear()  # a client that died between two calls left something
         self._num_examples = 0
         self._loss_sum = 0.0
 

@@ -17,6 +17,7 @@ __all__ = [
     "ErrorKind",
     "ConfigKey",
     "RecordKey",
+    "MetricKey",
     "DEFAULT_MAX_MESSAGE_BYTES",
 ]
 
@@ -75,3 +76,22 @@ class RecordKey:
     # A ConfigRecord carrying one encoded value (the wire manifest's JSON, the optimizer
     # state's codec frame: a reply may hold only one ArrayRecord) keeps it under this key.
     VALUE: Final = "value"
+
+
+class MetricKey:
+    """Metrics a client reports with its fit reply that the experiment runner reads back.
+
+    Memory figures are named ``{party}_{figure}`` (``client_peak_tally_bytes``); the
+    figures are :attr:`MEMORY_FIGURES`.
+    """
+
+    CLIENT_COMPUTE_S: Final = "client_compute_s"
+    SERVER_COMPUTE_S: Final = "server_compute_s"
+    COMMUNICATION_WAIT_S: Final = "communication_wait_s"
+    TIME_SPLIT: Final = (CLIENT_COMPUTE_S, SERVER_COMPUTE_S, COMMUNICATION_WAIT_S)
+    PEAK_TALLY: Final = "peak_tally_bytes"
+    PEAK_SAVED_ACTIVATIONS: Final = "peak_saved_activation_bytes"
+    PEAK_STATE: Final = "peak_state_bytes"
+    PEAK_IN_FLIGHT: Final = "peak_in_flight_bytes"
+    PEAK_RSS: Final = "peak_rss_bytes"
+    MEMORY_FIGURES: Final = (PEAK_TALLY, PEAK_SAVED_ACTIVATIONS, PEAK_STATE, PEAK_IN_FLIGHT, PEAK_RSS)

@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from splitflower.errors import ConfigError
 from splitflower.strategy import RoundPlan, SplitStrategy
 from splitflower.wire import ConfigKey, RecordKey
 
@@ -37,7 +38,7 @@ class SequentialStrategy(SplitStrategy):
     def __init__(self, *, hand_over_optimizer: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if hand_over_optimizer and not self.hands_on:
-            raise ValueError(f"{type(self).__name__} does not hand segments on, so it cannot hand optimizers on")
+            raise ConfigError(f"{type(self).__name__} does not hand segments on, so it cannot hand optimizers on")
         self.hand_over_optimizer = hand_over_optimizer
         self._optimizer_state: ConfigRecord | None = None
 

@@ -22,7 +22,7 @@ from splitflower.algorithms.streamsl import StreamSLClient, StreamSLServerModel
 from splitflower.algorithms.ushaped import UShapedClient, UShapedServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
-from splitflower.errors import ConfigError, IncompatibleStrategyError
+from splitflower.errors import ConfigError, IncompatibleStrategyError, InvalidArgumentsError
 from splitflower.experiment import ExperimentConfig
 from splitflower.scheduling import BatchingScheduler, Scheduler
 from splitflower.server_model import ServerModel, sgd
@@ -148,6 +148,11 @@ def test_locfedmix_combos_set_the_techniques_and_keep_segments_between_syncs() -
     assert LocFedMixOptions(combo=2).sync_every == 0
     with pytest.raises(ConfigError, match="combo must be 0"):
         ALGORITHMS["locfedmix"].parse_options(["combo=9"])
+    with pytest.raises(ConfigError, match=r"combo=4 sets mixup=False, but mixup=True was also given"):
+        ALGORITHMS["locfedmix"].parse_options(["combo=4", "mixup=true"])
+    agreeing = ALGORITHMS["locfedmix"].parse_options(["combo=4", "sync_every=1", "n_s=2"])
+    assert (agreeing.mixup, agreeing.sync_every, agreeing.n_s) == (False, 1, 2)
+    assert LocFedMixOptions(mixup=False).decoder is True, "without a combo, unset techniques are row 8's"
     client = LocFedMixClient(split_model(_model(), 3)[0], _data(16), options=LocFedMixOptions(sync_every=2))
     own = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in client.weights().items()}
     fresh = {k: torch.zeros_like(v) for k, v in own.items()}
@@ -183,6 +188,17 @@ def test_ushaped_no_label_or_logit_crosses_the_wire(service: SplitService) -> No
         assert entry["sample_shape"] != [CLASSES], f"a logit-shaped tensor crossed the wire: {entry}"
     assert _changed(before_client, _state(client.model)) and _changed(before_server, _state(server.model))
     assert _changed({"t": before_client["tail.6.weight"]}, {"t": client.model["tail"].state_dict()["6.weight"]})
+
+
+def test_ushaped_backward_before_forward_is_refused_clearly(service: SplitService) -> None:
+    server = UShapedServerModel(nn.Linear(4, 3))
+    server.configure_fit(None, {"lr": LR})
+    proxy = connect(service, server)
+    with pytest.raises(InvalidArgumentsError, match=r"call forward\(\) first"):
+        proxy.backward(grad=torch.ones(2, 3))
+    proxy.forward(embeddings=torch.ones(2, 4))
+    assert isinstance(proxy.backward(grad=torch.ones(2, 3)), torch.Tensor), "the server still serves"
+    proxy.close()
 
 
 def test_ushaped_refuses_batching_and_shared_server_models() -> None:

@@ -77,9 +77,12 @@ def test_splitfed_v1_one_server_model_per_client_averaged_each_round() -> None:
         assert served == sorted(c["num-examples"] for c in clients), "each server model trained one client"
         assert len({c["probe_before"] for c in clients}) == 1, "every server model starts from the same weights"
         assert len({c["received"] for c in clients}) == 1, "and every client segment too"
-    # After round 1 the three server models differ; round 2 starts them all from their average.
+    # After round 1 the three server models differ; round 2 starts them all from their average:
+    # neither round 1's start (no aggregation) nor any one of round 1's ends (one model kept).
     assert len({c["probe_after"] for c in _clients(first)}) == 3
-    assert _clients(second)[0]["probe_before"] not in {c["probe_after"] for c in _clients(first)}
+    round_two_start = _clients(second)[0]["probe_before"]
+    assert round_two_start != _clients(first)[0]["probe_before"], "the server models' training was kept"
+    assert round_two_start not in {c["probe_after"] for c in _clients(first)}
     _assert_client_segments_averaged(first, second)
 
 

@@ -13,6 +13,7 @@ from splitflower.app import build_server_app
 from splitflower.experiment import Experiment, results_document, summarise_round, write_results
 from splitflower.strategy import SplitResult, SplitStrategy
 
+# WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
 logger = logging.getLogger("dsl_vs_csl")
 _started: dict[int, float] = {}  # run id -> perf_counter at start
 
@@ -24,14 +25,14 @@ def _experiment(context: Context) -> Experiment:
 def _strategy(context: Context) -> SplitStrategy:
     _started[context.run_id] = time.perf_counter()
     c = _experiment(context).config
-    logger.warning("dsl_vs_csl: %s / %s, %s, %s cut %s, %d clients, %d rounds",
+    logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
     return _experiment(context).make_strategy()
 
 
 def _on_round(server_round: int, record: dict[str, Any]) -> None:
     accuracy = record.get("evaluation", {}).get("test_accuracy", float("nan"))
-    logger.warning("dsl_vs_csl: round %d: test accuracy %.4f, %.1fs", server_round, accuracy, record["seconds"])
+    logger.warning("[server] round %d: test accuracy %.4f, %.1fs", server_round, accuracy, record["seconds"])
 
 
 def _write_results(context: Context, result: SplitResult) -> None:
@@ -40,7 +41,7 @@ def _write_results(context: Context, result: SplitResult) -> None:
     runtime = {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     document = results_document(_experiment(context).config, rounds, wall_s, runtime=runtime)
     out = write_results(document, str(context.run_config.get("out", "dsl_vs_csl-results.json")))
-    logger.warning("dsl_vs_csl: results written to %s", out.resolve())
+    logger.warning("[server] results written to %s", out.resolve())
 
 
 app = build_server_app(
