@@ -18,6 +18,7 @@ Requests of one proxy are executed in the order they were issued.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -97,8 +98,16 @@ def _as_tensors(arguments: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
 class ProxyFuture:
     """An outstanding call; :meth:`result` waits for it and returns the method's value."""
 
-    def __init__(self, proxy: ServerModelProxy, method: str, call: Future[bytes], device: torch.device | None) -> None:
+    def __init__(
+        self,
+        proxy: ServerModelProxy,
+        method: str,
+        call: Future[bytes],
+        device: torch.device | None,
+        deadline: float | None = None,
+    ) -> None:
         self._proxy, self._method, self._call, self._device = proxy, method, call, device
+        self._deadline = deadline  # time.monotonic() by which the call's own timeout fires
 
     def done(self) -> bool:
         return self._call.done()
@@ -109,7 +118,10 @@ class ProxyFuture:
             self._proxy._before_waiting()
         with self._proxy.times.measure("blocked_s"):
             try:
-                frame = self._call.result(timeout=timeout)
+                waited = self._give_up_if_never_sent(timeout)
+                frame = self._call.result(timeout=None if timeout is None else max(timeout - waited, 0.0))
+            except RemoteCallError:  # raised by the call itself (a TimeoutError too, on 3.11+)
+                raise
             except FutureTimeoutError as err:
                 raise ServerModelTimeoutError(
                     f"{self._method}: no reply within result(timeout={timeout}); the call is still outstanding"
@@ -117,6 +129,22 @@ class ProxyFuture:
             except grpc.RpcError as err:
                 raise self._proxy._translate(self._method, err) from None
         return _to_device(self._proxy._finish_reply(self._method, frame), self._device)
+
+    def _give_up_if_never_sent(self, timeout: float | None) -> float:
+        """Wait until the call's own deadline (or ``timeout``, if sooner); return the
+        seconds waited. A call still queued for a pool thread then is never sent; one
+        already sent ends by its gRPC deadline."""
+        started = time.monotonic()
+        if self._deadline is None or (timeout is not None and started + timeout < self._deadline):
+            return 0.0
+        with contextlib.suppress(FutureTimeoutError):
+            self._call.result(timeout=max(self._deadline - started, 0.0))
+        if not self._call.done() and self._call.cancel():
+            raise ServerModelTimeoutError(
+                f"{self._method}: its timeout passed while it waited behind {self._proxy._window_size} calls "
+                "in flight; it was not sent"
+            )
+        return time.monotonic() - started
 
 
 class RemoteMethod:
@@ -179,6 +207,7 @@ class ServerModelProxy:
         self._unsettled: set[int] = set()  # numbers of requests sent whose outcome is not back
         self._seq_lock = threading.Lock()
         self._window = threading.BoundedSemaphore(max_in_flight)
+        self._window_size = max_in_flight
         self._unsettled_sends = 0
         self._settled = threading.Condition()
         # gRPC's own futures start a polling thread whenever the channel has been idle; a
@@ -274,18 +303,37 @@ class ServerModelProxy:
         frame, device, seq = self._prepare(method, arguments, no_reply)
         # The encoded request is held until its reply arrives: count it as the party's memory.
         self.memory.add_in_flight(len(frame))
-        call = self._executor.submit(self._call, frame, timeout=self._deadline(timeout))
+        # The timeout counts from now, not from when a pool thread takes the call up.
+        seconds = self._deadline(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        call = self._executor.submit(self._call_before, frame, method, deadline)
 
         def settle(_: Future[bytes]) -> None:
             self.memory.add_in_flight(-len(frame))
             self._settle(seq)
 
         call.add_done_callback(settle)
-        return ProxyFuture(self, method, call, device)
+        return ProxyFuture(self, method, call, device, deadline)
+
+    def _call_before(self, frame: bytes, method: str, deadline: float | None) -> bytes:
+        if deadline is None:
+            return self._call(frame)  # type: ignore[no-any-return]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ServerModelTimeoutError(
+                f"{method}: its timeout passed while it waited behind {self._window_size} calls in flight; "
+                "it was not sent"
+            )
+        return self._call(frame, timeout=left)  # type: ignore[no-any-return]
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
+        seconds = self._deadline(timeout)
         with self.times.measure("blocked_s"):
-            self._window.acquire()
+            if not self._window.acquire(timeout=seconds):
+                raise ServerModelTimeoutError(
+                    f"{method}: {self._window_size} fire-and-forget calls were still unacknowledged after "
+                    f"its timeout of {seconds}s; it was not sent"
+                )
         try:
             future = self._start(method, arguments, timeout, no_reply=True)
         except BaseException:

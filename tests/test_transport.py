@@ -210,6 +210,26 @@ def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
     _still_serves(connect(service, Toy(), client="other"))
 
 
+@pytest.mark.parametrize("form", ["future", "send"])
+def test_timeout_counts_from_the_call_even_when_it_waits_for_room(service: SplitService, form: str) -> None:
+    proxy = connect(service, Toy(), client="queued", max_in_flight=1)
+    busy = proxy.slow.future(seconds=torch.tensor(1.5)) if form == "future" else None
+    if form == "send":
+        proxy.slow.send(seconds=torch.tensor(1.5))
+    started = time.perf_counter()
+    with pytest.raises(ServerModelTimeoutError, match="not sent"):
+        if form == "future":
+            proxy.echo.future(x=torch.ones(1), timeout=0.3).result()
+        else:
+            proxy.echo.send(x=torch.ones(1), timeout=0.3)
+    assert time.perf_counter() - started < 1.0
+    if busy is not None:
+        busy.result()
+    proxy.wait_all()
+    _still_serves(proxy)
+    proxy.close()
+
+
 def test_models_on_their_own_compute_threads_do_not_wait_for_each_other(service: SplitService) -> None:
     slow = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="a")
     fast = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="b")
