@@ -51,6 +51,8 @@ __all__ = [
     "Reply",
     "encode_request",
     "decode_request",
+    "request_token",
+    "MAX_DIMENSIONS",
     "encode_reply",
     "decode_reply",
     "payload_bytes",
@@ -138,6 +140,12 @@ class _Entry:
 _ENCODED_TABLES: dict[tuple[Any, ...], bytes] = {}
 _PARSED_TABLES: dict[bytes, tuple[_Entry, ...]] = {}
 _CACHE_LIMIT = 1024
+# Only tables of frames that decoded whole, and small ones (a real call's table is tens of
+# bytes per tensor), are cached: junk must not fill the cache.
+_CACHED_TABLE_BYTES = 1024
+MAX_DIMENSIONS: Final = 64
+"""Most dimensions a tensor on the wire may have (torch's own limit)."""
+_MAX_ELEMENTS = 2**62
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -300,9 +308,6 @@ def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: 
 
 
 def _parse_table(table: bytes) -> tuple[_Entry, ...]:
-    entries = _PARSED_TABLES.get(table)
-    if entries is not None:
-        return entries
     view, offset = memoryview(table), 0
 
     def take(length: int, what: str) -> memoryview:
@@ -325,28 +330,35 @@ def _parse_table(table: bytes) -> tuple[_Entry, ...]:
         dtype = _CODE_DTYPES.get(code)
         if dtype is None:
             raise CodecError(f"tensor {name!r}: unknown dtype code {code}")
+        if ndim > MAX_DIMENSIONS:
+            raise CodecError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_DIMENSIONS} are allowed")
         shape = struct.unpack(f"<{ndim}I", take(4 * ndim, f"shape of {name!r}"))
         numel = math.prod(shape)
+        if math.prod(max(size, 1) for size in shape) > _MAX_ELEMENTS:  # even when numel is 0: strides overflow
+            raise CodecError(f"tensor {name!r}: shape {list(shape)} is too large to index")
         parsed.append(_Entry(name, dtype, shape, numel, numel * dtype.itemsize))
     if offset != len(view):
         raise CodecError(f"tensor table has {len(view) - offset} unexplained trailing bytes")
     if len({e.name for e in parsed}) != len(parsed):
         raise CodecError("a tensor name appears twice in one frame")
-    entries = tuple(parsed)
-    _remember(_PARSED_TABLES, table, entries)
-    return entries
+    return tuple(parsed)
 
 
 def _decode_tensors(frame: bytes, offset: int, table_length: int) -> dict[str, torch.Tensor]:
     if offset + table_length > len(frame):
         raise CodecError(f"frame truncated: the tensor table needs {table_length} bytes at {offset} of {len(frame)}")
-    entries = _parse_table(frame[offset : offset + table_length])
+    table = frame[offset : offset + table_length]
+    cached = _PARSED_TABLES.get(table)
+    entries = cached if cached is not None else _parse_table(table)
     offset += table_length
     offset += _pad(offset)
     expected = offset + sum(e.nbytes + _pad(e.nbytes) for e in entries)
     if expected != len(frame):
-        shapes = ", ".join(f"{e.name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}" for e in entries)
-        raise CodecError(f"frame is {len(frame)} bytes but its table ({shapes or 'no tensors'}) needs {expected}")
+        shapes = ", ".join(f"{e.name} {list(e.shape)} {str(e.dtype).removeprefix('torch.')}" for e in entries[:4])
+        more = f" and {len(entries) - 4} more" if len(entries) > 4 else ""
+        raise CodecError(f"frame is {len(frame)} bytes but its table ({shapes or 'no tensors'}{more}) needs {expected}")
+    if cached is None and table_length <= _CACHED_TABLE_BYTES:
+        _remember(_PARSED_TABLES, table, entries)
     tensors: dict[str, torch.Tensor] = {}
     for entry in entries:
         if entry.numel == 0:
@@ -367,12 +379,24 @@ def _check_head(magic: bytes, version: int, kind: int, expected_kind: int) -> No
         raise CodecError(f"expected frame kind {expected_kind}, got {kind}")
 
 
-def decode_request(frame: bytes) -> Request:
-    """Decode a request frame; tensors share memory with ``frame`` (no copy)."""
+def _request_head(frame: bytes) -> tuple[Any, ...]:
     if len(frame) < _REQUEST_HEAD.size + 1:
         raise CodecError(f"frame truncated: {len(frame)} bytes is shorter than a request header")
-    magic, version, kind, flags, token, seq, settled_below, table_length = _REQUEST_HEAD.unpack_from(frame)
-    _check_head(magic, version, kind, _KIND_REQUEST)
+    head = _REQUEST_HEAD.unpack_from(frame)
+    _check_head(head[0], head[1], head[2], _KIND_REQUEST)
+    return head
+
+
+def request_token(frame: bytes) -> bytes:
+    """A request's token, read from the fixed header alone: a server refuses strangers
+    before it parses anything they sent."""
+    token: bytes = _request_head(frame)[4]
+    return token
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode a request frame; tensors share memory with ``frame`` (no copy)."""
+    _, _, _, flags, token, seq, settled_below, table_length = _request_head(frame)
     offset = _REQUEST_HEAD.size
     method_length = frame[offset]
     method_bytes = frame[offset + 1 : offset + 1 + method_length]

@@ -67,6 +67,7 @@ _KIND_TO_ERROR: dict[str, type[RemoteCallError]] = {
     ErrorKind.TOO_LARGE: MessageTooLargeError,
     ErrorKind.COMPUTATION: RemoteComputationError,
     ErrorKind.TIMEOUT: ServerModelTimeoutError,
+    ErrorKind.INTERNAL: RemoteCallError,
 }
 
 # The caller's OpenMP workers are ended before a wait only when the last blocking call

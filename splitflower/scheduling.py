@@ -224,13 +224,16 @@ class BatchingScheduler(Scheduler):
             value, seconds = self._invoke(method, merged, context)
             parts = _split_value(value, sizes)
             outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
-        except Exception as err:  # noqa: BLE001 - reported to every caller of the batch
+        except BaseException as err:  # reported to every caller of the batch
             outcomes = [Outcome(error=err) for _ in slots]
-        with self._cond:
-            for slot, outcome in zip(slots, outcomes, strict=True):
-                outcome.queue_wait_s = started - slot.arrived
-                slot.outcome = outcome
-            self._cond.notify_all()
+            if not isinstance(err, Exception):
+                raise  # after the finally below has answered the batch's callers
+        finally:
+            with self._cond:
+                for slot, outcome in zip(slots, outcomes, strict=True):
+                    outcome.queue_wait_s = started - slot.arrived
+                    slot.outcome = outcome
+                self._cond.notify_all()
 
 
 def _batch_size(method: str, tensors: Mapping[str, torch.Tensor]) -> int:

@@ -330,7 +330,9 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
     for name, member in inspect.getmembers(cls, inspect.isfunction):
         if name.startswith("_") or name in framework or _is_local(cls, name):
             continue
-        params = list(inspect.signature(member).parameters.values())[1:]
+        params = list(inspect.signature(member).parameters.values())
+        if not isinstance(inspect.getattr_static(cls, name), staticmethod):
+            params = params[1:]  # self
         bad = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
         if bad:
             raise TypeError(f"{cls.__name__}.{name}: remote methods take keyword tensors; {bad} cannot be passed")
@@ -369,7 +371,8 @@ def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
     methods = remote_methods(type(model))
     target = methods.get(method)
     if target is None:
-        why = "is private, local or part of the framework" if hasattr(model, method) else "does not exist"
+        exists = inspect.getattr_static(model, method, None) is not None  # never runs a property's getter
+        why = "is private, local, part of the framework or not a method" if exists else "does not exist"
         available = ", ".join(sorted(methods)) or "none"
         raise UnknownMethodError(
             f"{type(model).__name__}.{method} {why} and cannot be called remotely; "

@@ -23,7 +23,7 @@ import grpc
 
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
-from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply
+from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply, request_token
 from splitflower.errors import (
     CodecError,
     ConfigError,
@@ -60,8 +60,17 @@ _WIRE_KEYS = ("up_frame_bytes", "up_messages", "down_frame_bytes", "down_message
 _TIME_KEYS = ("server_compute_s", "server_queue_s", "server_handle_s")
 
 
+# gRPC carries the message in a trailer, and trailers are limited to 16 KiB in all.
+_MAX_MESSAGE_CHARS = 2000
+# How far ahead of the next expected request a client's request may be: a real client has
+# at most its in-flight window out.
+_MAX_SEQ_AHEAD = 1024
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, kind: str, message: str) -> None:
+        if len(message) > _MAX_MESSAGE_CHARS:
+            message = f"{message[:_MAX_MESSAGE_CHARS]}... ({len(message) - _MAX_MESSAGE_CHARS} more characters)"
         super().__init__(message)
         self.code, self.kind, self.message = code, kind, message
 
@@ -70,10 +79,12 @@ class ClientSession:
     """One client's access for one round: its scheduler, the order of its requests, and
     what the server saw of it (frame bytes and time)."""
 
-    def __init__(self, client: Hashable, scheduler: Scheduler) -> None:
+    def __init__(self, client: Hashable, scheduler: Scheduler, max_in_progress: int = 32) -> None:
         self.client = client
+        self.max_in_progress = max_in_progress
         self.scheduler = scheduler
         self.finished = False
+        self.revoked = False
         self.wire = dict.fromkeys(_WIRE_KEYS, 0)
         self.seconds = dict.fromkeys(_TIME_KEYS, 0.0)
         self._next_seq = 0
@@ -95,21 +106,34 @@ class ClientSession:
             if settled_below > self._settled_below:
                 self._settled_below = settled_below
                 self._skip_settled()
+            if seq in self._present:
+                raise _invalid(
+                    f"request number {seq} is already being served; the frame was sent twice, "
+                    "or the token is shared by two proxies"
+                )
             if seq == self._next_seq:  # the usual case: nothing to wait for
                 self._present.add(seq)
                 return
             if seq < self._next_seq:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    ErrorKind.INVALID_ARGUMENTS,
+                raise _invalid(
                     f"request number {seq} arrived after later requests ran (next expected {self._next_seq}); "
-                    "the client had already given it up, or the token is shared by two proxies",
+                    "the client had already given it up, or the token is shared by two proxies"
+                )
+            if seq > self._next_seq + _MAX_SEQ_AHEAD or len(self._present) >= self.max_in_progress:
+                raise _invalid(
+                    f"request number {seq}: the next expected is {self._next_seq} and {len(self._present)} of "
+                    f"this client's requests are in progress; at most {self.max_in_progress} may be, within "
+                    f"{_MAX_SEQ_AHEAD} numbers of the next (lower the client's in-flight window, or give the "
+                    "service more max_workers)"
                 )
             self._present.add(seq)
             remaining = context.time_remaining()
             timeout = sequence_timeout if remaining is None else min(remaining, sequence_timeout)
             deadline = time.monotonic() + timeout
             while self._next_seq != seq:
+                if self.revoked:
+                    self._present.discard(seq)
+                    raise _Abort(grpc.StatusCode.UNAUTHENTICATED, ErrorKind.AUTH, "the token was revoked")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._present.discard(seq)
@@ -133,6 +157,12 @@ class ClientSession:
         )
         self._next_seq = target
         self._cond.notify_all()
+
+    def revoke(self) -> None:
+        """End the waits of this client's requests (its token is no longer valid)."""
+        with self._cond:
+            self.revoked = True
+            self._cond.notify_all()
 
     def leave(self, seq: int) -> None:
         """Let this client's next request run."""
@@ -159,7 +189,8 @@ class SplitService:
         Serve over TLS with this certificate; clients receive ``root_certificates``.
     max_workers:
         Threads carrying requests. Batching holds one thread per waiting client, so keep
-        this above the number of concurrent clients.
+        this above the number of concurrent clients. One client may have at most half of
+        them in progress (its requests waiting for its earlier ones included).
     sequence_timeout:
         How long a request may wait for this client's earlier requests to arrive and finish
         (at most; its own deadline may be shorter). Requests that failed on the client's
@@ -253,7 +284,8 @@ class SplitService:
     def open_session(self, client: Hashable, scheduler: Scheduler) -> tuple[bytes, ClientSession]:
         """Issue a fresh token giving ``client`` access to ``scheduler``'s model."""
         token = secrets.token_bytes(TOKEN_BYTES)
-        session = ClientSession(client, scheduler)
+        # One client's requests waiting for its earlier ones may hold half the threads.
+        session = ClientSession(client, scheduler, max_in_progress=max(self._max_workers // 2, 1))
         with self._lock:
             self._sessions[token] = session
         return token, session
@@ -262,13 +294,21 @@ class SplitService:
         """Revoke a token; the client's later requests are refused."""
         with self._lock:
             session = self._sessions.pop(token, None)
+        if session is not None:
+            session.revoke()
         if session is not None and not session.finished:
             session.finished = True
             session.scheduler.client_finished(session.client)
 
     def _handle(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return self._serve(frame, context)
+            try:
+                return self._serve(frame, context)
+            except _Abort:
+                raise
+            except Exception as err:  # a bug here must still answer the caller
+                logger.exception("[server] unexpected error while serving a request")
+                raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
         except _Abort as abort:
             context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, abort.kind),))
             context.abort(abort.code, abort.message)
@@ -277,17 +317,19 @@ class SplitService:
     def _serve(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
         arrived = time.perf_counter()
         try:
+            session = self._sessions.get(request_token(frame))  # a single dict read: atomic under the GIL
+            if session is None:
+                raise _Abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    ErrorKind.AUTH,
+                    "token not issued for the current round (missing, wrong or expired); "
+                    "a client gets its token from the strategy's round config",
+                )
             request = decode_request(frame)
         except CodecError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
-        session = self._sessions.get(request.token)  # a single dict read: atomic under the GIL
-        if session is None:
-            raise _Abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                ErrorKind.AUTH,
-                "token not issued for the current round (missing, wrong or expired); "
-                "a client gets its token from the strategy's round config",
-            )
+        if session.finished and request.method != FINISH_METHOD:
+            raise _invalid(f"{request.method}: this client already finished its round; no further calls run")
         session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
         try:  # everything below runs for one request of this client at a time
             wire, seconds = session.wire, session.seconds
@@ -325,6 +367,10 @@ class SplitService:
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
+
+
+def _invalid(message: str) -> _Abort:
+    return _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.INVALID_ARGUMENTS, message)
 
 
 def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abort:

@@ -45,6 +45,7 @@ class ErrorKind:
     TOO_LARGE: Final = "too-large"
     COMPUTATION: Final = "computation"
     TIMEOUT: Final = "timeout"
+    INTERNAL: Final = "internal"
 
 
 class ConfigKey:

@@ -17,6 +17,10 @@ from splitflower.server_model import ServerModel
 from splitflower.service import SplitService
 
 
+class _Crash(BaseException):
+    pass
+
+
 class Counter(ServerModel):
     """Records the batch size of every computation it runs."""
 
@@ -31,6 +35,9 @@ class Counter(ServerModel):
     def negate(self, x: torch.Tensor) -> torch.Tensor:
         self.batches.append(("negate", len(x)))
         return -x
+
+    def crash(self, x: torch.Tensor) -> None:
+        raise _Crash("not an Exception")
 
     def scale(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         self.batches.append(("scale", len(x)))
@@ -149,3 +156,24 @@ def test_arguments_that_cannot_be_batched_are_refused_and_the_batch_still_runs(s
     assert len(refusals) == 2
     assert all("same leading (batch) dimension" in message and "factor" in message for message in refusals)
     assert sum(size for _, size in model.batches) == 3 + 3 * 2
+
+
+def test_a_batched_call_that_raises_a_base_exception_still_answers_every_caller() -> None:
+    scheduler = BatchingScheduler(Counter(), flush_timeout=5.0)
+    scheduler.set_clients(["a", "b"])
+    answered: list[str] = []
+
+    def call(client: str) -> None:
+        try:
+            outcome = scheduler.run(client, "crash", {"x": torch.ones(1)})
+            assert isinstance(outcome.error, _Crash)
+        except _Crash:  # the thread that ran the batch re-raises it after answering everyone
+            pass
+        answered.append(client)
+
+    threads = [threading.Thread(target=call, args=(c,), daemon=True) for c in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(answered) == ["a", "b"], "a caller of the batch hung"

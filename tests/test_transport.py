@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import re
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,7 @@ from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
 from splitflower.service import SplitService, TlsConfig
-from splitflower.wire import ERROR_KIND_METADATA_KEY, GRPC_CALL_PATH, ErrorKind
+from splitflower.wire import ERROR_KIND_METADATA_KEY, FINISH_METHOD, GRPC_CALL_PATH, ErrorKind
 
 
 class Toy(ServerModel):
@@ -49,8 +51,8 @@ class Toy(ServerModel):
     def echo(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def fail(self, x: torch.Tensor) -> None:
-        raise ValueError("deliberate failure")
+    def fail(self, x: torch.Tensor, message: torch.Tensor | None = None) -> None:
+        raise ValueError("deliberate failure" + "!" * (0 if message is None else int(message)))
 
     def slow(self, seconds: torch.Tensor) -> None:
         time.sleep(float(seconds))
@@ -163,7 +165,8 @@ def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "bad-dtype"])
 def test_corrupt_bytes_are_rejected(service: SplitService, corruption: str) -> None:
     proxy = connect(service, Toy())
-    frame = encode_request(b"\0" * 16, 0, "echo", {"x": torch.ones(8)})
+    token, _ = service.open_session("corrupting", ImmediateScheduler(Toy()))
+    frame = encode_request(token, 0, "echo", {"x": torch.ones(8)})
     bad = {
         "garbage": b"\x00\x01not a frame at all",
         "truncated": frame[:-5],
@@ -174,6 +177,101 @@ def test_corrupt_bytes_are_rejected(service: SplitService, corruption: str) -> N
     assert "corrupt request" in (error.details() or "")
     assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
     _still_serves(proxy)
+
+
+# One float32 tensor "x" of 65 dimensions of size 1 (with its 4 bytes of data and padding),
+# and one of shape [0, 2**32 - 1, 2**32 - 1] (no data, but strides that overflow int64).
+_BAD_SHAPES = {
+    "65-dimensions": (b"\x01\x01x\x01\x41" + b"\x01\x00\x00\x00" * 65, b"\0" * 8),
+    "stride-overflow": (b"\x01\x01x\x01\x03" + b"\x00" * 4 + b"\xff" * 8, b""),
+}
+
+
+def _frame(token: bytes, table: bytes, data: bytes = b"", method: bytes = b"echo") -> bytes:
+    """A request frame built by hand (the codec refuses to encode a bad one): header, method, table, data."""
+    head = struct.pack("<2sBBB16sIIH", b"SF", 2, 1, 0, token, 0, 0, len(table))
+    body = head + bytes([len(method)]) + method + table
+    return body + b"\0" * (-len(body) % 8) + data
+
+
+@pytest.mark.parametrize("case", list(_BAD_SHAPES))
+def test_corrupt_shapes_get_a_clear_error(service: SplitService, case: str) -> None:
+    token, _ = service.open_session("corrupting", ImmediateScheduler(Toy()))
+    error = _raw_call(service, _frame(token, *_BAD_SHAPES[case]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search("65 dimensions, at most 64|too large to index", error.details() or ""), error.details()
+    assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
+    _still_serves(connect(service, Toy()))
+
+
+def test_a_stranger_s_frame_is_refused_before_it_is_parsed(service: SplitService) -> None:
+    unknown_dtype = b"\x01\x01x\x63\x00"  # would be refused as corrupt, had it been parsed
+    error = _raw_call(service, _frame(b"\0" * 16, unknown_dtype))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_request_number_sent_twice_or_far_ahead_is_refused(service: SplitService) -> None:
+    token, _ = service.open_session("replaying", ImmediateScheduler(Toy()))
+    slow = encode_request(token, 0, "slow", {"seconds": torch.tensor(0.5)})
+    first = ThreadPoolExecutor(1).submit(_raw, service, slow)
+    time.sleep(0.2)
+    assert "already being served" in (_raw_call(service, slow).details() or "")
+    assert isinstance(first.result(), bytes), "the first copy still ran"
+    ahead = _raw_call(service, encode_request(token, 5000, "echo", {"x": torch.ones(1)}, settled_below=1))
+    assert ahead.code() == grpc.StatusCode.INVALID_ARGUMENT and "the next expected is 1" in (ahead.details() or "")
+
+
+def test_revoking_a_token_ends_the_waits_of_its_requests(service: SplitService) -> None:
+    token, _ = service.open_session("revoked", ImmediateScheduler(Toy()))
+    waiting = ThreadPoolExecutor(1).submit(
+        _raw, service, encode_request(token, 3, "echo", {"x": torch.ones(1)}, settled_below=0), 30
+    )
+    time.sleep(0.2)
+    started = time.perf_counter()
+    service.close_session(token)
+    error = waiting.result(timeout=5)
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.perf_counter() - started < 2
+
+
+def test_calls_after_the_client_finished_are_refused(service: SplitService) -> None:
+    model = Toy()
+    token, _ = service.open_session("finished", ImmediateScheduler(model))
+    assert isinstance(_raw(service, encode_request(token, 0, FINISH_METHOD, {})), bytes)
+    error = _raw_call(service, encode_request(token, 1, "record", {"i": torch.tensor(1)}))
+    assert "already finished its round" in (error.details() or "")
+    assert model.seen == []
+
+
+def test_a_long_error_message_arrives_shortened(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    with pytest.raises(RemoteComputationError, match=r"more characters\)$"):
+        proxy.fail(x=torch.ones(1), message=torch.tensor(20_000))
+    _still_serves(proxy)
+
+
+class Members(ServerModel):
+    """A static method (callable remotely) and a property (not; its getter must not run)."""
+
+    getter_runs = 0
+
+    @staticmethod
+    def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+    @property
+    def weights_sum(self) -> torch.Tensor:
+        Members.getter_runs += 1
+        return torch.zeros(())
+
+
+def test_static_methods_are_callable_and_properties_are_not_run(service: SplitService) -> None:
+    proxy = connect(service, Members(nn.Identity()))
+    torch.testing.assert_close(proxy.add(x=torch.ones(2), y=torch.ones(2)), torch.full((2,), 2.0))
+    with pytest.raises(UnknownMethodError, match="not a method"):
+        proxy.weights_sum()
+    assert Members.getter_runs == 0
+    proxy.close()
 
 
 def test_missing_wrong_and_expired_tokens(service: SplitService) -> None:
