@@ -16,6 +16,7 @@ from splitflower.experiment import (
     DEFAULT_STARTUP_TIMEOUT_S,
     STALLED_EXIT_CODE,
     ExperimentConfig,
+    check_results_path,
     run_experiment_owning_the_process,
     write_results,
 )
@@ -156,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hand_over_optimizer=args.hand_over_optimizer,
     )
     try:
+        if args.out is not None:
+            check_results_path(args.out)  # before the run, not after it
         results = run_experiment_owning_the_process(
             config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
         )
@@ -164,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(_table(results))
     if args.out is not None:
-        print(f"results written to {write_results(results, args.out)}")
+        try:
+            print(f"results written to {write_results(results, args.out)}")
+        except SplitflowerError as err:
+            print(f"splitflower: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -22,6 +22,9 @@ __all__ = [
     "ServerModelTimeoutError",
     "ServerUnavailableError",
     "IncompatibleStrategyError",
+    "NotEnoughNodesError",
+    "ExperimentFailedError",
+    "ResultsFileError",
 ]
 
 
@@ -79,3 +82,15 @@ class ServerUnavailableError(RemoteCallError, ConnectionError):
 
 class IncompatibleStrategyError(SplitflowerError, ValueError):
     """An algorithm was paired with a strategy it cannot run under."""
+
+
+class NotEnoughNodesError(SplitflowerError, TimeoutError):
+    """Fewer clients connected than the round needs, within the strategy's node wait."""
+
+
+class ExperimentFailedError(SplitflowerError, RuntimeError):
+    """A run finished but a round trained on no client: its results would be meaningless."""
+
+
+class ResultsFileError(SplitflowerError, OSError):
+    """The results file cannot be written where it was asked for."""

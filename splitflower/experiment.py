@@ -6,14 +6,19 @@ results it writes follow the schema documented in the README (``splitflower.resu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
+import math
 import os
 import platform
+import re
+import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -34,7 +39,7 @@ from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
 from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
-from splitflower.errors import ConfigError, SplitflowerError
+from splitflower.errors import ConfigError, DatasetError, ExperimentFailedError, ResultsFileError, SplitflowerError
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
@@ -51,6 +56,8 @@ __all__ = [
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
+    "check_every_round_trained",
+    "check_results_path",
     "results_document",
     "run_experiment",
     "run_experiment_owning_the_process",
@@ -124,6 +131,13 @@ class ExperimentConfig:
         for name in ("lr", "flush_timeout"):
             if name not in mistyped and not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay", "flush_timeout"):
+            if name not in mistyped and not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if "seed" not in mistyped and not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be in [0, 2**32), got {self.seed}")
+        if "device" not in mistyped:
+            problems.extend(_device_problems(self.device))
         if "partition" not in mistyped:
             try:
                 parse_partition(self.partition)
@@ -145,6 +159,16 @@ class ExperimentConfig:
                 f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
             )
         return replace(self, strategy=strategy)
+
+
+def _device_problems(device: str) -> list[str]:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return [f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return [f"device {device!r}: this machine has no CUDA device torch can use; use 'cpu'"]
+    return []
 
 
 def _type_problems(config: ExperimentConfig) -> dict[str, str]:
@@ -193,6 +217,12 @@ class Experiment:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
         self.train = _sample(self.train, self.config.train_size, self.config.seed, "train_size")
         self.test = _sample(self.test, self.config.test_size, self.config.seed + 1, "test_size")
+        for split, data in (("training", self.train), ("test", self.test)):
+            if not len(data):
+                raise DatasetError(f"{data.name}'s {split} set is empty; a run needs examples to train and test on")
+        c = self.config
+        for partition_id in range(c.clients):  # a bad partition fails here, not inside every client
+            client_partition(self.train, partition_id, c.clients, c.partition, seed=c.seed)
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
         model = build_model(
@@ -307,7 +337,7 @@ def _sample(data: ArrayDataset, size: int, seed: int, name: str) -> ArrayDataset
 
 
 def _cut_value(cut: str) -> str | int:
-    return int(cut) if cut.lstrip("-").isdigit() else cut
+    return int(cut) if cut.lstrip("-").isascii() and cut.lstrip("-").isdecimal() else cut
 
 
 def threads_per_client(config: ExperimentConfig) -> int:
@@ -543,7 +573,28 @@ def run_experiment(
         )
     if "result" not in holder:
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
+    check_every_round_trained(rounds)
     return results_document(config, rounds, time.perf_counter() - started)
+
+
+def check_every_round_trained(rounds: list[dict[str, Any]]) -> None:
+    """Raise :class:`ExperimentFailedError` if a summarised round trained on no client."""
+    untrained = [entry["round"] for entry in rounds if not entry["num_examples"]]
+    if untrained:
+        raise ExperimentFailedError(
+            f"round(s) {untrained} trained on no client, so the results would be meaningless; "
+            f"the first client error: {_first_client_error(rounds)}"
+        )
+
+
+def _first_client_error(rounds: list[dict[str, Any]]) -> str:
+    """The last line of the first client error (Ray wraps it in a long, coloured traceback)."""
+    for entry in rounds:
+        for client in entry["clients"]:
+            if "error" in client:
+                lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"])).splitlines()]
+                return next((ln for ln in reversed(lines) if ln), "(empty)")
+    return "(none reported; see the log above)"
 
 
 def run_experiment_owning_the_process(
@@ -595,11 +646,45 @@ def results_document(
     }
 
 
-def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a results document atomically: a reader never sees a half-written file."""
+def check_results_path(path: str | Path) -> Path:
+    """Refuse, before a run, a results path that cannot be written (creating its folder)."""
     out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1))
-    tmp.replace(out)
+    if out.is_dir():
+        raise ResultsFileError(f"results path {str(out)!r} is a directory; give a file name such as results.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+            pass
+    except OSError as err:
+        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
     return out
+
+
+def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a results document atomically: a reader never sees a half-written file, and a
+    failed write leaves what was there. Numbers that are not finite (a diverged loss) are
+    written as null, so the file is strict JSON."""
+    out = check_results_path(path)
+    text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
+    # A name of its own (not tempfile's, whose files are private to the user), created
+    # exclusively, so the file gets the permissions the umask gives any new file.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("x") as handle:
+            handle.write(text)
+        tmp.replace(out)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
+    return out
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from splitflower.compute import run_on_compute_thread
+from splitflower.errors import NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
@@ -72,6 +73,8 @@ class SplitStrategy(FedAvg):
       lacking it is left out with a warning, never ends the run).
 
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
+    ``node_wait_timeout`` (seconds): how long a round waits for ``min_available_nodes``
+    (and ``min_train_nodes``) to connect before the run fails saying how many did.
     ``link`` (a :class:`~splitflower.linkemu.LinkSpec`) puts an emulated link between each
     client and the service: clients are handed a relay's address (:mod:`splitflower.linkemu`).
 
@@ -99,6 +102,7 @@ class SplitStrategy(FedAvg):
         flush_timeout: float = 0.05,
         call_timeout: float | None = None,
         link: LinkSpec | None = None,
+        node_wait_timeout: float = 300.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -114,6 +118,7 @@ class SplitStrategy(FedAvg):
         self.flush_timeout = flush_timeout
         self.call_timeout = call_timeout
         self.link = link
+        self.node_wait_timeout = node_wait_timeout
         self._client_address = ""
         self._server_models: list[ServerModel] = []
         self._service: SplitService
@@ -207,10 +212,25 @@ class SplitStrategy(FedAvg):
             return f"expected {self.weighted_by_key!r} to be a number >= 0, got {weight!r}"
         return None
 
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        # Flower's sample_nodes waits for the nodes forever; a run asking for more clients
+        # than will ever connect must end instead, saying so.
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        deadline = time.monotonic() + self.node_wait_timeout
+        while len(nodes := list(grid.get_node_ids())) < needed:
+            if time.monotonic() >= deadline:
+                raise NotEnoughNodesError(
+                    f"the round needs {needed} clients (min_available_nodes / min_train_nodes, e.g. the app's "
+                    f"num-clients) but only {len(nodes)} connected within {self.node_wait_timeout:.0f}s; start more "
+                    "SuperNodes (num-supernodes in simulation) or ask for fewer clients"
+                )
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        return nodes
+
     def _plan_round(
         self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord
     ) -> RoundPlan:
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        num_nodes = int(len(self._wait_for_nodes(grid)) * self.fraction_train)
         sampled, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         node_ids = self.order_clients(sampled)
         logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -15,8 +16,23 @@ import torch
 from conftest import run_cli, simulate
 from splitflower.algorithms.csl import CSLClient
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
-from splitflower.errors import ConfigError, IncompatibleStrategyError
-from splitflower.experiment import CRASHED_EXIT_CODE, ExperimentConfig, _Progress, summarise_round
+from splitflower.errors import (
+    ConfigError,
+    DatasetError,
+    ExperimentFailedError,
+    IncompatibleStrategyError,
+    ResultsFileError,
+)
+from splitflower.experiment import (
+    CRASHED_EXIT_CODE,
+    Experiment,
+    ExperimentConfig,
+    _Progress,
+    check_every_round_trained,
+    check_results_path,
+    summarise_round,
+    write_results,
+)
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -115,6 +131,51 @@ def test_config_validation_names_every_problem() -> None:
         from splitflower.algorithms import Algorithm
 
         Algorithm("x", CSLClient, CSLClient, strategies=("sequential",)).check_strategy("parallel")  # type: ignore[arg-type]
+
+
+def test_config_refuses_numbers_that_are_not_finite_a_negative_seed_and_an_unknown_device() -> None:
+    config = ExperimentConfig(lr=math.inf, momentum=math.nan, seed=-1, device="gpu0")
+    with pytest.raises(ConfigError) as caught:
+        config.validate()
+    message = str(caught.value)
+    for fragment in (
+        "lr must be a finite number",
+        "momentum must be a finite number",
+        "seed must be in",
+        "torch device",
+    ):
+        assert fragment in message
+
+
+def test_a_partition_that_cannot_be_made_fails_before_any_client_starts() -> None:
+    with pytest.raises(DatasetError, match="num_partitions"):
+        Experiment(ExperimentConfig(dataset="synthetic", clients=4, train_size=3))
+
+
+def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
+    failed = {"node_id": 7, "error": "\x1b[36mTraceback ...\n  ...\nDatasetError: partition 3 is empty\x1b[0m\n"}
+    rounds = [{"round": 1, "num_examples": 12, "clients": []}, {"round": 2, "num_examples": 0, "clients": [failed]}]
+    with pytest.raises(
+        ExperimentFailedError, match=r"round\(s\) \[2\] trained on no client.*DatasetError: partition 3"
+    ):
+        check_every_round_trained(rounds)
+    check_every_round_trained(rounds[:1])
+
+
+def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    write_results({"final": {"test_loss": math.nan, "test_accuracy": 0.5}}, out)
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == {
+        "final": {"test_loss": None, "test_accuracy": 0.5}
+    }
+    with pytest.raises(ResultsFileError, match="is a directory"):
+        write_results({}, tmp_path)
+    with pytest.raises(ResultsFileError, match="cannot write"):
+        check_results_path(out / "below-a-file.json")
+    with pytest.raises(TypeError):
+        write_results({"x": object()}, out)  # not JSON: the old file stays, no temporary file is left
+    assert json.loads(out.read_text())["final"]["test_accuracy"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 @pytest.mark.parametrize("strategy", ["parallel", "splitfed-v2"])

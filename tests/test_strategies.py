@@ -17,7 +17,7 @@ from splitflower.algorithms import ALGORITHMS
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.data import synthetic
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, NotEnoughNodesError
 from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.server_model import FitResult
 from splitflower.service import SplitService
@@ -238,3 +238,22 @@ def test_a_client_whose_segment_has_no_trainable_parameters_trains_without_an_op
     assert client.optimizer is None
     assert fit.num_examples == 32 and server.get_fit_result().num_examples == 32
     torch.testing.assert_close({k.removeprefix("segment."): v for k, v in fit.weights.items()}, before)
+
+
+class _Grid:
+    """The one Grid method a round's start uses: the nodes connected so far."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def test_a_round_waiting_for_clients_that_never_connect_fails_saying_so() -> None:
+    strategy = ParallelStrategy(min_train_nodes=3, min_available_nodes=3, node_wait_timeout=0.3)
+    started = time.perf_counter()
+    with pytest.raises(NotEnoughNodesError, match=r"needs 3 clients .* only 2 connected within 0s"):
+        strategy._wait_for_nodes(_Grid([1, 2]))  # type: ignore[arg-type]
+    assert time.perf_counter() - started < 2
+    assert strategy._wait_for_nodes(_Grid([1, 2, 3])) == [1, 2, 3]  # type: ignore[arg-type]
