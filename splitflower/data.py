@@ -318,7 +318,7 @@ def _fashion_mnist_hint() -> str:
     return (
         "Install it with `apt-get install dataset-fashion-mnist` (which provides "
         f"{_FASHION_MNIST_DEFAULT_DIR}), or pass a directory holding the four IDX files "
-        f"(root=...) or set {_FASHION_MNIST_ENV} to one."
+        f"(root=..., or --data-root on the CLI) or set {_FASHION_MNIST_ENV} to one."
     )
 
 
@@ -331,7 +331,7 @@ def _resolve_dir(root: str | Path | None, env_var: str, default: Path | None) ->
         return Path(from_env).expanduser()
     if default is not None:
         return default
-    raise DatasetError(f"no data directory given: pass root=... or set {env_var}")
+    raise DatasetError(f"no data directory given: pass root=... (--data-root on the CLI) or set {env_var}")
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path:
@@ -460,8 +460,9 @@ def load_fashion_mnist(
     """
     directory = _resolve_dir(root, _FASHION_MNIST_ENV, _FASHION_MNIST_DEFAULT_DIR)
     if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
         raise DatasetError(
-            f"Fashion-MNIST directory '{directory}' does not exist; expected it to hold "
+            f"Fashion-MNIST directory '{directory}' {what}; expected it to hold "
             f"{', '.join(f'{n}[.gz]' for n in _FASHION_MNIST_FILES.values())}. "
             f"{_fashion_mnist_hint()}"
         )
@@ -490,7 +491,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if allowed is None:
             raise DatasetError(
                 f"refusing to unpickle global '{module}.{name}': CIFAR batches may only "
-                "reference numpy array reconstruction"
+                "reference numpy array reconstruction (a batch re-saved from Python 3 must use "
+                "pickle protocol 3 or 4, as the original files do)"
             )
         return allowed
 
@@ -586,7 +588,7 @@ def _load_cifar(
     expected = (*train_files, *test_files)
     hint = (
         f"{name} cannot be downloaded here: place the 'python version' batches "
-        f"({', '.join(expected)}) in a directory and pass it as root=... or set "
+        f"({', '.join(expected)}) in a directory and pass it as root=... (--data-root on the CLI) or set "
         f"{env_var} to it (the directory itself or its parent holding '{subdir}')."
     )
     if (root is None or str(root) == "") and not os.environ.get(env_var):

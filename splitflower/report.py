@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import ConfigError
-from splitflower.experiment import RESULTS_SCHEMA
+from splitflower.errors import ConfigError, ResultsFileError
+from splitflower.experiment import RESULTS_SCHEMA, check_results_path
 
 __all__ = ["load_results", "comparison_table", "plot_results"]
 
@@ -24,6 +24,12 @@ def load_results(path: str | Path) -> dict[str, Any]:
         found = results.get("schema") if isinstance(results, dict) else type(results).__name__
         raise ConfigError(
             f"{file} is not a splitflower results file (expected schema {RESULTS_SCHEMA!r}, got {found!r})"
+        )
+    config, rounds = results.get("config"), results.get("rounds")
+    if not isinstance(config, dict) or not {"algorithm", "strategy"} <= set(config) or not isinstance(rounds, list):
+        raise ConfigError(
+            f"{file} claims schema {RESULTS_SCHEMA!r} but lacks its 'config' (with algorithm and strategy) "
+            "or its 'rounds' list; was it edited by hand or cut short?"
         )
     return results
 
@@ -113,8 +119,11 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes[3].set(title="time, summed over clients (s)", xticks=list(positions), xticklabels=labels)
     axes[3].legend()
     figure.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    try:
+        out = check_results_path(path)
+        figure.savefig(out, dpi=110)
+    except OSError as err:
+        raise ResultsFileError(f"cannot write the plot to {str(path)!r}: {err}") from err
+    finally:
+        plt.close(figure)
     return out

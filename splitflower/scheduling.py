@@ -28,12 +28,15 @@ import torch
 
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
-from splitflower.errors import ConfigError, InvalidArgumentsError
+from splitflower.errors import ConfigError, InvalidArgumentsError, ServerModelTimeoutError
 from splitflower.server_model import CallContext, ServerModel, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
 
 logger = logging.getLogger(__name__)
+
+Wanted = Callable[[], bool] | None
+"""Asked when a call's turn comes: False if its caller has given up (see Scheduler.run)."""
 
 
 @dataclass
@@ -65,18 +68,32 @@ class Scheduler(ABC):
         """``client`` will send no more requests this round."""
 
     @abstractmethod
-    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
-        """Run ``method`` for ``client`` and return its outcome (blocks until done)."""
+    def run(
+        self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
+    ) -> Outcome:
+        """Run ``method`` for ``client`` and return its outcome (blocks until done).
 
-    def _invoke(self, method: str, tensors: Mapping[str, torch.Tensor], context: CallContext) -> tuple[Any, float]:
+        ``still_wanted()`` False when the call's turn comes (its caller's deadline passed
+        while it waited) means it does not run: the outcome is a ServerModelTimeoutError.
+        """
+
+    def _invoke(
+        self, method: str, tensors: Mapping[str, torch.Tensor], context: CallContext, still_wanted: Wanted = None
+    ) -> tuple[Any, float]:
         """Validate here, then run on the compute thread; returns (value, seconds)."""
         bound = resolve_call(self.model, method, tensors)
         # One compute thread runs one job at a time: that is what serialises a model's work.
-        return self.compute.run(self._call, bound, tensors, context)
+        return self.compute.run(self._call, bound, tensors, context, still_wanted)
 
     def _call(
-        self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor], context: CallContext
+        self,
+        bound: Callable[..., Any],
+        tensors: Mapping[str, torch.Tensor],
+        context: CallContext,
+        still_wanted: Wanted = None,
     ) -> tuple[Any, float]:
+        if still_wanted is not None and not still_wanted():
+            raise _gone()
         device = self.model.device
         if device.type != "cpu":
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
@@ -96,12 +113,14 @@ class Scheduler(ABC):
 class ImmediateScheduler(Scheduler):
     """Runs each call as soon as the model is free."""
 
-    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
+    def run(
+        self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
+    ) -> Outcome:
         arrived = time.perf_counter()
         try:
             rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
             context = CallContext((client,), (slice(0, rows),))
-            value, seconds = self._invoke(method, tensors, context)
+            value, seconds = self._invoke(method, tensors, context, still_wanted)
         except Exception as err:  # noqa: BLE001 - reported to the caller, server keeps serving
             return Outcome(error=err)
         return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
@@ -112,6 +131,7 @@ class _Slot:
     client: Hashable
     tensors: Mapping[str, torch.Tensor]
     arrived: float
+    still_wanted: Wanted = None
     outcome: Outcome | None = None
 
 
@@ -165,13 +185,15 @@ class BatchingScheduler(Scheduler):
             ready = self._take_if_all_waiting()
         self._run_groups(ready)
 
-    def run(self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor]) -> Outcome:
+    def run(
+        self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
+    ) -> Outcome:
         try:
             resolve_call(self.model, method, tensors)
             _batch_size(method, tensors)
         except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
             return Outcome(error=err)
-        slot = _Slot(client, tensors, time.perf_counter())
+        slot = _Slot(client, tensors, time.perf_counter(), still_wanted)
         with self._cond:
             key = _signature(method, tensors)
             group = self._groups.get(key)
@@ -213,6 +235,12 @@ class BatchingScheduler(Scheduler):
         # Concatenate in the strategy's client order, not arrival order, so that a batched
         # computation is reproducible.
         slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
+        gone = [s for s in slots if s.still_wanted is not None and not s.still_wanted()]
+        if gone:
+            self._settle(gone, [Outcome(error=_gone()) for _ in gone], time.perf_counter())
+            slots = [s for s in slots if s not in gone]
+            if not slots:
+                return
         self.flushes += 1
         started = time.perf_counter()
         try:
@@ -229,11 +257,18 @@ class BatchingScheduler(Scheduler):
             if not isinstance(err, Exception):
                 raise  # after the finally below has answered the batch's callers
         finally:
-            with self._cond:
-                for slot, outcome in zip(slots, outcomes, strict=True):
-                    outcome.queue_wait_s = started - slot.arrived
-                    slot.outcome = outcome
-                self._cond.notify_all()
+            self._settle(slots, outcomes, started)
+
+    def _settle(self, slots: list[_Slot], outcomes: list[Outcome], started: float) -> None:
+        with self._cond:
+            for slot, outcome in zip(slots, outcomes, strict=True):
+                outcome.queue_wait_s = started - slot.arrived
+                slot.outcome = outcome
+            self._cond.notify_all()
+
+
+def _gone() -> ServerModelTimeoutError:
+    return ServerModelTimeoutError("the caller's deadline passed while the call waited for its turn; it did not run")
 
 
 def _batch_size(method: str, tensors: Mapping[str, torch.Tensor]) -> int:

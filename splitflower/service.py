@@ -28,6 +28,7 @@ from splitflower.errors import (
     CodecError,
     ConfigError,
     InvalidArgumentsError,
+    ServerModelTimeoutError,
     UnknownMethodError,
 )
 from splitflower.scheduling import Scheduler
@@ -340,7 +341,7 @@ class SplitService:
                 session.scheduler.client_finished(session.client)
                 reply = encode_reply(None)
             else:
-                reply = self._run(session, request)
+                reply = self._run(session, request, context)
             wire["down_frame_bytes"] += len(reply)
             wire["down_messages"] += 1
             seconds["server_handle_s"] += time.perf_counter() - arrived
@@ -348,8 +349,8 @@ class SplitService:
         finally:
             session.leave(request.seq)
 
-    def _run(self, session: ClientSession, request: Request) -> bytes:
-        outcome = session.scheduler.run(session.client, request.method, request.tensors)
+    def _run(self, session: ClientSession, request: Request, context: grpc.ServicerContext) -> bytes:
+        outcome = session.scheduler.run(session.client, request.method, request.tensors, context.is_active)
         if outcome.error is not None:
             raise _error_to_abort(request.method, outcome.error, session.client)
         session.seconds["server_compute_s"] += outcome.compute_s
@@ -378,6 +379,8 @@ def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abo
         return _Abort(grpc.StatusCode.UNIMPLEMENTED, ErrorKind.UNKNOWN_METHOD, str(error))
     if isinstance(error, InvalidArgumentsError):
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.INVALID_ARGUMENTS, str(error))
+    if isinstance(error, ServerModelTimeoutError):
+        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, ErrorKind.TIMEOUT, f"{method}: {error}")
     logger.warning("[server] %s raised for client %s: %r", method, client, error)
     return _Abort(
         grpc.StatusCode.INTERNAL,

@@ -450,8 +450,8 @@ def cut_shape(bottom: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
     Raises
     ------
     SplitError
-        If ``input_shape`` has a non-positive entry or ``bottom`` does not return
-        a single tensor.
+        If ``input_shape`` has a non-positive entry, ``bottom`` fails on such an input
+        (e.g. the wrong number of channels) or does not return a single tensor.
 
     Examples
     --------
@@ -472,6 +472,10 @@ def cut_shape(bottom: nn.Module, input_shape: tuple[int, ...]) -> torch.Size:
         bottom.eval()
         with torch.no_grad():
             out = bottom(sample)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise SplitError(
+            f"the bottom cannot take inputs of shape {list(input_shape)} (one sample, no batch dimension): {err}"
+        ) from err
     finally:
         for module, training in modes:
             module.training = training

@@ -326,15 +326,17 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
 
 def test_example_config_names_every_bad_value(task: Any) -> None:
     bad = {"lr": -1.0, "batch-size": "64", "algorithm": "nope", "num-clients": True, "synthetic-size": 0, "out": ""}
+    bad |= {"cut": True}
     with pytest.raises(ConfigError) as info:
         task.experiment_config(bad, {"num-partitions": 0})
     message = str(info.value)
     for fragment in (
-        "batch_size must be int",
-        "clients must be int",
-        "algorithm must be one of",
-        "lr must be positive",
-        "synthetic_size must be at least 1",
+        "'batch-size' must be int",
+        "'num-clients' must be int",
+        "'algorithm' must be one of",
+        "'lr' must be positive",
+        "'synthetic-size' must be at least 1",
+        "'cut' must be s, m, d",
         "'out' must be",
         "'num-partitions'",
     ):

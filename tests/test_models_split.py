@@ -415,3 +415,8 @@ def test_cut_shape_restores_mode_and_stats() -> None:
         torch.testing.assert_close(value, stats[key])
     with pytest.raises(SplitError):
         cut_shape(bottom, (3, 0, 32))
+
+
+def test_cut_shape_of_an_input_the_bottom_cannot_take_is_a_split_error() -> None:
+    with pytest.raises(SplitError, match=r"cannot take inputs of shape \[3, 28, 28\]"):
+        cut_shape(nn.Conv2d(1, 6, 5), (3, 28, 28))

@@ -6,11 +6,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import nn
 
 from conftest import connect
-from splitflower.errors import InvalidArgumentsError
+from splitflower.errors import InvalidArgumentsError, ServerModelTimeoutError
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import ServerModel
@@ -177,3 +178,13 @@ def test_a_batched_call_that_raises_a_base_exception_still_answers_every_caller(
     for thread in threads:
         thread.join(timeout=10)
     assert sorted(answered) == ["a", "b"], "a caller of the batch hung"
+
+
+def test_a_batched_request_whose_caller_gave_up_is_left_out_of_the_batch(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=1.0)
+    scheduler.set_clients(["impatient", "absent"])
+    with pytest.raises(ServerModelTimeoutError):
+        connect(service, scheduler, client="impatient").double(x=torch.ones(2), timeout=0.3)
+    time.sleep(1.2)  # past the flush timeout
+    assert model.batches == [], "the request ran after its caller had given up"

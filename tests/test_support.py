@@ -131,3 +131,16 @@ def test_handed_optimizer_state_round_trips_and_bad_records_are_refused() -> Non
     for message, record in bad.items():
         with pytest.raises(ConfigError, match=message):
             _handed_optimizer_state(RecordDict({RecordKey.OPTIMIZER: record}))
+
+
+def test_the_readme_s_demo_table_is_the_recorded_demo_run() -> None:
+    demo = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo"
+    table = comparison_table([load_results(demo / f"demo-{a}.json") for a in ("dsl", "csl")])
+    assert table in (demo.parents[2] / "README.md").read_text()
+
+
+def test_compare_refuses_a_results_file_without_its_config(tmp_path: Path) -> None:
+    cut_short = tmp_path / "cut-short.json"
+    cut_short.write_text(json.dumps({"schema": "splitflower.results/1", "rounds": []}))
+    with pytest.raises(ConfigError, match="lacks its 'config'"):
+        load_results(cut_short)

@@ -328,6 +328,18 @@ def test_timeout_counts_from_the_call_even_when_it_waits_for_room(service: Split
     proxy.close()
 
 
+def test_a_call_whose_caller_gave_up_while_it_waited_does_not_run(service: SplitService) -> None:
+    model = Toy()
+    scheduler = ImmediateScheduler(model)  # one model: calls of both clients take turns
+    busy = ThreadPoolExecutor(1).submit(connect(service, scheduler, client="busy").slow, seconds=torch.tensor(1.0))
+    time.sleep(0.2)
+    with pytest.raises(ServerModelTimeoutError):
+        connect(service, scheduler, client="impatient").record(i=torch.tensor(42), timeout=0.3)
+    busy.result()
+    time.sleep(0.3)
+    assert model.seen == [], "the call ran after its caller had given up"
+
+
 def test_models_on_their_own_compute_threads_do_not_wait_for_each_other(service: SplitService) -> None:
     slow = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="a")
     fast = connect(service, ImmediateScheduler(Toy(), compute=ComputeThread()), client="b")

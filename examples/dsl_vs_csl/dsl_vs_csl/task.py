@@ -57,6 +57,8 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
             problems.append(f"node config 'num-partitions' must be a positive int, got {count!r}")
         else:
             values["clients"] = count
+    if isinstance(values.get("cut"), bool):
+        problems.append(f"run config 'cut' must be s, m, d or a number of blocks, got {values['cut']!r}")
     values["cut"] = str(values.get("cut", "s"))
     options = run_config.get("options", "")
     if isinstance(options, str):
@@ -68,10 +70,18 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
     try:
         config = ExperimentConfig(**values).validate()
     except ConfigError as err:
-        problems.append(str(err).removeprefix("invalid experiment config:\n  - "))
+        found = str(err).removeprefix("invalid experiment config:\n  - ").split("\n  - ")
+        problems += [_by_run_config_key(problem) for problem in found]
     if problems:
         raise ConfigError("invalid dsl_vs_csl configuration:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def _by_run_config_key(problem: str) -> str:
+    """Name the run-config key (num-server-rounds) where the message names the field (rounds)."""
+    field, _, rest = problem.partition(" ")
+    keys = [key for key, name in _FIELDS.items() if name == field]
+    return f"run config '{keys[0]}' {rest}" if keys and rest else problem
 
 
 def partition_id(context: Context) -> int:
