@@ -29,7 +29,16 @@ class CSLOptions:
 
 class CSLClient(Client):
     """Forward the segment, let the server do the rest, backpropagate its dL/dz (with
-    ``window`` > 1, as futures that :meth:`Client.step` settles ``window`` at a time)."""
+    ``window`` > 1, as futures that :meth:`Client.step` settles ``window`` at a time).
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> from splitflower.data import synthetic
+    >>> client = CSLClient(nn.Flatten(), synthetic(8, 8, input_shape=(1, 2, 2))[0], options=CSLOptions(window=4))
+    >>> client.options.window
+    4
+    """
 
     Options = CSLOptions
 
@@ -42,7 +51,16 @@ class CSLClient(Client):
 
 
 class CSLServerModel(SupervisedServerModel):
-    """Forward, loss, backward and step on the server; return dL/dz to the client."""
+    """Forward, loss, backward and step on the server; return dL/dz to the client.
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> server = CSLServerModel(nn.Linear(4, 3))
+    >>> server.configure_fit(None, {"lr": 0.1})
+    >>> server.forward_backward(embeddings=torch.ones(2, 4), labels=torch.tensor([0, 2])).shape
+    torch.Size([2, 4])
+    """
 
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
     def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:

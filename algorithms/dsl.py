@@ -84,4 +84,11 @@ class DSLClient(Client):
 class DSLServerModel(FedSLServerModel, CSLServerModel):
     """Train the server segment on the activations it receives and reply with nothing
     (FedSL's ``train_batch``); ``lam`` > 0 calls CSL's ``forward_backward`` instead, for
-    the gradient."""
+    the gradient.
+
+    Example
+    -------
+    >>> from splitflower.server_model import remote_methods
+    >>> sorted(remote_methods(DSLServerModel))
+    ['forward_backward', 'predict', 'train_batch']
+    """

@@ -282,7 +282,9 @@ def value_tensors(value: object) -> dict[str, torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return {"_": value}
     if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items()}
+        if not all(isinstance(k, str) for k in value):
+            raise CodecError(f"a returned dict must have str keys, got {sorted(map(repr, value))}")
+        return dict(value)
     if isinstance(value, tuple | list):
         return {str(i): v for i, v in enumerate(value)}
     raise CodecError(

@@ -46,7 +46,14 @@ class _Job:
 
 
 class ComputeThread:
-    """A daemon thread that runs the callables handed to it, one at a time, in order."""
+    """A daemon thread that runs the callables handed to it, one at a time, in order.
+
+    Example
+    -------
+    >>> compute = ComputeThread()
+    >>> compute.run(lambda: threading.current_thread().name)
+    'splitflower-compute'
+    """
 
     def __init__(self, name: str = "splitflower-compute") -> None:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()

@@ -81,7 +81,19 @@ DEFAULT_STARTUP_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that defines a run; ``validate()`` names every bad field at once."""
+    """Everything that defines a run; ``validate()`` names every bad field at once.
+
+    Example
+    -------
+    >>> ExperimentConfig(algorithm="csl", dataset="synthetic").validate().strategy
+    'parallel'
+    >>> ExperimentConfig(clients=0, lr=-1.0).validate()
+    Traceback (most recent call last):
+    ...
+    splitflower.errors.ConfigError: invalid experiment config:
+      - clients must be at least 1, got 0
+      - lr must be positive, got -1.0
+    """
 
     algorithm: str = "dsl"
     strategy: str | None = None  # None: the algorithm's default
@@ -199,7 +211,14 @@ def cached_experiment(config: ExperimentConfig) -> Experiment:
 
 @dataclass
 class Experiment:
-    """The objects a config describes: data, the split model, factories for both parties."""
+    """The objects a config describes: data, the split model, factories for both parties.
+
+    Example
+    -------
+    >>> experiment = Experiment(ExperimentConfig(algorithm="csl", dataset="synthetic", clients=2))
+    >>> type(experiment.make_client(0)).__name__, type(experiment.make_server_model()).__name__
+    ('CSLClient', 'CSLServerModel')
+    """
 
     config: ExperimentConfig
     train: ArrayDataset = field(init=False)

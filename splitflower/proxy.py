@@ -97,7 +97,23 @@ def _as_tensors(arguments: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
 
 
 class ProxyFuture:
-    """An outstanding call; :meth:`result` waits for it and returns the method's value."""
+    """An outstanding call; :meth:`result` waits for it and returns the method's value.
+
+    Example
+    -------
+    >>> from splitflower.server_model import ServerModel
+    >>> from splitflower.scheduling import ImmediateScheduler
+    >>> from splitflower.service import SplitService
+    >>> class Doubler(ServerModel):
+    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return 2 * x
+    >>> with SplitService() as service:
+    ...     token, _ = service.open_session("client-0", ImmediateScheduler(Doubler(torch.nn.Identity())))
+    ...     with ServerModelProxy(service.address, token) as proxy:
+    ...         futures = [proxy.double.future(x=torch.tensor([float(i)])) for i in range(3)]
+    ...         [f.result().item() for f in futures]
+    [0.0, 2.0, 4.0]
+    """
 
     def __init__(
         self,

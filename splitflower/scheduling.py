@@ -111,7 +111,17 @@ class Scheduler(ABC):
 
 
 class ImmediateScheduler(Scheduler):
-    """Runs each call as soon as the model is free."""
+    """Runs each call as soon as the model is free.
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> class Double(ServerModel):
+    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return 2 * x
+    >>> ImmediateScheduler(Double(nn.Identity())).run("a", "double", {"x": torch.ones(2)}).value
+    tensor([2., 2.])
+    """
 
     def run(
         self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None

@@ -51,3 +51,8 @@ def test_a_non_tensor_is_refused_under_a_name_that_carried_a_tensor() -> None:
     encode_reply({"y": torch.ones(2)})
     with pytest.raises(CodecError, match=r"argument 'y': expected a torch\.Tensor, got list"):
         encode_reply({"y": [1.0, 1.0]})
+
+
+def test_a_returned_dict_with_keys_that_are_not_strings_is_refused() -> None:
+    with pytest.raises(CodecError, match="str keys"):
+        encode_reply({1: torch.ones(1), "1": torch.zeros(1)})  # would collide as "1"
