@@ -55,11 +55,11 @@ class CSLServerModel(SupervisedServerModel):
 
     Example
     -------
-    >>> from torch import nn
-    >>> server = CSLServerModel(nn.Linear(4, 3))
-    >>> server.configure_fit(None, {"lr": 0.1})
-    >>> server.forward_backward(embeddings=torch.ones(2, 4), labels=torch.tensor([0, 2])).shape
-    torch.Size([2, 4])
+    >>> server = CSLServerModel(torch.nn.Linear(3, 2))
+    >>> server.configure_fit(None, {"lr": 0.5})
+    >>> grad = server.forward_backward(embeddings=torch.zeros(5, 3), labels=torch.zeros(5, dtype=torch.int64))
+    >>> server.num_examples, grad.dtype
+    (5, torch.float32)
     """
 
     @remote(embeddings=EMBEDDINGS, labels=LABELS)

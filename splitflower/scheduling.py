@@ -115,12 +115,12 @@ class ImmediateScheduler(Scheduler):
 
     Example
     -------
-    >>> from torch import nn
-    >>> class Double(ServerModel):
-    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
-    ...         return 2 * x
-    >>> ImmediateScheduler(Double(nn.Identity())).run("a", "double", {"x": torch.ones(2)}).value
-    tensor([2., 2.])
+    >>> class Negate(ServerModel):
+    ...     def negate(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return -x
+    >>> outcome = ImmediateScheduler(Negate(torch.nn.Identity())).run("client-0", "negate", {"x": torch.ones(1)})
+    >>> outcome.value, outcome.error
+    (tensor([-1.]), None)
     """
 
     def run(
