@@ -62,7 +62,7 @@ def _run_cli(tmp_path: Path, algorithm: str, *extra: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(4 * CLI_ATTEMPT_S + 60)  # two runs, each with room for one retry of Ray's start-up
+@pytest.mark.timeout(4 * CLI_ATTEMPT_S + 60)  # two runs, each with room for a hung attempt and quick Ray failures
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_cli_dsl_and_csl_on_fashion_mnist(tmp_path: Path) -> None:
     common = (
