@@ -23,7 +23,7 @@ import grpc
 
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
-from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply, request_token
+from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply, request_token, value_tensors
 from splitflower.errors import (
     CodecError,
     ConfigError,
@@ -355,11 +355,17 @@ class SplitService:
             raise _error_to_abort(request.method, outcome.error, session.client)
         session.seconds["server_compute_s"] += outcome.compute_s
         session.seconds["server_queue_s"] += outcome.queue_wait_s
-        value = None if request.no_reply else outcome.value
         try:
+            if request.no_reply:
+                value_tensors(outcome.value)  # a return value no call form could carry is a bug either way
+            value = None if request.no_reply else outcome.value
             reply = encode_reply(value, server_compute_s=outcome.compute_s, queue_wait_s=outcome.queue_wait_s)
         except CodecError as err:
-            raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.COMPUTATION, f"{request.method}: {err}") from err
+            raise _Abort(
+                grpc.StatusCode.INTERNAL,
+                ErrorKind.COMPUTATION,
+                f"{request.method} ran (what it changed stays changed), but its return value cannot be sent: {err}",
+            ) from err
         if len(reply) > self.max_message_bytes:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -54,6 +54,10 @@ class Toy(ServerModel):
     def fail(self, x: torch.Tensor, message: torch.Tensor | None = None) -> None:
         raise ValueError("deliberate failure" + "!" * (0 if message is None else int(message)))
 
+    def count(self, x: torch.Tensor) -> float:  # not a tensor: no call form can carry it back
+        self.seen.append(len(x))
+        return float(len(x))
+
     def slow(self, seconds: torch.Tensor) -> None:
         time.sleep(float(seconds))
 
@@ -338,6 +342,18 @@ def test_a_call_whose_caller_gave_up_while_it_waited_does_not_run(service: Split
     busy.result()
     time.sleep(0.3)
     assert model.seen == [], "the call ran after its caller had given up"
+
+
+def test_a_return_value_that_cannot_be_sent_is_an_error_in_every_call_form(service: SplitService) -> None:
+    model = Toy()
+    proxy = connect(service, model)
+    with pytest.raises(RemoteComputationError, match=r"count ran .* but its return value cannot be sent"):
+        proxy.count(x=torch.ones(2))
+    proxy.count.send(x=torch.ones(3))
+    with pytest.raises(RemoteComputationError, match="cannot be sent"):
+        proxy.wait_all()
+    assert model.seen == [2, 3], "the method ran both times"
+    _still_serves(proxy)
 
 
 def test_models_on_their_own_compute_threads_do_not_wait_for_each_other(service: SplitService) -> None:
