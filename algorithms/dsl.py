@@ -21,6 +21,7 @@ from splitflower.client import Client
 from splitflower.errors import ConfigError
 from splitflower.split import cut_shape
 from splitflower.supervised import AUX_HEADS
+from splitflower.wire import MAX_IN_FLIGHT
 
 __all__ = ["DSLClient", "DSLOptions", "DSLServerModel"]
 
@@ -37,8 +38,8 @@ class DSLOptions:
     head: Literal["linear", "pooled", "mlp"] = "linear"
 
     def __post_init__(self) -> None:
-        if self.window < 0:
-            raise ConfigError(f"window must be 0 (blocking) or more, got {self.window}")
+        if not 0 <= self.window <= MAX_IN_FLIGHT:
+            raise ConfigError(f"window must be 0 (blocking) to {MAX_IN_FLIGHT}, got {self.window}")
         if self.lam < 0:
             raise ConfigError(f"lam must be 0 (pure DSL) or more, got {self.lam}")
 

@@ -52,6 +52,7 @@ __all__ = [
     "encode_request",
     "decode_request",
     "request_token",
+    "check_value",
     "MAX_DIMENSIONS",
     "encode_reply",
     "decode_reply",
@@ -165,8 +166,8 @@ def _check_tensor(name: str, tensor: object) -> torch.Tensor:
     if tensor.dtype not in _DTYPE_CODES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
         raise CodecError(f"argument {name!r}: dtype {tensor.dtype} is not supported; use one of {supported}")
-    if tensor.dim() > 255:
-        raise CodecError(f"argument {name!r}: at most 255 dimensions, got {tensor.dim()}")
+    if tensor.dim() > MAX_DIMENSIONS:
+        raise CodecError(f"argument {name!r}: at most {MAX_DIMENSIONS} dimensions, got {tensor.dim()}")
     return tensor
 
 
@@ -291,6 +292,13 @@ def value_tensors(value: object) -> dict[str, torch.Tensor]:
         "a server-model method must return None, a tensor, a dict of tensors or a tuple "
         f"of tensors, got {type(value).__name__}"
     )
+
+
+def check_value(value: object) -> None:
+    """Raise :class:`CodecError` if :func:`encode_reply` could not carry ``value`` (nothing
+    is encoded: for a fire-and-forget call, whose reply carries no value)."""
+    for name, tensor in value_tensors(value).items():
+        _check_tensor(name, tensor)
 
 
 def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: float = 0.0) -> bytes:

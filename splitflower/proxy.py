@@ -52,6 +52,7 @@ from splitflower.wire import (
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     GRPC_CALL_PATH,
+    MAX_IN_FLIGHT,
     ErrorKind,
 )
 
@@ -209,8 +210,8 @@ class ServerModelProxy:
         log_prefix: str = "[client]",
         memory: MemoryTally | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ConfigError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(f"max_in_flight must be 1 to {MAX_IN_FLIGHT}, got {max_in_flight}")
         self.address = address
         self.max_message_bytes = max_message_bytes
         self.default_timeout = default_timeout
@@ -315,14 +316,21 @@ class ServerModelProxy:
             release_openmp_workers()
 
     def _start(
-        self, method: str, arguments: Mapping[str, Any], timeout: float | None, *, no_reply: bool
+        self,
+        method: str,
+        arguments: Mapping[str, Any],
+        timeout: float | None,
+        *,
+        no_reply: bool,
+        deadline: float | None = None,
     ) -> ProxyFuture:
         frame, device, seq = self._prepare(method, arguments, no_reply)
         # The encoded request is held until its reply arrives: count it as the party's memory.
         self.memory.add_in_flight(len(frame))
-        # The timeout counts from now, not from when a pool thread takes the call up.
-        seconds = self._deadline(timeout)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        # The timeout counts from the call, not from when a pool thread takes it up.
+        if deadline is None:
+            seconds = self._deadline(timeout)
+            deadline = None if seconds is None else time.monotonic() + seconds
         call = self._executor.submit(self._call_before, frame, method, deadline)
 
         def settle(_: Future[bytes]) -> None:
@@ -345,6 +353,7 @@ class ServerModelProxy:
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
         seconds = self._deadline(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
         with self.times.measure("blocked_s"):
             if not self._window.acquire(timeout=seconds):
                 raise ServerModelTimeoutError(
@@ -352,7 +361,7 @@ class ServerModelProxy:
                     f"its timeout of {seconds}s; it was not sent"
                 )
         try:
-            future = self._start(method, arguments, timeout, no_reply=True)
+            future = self._start(method, arguments, timeout, no_reply=True, deadline=deadline)
         except BaseException:
             self._window.release()
             raise

@@ -122,6 +122,8 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     try:
         out = check_results_path(path)
         figure.savefig(out, dpi=110)
+    except ResultsFileError:
+        raise
     except OSError as err:
         raise ResultsFileError(f"cannot write the plot to {str(path)!r}: {err}") from err
     finally:

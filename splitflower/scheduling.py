@@ -245,15 +245,16 @@ class BatchingScheduler(Scheduler):
         # Concatenate in the strategy's client order, not arrival order, so that a batched
         # computation is reproducible.
         slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
-        gone = [s for s in slots if s.still_wanted is not None and not s.still_wanted()]
-        if gone:
-            self._settle(gone, [Outcome(error=_gone()) for _ in gone], time.perf_counter())
-            slots = [s for s in slots if s not in gone]
-            if not slots:
-                return
-        self.flushes += 1
+        outcomes: list[Outcome] = []
         started = time.perf_counter()
         try:
+            gone = [s for s in slots if s.still_wanted is not None and not s.still_wanted()]
+            if gone:
+                self._settle(gone, [Outcome(error=_gone()) for _ in gone], started)
+                slots = [s for s in slots if s not in gone]
+                if not slots:
+                    return
+            self.flushes += 1
             sizes = [_batch_size(method, s.tensors) for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
             ends = list(itertools.accumulate(sizes))

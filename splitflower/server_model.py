@@ -260,11 +260,13 @@ class ServerModel:
 
     def keep(self, *values: Any) -> None:
         """Keep ``values`` (e.g. a graph to backpropagate later) for the calling client's
-        next call, which takes them with :meth:`take_kept`. Dropped at the next round."""
+        next call, which takes them with :meth:`take_kept`. A client has one such slot: a
+        second keep before a take replaces the first. Dropped at the next round."""
         self._kept[self.call_context.caller] = values
 
     def take_kept(self, kept_by: str) -> tuple[Any, ...]:
-        """What the calling client's ``kept_by`` call kept; refuses a call that comes first.
+        """Take what the calling client last kept; ``kept_by`` names the call that should have
+        kept it, for the error when nothing was (a call that came first).
 
         Example
         -------

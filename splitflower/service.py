@@ -12,6 +12,8 @@ keeps serving everyone else.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import secrets
 import threading
@@ -23,7 +25,7 @@ import grpc
 
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
-from splitflower.codec import TOKEN_BYTES, Request, decode_request, encode_reply, request_token, value_tensors
+from splitflower.codec import TOKEN_BYTES, Request, check_value, decode_request, encode_reply, request_token
 from splitflower.errors import (
     CodecError,
     ConfigError,
@@ -38,6 +40,7 @@ from splitflower.wire import (
     FINISH_METHOD,
     GRPC_CALL_METHOD,
     GRPC_SERVICE,
+    MAX_IN_FLIGHT,
     ErrorKind,
 )
 
@@ -61,8 +64,9 @@ _WIRE_KEYS = ("up_frame_bytes", "up_messages", "down_frame_bytes", "down_message
 _TIME_KEYS = ("server_compute_s", "server_queue_s", "server_handle_s")
 
 
-# gRPC carries the message in a trailer, and trailers are limited to 16 KiB in all.
-_MAX_MESSAGE_CHARS = 2000
+# gRPC carries the message in a trailer, percent-encoding each byte that is not printable
+# ASCII (3 bytes for 1), and trailers are limited to 16 KiB in all.
+_MAX_MESSAGE_BYTES = 4000
 # How far ahead of the next expected request a client's request may be: a real client has
 # at most its in-flight window out.
 _MAX_SEQ_AHEAD = 1024
@@ -70,8 +74,10 @@ _MAX_SEQ_AHEAD = 1024
 
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, kind: str, message: str) -> None:
-        if len(message) > _MAX_MESSAGE_CHARS:
-            message = f"{message[:_MAX_MESSAGE_CHARS]}... ({len(message) - _MAX_MESSAGE_CHARS} more characters)"
+        encoded = message.encode()
+        if len(encoded) > _MAX_MESSAGE_BYTES:
+            kept = encoded[:_MAX_MESSAGE_BYTES].decode(errors="ignore")
+            message = f"{kept}... ({len(encoded) - _MAX_MESSAGE_BYTES} more bytes)"
         super().__init__(message)
         self.code, self.kind, self.message = code, kind, message
 
@@ -104,6 +110,8 @@ class ClientSession:
         ``settled_below``, that the client has its outcome; it is never guessed from time.
         """
         with self._cond:
+            if self.revoked:
+                raise _Abort(grpc.StatusCode.UNAUTHENTICATED, ErrorKind.AUTH, "the token was revoked")
             if settled_below > self._settled_below:
                 self._settled_below = settled_below
                 self._skip_settled()
@@ -285,8 +293,10 @@ class SplitService:
     def open_session(self, client: Hashable, scheduler: Scheduler) -> tuple[bytes, ClientSession]:
         """Issue a fresh token giving ``client`` access to ``scheduler``'s model."""
         token = secrets.token_bytes(TOKEN_BYTES)
-        # One client's requests waiting for its earlier ones may hold half the threads.
-        session = ClientSession(client, scheduler, max_in_progress=max(self._max_workers // 2, 1))
+        # One client's requests waiting for its earlier ones may hold half the threads, and
+        # always as many as a proxy keeps in flight.
+        in_progress = max(self._max_workers // 2, MAX_IN_FLIGHT + 1)
+        session = ClientSession(client, scheduler, max_in_progress=in_progress)
         with self._lock:
             self._sessions[token] = session
         return token, session
@@ -350,14 +360,18 @@ class SplitService:
             session.leave(request.seq)
 
     def _run(self, session: ClientSession, request: Request, context: grpc.ServicerContext) -> bytes:
-        outcome = session.scheduler.run(session.client, request.method, request.tensors, context.is_active)
+        scheduler = session.scheduler
+        if _takes_still_wanted(type(scheduler)):
+            outcome = scheduler.run(session.client, request.method, request.tensors, still_wanted=context.is_active)
+        else:  # a scheduler written before still_wanted existed
+            outcome = scheduler.run(session.client, request.method, request.tensors)
         if outcome.error is not None:
             raise _error_to_abort(request.method, outcome.error, session.client)
         session.seconds["server_compute_s"] += outcome.compute_s
         session.seconds["server_queue_s"] += outcome.queue_wait_s
         try:
             if request.no_reply:
-                value_tensors(outcome.value)  # a return value no call form could carry is a bug either way
+                check_value(outcome.value)  # a return value no call form could carry is a bug either way
             value = None if request.no_reply else outcome.value
             reply = encode_reply(value, server_compute_s=outcome.compute_s, queue_wait_s=outcome.queue_wait_s)
         except CodecError as err:
@@ -374,6 +388,12 @@ class SplitService:
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
+
+
+@functools.cache
+def _takes_still_wanted(scheduler_cls: type[Scheduler]) -> bool:
+    parameters = inspect.signature(scheduler_cls.run).parameters.values()
+    return any(p.name == "still_wanted" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _invalid(message: str) -> _Abort:

@@ -221,7 +221,7 @@ class SplitStrategy(FedAvg):
             if time.monotonic() >= deadline:
                 raise NotEnoughNodesError(
                     f"the round needs {needed} clients (min_available_nodes / min_train_nodes, e.g. the app's "
-                    f"num-clients) but only {len(nodes)} connected within {self.node_wait_timeout:.0f}s; start more "
+                    f"num-clients) but only {len(nodes)} connected within {self.node_wait_timeout:g}s; start more "
                     "SuperNodes (num-supernodes in simulation) or ask for fewer clients"
                 )
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))

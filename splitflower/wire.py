@@ -19,6 +19,7 @@ __all__ = [
     "RecordKey",
     "MetricKey",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_IN_FLIGHT",
 ]
 
 GRPC_SERVICE: Final = "splitflower.v1.ServerModel"
@@ -33,6 +34,10 @@ ERROR_KIND_METADATA_KEY: Final = "sf-error-kind"
 FINISH_METHOD: Final = "<finish>"
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+
+# Most requests one proxy keeps in flight; the service lets a client have this many (plus
+# a blocking call) in progress however few threads it has.
+MAX_IN_FLIGHT: Final = 32
 
 
 class ErrorKind:

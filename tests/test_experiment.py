@@ -162,7 +162,9 @@ def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
     check_every_round_trained(rounds[:1])
 
 
-def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "results.json"
     write_results({"final": {"test_loss": math.nan, "test_accuracy": 0.5}}, out)
     assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == {
@@ -173,9 +175,17 @@ def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(tmp_path:
     with pytest.raises(ResultsFileError, match="cannot write"):
         check_results_path(out / "below-a-file.json")
     with pytest.raises(TypeError):
-        write_results({"x": object()}, out)  # not JSON: the old file stays, no temporary file is left
-    assert json.loads(out.read_text())["final"]["test_accuracy"] == 0.5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+        write_results({"x": object()}, out)  # not JSON: refused before anything is written
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "replace", _fail_to_replace)
+        with pytest.raises(ResultsFileError, match="cannot write results"):
+            write_results({"final": {}}, out)
+    assert json.loads(out.read_text())["final"]["test_accuracy"] == 0.5, "the old file stays"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "no temporary file is left"
+
+
+def _fail_to_replace(self: Path, target: Path) -> Path:
+    raise OSError(28, "No space left on device")
 
 
 @pytest.mark.parametrize("strategy", ["parallel", "splitfed-v2"])

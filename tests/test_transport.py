@@ -21,6 +21,7 @@ from splitflower.codec import encode_request
 from splitflower.compute import ComputeThread
 from splitflower.errors import (
     AuthenticationError,
+    ConfigError,
     InvalidArgumentsError,
     MessageTooLargeError,
     RemoteComputationError,
@@ -32,7 +33,7 @@ from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
 from splitflower.service import SplitService, TlsConfig
-from splitflower.wire import ERROR_KIND_METADATA_KEY, FINISH_METHOD, GRPC_CALL_PATH, ErrorKind
+from splitflower.wire import ERROR_KIND_METADATA_KEY, FINISH_METHOD, GRPC_CALL_PATH, MAX_IN_FLIGHT, ErrorKind
 
 
 class Toy(ServerModel):
@@ -54,9 +55,12 @@ class Toy(ServerModel):
     def fail(self, x: torch.Tensor, message: torch.Tensor | None = None) -> None:
         raise ValueError("deliberate failure" + "!" * (0 if message is None else int(message)))
 
-    def count(self, x: torch.Tensor) -> float:  # not a tensor: no call form can carry it back
+    def count(self, x: torch.Tensor) -> dict[str, float]:  # a float inside: no call form can carry it back
         self.seen.append(len(x))
-        return float(len(x))
+        return {"n": float(len(x))}
+
+    def fail_wide(self, x: torch.Tensor) -> None:
+        raise ValueError("\u4e2d" * 5000)  # 3 bytes each in UTF-8, 9 once gRPC percent-encodes them
 
     def slow(self, seconds: torch.Tensor) -> None:
         time.sleep(float(seconds))
@@ -249,9 +253,34 @@ def test_calls_after_the_client_finished_are_refused(service: SplitService) -> N
 
 def test_a_long_error_message_arrives_shortened(service: SplitService) -> None:
     proxy = connect(service, Toy())
-    with pytest.raises(RemoteComputationError, match=r"more characters\)$"):
+    with pytest.raises(RemoteComputationError, match=r"more bytes\)$"):
         proxy.fail(x=torch.ones(1), message=torch.tensor(20_000))
+    with pytest.raises(RemoteComputationError, match=r"\u4e2d+\.\.\. \(\d+ more bytes\)$"):
+        proxy.fail_wide(x=torch.ones(1))
     _still_serves(proxy)
+
+
+def test_a_client_with_the_largest_in_flight_window_is_served(service: SplitService) -> None:
+    model = Toy()
+    proxy = connect(service, model, max_in_flight=MAX_IN_FLIGHT)
+    for i in range(2 * MAX_IN_FLIGHT):
+        proxy.slow.send(seconds=torch.tensor(0.01))
+        proxy.record.send(i=torch.tensor(i))
+    proxy.wait_all()
+    assert model.seen == list(range(2 * MAX_IN_FLIGHT))
+    with pytest.raises(ConfigError, match=f"1 to {MAX_IN_FLIGHT}"):
+        connect(service, model, max_in_flight=MAX_IN_FLIGHT + 1)
+
+
+class _SchedulerWithoutStillWanted(ImmediateScheduler):
+    """A scheduler written against the three-argument run of earlier versions."""
+
+    def run(self, client: object, method: str, tensors: Any) -> Any:  # type: ignore[override]
+        return super().run(client, method, tensors)
+
+
+def test_a_scheduler_whose_run_takes_no_still_wanted_still_serves(service: SplitService) -> None:
+    _still_serves(connect(service, _SchedulerWithoutStillWanted(Toy())))
 
 
 class Members(ServerModel):
@@ -310,6 +339,16 @@ def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
         slow.slow(seconds=torch.tensor(2.0), timeout=0.3)
     assert time.perf_counter() - started < 1.5
     _still_serves(connect(service, Toy(), client="other"))
+
+
+def test_a_fire_and_forget_timeout_includes_the_wait_for_room(service: SplitService) -> None:
+    proxy = connect(service, Toy(), max_in_flight=1)
+    proxy.slow.send(seconds=torch.tensor(0.5))
+    started = time.perf_counter()
+    proxy.slow.send(seconds=torch.tensor(0.5), timeout=0.6)  # room after 0.5 s, done after 1.0 s
+    with pytest.raises(ServerModelTimeoutError):
+        proxy.wait_all()
+    assert time.perf_counter() - started < 0.9
 
 
 @pytest.mark.parametrize("form", ["future", "send"])
