@@ -17,7 +17,7 @@ Writes two tables the grid report (``splitflower reproduce dsl-paper``) includes
 The tally is deterministic for a given model, cut and batch size (see
 ``splitflower.metering``), except the payload in flight at windows above 1 (CSL's futures,
 DSL's unacknowledged sends), which depends on how far the server lags behind the client:
-one or two batches' requests more or less from run to run (6-13 MB for ResNet-20 cut s).
+it moves by whole requests, one batch's each (6.4 MB for ResNet-20 cut s), from run to run.
 
 Usage: ``python benchmarks/dsl_paper_memory.py --out docs/results [--model resnet20]
 [--cuts s,m,d] [--batches 6]``.

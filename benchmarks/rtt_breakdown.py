@@ -49,7 +49,6 @@ from splitflower.compute import shared_compute_thread
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.service import SplitService
-from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 HOT_REPEATS = 5000
 WARMUP_CALLS = 500
@@ -65,7 +64,7 @@ class Stopwatches:
     def wrap(self, owner: Any, attribute: str, stage: str) -> None:
         """Replace ``owner.attribute`` with a timed call of it (stages may share a name)."""
         real = getattr(owner, attribute)
-        totals = self.totals.setdefault(stage, [0, 0, 0])
+        totals = self.totals.setdefault(stage, [0, 0])
         wall_clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -75,25 +74,24 @@ class Stopwatches:
             finally:
                 totals[0] += wall_clock() - wall
                 totals[1] += cpu_clock() - cpu
-                totals[2] += 1
 
         setattr(owner, attribute, timed)
 
     def reset(self) -> None:
         for totals in self.totals.values():
-            totals[:] = [0, 0, 0]
+            totals[:] = [0, 0]
 
     def per_call(self, calls: int) -> dict[str, dict[str, float]]:
         """Microseconds per proxy call (a stage entered twice per call counts both)."""
         return {
             stage: {"wall_us": round(wall / calls / 1000, 1), "cpu_us": round(cpu / calls / 1000, 1)}
-            for stage, (wall, cpu, _) in self.totals.items()
+            for stage, (wall, cpu) in self.totals.items()
         }
 
 
 def server_main(conn: Connection) -> None:
     """The server process: a SplitService with an echo session, a bare echo, stopwatches on request."""
-    service = SplitService("127.0.0.1", 0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+    service = SplitService("127.0.0.1", 0)
     service.start()
     bare, bare_port = transport._start_bare_echo([("grpc.so_reuseport", 0)], 64)
     scheduler = ImmediateScheduler(transport.EchoModel(nn.Identity()))
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     child.close()
     try:
         info = conn.recv()
-        proxy = ServerModelProxy(info["service"], info["token"], max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        proxy = ServerModelProxy(info["service"], info["token"])
         channel = transport._bare_channel(info["bare"], [])
         bare_echo = channel.unary_unary(transport.BARE_PATH)
         bare_call, proxy_call = (lambda: bare_echo(raw)), (lambda: proxy.echo(x=tensor))

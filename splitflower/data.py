@@ -57,6 +57,7 @@ __all__ = [
     "load_fashion_mnist",
     "parse_partition",
     "partition",
+    "partition_sizes",
     "synthetic",
 ]
 
@@ -1031,6 +1032,26 @@ def partition(
     parsed = _validate_partitioning(dataset, num_partitions, spec)
     indices = _partition_indices(dataset.labels, num_partitions, parsed, seed)
     return [dataset.subset(index) for index in indices]
+
+
+def partition_sizes(
+    dataset: ArrayDataset, num_partitions: int, spec: PartitionSpec | str, *, seed: int = 0
+) -> list[int]:
+    """How many samples each partition of :func:`partition`'s split holds, without copying
+    any (the index lists are cached for the clients that follow).
+
+    Example
+    -------
+    >>> partition_sizes(synthetic(10, 4)[0], 3, "iid")
+    [4, 3, 3]
+
+    Raises
+    ------
+    DatasetError
+        As :func:`partition` does.
+    """
+    parsed = _validate_partitioning(dataset, num_partitions, spec)
+    return [len(index) for index in _partition_indices(dataset.labels, num_partitions, parsed, seed)]
 
 
 def client_partition(

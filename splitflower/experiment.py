@@ -38,7 +38,15 @@ from splitflower.algorithms import ALGORITHMS, Algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
-from splitflower.data import DATASET_NAMES, ArrayDataset, client_partition, load_dataset, parse_partition, synthetic
+from splitflower.data import (
+    DATASET_NAMES,
+    ArrayDataset,
+    client_partition,
+    load_dataset,
+    parse_partition,
+    partition_sizes,
+    synthetic,
+)
 from splitflower.errors import ConfigError, DatasetError, ExperimentFailedError, ResultsFileError, SplitflowerError
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
@@ -240,8 +248,7 @@ class Experiment:
             if not len(data):
                 raise DatasetError(f"{data.name}'s {split} set is empty; a run needs examples to train and test on")
         c = self.config
-        for partition_id in range(c.clients):  # a bad partition fails here, not inside every client
-            client_partition(self.train, partition_id, c.clients, c.partition, seed=c.seed)
+        partition_sizes(self.train, c.clients, c.partition, seed=c.seed)  # fails here, not in every client
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
         model = build_model(
@@ -667,13 +674,21 @@ def results_document(
 
 def check_results_path(path: str | Path) -> Path:
     """Refuse, before a run, a results path that cannot be written (creating its folder)."""
+    out = _results_target(path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+            pass
+    except OSError as err:
+        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
+    return out
+
+
+def _results_target(path: str | Path) -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise ResultsFileError(f"results path {str(out)!r} is a directory; give a file name such as results.json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
-            pass
     except OSError as err:
         raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
     return out
@@ -683,7 +698,7 @@ def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
     """Write a results document atomically: a reader never sees a half-written file, and a
     failed write leaves what was there. Numbers that are not finite (a diverged loss) are
     written as null, so the file is strict JSON."""
-    out = check_results_path(path)
+    out = _results_target(path)  # writing the temporary file below is the check
     text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
     # A name of its own (not tempfile's, whose files are private to the user), created
     # exclusively, so the file gets the permissions the umask gives any new file.

@@ -158,10 +158,7 @@ class ProxyFuture:
         with contextlib.suppress(FutureTimeoutError):
             self._call.result(timeout=max(self._deadline - started, 0.0))
         if not self._call.done() and self._call.cancel():
-            raise ServerModelTimeoutError(
-                f"{self._method}: its timeout passed while it waited behind {self._proxy._window_size} calls "
-                "in flight; it was not sent"
-            )
+            raise self._proxy._not_sent(self._method)
         return time.monotonic() - started
 
 
@@ -345,11 +342,13 @@ class ServerModelProxy:
             return self._call(frame)  # type: ignore[no-any-return]
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ServerModelTimeoutError(
-                f"{method}: its timeout passed while it waited behind {self._window_size} calls in flight; "
-                "it was not sent"
-            )
+            raise self._not_sent(method)
         return self._call(frame, timeout=left)  # type: ignore[no-any-return]
+
+    def _not_sent(self, method: str) -> ServerModelTimeoutError:
+        return ServerModelTimeoutError(
+            f"{method}: its timeout passed while it waited behind {self._window_size} calls in flight; it was not sent"
+        )
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
         seconds = self._deadline(timeout)

@@ -141,6 +141,7 @@ class _Slot:
     client: Hashable
     tensors: Mapping[str, torch.Tensor]
     arrived: float
+    rows: int
     still_wanted: Wanted = None
     outcome: Outcome | None = None
 
@@ -200,10 +201,10 @@ class BatchingScheduler(Scheduler):
     ) -> Outcome:
         try:
             resolve_call(self.model, method, tensors)
-            _batch_size(method, tensors)
+            rows = _batch_size(method, tensors)
         except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
             return Outcome(error=err)
-        slot = _Slot(client, tensors, time.perf_counter(), still_wanted)
+        slot = _Slot(client, tensors, time.perf_counter(), rows, still_wanted)
         with self._cond:
             key = _signature(method, tensors)
             group = self._groups.get(key)
@@ -255,7 +256,7 @@ class BatchingScheduler(Scheduler):
                 if not slots:
                     return
             self.flushes += 1
-            sizes = [_batch_size(method, s.tensors) for s in slots]
+            sizes = [s.rows for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
             ends = list(itertools.accumulate(sizes))
             rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))

@@ -111,7 +111,7 @@ class ClientSession:
         """
         with self._cond:
             if self.revoked:
-                raise _Abort(grpc.StatusCode.UNAUTHENTICATED, ErrorKind.AUTH, "the token was revoked")
+                raise _revoked()
             if settled_below > self._settled_below:
                 self._settled_below = settled_below
                 self._skip_settled()
@@ -142,7 +142,7 @@ class ClientSession:
             while self._next_seq != seq:
                 if self.revoked:
                     self._present.discard(seq)
-                    raise _Abort(grpc.StatusCode.UNAUTHENTICATED, ErrorKind.AUTH, "the token was revoked")
+                    raise _revoked()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._present.discard(seq)
@@ -394,6 +394,10 @@ class SplitService:
 def _takes_still_wanted(scheduler_cls: type[Scheduler]) -> bool:
     parameters = inspect.signature(scheduler_cls.run).parameters.values()
     return any(p.name == "still_wanted" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _revoked() -> _Abort:
+    return _Abort(grpc.StatusCode.UNAUTHENTICATED, ErrorKind.AUTH, "the token was revoked")
 
 
 def _invalid(message: str) -> _Abort:

@@ -167,7 +167,8 @@ def connect(
 
 RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
 # Ray's local node misses its start-up window now and then on a loaded 2-core machine (twice
-# in a row in one CI run here); such a failure takes seconds, so a third try costs little.
+# in a row in the fresh-clone CI run at 7caa95e); such a failure takes seconds, so a third
+# try costs little.
 CLI_ATTEMPTS = 3
 
 

@@ -2,7 +2,8 @@
 
 locfedmix and splitavg run under their own strategy (batched), and fedsl under sequential, in
 test_flower_app_algorithms.py through the same experiment code (parallel runs here with
-streamsl); each Flower simulation costs about 20 s here, so those are not run twice.
+streamsl); each Flower simulation costs about 20 s here (CI's --durations report shows it),
+so those are not run twice.
 """
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
 
 def test_example_config_names_every_bad_value(task: Any) -> None:
     bad = {"lr": -1.0, "batch-size": "64", "algorithm": "nope", "num-clients": True, "synthetic-size": 0, "out": ""}
-    bad |= {"cut": True}
+    bad["cut"] = True
     with pytest.raises(ConfigError) as info:
         task.experiment_config(bad, {"num-partitions": 0})
     message = str(info.value)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from conftest import REPO_ROOT
 from splitflower._threads import StickyExecutor
 from splitflower.app import (
     _handed_optimizer_state,
@@ -134,9 +135,9 @@ def test_handed_optimizer_state_round_trips_and_bad_records_are_refused() -> Non
 
 
 def test_the_readme_s_demo_table_is_the_recorded_demo_run() -> None:
-    demo = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo"
+    demo = REPO_ROOT / "docs" / "results" / "demo"
     table = comparison_table([load_results(demo / f"demo-{a}.json") for a in ("dsl", "csl")])
-    assert table in (demo.parents[2] / "README.md").read_text()
+    assert table in (REPO_ROOT / "README.md").read_text()
 
 
 def test_compare_refuses_a_results_file_without_its_config(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import re
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import connect
+from splitflower import codec
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import encode_request
 from splitflower.compute import ComputeThread
@@ -190,24 +189,25 @@ def test_corrupt_bytes_are_rejected(service: SplitService, corruption: str) -> N
 # One float32 tensor "x" of 65 dimensions of size 1 (with its 4 bytes of data and padding),
 # and one of shape [0, 2**32 - 1, 2**32 - 1] (no data, but strides that overflow int64).
 _BAD_SHAPES = {
-    "65-dimensions": (b"\x01\x01x\x01\x41" + b"\x01\x00\x00\x00" * 65, b"\0" * 8),
-    "stride-overflow": (b"\x01\x01x\x01\x03" + b"\x00" * 4 + b"\xff" * 8, b""),
+    "65-dimensions": (b"\x01\x01x\x01\x41" + b"\x01\x00\x00\x00" * 65, b"\0" * 8, "65 dimensions, at most 64"),
+    "stride-overflow": (b"\x01\x01x\x01\x03" + b"\x00" * 4 + b"\xff" * 8, b"", "too large to index"),
 }
 
 
 def _frame(token: bytes, table: bytes, data: bytes = b"", method: bytes = b"echo") -> bytes:
     """A request frame built by hand (the codec refuses to encode a bad one): header, method, table, data."""
-    head = struct.pack("<2sBBB16sIIH", b"SF", 2, 1, 0, token, 0, 0, len(table))
+    head = codec._REQUEST_HEAD.pack(codec._MAGIC, codec._VERSION, codec._KIND_REQUEST, 0, token, 0, 0, len(table))
     body = head + bytes([len(method)]) + method + table
-    return body + b"\0" * (-len(body) % 8) + data
+    return body + b"\0" * codec._pad(len(body)) + data
 
 
 @pytest.mark.parametrize("case", list(_BAD_SHAPES))
 def test_corrupt_shapes_get_a_clear_error(service: SplitService, case: str) -> None:
     token, _ = service.open_session("corrupting", ImmediateScheduler(Toy()))
-    error = _raw_call(service, _frame(token, *_BAD_SHAPES[case]))
+    table, data, message = _BAD_SHAPES[case]
+    error = _raw_call(service, _frame(token, table, data))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert re.search("65 dimensions, at most 64|too large to index", error.details() or ""), error.details()
+    assert message in (error.details() or ""), error.details()
     assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
     _still_serves(connect(service, Toy()))
 
@@ -246,7 +246,7 @@ def test_calls_after_the_client_finished_are_refused(service: SplitService) -> N
     model = Toy()
     token, _ = service.open_session("finished", ImmediateScheduler(model))
     assert isinstance(_raw(service, encode_request(token, 0, FINISH_METHOD, {})), bytes)
-    error = _raw_call(service, encode_request(token, 1, "record", {"i": torch.tensor(1)}))
+    error = _raw_call(service, _record_frame(token, 1, 0))
     assert "already finished its round" in (error.details() or "")
     assert model.seen == []
 
