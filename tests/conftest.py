@@ -64,6 +64,12 @@ def service() -> Iterator[SplitService]:
     svc.stop(grace=0)
 
 
+# Ray's local node misses its start-up window now and then on a loaded 2-core machine (twice
+# in a row in the fresh-clone CI runs at 7caa95e and 9979991); such a failure takes seconds,
+# so a third try costs little.
+RAY_ATTEMPTS = 3
+
+
 def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float = 240) -> list[dict[str, Any]]:
     """Run ``config`` as a Flower simulation whose clients are ``client_cls`` (defined in a
     test module); returns the strategy's raw round records.
@@ -71,10 +77,11 @@ def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float 
     Each simulation runs in a fresh process (Ray started a second time in one process can
     time out while its new node starts), which is ended whatever happens: when Ray's node
     misses its start-up window, Flower's ServerApp thread waits for replies forever and the
-    process would never exit by itself. Such a failure, or a hang, gets one more try.
+    process would never exit by itself. Such a failure, or a hang, is tried again, up to
+    :data:`RAY_ATTEMPTS` times in all.
     """
     context = multiprocessing.get_context("spawn")
-    for attempt in (1, 2):
+    for attempt in range(1, RAY_ATTEMPTS + 1):
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(target=_simulate_child, args=(sender, config, client_cls), daemon=True)
         process.start()
@@ -98,7 +105,7 @@ def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float 
         # Ray's local node sometimes misses its 30 s start-up window on a loaded 2-core
         # machine ("Simulation Runtime crashed", missing rounds, a hang): not splitflower's doing.
         retryable = kind in ("ok", "hung") or "Ending simulation" in value
-        if attempt == 2 or not retryable:
+        if attempt == RAY_ATTEMPTS or not retryable:
             raise RuntimeError(f"simulation failed ({kind}): {problem}")
     raise AssertionError("unreachable")
 
@@ -166,21 +173,17 @@ def connect(
 
 
 RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
-# Ray's local node misses its start-up window now and then on a loaded 2-core machine (twice
-# in a row in the fresh-clone CI run at 7caa95e); such a failure takes seconds, so a third
-# try costs little.
-CLI_ATTEMPTS = 3
 
 
 def run_cli(
     command: list[str], attempt_timeout: float = 180, startup_timeout: float = STARTUP_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
-    """Run a ``splitflower run`` command; up to :data:`CLI_ATTEMPTS` tries while Ray's local
+    """Run a ``splitflower run`` command; up to :data:`RAY_ATTEMPTS` tries while Ray's local
     node misses its start-up window (Flower's simulation then fails, or hangs until the CLI's
     --startup-timeout gives up; each attempt is bounded besides). The last attempt's hang or
     failure is returned as it is."""
     command = [*command, "--startup-timeout", str(startup_timeout)]
-    for attempt in range(1, CLI_ATTEMPTS + 1):
+    for attempt in range(1, RAY_ATTEMPTS + 1):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=attempt_timeout)
         except subprocess.TimeoutExpired as err:
@@ -189,7 +192,7 @@ def run_cli(
         hung_or_ray = done.returncode in (-9, STALLED_EXIT_CODE) or any(
             sign in done.stderr for sign in RAY_START_UP_FAILURES
         )
-        if done.returncode == 0 or attempt == CLI_ATTEMPTS or not hung_or_ray:
+        if done.returncode == 0 or attempt == RAY_ATTEMPTS or not hung_or_ray:
             return done
     raise AssertionError("unreachable")
 
