@@ -19,7 +19,6 @@ from splitflower.algorithms.csl import CSLServerModel
 from splitflower.algorithms.fedsl import FedSLServerModel
 from splitflower.client import Client
 from splitflower.errors import ConfigError
-from splitflower.split import cut_shape
 from splitflower.supervised import AUX_HEADS
 from splitflower.wire import MAX_IN_FLIGHT
 
@@ -62,9 +61,8 @@ class DSLClient(Client):
 
     def __init__(self, segment: nn.Module, *args: Any, aux_head: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
-        data = self.train_data
-        head = aux_head or AUX_HEADS[self.options.head](cut_shape(segment, data.input_shape), data.num_classes)
-        self.model["aux_head"] = head.to(self.device)
+        head = aux_head or AUX_HEADS[self.options.head](self.cut_shape, self.train_data.num_classes)
+        self.add_part("aux_head", head)
         self.max_in_flight = max(self.options.window, 1)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

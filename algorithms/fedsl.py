@@ -14,7 +14,6 @@ from torch import nn
 
 from splitflower.client import Client
 from splitflower.server_model import remote
-from splitflower.split import cut_shape
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel, linear_head
 
 __all__ = ["FedSLClient", "FedSLServerModel"]
@@ -34,8 +33,7 @@ class FedSLClient(Client):
 
     def __init__(self, segment: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
-        cut = cut_shape(segment, self.train_data.input_shape)
-        self.model["aux_head"] = linear_head(cut, self.train_data.num_classes).to(self.device)
+        self.add_part("aux_head", linear_head(self.cut_shape, self.train_data.num_classes))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)

@@ -22,7 +22,6 @@ from torch import nn
 from splitflower.client import Client
 from splitflower.errors import ConfigError
 from splitflower.server_model import remote
-from splitflower.split import cut_shape
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
 
 __all__ = ["LocFedMixClient", "LocFedMixOptions", "LocFedMixServerModel", "TABLE3_COMBOS", "infopro_decoder"]
@@ -114,8 +113,7 @@ class LocFedMixClient(Client):
         super().__init__(segment, *args, **kwargs)
         self.sync_every = int(self.options.sync_every or 0)
         if self.options.decoder:
-            shape = self.train_data.input_shape
-            self.model["decoder"] = infopro_decoder(cut_shape(segment, shape), shape).to(self.device)
+            self.add_part("decoder", infopro_decoder(self.cut_shape, self.train_data.input_shape))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)

@@ -35,7 +35,7 @@ class UShapedClient(Client):
 
     def __init__(self, segment: nn.Module, *args: Any, tail: nn.Module, **kwargs: Any) -> None:
         super().__init__(segment, *args, **kwargs)
-        self.model["tail"] = tail.to(self.device)
+        self.add_part("tail", tail)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         z = self.segment(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +16,7 @@ from splitflower.errors import ConfigError
 from splitflower.metering import MemoryTally
 from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.server_model import FitResult, OptimizerFactory, sgd
+from splitflower.split import cut_shape
 from splitflower.wire import ConfigKey
 
 __all__ = ["Client", "EvaluateResult"]
@@ -94,6 +96,30 @@ class Client:
     def segment(self) -> nn.Module:
         """The client's part of the split network."""
         return self.model["segment"]
+
+    @functools.cached_property
+    def cut_shape(self) -> torch.Size:
+        """The shape of one example's cut activations: what the segment outputs for one input
+        of ``train_data`` (found by running it once on zeros; see :func:`~splitflower.split.cut_shape`)."""
+        return cut_shape(self.segment, self.train_data.input_shape)
+
+    def add_part(self, name: str, module: nn.Module) -> nn.Module:
+        """Add ``module`` (an auxiliary head, a decoder, a tail) to ``self.model`` on the
+        client's device and return it: the round's optimizer trains it, and it travels with
+        the segment, so the strategy averages it and hands it on too.
+
+        Example
+        -------
+        >>> from splitflower.data import synthetic
+        >>> client = Client(nn.Flatten(), synthetic(8, 8, num_classes=3, input_shape=(1, 4, 4))[0])
+        >>> head = client.add_part("aux_head", nn.Linear(client.cut_shape.numel(), 3))
+        >>> sorted(client.model), tuple(client.cut_shape)
+        (['aux_head', 'segment'], (16,))
+        """
+        if name in self.model:
+            raise ValueError(f"{type(self).__name__} already has a part named {name!r}; choose another name")
+        self.model[name] = module.to(self.device)
+        return module
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float]:
         """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``)."""

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -541,13 +541,7 @@ def run_experiment(
     """
     from flwr.simulation import run_simulation
 
-    for key, value in (
-        ("FLWR_TELEMETRY_ENABLED", "0"),
-        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-        ("RAY_USAGE_STATS_ENABLED", "0"),
-        ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-        ("HF_HUB_OFFLINE", "1"),
-    ):
+    for key, value in _OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     # Data and models are built on the compute thread, the only thread of this process
     # that runs parallel torch work (see splitflower.compute).
@@ -569,12 +563,7 @@ def run_experiment(
         entry = summarise_round(record)
         rounds.append(entry)
         progress.round = server_round + 1
-        say(
-            f"round {server_round}/{config.rounds}: test accuracy {entry.get('test_accuracy', float('nan')):.4f}, "
-            f"up {entry['bytes']['up_payload_bytes'] / 1e6:.1f} MB, "
-            f"down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
-            f"{entry['seconds']:.1f}s"
-        )
+        say(_round_line(server_round, config.rounds, entry))
 
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
@@ -584,23 +573,45 @@ def run_experiment(
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
         f"{config.clients} clients, {config.rounds} rounds"
     )
-    concurrent = _concurrent_clients(config)
-    # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
-    gpus_per_client = 1 / concurrent if config.device.startswith("cuda") else 0.0
     with progress:
         run_simulation(
             server_app=experiment.server_app(strategy, keep_result, on_round),
             client_app=experiment.client_app(),
             num_supernodes=config.clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_client},
-                "init_args": {"num_cpus": concurrent, "include_dashboard": False},
-            },
+            backend_config=_backend_config(config),
         )
     if "result" not in holder:
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     check_every_round_trained(rounds)
     return results_document(config, rounds, time.perf_counter() - started)
+
+
+_OFFLINE_ENVIRONMENT: Final = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def _backend_config(config: ExperimentConfig) -> dict[str, Any]:
+    concurrent = _concurrent_clients(config)
+    # Ray hides the GPUs from actors that ask for none: clients on CUDA share them.
+    gpus_per_client = 1 / concurrent if config.device.startswith("cuda") else 0.0
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_client},
+        "init_args": {"num_cpus": concurrent, "include_dashboard": False},
+    }
+
+
+def _round_line(server_round: int, rounds: int, entry: Mapping[str, Any]) -> str:
+    return (
+        f"round {server_round}/{rounds}: test accuracy {entry.get('test_accuracy', float('nan')):.4f}, "
+        f"up {entry['bytes']['up_payload_bytes'] / 1e6:.1f} MB, "
+        f"down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
+        f"{entry['seconds']:.1f}s"
+    )
 
 
 def check_every_round_trained(rounds: list[dict[str, Any]]) -> None:

@@ -251,6 +251,7 @@ class ServerModel:
         self._loss_sum = 0.0
         self._call_context = CallContext()
         self._kept: dict[Hashable, tuple[Any, ...]] = {}
+        self._taken: dict[Hashable, tuple[Any, ...]] = {}  # by the call in progress
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     @property
@@ -266,7 +267,9 @@ class ServerModel:
 
     def take_kept(self, kept_by: str) -> tuple[Any, ...]:
         """Take what the calling client last kept; ``kept_by`` names the call that should have
-        kept it, for the error when nothing was (a call that came first).
+        kept it, for the error when nothing was (a call that came first). If the call that
+        takes it raises (say, a gradient of the wrong shape), it stays kept, so that the
+        client can send the call again.
 
         Example
         -------
@@ -279,7 +282,15 @@ class ServerModel:
         caller = self.call_context.caller if self.call_context.callers else None
         if caller not in self._kept:
             raise InvalidArgumentsError(f"nothing kept for client {caller!r}: call {kept_by}() first")
-        return self._kept.pop(caller)
+        self._taken[caller] = taken = self._kept.pop(caller)
+        return taken
+
+    def _end_call(self, *, failed: bool) -> None:
+        """Called by the scheduler after each call: a failed call gives back what it took."""
+        if failed:
+            for caller, values in self._taken.items():
+                self._kept.setdefault(caller, values)
+        self._taken.clear()
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer."""
@@ -315,6 +326,11 @@ class ServerModel:
         """Backpropagate ``loss`` (or an output with its ``grad``, e.g. one a client sent
         back), step the optimizer and count ``num_examples``; a scalar loss is averaged
         into the round's ``server_train_loss``."""
+        if grad is not None and grad.shape != loss.shape:
+            raise InvalidArgumentsError(
+                f"grad must have the shape of the output it backpropagates, {list(loss.shape)}; "
+                f"got {list(grad.shape)}: send the gradient of the tensor this client received"
+            )
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         loss.backward(grad)

@@ -201,6 +201,25 @@ def test_ushaped_backward_before_forward_is_refused_clearly(service: SplitServic
     proxy.close()
 
 
+def test_ushaped_backward_with_a_wrong_shaped_gradient_keeps_the_graph(service: SplitService) -> None:
+    torch.manual_seed(0)
+    server = UShapedServerModel(nn.Linear(4, 3))
+    server.configure_fit(None, {"lr": LR})
+    reference = copy.deepcopy(server.model)
+    proxy = connect(service, server)
+    z = torch.randn(2, 4)
+    proxy.forward(embeddings=z)
+    with pytest.raises(InvalidArgumentsError, match=r"shape of the output.*\[2, 3\].*got \[3, 2\]"):
+        proxy.backward(grad=torch.ones(3, 2))
+    grad = torch.randn(2, 3)
+    z_grad = proxy.backward(grad=grad)
+    proxy.close()
+    expected_z = z.clone().requires_grad_()
+    reference(expected_z).backward(grad)
+    torch.testing.assert_close(z_grad, expected_z.grad)
+    assert server.num_examples == 2, "only the good backward trained"
+
+
 def test_ushaped_refuses_batching_and_shared_server_models() -> None:
     for strategy in ("batched", "parallel"):
         with pytest.raises(IncompatibleStrategyError, match="runs under splitfed-v1"):
@@ -374,3 +393,19 @@ def test_split_last_layer_gives_u_shaped_thirds_that_compose(name: str) -> None:
         torch.testing.assert_close(tail.eval()(middle.eval()(bottom.eval()(x))), model(x))
     (last,) = [m for m in tail.modules() if next(m.parameters(False), None) is not None]
     assert isinstance(last, nn.Linear) and last.out_features == 10, "the client keeps the output layer"
+
+
+def test_a_part_added_to_a_client_trains_and_travels_with_the_segment(service: SplitService) -> None:
+    bottom, top = split_model(_model(), 3)
+    client = FedSLClient(bottom, _data(32))
+    assert tuple(client.cut_shape) == (4, 4, 4)
+    head_before = copy.deepcopy(client.model["aux_head"].state_dict())
+    server = FedSLServerModel(top)
+    server.configure_fit(None, {"lr": LR})
+    client.server_model_proxy = connect(service, server)
+    weights = client.fit({}, _config()).weights
+    client.server_model_proxy.close()
+    assert any(name.startswith("aux_head.") for name in weights), "the part is sent back with the segment"
+    assert _changed(head_before, client.model["aux_head"].state_dict()), "the round's optimizer trained it"
+    with pytest.raises(ValueError, match="already has a part named 'aux_head'"):
+        client.add_part("aux_head", nn.Identity())
