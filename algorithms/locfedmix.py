@@ -62,10 +62,13 @@ class LocFedMixOptions:
     def __post_init__(self) -> None:
         if self.combo and self.combo not in TABLE3_COMBOS:
             raise ConfigError(f"combo must be 0 (use mixup/decoder/sync_every) or 1..8, got {self.combo}")
-        if self.n_s < 0 or (self.sync_every or 0) < 0 or not self.alpha > 0:
-            raise ConfigError(
-                f"need n_s >= 0, sync_every >= 0 and alpha > 0, got {self.n_s}, {self.sync_every}, {self.alpha}"
-            )
+        for name, ok, need in (
+            ("n_s", self.n_s >= 0, ">= 0"),
+            ("sync_every", (self.sync_every or 0) >= 0, ">= 0"),
+            ("alpha", self.alpha > 0, "> 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"{name} must be {need}, got {getattr(self, name)}")
         for name, value in zip(("mixup", "decoder", "sync_every"), TABLE3_COMBOS[self.combo or 8], strict=True):
             given = getattr(self, name)
             if self.combo and given is not None and given != value:

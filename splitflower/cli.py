@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,31 +23,39 @@ from splitflower.experiment import (
     write_results,
 )
 from splitflower.models import MODEL_NAMES
-from splitflower.report import comparison_table, load_results, plot_results
+from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
 from splitflower.reproduce import add_reproduce_parser, reproduce_main
 from splitflower.strategies import STRATEGIES
 
-__all__ = ["STALLED_EXIT_CODE", "build_parser", "main"]
+__all__ = ["DEFAULT_ATTEMPTS", "STALLED_EXIT_CODE", "build_parser", "main"]
+
+DEFAULT_ATTEMPTS = 3
+_CHILD_ENV = "SPLITFLOWER_RUN_ATTEMPT"  # set in the process an attempt runs in
+_ATTEMPT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "splitflower.cli")  # what runs an attempt
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitflower", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run one experiment as a Flower simulation")
-    run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="dsl")
-    run.add_argument("--strategy", choices=sorted(STRATEGIES), default=None, help="default: the algorithm's own")
-    run.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist")
+    run = commands.add_parser(
+        "run",
+        help="run one experiment as a Flower simulation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="dsl", help="the split-learning algorithm")
+    run.add_argument("--strategy", choices=sorted(STRATEGIES), default=None, help="None: the algorithm's own")
+    run.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist", help="the training data")
     run.add_argument("--data-root", default=None, help="directory holding the dataset files")
-    run.add_argument("--model", choices=MODEL_NAMES, default="lenet5")
+    run.add_argument("--model", choices=MODEL_NAMES, default="lenet5", help="the network to split")
     run.add_argument("--cut", default="s", help="s, m, d or a number of blocks on the client")
-    run.add_argument("--clients", type=int, default=3)
-    run.add_argument("--rounds", type=int, default=2)
-    run.add_argument("--local-epochs", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--lr", type=float, default=0.01)
-    run.add_argument("--momentum", type=float, default=0.9)
-    run.add_argument("--weight-decay", type=float, default=0.0)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--clients", type=int, default=3, help="number of clients (Flower SuperNodes)")
+    run.add_argument("--rounds", type=int, default=2, help="number of Flower rounds")
+    run.add_argument("--local-epochs", type=int, default=1, help="epochs each client trains per round")
+    run.add_argument("--batch-size", type=int, default=64, help="examples per batch")
+    run.add_argument("--lr", type=float, default=0.01, help="learning rate of both parties' SGD")
+    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    run.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    run.add_argument("--seed", type=int, default=0, help="seed of models, partitions and batch order")
     run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
     run.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
     run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
@@ -63,17 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an option of the algorithm (repeatable), e.g. --option window=4",
     )
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--device", default="cpu", help="torch device of both parties, e.g. cuda or cuda:1")
     run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
-    run.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    run.add_argument("--out", type=Path, default=None, help="write the results JSON here (None: no file)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument(
         "--startup-timeout",
         type=_positive_seconds,
         default=DEFAULT_STARTUP_TIMEOUT_S,
-        help=f"exit with status {STALLED_EXIT_CODE} if no client has reached a server model after this many seconds "
-        "(Flower's simulation hangs when Ray fails to start; default %(default)s)",
+        help="seconds after which a simulation no client has started in counts as failed to start "
+        "(Flower's simulation hangs when Ray's node fails to start)",
+    )
+    run.add_argument(
+        "--attempts",
+        type=_positive_int,
+        default=DEFAULT_ATTEMPTS,
+        help="times to start the simulation, each in a fresh process, while it fails to start; after the "
+        f"last, exit with status {STALLED_EXIT_CODE}",
     )
     add_reproduce_parser(commands)
     compare = commands.add_parser("compare", help="compare results files side by side")
@@ -92,8 +109,37 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _run_attempts(argv: Sequence[str], attempts: int) -> int:
+    """Run ``splitflower run argv`` in a fresh process, again while it fails to start (a new
+    process gets a new Ray node: one started twice in a process fails more often), at most
+    ``attempts`` times; return the last exit status."""
+    for attempt in range(1, attempts + 1):
+        status = subprocess.call([*_ATTEMPT_COMMAND, *argv], env={**os.environ, _CHILD_ENV: "1"})
+        if status != STALLED_EXIT_CODE or attempt == attempts:
+            return status
+        print(
+            f"splitflower: the simulation did not start (attempt {attempt} of {attempts}); "
+            "starting it again in a fresh process",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise AssertionError("unreachable")
+
+
 def _compare(args: argparse.Namespace) -> int:
     runs = [load_results(path) for path in args.results]
+    if args.plot is not None:
+        check_plot_path(args.plot)  # before the table, so that a bad path is the only output
     print(comparison_table(runs))
     if args.plot is not None:
         print(f"plot written to {plot_results(runs, args.plot)}")
@@ -119,6 +165,7 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command in ("compare", "reproduce"):
         try:
@@ -126,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SplitflowerError as err:
             print(f"splitflower: error: {err}", file=sys.stderr)
             return 2
+    if args.attempts > 1 and not os.environ.get(_CHILD_ENV):
+        return _run_attempts(argv, args.attempts)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -166,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"splitflower: error: {err}", file=sys.stderr)
         return 2
     print(_table(results))
-    if args.out is not None:
+    if args.out is None:
+        print("no results file written (give --out FILE.json to keep the figures)")
+    else:
         try:
             print(f"results written to {write_results(results, args.out)}")
         except SplitflowerError as err:

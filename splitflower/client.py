@@ -121,8 +121,8 @@ class Client:
         self.model[name] = module.to(self.device)
         return module
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float]:
-        """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``)."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Mapping[str, float] | None:
+        """Train on one batch; return metrics to average (e.g. ``{"aux_loss": ...}``), or None."""
         raise NotImplementedError(f"{type(self).__name__} must implement train_step(x, y)")
 
     def step(self, output: torch.Tensor | Sequence[torch.Tensor], grad: Any = None, *, window: int = 1) -> None:
@@ -138,6 +138,7 @@ class Client:
             if len(self._pending) >= window:
                 self._settle()
             return
+        _check_gradients(output, grad)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         torch.autograd.backward(output, grad)
@@ -234,7 +235,7 @@ class Client:
             for x, y in self.train_data.batches(batch_size, shuffle=True, generator=generator):
                 x, y = x.to(self.device), y.to(self.device)
                 with self.memory.track():
-                    step_metrics = self.train_step(x, y)
+                    step_metrics = _step_metrics(type(self), self.train_step(x, y))
                 self.memory.observe_state(self.model.values(), self.optimizer)
                 for name, value in step_metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * len(y)
@@ -276,3 +277,27 @@ def _positive_int(config: Mapping[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"config {key!r} must be a positive integer, got {value!r}")
     return value
+
+
+def _step_metrics(cls: type, metrics: Any) -> Mapping[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"{cls.__name__}.train_step must return a mapping of metric names to numbers (or None), "
+            f"got {type(metrics).__name__}; e.g. return {{'loss': loss.item()}}"
+        )
+    return metrics
+
+
+def _check_gradients(output: torch.Tensor | Sequence[torch.Tensor], grad: Any) -> None:
+    """A non-scalar output needs a gradient: say so before torch's own error does."""
+    outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+    grads = [grad] if grad is None or isinstance(grad, torch.Tensor) else list(grad)
+    for index, (out, out_grad) in enumerate(zip(outputs, grads, strict=False)):
+        if out_grad is None and out.numel() != 1:
+            raise ValueError(
+                f"step: output {index} has shape {list(out.shape)} but its gradient is None; pass a scalar "
+                "loss, or the activations with the gradient the server returned (a server method that "
+                "returns embeddings.grad must detach its input and call requires_grad_() first)"
+            )

@@ -25,6 +25,7 @@ __all__ = [
     "NotEnoughNodesError",
     "ExperimentFailedError",
     "ResultsFileError",
+    "SimulationStartError",
 ]
 
 
@@ -94,3 +95,8 @@ class ExperimentFailedError(SplitflowerError, RuntimeError):
 
 class ResultsFileError(SplitflowerError, OSError):
     """The results file cannot be written where it was asked for."""
+
+
+class SimulationStartError(SplitflowerError, RuntimeError):
+    """The simulation ended, or hung, before any client reached a server model: Ray's local
+    node most likely failed to start. Running it again, in a fresh process, usually works."""

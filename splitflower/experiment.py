@@ -47,7 +47,14 @@ from splitflower.data import (
     partition_sizes,
     synthetic,
 )
-from splitflower.errors import ConfigError, DatasetError, ExperimentFailedError, ResultsFileError, SplitflowerError
+from splitflower.errors import (
+    ConfigError,
+    DatasetError,
+    ExperimentFailedError,
+    ResultsFileError,
+    SimulationStartError,
+    SplitflowerError,
+)
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
@@ -467,6 +474,10 @@ def versions() -> dict[str, str]:
     return out
 
 
+_NEVER_STARTED: Final = (
+    "the simulation failed before any client reached a server model; Ray's local node most likely "
+    "failed to start (see the traceback above). Run again"
+)
 STALL_MESSAGE = (
     "no client reached a server model within {seconds:.0f}s of the simulation starting; Ray's local "
     "node most likely failed to start (look for 'The current node timed out during startup' above), "
@@ -524,6 +535,10 @@ class _Progress:
                     continue
             self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({waited:.0f}s)")
 
+    def started(self) -> bool:
+        """Whether a round has ended or a server model has trained on an example."""
+        return self.round > 1 or any(m.num_examples for m in self.strategy.server_models)
+
 
 def run_experiment(
     config: ExperimentConfig,
@@ -574,13 +589,20 @@ def run_experiment(
         f"{config.clients} clients, {config.rounds} rounds"
     )
     with progress:
-        run_simulation(
-            server_app=experiment.server_app(strategy, keep_result, on_round),
-            client_app=experiment.client_app(),
-            num_supernodes=config.clients,
-            backend_config=_backend_config(config),
-        )
+        try:
+            run_simulation(
+                server_app=experiment.server_app(strategy, keep_result, on_round),
+                client_app=experiment.client_app(),
+                num_supernodes=config.clients,
+                backend_config=_backend_config(config),
+            )
+        except Exception as err:
+            if not progress.started():
+                raise SimulationStartError(_NEVER_STARTED) from err
+            raise
     if "result" not in holder:
+        if not progress.started():
+            raise SimulationStartError(_NEVER_STARTED)
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     check_every_round_trained(rounds)
     return results_document(config, rounds, time.perf_counter() - started)
@@ -629,8 +651,13 @@ def _first_client_error(rounds: list[dict[str, Any]]) -> str:
     for entry in rounds:
         for client in entry["clients"]:
             if "error" in client:
-                lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"])).splitlines()]
-                return next((ln for ln in reversed(lines) if ln), "(empty)")
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"]))
+                # Flower reports an exception as "<class 'module.Name'>:<'message'>".
+                wrapped = re.fullmatch(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", text, re.DOTALL)
+                lines = [ln.strip() for ln in (wrapped.group(2) if wrapped else text).splitlines() if ln.strip()]
+                if wrapped and len(lines) == 1:  # the message itself, not a traceback ending in it
+                    return f"{wrapped.group(1)}: {lines[0]}"
+                return lines[-1] if lines else "(empty)"
     return "(none reported; see the log above)"
 
 
@@ -644,13 +671,17 @@ def run_experiment_owning_the_process(
 
     When Ray's node fails to start, Flower's ServerApp thread waits for replies forever, and
     a normal exit would wait for that thread: the process would never end. So if no client
-    reaches a server model within ``startup_timeout`` seconds, the process ends with
-    :data:`STALLED_EXIT_CODE`; if the simulation fails, it prints the traceback and ends with
+    reaches a server model within ``startup_timeout`` seconds, or the simulation fails before
+    one does, the process ends with :data:`STALLED_EXIT_CODE` (running it again is the cure);
+    if the simulation fails later, it prints the traceback and ends with
     :data:`CRASHED_EXIT_CODE`. A bad config or dataset, found before the simulation starts,
     raises its :class:`~splitflower.errors.SplitflowerError` as usual.
     """
     try:
         return run_experiment(config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled)
+    except SimulationStartError as err:
+        traceback.print_exc()
+        _end_stalled(str(err))
     except SplitflowerError:
         raise
     except Exception:  # noqa: BLE001 - reported, then the process ends at once
@@ -683,26 +714,32 @@ def results_document(
     }
 
 
-def check_results_path(path: str | Path) -> Path:
-    """Refuse, before a run, a results path that cannot be written (creating its folder)."""
-    out = _results_target(path)
+def check_results_path(path: str | Path, *, what: str = "results") -> Path:
+    """Refuse, before a run, a path ``what`` (the results, a plot) cannot be written to
+    (creating its folder)."""
+    out = _results_target(path, what)
     try:
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
             pass
     except OSError as err:
-        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
+        raise _cannot_write(what, out, err) from err
     return out
 
 
-def _results_target(path: str | Path) -> Path:
+def _results_target(path: str | Path, what: str = "results") -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
-        raise ResultsFileError(f"results path {str(out)!r} is a directory; give a file name such as results.json")
+        raise ResultsFileError(f"{what} path {str(out)!r} is a directory; give a file name such as results.json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
+        raise _cannot_write(what, out, err) from err
     return out
+
+
+def _cannot_write(what: str, out: Path, err: OSError) -> ResultsFileError:
+    # The reason alone: the error's own file name may be a temporary file's.
+    return ResultsFileError(f"cannot write {what} to {str(out)!r}: {err.strerror or err}")
 
 
 def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
@@ -721,7 +758,7 @@ def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise ResultsFileError(f"cannot write results to {str(out)!r}: {err}") from err
+        raise _cannot_write("results", out, err) from err
     return out
 
 

@@ -18,6 +18,7 @@ Window(window=4)
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -48,6 +49,8 @@ def parse_options(options_cls: type[_T], pairs: Iterable[str], *, owner: str) ->
             problems.append(f"expected KEY=VALUE, got {pair!r}")
         elif key not in fields:
             problems.append(f"unknown option {key!r} (known: {', '.join(sorted(fields))})")
+        elif key in values:
+            problems.append(f"option {key!r} given twice ({values[key]!r}, then {raw.strip()!r}); give it once")
         else:
             try:
                 values[key] = _convert(hints[key], raw.strip())
@@ -74,9 +77,12 @@ def _convert(hint: Any, raw: str) -> Any:
         return raw.lower() in _TRUE
     if kind in (int, float):
         try:
-            return kind(raw)
+            number = kind(raw)
         except ValueError:
             raise ValueError(f"expected {kind.__name__}, got {raw!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {raw!r}")
+        return number
     if typing.get_origin(kind) is typing.Literal:
         allowed = typing.get_args(kind)
         if raw not in allowed:

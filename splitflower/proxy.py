@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -90,11 +91,38 @@ def _to_device(value: Value, device: torch.device | None) -> Value:
     return tuple(v.to(device) for v in value)
 
 
-def _as_tensors(arguments: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
-    for value in arguments.values():
-        if not isinstance(value, torch.Tensor):
-            return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in arguments.items()}
-    return arguments
+def _as_tensors(method: str, arguments: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    if all(isinstance(value, torch.Tensor) for value in arguments.values()):
+        return arguments
+    return {name: _as_tensor(method, name, value) for name, value in arguments.items()}
+
+
+def _as_tensor(method: str, name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentsError(
+            f"{method}: argument {name!r} must be a tensor (or numbers torch.as_tensor takes), "
+            f"got {type(value).__name__} {reprlib.repr(value)}"
+        ) from err
+
+
+def _check_timeout(what: str, timeout: Any) -> float | None:
+    """``timeout`` as seconds (None: no limit); anything but a positive finite number is refused."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+        raise InvalidArgumentsError(
+            f"{what} must be a positive number of seconds, or None for no limit; got {timeout!r}"
+        )
+    return float(timeout)
+
+
+def _named(method: str, details: str) -> str:
+    """The server's message, with the method's name in front unless it is there already."""
+    return details if details.startswith(method) else f"{method}: {details}"
 
 
 class ProxyFuture:
@@ -169,13 +197,13 @@ class RemoteMethod:
         self._proxy, self._name = proxy, name
 
     def __call__(self, *, timeout: float | None = None, **tensors: Any) -> Value:
-        return self._proxy._blocking(self._name, tensors, timeout)
+        return self._proxy._blocking(self._name, tensors, _check_timeout("timeout", timeout))
 
     def future(self, *, timeout: float | None = None, **tensors: Any) -> ProxyFuture:
-        return self._proxy._start(self._name, tensors, timeout, no_reply=False)
+        return self._proxy._start(self._name, tensors, _check_timeout("timeout", timeout), no_reply=False)
 
     def send(self, *, timeout: float | None = None, **tensors: Any) -> None:
-        self._proxy._send(self._name, tensors, timeout)
+        self._proxy._send(self._name, tensors, _check_timeout("timeout", timeout))
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r} of {self._proxy!r}>"
@@ -211,7 +239,10 @@ class ServerModelProxy:
             raise ConfigError(f"max_in_flight must be 1 to {MAX_IN_FLIGHT}, got {max_in_flight}")
         self.address = address
         self.max_message_bytes = max_message_bytes
-        self.default_timeout = default_timeout
+        try:
+            self.default_timeout = _check_timeout("default_timeout", default_timeout)
+        except InvalidArgumentsError as err:
+            raise ConfigError(str(err)) from None
         self.log_prefix = log_prefix
         self.traffic = TrafficMeter()
         self.times = TimeMeter()
@@ -244,8 +275,10 @@ class ServerModelProxy:
         self._last_wait_s = math.inf  # how long the last blocking call waited
 
     def __getattr__(self, name: str) -> RemoteMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)  # Python's own protocol probes (copy, pickle) end here
         if name.startswith("_"):
-            raise AttributeError(f"{name!r} is private: private server-model methods are not callable remotely")
+            raise UnknownMethodError(f"{name!r} is private: private server-model methods are not callable remotely")
         return RemoteMethod(self, name)
 
     def __repr__(self) -> str:
@@ -262,7 +295,7 @@ class ServerModelProxy:
             self._raise_deferred()
         if self._closed:
             raise RemoteCallError(f"{self.log_prefix} proxy is closed; {method} was not sent")
-        tensors = _as_tensors(arguments)
+        tensors = _as_tensors(method, arguments)
         first = next(iter(tensors.values()), None)
         device = None if first is None or first.is_cpu else first.device
         with self._seq_lock:
@@ -347,7 +380,8 @@ class ServerModelProxy:
 
     def _not_sent(self, method: str) -> ServerModelTimeoutError:
         return ServerModelTimeoutError(
-            f"{method}: its timeout passed while it waited behind {self._window_size} calls in flight; it was not sent"
+            f"{method}: its timeout passed before a sender thread took it up (at most {self._window_size} calls "
+            "are in flight at once); it was not sent"
         )
 
     def _send(self, method: str, arguments: Mapping[str, Any], timeout: float | None) -> None:
@@ -410,9 +444,12 @@ class ServerModelProxy:
         trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
         kind = trailing.get(ERROR_KIND_METADATA_KEY)
         if isinstance(kind, str) and kind in _KIND_TO_ERROR:
-            return _KIND_TO_ERROR[kind](f"{method}: {details}")
+            return _KIND_TO_ERROR[kind](_named(method, details))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ServerModelTimeoutError(f"{method}: no reply within the call's timeout ({details})")
+            return ServerModelTimeoutError(
+                f"{method}: no reply within the call's timeout ({details}). The server may still run it, "
+                "so what it changes may change: sending it again may, say, train twice on one batch"
+            )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return MessageTooLargeError(
                 f"{method}: message over the size limit ({details}); the service accepts at most "

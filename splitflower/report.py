@@ -10,7 +10,7 @@ from typing import Any
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.experiment import RESULTS_SCHEMA, check_results_path
 
-__all__ = ["load_results", "comparison_table", "plot_results"]
+__all__ = ["load_results", "comparison_table", "check_plot_path", "plot_results"]
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -34,23 +34,51 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
-def _label(results: dict[str, Any]) -> str:
-    config = results["config"]
-    return f"{config['algorithm']}/{config['strategy']}"
+# Config keys that tell apart runs of the same algorithm and strategy, in the order shown.
+_DISTINGUISHING = ("dataset", "model", "cut", "clients", "rounds", "partition", "options", "seed", "lr", "batch_size")
+
+
+def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """``algorithm/strategy``, plus the settings in which runs of the same pair differ."""
+    labels = [f"{r['config']['algorithm']}/{r['config']['strategy']}" for r in runs]
+    for base in {label for label in labels if labels.count(label) > 1}:
+        same = [i for i, label in enumerate(labels) if label == base]
+        configs = [runs[i]["config"] for i in same]
+        keys = [k for k in _DISTINGUISHING if len({json.dumps(c.get(k)) for c in configs}) > 1]
+        for i, config in zip(same, configs, strict=True):
+            labels[i] = " ".join([base, *(f"{k}={_setting(config.get(k))}" for k in keys)])
+    # Runs that differ in nothing shown are numbered in the order given.
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+def _setting(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def _number(value: Any) -> float:
+    """A figure of a results file; null (written for a value that was not finite) is nan."""
+    return float("nan") if value is None else float(value)
 
 
 def _totals(results: dict[str, Any]) -> dict[str, float]:
     rounds = results["rounds"]
+
+    def total(section: str, key: str) -> float:
+        return sum(_number(r[section][key]) for r in rounds)
+
+    def peak(key: str) -> float:
+        return max((_number(r["memory"][key]) for r in rounds), default=0.0)
+
     return {
-        "test_accuracy": float(rounds[-1].get("test_accuracy", float("nan"))) if rounds else float("nan"),
-        "up_mb": sum(r["bytes"]["up_payload_bytes"] for r in rounds) / 1e6,
-        "down_mb": sum(r["bytes"]["down_payload_bytes"] for r in rounds) / 1e6,
-        "client_peak_mb": max((r["memory"]["client_peak_tally_bytes"] for r in rounds), default=0) / 1e6,
-        "server_peak_mb": max((r["memory"]["server_peak_tally_bytes"] for r in rounds), default=0) / 1e6,
-        "client_compute_s": sum(r["time"]["client_compute_s"] for r in rounds),
-        "server_compute_s": sum(r["time"]["server_compute_s"] for r in rounds),
-        "communication_wait_s": sum(r["time"]["communication_wait_s"] for r in rounds),
-        "wall_s": float(results.get("wall_s", 0.0)),
+        "test_accuracy": _number(rounds[-1].get("test_accuracy")) if rounds else float("nan"),
+        "up_mb": total("bytes", "up_payload_bytes") / 1e6,
+        "down_mb": total("bytes", "down_payload_bytes") / 1e6,
+        "client_peak_mb": peak("client_peak_tally_bytes") / 1e6,
+        "server_peak_mb": peak("server_peak_tally_bytes") / 1e6,
+        "client_compute_s": total("time", "client_compute_s"),
+        "server_compute_s": total("time", "server_compute_s"),
+        "communication_wait_s": total("time", "communication_wait_s"),
+        "wall_s": _number(results.get("wall_s", 0.0)),
     }
 
 
@@ -72,27 +100,45 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
 
     Memory is the peak tally per party; times are summed over clients.
     """
-    header = f"{'run':<24}" + "".join(f"{h:>11}" for h in _HEADINGS.values())
+    labels = _labels(runs)
+    ratio_labels = [f"{label} / {labels[-1]}" for label in labels[:-1]]
+    width = max(24, *(len(label) + 1 for label in labels + ratio_labels))
+    header = f"{'run':<{width}}" + "".join(f"{h:>11}" for h in _HEADINGS.values())
     lines = [header, "-" * len(header)]
     totals = [_totals(r) for r in runs]
-    for run, total in zip(runs, totals, strict=True):
-        lines.append(f"{_label(run):<24}" + "".join(f"{total[c]:>11.4f}" for c in _HEADINGS))
+    for label, total in zip(labels, totals, strict=True):
+        lines.append(f"{label:<{width}}" + "".join(f"{total[c]:>11.4f}" for c in _HEADINGS))
     base = totals[-1]
-    for run, total in zip(runs[:-1], totals[:-1], strict=True):
+    for label, total in zip(ratio_labels, totals[:-1], strict=True):
         ratios = "".join(f"{total[c] / base[c] if base[c] else float('nan'):>11.3f}" for c in _HEADINGS)
-        lines.append(f"{_label(run) + ' / ' + _label(runs[-1]):<24}"[:24] + ratios)
+        lines.append(f"{label:<{width}}" + ratios)
     return "\n".join(lines)
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """Refuse a plot path matplotlib has no format for, or one that cannot be written."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ConfigError(
+            f"cannot plot to {str(path)!r}: expected a file name ending in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}, got {('.' + suffix) if suffix else 'no extension'}"
+        )
+    return check_results_path(path, what="the plot")
 
 
 def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy per round, bytes per direction, peak memory per party and time split."""
     import matplotlib
 
+    out = check_plot_path(path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 4, figsize=(18, 4))
-    labels = [_label(r) for r in runs]
+    labels = _labels(runs)
     for run, label in zip(runs, labels, strict=True):
         rounds = [r["round"] for r in run["rounds"]]
         axes[0].plot(rounds, [r.get("test_accuracy") for r in run["rounds"]], marker="o", label=label)
@@ -120,12 +166,9 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes[3].legend()
     figure.tight_layout()
     try:
-        out = check_results_path(path)
         figure.savefig(out, dpi=110)
-    except ResultsFileError:
-        raise
     except OSError as err:
-        raise ResultsFileError(f"cannot write the plot to {str(path)!r}: {err}") from err
+        raise ResultsFileError(f"cannot write the plot to {str(path)!r}: {err.strerror or err}") from err
     finally:
         plt.close(figure)
     return out

@@ -14,7 +14,7 @@ from torch import nn
 
 from splitflower.errors import InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
-from splitflower.wire import ConfigKey
+from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
 
 __all__ = [
     "CallContext",
@@ -207,7 +207,8 @@ class ServerModel:
     Every public method a subclass defines is callable by clients through their
     ``server_model_proxy`` with keyword tensors; the framework's own methods (those defined
     here) and ``_private`` names are not. Arguments arrive on ``self.device``; the return
-    value (None, a tensor, a dict or a tuple of tensors) goes back to the caller.
+    value (None, a tensor, a dict of tensors with string keys, or a tuple or list of tensors,
+    which arrives as a tuple) goes back to the caller.
     ``configure_fit`` loads the round's weights and rebuilds the optimizer;
     ``get_fit_result`` hands the trained weights back to the strategy. The optimizer state
     therefore lives for one round, as on the clients. During a call, :attr:`call_context`
@@ -230,6 +231,10 @@ class ServerModel:
 
     Options: ClassVar[type | None] = None
     """The algorithm's options dataclass; ``self.options`` holds an instance (defaults if not given)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        remote_methods(cls)  # a method no client could call, or a misspelt spec, fails here
 
     def __init__(
         self,
@@ -348,6 +353,11 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
     for name, member in inspect.getmembers(cls, inspect.isfunction):
         if name.startswith("_") or name in framework or _is_local(cls, name):
             continue
+        if name in PROXY_ATTRIBUTES:
+            raise TypeError(
+                f"{cls.__name__}.{name}: the client's proxy has an attribute of that name, so proxy.{name} "
+                f"could not reach this method; rename it (names the proxy keeps: {sorted(PROXY_ATTRIBUTES)})"
+            )
         params = list(inspect.signature(member).parameters.values())
         if not isinstance(inspect.getattr_static(cls, name), staticmethod):
             params = params[1:]  # self
@@ -359,7 +369,15 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
             raise TypeError(f"{cls.__name__}.{name}: argument name(s) {sorted(reserved)} are reserved by the proxy")
         names = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
         required = frozenset(p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD)
-        methods[name] = _RemoteMethod(name, names, required, getattr(member, _SPECS_ATTRIBUTE, {}))
+        specs = getattr(member, _SPECS_ATTRIBUTE, {})
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        unknown = sorted(set(specs) - set(names))
+        if unknown and not takes_any:
+            raise TypeError(
+                f"{cls.__name__}.{name}: @remote declares {unknown}, which {name}() does not take "
+                f"(its arguments: {list(names)}); a misspelt name would leave its argument unchecked"
+            )
+        methods[name] = _RemoteMethod(name, names, required, specs)
     return methods
 
 

@@ -340,7 +340,7 @@ class SplitService:
         except CodecError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
         if session.finished and request.method != FINISH_METHOD:
-            raise _invalid(f"{request.method}: this client already finished its round; no further calls run")
+            raise _invalid("this client already finished its round; no further calls run")
         session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
         try:  # everything below runs for one request of this client at a time
             wire, seconds = session.wire, session.seconds
@@ -378,13 +378,13 @@ class SplitService:
             raise _Abort(
                 grpc.StatusCode.INTERNAL,
                 ErrorKind.COMPUTATION,
-                f"{request.method} ran (what it changed stays changed), but its return value cannot be sent: {err}",
+                f"it ran (what it changed stays changed), but its return value cannot be sent: {err}",
             ) from err
         if len(reply) > self.max_message_bytes:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 ErrorKind.TOO_LARGE,
-                f"reply of {request.method} is {len(reply)} bytes, over the limit of "
+                f"its reply is {len(reply)} bytes, over the limit of "
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
@@ -410,10 +410,10 @@ def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abo
     if isinstance(error, InvalidArgumentsError):
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.INVALID_ARGUMENTS, str(error))
     if isinstance(error, ServerModelTimeoutError):
-        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, ErrorKind.TIMEOUT, f"{method}: {error}")
+        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, ErrorKind.TIMEOUT, str(error))
     logger.warning("[server] %s raised for client %s: %r", method, client, error)
     return _Abort(
         grpc.StatusCode.INTERNAL,
         ErrorKind.COMPUTATION,
-        f"{method} raised {type(error).__name__}: {error}",
+        f"raised {type(error).__name__}: {error}",
     )

@@ -20,6 +20,7 @@ __all__ = [
     "MetricKey",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_IN_FLIGHT",
+    "PROXY_ATTRIBUTES",
 ]
 
 GRPC_SERVICE: Final = "splitflower.v1.ServerModel"
@@ -38,6 +39,23 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 # Most requests one proxy keeps in flight; the service lets a client have this many (plus
 # a blocking call) in progress however few threads it has.
 MAX_IN_FLIGHT: Final = 32
+
+# The public attributes of a client's ServerModelProxy: ``proxy.<name>`` finds these, not
+# a remote method, so no server model may define a method of one of these names.
+PROXY_ATTRIBUTES: Final = frozenset(
+    {
+        "address",
+        "call",
+        "close",
+        "default_timeout",
+        "log_prefix",
+        "max_message_bytes",
+        "memory",
+        "times",
+        "traffic",
+        "wait_all",
+    }
+)
 
 
 class ErrorKind:

@@ -28,7 +28,7 @@ from splitflower.scheduling import BatchingScheduler, Scheduler
 from splitflower.server_model import ServerModel, sgd
 from splitflower.service import SplitService
 from splitflower.split import cut_shape, split_last_layer, split_model
-from splitflower.supervised import AUX_HEADS
+from splitflower.supervised import AUX_HEADS, SupervisedServerModel
 from splitflower.wire import ConfigKey
 
 LR, CLASSES = 0.05, 3
@@ -409,3 +409,39 @@ def test_a_part_added_to_a_client_trains_and_travels_with_the_segment(service: S
     assert _changed(head_before, client.model["aux_head"].state_dict()), "the round's optimizer trained it"
     with pytest.raises(ValueError, match="already has a part named 'aux_head'"):
         client.add_part("aux_head", nn.Identity())
+
+
+def test_common_mistakes_in_a_new_algorithm_get_errors_that_name_them(service: SplitService) -> None:
+    class NoMetrics(FedSLClient):
+        def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            super().train_step(x, y)
+
+    class LossAsMetrics(FedSLClient):
+        def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+            return float(super().train_step(x, y)["aux_loss"])
+
+    class ForgotTheGradient(SupervisedServerModel):
+        def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+            self.train_on(embeddings, labels)  # its input was not made a leaf: no .grad
+            return embeddings.grad
+
+    class Conventional(Client):
+        def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+            z = self.segment(x)
+            self.step(z, self.server_model_proxy.forward_backward(embeddings=z, labels=y))
+            return {}
+
+    def fit(client: Client, server: ServerModel) -> None:
+        server.configure_fit(None, {"lr": LR})
+        client.server_model_proxy = connect(service, server)
+        try:
+            client.fit({}, _config())
+        finally:
+            client.server_model_proxy.close()
+
+    bottom, top = split_model(_model(), 3)
+    fit(NoMetrics(copy.deepcopy(bottom), _data(32)), FedSLServerModel(copy.deepcopy(top)))  # None: no metrics
+    with pytest.raises(TypeError, match=r"LossAsMetrics.train_step must return a mapping .*got float"):
+        fit(LossAsMetrics(copy.deepcopy(bottom), _data(32)), FedSLServerModel(copy.deepcopy(top)))
+    with pytest.raises(ValueError, match=r"output 0 has shape \[16, 4, 4, 4\] but its gradient is None"):
+        fit(Conventional(copy.deepcopy(bottom), _data(32)), ForgotTheGradient(copy.deepcopy(top)))

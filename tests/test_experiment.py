@@ -160,6 +160,11 @@ def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
     ):
         check_every_round_trained(rounds)
     check_every_round_trained(rounds[:1])
+    # Flower's own wrapping of an exception raised in a ClientApp
+    failed["error"] = "<class 'splitflower.errors.ConfigError'>:<'smoothing must be below 1, got 2'>"
+    message = r"first client error: ConfigError: smoothing must be below 1, got 2$"
+    with pytest.raises(ExperimentFailedError, match=message):
+        check_every_round_trained(rounds)
 
 
 def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(
@@ -259,41 +264,69 @@ def test_progress_reports_a_start_that_never_reaches_a_server_model_once(trained
     assert said, "progress lines keep coming while the round runs"
 
 
-def _cli_over_fake_simulation(fake_simulation: str, *options: str) -> subprocess.CompletedProcess[str]:
+def _cli_over_fake_simulation(
+    tmp_path: Path, fake_simulation: str, *options: str, attempts: int = 1
+) -> subprocess.CompletedProcess[str]:
     """`splitflower run` in a fresh interpreter whose Flower run_simulation is ``fake_simulation``
-    (source defining ``def fake_simulation(**kwargs)``); it must end well within its 110 s."""
-    script = (
-        f"import threading, time, flwr.simulation\n{fake_simulation}\n"
+    (source defining ``def fake_simulation(**kwargs)``), each attempt in a fresh interpreter
+    running the same fake; it must end well within its 110 s."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(
+        f"import sys, threading, time, flwr.simulation\n{fake_simulation}\n"
         "flwr.simulation.run_simulation = fake_simulation\n"
-        "from splitflower.cli import main\n"
-        f"main(['run', '--dataset', 'synthetic', '--clients', '1', '--rounds', '1', *{list(options)!r}])\n"
+        "import splitflower.cli\n"
+        "splitflower.cli._ATTEMPT_COMMAND = (sys.executable, __file__)\n"
+        "raise SystemExit(splitflower.cli.main(sys.argv[1:]))\n"
     )
+    command = ["run", "--dataset", "synthetic", "--clients", "1", "--rounds", "1", "--attempts", str(attempts)]
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script), *command, *options], capture_output=True, text=True, timeout=110, check=False
+    )
     assert time.monotonic() - started < 100
     return done
 
 
 @pytest.mark.slow
-def test_cli_exits_when_the_simulation_never_starts() -> None:
+def test_cli_exits_when_the_simulation_never_starts(tmp_path: Path) -> None:
     # Stand in for Flower's simulation hanging after Ray's node failed to start.
     hang = "def fake_simulation(**kwargs):\n    time.sleep(120)"
-    done = _cli_over_fake_simulation(hang, "--startup-timeout", "1")
+    done = _cli_over_fake_simulation(tmp_path, hang, "--startup-timeout", "1")
     assert done.returncode == STALLED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
     assert "no client reached a server model" in done.stderr
 
 
-def test_cli_exits_when_the_simulation_crashes_and_leaves_a_thread_waiting() -> None:
+@pytest.mark.slow
+def test_cli_starts_a_simulation_that_crashed_before_any_client_again_in_a_fresh_process(tmp_path: Path) -> None:
     # Stand in for Flower after Ray failed to start: run_simulation raises, and the ServerApp
     # thread it started (not a daemon) keeps waiting for replies.
     crash = (
         "def fake_simulation(**kwargs):\n"
+        "    print('attempt in process', __import__('os').getpid(), flush=True)\n"
         "    threading.Thread(target=time.sleep, args=(120,)).start()\n"
         "    raise RuntimeError('Simulation Runtime crashed.')"
     )
-    done = _cli_over_fake_simulation(crash)
+    done = _cli_over_fake_simulation(tmp_path, crash, attempts=2)
+    assert done.returncode == STALLED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.count("RuntimeError: Simulation Runtime crashed.") == 2, "each attempt shows the traceback"
+    assert "before any client reached a server model" in done.stderr
+    assert "the simulation did not start (attempt 1 of 2); starting it again in a fresh process" in done.stderr
+    assert "attempt 2 of 2" not in done.stderr, "no third attempt"
+    processes = {line.split()[-1] for line in done.stdout.splitlines() if line.startswith("attempt in process")}
+    assert len(processes) == 2, "each attempt runs in a process of its own"
+
+
+def test_cli_reports_a_simulation_that_crashed_after_clients_started_without_retrying(tmp_path: Path) -> None:
+    crash = (
+        "import splitflower.experiment\n"
+        "splitflower.experiment._Progress.started = lambda self: True\n"
+        "def fake_simulation(**kwargs):\n"
+        "    raise RuntimeError('Simulation Runtime crashed.')"
+    )
+    done = _cli_over_fake_simulation(tmp_path, crash, attempts=3)
     assert done.returncode == CRASHED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Simulation Runtime crashed." in done.stderr and "the simulation failed" in done.stderr
+    assert "attempt" not in done.stderr
 
 
 def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:

@@ -202,6 +202,13 @@ def test_algorithm_options_are_parsed_by_type_and_refused_clearly() -> None:
         ALGORITHMS["dsl"].parse_options(["window=33"])  # more than a proxy keeps in flight
     with pytest.raises(ConfigError, match="options must be a tuple of strings"):
         ExperimentConfig(algorithm="csl", options=["window=2"]).validate()  # type: ignore[arg-type]
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=f"option 'lam': expected a finite number, got '{value}'"):
+            ALGORITHMS["dsl"].parse_options([f"lam={value}"])
+    with pytest.raises(ConfigError, match=r"option 'window' given twice \(2, then '3'\); give it once"):
+        csl.parse_options(["window=2", "window=3"])
+    with pytest.raises(ConfigError, match=r"invalid options for 'locfedmix':\n  - alpha must be > 0, got 0.0$"):
+        ALGORITHMS["locfedmix"].parse_options(["alpha=0"])
 
 
 def test_options_reach_both_parties_of_an_experiment() -> None:

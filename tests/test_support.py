@@ -25,7 +25,7 @@ from splitflower.codec import encode_reply
 from splitflower.compute import ComputeThread
 from splitflower.data import synthetic
 from splitflower.errors import ConfigError
-from splitflower.report import comparison_table, load_results, plot_results
+from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy
 from splitflower.strategy import RoundPlan
@@ -52,11 +52,38 @@ def test_comparison_table_and_plot(tmp_path: Path) -> None:
     dsl, csl = _results("dsl", 100_000_000, 0, 0.87), _results("csl", 100_000_000, 100_000_000, 0.86)
     table = comparison_table([dsl, csl]).splitlines()
     assert table[2].startswith("dsl/parallel") and "100.0000" in table[2]
-    label, ratios = table[-1][:24], table[-1][24:].split()
-    assert label.startswith("dsl/parallel / csl")
+    label, *ratios = re.split(r"\s{2,}", table[-1])
+    assert label == "dsl/parallel / csl/parallel"
     assert ratios[:3] == ["1.012", "1.000", "0.000"], "accuracy, up and down, each DSL / CSL"
     png = plot_results([dsl, csl], tmp_path / "plots" / "cmp.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_of_the_same_algorithm_and_strategy_are_told_apart() -> None:
+    runs = [_results("csl", 1, 1, 0.5) for _ in range(3)]
+    runs[0]["config"].update(dataset="synthetic", seed=0)
+    runs[1]["config"].update(dataset="fashion-mnist", seed=0)
+    runs[2]["config"].update(dataset="fashion-mnist", seed=0)
+    rows = [re.split(r"\s{2,}", line)[0] for line in comparison_table(runs).splitlines()[2:]]
+    assert rows[:3] == [
+        "csl/parallel dataset=synthetic",
+        "csl/parallel dataset=fashion-mnist #2",
+        "csl/parallel dataset=fashion-mnist #3",
+    ]
+    assert rows[3] == "csl/parallel dataset=synthetic / csl/parallel dataset=fashion-mnist #3"
+
+
+def test_compare_reads_null_figures_as_missing_and_refuses_a_plot_format_first(tmp_path: Path) -> None:
+    diverged = _results("dsl", 100, 0, 0.1)
+    diverged["rounds"][0]["test_accuracy"] = None
+    diverged["rounds"][0]["memory"]["server_peak_tally_bytes"] = None
+    diverged["rounds"][0]["time"]["server_compute_s"] = None
+    first = comparison_table([diverged, _results("csl", 100, 100, 0.5)]).splitlines()[2].split()
+    assert first[1] == "nan" and first[5] == "nan" and first[7] == "nan"
+    message = r"cannot plot to '.*out.txt': expected a file name ending in one of .*\.png.*got \.txt"
+    with pytest.raises(ConfigError, match=message):
+        check_plot_path(tmp_path / "out.txt")
+    assert not list(tmp_path.iterdir()), "nothing written"
 
 
 def test_load_results_refuses_other_files(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,14 @@ from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
 from splitflower.service import SplitService, TlsConfig
-from splitflower.wire import ERROR_KIND_METADATA_KEY, FINISH_METHOD, GRPC_CALL_PATH, MAX_IN_FLIGHT, ErrorKind
+from splitflower.wire import (
+    ERROR_KIND_METADATA_KEY,
+    FINISH_METHOD,
+    GRPC_CALL_PATH,
+    MAX_IN_FLIGHT,
+    PROXY_ATTRIBUTES,
+    ErrorKind,
+)
 
 
 class Toy(ServerModel):
@@ -101,7 +109,7 @@ def test_unknown_method_lists_what_exists(service: SplitService) -> None:
 
 def test_private_and_framework_methods_are_refused(service: SplitService) -> None:
     proxy = connect(service, Toy())
-    with pytest.raises(AttributeError, match="private"):
+    with pytest.raises(UnknownMethodError, match="private"):
         proxy._secret(x=torch.ones(1))
     with pytest.raises(UnknownMethodError, match="framework"):
         proxy.configure_fit(x=torch.ones(1))
@@ -148,9 +156,51 @@ def test_bad_arguments_name_expected_and_received(
 
 def test_exception_in_method_reaches_caller(service: SplitService) -> None:
     proxy = connect(service, Toy())
-    with pytest.raises(RemoteComputationError, match="ValueError: deliberate failure"):
+    with pytest.raises(RemoteComputationError, match=r"^fail: raised ValueError: deliberate failure"):
         proxy.fail(x=torch.ones(1))
     _still_serves(proxy)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"x": "abc"}, r"echo: argument 'x' must be a tensor .*got str 'abc'"),
+        ({"x": None}, r"echo: argument 'x' must be a tensor .*got NoneType None"),
+        ({"x": torch.ones(1), "timeout": "1"}, r"timeout must be a positive number of seconds.*got '1'"),
+        ({"x": torch.ones(1), "timeout": 0}, r"timeout must be a positive number of seconds.*got 0"),
+        ({"x": torch.ones(1), "timeout": math.nan}, r"timeout must be a positive number of seconds.*got nan"),
+    ],
+)
+def test_arguments_the_proxy_cannot_send_are_refused_before_sending(
+    service: SplitService, arguments: dict[str, Any], message: str
+) -> None:
+    proxy = connect(service, Toy())
+    for form in (proxy.echo, proxy.echo.future, proxy.echo.send):
+        with pytest.raises(InvalidArgumentsError, match=message):
+            form(**arguments)
+    assert proxy.traffic.totals()["up_messages"] == 0, "nothing was sent"
+    _still_serves(proxy)
+    with pytest.raises(ConfigError, match=r"default_timeout must be a positive number of seconds.*got -1"):
+        ServerModelProxy(service.address, b"0" * 16, default_timeout=-1)
+
+
+def test_server_model_methods_the_proxy_could_not_reach_are_refused_when_defined() -> None:
+    with pytest.raises(TypeError, match=r"Closing.close: the client's proxy has an attribute of that name"):
+
+        class Closing(ServerModel):
+            def close(self, x: torch.Tensor) -> torch.Tensor:
+                return x
+
+    with pytest.raises(TypeError, match=r"Typo.echo: @remote declares \['embedings'\], which echo\(\) does not take"):
+
+        class Typo(ServerModel):
+            @remote(embedings=TensorSpec(dtypes=FLOATING))
+            def echo(self, embeddings: torch.Tensor) -> torch.Tensor:
+                return embeddings
+
+    proxy_names = {name for name in dir(ServerModelProxy) if not name.startswith("_")}
+    proxy_names |= {name for name in vars(ServerModelProxy("127.0.0.1:1", b"0" * 16)) if not name.startswith("_")}
+    assert proxy_names == PROXY_ATTRIBUTES, "wire.PROXY_ATTRIBUTES must list the proxy's public attributes"
 
 
 def _raw(service: SplitService, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
@@ -335,7 +385,7 @@ def test_message_size_limit_on_both_ends(service: SplitService) -> None:
 def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
     slow = connect(service, Toy(), client="slow")
     started = time.perf_counter()
-    with pytest.raises(ServerModelTimeoutError):
+    with pytest.raises(ServerModelTimeoutError, match="The server may still run it"):
         slow.slow(seconds=torch.tensor(2.0), timeout=0.3)
     assert time.perf_counter() - started < 1.5
     _still_serves(connect(service, Toy(), client="other"))
@@ -386,7 +436,7 @@ def test_a_call_whose_caller_gave_up_while_it_waited_does_not_run(service: Split
 def test_a_return_value_that_cannot_be_sent_is_an_error_in_every_call_form(service: SplitService) -> None:
     model = Toy()
     proxy = connect(service, model)
-    with pytest.raises(RemoteComputationError, match=r"count ran .* but its return value cannot be sent"):
+    with pytest.raises(RemoteComputationError, match=r"^count: it ran .* but its return value cannot be sent"):
         proxy.count(x=torch.ones(2))
     proxy.count.send(x=torch.ones(3))
     with pytest.raises(RemoteComputationError, match="cannot be sent"):
