@@ -6,6 +6,7 @@ to each algorithm's pair and the strategies it can run under.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from splitflower.server_model import ServerModel
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "find_algorithm",
     "CSLClient",
     "CSLOptions",
     "CSLServerModel",
@@ -107,3 +109,37 @@ ALGORITHMS: dict[str, Algorithm] = {
     "fedsl": Algorithm("fedsl", FedSLClient, FedSLServerModel),
     "splitavg": Algorithm("splitavg", SplitAvgClient, SplitAvgServerModel, "batched", ("batched",)),
 }
+
+
+def find_algorithm(name: str) -> Algorithm:
+    """A registered algorithm (a key of :data:`ALGORITHMS`), or one of your own named
+    ``MODULE:ATTRIBUTE``, where ``MODULE`` is importable (e.g. a file in the working folder)
+    and ``ATTRIBUTE`` an :class:`Algorithm`; no change to this package is needed.
+
+    Example
+    -------
+    >>> find_algorithm("splitflower.algorithms:ALGORITHMS")
+    Traceback (most recent call last):
+    ...
+    splitflower.errors.ConfigError: algorithm 'splitflower.algorithms:ALGORITHMS' must be an Algorithm, got dict
+    """
+    if name in ALGORITHMS:
+        return ALGORITHMS[name]
+    module_name, sep, attribute = name.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(
+            f"algorithm must be one of {sorted(ALGORITHMS)}, or MODULE:ATTRIBUTE naming an Algorithm of your "
+            f"own, got {name!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"algorithm {name!r}: cannot import module {module_name!r} ({err}); run from the folder holding "
+            "it or add that folder to PYTHONPATH"
+        ) from err
+    found = getattr(module, attribute, None)
+    if not isinstance(found, Algorithm):
+        got = "nothing of that name" if found is None else type(found).__name__
+        raise ConfigError(f"algorithm {name!r} must be an Algorithm, got {got}")
+    return found

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one experiment as a Flower simulation",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="dsl", help="the split-learning algorithm")
+    run.add_argument(
+        "--algorithm",
+        default="dsl",
+        metavar="{" + ",".join(sorted(ALGORITHMS)) + "} or MODULE:ATTRIBUTE",
+        help="the split-learning algorithm: a registered one, or an Algorithm of your own",
+    )
     run.add_argument("--strategy", choices=sorted(STRATEGIES), default=None, help="None: the algorithm's own")
     run.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist", help="the training data")
     run.add_argument("--data-root", default=None, help="directory holding the dataset files")
@@ -180,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
     config = ExperimentConfig(
         algorithm=args.algorithm,
         strategy=args.strategy,

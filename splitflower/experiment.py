@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
-from splitflower.algorithms import ALGORITHMS, Algorithm
+from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
@@ -141,7 +141,6 @@ class ExperimentConfig:
         mistyped = _type_problems(self)
         problems = list(mistyped.values())
         choices = (
-            ("algorithm", sorted(ALGORITHMS)),
             ("strategy", sorted(STRATEGIES)),
             ("dataset", list(DATASET_NAMES)),
             ("model", list(MODEL_NAMES)),
@@ -175,9 +174,14 @@ class ExperimentConfig:
                 parse_link(self.link)
             except ConfigError as err:
                 problems.append(str(err))
+        if "algorithm" not in mistyped:
+            try:
+                find_algorithm(self.algorithm)
+            except ConfigError as err:
+                problems.append(str(err))
         if problems:
             raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(problems))
-        algorithm = ALGORITHMS[self.algorithm]
+        algorithm = find_algorithm(self.algorithm)
         strategy = self.strategy or algorithm.default_strategy
         algorithm.check_strategy(strategy)
         algorithm.parse_options(self.options)
@@ -267,7 +271,7 @@ class Experiment:
 
     @property
     def algorithm(self) -> Algorithm:
-        return ALGORITHMS[self.config.algorithm]
+        return find_algorithm(self.config.algorithm)
 
     def _optimizer(self) -> Any:
         return sgd(self.config.momentum, self.config.weight_decay)

@@ -175,7 +175,10 @@ RAY_START_UP_FAILURES = ("The current node timed out during startup", "Timed out
 
 
 def run_cli(
-    command: list[str], attempt_timeout: float = 180, startup_timeout: float = STARTUP_TIMEOUT_S
+    command: list[str],
+    attempt_timeout: float = 180,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a ``splitflower run`` command, which starts the simulation again, up to
     :data:`RAY_ATTEMPTS` times, while it fails to start (Ray's local node missing its
@@ -183,7 +186,7 @@ def run_cli(
     command = [*command, "--startup-timeout", str(startup_timeout), "--attempts", str(RAY_ATTEMPTS)]
     timeout = attempt_timeout * RAY_ATTEMPTS
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired as err:
         stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
         return subprocess.CompletedProcess(command, -9, "", f"timed out after {timeout}s\n{stderr}")

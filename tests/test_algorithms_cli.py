@@ -41,3 +41,43 @@ def test_splitflower_run(tmp_path: Path, algorithm: str, strategy: str, extra: l
     if algorithm == "ushaped":  # what the wire manifest recorded: no labels, no logits
         sent = results["rounds"][0]["payload_bytes_by_tensor"]
         assert set(sent) == {"up:forward:embeddings", "down:forward:_", "up:backward:grad", "down:backward:_"}
+
+
+USER_ALGORITHM = """
+import torch
+from splitflower.algorithms import Algorithm
+from splitflower.algorithms.csl import CSLServerModel
+from splitflower.client import Client
+
+
+class HalfPrecisionClient(Client):
+    def train_step(self, x, y):
+        z = self.segment(x)
+        self.step(z, self.server_model_proxy.forward_backward(embeddings=z.half(), labels=y).float())
+        return {}
+
+
+class HalfPrecisionServer(CSLServerModel):
+    def forward_backward(self, embeddings, labels):
+        return super().forward_backward(embeddings=embeddings.float(), labels=labels).half()
+
+
+HALF = Algorithm("half", HalfPrecisionClient, HalfPrecisionServer)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_an_algorithm_of_the_user_s_own_runs_without_changing_the_package(tmp_path: Path) -> None:
+    (tmp_path / "my_algorithms.py").write_text(USER_ALGORITHM)
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", "my_algorithms:HALF"]
+    command += ["--dataset", "synthetic", "--train-size", "64", "--clients", "1", "--rounds", "1", "--out", str(out)]
+    done = run_cli(command, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["config"]["algorithm"] == "my_algorithms:HALF"
+    assert results["rounds"][0]["num_examples"] == 64
+    manifest = results["rounds"][0]["clients"][0]["wire"]["manifest"]
+    dtypes = {(entry["direction"], entry["name"], entry["dtype"]) for entry in manifest}
+    assert dtypes == {("up", "embeddings", "float16"), ("up", "labels", "int64"), ("down", "_", "float16")}

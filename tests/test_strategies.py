@@ -7,13 +7,14 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from conftest import connect, simulate
-from splitflower.algorithms import ALGORITHMS
+from splitflower.algorithms import ALGORITHMS, Algorithm, find_algorithm
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.data import synthetic
@@ -266,3 +267,25 @@ def test_a_round_waiting_for_clients_that_never_connect_fails_saying_so() -> Non
         strategy._wait_for_nodes(_Grid([1, 2]))  # type: ignore[arg-type]
     assert time.perf_counter() - started < 2
     assert strategy._wait_for_nodes(_Grid([1, 2, 3])) == [1, 2, 3]  # type: ignore[arg-type]
+
+
+def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.py").write_text(
+        "from splitflower.algorithms import Algorithm, CSLClient, CSLServerModel\n"
+        "MINE = Algorithm('mine', CSLClient, CSLServerModel, 'sequential', ('sequential',))\n"
+        "NOT_ONE = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = find_algorithm("mine:MINE")
+    assert isinstance(found, Algorithm) and found.name == "mine"
+    config = ExperimentConfig(algorithm="mine:MINE", dataset="synthetic").validate()
+    assert config.strategy == "sequential", "the algorithm's own default strategy"
+    assert isinstance(Experiment(config).make_client(0), CSLClient)
+    for name, message in (
+        ("mine:NOT_ONE", "must be an Algorithm, got int"),
+        ("mine:MISSING", "must be an Algorithm, got nothing of that name"),
+        ("nowhere_to_be_found:X", "cannot import module 'nowhere_to_be_found'.*PYTHONPATH"),
+        ("cls", r"algorithm must be one of \['csl', .*\], or MODULE:ATTRIBUTE"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig(algorithm=name, dataset="synthetic").validate()
