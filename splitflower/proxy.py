@@ -122,7 +122,7 @@ def _check_timeout(what: str, timeout: Any) -> float | None:
 
 def _named(method: str, details: str) -> str:
     """The server's message, with the method's name in front unless it is there already."""
-    return details if details.startswith(method) else f"{method}: {details}"
+    return details if details.startswith((f"{method}:", f"{method}(")) else f"{method}: {details}"
 
 
 class ProxyFuture:
@@ -447,8 +447,8 @@ class ServerModelProxy:
             return _KIND_TO_ERROR[kind](_named(method, details))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerModelTimeoutError(
-                f"{method}: no reply within the call's timeout ({details}). The server may still run it, "
-                "so what it changes may change: sending it again may, say, train twice on one batch"
+                f"{method}: no reply within the call's timeout ({details}). The server may have run it, or "
+                "may still run it: sending it again may, say, train twice on one batch"
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return MessageTooLargeError(

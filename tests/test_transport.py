@@ -385,7 +385,7 @@ def test_message_size_limit_on_both_ends(service: SplitService) -> None:
 def test_timeout_fires_and_server_keeps_serving(service: SplitService) -> None:
     slow = connect(service, Toy(), client="slow")
     started = time.perf_counter()
-    with pytest.raises(ServerModelTimeoutError, match="The server may still run it"):
+    with pytest.raises(ServerModelTimeoutError, match="The server may have run it, or may still run it"):
         slow.slow(seconds=torch.tensor(2.0), timeout=0.3)
     assert time.perf_counter() - started < 1.5
     _still_serves(connect(service, Toy(), client="other"))
