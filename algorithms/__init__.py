@@ -134,9 +134,15 @@ def find_algorithm(name: str) -> Algorithm:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        if err.name != module_name:  # the module was found; something it imports was not
+            raise ConfigError(f"algorithm {name!r}: importing module {module_name!r} failed: {err}") from err
         raise ConfigError(
-            f"algorithm {name!r}: cannot import module {module_name!r} ({err}); run from the folder holding "
-            "it or add that folder to PYTHONPATH"
+            f"algorithm {name!r}: no module {module_name!r} ({err}); run from the folder holding it or add "
+            "that folder to PYTHONPATH"
+        ) from err
+    except Exception as err:  # the user's module failed as it ran: say which, and how
+        raise ConfigError(
+            f"algorithm {name!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
         ) from err
     found = getattr(module, attribute, None)
     if not isinstance(found, Algorithm):

@@ -80,11 +80,14 @@ def build_server_app(
     central_evaluate: Callable[[Context], CentralEvaluateFn | None] | None = None,
     on_result: Callable[[Context, SplitResult], None] | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
     num_rounds: int | None = None,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
-    ``num_rounds`` overrides the run config's ``num-server-rounds``.
+    ``num_rounds`` overrides the run config's ``num-server-rounds``. ``on_error`` is called
+    with any exception the ServerApp raises (a bug in a strategy or server model, say),
+    before Flower receives it.
 
     Example
     -------
@@ -115,6 +118,10 @@ def build_server_app(
             )
             if on_result is not None:
                 on_result(context, result)
+        except BaseException as err:
+            if on_error is not None:
+                on_error(err)
+            raise
         finally:
             service.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -128,9 +129,9 @@ def _positive_int(text: str) -> int:
 def _run_attempts(argv: Sequence[str], attempts: int) -> int:
     """Run ``splitflower run argv`` in a fresh process, again while it fails to start (a new
     process gets a new Ray node: one started twice in a process fails more often), at most
-    ``attempts`` times; return the last exit status."""
+    ``attempts`` times; return the last exit status (128 + N for a child ended by signal N)."""
     for attempt in range(1, attempts + 1):
-        status = subprocess.call([*_ATTEMPT_COMMAND, *argv], env={**os.environ, _CHILD_ENV: "1"})
+        status = _run_child([*_ATTEMPT_COMMAND, *argv])
         if status != STALLED_EXIT_CODE or attempt == attempts:
             return status
         print(
@@ -140,6 +141,21 @@ def _run_attempts(argv: Sequence[str], attempts: int) -> int:
             flush=True,
         )
     raise AssertionError("unreachable")
+
+
+def _run_child(command: list[str]) -> int:
+    # Ctrl-C reaches the child from the terminal's process group, and it ends itself cleanly;
+    # a SIGTERM sent to this process alone is passed on, so that no simulation is left behind.
+    child = subprocess.Popen(command, env={**os.environ, _CHILD_ENV: "1"})
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - status if status < 0 else status
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -172,6 +188,10 @@ def _table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # As under `python -m`: an algorithm of the user's own (MODULE:ATTRIBUTE) is found in the
+    # folder the command runs in, whichever way it was started.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     if args.command in ("compare", "reproduce"):
         try:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from splitflower.data import ArrayDataset
-from splitflower.errors import ConfigError
+from splitflower.errors import AlgorithmError, ConfigError
 from splitflower.metering import MemoryTally
 from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.server_model import FitResult, OptimizerFactory, sgd
@@ -117,7 +117,7 @@ class Client:
         (['aux_head', 'segment'], (16,))
         """
         if name in self.model:
-            raise ValueError(f"{type(self).__name__} already has a part named {name!r}; choose another name")
+            raise ConfigError(f"{type(self).__name__} already has a part named {name!r}; choose another name")
         self.model[name] = module.to(self.device)
         return module
 
@@ -283,7 +283,7 @@ def _step_metrics(cls: type, metrics: Any) -> Mapping[str, float]:
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):
-        raise TypeError(
+        raise AlgorithmError(
             f"{cls.__name__}.train_step must return a mapping of metric names to numbers (or None), "
             f"got {type(metrics).__name__}; e.g. return {{'loss': loss.item()}}"
         )
@@ -293,10 +293,13 @@ def _step_metrics(cls: type, metrics: Any) -> Mapping[str, float]:
 def _check_gradients(output: torch.Tensor | Sequence[torch.Tensor], grad: Any) -> None:
     """A non-scalar output needs a gradient: say so before torch's own error does."""
     outputs = [output] if isinstance(output, torch.Tensor) else list(output)
-    grads = [grad] if grad is None or isinstance(grad, torch.Tensor) else list(grad)
+    if grad is None:
+        grads: list[Any] = [None] * len(outputs)
+    else:
+        grads = [grad] if isinstance(grad, torch.Tensor) else list(grad)
     for index, (out, out_grad) in enumerate(zip(outputs, grads, strict=False)):
         if out_grad is None and out.numel() != 1:
-            raise ValueError(
+            raise AlgorithmError(
                 f"step: output {index} has shape {list(out.shape)} but its gradient is None; pass a scalar "
                 "loss, or the activations with the gradient the server returned (a server method that "
                 "returns embeddings.grad must detach its input and call requires_grad_() first)"

@@ -26,6 +26,7 @@ __all__ = [
     "ExperimentFailedError",
     "ResultsFileError",
     "SimulationStartError",
+    "AlgorithmError",
 ]
 
 
@@ -100,3 +101,8 @@ class ResultsFileError(SplitflowerError, OSError):
 class SimulationStartError(SplitflowerError, RuntimeError):
     """The simulation ended, or hung, before any client reached a server model: Ray's local
     node most likely failed to start. Running it again, in a fresh process, usually works."""
+
+
+class AlgorithmError(SplitflowerError, TypeError):
+    """An algorithm's client or server model breaks a contract of its base class (a remote
+    method no client could call, a ``train_step`` returning the wrong thing, ...)."""

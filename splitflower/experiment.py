@@ -351,6 +351,7 @@ class Experiment:
         strategy: SplitStrategy,
         on_result: Callable[[Context, SplitResult], None],
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> ServerApp:
         return build_server_app(
             lambda _: strategy,
@@ -360,6 +361,7 @@ class Experiment:
             central_evaluate=lambda _: self.evaluate,
             on_result=on_result,
             on_round=on_round,
+            on_error=on_error,
             num_rounds=self.config.rounds,
         )
 
@@ -479,8 +481,9 @@ def versions() -> dict[str, str]:
 
 
 _NEVER_STARTED: Final = (
-    "the simulation failed before any client reached a server model; Ray's local node most likely "
-    "failed to start (see the traceback above). Run again"
+    "the simulation failed before any client reached a server model, and not in the ServerApp; "
+    "Ray's local node most likely failed to start (look for 'The current node timed out during "
+    "startup' above). Run again"
 )
 STALL_MESSAGE = (
     "no client reached a server model within {seconds:.0f}s of the simulation starting; Ray's local "
@@ -587,6 +590,8 @@ def run_experiment(
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
 
+    server_errors: list[BaseException] = []
+
     started = time.perf_counter()
     say(
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
@@ -595,17 +600,18 @@ def run_experiment(
     with progress:
         try:
             run_simulation(
-                server_app=experiment.server_app(strategy, keep_result, on_round),
+                server_app=experiment.server_app(strategy, keep_result, on_round, server_errors.append),
                 client_app=experiment.client_app(),
                 num_supernodes=config.clients,
                 backend_config=_backend_config(config),
             )
         except Exception as err:
-            if not progress.started():
+            # An error of the ServerApp's own (a strategy's, a server model's) is not Ray's.
+            if not server_errors and not progress.started():
                 raise SimulationStartError(_NEVER_STARTED) from err
             raise
     if "result" not in holder:
-        if not progress.started():
+        if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     check_every_round_trained(rounds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import reprlib
 import threading
 import time
@@ -113,11 +114,12 @@ def _check_timeout(what: str, timeout: Any) -> float | None:
     """``timeout`` as seconds (None: no limit); anything but a positive finite number is refused."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+    seconds = float(timeout) if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) else math.nan
+    if not 0 < seconds < math.inf:
         raise InvalidArgumentsError(
             f"{what} must be a positive number of seconds, or None for no limit; got {timeout!r}"
         )
-    return float(timeout)
+    return seconds
 
 
 def _named(method: str, details: str) -> str:

@@ -34,21 +34,36 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
-# Config keys that tell apart runs of the same algorithm and strategy, in the order shown.
-_DISTINGUISHING = ("dataset", "model", "cut", "clients", "rounds", "partition", "options", "seed", "lr", "batch_size")
+# Config keys shown first when they tell runs apart; any other key that differs follows.
+_FIRST_SHOWN = ("dataset", "model", "cut", "clients", "rounds", "partition", "options", "seed", "lr", "batch_size")
 
 
 def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
-    """``algorithm/strategy``, plus the settings in which runs of the same pair differ."""
-    labels = [f"{r['config']['algorithm']}/{r['config']['strategy']}" for r in runs]
-    for base in {label for label in labels if labels.count(label) > 1}:
-        same = [i for i, label in enumerate(labels) if label == base]
-        configs = [runs[i]["config"] for i in same]
-        keys = [k for k in _DISTINGUISHING if len({json.dumps(c.get(k)) for c in configs}) > 1]
-        for i, config in zip(same, configs, strict=True):
+    """``algorithm/strategy``, plus the settings in which runs of the same pair differ; runs
+    that differ in none are numbered within their group, in the order given."""
+    bases = [f"{r['config']['algorithm']}/{r['config']['strategy']}" for r in runs]
+    labels = list(bases)
+    for base in dict.fromkeys(bases):
+        group = [i for i, b in enumerate(bases) if b == base]
+        if len(group) < 2:
+            continue
+        configs = [runs[i]["config"] for i in group]
+        differing = {k for c in configs for k in c if len({_comparable(d.get(k), k) for d in configs}) > 1}
+        keys = [k for k in _FIRST_SHOWN if k in differing] + sorted(differing - set(_FIRST_SHOWN))
+        for i, config in zip(group, configs, strict=True):
             labels[i] = " ".join([base, *(f"{k}={_setting(config.get(k))}" for k in keys)])
-    # Runs that differ in nothing shown are numbered in the order given.
-    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+        shown = [labels[i] for i in group]
+        for number, i in enumerate(group, start=1):
+            if shown.count(labels[i]) > 1:
+                labels[i] = f"{labels[i]} #{number}"
+    return labels
+
+
+def _comparable(value: Any, key: str) -> str:
+    # Options are a set of KEY=VALUE settings: their order does not make runs differ.
+    if key == "options" and isinstance(value, list | tuple):
+        value = sorted(map(str, value))
+    return json.dumps(value, sort_keys=True)
 
 
 def _setting(value: Any) -> str:

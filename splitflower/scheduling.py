@@ -100,15 +100,17 @@ class Scheduler(ABC):
         start = time.perf_counter()
         # The received tensors live while the method runs: count them as in flight.
         self.model._call_context = context
-        failed = True
+        error: BaseException | None = None
         try:
             with self.model.memory.track(holding=payload_bytes(tensors)):
                 value = bound(**tensors)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-            failed = False
+        except BaseException as err:
+            error = err
+            raise
         finally:
-            self.model._end_call(failed=failed)
+            self.model._end_call(error)
             self.model._call_context = CallContext()
         return value, time.perf_counter() - start
 

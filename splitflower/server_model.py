@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from splitflower.errors import InvalidArgumentsError, UnknownMethodError
+from splitflower.errors import AlgorithmError, InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
 
@@ -234,7 +235,9 @@ class ServerModel:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        remote_methods(cls)  # a method no client could call, or a misspelt spec, fails here
+        # A method no client could call, or a misspelt spec, fails here. Not cached: a class
+        # decorator may still add or mark methods.
+        _describe(cls)
 
     def __init__(
         self,
@@ -273,8 +276,10 @@ class ServerModel:
     def take_kept(self, kept_by: str) -> tuple[Any, ...]:
         """Take what the calling client last kept; ``kept_by`` names the call that should have
         kept it, for the error when nothing was (a call that came first). If the call that
-        takes it raises (say, a gradient of the wrong shape), it stays kept, so that the
-        client can send the call again.
+        takes it refuses its input with :class:`~splitflower.errors.InvalidArgumentsError`
+        (say, a gradient of the wrong shape, refused by :meth:`step` before it backpropagates),
+        it stays kept, so that the client can send the call again. Any other error drops it:
+        the call may have used it already.
 
         Example
         -------
@@ -290,9 +295,10 @@ class ServerModel:
         self._taken[caller] = taken = self._kept.pop(caller)
         return taken
 
-    def _end_call(self, *, failed: bool) -> None:
-        """Called by the scheduler after each call: a failed call gives back what it took."""
-        if failed:
+    def _end_call(self, error: BaseException | None) -> None:
+        """Called by the scheduler after each call: a call that refused its input gives back
+        what it took."""
+        if isinstance(error, InvalidArgumentsError):
             for caller, values in self._taken.items():
                 self._kept.setdefault(caller, values)
         self._taken.clear()
@@ -354,7 +360,7 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
         if name.startswith("_") or name in framework or _is_local(cls, name):
             continue
         if name in PROXY_ATTRIBUTES:
-            raise TypeError(
+            raise AlgorithmError(
                 f"{cls.__name__}.{name}: the client's proxy has an attribute of that name, so proxy.{name} "
                 f"could not reach this method; rename it (names the proxy keeps: {sorted(PROXY_ATTRIBUTES)})"
             )
@@ -363,17 +369,19 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
             params = params[1:]  # self
         bad = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
         if bad:
-            raise TypeError(f"{cls.__name__}.{name}: remote methods take keyword tensors; {bad} cannot be passed")
+            raise AlgorithmError(f"{cls.__name__}.{name}: remote methods take keyword tensors; {bad} cannot be passed")
         reserved = _RESERVED_ARGUMENTS & {p.name for p in params}
         if reserved:
-            raise TypeError(f"{cls.__name__}.{name}: argument name(s) {sorted(reserved)} are reserved by the proxy")
+            raise AlgorithmError(
+                f"{cls.__name__}.{name}: argument name(s) {sorted(reserved)} are reserved by the proxy; rename them"
+            )
         names = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
         required = frozenset(p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD)
         specs = getattr(member, _SPECS_ATTRIBUTE, {})
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
         unknown = sorted(set(specs) - set(names))
         if unknown and not takes_any:
-            raise TypeError(
+            raise AlgorithmError(
                 f"{cls.__name__}.{name}: @remote declares {unknown}, which {name}() does not take "
                 f"(its arguments: {list(names)}); a misspelt name would leave its argument unchecked"
             )
@@ -381,7 +389,7 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
     return methods
 
 
-_CACHE: dict[type, dict[str, _RemoteMethod]] = {}
+_CACHE: weakref.WeakKeyDictionary[type, dict[str, _RemoteMethod]] = weakref.WeakKeyDictionary()
 
 
 def remote_methods(cls: type[ServerModel]) -> dict[str, _RemoteMethod]:

@@ -6,6 +6,7 @@ import copy
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -185,11 +186,17 @@ def run_cli(
     start-up window); the whole is bounded by ``attempt_timeout`` per attempt."""
     command = [*command, "--startup-timeout", str(startup_timeout), "--attempts", str(RAY_ATTEMPTS)]
     timeout = attempt_timeout * RAY_ATTEMPTS
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else str(err.stderr or "")
-        return subprocess.CompletedProcess(command, -9, "", f"timed out after {timeout}s\n{stderr}")
+    # A session of its own, so that a timeout ends the attempt the command runs, not only the command.
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            return subprocess.CompletedProcess(command, -9, stdout, f"timed out after {timeout}s\n{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_fresh_interpreter(

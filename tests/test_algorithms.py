@@ -22,7 +22,13 @@ from splitflower.algorithms.streamsl import StreamSLClient, StreamSLServerModel
 from splitflower.algorithms.ushaped import UShapedClient, UShapedServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
-from splitflower.errors import ConfigError, IncompatibleStrategyError, InvalidArgumentsError
+from splitflower.errors import (
+    AlgorithmError,
+    ConfigError,
+    IncompatibleStrategyError,
+    InvalidArgumentsError,
+    RemoteComputationError,
+)
 from splitflower.experiment import ExperimentConfig
 from splitflower.scheduling import BatchingScheduler, Scheduler
 from splitflower.server_model import ServerModel, sgd
@@ -220,6 +226,25 @@ def test_ushaped_backward_with_a_wrong_shaped_gradient_keeps_the_graph(service: 
     assert server.num_examples == 2, "only the good backward trained"
 
 
+def test_what_a_failed_call_may_have_used_is_dropped_not_given_back(service: SplitService) -> None:
+    class UsesThenFails(UShapedServerModel):
+        def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
+            z, h = self.take_kept("forward")
+            self.step(h, grad=grad, num_examples=len(z))
+            raise RuntimeError("failed after stepping")
+
+    server = UsesThenFails(nn.Linear(4, 3))
+    server.configure_fit(None, {"lr": LR})
+    proxy = connect(service, server)
+    proxy.forward(embeddings=torch.ones(2, 4))
+    with pytest.raises(RemoteComputationError, match="failed after stepping"):
+        proxy.backward(grad=torch.ones(2, 3))
+    with pytest.raises(InvalidArgumentsError, match=r"nothing kept .*call forward\(\) first"):
+        proxy.backward(grad=torch.ones(2, 3))
+    proxy.close()
+    assert server.num_examples == 2, "the batch trained once"
+
+
 def test_ushaped_refuses_batching_and_shared_server_models() -> None:
     for strategy in ("batched", "parallel"):
         with pytest.raises(IncompatibleStrategyError, match="runs under splitfed-v1"):
@@ -407,7 +432,7 @@ def test_a_part_added_to_a_client_trains_and_travels_with_the_segment(service: S
     client.server_model_proxy.close()
     assert any(name.startswith("aux_head.") for name in weights), "the part is sent back with the segment"
     assert _changed(head_before, client.model["aux_head"].state_dict()), "the round's optimizer trained it"
-    with pytest.raises(ValueError, match="already has a part named 'aux_head'"):
+    with pytest.raises(ConfigError, match="already has a part named 'aux_head'"):
         client.add_part("aux_head", nn.Identity())
 
 
@@ -441,7 +466,11 @@ def test_common_mistakes_in_a_new_algorithm_get_errors_that_name_them(service: S
 
     bottom, top = split_model(_model(), 3)
     fit(NoMetrics(copy.deepcopy(bottom), _data(32)), FedSLServerModel(copy.deepcopy(top)))  # None: no metrics
-    with pytest.raises(TypeError, match=r"LossAsMetrics.train_step must return a mapping .*got float"):
+    with pytest.raises(AlgorithmError, match=r"LossAsMetrics.train_step must return a mapping .*got float"):
         fit(LossAsMetrics(copy.deepcopy(bottom), _data(32)), FedSLServerModel(copy.deepcopy(top)))
-    with pytest.raises(ValueError, match=r"output 0 has shape \[16, 4, 4, 4\] but its gradient is None"):
+    with pytest.raises(AlgorithmError, match=r"output 0 has shape \[16, 4, 4, 4\] but its gradient is None"):
         fit(Conventional(copy.deepcopy(bottom), _data(32)), ForgotTheGradient(copy.deepcopy(top)))
+    client = Conventional(copy.deepcopy(bottom), _data(32))
+    z = client.segment(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(AlgorithmError, match=r"output 1 has shape \[2, 4, 4, 4\] but its gradient is None"):
+        client.step([z.sum(), z], None)

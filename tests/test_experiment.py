@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -264,12 +266,9 @@ def test_progress_reports_a_start_that_never_reaches_a_server_model_once(trained
     assert said, "progress lines keep coming while the round runs"
 
 
-def _cli_over_fake_simulation(
-    tmp_path: Path, fake_simulation: str, *options: str, attempts: int = 1
-) -> subprocess.CompletedProcess[str]:
-    """`splitflower run` in a fresh interpreter whose Flower run_simulation is ``fake_simulation``
-    (source defining ``def fake_simulation(**kwargs)``), each attempt in a fresh interpreter
-    running the same fake; it must end well within its 110 s."""
+def _fake_run_script(tmp_path: Path, fake_simulation: str) -> Path:
+    """A script running `splitflower` whose Flower run_simulation is ``fake_simulation`` (source
+    defining ``def fake_simulation(**kwargs)``), each attempt in a fresh interpreter running it."""
     script = tmp_path / "fake_run.py"
     script.write_text(
         f"import sys, threading, time, flwr.simulation\n{fake_simulation}\n"
@@ -278,6 +277,14 @@ def _cli_over_fake_simulation(
         "splitflower.cli._ATTEMPT_COMMAND = (sys.executable, __file__)\n"
         "raise SystemExit(splitflower.cli.main(sys.argv[1:]))\n"
     )
+    return script
+
+
+def _cli_over_fake_simulation(
+    tmp_path: Path, fake_simulation: str, *options: str, attempts: int = 1
+) -> subprocess.CompletedProcess[str]:
+    """`splitflower run` over :func:`_fake_run_script`; it must end well within its 110 s."""
+    script = _fake_run_script(tmp_path, fake_simulation)
     command = ["run", "--dataset", "synthetic", "--clients", "1", "--rounds", "1", "--attempts", str(attempts)]
     started = time.monotonic()
     done = subprocess.run(
@@ -316,17 +323,43 @@ def test_cli_starts_a_simulation_that_crashed_before_any_client_again_in_a_fresh
     assert len(processes) == 2, "each attempt runs in a process of its own"
 
 
-def test_cli_reports_a_simulation_that_crashed_after_clients_started_without_retrying(tmp_path: Path) -> None:
-    crash = (
-        "import splitflower.experiment\n"
-        "splitflower.experiment._Progress.started = lambda self: True\n"
-        "def fake_simulation(**kwargs):\n"
-        "    raise RuntimeError('Simulation Runtime crashed.')"
+@pytest.mark.slow
+def test_cli_reports_an_error_of_the_server_app_at_once_without_retrying(tmp_path: Path) -> None:
+    (tmp_path / "bad_algorithm.py").write_text(
+        "from splitflower.algorithms import Algorithm, CSLClient, CSLServerModel\n"
+        "class Unbuildable(CSLServerModel):\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        raise TypeError('this server model cannot be built')\n"
+        "BAD = Algorithm('bad', CSLClient, Unbuildable)\n"
     )
-    done = _cli_over_fake_simulation(tmp_path, crash, attempts=3)
+    command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", "bad_algorithm:BAD"]
+    done = run_cli([*command, "--dataset", "synthetic", "--train-size", "64", "--clients", "1"], cwd=tmp_path)
     assert done.returncode == CRASHED_EXIT_CODE, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "Simulation Runtime crashed." in done.stderr and "the simulation failed" in done.stderr
-    assert "attempt" not in done.stderr
+    assert "TypeError: this server model cannot be built" in done.stderr
+    assert "did not start" not in done.stderr, "a bug of the user's is not Ray failing to start"
+
+
+@pytest.mark.slow
+def test_stopping_splitflower_run_stops_the_attempt_it_runs(tmp_path: Path) -> None:
+    hang = (
+        "def fake_simulation(**kwargs):\n"
+        "    print('attempt in process', __import__('os').getpid(), flush=True)\n"
+        "    time.sleep(120)"
+    )
+    script = _fake_run_script(tmp_path, hang)
+    command = [sys.executable, str(script), "run", "--dataset", "synthetic", "--clients", "1", "--attempts", "2"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        while line and not line.startswith("attempt in process"):
+            line = parent.stdout.readline()
+        child = int(line.split()[-1])
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # the attempt ended with the command
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
 
 
 def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:

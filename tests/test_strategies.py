@@ -275,6 +275,8 @@ def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, m
         "MINE = Algorithm('mine', CSLClient, CSLServerModel, 'sequential', ('sequential',))\n"
         "NOT_ONE = 3\n"
     )
+    (tmp_path / "needs_more.py").write_text("import not_installed_here\n")
+    (tmp_path / "broken.py").write_text("def (:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     found = find_algorithm("mine:MINE")
     assert isinstance(found, Algorithm) and found.name == "mine"
@@ -284,7 +286,9 @@ def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, m
     for name, message in (
         ("mine:NOT_ONE", "must be an Algorithm, got int"),
         ("mine:MISSING", "must be an Algorithm, got nothing of that name"),
-        ("nowhere_to_be_found:X", "cannot import module 'nowhere_to_be_found'.*PYTHONPATH"),
+        ("nowhere_to_be_found:X", "no module 'nowhere_to_be_found'.*PYTHONPATH"),
+        ("needs_more:X", "importing module 'needs_more' failed: No module named 'not_installed_here'"),
+        ("broken:X", "importing module 'broken' raised SyntaxError"),
         ("cls", r"algorithm must be one of \['csl', .*\], or MODULE:ATTRIBUTE"),
     ):
         with pytest.raises(ConfigError, match=message):

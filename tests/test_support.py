@@ -71,6 +71,15 @@ def test_runs_of_the_same_algorithm_and_strategy_are_told_apart() -> None:
         "csl/parallel dataset=fashion-mnist #3",
     ]
     assert rows[3] == "csl/parallel dataset=synthetic / csl/parallel dataset=fashion-mnist #3"
+    linked, other, unlinked = (_results(a, 1, 1, 0.5) for a in ("csl", "dsl", "csl"))
+    linked["config"]["link"] = "10mbit/50mbit/20ms"
+    unlinked["config"]["link"] = ""
+    labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table([linked, other, unlinked]).splitlines()[2:5]]
+    assert labels == ["csl/parallel link=10mbit/50mbit/20ms", "dsl/parallel", "csl/parallel link="]
+    reordered = [_results("csl", 1, 1, 0.5) for _ in range(2)]
+    reordered[0]["config"]["options"], reordered[1]["config"]["options"] = ["a=1", "b=2"], ["b=2", "a=1"]
+    labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table(reordered).splitlines()[2:4]]
+    assert labels == ["csl/parallel #1", "csl/parallel #2"], "the order of options is no difference"
 
 
 def test_compare_reads_null_figures_as_missing_and_refuses_a_plot_format_first(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -182,6 +183,7 @@ def test_arguments_the_proxy_cannot_send_are_refused_before_sending(
     _still_serves(proxy)
     with pytest.raises(ConfigError, match=r"default_timeout must be a positive number of seconds.*got -1"):
         ServerModelProxy(service.address, b"0" * 16, default_timeout=-1)
+    torch.testing.assert_close(proxy.echo(x=torch.ones(1), timeout=np.float32(5.0)), torch.ones(1))
 
 
 def test_server_model_methods_the_proxy_could_not_reach_are_refused_when_defined() -> None:
@@ -198,8 +200,21 @@ def test_server_model_methods_the_proxy_could_not_reach_are_refused_when_defined
             def echo(self, embeddings: torch.Tensor) -> torch.Tensor:
                 return embeddings
 
+    def add_double(cls: type[ServerModel]) -> type[ServerModel]:
+        cls.double = lambda self, x: 2 * x  # type: ignore[attr-defined]
+        return cls
+
+    @add_double
+    class Decorated(ServerModel):
+        pass
+
+    assert "double" in remote_methods(Decorated), "a method a class decorator adds is callable"
+
+    proxy = ServerModelProxy("127.0.0.1:1", b"0" * 16)
     proxy_names = {name for name in dir(ServerModelProxy) if not name.startswith("_")}
-    proxy_names |= {name for name in vars(ServerModelProxy("127.0.0.1:1", b"0" * 16)) if not name.startswith("_")}
+    proxy_names |= {name for name in vars(proxy) if not name.startswith("_")}
+    with pytest.raises(ServerUnavailableError):  # nothing listens there; the channel is closed all the same
+        proxy.close(timeout=0.1)
     assert proxy_names == PROXY_ATTRIBUTES, "wire.PROXY_ATTRIBUTES must list the proxy's public attributes"
 
 
