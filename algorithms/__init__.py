@@ -94,7 +94,7 @@ class Algorithm:
         if self.strategies is not None and strategy not in self.strategies:
             raise IncompatibleStrategyError(
                 f"algorithm {self.name!r} runs under {', '.join(self.strategies)}, not {strategy!r}; "
-                f"drop --strategy to use its default ({self.default_strategy})"
+                f"drop --strategy (in a Flower run config: strategy='') to use its default ({self.default_strategy})"
             )
 
 
@@ -138,7 +138,7 @@ def find_algorithm(name: str) -> Algorithm:
             raise ConfigError(f"algorithm {name!r}: importing module {module_name!r} failed: {err}") from err
         raise ConfigError(
             f"algorithm {name!r}: no module {module_name!r} ({err}); run from the folder holding it or add "
-            "that folder to PYTHONPATH"
+            "that folder to PYTHONPATH (under `flwr run`, put it in the Flower app's folder)"
         ) from err
     except Exception as err:  # the user's module failed as it ran: say which, and how
         raise ConfigError(

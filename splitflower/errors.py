@@ -27,6 +27,7 @@ __all__ = [
     "ResultsFileError",
     "SimulationStartError",
     "AlgorithmError",
+    "StaleGraphError",
 ]
 
 
@@ -82,7 +83,7 @@ class ServerUnavailableError(RemoteCallError, ConnectionError):
     """The split-learning service cannot be reached."""
 
 
-class IncompatibleStrategyError(SplitflowerError, ValueError):
+class IncompatibleStrategyError(ConfigError):
     """An algorithm was paired with a strategy it cannot run under."""
 
 
@@ -106,3 +107,8 @@ class SimulationStartError(SplitflowerError, RuntimeError):
 class AlgorithmError(SplitflowerError, TypeError):
     """An algorithm's client or server model breaks a contract of its base class (a remote
     method no client could call, a ``train_step`` returning the wrong thing, ...)."""
+
+
+class StaleGraphError(SplitflowerError, RuntimeError):
+    """Backward read a tensor that was modified in place after autograd saved it (torch's
+    "modified by an inplace operation"): the gradients would be wrong."""

@@ -51,6 +51,7 @@ from splitflower.errors import (
     ConfigError,
     DatasetError,
     ExperimentFailedError,
+    IncompatibleStrategyError,
     ResultsFileError,
     SimulationStartError,
     SplitflowerError,
@@ -174,22 +175,36 @@ class ExperimentConfig:
                 parse_link(self.link)
             except ConfigError as err:
                 problems.append(str(err))
+        strategy, incompatible = self.strategy, False
         if "algorithm" not in mistyped:
             try:
-                find_algorithm(self.algorithm)
+                algorithm = find_algorithm(self.algorithm)
+                strategy = strategy or algorithm.default_strategy
+                if "strategy" not in mistyped and strategy in STRATEGIES:
+                    problems += self._algorithm_problems(algorithm, strategy, "options" not in mistyped)
+                    incompatible = bool(problems) and strategy not in (algorithm.strategies or (strategy,))
             except ConfigError as err:
                 problems.append(str(err))
         if problems:
-            raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(problems))
-        algorithm = find_algorithm(self.algorithm)
-        strategy = self.strategy or algorithm.default_strategy
-        algorithm.check_strategy(strategy)
-        algorithm.parse_options(self.options)
+            error = IncompatibleStrategyError if incompatible else ConfigError
+            raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
+        return replace(self, strategy=strategy)
+
+    def _algorithm_problems(self, algorithm: Algorithm, strategy: str, check_options: bool) -> list[str]:
+        problems = []
+        checks = [lambda: algorithm.check_strategy(strategy)]
+        if check_options:
+            checks.append(lambda: algorithm.parse_options(self.options))
+        for check in checks:
+            try:
+                check()
+            except ConfigError as err:
+                problems.append(str(err).replace("\n", "\n  "))  # its own list, indented
         if self.hand_over_optimizer and not STRATEGIES[strategy].hands_on:
-            raise ConfigError(
+            problems.append(
                 f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
             )
-        return replace(self, strategy=strategy)
+        return problems
 
 
 def _device_problems(device: str) -> list[str]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from splitflower.codec import payload_bytes
+from splitflower.errors import StaleGraphError
 from splitflower.wire import MetricKey
 
 __all__ = [
@@ -160,10 +161,11 @@ class TrafficMeter:
 class _SavedHandle:
     """Stands for one autograd-saved tensor; releases its bytes when autograd drops it."""
 
-    __slots__ = ("key", "nbytes", "tally", "tensor")
+    __slots__ = ("key", "nbytes", "tally", "tensor", "version")
 
     def __init__(self, tally: MemoryTally, tensor: torch.Tensor, key: int, nbytes: int) -> None:
         self.tally, self.tensor, self.key, self.nbytes = tally, tensor, key, nbytes
+        self.version = tensor._version
 
     def __del__(self) -> None:
         self.tally._release(self.key, self.nbytes)
@@ -222,6 +224,16 @@ class MemoryTally:
 
     @staticmethod
     def _unpack(handle: _SavedHandle) -> torch.Tensor:
+        # With saved-tensor hooks installed, torch no longer checks that a saved tensor is
+        # unchanged when backward reads it; without this check, a stale graph (say, one kept
+        # across another client's optimizer step) would give wrong gradients silently.
+        if handle.tensor._version != handle.version:
+            raise StaleGraphError(
+                f"a tensor autograd saved for backward ({list(handle.tensor.shape)}, {handle.tensor.dtype}) "
+                f"was modified by an inplace operation after it was saved (version {handle.version}, now "
+                f"{handle.tensor._version}), so its gradients would be wrong; backpropagate before changing "
+                "it (e.g. before an optimizer step on weights the graph uses), or clone it"
+            )
         return handle.tensor
 
     def track(self, holding: int = 0) -> _Tracking:

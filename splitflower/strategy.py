@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from splitflower.compute import run_on_compute_thread
-from splitflower.errors import NotEnoughNodesError
+from splitflower.errors import ConfigError, NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
@@ -54,6 +54,9 @@ class SplitResult(Result):
 
     server_arrays: ArrayRecord = field(default_factory=ArrayRecord)
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+_NODE_WAIT_REPORT_S = 15.0  # how often a round still waiting for its clients says so
 
 
 class SplitStrategy(FedAvg):
@@ -216,8 +219,15 @@ class SplitStrategy(FedAvg):
         # Flower's sample_nodes waits for the nodes forever; a run asking for more clients
         # than will ever connect must end instead, saying so.
         needed = max(self.min_available_nodes, self.min_train_nodes)
-        deadline = time.monotonic() + self.node_wait_timeout
+        started = time.monotonic()
+        deadline, next_report = started + self.node_wait_timeout, started + _NODE_WAIT_REPORT_S
         while len(nodes := list(grid.get_node_ids())) < needed:
+            if time.monotonic() >= next_report:
+                next_report += _NODE_WAIT_REPORT_S
+                logger.warning(
+                    "[server] waiting for clients: %d of %d connected (%.0fs of %gs)",
+                    len(nodes), needed, time.monotonic() - started, self.node_wait_timeout,
+                )  # fmt: skip
             if time.monotonic() >= deadline:
                 raise NotEnoughNodesError(
                     f"the round needs {needed} clients (min_available_nodes / min_train_nodes, e.g. the app's "
@@ -242,13 +252,22 @@ class SplitStrategy(FedAvg):
         for model in models:
             run_on_compute_thread(model.configure_fit, weights, dict(config))
         schedulers = [self.make_scheduler(model) for model in models]
-        assignment = {node: self.assign(i, len(node_ids)) for i, node in enumerate(node_ids)}
+        assignment = {node: self._checked_assign(i, len(node_ids), count) for i, node in enumerate(node_ids)}
         plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)
         for index, scheduler in enumerate(schedulers):
             scheduler.set_clients([n for n, m in assignment.items() if m == index])
         for node in node_ids:
             plan.tokens[node], plan.sessions[node] = self._service.open_session(node, schedulers[assignment[node]])
         return plan
+
+    def _checked_assign(self, index: int, num_clients: int, num_models: int) -> int:
+        model = self.assign(index, num_clients)
+        if isinstance(model, bool) or not isinstance(model, int) or not 0 <= model < num_models:
+            raise ConfigError(
+                f"{type(self).__name__}.assign({index}, {num_clients}) returned {model!r}, but "
+                f"num_server_models({num_clients}) is {num_models}: return an index from 0 to {num_models - 1}"
+            )
+        return model
 
     def aggregate_server_models(self, results: Sequence[FitResult]) -> ArrayRecord | None:
         """Example-weighted average of the server models that trained this round."""

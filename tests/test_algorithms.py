@@ -245,6 +245,22 @@ def test_what_a_failed_call_may_have_used_is_dropped_not_given_back(service: Spl
     assert server.num_examples == 2, "the batch trained once"
 
 
+def test_a_graph_kept_across_another_client_s_step_is_refused_not_used(service: SplitService) -> None:
+    # One U-shaped server model shared by two clients (a custom strategy could do it): client
+    # b's kept graph holds weights that client a's backward then steps in place.
+    server = UShapedServerModel(nn.Linear(4, 3))
+    server.configure_fit(None, {"lr": LR})
+    a, b = connect(service, server, client="a"), connect(service, server, client="b")
+    a.forward(embeddings=torch.ones(2, 4))
+    b.forward(embeddings=torch.ones(2, 4))
+    a.backward(grad=torch.ones(2, 3))
+    with pytest.raises(RemoteComputationError, match="StaleGraphError: a tensor autograd saved for backward"):
+        b.backward(grad=torch.ones(2, 3))
+    a.close()
+    b.close()
+    assert server.num_examples == 2, "only client a's batch trained"
+
+
 def test_ushaped_refuses_batching_and_shared_server_models() -> None:
     for strategy in ("batched", "parallel"):
         with pytest.raises(IncompatibleStrategyError, match="runs under splitfed-v1"):

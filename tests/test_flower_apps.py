@@ -317,8 +317,10 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
     run_config = flwr["app"]["config"]
     server = task.experiment_config(run_config)
     assert (server.algorithm, server.strategy, server.clients, server.rounds) == ("dsl", "parallel", 2, 2)
-    client = task.experiment_config(run_config, {"partition-id": 1, "num-partitions": 3})
-    assert client.clients == 3 and client.lr == 0.01 and client.cut == "s"
+    client = task.experiment_config(run_config, {"partition-id": 1, "num-partitions": 2})
+    assert client.clients == 2 and client.lr == 0.01 and client.cut == "s"
+    with pytest.raises(ConfigError, match="'num-partitions' is 3 but run config 'num-clients' is 2"):
+        task.experiment_config(run_config, {"partition-id": 1, "num-partitions": 3})  # one SuperNode too many
     assert task.experiment_config({**run_config, "strategy": "", "data-root": ""}).data_root is None
     handing = task.experiment_config({**run_config, "strategy": "sequential", "hand-over-optimizer": True})
     assert handing.hand_over_optimizer

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 
 from conftest import connect, simulate
 from splitflower.algorithms import ALGORITHMS, Algorithm, find_algorithm
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.data import synthetic
-from splitflower.errors import ConfigError, NotEnoughNodesError
+from splitflower.errors import ConfigError, IncompatibleStrategyError, NotEnoughNodesError
 from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.server_model import FitResult
 from splitflower.service import SplitService
@@ -210,6 +211,11 @@ def test_algorithm_options_are_parsed_by_type_and_refused_clearly() -> None:
         csl.parse_options(["window=2", "window=3"])
     with pytest.raises(ConfigError, match=r"invalid options for 'locfedmix':\n  - alpha must be > 0, got 0.0$"):
         ALGORITHMS["locfedmix"].parse_options(["alpha=0"])
+    # validate() names every problem at once, those of the algorithm's options and strategy too
+    with pytest.raises(IncompatibleStrategyError) as caught:
+        ExperimentConfig(algorithm="splitavg", strategy="parallel", lr=-1.0, options=("nope=1",)).validate()
+    for problem in ("lr must be positive", "runs under batched, not 'parallel'", "unknown option 'nope'"):
+        assert problem in str(caught.value)
 
 
 def test_options_reach_both_parties_of_an_experiment() -> None:
@@ -267,6 +273,17 @@ def test_a_round_waiting_for_clients_that_never_connect_fails_saying_so() -> Non
         strategy._wait_for_nodes(_Grid([1, 2]))  # type: ignore[arg-type]
     assert time.perf_counter() - started < 2
     assert strategy._wait_for_nodes(_Grid([1, 2, 3])) == [1, 2, 3]  # type: ignore[arg-type]
+
+
+def test_a_strategy_assigning_a_server_model_that_does_not_exist_is_told_so() -> None:
+    class OffByOne(ParallelStrategy):
+        def assign(self, index: int, num_clients: int) -> int:
+            return 1
+
+    strategy = OffByOne(node_wait_timeout=1)
+    strategy._server_model_factory = lambda: CSLServerModel(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match=r"OffByOne.assign\(0, 2\) returned 1, but num_server_models\(2\) is 1"):
+        strategy._plan_round(1, _Grid([1, 2]), ArrayRecord(), ConfigRecord())  # type: ignore[arg-type]
 
 
 def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

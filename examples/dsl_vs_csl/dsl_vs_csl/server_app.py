@@ -10,12 +10,13 @@ from flwr.app import Context
 
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
-from splitflower.experiment import Experiment, results_document, summarise_round, write_results
+from splitflower.experiment import Experiment, check_results_path, results_document, summarise_round, write_results
 from splitflower.strategy import SplitResult, SplitStrategy
 
 # WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
 logger = logging.getLogger("dsl_vs_csl")
 _started: dict[int, float] = {}  # run id -> perf_counter at start
+DEFAULT_OUT = "dsl_vs_csl-results.json"
 
 
 def _experiment(context: Context) -> Experiment:
@@ -24,6 +25,7 @@ def _experiment(context: Context) -> Experiment:
 
 def _strategy(context: Context) -> SplitStrategy:
     _started[context.run_id] = time.perf_counter()
+    check_results_path(str(context.run_config.get("out", DEFAULT_OUT)))  # before training, not after
     c = _experiment(context).config
     logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
@@ -40,7 +42,7 @@ def _write_results(context: Context, result: SplitResult) -> None:
     wall_s = time.perf_counter() - _started.pop(context.run_id, time.perf_counter())
     runtime = {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     document = results_document(_experiment(context).config, rounds, wall_s, runtime=runtime)
-    out = write_results(document, str(context.run_config.get("out", "dsl_vs_csl-results.json")))
+    out = write_results(document, str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
 
 

@@ -55,6 +55,11 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
         count = node_config.get("num-partitions")
         if type(count) is not int or count < 1:
             problems.append(f"node config 'num-partitions' must be a positive int, got {count!r}")
+        elif count != values.get("clients", count):
+            problems.append(
+                f"node config 'num-partitions' is {count} but run config 'num-clients' is {values['clients']}; "
+                "they must be equal (in simulation num-partitions is num-supernodes)"
+            )
         else:
             values["clients"] = count
     if isinstance(values.get("cut"), bool):
