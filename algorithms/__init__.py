@@ -6,11 +6,11 @@ to each algorithm's pair and the strategies it can run under.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitflower._named import lookup
 from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.algorithms.fedsl import FedSLClient, FedSLServerModel
@@ -123,29 +123,7 @@ def find_algorithm(name: str) -> Algorithm:
     ...
     splitflower.errors.ConfigError: algorithm 'splitflower.algorithms:ALGORITHMS' must be an Algorithm, got dict
     """
-    if name in ALGORITHMS:
-        return ALGORITHMS[name]
-    module_name, sep, attribute = name.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ConfigError(
-            f"algorithm must be one of {sorted(ALGORITHMS)}, or MODULE:ATTRIBUTE naming an Algorithm of your "
-            f"own, got {name!r}"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        if err.name != module_name:  # the module was found; something it imports was not
-            raise ConfigError(f"algorithm {name!r}: importing module {module_name!r} failed: {err}") from err
-        raise ConfigError(
-            f"algorithm {name!r}: no module {module_name!r} ({err}); run from the folder holding it or add "
-            "that folder to PYTHONPATH (under `flwr run`, put it in the Flower app's folder)"
-        ) from err
-    except Exception as err:  # the user's module failed as it ran: say which, and how
-        raise ConfigError(
-            f"algorithm {name!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
-        ) from err
-    found = getattr(module, attribute, None)
+    found = lookup("algorithm", name, ALGORITHMS)
     if not isinstance(found, Algorithm):
-        got = "nothing of that name" if found is None else type(found).__name__
-        raise ConfigError(f"algorithm {name!r} must be an Algorithm, got {got}")
+        raise ConfigError(f"algorithm {name!r} must be an Algorithm, got {type(found).__name__}")
     return found

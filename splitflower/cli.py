@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="{" + ",".join(sorted(ALGORITHMS)) + "} or MODULE:ATTRIBUTE",
         help="the split-learning algorithm: a registered one, or an Algorithm of your own",
     )
-    run.add_argument("--strategy", choices=sorted(STRATEGIES), default=None, help="None: the algorithm's own")
+    run.add_argument(
+        "--strategy",
+        default=None,
+        metavar="{" + ",".join(sorted(STRATEGIES)) + "} or MODULE:ATTRIBUTE",
+        help="a registered strategy, or a SplitStrategy subclass of your own (None: the algorithm's own)",
+    )
     run.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist", help="the training data")
     run.add_argument("--data-root", default=None, help="directory holding the dataset files")
     run.add_argument("--model", choices=MODEL_NAMES, default="lenet5", help="the network to split")

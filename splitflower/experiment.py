@@ -26,7 +26,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -60,9 +60,11 @@ from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
 from splitflower.server_model import ServerModel, sgd
 from splitflower.split import split_for_cut, split_last_layer
-from splitflower.strategies import STRATEGIES, SequentialStrategy
+from splitflower.strategies import SequentialStrategy, find_strategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
+
+_Found = TypeVar("_Found")
 
 __all__ = [
     "CRASHED_EXIT_CODE",
@@ -142,7 +144,6 @@ class ExperimentConfig:
         mistyped = _type_problems(self)
         problems = list(mistyped.values())
         choices = (
-            ("strategy", sorted(STRATEGIES)),
             ("dataset", list(DATASET_NAMES)),
             ("model", list(MODEL_NAMES)),
         )
@@ -175,22 +176,21 @@ class ExperimentConfig:
                 parse_link(self.link)
             except ConfigError as err:
                 problems.append(str(err))
-        strategy, incompatible = self.strategy, False
-        if "algorithm" not in mistyped:
-            try:
-                algorithm = find_algorithm(self.algorithm)
-                strategy = strategy or algorithm.default_strategy
-                if "strategy" not in mistyped and strategy in STRATEGIES:
-                    problems += self._algorithm_problems(algorithm, strategy, "options" not in mistyped)
-                    incompatible = bool(problems) and strategy not in (algorithm.strategies or (strategy,))
-            except ConfigError as err:
-                problems.append(str(err))
+        algorithm = _found(find_algorithm, self.algorithm, problems) if "algorithm" not in mistyped else None
+        strategy = self.strategy or (algorithm.default_strategy if algorithm else None)
+        strategy_cls = _found(find_strategy, strategy, problems) if strategy and "strategy" not in mistyped else None
+        incompatible = False
+        if algorithm is not None and strategy is not None and strategy_cls is not None:
+            problems += self._algorithm_problems(algorithm, strategy, strategy_cls, "options" not in mistyped)
+            incompatible = strategy not in (algorithm.strategies or (strategy,))
         if problems:
             error = IncompatibleStrategyError if incompatible else ConfigError
             raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
         return replace(self, strategy=strategy)
 
-    def _algorithm_problems(self, algorithm: Algorithm, strategy: str, check_options: bool) -> list[str]:
+    def _algorithm_problems(
+        self, algorithm: Algorithm, strategy: str, strategy_cls: type[SplitStrategy], check_options: bool
+    ) -> list[str]:
         problems = []
         checks = [lambda: algorithm.check_strategy(strategy)]
         if check_options:
@@ -200,11 +200,20 @@ class ExperimentConfig:
                 check()
             except ConfigError as err:
                 problems.append(str(err).replace("\n", "\n  "))  # its own list, indented
-        if self.hand_over_optimizer and not STRATEGIES[strategy].hands_on:
+        if self.hand_over_optimizer and not strategy_cls.hands_on:
             problems.append(
                 f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
             )
         return problems
+
+
+def _found(find: Callable[[str], _Found], name: str, problems: list[str]) -> _Found | None:
+    """``find(name)``; None, with its error added to ``problems``, if it cannot be found."""
+    try:
+        return find(name)
+    except ConfigError as err:
+        problems.append(str(err))
+        return None
 
 
 def _device_problems(device: str) -> list[str]:
@@ -330,7 +339,7 @@ class Experiment:
 
     def make_strategy(self) -> SplitStrategy:
         c = self.config
-        strategy_cls = STRATEGIES[str(c.strategy)]
+        strategy_cls = find_strategy(str(c.strategy))
         extra: dict[str, Any] = {"hand_over_optimizer": True} if c.hand_over_optimizer else {}
         return strategy_cls(
             min_train_nodes=c.clients,
@@ -403,7 +412,7 @@ def threads_per_client(config: ExperimentConfig) -> int:
 
 def _concurrent_clients(config: ExperimentConfig) -> int:
     """Clients training at once: one under strategies that serve clients in turn."""
-    strategy = STRATEGIES.get(str(config.strategy))
+    strategy = find_strategy(str(config.strategy)) if config.strategy else None
     return 1 if strategy is not None and issubclass(strategy, SequentialStrategy) else config.clients
 
 

@@ -64,8 +64,9 @@ class SplitStrategy(FedAvg):
 
     Built on Flower's :class:`~flwr.serverapp.strategy.FedAvg`: its sampling, message
     construction, reply checks and example-weighted averaging are reused as they are.
-    What split learning adds lives in five hooks a subclass may override:
+    What split learning adds lives in six hooks a subclass may override:
 
+    * :meth:`order_clients` - the order of the round's sampled clients (default: sorted);
     * :meth:`num_server_models` - how many server models exist this round (default 1);
     * :meth:`assign` - which of them serves the i-th sampled client (default 0);
     * :meth:`make_scheduler` - when requests run: at once, or batched across clients
@@ -81,8 +82,12 @@ class SplitStrategy(FedAvg):
     ``link`` (a :class:`~splitflower.linkemu.LinkSpec`) puts an emulated link between each
     client and the service: clients are handed a relay's address (:mod:`splitflower.linkemu`).
 
-    Server models are averaged by examples trained, like client segments. ``hands_on``
-    tells whether a strategy hands each client's segment on to the next (sequential SL).
+    Server models are averaged by examples trained, like client segments; every server model
+    starts each round from that average (per-client server models that stay apart would
+    override ``aggregate_server_models``). ``hands_on`` is read by the sequential strategy
+    (:class:`~splitflower.strategies.SequentialStrategy`): whether it hands each client's
+    segment on to the next. Sampling is FedAvg's: ``fraction_train`` of the connected nodes,
+    at least ``min_train_nodes``, once ``min_available_nodes`` are connected.
 
     Example
     -------

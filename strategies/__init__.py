@@ -3,11 +3,14 @@
 Installed as ``splitflower.strategies``.
 """
 
+from splitflower._named import lookup
+from splitflower.errors import ConfigError
 from splitflower.strategies.batched import BatchedStrategy
 from splitflower.strategies.parallel import ParallelStrategy
 from splitflower.strategies.sequential import SequentialStrategy
 from splitflower.strategies.splitfed_v1 import SplitFedV1Strategy
 from splitflower.strategies.splitfed_v2 import SplitFedV2Strategy
+from splitflower.strategy import SplitStrategy
 
 __all__ = [
     "BatchedStrategy",
@@ -16,6 +19,7 @@ __all__ = [
     "SplitFedV1Strategy",
     "SplitFedV2Strategy",
     "STRATEGIES",
+    "find_strategy",
 ]
 
 STRATEGIES = {
@@ -25,3 +29,18 @@ STRATEGIES = {
     "splitfed-v1": SplitFedV1Strategy,
     "splitfed-v2": SplitFedV2Strategy,
 }
+
+
+def find_strategy(name: str) -> type[SplitStrategy]:
+    """A registered strategy (a key of :data:`STRATEGIES`), or a :class:`SplitStrategy`
+    subclass of your own named ``MODULE:ATTRIBUTE``.
+
+    Example
+    -------
+    >>> find_strategy("parallel").__name__
+    'ParallelStrategy'
+    """
+    found = lookup("strategy", name, STRATEGIES)
+    if not (isinstance(found, type) and issubclass(found, SplitStrategy)):
+        raise ConfigError(f"strategy {name!r} must be a SplitStrategy subclass, got {found!r}")
+    return found

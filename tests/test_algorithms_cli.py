@@ -48,6 +48,7 @@ import torch
 from splitflower.algorithms import Algorithm
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.client import Client
+from splitflower.strategies import ParallelStrategy
 
 
 class HalfPrecisionClient(Client):
@@ -63,21 +64,31 @@ class HalfPrecisionServer(CSLServerModel):
 
 
 HALF = Algorithm("half", HalfPrecisionClient, HalfPrecisionServer)
+
+
+class OneServerModelEach(ParallelStrategy):
+    def num_server_models(self, num_clients):
+        return num_clients
+
+    def assign(self, index, num_clients):
+        return index
 """
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_an_algorithm_of_the_user_s_own_runs_without_changing_the_package(tmp_path: Path) -> None:
+def test_an_algorithm_and_a_strategy_of_the_user_s_own_run_without_changing_the_package(tmp_path: Path) -> None:
     (tmp_path / "my_algorithms.py").write_text(USER_ALGORITHM)
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", "my_algorithms:HALF"]
-    command += ["--dataset", "synthetic", "--train-size", "64", "--clients", "1", "--rounds", "1", "--out", str(out)]
+    command += ["--strategy", "my_algorithms:OneServerModelEach", "--dataset", "synthetic", "--train-size", "64"]
+    command += ["--clients", "2", "--rounds", "1", "--out", str(out)]
     done = run_cli(command, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["config"]["algorithm"] == "my_algorithms:HALF"
-    assert results["rounds"][0]["num_examples"] == 64
-    manifest = results["rounds"][0]["clients"][0]["wire"]["manifest"]
+    assert results["config"]["strategy"] == "my_algorithms:OneServerModelEach"
+    assert [m["num_examples"] for m in results["rounds"][0]["server_models"]] == [32, 32], "a server model each"
+    manifest = results["rounds"][0]["clients"][0]["wire"]["manifest"]  # each client's is alike
     dtypes = {(entry["direction"], entry["name"], entry["dtype"]) for entry in manifest}
     assert dtypes == {("up", "embeddings", "float16"), ("up", "labels", "int64"), ("down", "_", "float16")}

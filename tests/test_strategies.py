@@ -24,7 +24,7 @@ from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.server_model import FitResult
 from splitflower.service import SplitService
 from splitflower.split import split_model
-from splitflower.strategies import ParallelStrategy, SequentialStrategy
+from splitflower.strategies import ParallelStrategy, SequentialStrategy, find_strategy
 from splitflower.wire import ConfigKey
 
 
@@ -291,6 +291,9 @@ def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, m
         "from splitflower.algorithms import Algorithm, CSLClient, CSLServerModel\n"
         "MINE = Algorithm('mine', CSLClient, CSLServerModel, 'sequential', ('sequential',))\n"
         "NOT_ONE = 3\n"
+        "from splitflower.strategies import SequentialStrategy\n"
+        "class Mine(SequentialStrategy):\n"
+        "    pass\n"
     )
     (tmp_path / "needs_more.py").write_text("import not_installed_here\n")
     (tmp_path / "broken.py").write_text("def (:\n")
@@ -300,9 +303,14 @@ def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, m
     config = ExperimentConfig(algorithm="mine:MINE", dataset="synthetic").validate()
     assert config.strategy == "sequential", "the algorithm's own default strategy"
     assert isinstance(Experiment(config).make_client(0), CSLClient)
+    assert find_strategy("mine:Mine").__name__ == "Mine"
+    strategy = Experiment(ExperimentConfig(algorithm="csl", strategy="mine:Mine", dataset="synthetic")).make_strategy()
+    assert type(strategy).__name__ == "Mine"
+    with pytest.raises(ConfigError, match=r"strategy 'mine:MINE' must be a SplitStrategy subclass"):
+        ExperimentConfig(strategy="mine:MINE", dataset="synthetic").validate()
     for name, message in (
         ("mine:NOT_ONE", "must be an Algorithm, got int"),
-        ("mine:MISSING", "must be an Algorithm, got nothing of that name"),
+        ("mine:MISSING", "module .mine. has nothing named .MISSING."),
         ("nowhere_to_be_found:X", "no module 'nowhere_to_be_found'.*PYTHONPATH"),
         ("needs_more:X", "importing module 'needs_more' failed: No module named 'not_installed_here'"),
         ("broken:X", "importing module 'broken' raised SyntaxError"),
