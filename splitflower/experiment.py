@@ -64,7 +64,8 @@ from splitflower.strategies import SequentialStrategy, find_strategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
 
-_Found = TypeVar("_Found")
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 __all__ = [
     "CRASHED_EXIT_CODE",
@@ -176,43 +177,34 @@ class ExperimentConfig:
                 parse_link(self.link)
             except ConfigError as err:
                 problems.append(str(err))
-        algorithm = _found(find_algorithm, self.algorithm, problems) if "algorithm" not in mistyped else None
+        algorithm = _attempt(find_algorithm, self.algorithm, problems) if "algorithm" not in mistyped else None
         strategy = self.strategy or (algorithm.default_strategy if algorithm else None)
-        strategy_cls = _found(find_strategy, strategy, problems) if strategy and "strategy" not in mistyped else None
+        strategy_cls = _attempt(find_strategy, strategy, problems) if strategy and "strategy" not in mistyped else None
         incompatible = False
         if algorithm is not None and strategy is not None and strategy_cls is not None:
-            problems += self._algorithm_problems(algorithm, strategy, strategy_cls, "options" not in mistyped)
-            incompatible = strategy not in (algorithm.strategies or (strategy,))
+            found = len(problems)
+            _attempt(algorithm.check_strategy, strategy, problems)
+            incompatible = len(problems) > found
+            if "options" not in mistyped:
+                _attempt(algorithm.parse_options, self.options, problems)
+            if self.hand_over_optimizer and not strategy_cls.hands_on:
+                problems.append(
+                    "hand_over_optimizer needs a strategy that hands the client segment on (sequential), "
+                    f"got {strategy!r}"
+                )
         if problems:
             error = IncompatibleStrategyError if incompatible else ConfigError
             raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
         return replace(self, strategy=strategy)
 
-    def _algorithm_problems(
-        self, algorithm: Algorithm, strategy: str, strategy_cls: type[SplitStrategy], check_options: bool
-    ) -> list[str]:
-        problems = []
-        checks = [lambda: algorithm.check_strategy(strategy)]
-        if check_options:
-            checks.append(lambda: algorithm.parse_options(self.options))
-        for check in checks:
-            try:
-                check()
-            except ConfigError as err:
-                problems.append(str(err).replace("\n", "\n  "))  # its own list, indented
-        if self.hand_over_optimizer and not strategy_cls.hands_on:
-            problems.append(
-                f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
-            )
-        return problems
 
-
-def _found(find: Callable[[str], _Found], name: str, problems: list[str]) -> _Found | None:
-    """``find(name)``; None, with its error added to ``problems``, if it cannot be found."""
+def _attempt(call: Callable[[_In], _Out], argument: _In, problems: list[str]) -> _Out | None:
+    """``call(argument)``, or None with its ConfigError added to ``problems`` (a message that
+    is a list of its own is indented under it)."""
     try:
-        return find(name)
+        return call(argument)
     except ConfigError as err:
-        problems.append(str(err))
+        problems.append(str(err).replace("\n", "\n  "))
         return None
 
 

@@ -122,11 +122,6 @@ def _check_timeout(what: str, timeout: Any) -> float | None:
     return seconds
 
 
-def _named(method: str, details: str) -> str:
-    """The server's message, with the method's name in front unless it is there already."""
-    return details if details.startswith((f"{method}:", f"{method}(")) else f"{method}: {details}"
-
-
 class ProxyFuture:
     """An outstanding call; :meth:`result` waits for it and returns the method's value.
 
@@ -446,7 +441,7 @@ class ServerModelProxy:
         trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
         kind = trailing.get(ERROR_KIND_METADATA_KEY)
         if isinstance(kind, str) and kind in _KIND_TO_ERROR:
-            return _KIND_TO_ERROR[kind](_named(method, details))
+            return _KIND_TO_ERROR[kind](f"{method}: {details}")  # server messages leave the method out
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerModelTimeoutError(
                 f"{method}: no reply within the call's timeout ({details}). The server may have run it, or "

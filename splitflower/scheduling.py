@@ -206,7 +206,7 @@ class BatchingScheduler(Scheduler):
     ) -> Outcome:
         try:
             resolve_call(self.model, method, tensors)
-            rows = _batch_size(method, tensors)
+            rows = _batch_size(tensors)
         except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
             return Outcome(error=err)
         slot = _Slot(client, tensors, time.perf_counter(), rows, still_wanted)
@@ -288,13 +288,13 @@ def _gone() -> ServerModelTimeoutError:
     return ServerModelTimeoutError("the caller's deadline passed while the call waited for its turn; it did not run")
 
 
-def _batch_size(method: str, tensors: Mapping[str, torch.Tensor]) -> int:
+def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
     """The rows a request adds to a batch: every argument's leading dimension, all equal."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     sizes = {shape[0] for shape in shapes.values() if shape}
     if len(sizes) > 1 or any(not shape for shape in shapes.values()):
         raise InvalidArgumentsError(
-            f"{method}(): a batching strategy concatenates every argument along dimension 0, so all "
+            "a batching strategy concatenates every argument along dimension 0, so all "
             f"arguments need the same leading (batch) dimension; got shapes {shapes}. Give per-call "
             "values one row per example, or use a strategy that runs requests at once"
         )

@@ -427,7 +427,7 @@ def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
     unexpected = given - set(target.parameters)
     if missing or unexpected:
         raise InvalidArgumentsError(
-            f"{method}() takes ({', '.join(target.parameters)}); "
+            f"the method takes ({', '.join(target.parameters)}); "
             f"missing {sorted(missing) or 'nothing'}, unexpected {sorted(unexpected) or 'nothing'}"
         )
     sizes: dict[str, int] = {}

@@ -93,6 +93,14 @@ def test_cli_dsl_and_csl_on_fashion_mnist(tmp_path: Path) -> None:
     assert 2 * _activation_bytes(dsl) == _activation_bytes(csl)
 
 
+def test_cli_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 3)", "(default: dsl)", "(default: fashion-mnist)", "(default: 0.01)", "(default: 64)"):
+        assert shown in text, shown
+
+
 @pytest.mark.slow
 def test_cli_rejects_bad_input_clearly(tmp_path: Path) -> None:
     done = subprocess.run(

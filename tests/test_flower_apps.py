@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from conftest import RAY_START_UP_FAILURES
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, ResultsFileError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -324,6 +325,20 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
     assert task.experiment_config({**run_config, "strategy": "", "data-root": ""}).data_root is None
     handing = task.experiment_config({**run_config, "strategy": "sequential", "hand-over-optimizer": True})
     assert handing.hand_over_optimizer
+
+
+def test_example_app_refuses_a_results_path_before_training(task: Any, tmp_path: Path) -> None:
+    import dsl_vs_csl.server_app as server_app
+
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"dataset": "synthetic", "out": str(tmp_path)},
+    )
+    with pytest.raises(ResultsFileError, match="is a directory"):
+        server_app._strategy(context)
 
 
 def test_example_config_names_every_bad_value(task: Any) -> None:

@@ -266,6 +266,16 @@ class _Grid:
         return list(self.nodes)
 
 
+def test_a_round_waiting_for_clients_says_how_many_have_connected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("splitflower.strategy._NODE_WAIT_REPORT_S", 0.1)
+    strategy = ParallelStrategy(min_train_nodes=3, min_available_nodes=3, node_wait_timeout=1.5)
+    with caplog.at_level("WARNING", logger="splitflower.strategy"), pytest.raises(NotEnoughNodesError):
+        strategy._wait_for_nodes(_Grid([1, 2]))  # type: ignore[arg-type]
+    assert "[server] waiting for clients: 2 of 3 connected" in caplog.text
+
+
 def test_a_round_waiting_for_clients_that_never_connect_fails_saying_so() -> None:
     strategy = ParallelStrategy(min_train_nodes=3, min_available_nodes=3, node_wait_timeout=0.3)
     started = time.perf_counter()
