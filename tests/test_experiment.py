@@ -101,6 +101,16 @@ def test_cli_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> Non
         assert shown in text, shown
 
 
+def test_the_console_script_finds_an_algorithm_in_the_folder_it_runs_in(tmp_path: Path) -> None:
+    # The console script's sys.path starts at the venv's bin/, not the working folder.
+    (tmp_path / "mine.py").write_text("from splitflower.algorithms import ALGORITHMS\nCSL = ALGORITHMS['csl']\n")
+    script = Path(sys.executable).parent / "splitflower"
+    command = [str(script), "run", "--attempts", "1", "--algorithm", "mine:CSL", "--clients", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "clients must be at least 1, got 0" in done.stderr and "mine" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_cli_rejects_bad_input_clearly(tmp_path: Path) -> None:
     done = subprocess.run(

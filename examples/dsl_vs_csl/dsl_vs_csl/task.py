@@ -39,8 +39,8 @@ _FLOATS = {"lr", "momentum", "weight_decay", "flush_timeout"}
 def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """The experiment the run config describes; raises ConfigError naming every bad key.
 
-    On a client, ``node_config`` supplies ``num-partitions`` (the number of clients the
-    data is split between); on the server, the run config's ``num-clients`` does.
+    The run config's ``num-clients`` is the number of clients the data is split between; on a
+    client, ``node_config``'s ``num-partitions`` must equal it.
     """
     values: dict[str, Any] = {"clients": 2}
     for key, name in _FIELDS.items():
@@ -55,13 +55,11 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
         count = node_config.get("num-partitions")
         if type(count) is not int or count < 1:
             problems.append(f"node config 'num-partitions' must be a positive int, got {count!r}")
-        elif count != values.get("clients", count):
+        elif count != values["clients"]:
             problems.append(
                 f"node config 'num-partitions' is {count} but run config 'num-clients' is {values['clients']}; "
                 "they must be equal (in simulation num-partitions is num-supernodes)"
             )
-        else:
-            values["clients"] = count
     if isinstance(values.get("cut"), bool):
         problems.append(f"run config 'cut' must be s, m, d or a number of blocks, got {values['cut']!r}")
     values["cut"] = str(values.get("cut", "s"))
