@@ -5,22 +5,63 @@ Core abstractions: :class:`Client`, :class:`ServerModel`, :class:`SplitStrategy`
 :mod:`splitflower.strategies`, algorithms in :mod:`splitflower.algorithms`.
 """
 
+import importlib
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 # gRPC core logs an INFO line each time a process with open channels forks (Ray does, for
 # every worker); unless the user chose a verbosity, keep those out of the console.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+if TYPE_CHECKING:
+    from splitflower.app import build_client_app, build_server_app
+    from splitflower.client import Client
+    from splitflower.proxy import ProxyFuture, ServerModelProxy
+    from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
+    from splitflower.server_model import FLOATING, CallContext, FitResult, ServerModel, TensorSpec, remote, sgd
+    from splitflower.service import SplitService, TlsConfig
+    from splitflower.strategy import SplitResult, SplitStrategy
+    from splitflower.supervised import SupervisedServerModel
 
-from splitflower.app import build_client_app, build_server_app
-from splitflower.client import Client
-from splitflower.proxy import ProxyFuture, ServerModelProxy
-from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
-from splitflower.server_model import FLOATING, CallContext, FitResult, ServerModel, TensorSpec, remote, sgd
-from splitflower.service import SplitService, TlsConfig
-from splitflower.strategy import SplitResult, SplitStrategy
-from splitflower.supervised import SupervisedServerModel
+# The public names and the modules that define them. They are imported on first use, so that
+# a process needing none of them (the supervisor of `splitflower run`, which only starts
+# attempts) does not pay for torch and Flower.
+_EXPORTS = {
+    "build_client_app": "app",
+    "build_server_app": "app",
+    "Client": "client",
+    "ProxyFuture": "proxy",
+    "ServerModelProxy": "proxy",
+    "BatchingScheduler": "scheduling",
+    "ImmediateScheduler": "scheduling",
+    "Scheduler": "scheduling",
+    "FLOATING": "server_model",
+    "CallContext": "server_model",
+    "FitResult": "server_model",
+    "ServerModel": "server_model",
+    "TensorSpec": "server_model",
+    "remote": "server_model",
+    "sgd": "server_model",
+    "SplitService": "service",
+    "TlsConfig": "service",
+    "SplitResult": "strategy",
+    "SplitStrategy": "strategy",
+    "SupervisedServerModel": "supervised",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'splitflower' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"splitflower.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 try:
     __version__ = version("splitflower")

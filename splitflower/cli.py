@@ -1,4 +1,9 @@
-"""``splitflower run``: one split-learning experiment as a Flower simulation."""
+"""``splitflower run``: one split-learning experiment as a Flower simulation.
+
+``splitflower run`` supervises: it starts the experiment in a child process, again while the
+simulation fails to start. The supervisor imports neither torch nor Flower (the modules the
+commands need are imported where a command runs), so it costs no start-up of its own.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splitflower.algorithms import ALGORITHMS
-from splitflower.data import DATASET_NAMES
-from splitflower.errors import SplitflowerError
-from splitflower.experiment import (
-    DEFAULT_STARTUP_TIMEOUT_S,
-    STALLED_EXIT_CODE,
-    ExperimentConfig,
-    check_results_path,
-    run_experiment_owning_the_process,
-    write_results,
-)
-from splitflower.models import MODEL_NAMES
-from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
-from splitflower.reproduce import add_reproduce_parser, reproduce_main
-from splitflower.strategies import STRATEGIES
+from splitflower.errors import STALLED_EXIT_CODE, SplitflowerError
 
 __all__ = ["DEFAULT_ATTEMPTS", "STALLED_EXIT_CODE", "build_parser", "main"]
 
@@ -37,12 +28,20 @@ _ATTEMPT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "splitflower.cli")  #
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitflower", description=__doc__)
+    from splitflower.algorithms import ALGORITHMS
+    from splitflower.data import DATASET_NAMES
+    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
+    from splitflower.models import MODEL_NAMES
+    from splitflower.reproduce import add_reproduce_parser
+    from splitflower.strategies import STRATEGIES
+
+    parser = argparse.ArgumentParser(prog="splitflower", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run",
         help="run one experiment as a Flower simulation",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # as the supervisor reads --attempts (see _attempts)
     )
     run.add_argument(
         "--algorithm",
@@ -97,18 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a simulation no client has started in counts as failed to start "
         "(Flower's simulation hangs when Ray's node fails to start)",
     )
-    run.add_argument(
+    _add_attempts(run)
+    add_reproduce_parser(commands)
+    compare = commands.add_parser("compare", help="compare results files side by side")
+    compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
+    compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
+    return parser
+
+
+def _add_attempts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--attempts",
         type=_positive_int,
         default=DEFAULT_ATTEMPTS,
         help="times to start the simulation, each in a fresh process, while it fails to start; after the "
         f"last, exit with status {STALLED_EXIT_CODE}",
     )
-    add_reproduce_parser(commands)
-    compare = commands.add_parser("compare", help="compare results files side by side")
-    compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
-    compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
-    return parser
+
+
+def _attempts(run_argv: Sequence[str]) -> int:
+    """``--attempts`` of a ``splitflower run`` command line, read without the full parser
+    (whose choices need torch); the attempt's own full parse reports every other mistake."""
+    parser = argparse.ArgumentParser(
+        prog="splitflower run",
+        usage="splitflower run [OPTIONS] [--attempts ATTEMPTS]",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    _add_attempts(parser)
+    attempts: int = parser.parse_known_args(run_argv)[0].attempts
+    return attempts
 
 
 def _positive_seconds(text: str) -> float:
@@ -164,6 +181,8 @@ def _run_child(command: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
+
     runs = [load_results(path) for path in args.results]
     if args.plot is not None:
         check_plot_path(args.plot)  # before the table, so that a bad path is the only output
@@ -197,15 +216,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     # folder the command runs in, whichever way it was started.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if argv[:1] == ["run"] and not os.environ.get(_CHILD_ENV) and (attempts := _attempts(argv[1:])) > 1:
+        return _run_attempts(argv, attempts)
     args = build_parser().parse_args(argv)
-    if args.command in ("compare", "reproduce"):
-        try:
-            return _compare(args) if args.command == "compare" else reproduce_main(args)
-        except SplitflowerError as err:
-            print(f"splitflower: error: {err}", file=sys.stderr)
-            return 2
-    if args.attempts > 1 and not os.environ.get(_CHILD_ENV):
-        return _run_attempts(argv, args.attempts)
+    try:
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "reproduce":
+            from splitflower.reproduce import reproduce_main
+
+            return reproduce_main(args)
+        return _run(args)
+    except SplitflowerError as err:
+        print(f"splitflower: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from splitflower.experiment import (
+        ExperimentConfig,
+        check_results_path,
+        run_experiment_owning_the_process,
+        write_results,
+    )
+
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -238,24 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         link=args.link,
         hand_over_optimizer=args.hand_over_optimizer,
     )
-    try:
-        if args.out is not None:
-            check_results_path(args.out)  # before the run, not after it
-        results = run_experiment_owning_the_process(
-            config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
-        )
-    except SplitflowerError as err:
-        print(f"splitflower: error: {err}", file=sys.stderr)
-        return 2
+    if args.out is not None:
+        check_results_path(args.out)  # before the run, not after it
+    results = run_experiment_owning_the_process(
+        config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
+    )
     print(_table(results))
     if args.out is None:
         print("no results file written (give --out FILE.json to keep the figures)")
     else:
-        try:
-            print(f"results written to {write_results(results, args.out)}")
-        except SplitflowerError as err:
-            print(f"splitflower: error: {err}", file=sys.stderr)
-            return 2
+        print(f"results written to {write_results(results, args.out)}")
     return 0
 
 

@@ -8,6 +8,8 @@ framework-specific class.
 from __future__ import annotations
 
 __all__ = [
+    "STALLED_EXIT_CODE",
+    "CRASHED_EXIT_CODE",
     "SplitflowerError",
     "SplitError",
     "DatasetError",
@@ -101,7 +103,15 @@ class ResultsFileError(SplitflowerError, OSError):
 
 class SimulationStartError(SplitflowerError, RuntimeError):
     """The simulation ended, or hung, before any client reached a server model: Ray's local
-    node most likely failed to start. Running it again, in a fresh process, usually works."""
+    node most likely failed to start. Running it again, in a fresh process, usually works.
+    A process that runs one experiment ends with :data:`STALLED_EXIT_CODE` on it."""
+
+
+# Exit codes of a process that runs one experiment and ends itself (see
+# splitflower.experiment.run_experiment_owning_the_process): no client ever started, or the
+# simulation failed. Here, not there, so that `splitflower run`'s supervisor needs no torch.
+STALLED_EXIT_CODE = 3
+CRASHED_EXIT_CODE = 1
 
 
 class AlgorithmError(SplitflowerError, TypeError):

@@ -48,6 +48,8 @@ from splitflower.data import (
     synthetic,
 )
 from splitflower.errors import (
+    CRASHED_EXIT_CODE,
+    STALLED_EXIT_CODE,
     ConfigError,
     DatasetError,
     ExperimentFailedError,
@@ -91,10 +93,6 @@ logger = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "splitflower.results/1"
 
-# Exit codes of a process that runs one experiment and ends itself (see
-# run_experiment_owning_the_process): no client ever started, or the simulation failed.
-STALLED_EXIT_CODE = 3
-CRASHED_EXIT_CODE = 1
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 
 

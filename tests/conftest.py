@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import traceback
-from collections.abc import Iterator
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
+from unittest import mock
 
 import pytest
 import torch
@@ -28,13 +26,16 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
-from flwr.app import Context  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
+from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor  # noqa: E402
 
 from splitflower.app import build_client_app  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
-from splitflower.experiment import Experiment, ExperimentConfig, _Progress  # noqa: E402
+from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
 from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
 from splitflower.server_model import ServerModel, sgd  # noqa: E402
@@ -70,95 +71,72 @@ def service() -> Iterator[SplitService]:
 RAY_ATTEMPTS = 3
 
 
-def simulate(config: ExperimentConfig, client_cls: type[Client], timeout: float = 240) -> list[dict[str, Any]]:
-    """Run ``config`` as a Flower simulation whose clients are ``client_cls`` (defined in a
-    test module); returns the strategy's raw round records.
+class ThreadBackend(Backend):
+    """Flower's simulation backend with Ray's actors replaced by threads of this process.
 
-    Each simulation runs in a fresh process (Ray started a second time in one process can
-    time out while its new node starts), which is ended whatever happens: when Ray's node
-    misses its start-up window, Flower's ServerApp thread waits for replies forever and the
-    process would never exit by itself. Such a failure, or a hang, is tried again, up to
-    :data:`RAY_ATTEMPTS` times in all.
+    Everything else is Flower's own simulation runtime (its LinkState, InMemoryGrid, message
+    workers and their error replies), and each ClientApp call goes through the method Flower's
+    Ray actors run (:class:`VirtualClientEngineActor`), on copies of the message and context as
+    Ray's pickling makes. A simulation then costs about a second instead of Ray's 15-20 s of
+    start-up, so the behaviour of strategies under Flower is tested here; Ray itself is under
+    test wherever ``splitflower run`` or ``flwr run`` runs.
     """
-    context = multiprocessing.get_context("spawn")
-    for attempt in range(1, RAY_ATTEMPTS + 1):
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_simulate_child, args=(sender, config, client_cls), daemon=True)
-        process.start()
-        sender.close()
-        outcome: tuple[str, Any]
-        try:
-            outcome = receiver.recv() if receiver.poll(timeout) else ("hung", f"no result within {timeout:.0f}s")
-        except EOFError:
-            outcome = ("error", f"the simulation process died (exit code {process.exitcode})")
-        finally:
-            receiver.close()
-            process.terminate()
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-        kind, value = outcome[0], cast(Any, outcome[1])
-        if kind == "ok" and len(value) == config.rounds:
-            records: list[dict[str, Any]] = value
-            return records
-        problem = f"{len(value)} of {config.rounds} rounds ran" if kind == "ok" else value
-        # Ray's local node sometimes misses its 30 s start-up window on a loaded 2-core
-        # machine ("Simulation Runtime crashed", missing rounds, a hang): not splitflower's doing.
-        retryable = kind in ("ok", "hung") or "Ending simulation" in value
-        if attempt == RAY_ATTEMPTS or not retryable:
-            raise RuntimeError(f"simulation failed ({kind}): {problem}")
-    raise AssertionError("unreachable")
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        self._workers = int(cast(Any, backend_config["init_args"]).get("num_cpus", 1))
+        self._app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        self._app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return self._workers
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        if self._app_fn is None:
+            raise RuntimeError("ThreadBackend.build was not called")
+        actor = VirtualClientEngineActor()
+        _, reply, context = actor.run(self._app_fn, copy.deepcopy(message), "", copy.deepcopy(context))
+        return reply, context
 
 
-def _simulate_child(sender: Connection, config: ExperimentConfig, client_cls: type[Client]) -> None:
-    try:
-        sender.send(("ok", _simulate_here(config, client_cls, sender)))
-    except BaseException as err:  # noqa: BLE001 - reported to the parent, which decides
-        sender.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-    finally:
-        sender.close()
-        os._exit(0)  # Flower's ServerApp thread may be stuck: do not wait for it
-
-
-def _simulate_here(config: ExperimentConfig, client_cls: type[Client], sender: Connection) -> list[dict[str, Any]]:
-    from ray import cloudpickle
-
-    # Ray actors cannot import tests/: ship the test's classes and this helper by value.
-    cloudpickle.register_pickle_by_value(sys.modules[client_cls.__module__])
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+def simulate(config: ExperimentConfig, client_cls: type[Client] | None = None) -> list[dict[str, Any]]:
+    """Run ``config`` under Flower's simulation runtime on a :class:`ThreadBackend`, with
+    ``client_cls`` (default: the algorithm's) as every node's client; returns the strategy's
+    raw round records."""
     experiment = Experiment(config)
 
     def make_client(context: Context) -> Client:
         partition_id = int(context.node_config["partition-id"])
+        if client_cls is None:
+            return experiment.make_client(partition_id)
         data = client_partition(experiment.train, partition_id, config.clients, config.partition)
         return client_cls(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
 
     records: list[dict[str, Any]] = []
     strategy = experiment.make_strategy()
-
-    def report_hang(message: str) -> None:
-        sender.send(("hung", message))
-        os._exit(0)
-
-    # The experiment's own start-up watch: the run is retried when no client ever starts.
-    progress = _Progress(
-        strategy, 0, config.rounds, lambda _: None, startup_timeout=STARTUP_TIMEOUT_S, on_stall=report_hang
-    )
-
-    def on_round(server_round: int, record: dict[str, Any]) -> None:
-        records.append(record)
-        progress.round = server_round + 1
-
-    with progress:
+    server_errors: list[BaseException] = []
+    with mock.patch("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend):
         run_simulation(
-            server_app=experiment.server_app(strategy, lambda *_: None, on_round),
+            server_app=experiment.server_app(
+                strategy, lambda *_: None, lambda _, r: records.append(r), server_errors.append
+            ),
             client_app=build_client_app(make_client),
             num_supernodes=config.clients,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": config.clients, "include_dashboard": False},
-            },
+            backend_config={"init_args": {"num_cpus": config.clients}},
         )
+    if server_errors:
+        raise RuntimeError(f"the ServerApp failed: {server_errors[0]!r}") from server_errors[0]
+    if len(records) != config.rounds:
+        raise RuntimeError(f"{len(records)} of {config.rounds} rounds ran; see the log above")
     return records
 
 

@@ -111,6 +111,34 @@ def test_the_console_script_finds_an_algorithm_in_the_folder_it_runs_in(tmp_path
     assert "clients must be at least 1, got 0" in done.stderr and "mine" not in done.stderr, done.stderr[-2000:]
 
 
+SUPERVISOR = """
+import sys
+import splitflower.cli
+# Each attempt reports what it was given, and that it did not start (so that a second runs).
+splitflower.cli._ATTEMPT_COMMAND = (sys.executable, "-c", "import sys; print(sys.argv[1:]); sys.exit(3)")
+status = splitflower.cli.main(sys.argv[1:])
+print("status", status, "heavy", sorted({"torch", "flwr", "ray"} & set(sys.modules)))
+"""
+
+
+def test_the_supervisor_of_splitflower_run_starts_attempts_without_importing_torch_or_flower() -> None:
+    command = [sys.executable, "-c", SUPERVISOR, "run", "--dataset", "synthetic", "--attempts", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    lines = done.stdout.splitlines()
+    assert lines == ["['run', '--dataset', 'synthetic', '--attempts', '2']"] * 2 + ["status 3 heavy []"], done.stderr
+    assert "did not start (attempt 1 of 2)" in done.stderr
+
+
+def test_every_public_name_of_the_package_resolves() -> None:
+    import splitflower
+
+    for name in splitflower.__all__:
+        assert getattr(splitflower, name) is not None, name
+    assert set(splitflower.__all__) <= set(dir(splitflower))
+    with pytest.raises(AttributeError, match="has no attribute 'Clinet'"):
+        splitflower.Clinet  # noqa: B018
+
+
 @pytest.mark.slow
 def test_cli_rejects_bad_input_clearly(tmp_path: Path) -> None:
     done = subprocess.run(
@@ -231,8 +259,6 @@ class DiesAfterTwoBatches(CSLClient):
         return super().train_step(x, y)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> None:
     config = ExperimentConfig(
         algorithm="csl",

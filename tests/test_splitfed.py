@@ -1,4 +1,5 @@
-"""SplitFed v1 / v2 and the batched strategy under a real Flower simulation."""
+"""SplitFed v1 / v2 and the batched strategy under Flower's simulation runtime (clients on threads,
+see conftest.ThreadBackend)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,6 @@ def test_registered_under_their_cli_names() -> None:
     assert STRATEGIES["batched"] is BatchedStrategy and BatchedStrategy().batching
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_splitfed_v1_one_server_model_per_client_averaged_each_round() -> None:
     first, second = _run("splitfed-v1", rounds=2)
     for record in (first, second):
@@ -86,8 +85,6 @@ def test_splitfed_v1_one_server_model_per_client_averaged_each_round() -> None:
     _assert_client_segments_averaged(first, second)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_splitfed_v2_one_server_model_serves_clients_in_turn() -> None:
     first, second = _run("splitfed-v2", rounds=2)
     for record in (first, second):

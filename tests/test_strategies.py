@@ -1,4 +1,5 @@
-"""Strategies under a real Flower simulation: sequential hand-over, parallel averaging, client state."""
+"""Strategies under Flower's simulation runtime (clients on threads, see conftest.ThreadBackend):
+sequential hand-over, parallel averaging, client state."""
 
 from __future__ import annotations
 
@@ -82,12 +83,10 @@ def _simulate(
 @pytest.fixture(scope="module")
 def sequential_records() -> list[dict[str, Any]]:
     """Two sequential rounds of three clients that hand their optimizer state on (one simulation
-    serves both tests below: each costs about 20 s of Ray start-up)."""
+    serves both tests below)."""
     return _simulate("sequential", rounds=2, client=RecordingOptimizer, hand_over_optimizer=True)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_state(
     sequential_records: list[dict[str, Any]],
 ) -> None:
@@ -103,8 +102,6 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
     assert all(c["metrics"]["rounds_seen"] == 2.0 for c in records[1]["clients"]), "state kept in context.state"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_sequential_hands_the_optimizer_state_on_when_asked(sequential_records: list[dict[str, Any]]) -> None:
     clients = [c["metrics"] for record in sequential_records for c in record["clients"]]
     assert clients[0]["handed_entries"] == 0, "the very first client starts a fresh optimizer"
@@ -113,8 +110,6 @@ def test_sequential_hands_the_optimizer_state_on_when_asked(sequential_records: 
         assert after["handed"] == pytest.approx(before["optimizer_returned"], rel=1e-9)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # room for one retry of Ray's start-up
 def test_parallel_starts_every_client_from_the_same_weights() -> None:
     (record,) = _simulate("parallel", rounds=1)
     received = {c["metrics"]["received"] for c in record["clients"]}
