@@ -10,8 +10,9 @@ Definitions (the results schema in the README refers to these):
   with a counting TCP relay and records the ratio.
 * **memory tally** (CPU; deterministic): bytes of parameters + gradients + optimizer state
   of the party's modules, plus the peak of live autograd-saved tensors (counted once per
-  storage through :func:`torch.autograd.graph.saved_tensors_hooks`), plus the payload of
-  requests still in flight. On CUDA the allocator's ``max_memory_allocated`` is reported
+  storage through :func:`torch.autograd.graph.saved_tensors_hooks`), plus the encoded
+  requests still in flight (whole frames, header included: the process holds them until
+  they are answered). On CUDA the allocator's ``max_memory_allocated`` is reported
   as well. Process peak RSS (``ru_maxrss``) is reported beside it; in simulation several
   virtual clients share a process, so RSS is per process, not per client.
 * **time**: wall time of the party's work, split into compute and time blocked on the
@@ -175,7 +176,7 @@ class MemoryTally:
     """Deterministic tally of a party's training memory (see the module docstring).
 
     Use :meth:`track` around forward/backward work; :meth:`observe_state` after optimizer
-    steps; :meth:`add_in_flight` for payload held by outstanding requests.
+    steps; :meth:`add_in_flight` for the frames of outstanding requests.
 
     Example
     -------
@@ -250,7 +251,7 @@ class MemoryTally:
             self._update_peak()
 
     def add_in_flight(self, nbytes: int) -> None:
-        """Count (or, negative, release) payload held by requests not yet acknowledged."""
+        """Count (or, negative, release) the bytes of encoded requests not yet answered."""
         with self._lock:
             self._in_flight += nbytes
             self._update_peak()
