@@ -51,16 +51,28 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'splitflower' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"splitflower.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+# Its public modules, reachable as attributes after ``import splitflower`` (imported on first use).
+_SUBMODULES = frozenset(
+    {
+        "algorithms", "app", "cli", "client", "codec", "compute", "data", "errors", "experiment", "linkemu",
+        "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "scheduling",
+        "server_model", "service", "split", "strategies", "strategy", "supervised", "wire",
+    }
+)  # fmt: skip
 
+if not TYPE_CHECKING:  # to type checkers, a name missing here stays an error
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    def __getattr__(name: str) -> Any:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"splitflower.{name}")
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'splitflower' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"splitflower.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
 
 
 try:

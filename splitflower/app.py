@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,18 @@ from splitflower.service import SplitService, TlsConfig
 from splitflower.strategy import CentralEvaluateFn, SplitResult, SplitStrategy
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, RecordKey
 
-__all__ = ["build_server_app", "build_client_app", "service_from_run_config", "client_reply_metrics"]
+__all__ = [
+    "DEFAULT_ROUND_TIMEOUT_S",
+    "build_server_app",
+    "build_client_app",
+    "service_from_run_config",
+    "client_reply_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
 _LOCAL_STATE_KEY = "sf-local-state"
+DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
 
 
 def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
@@ -82,12 +90,15 @@ def build_server_app(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     num_rounds: int | None = None,
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT_S,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
     ``num_rounds`` overrides the run config's ``num-server-rounds``. ``on_error`` is called
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
-    before Flower receives it.
+    before Flower receives it. ``round_timeout``: seconds a round waits for its clients'
+    replies (under a strategy that serves clients in turn, for each client's); a client that
+    has not replied by then is recorded as failed, and the round goes on without it.
 
     Example
     -------
@@ -97,6 +108,8 @@ def build_server_app(
     ...     initial_client_weights=lambda ctx: {"segment." + k: v for k, v in bottom.state_dict().items()},
     ... )
     """
+    if isinstance(round_timeout, bool) or not (isinstance(round_timeout, int | float) and 0 < round_timeout < math.inf):
+        raise ConfigError(f"round_timeout must be a positive, finite number of seconds, got {round_timeout!r}")
     app = ServerApp()
 
     @app.main()
@@ -110,6 +123,7 @@ def build_server_app(
                 grid,
                 ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
                 num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
+                timeout=round_timeout,
                 train_config=config,
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,

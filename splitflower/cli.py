@@ -2,7 +2,8 @@
 
 ``splitflower run`` supervises: it starts the experiment in a child process, again while the
 simulation fails to start. The supervisor imports neither torch nor Flower (the modules the
-commands need are imported where a command runs), so it costs no start-up of its own.
+commands need are imported where a command runs): supervising costs an interpreter's start,
+not torch's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitflower.reproduce import add_reproduce_parser
     from splitflower.strategies import STRATEGIES
 
-    parser = argparse.ArgumentParser(prog="splitflower", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="splitflower", description=(__doc__ or "").partition("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run",

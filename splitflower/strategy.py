@@ -57,6 +57,7 @@ class SplitResult(Result):
 
 
 _NODE_WAIT_REPORT_S = 15.0  # how often a round still waiting for its clients says so
+_NO_REPLY = "no reply before the round's timeout (build_server_app's round_timeout)"
 
 
 class SplitStrategy(FedAvg):
@@ -413,6 +414,11 @@ def _round_record(
         clients.append(entry)
     for node, problem in plan.left_out.items():
         clients.append({"node_id": node, "index": _index(plan, node), "left_out": problem})
+    answered = {entry["node_id"] for entry in clients}
+    for node in plan.node_ids:
+        if node not in answered:
+            logger.warning("[server] round %d: client %d: %s", plan.server_round, node, _NO_REPLY)
+            clients.append({"node_id": node, "index": _index(plan, node), "error": _NO_REPLY})
     for entry in clients:
         session = plan.sessions.get(entry["node_id"])
         if session is not None:

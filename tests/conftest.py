@@ -28,14 +28,16 @@ for _key, _value in (
 
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.clientapp.client_app import ClientAppException  # noqa: E402
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor  # noqa: E402
+from ray import cloudpickle  # noqa: E402
 
 from splitflower.app import build_client_app  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
-from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
+from splitflower.experiment import Experiment, ExperimentConfig, _backend_config  # noqa: E402
 from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
 from splitflower.server_model import ServerModel, sgd  # noqa: E402
@@ -75,20 +77,27 @@ class ThreadBackend(Backend):
     """Flower's simulation backend with Ray's actors replaced by threads of this process.
 
     Everything else is Flower's own simulation runtime (its LinkState, InMemoryGrid, message
-    workers and their error replies), and each ClientApp call goes through the method Flower's
-    Ray actors run (:class:`VirtualClientEngineActor`), on copies of the message and context as
-    Ray's pickling makes. A simulation then costs about a second instead of Ray's 15-20 s of
-    start-up, so the behaviour of strategies under Flower is tested here; Ray itself is under
-    test wherever ``splitflower run`` or ``flwr run`` runs.
+    workers and their error replies). Each ClientApp call goes through the method Flower's Ray
+    actors run (:class:`VirtualClientEngineActor`), on a pickled copy of the app, message and
+    context, and its reply and context come back pickled, as between Ray's processes; so state
+    a client keeps anywhere but ``context.state`` is lost between calls here too (module globals
+    aside: the threads share them). A simulation costs a second or two instead of Ray's 15-20 s
+    of start-up, so strategies and algorithms run under Flower in the fast suite; Ray itself is
+    under test wherever ``splitflower run`` or ``flwr run`` runs.
     """
+
+    runs = 0  # backends built: a simulation that did not use this one is caught (see simulate)
 
     def __init__(self, backend_config: BackendConfig) -> None:
         super().__init__(backend_config)
-        self._workers = int(cast(Any, backend_config["init_args"]).get("num_cpus", 1))
-        self._app_fn: Callable[[], ClientApp] | None = None
+        # As many workers as Ray would have actors: the node's CPUs over each client's.
+        cpus = float(cast(Any, backend_config["init_args"])["num_cpus"])
+        self._workers = max(1, int(cpus // float(cast(Any, backend_config["client_resources"])["num_cpus"])))
+        self._app: bytes | None = None
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        self._app_fn = app_fn
+        self._app = cloudpickle.dumps(app_fn)
+        ThreadBackend.runs += 1
 
     @property
     def num_workers(self) -> int:
@@ -101,40 +110,52 @@ class ThreadBackend(Backend):
         pass
 
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
-        if self._app_fn is None:
+        if self._app is None:
             raise RuntimeError("ThreadBackend.build was not called")
-        actor = VirtualClientEngineActor()
-        _, reply, context = actor.run(self._app_fn, copy.deepcopy(message), "", copy.deepcopy(context))
-        return reply, context
+        message, context = cloudpickle.loads(cloudpickle.dumps((message, context)))
+        try:
+            _, reply, context = VirtualClientEngineActor().run(cloudpickle.loads(self._app), message, "", context)
+        except ClientAppException:
+            raise
+        except BaseException as err:  # SystemExit, say: Ray's actor would die, and the call fail with it
+            raise ClientAppException(f"{type(err).__name__}: {err}") from err
+        returned: tuple[Message, Context] = cloudpickle.loads(cloudpickle.dumps((reply, context)))
+        return returned
 
 
-def simulate(config: ExperimentConfig, client_cls: type[Client] | None = None) -> list[dict[str, Any]]:
-    """Run ``config`` under Flower's simulation runtime on a :class:`ThreadBackend`, with
-    ``client_cls`` (default: the algorithm's) as every node's client; returns the strategy's
-    raw round records."""
+# A round whose client never replies ends after this long (instead of Flower's hour) in simulate.
+SIMULATION_ROUND_TIMEOUT_S = 120.0
+
+
+def simulate(
+    config: ExperimentConfig,
+    client_cls: type[Client] | None = None,
+    round_timeout: float = SIMULATION_ROUND_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """Run ``config`` under Flower's simulation runtime on a :class:`ThreadBackend`, with the
+    experiment's own ClientApp, or ``client_cls`` as every node's client; returns the
+    strategy's raw round records."""
     experiment = Experiment(config)
 
     def make_client(context: Context) -> Client:
+        assert client_cls is not None
         partition_id = int(context.node_config["partition-id"])
-        if client_cls is None:
-            return experiment.make_client(partition_id)
         data = client_partition(experiment.train, partition_id, config.clients, config.partition)
         return client_cls(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
 
     records: list[dict[str, Any]] = []
     strategy = experiment.make_strategy()
-    server_errors: list[BaseException] = []
+    server_app = experiment.server_app(strategy, lambda *_: None, lambda _, r: records.append(r), None, round_timeout)
+    runs = ThreadBackend.runs
     with mock.patch("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend):
         run_simulation(
-            server_app=experiment.server_app(
-                strategy, lambda *_: None, lambda _, r: records.append(r), server_errors.append
-            ),
-            client_app=build_client_app(make_client),
+            server_app=server_app,
+            client_app=experiment.client_app() if client_cls is None else build_client_app(make_client),
             num_supernodes=config.clients,
-            backend_config={"init_args": {"num_cpus": config.clients}},
+            backend_config=_backend_config(config),
         )
-    if server_errors:
-        raise RuntimeError(f"the ServerApp failed: {server_errors[0]!r}") from server_errors[0]
+    if ThreadBackend.runs != runs + 1:
+        raise RuntimeError("the simulation did not run on ThreadBackend: Flower no longer builds RayBackend there")
     if len(records) != config.rounds:
         raise RuntimeError(f"{len(records)} of {config.rounds} rounds ran; see the log above")
     return records

@@ -1,9 +1,11 @@
-"""Algorithms end to end through `splitflower run` (a Flower simulation), tiny and synthetic.
+"""Algorithms end to end through `splitflower run` (a Flower simulation on Ray), tiny and synthetic.
 
-locfedmix and splitavg run under their own strategy (batched), and fedsl under sequential, in
-test_flower_app_algorithms.py through the same experiment code (parallel runs here with
-streamsl); each Flower simulation costs about 20 s here (CI's --durations report shows it),
-so those are not run twice.
+Every algorithm runs under its own strategy in test_flower_app_algorithms.py on Flower's
+runtime with the clients on threads; on Ray, locfedmix (batched), fedsl (sequential), ushaped
+(splitfed-v2) and streamsl (splitfed-v1) run there under `flwr run`, csl and dsl in
+test_experiment.py's Fashion-MNIST run. Each Ray simulation costs about 20 s here (CI's
+--durations report shows it), so the cases here add what those lack: splitfed-v1 and
+parallel from the CLI, dsl's options, and an algorithm and a strategy of the user's own.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from splitflower.experiment import (
     summarise_round,
     write_results,
 )
+from splitflower.server_model import FitResult
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -129,14 +131,20 @@ def test_the_supervisor_of_splitflower_run_starts_attempts_without_importing_tor
     assert "did not start (attempt 1 of 2)" in done.stderr
 
 
-def test_every_public_name_of_the_package_resolves() -> None:
+def test_every_public_name_and_module_of_the_package_resolves() -> None:
     import splitflower
 
+    assert set(splitflower.__all__) == {*splitflower._EXPORTS, "__version__"}
     for name in splitflower.__all__:
         assert getattr(splitflower, name) is not None, name
-    assert set(splitflower.__all__) <= set(dir(splitflower))
+    package = Path(splitflower.__file__).parent
+    on_disk = {p.stem for p in package.glob("[!_]*.py")} | {"algorithms", "strategies"}
+    assert set(splitflower._SUBMODULES) == on_disk
+    for name in on_disk:
+        assert getattr(splitflower, name).__name__ == f"splitflower.{name}"
+    assert set(splitflower.__all__) | on_disk <= set(dir(splitflower))
     with pytest.raises(AttributeError, match="has no attribute 'Clinet'"):
-        splitflower.Clinet  # noqa: B018
+        splitflower.Clinet  # type: ignore[attr-defined]  # noqa: B018
 
 
 @pytest.mark.slow
@@ -277,6 +285,34 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> Non
     assert "client crashed" in next(c["error"] for c in round_one["clients"] if "error" in c)
     assert round_one["num_examples"] == 256  # the surviving client's whole partition
     assert 0.0 <= round_one["test_accuracy"] <= 1.0
+
+
+class RepliesLate(CSLClient):
+    """A CSL client whose second partition replies only after the round's timeout."""
+
+    def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        if config.get(ConfigKey.CLIENT_INDEX) == 1:
+            time.sleep(LATE_BY_S)
+        return super().fit(weights, config)
+
+
+ROUND_TIMEOUT_S, LATE_BY_S = 2.5, 4.0
+
+
+def test_a_client_that_does_not_reply_in_time_is_recorded_as_failed_and_the_round_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = ExperimentConfig(
+        algorithm="csl", strategy="parallel", dataset="synthetic", clients=2, rounds=1, synthetic_size=256
+    )
+    with caplog.at_level("WARNING", logger="splitflower.strategy"):
+        (record,) = simulate(config.validate(), RepliesLate, round_timeout=ROUND_TIMEOUT_S)
+    round_one = summarise_round(record)
+    (late,) = [c for c in round_one["clients"] if "error" in c]
+    assert round_one["failed_clients"] == [late["node_id"]] and late["index"] == 1
+    assert "no reply before the round's timeout" in late["error"]
+    assert round_one["num_examples"] == config.synthetic_size // 2  # the punctual client's partition
+    assert f"round 1: client {late['node_id']}: no reply" in caplog.text
 
 
 class _IdleServerModel:

@@ -358,3 +358,11 @@ def test_example_config_names_every_bad_value(task: Any) -> None:
         "'num-partitions'",
     ):
         assert fragment in message, message
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "60"])
+def test_a_server_app_refuses_a_round_timeout_that_is_not_a_positive_number_of_seconds(bad: Any) -> None:
+    from splitflower.app import build_server_app
+
+    with pytest.raises(ConfigError, match=f"round_timeout must be a positive, finite number of seconds, got {bad!r}"):
+        build_server_app(lambda _: None, lambda _: None, initial_client_weights=lambda _: {}, round_timeout=bad)  # type: ignore[arg-type, return-value]
