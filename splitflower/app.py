@@ -3,7 +3,8 @@
 The ServerApp hosts the split-learning gRPC service for the run's lifetime and hands its
 address and a per-round token to each client in the round's ConfigRecord; Flower messages
 carry only that control and the client-segment weights. Run-config keys the ServerApp
-reads (all optional): ``num-server-rounds`` (default 1), ``sf-host`` (default 127.0.0.1),
+reads (all optional): ``num-server-rounds`` (default 1), ``sf-round-timeout`` (seconds a
+round waits for its clients' replies, default 3600), ``sf-host`` (default 127.0.0.1),
 ``sf-port`` (0 = any free port), ``sf-advertised-host``, ``sf-max-message-bytes``, and for
 TLS ``sf-tls-certificate``, ``sf-tls-private-key``, ``sf-tls-root-certificates`` (paths to
 PEM files).
@@ -35,6 +36,8 @@ from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, Re
 
 __all__ = [
     "DEFAULT_ROUND_TIMEOUT_S",
+    "ROUND_TIMEOUT_KEY",
+    "round_timeout_from_run_config",
     "build_server_app",
     "build_client_app",
     "service_from_run_config",
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _LOCAL_STATE_KEY = "sf-local-state"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
+ROUND_TIMEOUT_KEY = "sf-round-timeout"
 
 
 def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
@@ -79,6 +83,20 @@ def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
     )
 
 
+def round_timeout_from_run_config(run_config: Mapping[str, Any]) -> float:
+    """The run config's ``sf-round-timeout`` in seconds (empty or absent: the default)."""
+    value = run_config.get(ROUND_TIMEOUT_KEY)
+    if value in (None, ""):
+        return DEFAULT_ROUND_TIMEOUT_S
+    return _checked_round_timeout(value, f"run config {ROUND_TIMEOUT_KEY!r}")
+
+
+def _checked_round_timeout(value: object, what: str) -> float:
+    if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
+        raise ConfigError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
 def build_server_app(
     strategy: Callable[[Context], SplitStrategy],
     server_model: Callable[[Context], ServerModel],
@@ -90,7 +108,7 @@ def build_server_app(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     num_rounds: int | None = None,
-    round_timeout: float = DEFAULT_ROUND_TIMEOUT_S,
+    round_timeout: float | None = None,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
@@ -98,7 +116,8 @@ def build_server_app(
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
     before Flower receives it. ``round_timeout``: seconds a round waits for its clients'
     replies (under a strategy that serves clients in turn, for each client's); a client that
-    has not replied by then is recorded as failed, and the round goes on without it.
+    has not replied by then is recorded as failed, and the round goes on without it. None:
+    the run config's ``sf-round-timeout``, else :data:`DEFAULT_ROUND_TIMEOUT_S`.
 
     Example
     -------
@@ -108,8 +127,8 @@ def build_server_app(
     ...     initial_client_weights=lambda ctx: {"segment." + k: v for k, v in bottom.state_dict().items()},
     ... )
     """
-    if isinstance(round_timeout, bool) or not (isinstance(round_timeout, int | float) and 0 < round_timeout < math.inf):
-        raise ConfigError(f"round_timeout must be a positive, finite number of seconds, got {round_timeout!r}")
+    if round_timeout is not None:
+        _checked_round_timeout(round_timeout, "round_timeout")
     app = ServerApp()
 
     @app.main()
@@ -123,7 +142,7 @@ def build_server_app(
                 grid,
                 ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
                 num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
-                timeout=round_timeout,
+                timeout=round_timeout or round_timeout_from_run_config(context.run_config),
                 train_config=config,
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import STALLED_EXIT_CODE, SplitflowerError
+from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, SplitflowerError
 
 __all__ = ["DEFAULT_ATTEMPTS", "STALLED_EXIT_CODE", "build_parser", "main"]
 
-DEFAULT_ATTEMPTS = 3
 _CHILD_ENV = "SPLITFLOWER_RUN_ATTEMPT"  # set in the process an attempt runs in
 _ATTEMPT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "splitflower.cli")  # what runs an attempt
 
@@ -97,22 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a simulation no client has started in counts as failed to start "
         "(Flower's simulation hangs when Ray's node fails to start)",
     )
-    _add_attempts(run)
-    add_reproduce_parser(commands)
+    _add_attempts(
+        run,
+        "times to start the simulation, each in a fresh process, while it fails to start; after the "
+        f"last, exit with status {STALLED_EXIT_CODE}",
+    )
+    _add_attempts(
+        add_reproduce_parser(commands),
+        "times to start each cell, each in a fresh process, while it fails; "
+        "after the last, the cell counts as failed and the grid goes on",
+    )
     compare = commands.add_parser("compare", help="compare results files side by side")
     compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
     compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
     return parser
 
 
-def _add_attempts(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--attempts",
-        type=_positive_int,
-        default=DEFAULT_ATTEMPTS,
-        help="times to start the simulation, each in a fresh process, while it fails to start; after the "
-        f"last, exit with status {STALLED_EXIT_CODE}",
-    )
+def _add_attempts(parser: argparse.ArgumentParser, help_text: str = "") -> None:
+    parser.add_argument("--attempts", type=_positive_int, default=DEFAULT_ATTEMPTS, help=help_text)
 
 
 def _attempts(run_argv: Sequence[str]) -> int:

@@ -8,6 +8,7 @@ framework-specific class.
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_ATTEMPTS",
     "STALLED_EXIT_CODE",
     "CRASHED_EXIT_CODE",
     "SplitflowerError",
@@ -112,6 +113,9 @@ class SimulationStartError(SplitflowerError, RuntimeError):
 # simulation failed. Here, not there, so that `splitflower run`'s supervisor needs no torch.
 STALLED_EXIT_CODE = 3
 CRASHED_EXIT_CODE = 1
+# Times such a process is started while its simulation fails to start (Ray's local node misses
+# its 30 s start-up window now and then on a loaded machine, and twice in a row has been seen).
+DEFAULT_ATTEMPTS = 3
 
 
 class AlgorithmError(SplitflowerError, TypeError):

@@ -35,7 +35,7 @@ from flwr.serverapp import ServerApp
 from torch import nn
 
 from splitflower.algorithms import Algorithm, find_algorithm
-from splitflower.app import DEFAULT_ROUND_TIMEOUT_S, build_client_app, build_server_app
+from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
 from splitflower.data import (
@@ -366,7 +366,7 @@ class Experiment:
         on_result: Callable[[Context, SplitResult], None],
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
-        round_timeout: float = DEFAULT_ROUND_TIMEOUT_S,
+        round_timeout: float | None = None,
     ) -> ServerApp:
         return build_server_app(
             lambda _: strategy,

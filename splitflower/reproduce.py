@@ -28,6 +28,7 @@ Example
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import ConfigError
+from splitflower.errors import DEFAULT_ATTEMPTS, ConfigError
 from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process, source_commit, write_results
 
 __all__ = [
@@ -227,7 +228,7 @@ def run_grid(
     scale: str = "",
     say: Callable[[str], None] = print,
     runner: Callable[[ExperimentConfig, str, dict[str, Any]], None] | None = None,
-    attempts: int = 2,
+    attempts: int = DEFAULT_ATTEMPTS,
     cell_timeout: float | None = None,
 ) -> list[CellOutcome]:
     """Run every cell not yet finished in ``out_dir``, each in a fresh process.
@@ -302,8 +303,9 @@ def _numbers(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--clients must be comma-separated integers such as 1,5,10, got {text!r}") from err
 
 
-def add_reproduce_parser(commands: Any) -> None:
-    """Add ``reproduce`` to the CLI's subcommands (``commands`` from ``add_subparsers``)."""
+def add_reproduce_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``reproduce`` to the CLI's subcommands (``commands`` from ``add_subparsers``) and
+    return its parser."""
     parser = commands.add_parser("reproduce", help="run a paper's grid of experiments, one results file per cell")
     parser.add_argument("grid", choices=GRIDS)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small", help="default: small")
@@ -327,6 +329,7 @@ def add_reproduce_parser(commands: Any) -> None:
     parser.add_argument("--cell-timeout", type=float, default=None, help="stop a cell that runs longer (seconds)")
     parser.add_argument("--report-only", action="store_true", help="only build the plots and report from the files")
     parser.add_argument("--no-report", action="store_true", help="do not build the plots and report at the end")
+    return parser
 
 
 def reproduce_main(args: Any) -> int:
@@ -358,6 +361,7 @@ def reproduce_main(args: Any) -> int:
             grid=args.grid,
             scale=args.scale,
             say=lambda s: print(s, flush=True),
+            attempts=args.attempts,
             cell_timeout=args.cell_timeout,
         )
     if not args.no_report:

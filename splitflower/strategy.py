@@ -57,7 +57,7 @@ class SplitResult(Result):
 
 
 _NODE_WAIT_REPORT_S = 15.0  # how often a round still waiting for its clients says so
-_NO_REPLY = "no reply before the round's timeout (build_server_app's round_timeout)"
+_NO_REPLY = "no reply before the round's timeout"  # splitflower.app's sf-round-timeout, round_timeout
 
 
 class SplitStrategy(FedAvg):

@@ -360,9 +360,14 @@ def test_example_config_names_every_bad_value(task: Any) -> None:
         assert fragment in message, message
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "60"])
-def test_a_server_app_refuses_a_round_timeout_that_is_not_a_positive_number_of_seconds(bad: Any) -> None:
-    from splitflower.app import build_server_app
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "60", True])
+def test_a_round_timeout_that_is_not_a_positive_number_of_seconds_is_refused(bad: Any) -> None:
+    from splitflower.app import build_server_app, round_timeout_from_run_config
 
-    with pytest.raises(ConfigError, match=f"round_timeout must be a positive, finite number of seconds, got {bad!r}"):
+    expected = f"must be a positive, finite number of seconds, got {re.escape(repr(bad))}"
+    with pytest.raises(ConfigError, match=f"^round_timeout {expected}"):
         build_server_app(lambda _: None, lambda _: None, initial_client_weights=lambda _: {}, round_timeout=bad)  # type: ignore[arg-type, return-value]
+    with pytest.raises(ConfigError, match=f"^run config 'sf-round-timeout' {expected}"):
+        round_timeout_from_run_config({"sf-round-timeout": bad})
+    assert round_timeout_from_run_config({"sf-round-timeout": 90}) == 90.0
+    assert round_timeout_from_run_config({"sf-round-timeout": ""}) == round_timeout_from_run_config({}) == 3600.0

@@ -12,7 +12,7 @@ import pytest
 
 from splitflower import reproduce
 from splitflower.cli import build_parser
-from splitflower.errors import ConfigError
+from splitflower.errors import DEFAULT_ATTEMPTS, ConfigError
 from splitflower.experiment import ExperimentConfig, results_document, write_results
 from splitflower.paper_report import build_report, load_cells
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, SCALES, cell_filename, grid_configs, run_grid
@@ -70,18 +70,34 @@ def test_grid_covers_algorithms_cuts_and_clients_with_the_papers_hyperparameters
     assert {c.dataset for c in grid_configs(SCALES["paper"], cuts=("s",), clients=(1,))} == {"fashion-mnist"}
 
 
-@pytest.mark.parametrize("flag", [[], ["--hand-over-optimizer"]])
-def test_reproduce_can_hand_the_client_optimizer_on(flag: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def _planned(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[list[ExperimentConfig], dict[str, object]]:
+    """The cells ``splitflower reproduce dsl-paper --cuts s *flags`` would run, and how."""
     planned: list[ExperimentConfig] = []
+    asked: dict[str, object] = {}
 
     def plan_only(configs: list[ExperimentConfig], *args: object, **kwargs: object) -> list[object]:
         planned.extend(configs)
+        asked.update(kwargs)
         return []
 
     monkeypatch.setattr(reproduce, "run_grid", plan_only)
-    args = build_parser().parse_args(["reproduce", "dsl-paper", "--cuts", "s", "--clients", "5", "--no-report", *flag])
+    args = build_parser().parse_args(["reproduce", "dsl-paper", "--cuts", "s", "--no-report", *flags])
     assert reproduce.reproduce_main(args) == 0
+    return planned, asked
+
+
+@pytest.mark.parametrize("flag", [[], ["--hand-over-optimizer"]])
+def test_reproduce_can_hand_the_client_optimizer_on(flag: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    planned, _ = _planned(["--clients", "5", *flag], monkeypatch)
     assert planned and {c.hand_over_optimizer for c in planned} == {bool(flag)}
+
+
+@pytest.mark.parametrize(("flag", "attempts"), [([], DEFAULT_ATTEMPTS), (["--attempts", "5"], 5)])
+def test_reproduce_starts_a_failing_cell_as_often_as_asked(
+    flag: list[str], attempts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, asked = _planned(flag, monkeypatch)
+    assert asked["attempts"] == attempts
 
 
 def test_bad_grid_values_are_refused() -> None:
@@ -110,7 +126,7 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
     outcomes = run_grid(configs, tmp_path, runner=runner, say=lambda _: None)
     assert [(o.config.algorithm, o.status) for o in outcomes] == [("csl", "failed"), ("dsl", "ran")]
     assert "deliberate failure" in outcomes[0].error
-    assert runner.ran.count(cell_filename(configs[0])) == 2  # tried again once before giving up
+    assert runner.ran.count(cell_filename(configs[0])) == DEFAULT_ATTEMPTS  # tried again before giving up
     # The rerun retries only the failed cell.
     retry = _FakeRunner()
     run_grid(configs, tmp_path, runner=retry, say=lambda _: None)
