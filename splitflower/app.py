@@ -133,16 +133,19 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        service = service_from_run_config(context.run_config)
-        service.start()
+        service: SplitService | None = None
         try:
+            # The run config is read before anything starts: a bad value fails the run at once.
+            timeout = round_timeout or round_timeout_from_run_config(context.run_config)
+            service = service_from_run_config(context.run_config)
+            service.start()
             split_strategy = strategy(context)
             config = ConfigRecord(dict(train_config(context)) if train_config else {})
             result = split_strategy.start(
                 grid,
                 ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
                 num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
-                timeout=round_timeout or round_timeout_from_run_config(context.run_config),
+                timeout=timeout,
                 train_config=config,
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,
@@ -156,7 +159,8 @@ def build_server_app(
                 on_error(err)
             raise
         finally:
-            service.stop()
+            if service is not None:
+                service.stop()
 
     return app
 

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_attempts(
         add_reproduce_parser(commands),
-        "times to start each cell, each in a fresh process, while it fails; "
-        "after the last, the cell counts as failed and the grid goes on",
+        "times to start each cell, each in a fresh process, while its simulation fails to start "
+        f"(default {DEFAULT_ATTEMPTS}); after the last, the cell counts as failed and the grid goes on",
     )
     compare = commands.add_parser("compare", help="compare results files side by side")
     compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")

@@ -29,6 +29,7 @@ __all__ = [
     "ExperimentFailedError",
     "ResultsFileError",
     "SimulationStartError",
+    "CellFailedError",
     "AlgorithmError",
     "StaleGraphError",
 ]
@@ -116,6 +117,11 @@ CRASHED_EXIT_CODE = 1
 # Times such a process is started while its simulation fails to start (Ray's local node misses
 # its 30 s start-up window now and then on a loaded machine, and twice in a row has been seen).
 DEFAULT_ATTEMPTS = 3
+
+
+class CellFailedError(SplitflowerError, RuntimeError):
+    """A cell of ``splitflower reproduce`` failed after its simulation started (its process
+    crashed, or ran past ``--cell-timeout``): unlike a start that failed, it is not tried again."""
 
 
 class AlgorithmError(SplitflowerError, TypeError):

@@ -35,10 +35,11 @@ import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import DEFAULT_ATTEMPTS, ConfigError
+from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
 from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process, source_commit, write_results
 
 __all__ = [
@@ -204,8 +205,9 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
     write_results(results, path)
 
 
-def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> str:
-    """Run one cell in a fresh process; return an error message, or "" on success."""
+def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> None:
+    """Run one cell in a fresh process. Raises :class:`SimulationStartError` when its
+    simulation did not start (worth another try), :class:`CellFailedError` otherwise."""
     process = multiprocessing.get_context("spawn").Process(
         target=_run_cell, args=(config, path, extra), name="splitflower-cell"
     )
@@ -214,10 +216,11 @@ def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any],
     if process.is_alive():
         process.kill()
         process.join()
-        return f"the cell did not finish within {timeout:.0f}s and was stopped"
+        raise CellFailedError(f"the cell did not finish within {timeout:.0f}s and was stopped")
+    if process.exitcode == STALLED_EXIT_CODE:
+        raise SimulationStartError(f"the cell's simulation did not start (exit code {STALLED_EXIT_CODE}; output above)")
     if process.exitcode != 0:
-        return f"the cell's process exited with code {process.exitcode} (its output is above)"
-    return ""
+        raise CellFailedError(f"the cell's process exited with code {process.exitcode} (its output is above)")
 
 
 def run_grid(
@@ -233,10 +236,11 @@ def run_grid(
 ) -> list[CellOutcome]:
     """Run every cell not yet finished in ``out_dir``, each in a fresh process.
 
-    ``runner`` replaces the child process (tests). A failing cell is tried ``attempts`` times
-    in all (Ray's local node sometimes misses its start-up window on a loaded machine), then
-    reported, and the grid goes on; the outcomes say which failed. ``cell_timeout`` (seconds)
-    stops a cell's process that runs longer.
+    ``runner`` replaces the child process (tests). A cell whose simulation did not start
+    (:class:`SimulationStartError`: Ray's local node sometimes misses its start-up window on a
+    loaded machine) is tried ``attempts`` times in all; any other failure is not tried again.
+    A failed cell is reported and the grid goes on; the outcomes say which failed.
+    ``cell_timeout`` (seconds) stops a cell's process that runs longer.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,18 +266,16 @@ def run_grid(
         extra = {"grid": grid, "scale": scale, "commit": commit, "cell": number, "cells": len(configs)}
         cell_started = time.perf_counter()
         for attempt in range(1, max(attempts, 1) + 1):
-            error = ""
+            error, retryable = "", False
             try:
-                if runner is not None:
-                    runner(config, str(path), extra)
-                else:
-                    error = run_cell_process(config, str(path), extra, cell_timeout)
+                (runner or partial(run_cell_process, timeout=cell_timeout))(config, str(path), extra)
+            except SimulationStartError as err:
+                error, retryable = f"{type(err).__name__}: {err}", True
             except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
                 error = f"{type(err).__name__}: {err}"
-            if not error and path.is_file():
+            if not retryable or attempt == attempts:
                 break
-            if attempt < attempts:
-                say(f"{label}: attempt {attempt} failed ({error or 'no results file'}); trying again")
+            say(f"{label}: attempt {attempt} did not start ({error}); trying again")
         seconds = time.perf_counter() - cell_started
         if error or not path.is_file():
             error = error or f"no results file {path} was written"

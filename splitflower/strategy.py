@@ -157,7 +157,7 @@ class SplitStrategy(FedAvg):
     ) -> list[Message]:
         """Send every client its message at once and wait for all replies."""
         messages = [self.client_message(plan, node, arrays, config) for node in plan.node_ids]
-        return self.collect(plan, grid.send_and_receive(messages, timeout=timeout))
+        return self.collect(plan, grid.send_and_receive(messages, timeout=timeout), plan.node_ids)
 
     @property
     def server_models(self) -> list[ServerModel]:
@@ -186,16 +186,19 @@ class SplitStrategy(FedAvg):
             own[ConfigKey.ROOT_CERTIFICATES] = self._service.root_certificates
         return own
 
-    def collect(self, plan: RoundPlan, replies: Iterable[Message]) -> list[Message]:
-        """Close each replying client's session, so batching stops waiting for it; leave out
-        (with a warning, and noted in ``plan.left_out``) a successful reply that cannot be
-        aggregated, rather than let one client's malformed reply end the run."""
+    def collect(self, plan: RoundPlan, replies: Iterable[Message], sent_to: Iterable[int] = ()) -> list[Message]:
+        """Close the session of each client in ``sent_to`` and each replying one, so batching
+        stops waiting for it and a client past the round's timeout trains no server model any
+        more; leave out (with a warning, and noted in ``plan.left_out``) a successful reply
+        that cannot be aggregated, rather than let one client's malformed reply end the run."""
         collected: list[Message] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        replies = list(replies)
+        for node in {*sent_to, *(reply.metadata.src_node_id for reply in replies)}:
             token = plan.tokens.get(node)
             if token is not None:
                 self._service.close_session(token)
+        for reply in replies:
+            node = reply.metadata.src_node_id
             problem = None if reply.has_error() else self.reply_problem(reply) or _disagreement(plan, reply)
             if problem is None:
                 collected.append(reply)

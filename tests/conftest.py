@@ -80,10 +80,11 @@ class ThreadBackend(Backend):
     workers and their error replies). Each ClientApp call goes through the method Flower's Ray
     actors run (:class:`VirtualClientEngineActor`), on a pickled copy of the app, message and
     context, and its reply and context come back pickled, as between Ray's processes; so state
-    a client keeps anywhere but ``context.state`` is lost between calls here too (module globals
-    aside: the threads share them). A simulation costs a second or two instead of Ray's 15-20 s
-    of start-up, so strategies and algorithms run under Flower in the fast suite; Ray itself is
-    under test wherever ``splitflower run`` or ``flwr run`` runs.
+    a client keeps anywhere but ``context.state`` is lost between calls here too (module
+    globals aside: the threads share them). A ClientApp that raises anything gets Flower's
+    error reply. A simulation costs a second or two instead of Ray's 15-20 s of start-up, so
+    strategies and algorithms run under Flower in the fast suite; Ray itself is under test
+    wherever ``splitflower run`` or ``flwr run`` runs.
     """
 
     runs = 0  # backends built: a simulation that did not use this one is caught (see simulate)
@@ -117,7 +118,8 @@ class ThreadBackend(Backend):
             _, reply, context = VirtualClientEngineActor().run(cloudpickle.loads(self._app), message, "", context)
         except ClientAppException:
             raise
-        except BaseException as err:  # SystemExit, say: Ray's actor would die, and the call fail with it
+        except BaseException as err:  # SystemExit, say: Ray's actor would die, and the call fail
+            # with it (Flower's error code would be UNKNOWN there); either way an error reply.
             raise ClientAppException(f"{type(err).__name__}: {err}") from err
         returned: tuple[Message, Context] = cloudpickle.loads(cloudpickle.dumps((reply, context)))
         return returned
@@ -144,16 +146,22 @@ def simulate(
         return client_cls(copy.deepcopy(experiment.bottom), data, optimizer=sgd(), client_id=partition_id)
 
     records: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
     strategy = experiment.make_strategy()
-    server_app = experiment.server_app(strategy, lambda *_: None, lambda _, r: records.append(r), None, round_timeout)
+    server_app = experiment.server_app(
+        strategy, lambda *_: None, lambda _, r: records.append(r), errors.append, round_timeout
+    )
     runs = ThreadBackend.runs
     with mock.patch("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend):
-        run_simulation(
-            server_app=server_app,
-            client_app=experiment.client_app() if client_cls is None else build_client_app(make_client),
-            num_supernodes=config.clients,
-            backend_config=_backend_config(config),
-        )
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=experiment.client_app() if client_cls is None else build_client_app(make_client),
+                num_supernodes=config.clients,
+                backend_config=_backend_config(config),
+            )
+        except Exception as err:  # noqa: BLE001 - re-raised, with the ServerApp's own error as cause
+            raise RuntimeError(f"the simulation failed; the ServerApp's error: {errors[:1]}") from (errors or [err])[0]
     if ThreadBackend.runs != runs + 1:
         raise RuntimeError("the simulation did not run on ThreadBackend: Flower no longer builds RayBackend there")
     if len(records) != config.rounds:

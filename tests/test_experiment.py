@@ -288,30 +288,47 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> Non
 
 
 class RepliesLate(CSLClient):
-    """A CSL client whose second partition replies only after the round's timeout."""
+    """A CSL client that starts training only after the round's timeout if its index is
+    ``late_index``."""
+
+    late_index = 0
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
-        if config.get(ConfigKey.CLIENT_INDEX) == 1:
+        if config.get(ConfigKey.CLIENT_INDEX) == self.late_index:
             time.sleep(LATE_BY_S)
         return super().fit(weights, config)
 
 
-ROUND_TIMEOUT_S, LATE_BY_S = 2.5, 4.0
+class FirstRepliesLate(RepliesLate):
+    late_index = 0
 
 
+class SecondRepliesLate(RepliesLate):
+    late_index = 1
+
+
+ROUND_TIMEOUT_S, LATE_BY_S = 2.5, 3.5
+
+
+# Sequential: the late client is the first, so that the next one trains after it timed out (in
+# turn: this simulation has one worker, so the next client starts when the late one's sleep ends).
+@pytest.mark.parametrize(("strategy", "client"), [("parallel", SecondRepliesLate), ("sequential", FirstRepliesLate)])
 def test_a_client_that_does_not_reply_in_time_is_recorded_as_failed_and_the_round_goes_on(
-    caplog: pytest.LogCaptureFixture,
+    strategy: str, client: type[RepliesLate], caplog: pytest.LogCaptureFixture
 ) -> None:
     config = ExperimentConfig(
-        algorithm="csl", strategy="parallel", dataset="synthetic", clients=2, rounds=1, synthetic_size=256
+        algorithm="csl", strategy=strategy, dataset="synthetic", clients=2, rounds=1, synthetic_size=256
     )
     with caplog.at_level("WARNING", logger="splitflower.strategy"):
-        (record,) = simulate(config.validate(), RepliesLate, round_timeout=ROUND_TIMEOUT_S)
+        (record,) = simulate(config.validate(), client, round_timeout=ROUND_TIMEOUT_S)
     round_one = summarise_round(record)
     (late,) = [c for c in round_one["clients"] if "error" in c]
-    assert round_one["failed_clients"] == [late["node_id"]] and late["index"] == 1
+    assert round_one["failed_clients"] == [late["node_id"]] and late["index"] == client.late_index
     assert "no reply before the round's timeout" in late["error"]
-    assert round_one["num_examples"] == config.synthetic_size // 2  # the punctual client's partition
+    punctual = config.synthetic_size // 2
+    assert round_one["num_examples"] == punctual
+    # Its session was closed at the timeout: the late client, training on, reached no server model.
+    assert sum(s["num_examples"] for s in round_one["server_models"]) == punctual
     assert f"round 1: client {late['node_id']}: no reply" in caplog.text
 
 

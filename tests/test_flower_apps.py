@@ -371,3 +371,19 @@ def test_a_round_timeout_that_is_not_a_positive_number_of_seconds_is_refused(bad
         round_timeout_from_run_config({"sf-round-timeout": bad})
     assert round_timeout_from_run_config({"sf-round-timeout": 90}) == 90.0
     assert round_timeout_from_run_config({"sf-round-timeout": ""}) == round_timeout_from_run_config({}) == 3600.0
+
+
+def test_a_bad_round_timeout_in_the_run_config_fails_the_run_before_its_service_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from splitflower.app import build_server_app
+    from splitflower.service import SplitService
+
+    started: list[SplitService] = []
+    monkeypatch.setattr(SplitService, "start", lambda self: started.append(self))
+    errors: list[BaseException] = []
+    app = build_server_app(lambda _: None, lambda _: None, initial_client_weights=lambda _: {}, on_error=errors.append)  # type: ignore[arg-type, return-value]
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"sf-round-timeout": -5})
+    with pytest.raises(ConfigError, match="run config 'sf-round-timeout' must be a positive"):
+        app(None, context)  # type: ignore[arg-type]
+    assert started == [] and len(errors) == 1 and isinstance(errors[0], ConfigError)

@@ -12,7 +12,7 @@ import pytest
 
 from splitflower import reproduce
 from splitflower.cli import build_parser
-from splitflower.errors import DEFAULT_ATTEMPTS, ConfigError
+from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
 from splitflower.experiment import ExperimentConfig, results_document, write_results
 from splitflower.paper_report import build_report, load_cells
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, SCALES, cell_filename, grid_configs, run_grid
@@ -40,14 +40,14 @@ def _fake_round(config: ExperimentConfig, number: int) -> dict[str, Any]:
 
 
 class _FakeRunner:
-    def __init__(self, fail: str = "") -> None:
+    def __init__(self, fail: str = "", error: type[Exception] = CellFailedError) -> None:
         self.ran: list[str] = []
-        self.fail = fail
+        self.fail, self.error = fail, error
 
     def __call__(self, config: ExperimentConfig, path: str, extra: dict[str, Any]) -> None:
         self.ran.append(Path(path).name)
         if config.algorithm == self.fail:
-            raise RuntimeError("deliberate failure")
+            raise self.error("deliberate failure")
         rounds = [_fake_round(config, r) for r in range(1, config.rounds + 1)]
         document = results_document(config, rounds, 1.0)
         document["reproduce"] = extra
@@ -120,13 +120,17 @@ def test_grid_writes_one_file_per_cell_and_skips_finished_cells(tmp_path: Path) 
     assert again.ran == []
 
 
-def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("error", "tries"), [(SimulationStartError, DEFAULT_ATTEMPTS), (CellFailedError, 1)])
+def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path: Path, error: type[Exception], tries: int) -> None:
     configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
-    runner = _FakeRunner(fail="csl")
-    outcomes = run_grid(configs, tmp_path, runner=runner, say=lambda _: None)
+    runner = _FakeRunner(fail="csl", error=error)
+    said: list[str] = []
+    outcomes = run_grid(configs, tmp_path, runner=runner, say=said.append)
     assert [(o.config.algorithm, o.status) for o in outcomes] == [("csl", "failed"), ("dsl", "ran")]
-    assert "deliberate failure" in outcomes[0].error
-    assert runner.ran.count(cell_filename(configs[0])) == DEFAULT_ATTEMPTS  # tried again before giving up
+    assert f"{error.__name__}: deliberate failure" in outcomes[0].error
+    # Only a start that failed is tried again: a crash or a timeout would fail the same way.
+    assert runner.ran.count(cell_filename(configs[0])) == tries
+    assert sum("did not start" in line and "trying again" in line for line in said) == tries - 1
     # The rerun retries only the failed cell.
     retry = _FakeRunner()
     run_grid(configs, tmp_path, runner=retry, say=lambda _: None)
@@ -208,3 +212,32 @@ def test_reproduce_command_on_a_tiny_grid(tmp_path: Path) -> None:
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done already") == 2
+
+
+class _ExitingProcess:
+    """Stands in for a cell's process that exits at once with ``code``."""
+
+    code = 0
+
+    def __init__(self, **_: object) -> None:
+        self.exitcode: int | None = None
+
+    def start(self) -> None:
+        self.exitcode = self.code
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("code", "error"), [(STALLED_EXIT_CODE, SimulationStartError), (1, CellFailedError)])
+def test_a_cell_process_says_whether_its_simulation_failed_to_start(
+    code: int, error: type[Exception], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = type("Context", (), {"Process": type("Exits", (_ExitingProcess,), {"code": code})})
+    monkeypatch.setattr(reproduce.multiprocessing, "get_context", lambda _: context)
+    config = grid_configs(SCALES["small"], **TINY)[0]  # type: ignore[arg-type]
+    with pytest.raises(error, match=f"code {code}"):
+        reproduce.run_cell_process(config, "unused.json", {}, timeout=None)
