@@ -307,7 +307,7 @@ class SecondRepliesLate(RepliesLate):
     late_index = 1
 
 
-ROUND_TIMEOUT_S, LATE_BY_S = 2.5, 3.5
+ROUND_TIMEOUT_S, LATE_BY_S = 3.0, 4.0  # the punctual clients need well under a second
 
 
 # Sequential: the late client is the first, so that the next one trains after it timed out (in
