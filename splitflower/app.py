@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from splitflower._checks import positive_seconds
 from splitflower.client import Client
 from splitflower.codec import decode_reply, encode_reply
 from splitflower.compute import run_on_compute_thread
@@ -31,7 +31,7 @@ from splitflower.errors import CodecError, ConfigError
 from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import ServerModel
 from splitflower.service import SplitService, TlsConfig
-from splitflower.strategy import CentralEvaluateFn, SplitResult, SplitStrategy
+from splitflower.strategy import DEFAULT_ROUND_TIMEOUT_S, CentralEvaluateFn, SplitResult, SplitStrategy
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, RecordKey
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LOCAL_STATE_KEY = "sf-local-state"
-DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
 ROUND_TIMEOUT_KEY = "sf-round-timeout"
 
 
@@ -92,9 +91,10 @@ def round_timeout_from_run_config(run_config: Mapping[str, Any]) -> float:
 
 
 def _checked_round_timeout(value: object, what: str) -> float:
-    if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
+    seconds = positive_seconds(value)
+    if seconds is None:
         raise ConfigError(f"{what} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
+    return seconds
 
 
 def build_server_app(

@@ -180,9 +180,11 @@ class ExperimentConfig:
         strategy_cls = _attempt(find_strategy, strategy, problems) if strategy and "strategy" not in mistyped else None
         incompatible = False
         if algorithm is not None and strategy is not None and strategy_cls is not None:
-            found = len(problems)
-            _attempt(algorithm.check_strategy, strategy, problems)
-            incompatible = len(problems) > found
+            try:
+                algorithm.check_strategy(strategy)
+            except IncompatibleStrategyError as err:
+                problems.append(str(err))
+                incompatible = True
             if "options" not in mistyped:
                 _attempt(algorithm.parse_options, self.options, problems)
             if self.hand_over_optimizer and not strategy_cls.hands_on:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import reprlib
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import grpc
 import torch
 
+from splitflower._checks import positive_seconds
 from splitflower._malloc import keep_freed_memory
 from splitflower._openmp import release_openmp_workers
 from splitflower.codec import decode_reply, encode_request, value_tensors
@@ -46,6 +46,7 @@ from splitflower.errors import (
     RemoteComputationError,
     ServerModelTimeoutError,
     ServerUnavailableError,
+    SplitflowerError,
     UnknownMethodError,
 )
 from splitflower.metering import MemoryTally, TimeMeter, TrafficMeter
@@ -110,15 +111,13 @@ def _as_tensor(method: str, name: str, value: Any) -> torch.Tensor:
         ) from err
 
 
-def _check_timeout(what: str, timeout: Any) -> float | None:
+def _check_timeout(what: str, timeout: Any, error: type[SplitflowerError] = InvalidArgumentsError) -> float | None:
     """``timeout`` as seconds (None: no limit); anything but a positive finite number is refused."""
     if timeout is None:
         return None
-    seconds = float(timeout) if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) else math.nan
-    if not 0 < seconds < math.inf:
-        raise InvalidArgumentsError(
-            f"{what} must be a positive number of seconds, or None for no limit; got {timeout!r}"
-        )
+    seconds = positive_seconds(timeout)
+    if seconds is None:
+        raise error(f"{what} must be a positive number of seconds, or None for no limit; got {timeout!r}")
     return seconds
 
 
@@ -236,10 +235,7 @@ class ServerModelProxy:
             raise ConfigError(f"max_in_flight must be 1 to {MAX_IN_FLIGHT}, got {max_in_flight}")
         self.address = address
         self.max_message_bytes = max_message_bytes
-        try:
-            self.default_timeout = _check_timeout("default_timeout", default_timeout)
-        except InvalidArgumentsError as err:
-            raise ConfigError(str(err)) from None
+        self.default_timeout = _check_timeout("default_timeout", default_timeout, ConfigError)
         self.log_prefix = log_prefix
         self.traffic = TrafficMeter()
         self.times = TimeMeter()

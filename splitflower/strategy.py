@@ -23,7 +23,7 @@ from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
 from splitflower.wire import ConfigKey, RecordKey
 
-__all__ = ["SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
+__all__ = ["DEFAULT_ROUND_TIMEOUT_S", "SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class SplitResult(Result):
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
 _NODE_WAIT_REPORT_S = 15.0  # how often a round still waiting for its clients says so
 _NO_REPLY = "no reply before the round's timeout"  # splitflower.app's sf-round-timeout, round_timeout
 
@@ -294,7 +295,7 @@ class SplitStrategy(FedAvg):
         grid: Grid,
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
-        timeout: float = 3600,
+        timeout: float = DEFAULT_ROUND_TIMEOUT_S,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: CentralEvaluateFn | None = None,

@@ -258,16 +258,25 @@ def test_only_a_strategy_that_hands_segments_on_hands_optimizers_on(strategy: st
 
 
 class DiesAfterTwoBatches(CSLClient):
-    """A CSL client whose second partition crashes mid-round."""
+    """A CSL client whose second partition crashes mid-round (raising ``crash``)."""
+
+    crash: type[BaseException] = RuntimeError
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         self.steps = getattr(self, "steps", 0) + 1
         if self.config.get(ConfigKey.CLIENT_INDEX) == 1 and self.steps > 2:
-            raise RuntimeError("client crashed")
+            raise self.crash("client crashed")
         return super().train_step(x, y)
 
 
-def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> None:
+class ExitsAfterTwoBatches(DiesAfterTwoBatches):
+    """Ends its process instead (under Ray the actor dies; the node still gets an error reply)."""
+
+    crash = SystemExit
+
+
+@pytest.mark.parametrize("client", [DiesAfterTwoBatches, ExitsAfterTwoBatches], ids=["raises", "exits"])
+def test_client_dying_mid_round_under_batching_still_finishes_the_round(client: type[DiesAfterTwoBatches]) -> None:
     config = ExperimentConfig(
         algorithm="csl",
         strategy="parallel",
@@ -278,7 +287,7 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round() -> Non
         flush_timeout=0.5,
         synthetic_size=512,
     )
-    records = [summarise_round(r) for r in simulate(config, DiesAfterTwoBatches)]
+    records = [summarise_round(r) for r in simulate(config, client)]
     assert len(records) == 1
     round_one = records[0]
     assert len(round_one["failed_clients"]) == 1

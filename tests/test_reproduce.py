@@ -215,9 +215,10 @@ def test_reproduce_command_on_a_tiny_grid(tmp_path: Path) -> None:
 
 
 class _ExitingProcess:
-    """Stands in for a cell's process that exits at once with ``code``."""
+    """Stands in for a cell's process that exits at once with ``code`` (None: still running
+    when its time is up, and killed)."""
 
-    code = 0
+    code: int | None = 0
 
     def __init__(self, **_: object) -> None:
         self.exitcode: int | None = None
@@ -229,15 +230,25 @@ class _ExitingProcess:
         pass
 
     def is_alive(self) -> bool:
-        return False
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        self.exitcode = -9
 
 
-@pytest.mark.parametrize(("code", "error"), [(STALLED_EXIT_CODE, SimulationStartError), (1, CellFailedError)])
+@pytest.mark.parametrize(
+    ("code", "error", "message"),
+    [
+        (STALLED_EXIT_CODE, SimulationStartError, "did not start .exit code 3"),
+        (1, CellFailedError, "exited with code 1"),
+        (None, CellFailedError, "did not finish within 5s and was stopped"),
+    ],
+)
 def test_a_cell_process_says_whether_its_simulation_failed_to_start(
-    code: int, error: type[Exception], monkeypatch: pytest.MonkeyPatch
+    code: int | None, error: type[Exception], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     context = type("Context", (), {"Process": type("Exits", (_ExitingProcess,), {"code": code})})
     monkeypatch.setattr(reproduce.multiprocessing, "get_context", lambda _: context)
     config = grid_configs(SCALES["small"], **TINY)[0]  # type: ignore[arg-type]
-    with pytest.raises(error, match=f"code {code}"):
-        reproduce.run_cell_process(config, "unused.json", {}, timeout=None)
+    with pytest.raises(error, match=message):
+        reproduce.run_cell_process(config, "unused.json", {}, timeout=5)
