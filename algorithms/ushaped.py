@@ -19,7 +19,7 @@ from splitflower.supervised import EMBEDDINGS
 
 __all__ = ["UShapedClient", "UShapedServerModel"]
 
-FEATURES = TensorSpec(dtypes=FLOATING, shape=("batch", ...))
+FEATURES = TensorSpec(dtypes=FLOATING, shape=("batch", ...), finite=True)
 
 
 class UShapedClient(Client):

@@ -64,7 +64,7 @@ class UnknownMethodError(RemoteCallError, AttributeError):
 
 
 class InvalidArgumentsError(RemoteCallError, TypeError):
-    """Argument names, dtypes or shapes do not match what the method expects."""
+    """Argument names, dtypes, shapes or values do not match what the method expects."""
 
 
 class AuthenticationError(RemoteCallError, PermissionError):

@@ -29,7 +29,7 @@ import torch
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
 from splitflower.errors import ConfigError, InvalidArgumentsError, ServerModelTimeoutError
-from splitflower.server_model import CallContext, ServerModel, resolve_call
+from splitflower.server_model import CallContext, ServerModel, check_values, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
 
@@ -80,13 +80,15 @@ class Scheduler(ABC):
     def _invoke(
         self, method: str, tensors: Mapping[str, torch.Tensor], context: CallContext, still_wanted: Wanted = None
     ) -> tuple[Any, float]:
-        """Validate here, then run on the compute thread; returns (value, seconds)."""
+        """Validate names, dtypes and shapes here, values and the rest on the compute
+        thread; returns (value, seconds)."""
         bound = resolve_call(self.model, method, tensors)
         # One compute thread runs one job at a time: that is what serialises a model's work.
-        return self.compute.run(self._call, bound, tensors, context, still_wanted)
+        return self.compute.run(self._checked_call, method, bound, tensors, context, still_wanted)
 
-    def _call(
+    def _checked_call(
         self,
+        method: str,
         bound: Callable[..., Any],
         tensors: Mapping[str, torch.Tensor],
         context: CallContext,
@@ -94,6 +96,12 @@ class Scheduler(ABC):
     ) -> tuple[Any, float]:
         if still_wanted is not None and not still_wanted():
             raise _gone()
+        check_values(self.model, method, tensors)
+        return self._call(bound, tensors, context)
+
+    def _call(
+        self, bound: Callable[..., Any], tensors: Mapping[str, torch.Tensor], context: CallContext
+    ) -> tuple[Any, float]:
         device = self.model.device
         if device.type != "cpu":
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
@@ -251,22 +259,23 @@ class BatchingScheduler(Scheduler):
         # Concatenate in the strategy's client order, not arrival order, so that a batched
         # computation is reproducible.
         slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
-        outcomes: list[Outcome] = []
         started = time.perf_counter()
+        self.compute.run(self._run_batch, method, slots, started)
+
+    def _run_batch(self, method: str, slots: list[_Slot], started: float) -> None:
+        """On the compute thread: leave out the callers gone or refused, run the rest as one."""
+        outcomes: list[Outcome] = []
         try:
-            gone = [s for s in slots if s.still_wanted is not None and not s.still_wanted()]
-            if gone:
-                self._settle(gone, [Outcome(error=_gone()) for _ in gone], started)
-                slots = [s for s in slots if s not in gone]
-                if not slots:
-                    return
+            slots = self._settle_unfit(method, slots, started)
+            if not slots:
+                return
             self.flushes += 1
             sizes = [s.rows for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
             ends = list(itertools.accumulate(sizes))
             rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
             context = CallContext(tuple(s.client for s in slots), rows)
-            value, seconds = self._invoke(method, merged, context)
+            value, seconds = self._call(resolve_call(self.model, method, merged), merged, context)
             parts = _split_value(value, sizes)
             outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
         except BaseException as err:  # reported to every caller of the batch
@@ -275,6 +284,21 @@ class BatchingScheduler(Scheduler):
                 raise  # after the finally below has answered the batch's callers
         finally:
             self._settle(slots, outcomes, started)
+
+    def _settle_unfit(self, method: str, slots: list[_Slot], started: float) -> list[_Slot]:
+        """Answer the slots whose caller gave up or whose values are refused; return the rest."""
+        unfit: dict[int, BaseException] = {}
+        for index, slot in enumerate(slots):
+            if slot.still_wanted is not None and not slot.still_wanted():
+                unfit[index] = _gone()
+                continue
+            try:
+                check_values(self.model, method, slot.tensors)
+            except InvalidArgumentsError as err:
+                unfit[index] = err
+        if unfit:
+            self._settle([slots[i] for i in unfit], [Outcome(error=e) for e in unfit.values()], started)
+        return [slot for index, slot in enumerate(slots) if index not in unfit]
 
     def _settle(self, slots: list[_Slot], outcomes: list[Outcome], started: float) -> None:
         with self._cond:

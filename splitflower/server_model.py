@@ -27,6 +27,8 @@ __all__ = [
     "FitResult",
     "OptimizerFactory",
     "remote_methods",
+    "check_values",
+    "resolve_call",
     "sgd",
 ]
 
@@ -57,14 +59,60 @@ class TensorSpec:
     arguments of one call, e.g. ``"batch"``), ``None`` (any), and a final ``...`` (any
     number of further dimensions).
 
+    Values: ``finite`` refuses NaN and infinities in floating tensors; ``low`` and ``high``
+    bound every value as ``range`` does (``low <= value < high``), and a str ``high`` names
+    an attribute of the server model (e.g. ``"num_classes"``; unchecked while it is None).
+    Dtypes and shapes are checked on the gRPC thread that carries the request; values on
+    the compute thread, for each caller's tensors before a batching scheduler concatenates
+    them, so a bad value fails its own caller's call and not the batch.
+
     Example
     -------
-    >>> spec = TensorSpec(dtypes=(torch.int64,), shape=("batch",))
+    >>> spec = TensorSpec(dtypes=(torch.int64,), shape=("batch",), low=0, high=10)
     >>> spec.check("labels", torch.zeros(4, dtype=torch.int64), {})
+    >>> spec.check_values("labels", torch.tensor([3, 12]), model=None)
+    Traceback (most recent call last):
+    ...
+    splitflower.errors.InvalidArgumentsError: argument 'labels': expected 0 <= value < 10, got values from 3 to 12
     """
 
     dtypes: tuple[torch.dtype, ...] | None = None
     shape: tuple[int | str | EllipsisType | None, ...] | None = None
+    finite: bool = False
+    low: float | None = None
+    high: float | str | None = None
+
+    @property
+    def checks_values(self) -> bool:
+        """Whether :meth:`check_values` has anything to check."""
+        return self.finite or self.low is not None or self.high is not None
+
+    def check_values(self, name: str, tensor: torch.Tensor, model: object) -> None:
+        """Raise :class:`InvalidArgumentsError` if a value of ``tensor`` is out of bounds or,
+        with ``finite``, NaN or infinite; ``model`` resolves a str ``high``."""
+        if not tensor.numel():
+            return
+        if self.finite and tensor.is_floating_point() and not _all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InvalidArgumentsError(
+                f"argument {name!r}: expected finite values, got {bad} NaN or infinite of {tensor.numel()}; "
+                "the client's segment has diverged (lower the learning rate) or its input holds NaN"
+            )
+        high = getattr(model, self.high, None) if isinstance(self.high, str) else self.high
+        if self.low is None and high is None:
+            return
+        smallest, largest = (
+            float(v) for v in tensor.to(torch.uint8 if tensor.dtype is torch.bool else tensor.dtype).aminmax()
+        )
+        # Written as "not (inside)" so that a NaN, which compares False, is refused.
+        if (self.low is not None and not smallest >= self.low) or (high is not None and not largest < high):
+            bound = " <= ".join(_number(b) for b in (self.low, "value") if b is not None)
+            bound = f"{bound} < {_number(high)}" if high is not None else bound
+            where = f" ({self.high} of the server model)" if isinstance(self.high, str) else ""
+            raise InvalidArgumentsError(
+                f"argument {name!r}: expected {bound}{where}, "
+                f"got values from {_number(smallest)} to {_number(largest)}"
+            )
 
     def check(self, name: str, tensor: torch.Tensor, sizes: dict[str, int]) -> None:
         """Raise :class:`InvalidArgumentsError` if ``tensor`` does not match."""
@@ -93,6 +141,17 @@ class TensorSpec:
                         f"argument {name!r}: dimension {axis} ({want!r}) is {got}, but another "
                         f"argument of this call has {want!r} = {bound}"
                     )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A sum is finite when every value is (an overflow aside): one pass that allocates nothing,
+    # against isfinite's mask of the whole tensor. The exact check runs only when the sum is not.
+    wide = torch.float64 if tensor.dtype is torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _show(shape: tuple[int | str | EllipsisType | None, ...]) -> str:
@@ -438,3 +497,13 @@ def resolve_call(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
         _VALID_CALLS.clear()
     _VALID_CALLS[key] = True
     return getattr(model, method)  # type: ignore[no-any-return]
+
+
+def check_values(model: ServerModel, method: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the values of a resolved call's tensors against its specs (see :class:`TensorSpec`).
+
+    Runs torch operations, so schedulers call it on their compute thread.
+    """
+    for name, spec in remote_methods(type(model))[method].specs.items():
+        if spec.checks_values and name in tensors:
+            spec.check_values(name, tensors[name], model)

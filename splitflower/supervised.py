@@ -12,8 +12,10 @@ from splitflower.server_model import FLOATING, ServerModel, TensorSpec, local, r
 
 __all__ = ["AUX_HEADS", "EMBEDDINGS", "LABELS", "SupervisedServerModel", "linear_head", "mlp_head", "pooled_head"]
 
-EMBEDDINGS = TensorSpec(dtypes=FLOATING, shape=("batch", ...))
-LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",))
+EMBEDDINGS = TensorSpec(dtypes=FLOATING, shape=("batch", ...), finite=True)
+"""Cut-layer activations: one row per example, finite (a NaN would spread to every client's model)."""
+LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",), low=0, high="num_classes")
+"""Class indices, one per example, in ``[0, num_classes)`` of the server model."""
 
 
 def linear_head(cut_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -49,10 +51,23 @@ class SupervisedServerModel(ServerModel):
     torch.Size([2, 3])
     """
 
+    num_classes: int | None = None
+    """Width of the model's logits, which :data:`LABELS` bounds: learned from the first
+    :meth:`logits` (until then the loss function refuses a label out of range, for the whole
+    call), or set by a subclass."""
+
+    @local
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The model's output, whose dimension 1 (the classes) sets :attr:`num_classes`."""
+        out = self.model(embeddings)
+        if self.num_classes is None and out.dim() >= 2:
+            self.num_classes = out.shape[1]
+        return out
+
     @local
     def train_on(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the task loss; returns the loss."""
-        loss = self.loss_fn(self.model(embeddings), labels)
+        loss = self.loss_fn(self.logits(embeddings), labels)
         self.step(loss, num_examples=len(labels))
         return loss
 
@@ -63,6 +78,6 @@ class SupervisedServerModel(ServerModel):
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.model(embeddings)
+            return self.logits(embeddings)
         finally:
             self.model.train(was_training)

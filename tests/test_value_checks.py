@@ -1,0 +1,126 @@
+"""Bad values (labels out of range, NaN activations) are refused per caller, through the real channel."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import connect
+from splitflower.algorithms.csl import CSLServerModel
+from splitflower.errors import InvalidArgumentsError
+from splitflower.scheduling import BatchingScheduler
+from splitflower.server_model import TensorSpec
+from splitflower.service import SplitService
+from splitflower.supervised import EMBEDDINGS, LABELS
+
+FEATURES, CLASSES, ROWS = 6, 3, 4
+
+
+def _server() -> CSLServerModel:
+    torch.manual_seed(0)
+    server = CSLServerModel(nn.Sequential(nn.Linear(FEATURES, 5), nn.ReLU(), nn.Linear(5, CLASSES)))
+    server.configure_fit(None, {"lr": 0.1})
+    return server
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(ROWS, FEATURES, generator=generator), torch.randint(0, CLASSES, (ROWS,), generator=generator)
+
+
+def test_spec_refuses_values_out_of_bounds_and_says_which() -> None:
+    refusal = r"'labels': expected 0 <= value < 3 \(num_classes of the server model\), got values from -1 to 2"
+    with pytest.raises(InvalidArgumentsError, match=refusal):
+        LABELS.check_values("labels", torch.tensor([0, -1, 2]), _WithClasses(3))
+    with pytest.raises(InvalidArgumentsError, match=r"'x'.*value < 1.5, got values from"):
+        TensorSpec(high=1.5).check_values("x", torch.tensor([0.0, float("nan")]), None)
+    LABELS.check_values("labels", torch.tensor([0, 2]), _WithClasses(3))
+    LABELS.check_values("labels", torch.tensor([0, 7]), _WithClasses(None))  # not learned yet: unchecked
+    TensorSpec(low=0, high=2).check_values("mask", torch.tensor([True, False]), None)
+
+
+def test_spec_refuses_nan_and_infinity_but_not_large_finite_values() -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(
+            InvalidArgumentsError, match=r"'embeddings': expected finite values, got 1 NaN or infinite of 4"
+        ):
+            EMBEDDINGS.check_values("embeddings", torch.tensor([1.0, bad, 2.0, 3.0]), None)
+    huge = torch.full((4,), torch.finfo(torch.float32).max)  # its sum overflows; every value is finite
+    EMBEDDINGS.check_values("embeddings", huge, None)
+    EMBEDDINGS.check_values("embeddings", huge.half().clamp(max=60000), None)
+    EMBEDDINGS.check_values("embeddings", torch.tensor([1, 2]), None)  # integers are always finite
+
+
+class _WithClasses:
+    def __init__(self, num_classes: int | None) -> None:
+        self.num_classes = num_classes
+
+
+def test_unbatched_bad_values_are_refused_and_change_nothing(service: SplitService) -> None:
+    server = _server()
+    before = copy.deepcopy(server.model.state_dict())
+    proxy = connect(service, server)
+    z, y = _batch(0)
+    proxy.forward_backward(embeddings=z, labels=y)  # the first forward sets num_classes
+    trained = copy.deepcopy(server.model.state_dict())
+    with pytest.raises(InvalidArgumentsError, match=r"forward_backward: argument 'labels'.*value < 3"):
+        proxy.forward_backward(embeddings=z, labels=torch.full((ROWS,), CLASSES))
+    with pytest.raises(InvalidArgumentsError, match=r"forward_backward: argument 'embeddings': expected finite"):
+        proxy.forward_backward(embeddings=torch.full_like(z, float("nan")), labels=y)
+    for name, value in server.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name])
+    assert server.num_examples == ROWS
+    assert not all(torch.equal(before[k], trained[k]) for k in before)
+    assert proxy.forward_backward(embeddings=z, labels=y) is not None, "the server stopped serving"
+    proxy.close()
+
+
+def test_a_bad_value_fails_its_caller_and_the_batch_runs_without_it(service: SplitService) -> None:
+    server, alone = _server(), _server()
+    scheduler = BatchingScheduler(server, flush_timeout=5.0)
+    scheduler.set_clients(["bad", "good"])
+    bad_inputs = {
+        0: _batch(10),
+        1: (_batch(11)[0], torch.full((ROWS,), CLASSES + 4)),
+        2: (torch.full((ROWS, FEATURES), float("inf")), _batch(12)[1]),
+    }
+    refusals: list[str] = []
+    grads: list[object] = []
+
+    def bad() -> None:
+        proxy = connect(service, scheduler, client="bad")
+        for step, (z, y) in bad_inputs.items():
+            try:
+                proxy.forward_backward(embeddings=z, labels=y)
+            except InvalidArgumentsError as err:
+                refusals.append(f"{step}: {err}")
+        proxy.close()
+
+    def good() -> None:
+        proxy = connect(service, scheduler, client="good")
+        grads.extend(proxy.forward_backward(embeddings=z, labels=y) for z, y in map(_batch, range(3)))
+        proxy.close()
+
+    threads = [threading.Thread(target=job, daemon=True) for job in (bad, good)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    assert [r.split(":")[0] for r in refusals] == ["1", "2"], refusals
+    assert "'labels'" in refusals[0] and "'embeddings'" in refusals[1]
+    assert scheduler.timeout_flushes == 0, "a refused caller left the others waiting for the flush timeout"
+
+    # The same computation in one process: both callers' first batches together, then the good one's alone.
+    z0, y0 = _batch(10)
+    alone.forward_backward(embeddings=torch.cat([z0, _batch(0)[0]]), labels=torch.cat([y0, _batch(0)[1]]))
+    for step in (1, 2):
+        z, y = _batch(step)
+        torch.testing.assert_close(grads[step], alone.forward_backward(embeddings=z, labels=y))
+    for name, value in alone.model.state_dict().items():
+        torch.testing.assert_close(server.model.state_dict()[name], value)
+    assert server.num_examples == 4 * ROWS
