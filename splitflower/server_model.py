@@ -82,6 +82,19 @@ class TensorSpec:
     low: float | None = None
     high: float | str | None = None
 
+    def __post_init__(self) -> None:
+        for which, bound, allowed in (
+            ("low", self.low, "a number"),
+            ("high", self.high, "a number or an attribute name"),
+        ):
+            is_number = isinstance(bound, int | float) and not isinstance(bound, bool) and bound == bound
+            if bound is not None and not is_number and not (which == "high" and isinstance(bound, str)):
+                raise AlgorithmError(f"TensorSpec {which}: expected {allowed}, got {bound!r}")
+        if isinstance(self.low, int | float) and isinstance(self.high, int | float) and not self.low < self.high:
+            raise AlgorithmError(
+                f"TensorSpec: low must be below high (low <= value < high), got {self.low} and {self.high}"
+            )
+
     @property
     def checks_values(self) -> bool:
         """Whether :meth:`check_values` has anything to check."""
@@ -110,8 +123,7 @@ class TensorSpec:
             bound = f"{bound} < {_number(high)}" if high is not None else bound
             where = f" ({self.high} of the server model)" if isinstance(self.high, str) else ""
             raise InvalidArgumentsError(
-                f"argument {name!r}: expected {bound}{where}, "
-                f"got values from {_number(smallest)} to {_number(largest)}"
+                f"argument {name!r}: expected {bound}{where}, got values from {_number(smallest)} to {_number(largest)}"
             )
 
     def check(self, name: str, tensor: torch.Tensor, sizes: dict[str, int]) -> None:

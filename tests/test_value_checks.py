@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from conftest import connect
 from splitflower.algorithms.csl import CSLServerModel
-from splitflower.errors import InvalidArgumentsError
+from splitflower.errors import AlgorithmError, InvalidArgumentsError
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import TensorSpec
 from splitflower.service import SplitService
@@ -53,6 +55,20 @@ def test_spec_refuses_nan_and_infinity_but_not_large_finite_values() -> None:
     EMBEDDINGS.check_values("embeddings", huge, None)
     EMBEDDINGS.check_values("embeddings", huge.half().clamp(max=60000), None)
     EMBEDDINGS.check_values("embeddings", torch.tensor([1, 2]), None)  # integers are always finite
+
+
+@pytest.mark.parametrize(
+    ("bounds", "refusal"),
+    [
+        ({"low": "0"}, "low: expected a number, got '0'"),
+        ({"high": True}, "high: expected a number or an attribute name, got True"),
+        ({"low": float("nan")}, "low: expected a number, got nan"),
+        ({"low": 5, "high": 5}, "low must be below high"),
+    ],
+)
+def test_a_spec_with_bounds_that_cannot_work_is_refused_when_defined(bounds: dict[str, Any], refusal: str) -> None:
+    with pytest.raises(AlgorithmError, match=re.escape(refusal)):
+        TensorSpec(**bounds)
 
 
 class _WithClasses:
