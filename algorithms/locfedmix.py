@@ -141,7 +141,7 @@ class LocFedMixServerModel(SupervisedServerModel):
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
     def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         s = embeddings.detach().requires_grad_()
-        logits = self.logits(s)
+        logits = self.logits(s, labels)
         targets = nn.functional.one_hot(labels, logits.shape[1]).to(s.dtype)
         if self.options.mixup and len(self.call_context.callers) > 1:
             mixed, mixed_targets = self._mix(s.detach(), targets)

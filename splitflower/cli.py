@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, SplitflowerError
+from splitflower.errors import (
+    CRASHED_EXIT_CODE,
+    DEFAULT_ATTEMPTS,
+    STALLED_EXIT_CODE,
+    ExperimentFailedError,
+    SplitflowerError,
+)
 
 __all__ = ["DEFAULT_ATTEMPTS", "STALLED_EXIT_CODE", "build_parser", "main"]
 
@@ -229,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return reproduce_main(args)
         return _run(args)
+    except ExperimentFailedError as err:  # the run failed, not its command line
+        print(f"splitflower: error: {err}", file=sys.stderr)
+        return CRASHED_EXIT_CODE
     except SplitflowerError as err:
         print(f"splitflower: error: {err}", file=sys.stderr)
         return 2
@@ -245,6 +254,9 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Flower's logger prints through a handler of its own: passed on to the root handler too,
+    # every Flower message would appear twice.
+    logging.getLogger("flwr").propagate = False
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.

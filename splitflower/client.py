@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from splitflower._checks import all_finite
 from splitflower.data import ArrayDataset
-from splitflower.errors import AlgorithmError, ConfigError
+from splitflower.errors import AlgorithmError, ConfigError, DivergedError
 from splitflower.metering import MemoryTally
 from splitflower.proxy import ProxyFuture, ServerModelProxy
 from splitflower.server_model import FitResult, OptimizerFactory, sgd
@@ -138,10 +139,10 @@ class Client:
             if len(self._pending) >= window:
                 self._settle()
             return
-        _check_gradients(output, grad)
+        outputs, grads = _checked_gradients(output, grad)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
-        torch.autograd.backward(output, grad)
+        torch.autograd.backward(outputs, grads)
         if self.optimizer is not None:
             self.optimizer.step()
 
@@ -290,17 +291,39 @@ def _step_metrics(cls: type, metrics: Any) -> Mapping[str, float]:
     return metrics
 
 
-def _check_gradients(output: torch.Tensor | Sequence[torch.Tensor], grad: Any) -> None:
-    """A non-scalar output needs a gradient: say so before torch's own error does."""
+def _checked_gradients(
+    output: torch.Tensor | Sequence[torch.Tensor], grad: Any
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The outputs and their gradients, checked before torch's own errors (or a NaN step) could
+    come: a non-scalar output needs a gradient of its shape, and a finite one; a gradient of
+    another floating dtype (a server computing in float16, say) is cast to the output's."""
     outputs = [output] if isinstance(output, torch.Tensor) else list(output)
     if grad is None:
         grads: list[Any] = [None] * len(outputs)
     else:
         grads = [grad] if isinstance(grad, torch.Tensor) else list(grad)
-    for index, (out, out_grad) in enumerate(zip(outputs, grads, strict=False)):
-        if out_grad is None and out.numel() != 1:
+    if len(grads) != len(outputs):
+        raise AlgorithmError(f"step: {len(outputs)} output(s) but {len(grads)} gradient(s); give one per output")
+    for index, (out, out_grad) in enumerate(zip(outputs, grads, strict=True)):
+        if out_grad is None:
+            if out.numel() != 1:
+                raise AlgorithmError(
+                    f"step: output {index} has shape {list(out.shape)} but its gradient is None; pass a scalar "
+                    "loss, or the activations with the gradient the server returned (a server method that "
+                    "returns embeddings.grad must detach its input and call requires_grad_() first)"
+                )
+            continue
+        if not isinstance(out_grad, torch.Tensor) or out_grad.shape != out.shape:
+            got = list(out_grad.shape) if isinstance(out_grad, torch.Tensor) else type(out_grad).__name__
             raise AlgorithmError(
-                f"step: output {index} has shape {list(out.shape)} but its gradient is None; pass a scalar "
-                "loss, or the activations with the gradient the server returned (a server method that "
-                "returns embeddings.grad must detach its input and call requires_grad_() first)"
+                f"step: output {index} has shape {list(out.shape)} but its gradient is {got}; the gradient "
+                "must be that of this output (the server's dL/dz for the z this client sent)"
             )
+        if out_grad.is_floating_point() and not all_finite(out_grad):
+            raise DivergedError(
+                f"step: the gradient of output {index} holds NaN or infinity; stepping would make the "
+                "weights NaN. The server's loss has diverged (lower the learning rate) or its method is wrong"
+            )
+        if out_grad.dtype != out.dtype and out_grad.is_floating_point() and out.is_floating_point():
+            grads[index] = out_grad.to(out.dtype)
+    return outputs, grads

@@ -32,6 +32,7 @@ __all__ = [
     "CellFailedError",
     "AlgorithmError",
     "StaleGraphError",
+    "DivergedError",
 ]
 
 
@@ -132,3 +133,7 @@ class AlgorithmError(SplitflowerError, TypeError):
 class StaleGraphError(SplitflowerError, RuntimeError):
     """Backward read a tensor that was modified in place after autograd saved it (torch's
     "modified by an inplace operation"): the gradients would be wrong."""
+
+
+class DivergedError(SplitflowerError, FloatingPointError):
+    """A gradient is NaN or infinite: the step it feeds would turn the weights into NaN."""

@@ -674,12 +674,21 @@ def check_every_round_trained(rounds: list[dict[str, Any]]) -> None:
         )
 
 
+# "module.Name: message" as a traceback ends; Flower's and Ray's wrappers are skipped.
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$", re.MULTILINE)
+_WRAPPERS = frozenset({"ClientAppException", "RayTaskError"})
+
+
 def _first_client_error(rounds: list[dict[str, Any]]) -> str:
-    """The last line of the first client error (Ray wraps it in a long, coloured traceback)."""
+    """The error the first failed client raised, as ``Name: message`` (Ray wraps it in a long,
+    coloured traceback whose innermost exception comes first)."""
     for entry in rounds:
         for client in entry["clients"]:
             if "error" in client:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"]))
+                raised = next((m for m in _RAISED.finditer(text) if m.group(1) not in _WRAPPERS), None)
+                if raised:
+                    return f"{raised.group(1)}: {raised.group(2).strip()}"
                 # Flower reports an exception as "<class 'module.Name'>:<'message'>".
                 wrapped = re.fullmatch(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", text, re.DOTALL)
                 lines = [ln.strip() for ln in (wrapped.group(2) if wrapped else text).splitlines() if ln.strip()]

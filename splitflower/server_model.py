@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from splitflower._checks import all_finite
 from splitflower.errors import AlgorithmError, InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
@@ -105,7 +106,7 @@ class TensorSpec:
         with ``finite``, NaN or infinite; ``model`` resolves a str ``high``."""
         if not tensor.numel():
             return
-        if self.finite and tensor.is_floating_point() and not _all_finite(tensor):
+        if self.finite and tensor.is_floating_point() and not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise InvalidArgumentsError(
                 f"argument {name!r}: expected finite values, got {bad} NaN or infinite of {tensor.numel()}; "
@@ -153,13 +154,6 @@ class TensorSpec:
                         f"argument {name!r}: dimension {axis} ({want!r}) is {got}, but another "
                         f"argument of this call has {want!r} = {bound}"
                     )
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    # A sum is finite when every value is (an overflow aside): one pass that allocates nothing,
-    # against isfinite's mask of the whole tensor. The exact check runs only when the sum is not.
-    wide = torch.float64 if tensor.dtype is torch.float64 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
 
 
 def _number(value: object) -> str:

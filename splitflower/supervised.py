@@ -53,21 +53,25 @@ class SupervisedServerModel(ServerModel):
 
     num_classes: int | None = None
     """Width of the model's logits, which :data:`LABELS` bounds: learned from the first
-    :meth:`logits` (until then the loss function refuses a label out of range, for the whole
-    call), or set by a subclass."""
+    :meth:`logits`, or set by a subclass. Until it is known, the labels of a call are checked
+    once its forward has run (before the loss), so that call's forward may have updated
+    batch-norm statistics."""
 
     @local
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The model's output, whose dimension 1 (the classes) sets :attr:`num_classes`."""
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's output, whose dimension 1 (the classes) sets :attr:`num_classes`; the
+        ``labels`` given are checked against it (see :data:`LABELS`)."""
         out = self.model(embeddings)
         if self.num_classes is None and out.dim() >= 2:
             self.num_classes = out.shape[1]
+        if labels is not None:
+            LABELS.check_values("labels", labels, self)
         return out
 
     @local
     def train_on(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the task loss; returns the loss."""
-        loss = self.loss_fn(self.logits(embeddings), labels)
+        loss = self.loss_fn(self.logits(embeddings, labels), labels)
         self.step(loss, num_examples=len(labels))
         return loss
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import run_cli, simulate
+from splitflower import cli
 from splitflower.algorithms.csl import CSLClient
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.errors import (
@@ -208,6 +209,17 @@ def test_a_partition_that_cannot_be_made_fails_before_any_client_starts() -> Non
         Experiment(ExperimentConfig(dataset="synthetic", clients=4, train_size=3))
 
 
+def test_a_run_whose_clients_all_failed_exits_1_not_the_bad_input_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(args: Any) -> int:
+        raise ExperimentFailedError("round(s) [1] trained on no client")
+
+    monkeypatch.setattr(cli, "_run", fail)
+    assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic"]) == CRASHED_EXIT_CODE == 1
+    assert capsys.readouterr().err == "splitflower: error: round(s) [1] trained on no client\n"
+
+
 def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
     failed = {"node_id": 7, "error": "\x1b[36mTraceback ...\n  ...\nDatasetError: partition 3 is empty\x1b[0m\n"}
     rounds = [{"round": 1, "num_examples": 12, "clients": []}, {"round": 2, "num_examples": 0, "clients": [failed]}]
@@ -219,6 +231,18 @@ def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
     # Flower's own wrapping of an exception raised in a ClientApp
     failed["error"] = "<class 'splitflower.errors.ConfigError'>:<'smoothing must be below 1, got 2'>"
     message = r"first client error: ConfigError: smoothing must be below 1, got 2$"
+    with pytest.raises(ExperimentFailedError, match=message):
+        check_every_round_trained(rounds)
+    # Ray's traceback of a ClientAppException whose cause was the algorithm's own error
+    failed["error"] = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+        'Traceback (most recent call last):\n  File "proxy.py", line 327, in _blocking\n'
+        "splitflower.errors.UnknownMethodError: forward: M.forward does not exist\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "flwr.clientapp.client_app.ClientAppException: \n"
+        "Exception ClientAppException occurred. Message: forward: M.forward does not exist'>"
+    )
+    message = r"first client error: UnknownMethodError: forward: M.forward does not exist$"
     with pytest.raises(ExperimentFailedError, match=message):
         check_every_round_trained(rounds)
 

@@ -1,4 +1,4 @@
-"""Bad values (labels out of range, NaN activations) are refused per caller, through the real channel."""
+"""Bad values (labels out of range, NaN activations or gradients) are refused, per caller, with a clear error."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from conftest import connect
-from splitflower.algorithms.csl import CSLServerModel
-from splitflower.errors import AlgorithmError, InvalidArgumentsError
+from splitflower.algorithms.csl import CSLClient, CSLServerModel
+from splitflower.data import synthetic
+from splitflower.errors import AlgorithmError, DivergedError, InvalidArgumentsError
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import TensorSpec
 from splitflower.service import SplitService
@@ -81,7 +82,11 @@ def test_unbatched_bad_values_are_refused_and_change_nothing(service: SplitServi
     before = copy.deepcopy(server.model.state_dict())
     proxy = connect(service, server)
     z, y = _batch(0)
-    proxy.forward_backward(embeddings=z, labels=y)  # the first forward sets num_classes
+    with pytest.raises(InvalidArgumentsError, match=r"'labels': expected 0 <= value < 3 .*from 0 to 9"):
+        proxy.forward_backward(embeddings=z, labels=torch.arange(ROWS) * 3)  # the first call: checked after forward
+    for name, value in server.model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+    proxy.forward_backward(embeddings=z, labels=y)
     trained = copy.deepcopy(server.model.state_dict())
     with pytest.raises(InvalidArgumentsError, match=r"forward_backward: argument 'labels'.*value < 3"):
         proxy.forward_backward(embeddings=z, labels=torch.full((ROWS,), CLASSES))
@@ -140,3 +145,20 @@ def test_a_bad_value_fails_its_caller_and_the_batch_runs_without_it(service: Spl
     for name, value in alone.model.state_dict().items():
         torch.testing.assert_close(server.model.state_dict()[name], value)
     assert server.num_examples == 4 * ROWS
+
+
+def test_the_client_refuses_a_gradient_that_would_ruin_its_weights() -> None:
+    client = CSLClient(nn.Linear(4, 3), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
+    client.optimizer = torch.optim.SGD(client.model.parameters(), lr=0.5)
+    before = copy.deepcopy(client.model.state_dict())
+    z = client.segment(torch.randn(2, 4))
+    with pytest.raises(DivergedError, match="the gradient of output 0 holds NaN or infinity"):
+        client.step(z, torch.full((2, 3), float("nan")))
+    with pytest.raises(AlgorithmError, match=r"output 0 has shape \[2, 3\] but its gradient is \[6\]"):
+        client.step(z, torch.ones(6))
+    with pytest.raises(AlgorithmError, match=r"2 output\(s\) but 1 gradient\(s\)"):
+        client.step([z, z.sum()], [torch.ones(2, 3)])
+    for name, value in client.model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+    client.step(z, torch.ones(2, 3, dtype=torch.float16))  # a float16 gradient (a server computing in half)
+    torch.testing.assert_close(client.model.state_dict()["segment.bias"], before["segment.bias"] - 0.5 * 2)
