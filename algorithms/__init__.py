@@ -19,9 +19,10 @@ from splitflower.algorithms.splitavg import SplitAvgClient, SplitAvgServerModel
 from splitflower.algorithms.streamsl import StreamSLClient, StreamSLServerModel
 from splitflower.algorithms.ushaped import UShapedClient, UShapedServerModel
 from splitflower.client import Client
-from splitflower.errors import ConfigError, IncompatibleStrategyError
+from splitflower.errors import AlgorithmError, ConfigError, IncompatibleStrategyError
 from splitflower.options import parse_options
 from splitflower.server_model import ServerModel
+from splitflower.strategies import STRATEGIES
 
 __all__ = [
     "ALGORITHMS",
@@ -70,6 +71,26 @@ class Algorithm:
     default_strategy: str = "parallel"
     strategies: tuple[str, ...] | None = None  # None: any strategy
     keeps_tail: bool = False  # the client also keeps the model's last layer (``tail=`` to the client)
+
+    def __post_init__(self) -> None:
+        for role, given, base in (("client", self.client, Client), ("server_model", self.server_model, ServerModel)):
+            if not (isinstance(given, type) and issubclass(given, base)):
+                swapped = " (client and server model swapped?)" if isinstance(given, type) else ""
+                raise AlgorithmError(
+                    f"Algorithm {self.name!r}: {role} must be a subclass of {base.__name__}, got {given!r}{swapped}; "
+                    "write Algorithm(name, ClientClass, ServerModelClass)"
+                )
+        for strategy in (self.default_strategy, *(self.strategies or ())):
+            if ":" not in strategy and strategy not in STRATEGIES:
+                raise AlgorithmError(
+                    f"Algorithm {self.name!r}: strategy {strategy!r} is not one of {', '.join(STRATEGIES)} "
+                    "(or MODULE:ATTRIBUTE of your own)"
+                )
+        if self.strategies is not None and self.default_strategy not in self.strategies:
+            raise AlgorithmError(
+                f"Algorithm {self.name!r}: default_strategy {self.default_strategy!r} is not among its strategies "
+                f"{list(self.strategies)}"
+            )
 
     @property
     def options(self) -> type | None:

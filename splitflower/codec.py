@@ -155,19 +155,22 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     cache[key] = value
 
 
-def _check_tensor(name: str, tensor: object) -> torch.Tensor:
+def _check_tensor(name: str, tensor: object, role: str = "argument") -> torch.Tensor:
+    """``role`` names what ``name`` is in messages: an argument, or an item of a return value."""
     if not isinstance(tensor, torch.Tensor):
-        raise CodecError(
-            f"argument {name!r}: expected a torch.Tensor, got {type(tensor).__name__}; "
+        hint = (
             "wrap numbers with torch.tensor(...)"
+            if isinstance(tensor, int | float | complex)
+            else "only tensors cross the wire (no None, nested containers or other objects)"
         )
+        raise CodecError(f"{role} {name!r}: expected a torch.Tensor, got {type(tensor).__name__}; {hint}")
     if tensor.layout != torch.strided:
-        raise CodecError(f"argument {name!r}: expected a dense tensor, got layout {tensor.layout}")
+        raise CodecError(f"{role} {name!r}: expected a dense tensor, got layout {tensor.layout}")
     if tensor.dtype not in _DTYPE_CODES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_CODES)
-        raise CodecError(f"argument {name!r}: dtype {tensor.dtype} is not supported; use one of {supported}")
+        raise CodecError(f"{role} {name!r}: dtype {tensor.dtype} is not supported; use one of {supported}")
     if tensor.dim() > MAX_DIMENSIONS:
-        raise CodecError(f"argument {name!r}: at most {MAX_DIMENSIONS} dimensions, got {tensor.dim()}")
+        raise CodecError(f"{role} {name!r}: at most {MAX_DIMENSIONS} dimensions, got {tensor.dim()}")
     return tensor
 
 
@@ -195,7 +198,7 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.numpy().data.cast("B")
 
 
-def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
+def _encode_table(tensors: Mapping[str, torch.Tensor], role: str = "argument") -> bytes:
     """The tensor table, after checking every tensor (see :func:`_check_tensor`): a table
     seen before stands for tensors of the same names, dtypes, layouts and shapes, all checked."""
     try:
@@ -212,7 +215,7 @@ def _encode_table(tensors: Mapping[str, torch.Tensor]) -> bytes:
         encoded_name = name.encode()
         if not encoded_name or len(encoded_name) > 255:
             raise CodecError(f"tensor names must be 1-255 bytes of UTF-8, got {name!r}")
-        _check_tensor(name, tensor)
+        _check_tensor(name, tensor, role)
         parts.append(_U8.pack(len(encoded_name)) + encoded_name)
         parts.append(_ENTRY_HEAD.pack(_DTYPE_CODES[tensor.dtype], tensor.dim()))
         parts.append(struct.pack(f"<{tensor.dim()}I", *tensor.shape))
@@ -276,6 +279,9 @@ def encode_request(
     return _join(head + _U8.pack(len(encoded_method)) + encoded_method, table, tensors)
 
 
+_RETURNED = "returned item"  # "_" for a single tensor, the key or position otherwise
+
+
 def value_tensors(value: object) -> dict[str, torch.Tensor]:
     """The tensors of a method's return value, named as the reply frame names them."""
     if value is None:
@@ -283,8 +289,9 @@ def value_tensors(value: object) -> dict[str, torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return {"_": value}
     if isinstance(value, Mapping):
-        if not all(isinstance(k, str) for k in value):
-            raise CodecError(f"a returned dict must have str keys, got {sorted(map(repr, value))}")
+        others = [k for k in value if not isinstance(k, str)]
+        if others:
+            raise CodecError(f"a returned dict must have str keys, got {others!r} ({type(others[0]).__name__})")
         return dict(value)
     if isinstance(value, tuple | list):
         return {str(i): v for i, v in enumerate(value)}
@@ -298,7 +305,7 @@ def check_value(value: object) -> None:
     """Raise :class:`CodecError` if :func:`encode_reply` could not carry ``value`` (nothing
     is encoded: for a fire-and-forget call, whose reply carries no value)."""
     for name, tensor in value_tensors(value).items():
-        _check_tensor(name, tensor)
+        _check_tensor(name, tensor, _RETURNED)
 
 
 def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: float = 0.0) -> bytes:
@@ -312,7 +319,7 @@ def encode_reply(value: object, *, server_compute_s: float = 0.0, queue_wait_s: 
         kind = ResultKind.DICT
     else:
         kind = ResultKind.TUPLE
-    table = _encode_table(tensors)
+    table = _encode_table(tensors, _RETURNED)
     head = _REPLY_HEAD.pack(_MAGIC, _VERSION, _KIND_REPLY, kind, server_compute_s, queue_wait_s, len(table))
     return _join(head, table, tensors)
 

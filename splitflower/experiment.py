@@ -558,7 +558,10 @@ class _Progress:
                     stalled = True
                     self.on_stall(STALL_MESSAGE.format(seconds=waited))
                     continue
-            self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({waited:.0f}s)")
+            if self.round == 1 and not done:
+                self.say(f"  round 1: no example has reached a server model yet: clients starting ({waited:.0f}s)")
+            else:
+                self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({waited:.0f}s)")
 
     def started(self) -> bool:
         """Whether a round has ended or a server model has trained on an example."""

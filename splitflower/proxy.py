@@ -192,14 +192,26 @@ class RemoteMethod:
     def __init__(self, proxy: ServerModelProxy, name: str) -> None:
         self._proxy, self._name = proxy, name
 
-    def __call__(self, *, timeout: float | None = None, **tensors: Any) -> Value:
+    def __call__(self, *positional: Any, timeout: float | None = None, **tensors: Any) -> Value:
+        if positional:
+            raise self._positional(positional, "")
         return self._proxy._blocking(self._name, tensors, _check_timeout("timeout", timeout))
 
-    def future(self, *, timeout: float | None = None, **tensors: Any) -> ProxyFuture:
+    def future(self, *positional: Any, timeout: float | None = None, **tensors: Any) -> ProxyFuture:
+        if positional:
+            raise self._positional(positional, ".future")
         return self._proxy._start(self._name, tensors, _check_timeout("timeout", timeout), no_reply=False)
 
-    def send(self, *, timeout: float | None = None, **tensors: Any) -> None:
+    def send(self, *positional: Any, timeout: float | None = None, **tensors: Any) -> None:
+        if positional:
+            raise self._positional(positional, ".send")
         self._proxy._send(self._name, tensors, _check_timeout("timeout", timeout))
+
+    def _positional(self, positional: tuple[Any, ...], variant: str) -> InvalidArgumentsError:
+        return InvalidArgumentsError(
+            f"{self._name}: remote methods take keyword tensors, named as the server method's arguments; "
+            f"got {len(positional)} positional: write proxy.{self._name}{variant}(name=tensor, ...)"
+        )
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r} of {self._proxy!r}>"

@@ -84,6 +84,14 @@ class TensorSpec:
     high: float | str | None = None
 
     def __post_init__(self) -> None:
+        if self.dtypes is not None and (
+            not isinstance(self.dtypes, tuple | list) or not all(isinstance(d, torch.dtype) for d in self.dtypes)
+        ):
+            raise AlgorithmError(
+                f"TensorSpec dtypes: expected a tuple of torch dtypes such as (torch.float32,), got {self.dtypes!r}"
+            )
+        if self.shape is not None and not isinstance(self.shape, tuple | list):
+            raise AlgorithmError(f"TensorSpec shape: expected a tuple such as ('batch', ...), got {self.shape!r}")
         for which, bound, allowed in (
             ("low", self.low, "a number"),
             ("high", self.high, "a number or an attribute name"),
@@ -164,7 +172,7 @@ def _show(shape: tuple[int | str | EllipsisType | None, ...]) -> str:
     return "[" + ", ".join("..." if s is Ellipsis else repr(s) if isinstance(s, str) else str(s) for s in shape) + "]"
 
 
-def remote(**specs: TensorSpec) -> Callable[[_F], _F]:
+def remote(*bare: Any, **specs: TensorSpec) -> Callable[[_F], _F]:
     """Declare what each argument of a remotely callable method must look like.
 
     Example
@@ -174,6 +182,14 @@ def remote(**specs: TensorSpec) -> Callable[[_F], _F]:
     ...     def echo(self, x: torch.Tensor) -> torch.Tensor:
     ...         return x
     """
+
+    if bare:
+        raise AlgorithmError("write @remote(...) with parentheses, naming each argument's TensorSpec (or @remote())")
+    not_specs = {name: spec for name, spec in specs.items() if not isinstance(spec, TensorSpec)}
+    if not_specs:
+        raise AlgorithmError(
+            f"@remote takes a TensorSpec per argument, e.g. @remote(x=TensorSpec(...)); got {not_specs!r}"
+        )
 
     def decorate(method: _F) -> _F:
         setattr(method, _SPECS_ATTRIBUTE, dict(specs))
@@ -444,6 +460,12 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
         required = frozenset(p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD)
         specs = getattr(member, _SPECS_ATTRIBUTE, {})
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        for argument, spec in specs.items():
+            if isinstance(spec.high, str) and not hasattr(cls, spec.high):
+                raise AlgorithmError(
+                    f"{cls.__name__}.{name}: argument {argument!r} is bounded by {spec.high!r}, which {cls.__name__} "
+                    f"does not have; declare it on the class (e.g. {spec.high}: int | None = None) or fix the name"
+                )
         unknown = sorted(set(specs) - set(names))
         if unknown and not takes_any:
             raise AlgorithmError(

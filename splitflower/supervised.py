@@ -60,8 +60,11 @@ class SupervisedServerModel(ServerModel):
     @local
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The model's output, whose dimension 1 (the classes) sets :attr:`num_classes`; the
-        ``labels`` given are checked against it (see :data:`LABELS`)."""
-        out = self.model(embeddings)
+        ``labels`` given are checked against it (see :data:`LABELS`). Embeddings of another
+        floating dtype are cast to the model's (a client may send float16 to halve the bytes;
+        the gradient of the embeddings then comes back in float16 too)."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), embeddings.dtype)
+        out = self.model(embeddings.to(dtype))
         if self.num_classes is None and out.dim() >= 2:
             self.num_classes = out.shape[1]
         if labels is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import connect
-from splitflower.algorithms import ALGORITHMS
+from splitflower.algorithms import ALGORITHMS, Algorithm
 from splitflower.algorithms.dsl import DSLClient, DSLOptions, DSLServerModel
 from splitflower.algorithms.fedsl import FedSLClient, FedSLServerModel
 from splitflower.algorithms.locfedmix import LocFedMixClient, LocFedMixOptions, LocFedMixServerModel, _unit_range
@@ -490,3 +490,16 @@ def test_common_mistakes_in_a_new_algorithm_get_errors_that_name_them(service: S
     z = client.segment(torch.zeros(2, 1, 8, 8))
     with pytest.raises(AlgorithmError, match=r"output 1 has shape \[2, 4, 4, 4\] but its gradient is None"):
         client.step([z.sum(), z], None)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "refusal"),
+    [
+        (("swapped", FedSLServerModel, FedSLClient), "client must be a subclass of Client, got <class .*swapped\\?"),
+        (("typo", FedSLClient, FedSLServerModel, "paralel"), "strategy 'paralel' is not one of sequential, parallel"),
+        (("narrow", FedSLClient, FedSLServerModel, "parallel", ("sequential",)), "default_strategy 'parallel' is not"),
+    ],
+)
+def test_an_algorithm_that_cannot_run_is_refused_when_it_is_named(arguments: tuple[Any, ...], refusal: str) -> None:
+    with pytest.raises(AlgorithmError, match=f"Algorithm '{arguments[0]}': {refusal}"):
+        Algorithm(*arguments)

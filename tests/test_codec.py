@@ -49,10 +49,22 @@ def test_a_sparse_tensor_is_refused_even_after_a_dense_one_of_its_dtype_and_shap
 
 def test_a_non_tensor_is_refused_under_a_name_that_carried_a_tensor() -> None:
     encode_reply({"y": torch.ones(2)})
-    with pytest.raises(CodecError, match=r"argument 'y': expected a torch\.Tensor, got list"):
+    with pytest.raises(CodecError, match=r"returned item 'y': expected a torch\.Tensor, got list"):
         encode_reply({"y": [1.0, 1.0]})
 
 
 def test_a_returned_dict_with_keys_that_are_not_strings_is_refused() -> None:
     with pytest.raises(CodecError, match="str keys"):
         encode_reply({1: torch.ones(1), "1": torch.zeros(1)})  # would collide as "1"
+
+
+def test_a_value_that_cannot_cross_the_wire_is_named_as_argument_or_returned_item() -> None:
+    x = torch.ones(2)
+    with pytest.raises(CodecError, match=r"argument 'lr': expected a torch.Tensor, got float; wrap numbers"):
+        encode_request(b"0" * 16, 0, "step", {"lr": 0.1})  # type: ignore[dict-item]
+    with pytest.raises(CodecError, match=r"returned item '1': expected a torch.Tensor, got NoneType; only tensors"):
+        encode_reply((x, None))
+    with pytest.raises(CodecError, match=r"returned item 'a': expected a torch.Tensor, got tuple; only tensors"):
+        encode_reply({"a": (x, x)})
+    with pytest.raises(CodecError, match=r"a returned dict must have str keys, got \[1\] \(int\)"):
+        encode_reply({1: x})

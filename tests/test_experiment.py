@@ -186,8 +186,9 @@ def test_config_validation_names_every_problem() -> None:
         assert fragment in message
     with pytest.raises(IncompatibleStrategyError):
         from splitflower.algorithms import Algorithm
+        from splitflower.algorithms.csl import CSLServerModel
 
-        Algorithm("x", CSLClient, CSLClient, strategies=("sequential",)).check_strategy("parallel")  # type: ignore[arg-type]
+        Algorithm("x", CSLClient, CSLServerModel, "sequential", ("sequential",)).check_strategy("parallel")
 
 
 def test_config_refuses_numbers_that_are_not_finite_a_negative_seed_and_an_unknown_device() -> None:

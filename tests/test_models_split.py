@@ -208,6 +208,11 @@ def test_split_int_out_of_range(at: int) -> None:
     assert str(at) in str(info.value)
 
 
+def test_a_lenet5_cut_out_of_range_names_its_parts_and_the_named_cuts() -> None:
+    with pytest.raises(SplitError, match=r"lenet5 has 3 parts \(conv1, conv2, classifier\).*got 999; or use 's'"):
+        split_for_cut("lenet5", lenet5(), 999)
+
+
 def test_split_int_needs_sequential() -> None:
     with pytest.raises(SplitError, match=r"nn\.Sequential"):
         split_model(TinyTorchvisionLikeResNet(), 2)

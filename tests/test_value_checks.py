@@ -16,7 +16,7 @@ from splitflower.algorithms.csl import CSLClient, CSLServerModel
 from splitflower.data import synthetic
 from splitflower.errors import AlgorithmError, DivergedError, InvalidArgumentsError
 from splitflower.scheduling import BatchingScheduler
-from splitflower.server_model import TensorSpec
+from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
 from splitflower.service import SplitService
 from splitflower.supervised import EMBEDDINGS, LABELS
 
@@ -162,3 +162,40 @@ def test_the_client_refuses_a_gradient_that_would_ruin_its_weights() -> None:
         torch.testing.assert_close(value, before[name])
     client.step(z, torch.ones(2, 3, dtype=torch.float16))  # a float16 gradient (a server computing in half)
     torch.testing.assert_close(client.model.state_dict()["segment.bias"], before["segment.bias"] - 0.5 * 2)
+
+
+def test_specs_that_would_fail_every_call_are_refused_when_the_class_is_defined() -> None:
+    with pytest.raises(AlgorithmError, match=r"dtypes: expected a tuple of torch dtypes .* got torch.float32"):
+        TensorSpec(dtypes=torch.float32)  # type: ignore[arg-type]
+    with pytest.raises(AlgorithmError, match=r"@remote takes a TensorSpec per argument"):
+        remote(x=FLOATING)  # type: ignore[arg-type]
+    with pytest.raises(AlgorithmError, match=r"write @remote\(...\) with parentheses"):
+        remote(lambda self, x: x)
+    with pytest.raises(AlgorithmError, match=r"Typo.train: argument 'labels' is bounded by 'num_clases', which Typo"):
+
+        class Typo(ServerModel):
+            @remote(labels=TensorSpec(high="num_clases"))
+            def train(self, labels: torch.Tensor) -> None: ...
+
+
+def test_positional_tensors_to_a_remote_method_get_a_hint(service: SplitService) -> None:
+    proxy = connect(service, _server())
+    z, y = _batch(0)
+    for call, variant in ((proxy.forward_backward, ""), (proxy.forward_backward.future, ".future")):
+        with pytest.raises(InvalidArgumentsError, match=rf"got 2 positional: write proxy.forward_backward{variant}\("):
+            call(z, y)
+    proxy.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_embeddings_of_another_floating_dtype_train_the_model_and_get_their_gradient_back(
+    service: SplitService, dtype: torch.dtype
+) -> None:
+    server, reference = _server(), _server()
+    z, y = _batch(0)
+    grad = connect(service, server).forward_backward(embeddings=z.to(dtype), labels=y)
+    assert isinstance(grad, torch.Tensor) and grad.dtype == dtype
+    expected = reference.forward_backward(embeddings=z.to(dtype).float(), labels=y)
+    torch.testing.assert_close(grad.float(), expected, atol=1e-2, rtol=1e-2)
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(server.model.state_dict()[name], value)
