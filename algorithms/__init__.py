@@ -75,13 +75,19 @@ class Algorithm:
     def __post_init__(self) -> None:
         for role, given, base in (("client", self.client, Client), ("server_model", self.server_model, ServerModel)):
             if not (isinstance(given, type) and issubclass(given, base)):
-                swapped = " (client and server model swapped?)" if isinstance(given, type) else ""
+                other = ServerModel if base is Client else Client
+                is_other = isinstance(given, type) and issubclass(given, other)
+                swapped = " (client and server model swapped?)" if is_other else ""
                 raise AlgorithmError(
                     f"Algorithm {self.name!r}: {role} must be a subclass of {base.__name__}, got {given!r}{swapped}; "
                     "write Algorithm(name, ClientClass, ServerModelClass)"
                 )
+        if not isinstance(self.strategies, tuple | list | type(None)):
+            raise AlgorithmError(
+                f"Algorithm {self.name!r}: strategies must be a tuple of names, got {self.strategies!r}"
+            )
         for strategy in (self.default_strategy, *(self.strategies or ())):
-            if ":" not in strategy and strategy not in STRATEGIES:
+            if not isinstance(strategy, str) or (":" not in strategy and strategy not in STRATEGIES):
                 raise AlgorithmError(
                     f"Algorithm {self.name!r}: strategy {strategy!r} is not one of {', '.join(STRATEGIES)} "
                     "(or MODULE:ATTRIBUTE of your own)"

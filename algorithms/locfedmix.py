@@ -141,11 +141,11 @@ class LocFedMixServerModel(SupervisedServerModel):
     @remote(embeddings=EMBEDDINGS, labels=LABELS)
     def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         s = embeddings.detach().requires_grad_()
-        logits = self.logits(s, labels)
+        logits = self.model_output(s, labels)
         targets = nn.functional.one_hot(labels, logits.shape[1]).to(s.dtype)
         if self.options.mixup and len(self.call_context.callers) > 1:
             mixed, mixed_targets = self._mix(s.detach(), targets)
-            logits, targets = torch.cat([logits, self.model(mixed)]), torch.cat([targets, mixed_targets])
+            logits, targets = torch.cat([logits, self.model_output(mixed)]), torch.cat([targets, mixed_targets])
         # eq. (6): sum_i delta_i (L_i + sum over n_s partners of the mixed loss), delta_i = rows_i / rows
         self.step(nn.functional.cross_entropy(logits, targets, reduction="sum") / len(s), num_examples=len(s))
         return self.call_context.own_mean_grad(s.grad)

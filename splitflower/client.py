@@ -319,11 +319,12 @@ def _checked_gradients(
                 f"step: output {index} has shape {list(out.shape)} but its gradient is {got}; the gradient "
                 "must be that of this output (the server's dL/dz for the z this client sent)"
             )
+        if out_grad.dtype != out.dtype and out_grad.is_floating_point() and out.is_floating_point():
+            grads[index] = out_grad = out_grad.to(out.dtype)  # checked after: a cast may overflow
         if out_grad.is_floating_point() and not all_finite(out_grad):
             raise DivergedError(
-                f"step: the gradient of output {index} holds NaN or infinity; stepping would make the "
-                "weights NaN. The server's loss has diverged (lower the learning rate) or its method is wrong"
+                f"step: the gradient of output {index} holds NaN or infinity (in the output's dtype, "
+                f"{str(out.dtype).removeprefix('torch.')}); stepping would make the weights NaN. The server's "
+                "loss has diverged (lower the learning rate) or its method is wrong"
             )
-        if out_grad.dtype != out.dtype and out_grad.is_floating_point() and out.is_floating_point():
-            grads[index] = out_grad.to(out.dtype)
     return outputs, grads

@@ -683,15 +683,16 @@ _WRAPPERS = frozenset({"ClientAppException", "RayTaskError"})
 
 
 def _first_client_error(rounds: list[dict[str, Any]]) -> str:
-    """The error the first failed client raised, as ``Name: message`` (Ray wraps it in a long,
-    coloured traceback whose innermost exception comes first)."""
+    """The error the first failed client raised, as ``Name: message``. Ray wraps it in a long,
+    coloured traceback that prints a chain from its root cause out, then Flower's wrapper: the
+    last exception before the wrapper is the one the client's code raised."""
     for entry in rounds:
         for client in entry["clients"]:
             if "error" in client:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"]))
-                raised = next((m for m in _RAISED.finditer(text) if m.group(1) not in _WRAPPERS), None)
+                raised = [m for m in _RAISED.finditer(text) if m.group(1) not in _WRAPPERS]
                 if raised:
-                    return f"{raised.group(1)}: {raised.group(2).strip()}"
+                    return f"{raised[-1].group(1)}: {raised[-1].group(2).strip().removesuffix(chr(39) + '>')}"
                 # Flower reports an exception as "<class 'module.Name'>:<'message'>".
                 wrapped = re.fullmatch(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", text, re.DOTALL)
                 lines = [ln.strip() for ln in (wrapped.group(2) if wrapped else text).splitlines() if ln.strip()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,8 +15,9 @@ __all__ = ["AUX_HEADS", "EMBEDDINGS", "LABELS", "SupervisedServerModel", "linear
 
 EMBEDDINGS = TensorSpec(dtypes=FLOATING, shape=("batch", ...), finite=True)
 """Cut-layer activations: one row per example, finite (a NaN would spread to every client's model)."""
-LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",), low=0, high="num_classes")
-"""Class indices, one per example, in ``[0, num_classes)`` of the server model."""
+LABELS = TensorSpec(dtypes=(torch.int64,), shape=("batch",), high="num_classes")
+"""Class indices, one per example, below the server model's ``num_classes`` (a negative one is
+the loss function's to judge: cross-entropy ignores -100)."""
 
 
 def linear_head(cut_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -52,29 +54,38 @@ class SupervisedServerModel(ServerModel):
     """
 
     num_classes: int | None = None
-    """Width of the model's logits, which :data:`LABELS` bounds: learned from the first
-    :meth:`logits`, or set by a subclass. Until it is known, the labels of a call are checked
-    once its forward has run (before the loss), so that call's forward may have updated
-    batch-norm statistics."""
+    """Width of the model's logits, which :data:`LABELS` bounds: set by a subclass, or learned
+    from the first :meth:`model_output` when the loss is the default cross-entropy and the
+    output is ``[batch, classes]`` (otherwise labels are not bounded: a binary or regression
+    head's targets are not class indices). Until it is known, the labels of a call are checked
+    once its forward has run, before the loss: that call's forward may have updated batch-norm
+    statistics, and under a batching strategy the first batch fails as a whole."""
 
     @local
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's output, whose dimension 1 (the classes) sets :attr:`num_classes`; the
-        ``labels`` given are checked against it (see :data:`LABELS`). Embeddings of another
-        floating dtype are cast to the model's (a client may send float16 to halve the bytes;
-        the gradient of the embeddings then comes back in float16 too)."""
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), embeddings.dtype)
-        out = self.model(embeddings.to(dtype))
-        if self.num_classes is None and out.dim() >= 2:
+    def model_output(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        """``self.model(embeddings)``, which may set :attr:`num_classes`; int64 ``labels`` given
+        are checked against it (see :data:`LABELS`). Floating embeddings of another dtype are
+        cast to the model's (a client may send float16 to halve the bytes; the gradient of the
+        embeddings then comes back in float16 too)."""
+        if embeddings.is_floating_point():
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), embeddings.dtype)
+            embeddings = embeddings.to(dtype)
+        out = self.model(embeddings)
+        if (
+            self.num_classes is None
+            and self.loss_fn is nn.functional.cross_entropy
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 2
+        ):
             self.num_classes = out.shape[1]
-        if labels is not None:
+        if labels is not None and labels.dtype is torch.int64:
             LABELS.check_values("labels", labels, self)
         return out
 
     @local
     def train_on(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the task loss; returns the loss."""
-        loss = self.loss_fn(self.logits(embeddings, labels), labels)
+        loss = self.loss_fn(self.model_output(embeddings, labels), labels)
         self.step(loss, num_examples=len(labels))
         return loss
 
@@ -85,6 +96,6 @@ class SupervisedServerModel(ServerModel):
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.logits(embeddings)
+            return self.model_output(embeddings)
         finally:
             self.model.train(was_training)

@@ -238,6 +238,8 @@ def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
     failed["error"] = (
         "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
         'Traceback (most recent call last):\n  File "proxy.py", line 327, in _blocking\n'
+        "TypeError: new(): invalid data type 'str'\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
         "splitflower.errors.UnknownMethodError: forward: M.forward does not exist\n\n"
         "The above exception was the direct cause of the following exception:\n\n"
         "flwr.clientapp.client_app.ClientAppException: \n"

@@ -18,7 +18,7 @@ from splitflower.errors import AlgorithmError, DivergedError, InvalidArgumentsEr
 from splitflower.scheduling import BatchingScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
 from splitflower.service import SplitService
-from splitflower.supervised import EMBEDDINGS, LABELS
+from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
 
 FEATURES, CLASSES, ROWS = 6, 3, 4
 
@@ -36,9 +36,9 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_spec_refuses_values_out_of_bounds_and_says_which() -> None:
-    refusal = r"'labels': expected 0 <= value < 3 \(num_classes of the server model\), got values from -1 to 2"
+    refusal = r"'labels': expected value < 3 \(num_classes of the server model\), got values from 0 to 5"
     with pytest.raises(InvalidArgumentsError, match=refusal):
-        LABELS.check_values("labels", torch.tensor([0, -1, 2]), _WithClasses(3))
+        LABELS.check_values("labels", torch.tensor([0, 5, 2]), _WithClasses(3))
     with pytest.raises(InvalidArgumentsError, match=r"'x'.*value < 1.5, got values from"):
         TensorSpec(high=1.5).check_values("x", torch.tensor([0.0, float("nan")]), None)
     LABELS.check_values("labels", torch.tensor([0, 2]), _WithClasses(3))
@@ -82,7 +82,7 @@ def test_unbatched_bad_values_are_refused_and_change_nothing(service: SplitServi
     before = copy.deepcopy(server.model.state_dict())
     proxy = connect(service, server)
     z, y = _batch(0)
-    with pytest.raises(InvalidArgumentsError, match=r"'labels': expected 0 <= value < 3 .*from 0 to 9"):
+    with pytest.raises(InvalidArgumentsError, match=r"'labels': expected value < 3 .*from 0 to 9"):
         proxy.forward_backward(embeddings=z, labels=torch.arange(ROWS) * 3)  # the first call: checked after forward
     for name, value in server.model.state_dict().items():
         torch.testing.assert_close(value, before[name])
@@ -199,3 +199,33 @@ def test_embeddings_of_another_floating_dtype_train_the_model_and_get_their_grad
     torch.testing.assert_close(grad.float(), expected, atol=1e-2, rtol=1e-2)
     for name, value in reference.model.state_dict().items():
         torch.testing.assert_close(server.model.state_dict()[name], value)
+
+
+def test_targets_that_are_not_class_indices_are_not_bounded() -> None:
+    binary = SupervisedServerModel(nn.Linear(FEATURES, 1), loss_fn=nn.functional.binary_cross_entropy_with_logits)
+    binary.configure_fit(None, {"lr": 0.1})
+    binary.train_on(torch.randn(2, FEATURES), torch.tensor([[0.0], [1.0]]))
+    assert binary.num_classes is None, "a binary head's width is not a class count"
+    classifier = _server()
+    classifier.train_on(torch.randn(2, FEATURES), torch.tensor([0, -100]))  # cross_entropy's ignored label
+    assert classifier.num_classes == CLASSES
+    pair = SupervisedServerModel(_TwoHeads())
+    assert [t.shape for t in pair.predict(embeddings=torch.randn(2, FEATURES))] == [(2, 3), (2, 1)]
+    ids = SupervisedServerModel(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3)))
+    assert ids.predict(embeddings=torch.tensor([[1, 2]])).shape == (1, 3)  # int64 ids are not cast
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(FEATURES, 3), nn.Linear(FEATURES, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+def test_a_gradient_that_overflows_the_outputs_dtype_is_refused() -> None:
+    client = CSLClient(nn.Linear(4, 3).half(), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
+    z = client.segment(torch.randn(2, 4).half())
+    with pytest.raises(DivergedError, match=r"NaN or infinity \(in the output's dtype, float16\)"):
+        client.step(z, torch.full((2, 3), 1e6))
