@@ -123,6 +123,8 @@ class TensorSpec:
         high = getattr(model, self.high, None) if isinstance(self.high, str) else self.high
         if self.low is None and high is None:
             return
+        if tensor.is_complex():
+            raise InvalidArgumentsError(f"argument {name!r}: expected real values to bound, got {tensor.dtype}")
         smallest, largest = (
             float(v) for v in tensor.to(torch.uint8 if tensor.dtype is torch.bool else tensor.dtype).aminmax()
         )

@@ -44,6 +44,8 @@ def test_spec_refuses_values_out_of_bounds_and_says_which() -> None:
     LABELS.check_values("labels", torch.tensor([0, 2]), _WithClasses(3))
     LABELS.check_values("labels", torch.tensor([0, 7]), _WithClasses(None))  # not learned yet: unchecked
     TensorSpec(low=0, high=2).check_values("mask", torch.tensor([True, False]), None)
+    with pytest.raises(InvalidArgumentsError, match=r"'z': expected real values to bound, got torch.complex64"):
+        TensorSpec(high=1).check_values("z", torch.ones(2, dtype=torch.complex64), None)
 
 
 def test_spec_refuses_nan_and_infinity_but_not_large_finite_values() -> None:
