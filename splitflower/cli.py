@@ -243,6 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    # Flower's logger prints through a handler of its own: passed on to the root handler too,
+    # every Flower message would appear twice.
+    logging.getLogger("flwr").propagate = False
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+
+
 def _run(args: argparse.Namespace) -> int:
     from splitflower.experiment import (
         ExperimentConfig,
@@ -251,16 +264,7 @@ def _run(args: argparse.Namespace) -> int:
         write_results,
     )
 
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    # Flower's logger prints through a handler of its own: passed on to the root handler too,
-    # every Flower message would appear twice.
-    logging.getLogger("flwr").propagate = False
-    if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+    _configure_logging(args.verbose)
     config = ExperimentConfig(
         algorithm=args.algorithm,
         strategy=args.strategy,
