@@ -235,12 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return reproduce_main(args)
         return _run(args)
-    except ExperimentFailedError as err:  # the run failed, not its command line
-        print(f"splitflower: error: {err}", file=sys.stderr)
-        return CRASHED_EXIT_CODE
     except SplitflowerError as err:
         print(f"splitflower: error: {err}", file=sys.stderr)
-        return 2
+        # A run whose clients all failed is a failed run, not a bad command line.
+        return CRASHED_EXIT_CODE if isinstance(err, ExperimentFailedError) else 2
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -690,12 +690,13 @@ def _first_client_error(rounds: list[dict[str, Any]]) -> str:
         for client in entry["clients"]:
             if "error" in client:
                 text = re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"]))
-                raised = [m for m in _RAISED.finditer(text) if m.group(1) not in _WRAPPERS]
-                if raised:
-                    return f"{raised[-1].group(1)}: {raised[-1].group(2).strip().removesuffix(chr(39) + '>')}"
                 # Flower reports an exception as "<class 'module.Name'>:<'message'>".
                 wrapped = re.fullmatch(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", text, re.DOTALL)
-                lines = [ln.strip() for ln in (wrapped.group(2) if wrapped else text).splitlines() if ln.strip()]
+                inner = wrapped.group(2) if wrapped else text
+                raised = [m for m in _RAISED.finditer(inner) if m.group(1) not in _WRAPPERS]
+                if raised:
+                    return f"{raised[-1].group(1)}: {raised[-1].group(2).strip()}"
+                lines = [ln.strip() for ln in inner.splitlines() if ln.strip()]
                 if wrapped and len(lines) == 1:  # the message itself, not a traceback ending in it
                     return f"{wrapped.group(1)}: {lines[0]}"
                 return lines[-1] if lines else "(empty)"

@@ -228,6 +228,7 @@ class _RemoteMethod:
     parameters: tuple[str, ...]
     required: frozenset[str]
     specs: Mapping[str, TensorSpec]
+    value_specs: tuple[tuple[str, TensorSpec], ...]  # those with values to check, per call
 
 
 @dataclass(frozen=True)
@@ -474,7 +475,8 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
                 f"{cls.__name__}.{name}: @remote declares {unknown}, which {name}() does not take "
                 f"(its arguments: {list(names)}); a misspelt name would leave its argument unchecked"
             )
-        methods[name] = _RemoteMethod(name, names, required, specs)
+        value_specs = tuple((argument, spec) for argument, spec in specs.items() if spec.checks_values)
+        methods[name] = _RemoteMethod(name, names, required, specs, value_specs)
     return methods
 
 
@@ -534,6 +536,6 @@ def check_values(model: ServerModel, method: str, tensors: Mapping[str, torch.Te
 
     Runs torch operations, so schedulers call it on their compute thread.
     """
-    for name, spec in remote_methods(type(model))[method].specs.items():
-        if spec.checks_values and name in tensors:
+    for name, spec in remote_methods(type(model))[method].value_specs:
+        if name in tensors:
             spec.check_values(name, tensors[name], model)

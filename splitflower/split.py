@@ -389,13 +389,16 @@ def split_for_cut(model_name: str, model: nn.Module, cut: str | int) -> tuple[nn
                     "'m' (after conv2) or an integer child index"
                 )
             return split_model(model, _LENET_CUTS[key])
-        children = len(_children(model))
-        if isinstance(cut, int) and not isinstance(cut, bool) and not 0 < cut < children:
+        try:
+            return split_model(model, cut)
+        except SplitError as err:  # split_model checks the index; say it in LeNet-5's terms
+            children = len(_children(model))
+            if not isinstance(cut, int) or isinstance(cut, bool) or 0 < cut < children:
+                raise  # not an index out of range
             raise SplitError(
                 f"lenet5 has {children} parts (conv1, conv2, classifier): an integer cut keeps 1..{children - 1} "
                 f"of them on the client, got {cut}; or use 's' (after conv1) or 'm' (after conv2)"
-            )
-        return split_model(model, cut)
+            ) from err
     match = _RESNET_NAME.fullmatch(name)
     if match is None:
         raise UnknownModelError(f"cannot split unknown model {model_name!r}; expected 'lenet5' or 'resnet<depth>'")

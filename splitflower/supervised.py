@@ -63,8 +63,8 @@ class SupervisedServerModel(ServerModel):
 
     @local
     def model_output(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        """``self.model(embeddings)``, which may set :attr:`num_classes`; int64 ``labels`` given
-        are checked against it (see :data:`LABELS`). Floating embeddings of another dtype are
+        """``self.model(embeddings)``, which may set :attr:`num_classes`; the int64 ``labels`` of
+        the call that sets it are checked against it (see :data:`LABELS`). Floating embeddings of another dtype are
         cast to the model's (a client may send float16 to halve the bytes; the gradient of the
         embeddings then comes back in float16 too)."""
         if embeddings.is_floating_point():
@@ -78,8 +78,9 @@ class SupervisedServerModel(ServerModel):
             and out.dim() == 2
         ):
             self.num_classes = out.shape[1]
-        if labels is not None and labels.dtype is torch.int64:
-            LABELS.check_values("labels", labels, self)
+            # Schedulers check LABELS before each later call; this call's came before the width was known.
+            if labels is not None and labels.dtype is torch.int64:
+                LABELS.check_values("labels", labels, self)
         return out
 
     @local

@@ -53,3 +53,10 @@ def test_the_rule_counts_code_and_skips_docstrings_comments_decorators() -> None
             return 2 * x
 
     assert script.class_lines(Example) == 5  # size, three lines of the def, return
+
+
+def test_the_tutorial_counts_fedsl_as_the_script_does() -> None:
+    tutorial = " ".join((SCRIPT.parents[1] / "docs" / "tutorial.md").read_text().split())
+    (fedsl,) = [row for row in _script().table() if row["algorithm"] == "FedSL"]
+    client, server = fedsl["ours_client"], fedsl["ours_server"]
+    assert f"in {client + server} lines of logic ({client} client, {server} server;" in tutorial

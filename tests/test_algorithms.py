@@ -498,6 +498,8 @@ def test_common_mistakes_in_a_new_algorithm_get_errors_that_name_them(service: S
         (("swapped", FedSLServerModel, FedSLClient), "client must be a subclass of Client, got <class .*swapped\\?"),
         (("typo", FedSLClient, FedSLServerModel, "paralel"), "strategy 'paralel' is not one of sequential, parallel"),
         (("narrow", FedSLClient, FedSLServerModel, "parallel", ("sequential",)), "default_strategy 'parallel' is not"),
+        (("text", FedSLClient, FedSLServerModel, "parallel", "parallel"), "strategies must be a tuple of names"),
+        (("number", FedSLClient, FedSLServerModel, 3), "strategy 3 is not one of"),
     ],
 )
 def test_an_algorithm_that_cannot_run_is_refused_when_it_is_named(arguments: tuple[Any, ...], refusal: str) -> None:

@@ -399,6 +399,14 @@ def test_progress_reports_a_start_that_never_reaches_a_server_model_once(trained
     assert said, "progress lines keep coming while the round runs"
 
 
+@pytest.mark.parametrize(("trained", "line"), [(0, "no example has reached a server model yet"), (5, "5/10")])
+def test_progress_says_whether_any_example_has_reached_a_server_model(trained: int, line: str) -> None:
+    said: list[str] = []
+    with _Progress(_FakeStrategy(trained), total=10, rounds=1, say=said.append, every=0.01):  # type: ignore[arg-type]
+        time.sleep(0.1)
+    assert said and all(line in s for s in said), said
+
+
 def _fake_run_script(tmp_path: Path, fake_simulation: str) -> Path:
     """A script running `splitflower` whose Flower run_simulation is ``fake_simulation`` (source
     defining ``def fake_simulation(**kwargs)``), each attempt in a fresh interpreter running it."""

@@ -169,6 +169,8 @@ def test_the_client_refuses_a_gradient_that_would_ruin_its_weights() -> None:
 def test_specs_that_would_fail_every_call_are_refused_when_the_class_is_defined() -> None:
     with pytest.raises(AlgorithmError, match=r"dtypes: expected a tuple of torch dtypes .* got torch.float32"):
         TensorSpec(dtypes=torch.float32)  # type: ignore[arg-type]
+    with pytest.raises(AlgorithmError, match=r"shape: expected a tuple such as \('batch', ...\), got 'batch'"):
+        TensorSpec(shape="batch")  # type: ignore[arg-type]
     with pytest.raises(AlgorithmError, match=r"@remote takes a TensorSpec per argument"):
         remote(x=FLOATING)  # type: ignore[arg-type]
     with pytest.raises(AlgorithmError, match=r"write @remote\(...\) with parentheses"):
