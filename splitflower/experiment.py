@@ -64,6 +64,7 @@ from splitflower.server_model import ServerModel, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import SequentialStrategy, find_strategy
 from splitflower.strategy import SplitResult, SplitStrategy
+from splitflower.supervised import SupervisedServerModel
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
 
 _In = TypeVar("_In")
@@ -310,12 +311,16 @@ class Experiment:
         )
 
     def make_server_model(self) -> ServerModel:
-        return self.algorithm.server_model(
+        server_model = self.algorithm.server_model(
             copy.deepcopy(self.top),
             optimizer=self._optimizer(),
             device=self.config.device,
             **self.algorithm.option_kwargs(self.config.options),
         )
+        if isinstance(server_model, SupervisedServerModel) and self.tail is None:
+            # Known from the dataset, so even a round's first batch has its labels checked per caller.
+            server_model.num_classes = self.train.num_classes
+        return server_model
 
     def initial_client_weights(self) -> dict[str, torch.Tensor]:
         return self.make_client(0, self.test).weights()

@@ -54,7 +54,8 @@ class SupervisedServerModel(ServerModel):
     """
 
     num_classes: int | None = None
-    """Width of the model's logits, which :data:`LABELS` bounds: set by a subclass, or learned
+    """Width of the model's logits, which :data:`LABELS` bounds: set by a subclass or by whoever
+    builds the model (an :class:`~splitflower.experiment.Experiment` sets its dataset's), or learned
     from the first :meth:`model_output` when the loss is the default cross-entropy and the
     output is ``[batch, classes]`` (otherwise labels are not bounded: a binary or regression
     head's targets are not class indices). Until it is known, the labels of a call are checked

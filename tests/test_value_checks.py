@@ -15,8 +15,9 @@ from conftest import connect
 from splitflower.algorithms.csl import CSLClient, CSLServerModel
 from splitflower.data import synthetic
 from splitflower.errors import AlgorithmError, DivergedError, InvalidArgumentsError
+from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.scheduling import BatchingScheduler
-from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote
+from splitflower.server_model import FLOATING, ServerModel, TensorSpec, check_values, remote, remote_methods
 from splitflower.service import SplitService
 from splitflower.supervised import EMBEDDINGS, LABELS, SupervisedServerModel
 
@@ -233,3 +234,14 @@ def test_a_gradient_that_overflows_the_outputs_dtype_is_refused() -> None:
     z = client.segment(torch.randn(2, 4).half())
     with pytest.raises(DivergedError, match=r"NaN or infinity \(in the output's dtype, float16\)"):
         client.step(z, torch.full((2, 3), 1e6))
+
+
+@pytest.mark.parametrize("algorithm", ["csl", "dsl", "locfedmix"])
+def test_a_server_model_built_for_a_dataset_checks_the_labels_of_its_very_first_call(algorithm: str) -> None:
+    experiment = Experiment(ExperimentConfig(algorithm=algorithm, dataset="synthetic", clients=1, train_size=64))
+    server = experiment.make_server_model()
+    takes_labels = [name for name, method in remote_methods(type(server)).items() if "labels" in method.specs]
+    assert takes_labels
+    for method in takes_labels:  # refused before any forward has run (which would learn num_classes)
+        with pytest.raises(InvalidArgumentsError, match=r"'labels': expected value < 10"):
+            check_values(server, method, {"labels": torch.tensor([0, 10])})
