@@ -18,15 +18,13 @@ Requests of one proxy are executed in the order they were issued.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import reprlib
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeoutError
+from collections.abc import Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -51,6 +49,7 @@ from splitflower.errors import (
 )
 from splitflower.metering import MemoryTally, TimeMeter, TrafficMeter
 from splitflower.wire import (
+    ABANDONED_METHOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
@@ -79,6 +78,24 @@ _KIND_TO_ERROR: dict[str, type[RemoteCallError]] = {
 # of microseconds, their spinning takes a core for about 10 ms. Waits on futures are not
 # timed, so a client that only uses futures releases before every unfinished one.
 _RELEASE_WORKERS_AFTER_S = 0.002
+
+_NOTICE_TIMEOUT_S = 10.0  # a notice the server has not taken by then is of no further use
+
+
+def _maybe_unseen(error: BaseException | None) -> bool:
+    """Whether a request that ended with ``error`` may never have reached the server (the
+    server answers each request it sees with an error kind in the trailing metadata)."""
+    if error is None:
+        return False
+    if isinstance(error, grpc.Call):
+        return not any(key == ERROR_KIND_METADATA_KEY for key, _ in error.trailing_metadata() or ())
+    return True
+
+
+def _log_lost_notice(log_prefix: str, notice: grpc.Future) -> None:
+    if notice.exception() is not None:
+        logger.debug("%s a notice of an abandoned request was not delivered: %s", log_prefix, notice.exception())
+
 
 Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 
@@ -150,27 +167,40 @@ class ProxyFuture:
     ) -> None:
         self._proxy, self._method, self._call, self._device = proxy, method, call, device
         self._deadline = deadline  # time.monotonic() by which the call's own timeout fires
+        self._value: Value = None
+        self._error: BaseException | None = None
+        self._settled = threading.Event()
+        call.add_done_callback(self._take_reply)
 
     def done(self) -> bool:
-        return self._call.done()
+        return self._settled.is_set()
+
+    def _take_reply(self, call: Future[bytes]) -> None:
+        """Decode and meter the reply once, when it arrives, whether or not it is ever read."""
+        try:
+            self._value = self._proxy._finish_reply(self._method, call.result())
+        except grpc.RpcError as err:
+            self._error = self._proxy._translate(self._method, err)
+        except CancelledError:  # taken off the queue by result() when its deadline passed
+            self._error = self._proxy._not_sent(self._method)
+        except BaseException as err:  # noqa: BLE001 - raised by result(), in the caller's thread
+            self._error = err
+        finally:
+            self._settled.set()
 
     def result(self, timeout: float | None = None) -> Value:
         """Block until the reply arrives (counted as time blocked on the channel)."""
-        if not self._call.done():
+        if not self._settled.is_set():
             self._proxy._before_waiting()
         with self._proxy.times.measure("blocked_s"):
-            try:
-                waited = self._give_up_if_never_sent(timeout)
-                frame = self._call.result(timeout=None if timeout is None else max(timeout - waited, 0.0))
-            except RemoteCallError:  # raised by the call itself (a TimeoutError too, on 3.11+)
-                raise
-            except FutureTimeoutError as err:
+            waited = self._give_up_if_never_sent(timeout)
+            if not self._settled.wait(None if timeout is None else max(timeout - waited, 0.0)):
                 raise ServerModelTimeoutError(
                     f"{self._method}: no reply within result(timeout={timeout}); the call is still outstanding"
-                ) from err
-            except grpc.RpcError as err:
-                raise self._proxy._translate(self._method, err) from None
-        return _to_device(self._proxy._finish_reply(self._method, frame), self._device)
+                )
+        if self._error is not None:
+            raise self._error
+        return _to_device(self._value, self._device)
 
     def _give_up_if_never_sent(self, timeout: float | None) -> float:
         """Wait until the call's own deadline (or ``timeout``, if sooner); return the
@@ -179,10 +209,8 @@ class ProxyFuture:
         started = time.monotonic()
         if self._deadline is None or (timeout is not None and started + timeout < self._deadline):
             return 0.0
-        with contextlib.suppress(FutureTimeoutError):
-            self._call.result(timeout=max(self._deadline - started, 0.0))
-        if not self._call.done() and self._call.cancel():
-            raise self._proxy._not_sent(self._method)
+        self._settled.wait(max(self._deadline - started, 0.0))
+        self._call.cancel()  # only a call no thread has taken up is cancelled (it settles as not sent)
         return time.monotonic() - started
 
 
@@ -257,6 +285,7 @@ class ServerModelProxy:
         self._next_seq = 0
         self._unsettled: set[int] = set()  # numbers of requests sent whose outcome is not back
         self._seq_lock = threading.Lock()
+        self._seq_changed = threading.Condition(self._seq_lock)  # notified as requests settle
         self._window = threading.BoundedSemaphore(max_in_flight)
         self._window_size = max_in_flight
         self._unsettled_sends = 0
@@ -275,7 +304,7 @@ class ServerModelProxy:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        self._call: Callable[..., Any] = self._channel.unary_unary(GRPC_CALL_PATH)
+        self._call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(GRPC_CALL_PATH)
         self._closed = False
         self._last_wait_s = math.inf  # how long the last blocking call waited
 
@@ -321,9 +350,22 @@ class ServerModelProxy:
         self.traffic.record("up", method, tensors, frame_bytes=len(frame))
         return frame, device, seq
 
-    def _settle(self, seq: int) -> None:
-        with self._seq_lock:
+    def _settle(self, seq: int, error: BaseException | None = None) -> None:
+        """Record that request ``seq`` has its outcome here. If it failed without the server
+        answering it while later requests are out, those make the server wait for it: a
+        notice tells the server it was abandoned."""
+        with self._seq_changed:
             self._unsettled.discard(seq)
+            self._seq_changed.notify_all()
+            overtaken = _maybe_unseen(error) and any(later > seq for later in self._unsettled)
+        if overtaken:
+            self._notify_abandoned(seq)
+
+    def _notify_abandoned(self, seq: int) -> None:
+        frame = encode_request(self._token, seq, ABANDONED_METHOD, {}, no_reply=True)
+        self.traffic.record("up", ABANDONED_METHOD, {}, frame_bytes=len(frame))
+        notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread needed
+        notice.add_done_callback(lambda done: _log_lost_notice(self.log_prefix, done))
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.default_timeout if timeout is None else timeout
@@ -333,15 +375,17 @@ class ServerModelProxy:
         self.memory.add_in_flight(len(frame))
         self._before_waiting()
         started = time.perf_counter()
+        error: grpc.RpcError | None = None
         try:
             reply = self._call(frame, timeout=self._deadline(timeout))
         except grpc.RpcError as err:
+            error = err
             raise self._translate(method, err) from None
         finally:
             blocked = time.perf_counter() - started
             self._last_wait_s = blocked
             self.memory.add_in_flight(-len(frame))
-            self._settle(seq)
+            self._settle(seq, error)
         return _to_device(self._finish_reply(method, reply, blocked), device)
 
     def _before_waiting(self) -> None:
@@ -368,9 +412,9 @@ class ServerModelProxy:
             deadline = None if seconds is None else time.monotonic() + seconds
         call = self._executor.submit(self._call_before, frame, method, deadline)
 
-        def settle(_: Future[bytes]) -> None:
+        def settle(done: Future[bytes]) -> None:
             self.memory.add_in_flight(-len(frame))
-            self._settle(seq)
+            self._settle(seq, CancelledError() if done.cancelled() else done.exception())
 
         call.add_done_callback(settle)
         return ProxyFuture(self, method, call, device, deadline)
@@ -474,16 +518,33 @@ class ServerModelProxy:
         self._raise_deferred()
 
     def close(self, timeout: float | None = None) -> None:
-        """Drain outstanding calls, tell the server this client is done, close the channel."""
+        """Wait for outstanding calls (futures too: their replies stay readable), tell the
+        server this client is done (even if a fire-and-forget call failed: a batching server
+        stops waiting for it either way), close the channel, then raise the first failure of
+        a fire-and-forget call. ``timeout`` bounds each of the two waits."""
         if self._closed:
             return
+        error: BaseException | None = None
         try:
             self.wait_all(timeout)
+            with self._seq_changed:
+                if not self._seq_changed.wait_for(lambda: not self._unsettled, timeout):
+                    raise ServerModelTimeoutError(f"{len(self._unsettled)} calls still outstanding after {timeout}s")
+        except RemoteCallError as err:
+            error = err
+        try:
             self._start(FINISH_METHOD, {}, timeout, no_reply=True).result()
+        except RemoteCallError as err:
+            if error is None:
+                error = err
+            else:
+                logger.warning("%s telling the server this client is done failed too: %s", self.log_prefix, err)
         finally:
             self._closed = True
             self._executor.shutdown(wait=False)
             self._channel.close()
+        if error is not None:
+            raise error
 
     def __enter__(self) -> ServerModelProxy:
         return self

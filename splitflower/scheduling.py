@@ -144,7 +144,9 @@ class ImmediateScheduler(Scheduler):
             rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
             context = CallContext((client,), (slice(0, rows),))
             value, seconds = self._invoke(method, tensors, context, still_wanted)
-        except Exception as err:  # noqa: BLE001 - reported to the caller, server keeps serving
+        except BaseException as err:  # noqa: BLE001 - reported to the caller, server keeps serving
+            # A KeyboardInterrupt or SystemExit raised by a method on a serving thread is no signal
+            # (signals reach the main thread): it is that caller's error like any other.
             return Outcome(error=err)
         return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
 
@@ -278,10 +280,8 @@ class BatchingScheduler(Scheduler):
             value, seconds = self._call(resolve_call(self.model, method, merged), merged, context)
             parts = _split_value(value, sizes)
             outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
-        except BaseException as err:  # reported to every caller of the batch
+        except BaseException as err:  # noqa: BLE001 - reported to every caller of the batch (see ImmediateScheduler)
             outcomes = [Outcome(error=err) for _ in slots]
-            if not isinstance(err, Exception):
-                raise  # after the finally below has answered the batch's callers
         finally:
             self._settle(slots, outcomes, started)
 

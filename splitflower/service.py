@@ -15,13 +15,17 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import secrets
 import threading
 import time
+import traceback
 from collections.abc import Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import torch
 
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
@@ -35,6 +39,7 @@ from splitflower.errors import (
 )
 from splitflower.scheduling import Scheduler
 from splitflower.wire import (
+    ABANDONED_METHOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
@@ -97,6 +102,7 @@ class ClientSession:
         self._next_seq = 0
         self._settled_below = 0
         self._present: set[int] = set()
+        self._abandoned: set[int] = set()  # numbers the client gave up before they arrived
         self._cond = threading.Condition()
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
@@ -112,14 +118,14 @@ class ClientSession:
         with self._cond:
             if self.revoked:
                 raise _revoked()
-            if settled_below > self._settled_below:
-                self._settled_below = settled_below
-                self._skip_settled()
+            self._skip_settled(settled_below)
             if seq in self._present:
                 raise _invalid(
                     f"request number {seq} is already being served; the frame was sent twice, "
                     "or the token is shared by two proxies"
                 )
+            if seq in self._abandoned:
+                raise _invalid(f"request number {seq} arrived after the client had given it up")
             if seq == self._next_seq:  # the usual case: nothing to wait for
                 self._present.add(seq)
                 return
@@ -153,19 +159,34 @@ class ClientSession:
                     )
                 self._cond.wait(left)
 
-    def _skip_settled(self) -> None:
+    def abandon(self, seq: int) -> None:
+        """The client gave request ``seq`` up without an answer: if it has not arrived, it
+        never runs, and later requests do not wait for it."""
+        with self._cond:
+            if self._next_seq <= seq <= self._next_seq + _MAX_SEQ_AHEAD and seq not in self._present:
+                self._abandoned.add(seq)
+                self._skip_settled()
+
+    def _skip_settled(self, settled_below: int = 0) -> None:
         """Move past requests the client has settled without the server ever seeing them."""
-        if self._next_seq in self._present or self._next_seq >= self._settled_below:
-            return
-        target = min([s for s in self._present if s > self._next_seq] + [self._settled_below])
-        logger.warning(
-            "[server] client %s: requests %d..%d failed before reaching the server; skipping them",
-            self.client,
-            self._next_seq,
-            target - 1,
-        )
-        self._next_seq = target
-        self._cond.notify_all()
+        self._settled_below = max(self._settled_below, settled_below)
+        skipped_from = self._next_seq
+        while self._next_seq not in self._present:
+            if self._next_seq in self._abandoned:
+                self._next_seq += 1
+            elif self._next_seq < self._settled_below:
+                self._next_seq = min([s for s in self._present if s > self._next_seq] + [self._settled_below])
+            else:
+                break
+        if self._next_seq != skipped_from:
+            logger.warning(
+                "[server] client %s: requests %d..%d failed before reaching the server; skipping them",
+                self.client,
+                skipped_from,
+                self._next_seq - 1,
+            )
+            self._abandoned = {s for s in self._abandoned if s >= self._next_seq}
+            self._cond.notify_all()
 
     def revoke(self) -> None:
         """End the waits of this client's requests (its token is no longer valid)."""
@@ -317,7 +338,7 @@ class SplitService:
                 return self._serve(frame, context)
             except _Abort:
                 raise
-            except Exception as err:  # a bug here must still answer the caller
+            except BaseException as err:  # a bug here must still answer the caller
                 logger.exception("[server] unexpected error while serving a request")
                 raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
         except _Abort as abort:
@@ -339,6 +360,9 @@ class SplitService:
             request = decode_request(frame)
         except CodecError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
+        if request.method == ABANDONED_METHOD:  # a notice: it takes no turn in the client's order
+            session.abandon(request.seq)
+            return encode_reply(None)
         if session.finished and request.method != FINISH_METHOD:
             raise _invalid("this client already finished its round; no further calls run")
         session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
@@ -411,9 +435,24 @@ def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abo
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.INVALID_ARGUMENTS, str(error))
     if isinstance(error, ServerModelTimeoutError):
         return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, ErrorKind.TIMEOUT, str(error))
-    logger.warning("[server] %s raised for client %s: %r", method, client, error)
+    logger.warning("[server] %s raised for client %s: %r", method, client, error, exc_info=error)
     return _Abort(
         grpc.StatusCode.INTERNAL,
         ErrorKind.COMPUTATION,
-        f"raised {type(error).__name__}: {error}",
+        f"raised {type(error).__name__}: {error}{_where(error)}",
     )
+
+
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+_FRAMEWORK_DIR = Path(__file__).resolve().parent
+
+
+def _where(error: BaseException) -> str:
+    """`` (at FILE:LINE, in FUNCTION)``: the innermost frame of the traceback in algorithm or
+    model code (neither torch's nor the framework's own modules), so that the caller sees
+    which line failed; empty when there is none."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if not str(path).startswith(_TORCH_DIR) and path.parent != _FRAMEWORK_DIR:
+            return f" (at {frame.filename}:{frame.lineno}, in {frame.name})"
+    return ""

@@ -14,6 +14,7 @@ __all__ = [
     "GRPC_CALL_PATH",
     "ERROR_KIND_METADATA_KEY",
     "FINISH_METHOD",
+    "ABANDONED_METHOD",
     "ErrorKind",
     "ConfigKey",
     "RecordKey",
@@ -33,6 +34,12 @@ ERROR_KIND_METADATA_KEY: Final = "sf-error-kind"
 # A reserved method a client calls once when its round is over: batching schedulers stop
 # waiting for it. Not a valid Python identifier, so no server model can define it.
 FINISH_METHOD: Final = "<finish>"
+
+# A reserved notice a client sends when a request failed without the server answering it
+# (e.g. its deadline passed while it waited for a sender thread) and later requests are on
+# their way: it names the request (in the frame's request number), so that the server runs
+# the later ones instead of waiting for it. It takes no turn in the client's order.
+ABANDONED_METHOD: Final = "<abandoned>"
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +33,11 @@ from splitflower.errors import (
     UnknownMethodError,
 )
 from splitflower.proxy import ServerModelProxy
-from splitflower.scheduling import ImmediateScheduler
+from splitflower.scheduling import BatchingScheduler, ImmediateScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
 from splitflower.service import SplitService, TlsConfig
 from splitflower.wire import (
+    ABANDONED_METHOD,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     GRPC_CALL_PATH,
@@ -67,11 +70,17 @@ class Toy(ServerModel):
         self.seen.append(len(x))
         return {"n": float(len(x))}
 
+    def interrupt(self, x: torch.Tensor) -> None:
+        raise KeyboardInterrupt  # not a signal on a serving thread: the caller's error
+
     def fail_wide(self, x: torch.Tensor) -> None:
         raise ValueError("\u4e2d" * 5000)  # 3 bytes each in UTF-8, 9 once gRPC percent-encodes them
 
     def slow(self, seconds: torch.Tensor) -> None:
         time.sleep(float(seconds))
+
+    def large(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(3 << 18)  # 3 MiB: a small reply sent after it may arrive first
 
     def record(self, i: torch.Tensor) -> None:
         self.seen.append(int(i))
@@ -155,10 +164,21 @@ def test_bad_arguments_name_expected_and_received(
     _still_serves(proxy)
 
 
-def test_exception_in_method_reaches_caller(service: SplitService) -> None:
+def test_exception_in_method_reaches_caller_with_the_line_that_raised(service: SplitService) -> None:
     proxy = connect(service, Toy())
-    with pytest.raises(RemoteComputationError, match=r"^fail: raised ValueError: deliberate failure"):
+    line = inspect.getsourcelines(Toy.fail)[1] + 1
+    where = rf"\(at {re.escape(__file__)}:{line}, in fail\)"
+    with pytest.raises(RemoteComputationError, match=rf"^fail: raised ValueError: deliberate failure {where}"):
         proxy.fail(x=torch.ones(1))
+    _still_serves(proxy)
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_keyboard_interrupt_raised_by_a_method_is_its_caller_s_error(service: SplitService, batching: bool) -> None:
+    model = Toy()
+    proxy = connect(service, BatchingScheduler(model, flush_timeout=0.01) if batching else model, default_timeout=10)
+    with pytest.raises(RemoteComputationError, match="raised KeyboardInterrupt"):
+        proxy.interrupt(x=torch.ones(1))
     _still_serves(proxy)
 
 
@@ -605,3 +625,43 @@ def test_a_request_the_client_gave_up_on_is_skipped_once_a_later_request_says_so
     error = _raw_call(service, _record_frame(token, 0, 0))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already given it up" in (error.details() or "")
+
+
+def test_a_future_given_up_before_it_was_sent_does_not_hold_up_the_next(service: SplitService) -> None:
+    model = Toy()
+    proxy = connect(service, model, max_in_flight=2)
+    slow = [proxy.slow.future(seconds=torch.tensor(0.4)) for _ in range(2)]  # both sender threads busy
+    never = proxy.echo.future(x=torch.ones(1), timeout=0.1)  # its deadline passes in the queue
+    after = proxy.record.future(i=torch.tensor(7))  # encoded while `never` was still pending
+    after.result(timeout=3.0)  # the service's sequence timeout is 5 s: it must not wait for `never`
+    with pytest.raises(ServerModelTimeoutError, match="it was not sent"):
+        never.result()
+    assert [f.result() for f in slow] == [None, None]
+    assert model.seen == [7]
+    assert proxy.traffic.by_method()[ABANDONED_METHOD]["up_messages"] == 1
+    _still_serves(proxy)
+
+
+def test_a_future_s_reply_is_metered_once_whether_it_is_read_never_or_thrice(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    x = torch.ones(256)
+    read, unread = proxy.echo.future(x=x), proxy.echo.future(x=x)
+    for _ in range(3):
+        torch.testing.assert_close(read.result(), x)
+    proxy.close()
+    assert unread.done()
+    echo = proxy.traffic.by_method()["echo"]
+    assert (echo["down_messages"], echo["down_payload_bytes"]) == (2, 2 * x.nbytes)
+
+
+def test_closing_waits_for_outstanding_futures_and_finishes_after_a_failed_send(service: SplitService) -> None:
+    model = Toy()
+    token, session = service.open_session("closer", ImmediateScheduler(model))
+    proxy = ServerModelProxy(service.address, token, max_message_bytes=service.max_message_bytes)
+    futures = [proxy.large.future(x=torch.ones(1)) for _ in range(4)]
+    proxy.fail.send(x=torch.ones(1))
+    with pytest.raises(RemoteComputationError, match="deliberate failure"):
+        proxy.close()
+    assert session.finished, "the server was told the client is done, though a send had failed"
+    replies = [f.result() for f in futures]
+    assert all(isinstance(r, torch.Tensor) and r.shape == (3 << 18,) for r in replies)
