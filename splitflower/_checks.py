@@ -1,14 +1,18 @@
-"""Checks of values that cross a boundary (a call's argument, a config value), shared by the
-modules that take them; each caller raises its own error, naming the value."""
+"""Checks shared by the modules that take values across a boundary (a call's argument, a
+config value; each caller raises its own error, naming the value) and by the base classes
+that check an algorithm's class when it is defined."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
 import torch
 
-__all__ = ["all_finite", "positive_seconds"]
+from splitflower.errors import AlgorithmError
+
+__all__ = ["all_finite", "positive_seconds", "refuse_shadowed_methods"]
 
 
 def positive_seconds(value: object) -> float | None:
@@ -38,3 +42,18 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """
     wide = torch.float64 if tensor.dtype is torch.float64 else torch.float32
     return bool(torch.isfinite(tensor.sum(dtype=wide))) or bool(torch.isfinite(tensor).all())
+
+
+def refuse_shadowed_methods(cls: type, attributes: frozenset[str], base: str) -> None:
+    """Refuse a method of ``cls`` (or of a base) that ``base.__init__`` would hide behind an
+    attribute of the same name, so that it would never be called."""
+    for name in sorted(attributes):
+        if any(inspect.isfunction(vars(klass).get(name)) for klass in cls.__mro__):
+            hint = (
+                f"pass loss_fn= to {base}.__init__ instead (e.g. super().__init__(..., loss_fn=my_loss))"
+                if name == "loss_fn"
+                else "rename it"
+            )
+            raise AlgorithmError(
+                f"{cls.__name__}.{name}: {base}.__init__ sets self.{name}, so this method would never be called; {hint}"
+            )

@@ -6,12 +6,12 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import nn
 
-from splitflower._checks import all_finite
+from splitflower._checks import all_finite, refuse_shadowed_methods
 from splitflower.data import ArrayDataset
 from splitflower.errors import AlgorithmError, ConfigError, DivergedError
 from splitflower.metering import MemoryTally
@@ -25,6 +25,26 @@ __all__ = ["Client", "EvaluateResult"]
 logger = logging.getLogger(__name__)
 
 EvaluateResult = tuple[float, int, dict[str, float]]
+
+
+_CLIENT_ATTRIBUTES: Final = frozenset(
+    {
+        "device",
+        "model",
+        "train_data",
+        "test_data",
+        "optimizer_factory",
+        "loss_fn",
+        "optimizer",
+        "memory",
+        "log_prefix",
+        "config",
+        "options",
+        "handed_optimizer_state",
+        "server_model_proxy",
+    }
+)
+"""The public attributes :meth:`Client.__init__` and the Flower app set: they would hide a method of the same name."""
 
 
 class Client:
@@ -63,6 +83,10 @@ class Client:
     k+1, 2k+1, ... start from the strategy's (e.g. averaged) weights, the others from the
     weights this client ended its previous round with (kept in Flower's context by
     :meth:`local_state`). 0: only the first round."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        refuse_shadowed_methods(cls, _CLIENT_ATTRIBUTES, "Client")
 
     def __init__(
         self,

@@ -8,12 +8,12 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import EllipsisType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import torch
 from torch import nn
 
-from splitflower._checks import all_finite
+from splitflower._checks import all_finite, refuse_shadowed_methods
 from splitflower.errors import AlgorithmError, InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
@@ -319,6 +319,7 @@ class ServerModel:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        refuse_shadowed_methods(cls, _SERVER_MODEL_ATTRIBUTES, "ServerModel")
         # A method no client could call, or a misspelt spec, fails here. Not cached: a class
         # decorator may still add or mark methods.
         _describe(cls)
@@ -437,6 +438,23 @@ class ServerModel:
             self._loss_sum += float(loss.detach()) * num_examples
 
 
+_SERVER_MODEL_ATTRIBUTES: Final = frozenset(
+    {"device", "model", "optimizer_factory", "loss_fn", "optimizer", "memory", "log_prefix", "options"}
+)
+"""The public attributes :meth:`ServerModel.__init__` sets: a method of one of these names would be hidden."""
+
+
+def _inherited_specs(cls: type, name: str) -> dict[str, TensorSpec]:
+    """The specs of the nearest definition of ``name`` declared with @remote: an override
+    without its own @remote keeps the checks of the method it overrides."""
+    for base in cls.__mro__:
+        if name in vars(base):
+            specs = getattr(getattr(base, name), _SPECS_ATTRIBUTE, None)
+            if specs is not None:
+                return dict(specs)
+    return {}
+
+
 def _describe(cls: type) -> dict[str, _RemoteMethod]:
     framework = set(dir(ServerModel))
     methods: dict[str, _RemoteMethod] = {}
@@ -461,8 +479,10 @@ def _describe(cls: type) -> dict[str, _RemoteMethod]:
             )
         names = tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
         required = frozenset(p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD)
-        specs = getattr(member, _SPECS_ATTRIBUTE, {})
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        specs = getattr(member, _SPECS_ATTRIBUTE, None)
+        if specs is None:  # inherited checks of arguments the override no longer takes do not apply
+            specs = {a: s for a, s in _inherited_specs(cls, name).items() if a in names or takes_any}
         for argument, spec in specs.items():
             if isinstance(spec.high, str) and not hasattr(cls, spec.high):
                 raise AlgorithmError(

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from conftest import connect
-from splitflower import codec
+from splitflower import client, codec, server_model
 from splitflower.algorithms.csl import CSLServerModel
+from splitflower.client import Client
 from splitflower.codec import encode_request
 from splitflower.compute import ComputeThread
+from splitflower.data import synthetic
 from splitflower.errors import (
     AuthenticationError,
     ConfigError,
@@ -236,6 +238,17 @@ def test_server_model_methods_the_proxy_could_not_reach_are_refused_when_defined
     with pytest.raises(ServerUnavailableError):  # nothing listens there; the channel is closed all the same
         proxy.close(timeout=0.1)
     assert proxy_names == PROXY_ATTRIBUTES, "wire.PROXY_ATTRIBUTES must list the proxy's public attributes"
+
+
+@pytest.mark.parametrize(("base", "name"), [(ServerModel, "loss_fn"), (ServerModel, "model"), (Client, "loss_fn")])
+def test_a_method_the_base_class_would_hide_behind_an_attribute_is_refused_when_defined(base: type, name: str) -> None:
+    hint = "pass loss_fn=" if name == "loss_fn" else "rename it"
+    with pytest.raises(TypeError, match=rf"Custom.{name}: {base.__name__}.__init__ sets self.{name}.*{hint}"):
+        type("Custom", (base,), {name: lambda self, logits, labels: logits})
+    instance = ServerModel(nn.Identity()) if base is ServerModel else Client(nn.Identity(), synthetic(4, 4)[0])
+    public = {key for key in vars(instance) if not key.startswith("_")}
+    listed = server_model._SERVER_MODEL_ATTRIBUTES if base is ServerModel else client._CLIENT_ATTRIBUTES
+    assert public <= listed, f"every attribute {base.__name__}.__init__ sets must be listed: {public - listed}"
 
 
 def _raw(service: SplitService, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import threading
 from typing import Any
@@ -245,3 +246,30 @@ def test_a_server_model_built_for_a_dataset_checks_the_labels_of_its_very_first_
     for method in takes_labels:  # refused before any forward has run (which would learn num_classes)
         with pytest.raises(InvalidArgumentsError, match=r"'labels': expected value < 10"):
             check_values(server, method, {"labels": torch.tensor([0, 10])})
+
+
+def test_an_override_without_remote_keeps_the_checks_of_the_method_it_overrides(service: SplitService) -> None:
+    class Clipped(CSLServerModel):
+        def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return super().forward_backward(embeddings=embeddings, labels=labels).clamp(-1, 1)
+
+    server = _server()
+    clipped = Clipped(copy.deepcopy(server.model))
+    clipped.configure_fit(None, {"lr": 0.1})
+    before = copy.deepcopy(clipped.model.state_dict())
+    z, y = _batch(0)
+    proxy = connect(service, clipped)
+    with pytest.raises(InvalidArgumentsError, match="expected finite values"):
+        proxy.forward_backward(embeddings=z.index_fill(0, torch.tensor([1]), math.nan), labels=y)
+    with pytest.raises(InvalidArgumentsError, match="expected dtype"):
+        proxy.forward_backward(embeddings=z, labels=y.int())
+    for name, value in before.items():
+        torch.testing.assert_close(clipped.model.state_dict()[name], value)
+    assert proxy.forward_backward(embeddings=z, labels=y).abs().max() <= 1
+
+    class Unchecked(CSLServerModel):
+        @remote()  # an explicit declaration: no checks
+        def forward_backward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return super().forward_backward(embeddings=embeddings, labels=labels)
+
+    assert remote_methods(Unchecked)["forward_backward"].specs == {}
