@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from splitflower.client import Client
     from splitflower.proxy import ProxyFuture, ServerModelProxy
     from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
-    from splitflower.server_model import FLOATING, CallContext, FitResult, ServerModel, TensorSpec, remote, sgd
+    from splitflower.server_model import (
+        FLOATING,
+        CallContext,
+        FitResult,
+        PerCaller,
+        ServerModel,
+        TensorSpec,
+        remote,
+        sgd,
+    )
     from splitflower.service import SplitService, TlsConfig
     from splitflower.strategy import SplitResult, SplitStrategy
     from splitflower.supervised import SupervisedServerModel
@@ -38,6 +47,7 @@ _EXPORTS = {
     "Scheduler": "scheduling",
     "FLOATING": "server_model",
     "CallContext": "server_model",
+    "PerCaller": "server_model",
     "FitResult": "server_model",
     "ServerModel": "server_model",
     "TensorSpec": "server_model",
@@ -83,6 +93,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "BatchingScheduler",
     "CallContext",
+    "PerCaller",
     "Client",
     "FLOATING",
     "FitResult",

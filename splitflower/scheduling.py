@@ -28,8 +28,8 @@ import torch
 
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
-from splitflower.errors import ConfigError, InvalidArgumentsError, ServerModelTimeoutError
-from splitflower.server_model import CallContext, ServerModel, check_values, resolve_call
+from splitflower.errors import AlgorithmError, ConfigError, InvalidArgumentsError, ServerModelTimeoutError
+from splitflower.server_model import CallContext, PerCaller, ServerModel, check_values, resolve_call
 
 __all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
 
@@ -144,6 +144,8 @@ class ImmediateScheduler(Scheduler):
             rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
             context = CallContext((client,), (slice(0, rows),))
             value, seconds = self._invoke(method, tensors, context, still_wanted)
+            if isinstance(value, PerCaller):
+                (value,) = _per_caller(value, 1)
         except BaseException as err:  # noqa: BLE001 - reported to the caller, server keeps serving
             # A KeyboardInterrupt or SystemExit raised by a method on a serving thread is no signal
             # (signals reach the main thread): it is that caller's error like any other.
@@ -334,6 +336,8 @@ def _split_value(value: Any, sizes: list[int]) -> list[Any]:
             return list(torch.split(t, sizes))
         return [t] * len(sizes)
 
+    if isinstance(value, PerCaller):
+        return _per_caller(value, len(sizes))
     if value is None:
         return [None] * len(sizes)
     if isinstance(value, torch.Tensor):
@@ -345,6 +349,15 @@ def _split_value(value: Any, sizes: list[int]) -> list[Any]:
         columns = [split(v) for v in value]
         return [tuple(c[i] for c in columns) for i in range(len(sizes))]
     raise TypeError(f"cannot split a batched result of type {type(value).__name__}")
+
+
+def _per_caller(value: PerCaller, callers: int) -> list[Any]:
+    if len(value) != callers:
+        raise AlgorithmError(
+            f"the method returned PerCaller with {len(value)} items for a call serving {callers} callers; "
+            "return one item per caller, in the order of call_context.callers"
+        )
+    return list(value)
 
 
 SchedulerFactory = Callable[[ServerModel], Scheduler]

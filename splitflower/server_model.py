@@ -20,6 +20,7 @@ from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
 
 __all__ = [
     "CallContext",
+    "PerCaller",
     "FLOATING",
     "TensorSpec",
     "remote",
@@ -275,6 +276,24 @@ class CallContext:
         total = sum(self.sizes)
         scale = torch.cat([torch.full((n,), total / n) for n in self.sizes]).to(grad)
         return grad * scale.view(-1, *[1] * (grad.dim() - 1))
+
+
+class PerCaller(tuple):  # type: ignore[type-arg]
+    """A method's return value holding one item per caller of the call, in the order of
+    :attr:`CallContext.callers`: each client gets its own item. Without it, a scheduler that
+    batched several clients' requests splits every returned tensor whose first dimension is
+    the batch's rows by caller and hands anything else to every caller; return ``PerCaller``
+    for per-caller values of any shape (each client's own loss, say), or to keep a tensor
+    that merely has as many rows as the batch from being split.
+
+    Example
+    -------
+    >>> class Losses(ServerModel):
+    ...     def loss(self, z: torch.Tensor) -> PerCaller:
+    ...         return PerCaller(z[rows].mean() for rows in self.call_context.rows)
+    """
+
+    __slots__ = ()
 
 
 @dataclass
