@@ -167,8 +167,20 @@ class Client:
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         torch.autograd.backward(outputs, grads)
+        self.before_optimizer_step()
         if self.optimizer is not None:
             self.optimizer.step()
+
+    def before_optimizer_step(self) -> None:
+        """Called by :meth:`step` once the gradients are in ``.grad``, before the optimizer
+        steps: override to clip or inspect them (the default does nothing).
+
+        Example
+        -------
+        >>> class ClippedClient(Client):
+        ...     def before_optimizer_step(self) -> None:
+        ...         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
+        """
 
     def _settle(self) -> None:
         pending, self._pending = self._pending, []

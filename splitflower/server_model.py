@@ -449,12 +449,25 @@ class ServerModel:
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         loss.backward(grad)
+        self.before_optimizer_step()
         if self.optimizer is not None:
             self.optimizer.step()
         self.memory.observe_state([self.model], self.optimizer)
         self._num_examples += num_examples
         if grad is None:
             self._loss_sum += float(loss.detach()) * num_examples
+
+    def before_optimizer_step(self) -> None:
+        """Called by :meth:`step` once the gradients are in ``.grad``, before the optimizer
+        steps: override to clip or inspect them (the default does nothing; like every
+        method defined here, it is not callable remotely).
+
+        Example
+        -------
+        >>> class ClippedServer(ServerModel):
+        ...     def before_optimizer_step(self) -> None:
+        ...         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
+        """
 
 
 _SERVER_MODEL_ATTRIBUTES: Final = frozenset(
