@@ -164,6 +164,8 @@ def _check_tensor(name: str, tensor: object, role: str = "argument") -> torch.Te
             else "only tensors cross the wire (no None, nested containers or other objects)"
         )
         raise CodecError(f"{role} {name!r}: expected a torch.Tensor, got {type(tensor).__name__}; {hint}")
+    if tensor.is_meta:
+        raise CodecError(f"{role} {name!r}: a meta tensor has a shape but no values to send; compute it on a device")
     if tensor.layout != torch.strided:
         raise CodecError(f"{role} {name!r}: expected a dense tensor, got layout {tensor.layout}")
     if tensor.dtype not in _DTYPE_CODES:
@@ -200,9 +202,12 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _encode_table(tensors: Mapping[str, torch.Tensor], role: str = "argument") -> bytes:
     """The tensor table, after checking every tensor (see :func:`_check_tensor`): a table
-    seen before stands for tensors of the same names, dtypes, layouts and shapes, all checked."""
+    seen before stands for tensors of the same names, dtypes, layouts, shapes and kinds of
+    device (meta or not), all checked."""
     try:
-        key: tuple[Any, ...] | None = tuple((name, t.dtype, t.layout, t.shape) for name, t in tensors.items())
+        key: tuple[Any, ...] | None = tuple(
+            (name, t.dtype, t.layout, t.shape, t.is_meta) for name, t in tensors.items()
+        )
     except AttributeError:  # not a tensor: _check_tensor below says so
         key = None
     table = None if key is None else _ENCODED_TABLES.get(key)

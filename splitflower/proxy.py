@@ -28,6 +28,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from splitflower._checks import positive_seconds
@@ -119,6 +120,8 @@ def _as_tensors(method: str, arguments: Mapping[str, Any]) -> Mapping[str, torch
 def _as_tensor(method: str, name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, np.ndarray) and any(stride < 0 for stride in value.strides):
+        value = value.copy()  # torch shares numpy's memory only with non-negative strides (a flipped view)
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -47,6 +47,14 @@ def test_a_sparse_tensor_is_refused_even_after_a_dense_one_of_its_dtype_and_shap
         encode_request(TOKEN, 1, "m", {"x": dense.to_sparse()})
 
 
+def test_a_meta_tensor_is_refused_even_after_a_real_one_of_its_dtype_and_shape() -> None:
+    encode_request(TOKEN, 0, "m", {"z": torch.ones(2)})  # the table is now cached
+    with pytest.raises(CodecError, match="argument 'z': a meta tensor has a shape but no values to send"):
+        encode_request(TOKEN, 1, "m", {"z": torch.ones(2, device="meta")})
+    with pytest.raises(CodecError, match="returned item '_': a meta tensor"):
+        encode_reply(torch.ones(2, device="meta"))
+
+
 def test_a_non_tensor_is_refused_under_a_name_that_carried_a_tensor() -> None:
     encode_reply({"y": torch.ones(2)})
     with pytest.raises(CodecError, match=r"returned item 'y': expected a torch\.Tensor, got list"):

@@ -208,6 +208,11 @@ def test_arguments_the_proxy_cannot_send_are_refused_before_sending(
     torch.testing.assert_close(proxy.echo(x=torch.ones(1), timeout=np.float32(5.0)), torch.ones(1))
 
 
+def test_a_flipped_numpy_view_is_sent_as_its_values(service: SplitService) -> None:
+    flipped = np.arange(4.0)[::-1]  # a negative stride, which torch cannot share
+    torch.testing.assert_close(connect(service, Toy()).echo(x=flipped), torch.tensor([3.0, 2.0, 1.0, 0.0]).double())
+
+
 def test_server_model_methods_the_proxy_could_not_reach_are_refused_when_defined() -> None:
     with pytest.raises(TypeError, match=r"Closing.close: the client's proxy has an attribute of that name"):
 
