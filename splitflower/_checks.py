@@ -12,7 +12,7 @@ import torch
 
 from splitflower.errors import AlgorithmError
 
-__all__ = ["all_finite", "positive_seconds", "refuse_shadowed_methods"]
+__all__ = ["all_finite", "positive_seconds", "refuse_options_the_base_cannot_read", "refuse_shadowed_methods"]
 
 
 def positive_seconds(value: object) -> float | None:
@@ -57,3 +57,22 @@ def refuse_shadowed_methods(cls: type, attributes: frozenset[str], base: str) ->
             raise AlgorithmError(
                 f"{cls.__name__}.{name}: {base}.__init__ sets self.{name}, so this method would never be called; {hint}"
             )
+
+
+def refuse_options_the_base_cannot_read(cls: type) -> None:
+    """Refuse a subclass's own ``Options`` that is not a subclass of the ``Options`` of the
+    class it extends: that class's code reads its fields from ``self.options``."""
+    own = vars(cls).get("Options")
+    if own is None:
+        return
+    for base in cls.__mro__[1:]:
+        inherited = vars(base).get("Options")
+        if inherited is None:
+            continue
+        if not (isinstance(own, type) and issubclass(own, inherited)):
+            raise AlgorithmError(
+                f"{cls.__name__}.Options must subclass {base.__name__}.Options ({inherited.__name__}), whose "
+                f"fields {base.__name__}'s code reads; got {own!r}. Write "
+                f"@dataclass class MyOptions({inherited.__name__}): ... and set Options = MyOptions"
+            )
+        return

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Final
 import torch
 from torch import nn
 
-from splitflower._checks import all_finite, refuse_shadowed_methods
+from splitflower._checks import all_finite, refuse_options_the_base_cannot_read, refuse_shadowed_methods
 from splitflower.data import ArrayDataset
 from splitflower.errors import AlgorithmError, ConfigError, DivergedError
 from splitflower.metering import MemoryTally
@@ -87,6 +87,7 @@ class Client:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         refuse_shadowed_methods(cls, _CLIENT_ATTRIBUTES, "Client")
+        refuse_options_the_base_cannot_read(cls)
 
     def __init__(
         self,

@@ -8,8 +8,8 @@ Three ways to call, one wire:
   can be outstanding;
 * ``proxy.forward.send(...)`` is fire-and-forget: it returns nothing, the server sends no
   tensors back, and at most ``max_in_flight`` such calls are outstanding (``send`` blocks
-  while the window is full). An error in one surfaces at the next call or at
-  :meth:`ServerModelProxy.wait_all`.
+  while the window is full). An error in one surfaces at the first call made once it
+  is known, or at :meth:`ServerModelProxy.wait_all`.
 
 Every form takes ``timeout=`` seconds (default: the proxy's ``default_timeout``, none unless
 set: a deadline costs gRPC some work on every call), enforced as a gRPC deadline.

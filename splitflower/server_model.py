@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import torch
 from torch import nn
 
-from splitflower._checks import all_finite, refuse_shadowed_methods
+from splitflower._checks import all_finite, refuse_options_the_base_cannot_read, refuse_shadowed_methods
 from splitflower.errors import AlgorithmError, InvalidArgumentsError, UnknownMethodError
 from splitflower.metering import MemoryTally
 from splitflower.wire import PROXY_ATTRIBUTES, ConfigKey
@@ -339,6 +339,7 @@ class ServerModel:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         refuse_shadowed_methods(cls, _SERVER_MODEL_ATTRIBUTES, "ServerModel")
+        refuse_options_the_base_cannot_read(cls)
         # A method no client could call, or a misspelt spec, fails here. Not cached: a class
         # decorator may still add or mark methods.
         _describe(cls)

@@ -1,14 +1,17 @@
-"""Hooks an algorithm overrides: gradient clipping between backward and the optimizer step."""
+"""What a subclass of an algorithm overrides: a gradient hook, and options that extend its base's."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
-from splitflower.algorithms.csl import CSLClient, CSLServerModel
+from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.data import synthetic
+from splitflower.errors import AlgorithmError
 
 MAX_NORM = 1e-3
 LR = 1.0
@@ -53,3 +56,20 @@ def test_a_server_model_clips_its_gradients_before_the_optimizer_steps() -> None
         norms[cls] = _update_norm(before, server.model.state_dict())
     assert norms[CSLServerModel] > 10 * MAX_NORM, "the unclipped step must be larger, or the test proves nothing"
     assert 0 < norms[ClippedServer] <= LR * MAX_NORM * (1 + 1e-4)
+
+
+def test_a_subclass_s_options_must_extend_those_its_base_reads() -> None:
+    @dataclass
+    class Unrelated:
+        smoothing: float = 0.1
+
+    with pytest.raises(AlgorithmError, match=r"Smoothed.Options must subclass CSLClient.Options \(CSLOptions\)"):
+        type("Smoothed", (CSLClient,), {"Options": Unrelated})
+
+    @dataclass(frozen=True)
+    class Extended(CSLOptions):
+        smoothing: float = 0.1
+
+    smoothed = type("Smoothed", (CSLClient,), {"Options": Extended})
+    client = smoothed(nn.Linear(4, 3), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
+    assert (client.options.window, client.options.smoothing) == (1, 0.1)
