@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import pickle
+import reprlib
 import threading
 import warnings
 import zlib
@@ -106,9 +107,27 @@ _PARTITION_CACHE_SIZE = 32
 # the installed numpy keeps it in; using it avoids importing the deprecated
 # ``numpy.core`` alias under numpy 2.
 _NUMPY_RECONSTRUCT: Any = np.zeros(0).__reduce__()[0]
+
+
+def _integer_scalar(dtype: Any, raw: Any) -> int:
+    """What ``numpy.core.multiarray.scalar`` gives a pickled numpy integer (labels a script
+    kept as ``list(rng.integers(...))``), as a Python int. Only an integer dtype and its raw
+    bytes are accepted: numpy's own ``scalar`` would also build object and structured scalars."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iu" or not isinstance(raw, bytes):
+        raise DatasetError(
+            f"refusing to unpickle a numpy scalar of dtype {reprlib.repr(dtype)}: CIFAR batches may only "
+            "hold numpy integer scalars"
+        )
+    if len(raw) != dtype.itemsize:
+        raise DatasetError(f"a pickled numpy {dtype} scalar has {len(raw)} bytes, expected {dtype.itemsize}")
+    return int(np.frombuffer(raw, dtype=dtype)[0])
+
+
 _PICKLE_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _integer_scalar,
+    ("numpy._core.multiarray", "scalar"): _integer_scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
@@ -492,7 +511,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if allowed is None:
             raise DatasetError(
                 f"refusing to unpickle global '{module}.{name}': CIFAR batches may only "
-                "reference numpy array reconstruction (a batch re-saved from Python 3 must use "
+                "reference numpy arrays and integer scalars (a batch re-saved from Python 3 must use "
                 "pickle protocol 3 or 4, as the original files do)"
             )
         return allowed
@@ -526,20 +545,36 @@ def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.
     data = _batch_field(batch, "data", path)
     labels_raw = _batch_field(batch, label_key, path)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-        raise DatasetError(f"'{path}': 'data' must be a uint8 numpy array")
+        found = f"{data.dtype} ndarray" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"'{path}': 'data' must be a uint8 numpy array, got {found}")
     if data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
         raise DatasetError(f"'{path}': 'data' has shape {data.shape}, expected (N, {_CIFAR_PIXELS})")
-    try:
-        labels = np.asarray(labels_raw, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise DatasetError(f"'{path}': '{label_key}' is not a list of ints") from exc
+    labels = _cifar_labels(labels_raw, label_key, path)
     if labels.shape[0] != data.shape[0]:
         raise DatasetError(f"'{path}' holds {data.shape[0]} images but {labels.shape[0]} labels")
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DatasetError(
-            f"'{path}': labels must lie in [0, {num_classes}), found [{int(labels.min())}, {int(labels.max())}]"
-        )
-    return data, labels
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError(f"'{path}': labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]")
+    return data, labels.astype(np.int64)
+
+
+def _cifar_labels(raw: Any, label_key: str, path: Path) -> np.ndarray:
+    """The labels as a 1-D integer array, unconverted: a float or nested label is refused, not
+    truncated or flattened."""
+    if isinstance(raw, np.ndarray):
+        if raw.ndim == 1 and raw.dtype.kind in "iu":
+            return raw
+        found = f"a numpy array of dtype {raw.dtype} and shape {raw.shape}"
+    elif isinstance(raw, list | tuple):
+        odd = next((v for v in raw if type(v) is not int), None)  # a bool is no label
+        if odd is None:
+            # An object array: a Python int too large for int64 is still compared exactly.
+            return np.array(raw, dtype=object) if raw else np.zeros(0, np.int64)
+        found = f"a {type(raw).__name__} holding {type(odd).__name__} {reprlib.repr(odd)}"
+    else:
+        found = f"{type(raw).__name__} {reprlib.repr(raw)}"
+    raise DatasetError(
+        f"'{path}': '{label_key}' must be a list of ints or a 1-D integer numpy array, one label per image; got {found}"
+    )
 
 
 def _normalise_cifar(

@@ -87,6 +87,7 @@ __all__ = [
     "summarise_round",
     "threads_per_client",
     "versions",
+    "write_atomically",
     "write_results",
 ]
 
@@ -166,6 +167,11 @@ class ExperimentConfig:
             problems.append(f"seed must be in [0, 2**32), got {self.seed}")
         if "device" not in mistyped:
             problems.extend(_device_problems(self.device))
+        if "data_root" not in mistyped and self.data_root and self.dataset == "synthetic":
+            problems.append(
+                f"data_root {self.data_root!r} is given, but dataset 'synthetic' reads no files (only "
+                f"{', '.join(_FILE_DATASETS)} do); drop data_root (--data-root)"
+            )
         if "partition" not in mistyped:
             try:
                 parse_partition(self.partition)
@@ -199,6 +205,9 @@ class ExperimentConfig:
         return replace(self, strategy=strategy)
 
 
+_FILE_DATASETS: Final = tuple(name for name in DATASET_NAMES if name != "synthetic")
+
+
 def _attempt(call: Callable[[_In], _Out], argument: _In, problems: list[str]) -> _Out | None:
     """``call(argument)``, or None with its ConfigError added to ``problems`` (a message that
     is a list of its own is indented under it)."""
@@ -211,11 +220,25 @@ def _attempt(call: Callable[[_In], _Out], argument: _In, problems: list[str]) ->
 
 def _device_problems(device: str) -> list[str]:
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, ValueError):
         return [f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"]
-    if kind == "cuda" and not torch.cuda.is_available():
-        return [f"device {device!r}: this machine has no CUDA device torch can use; use 'cpu'"]
+    kind = parsed.type
+    if kind == "meta":
+        return [f"device {device!r} holds no data (a meta tensor has a shape only), so it cannot train; use 'cpu'"]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return [f"device {device!r}: this machine has no CUDA device torch can use; use 'cpu'"]
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            return [f"device {device!r}: this machine has {count} CUDA device(s), the last cuda:{count - 1}; use one"]
+    elif kind != "cpu":
+        # Which backends torch was built with, and which of them find hardware, only a tensor tells.
+        try:
+            torch.empty(1, device=device)
+        except Exception as err:  # noqa: BLE001 - each backend fails in its own way (NotImplementedError, ...)
+            reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
+            return [f"device {device!r}: torch cannot allocate a tensor on it on this machine ({reason}); use 'cpu'"]
     return []
 
 
@@ -276,6 +299,13 @@ class Experiment:
             if not len(data):
                 raise DatasetError(f"{data.name}'s {split} set is empty; a run needs examples to train and test on")
         c = self.config
+        if c.clients > len(self.train):
+            kept = f"--train-size {c.train_size} keeps" if c.train_size else f"{self.train.name} has"
+            raise DatasetError(
+                f"{c.clients} clients (--clients) need a training example each, but {kept} only "
+                f"{len(self.train)}; give at most {len(self.train)} clients"
+                + (" or a larger --train-size" if c.train_size else "")
+            )
         partition_sizes(self.train, c.clients, c.partition, seed=c.seed)  # fails here, not in every client
         channels, height, _ = self.train.input_shape
         torch.manual_seed(self.config.seed)
@@ -762,14 +792,26 @@ def results_document(
 
 
 def check_results_path(path: str | Path, *, what: str = "results") -> Path:
-    """Refuse, before a run, a path ``what`` (the results, a plot) cannot be written to
-    (creating its folder)."""
+    """Refuse, before a run, a path ``what`` (the results, a plot) cannot be written to.
+
+    Nothing is created: the folders it lacks are made when it is written (see
+    :func:`write_atomically`), so a command that fails in between leaves none behind.
+    """
     out = _results_target(path, what)
+    missing = _missing_folders(out, what)
+    folder = missing[-1].parent if missing else out.parent
     try:
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
-            pass
+        if missing:  # a folder made and removed again proves the rest can be made
+            with tempfile.TemporaryDirectory(dir=folder, prefix=f".{out.name}."):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
+                pass
     except OSError as err:
-        raise _cannot_write(what, out, err) from err
+        made = "a folder" if missing else "a file"
+        raise ResultsFileError(
+            f"cannot write {what} to {str(out)!r}: cannot create {made} in '{folder}' ({err.strerror or err})"
+        ) from err
     return out
 
 
@@ -777,11 +819,25 @@ def _results_target(path: str | Path, what: str = "results") -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise ResultsFileError(f"{what} path {str(out)!r} is a directory; give a file name such as results.json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _cannot_write(what, out, err) from err
     return out
+
+
+def _missing_folders(out: Path, what: str) -> list[Path]:
+    """The folders above ``out`` that do not exist yet, innermost first; refuses a path whose
+    nearest existing ancestor is not a folder."""
+    missing: list[Path] = []
+    for folder in out.parents:
+        try:
+            exists = folder.exists() or folder.is_symlink()  # a broken link is no folder to make
+            is_dir = folder.is_dir()
+        except OSError as err:
+            raise _cannot_write(what, out, err) from err
+        if exists and not is_dir:
+            raise ResultsFileError(f"cannot write {what} to {str(out)!r}: '{folder}' is not a directory")
+        if exists:
+            break
+        missing.append(folder)
+    return missing
 
 
 def _cannot_write(what: str, out: Path, err: OSError) -> ResultsFileError:
@@ -789,24 +845,42 @@ def _cannot_write(what: str, out: Path, err: OSError) -> ResultsFileError:
     return ResultsFileError(f"cannot write {what} to {str(out)!r}: {err.strerror or err}")
 
 
-def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a results document atomically: a reader never sees a half-written file, and a
-    failed write leaves what was there. Numbers that are not finite (a diverged loss) are
-    written as null, so the file is strict JSON."""
-    out = _results_target(path)  # writing the temporary file below is the check
-    text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
-    # A name of its own (not tempfile's, whose files are private to the user), created
-    # exclusively, so the file gets the permissions the umask gives any new file.
+def write_atomically(path: str | Path, write: Callable[[Path], None], *, what: str = "results") -> Path:
+    """``write`` the file at ``path`` under a temporary name beside it, then rename it: a reader
+    never sees a half-written file, and a failed write leaves what was there and removes the
+    folders made for it."""
+    out = _results_target(path, what)
+    missing = _missing_folders(out, what)
+    # A name of its own (not tempfile's, whose files are private to the user), so the file gets
+    # the permissions the umask gives any new file.
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with tmp.open("x") as handle:
-            handle.write(text)
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+        write(tmp)
         tmp.replace(out)
-    except OSError as err:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise _cannot_write("results", out, err) from err
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise _cannot_write(what, out, err) from err
+        raise
     return out
+
+
+def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a results document atomically (see :func:`write_atomically`). Numbers that are not
+    finite (a diverged loss) are written as null, so the file is strict JSON."""
+    text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("x") as handle:  # created exclusively
+            handle.write(text)
+
+    return write_atomically(path, write)
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from splitflower.errors import ConfigError, ResultsFileError
-from splitflower.experiment import RESULTS_SCHEMA, check_results_path
+from splitflower.errors import ConfigError
+from splitflower.experiment import RESULTS_SCHEMA, check_results_path, write_atomically
 
 __all__ = ["load_results", "comparison_table", "check_plot_path", "plot_results"]
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results file, checking that it is one."""
+    """Read a results file, checking that it is one and that the figures compare reads are numbers."""
     file = Path(path)
     try:
-        results = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = file.read_bytes()
+    except OSError as err:
         raise ConfigError(f"cannot read results file {file}: {err}") from err
+    try:
+        results = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise _invalid(file, f"it is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from err
+    except RecursionError as err:
+        raise _invalid(file, "its JSON is nested too deeply to read") from err
+    except ValueError as err:  # json.JSONDecodeError, or an integer of too many digits
+        raise _invalid(file, f"it is not JSON ({err})") from err
     if not isinstance(results, dict) or results.get("schema") != RESULTS_SCHEMA:
         found = results.get("schema") if isinstance(results, dict) else type(results).__name__
         raise ConfigError(
-            f"{file} is not a splitflower results file (expected schema {RESULTS_SCHEMA!r}, got {found!r})"
+            f"{file} is not a splitflower results file (expected schema {RESULTS_SCHEMA!r}, got {reprlib.repr(found)})"
         )
     config, rounds = results.get("config"), results.get("rounds")
     if not isinstance(config, dict) or not {"algorithm", "strategy"} <= set(config) or not isinstance(rounds, list):
@@ -31,7 +40,54 @@ def load_results(path: str | Path) -> dict[str, Any]:
             f"{file} claims schema {RESULTS_SCHEMA!r} but lacks its 'config' (with algorithm and strategy) "
             "or its 'rounds' list; was it edited by hand or cut short?"
         )
+    _check_figure(file, "wall_s", results.get("wall_s"))
+    for index, entry in enumerate(rounds):
+        where = f"rounds[{index}]"
+        if not isinstance(entry, dict):
+            raise _invalid(file, f"{where} must be an object, got {reprlib.repr(entry)}")
+        _check_figure(file, f"{where}.round", entry.get("round", _MISSING), nullable=False)
+        _check_figure(file, f"{where}.test_accuracy", entry.get("test_accuracy"))
+        for section, keys in _ROUND_FIGURES.items():
+            figures = entry.get(section, _MISSING)
+            if not isinstance(figures, dict):
+                raise _invalid(file, f"{where}.{section} must be an object, got {_shown(figures)}")
+            for key in keys:
+                _check_figure(file, f"{where}.{section}.{key}", figures.get(key, _MISSING))
     return results
+
+
+# The figures of a round that compare reads, by section; null stands for a figure that was not finite.
+_ROUND_FIGURES = {
+    "bytes": ("up_payload_bytes", "down_payload_bytes"),
+    "memory": ("client_peak_tally_bytes", "server_peak_tally_bytes"),
+    "time": ("client_compute_s", "server_compute_s", "communication_wait_s"),
+}
+_MISSING: Any = object()
+
+
+def _invalid(file: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{file} is not a valid results file: {problem}")
+
+
+def _shown(value: Any) -> str:
+    return "nothing (it is missing)" if value is _MISSING else reprlib.repr(value)
+
+
+def _check_figure(file: Path, where: str, value: Any, *, nullable: bool = True) -> None:
+    if (value is None and nullable) or _is_number(value):
+        return
+    expected = "a number or null" if nullable else "a number"
+    raise _invalid(file, f"{where} must be {expected}, got {_shown(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        float(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+    return True
 
 
 # Config keys shown first when they tell runs apart; any other key that differs follows.
@@ -156,7 +212,7 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     labels = _labels(runs)
     for run, label in zip(runs, labels, strict=True):
         rounds = [r["round"] for r in run["rounds"]]
-        axes[0].plot(rounds, [r.get("test_accuracy") for r in run["rounds"]], marker="o", label=label)
+        axes[0].plot(rounds, [_number(r.get("test_accuracy")) for r in run["rounds"]], marker="o", label=label)
     axes[0].set(title="test accuracy", xlabel="round")
     axes[0].legend()
     totals = [_totals(r) for r in runs]
@@ -181,9 +237,9 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes[3].legend()
     figure.tight_layout()
     try:
-        figure.savefig(out, dpi=110)
-    except OSError as err:
-        raise ResultsFileError(f"cannot write the plot to {str(path)!r}: {err.strerror or err}") from err
+        # The format is named: the temporary file's name does not end in it.
+        return write_atomically(
+            out, lambda tmp: figure.savefig(tmp, dpi=110, format=out.suffix.lower().lstrip(".")), what="the plot"
+        )
     finally:
         plt.close(figure)
-    return out

@@ -365,6 +365,60 @@ def test_cifar_malformed_batch(tmp_path: Path) -> None:
         load_cifar100(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("labels", "found"),
+    [
+        ([0.7] * 3, "got a list holding float 0.7"),
+        (np.zeros((3, 2), np.int64), r"got a numpy array of dtype int64 and shape \(3, 2\)"),
+        (np.full(3, np.nan), r"got a numpy array of dtype float64 and shape \(3,\)"),
+        ([True, False, True], "got a list holding bool True"),
+    ],
+    ids=["float", "2-D", "NaN", "bool"],
+)
+def test_cifar_labels_must_be_one_integer_per_image(tmp_path: Path, labels: Any, found: str) -> None:
+    _make_cifar100(tmp_path)
+    bad = _cifar_batch(3, b"fine_labels", 100, seed=5)
+    bad[b"fine_labels"] = labels
+    _dump(tmp_path / "test", bad)
+    with pytest.raises(
+        DatasetError, match=f"'fine_labels' must be a list of ints or a 1-D integer numpy array.*{found}"
+    ):
+        load_cifar100(tmp_path)
+
+
+def test_cifar_labels_pickled_as_numpy_integer_scalars_load_and_no_other_scalar_does(tmp_path: Path) -> None:
+    _make_cifar100(tmp_path)
+    batch = _cifar_batch(3, b"fine_labels", 100, seed=5)
+    batch[b"fine_labels"] = [np.int64(7), np.uint8(99), np.int32(0)]  # as list(rng.integers(...)) gives
+    _dump(tmp_path / "test", batch)
+    _, test = load_cifar100(tmp_path)
+    assert test.labels.tolist() == [7, 99, 0] and test.labels.dtype == torch.int64
+    batch[b"fine_labels"] = [np.float64(7.0)] * 3
+    _dump(tmp_path / "test", batch)
+    with pytest.raises(DatasetError, match=r"numpy scalar of dtype dtype\('float64'\).*only hold numpy integer"):
+        load_cifar100(tmp_path)
+    # An object scalar would hand back whatever its payload unpickled to.
+    _dump(tmp_path / "test", [np.int64(7)])
+    evil = (tmp_path / "test").read_bytes().replace(b"i8", b"O8")
+    (tmp_path / "test").write_bytes(evil)
+    with pytest.raises(DatasetError, match=r"numpy scalar of dtype dtype\('O'\)"):
+        load_cifar100(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [(np.zeros((3, 3072), np.float32), "got float32 ndarray"), ([[0] * 3072] * 3, "got list")],
+    ids=["float32", "list"],
+)
+def test_cifar_data_of_the_wrong_kind_is_named(tmp_path: Path, data: Any, found: str) -> None:
+    _make_cifar100(tmp_path)
+    bad = _cifar_batch(3, b"fine_labels", 100, seed=5)
+    bad[b"data"] = data
+    _dump(tmp_path / "test", bad)
+    with pytest.raises(DatasetError, match=f"'data' must be a uint8 numpy array, {found}$"):
+        load_cifar100(tmp_path)
+
+
 # --------------------------------------------------------------------------------------
 # synthetic / dispatch
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,9 +110,11 @@ def test_the_console_script_finds_an_algorithm_in_the_folder_it_runs_in(tmp_path
     (tmp_path / "mine.py").write_text("from splitflower.algorithms import ALGORITHMS\nCSL = ALGORITHMS['csl']\n")
     script = Path(sys.executable).parent / "splitflower"
     command = [str(script), "run", "--attempts", "1", "--algorithm", "mine:CSL", "--clients", "0"]
+    command += ["--out", "new/sub/results.json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "clients must be at least 1, got 0" in done.stderr and "mine" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "new").exists(), "a failed command leaves no folder behind"
 
 
 SUPERVISOR = """
@@ -206,8 +209,32 @@ def test_config_refuses_numbers_that_are_not_finite_a_negative_seed_and_an_unkno
 
 
 def test_a_partition_that_cannot_be_made_fails_before_any_client_starts() -> None:
-    with pytest.raises(DatasetError, match="num_partitions"):
+    message = r"^4 clients \(--clients\) need a training example each, but --train-size 3 keeps only 3; "
+    with pytest.raises(DatasetError, match=message + "give at most 3 clients or a larger --train-size$"):
         Experiment(ExperimentConfig(dataset="synthetic", clients=4, train_size=3))
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_config_refuses_a_device_torch_cannot_allocate_on_here() -> None:
+    with pytest.raises(ConfigError) as caught:
+        ExperimentConfig(dataset="synthetic", device="mps").validate()
+    assert "device 'mps': torch cannot allocate a tensor on it on this machine (" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"device 'meta' holds no data"):
+        ExperimentConfig(dataset="synthetic", device="meta").validate()
+
+
+def test_config_refuses_a_cuda_device_this_machine_does_not_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"device 'cuda:2': this machine has 2 CUDA device\(s\), the last cuda:1"):
+        ExperimentConfig(dataset="synthetic", device="cuda:2").validate()
+    assert ExperimentConfig(dataset="synthetic", device="cuda:1").validate().device == "cuda:1"
+
+
+def test_config_refuses_a_data_root_the_dataset_does_not_read() -> None:
+    with pytest.raises(ConfigError, match=r"data_root '/data' is given, but dataset 'synthetic' reads no files"):
+        ExperimentConfig(dataset="synthetic", data_root="/data").validate()
+    assert ExperimentConfig(dataset="cifar10", data_root="/data").validate().data_root == "/data"
 
 
 def test_a_run_whose_clients_all_failed_exits_1_not_the_bad_input_code(
@@ -270,6 +297,28 @@ def test_results_are_strict_json_and_a_failed_write_keeps_the_old_file(
             write_results({"final": {}}, out)
     assert json.loads(out.read_text())["final"]["test_accuracy"] == 0.5, "the old file stays"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "no temporary file is left"
+
+
+def test_a_results_path_is_checked_without_creating_folders_and_a_failed_write_removes_those_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "new" / "sub" / "results.json"
+    assert check_results_path(out) == out
+    assert not list(tmp_path.iterdir()), "a check creates nothing"
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "replace", _fail_to_replace)
+        with pytest.raises(ResultsFileError, match="No space left on device"):
+            write_results({}, out)
+    assert not list(tmp_path.iterdir()), "the folders made for a failed write are removed"
+    assert json.loads(write_results({"final": {}}, out).read_text()) == {"final": {}}
+
+
+def test_a_results_path_below_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "env.sh").touch()
+    for below in ("env.sh/results.json", "env.sh/new/results.json"):
+        message = f"cannot write results to '{tmp_path / below}': '{tmp_path / 'env.sh'}' is not a directory"
+        with pytest.raises(ResultsFileError, match=re.escape(message) + "$"):
+            check_results_path(tmp_path / below)
 
 
 def _fail_to_replace(self: Path, target: Path) -> Path:

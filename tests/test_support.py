@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from conftest import REPO_ROOT
+from splitflower import cli
 from splitflower._threads import StickyExecutor
 from splitflower.app import (
     _handed_optimizer_state,
@@ -24,7 +25,7 @@ from splitflower.client import Client
 from splitflower.codec import encode_reply
 from splitflower.compute import ComputeThread
 from splitflower.data import synthetic
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy
@@ -181,3 +182,66 @@ def test_compare_refuses_a_results_file_without_its_config(tmp_path: Path) -> No
     cut_short.write_text(json.dumps({"schema": "splitflower.results/1", "rounds": []}))
     with pytest.raises(ConfigError, match="lacks its 'config'"):
         load_results(cut_short)
+
+
+def _malformed(tmp_path: Path, change: str) -> Path:
+    """A results file with one defect, as a hand edit or a broken disk leaves it."""
+    path = tmp_path / "broken.json"
+    document = _results("dsl", 1, 1, 0.5)
+    if change == "random bytes":
+        path.write_bytes(bytes(range(128, 256)) * 4)
+    elif change == "deep nesting":
+        path.write_text('{"schema": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    else:
+        if change == "empty round":
+            document["rounds"] = [{}]
+        elif change == "round not an object":
+            document["rounds"] = [1]
+        elif change == "text figure":
+            document["rounds"][0]["bytes"]["up_payload_bytes"] = "abc"
+        path.write_text(json.dumps(document))
+    return path
+
+
+_PROBLEMS = {
+    "random bytes": "it is not UTF-8 text (byte 0x80 at offset 0)",
+    "deep nesting": "its JSON is nested too deeply to read",
+    "empty round": "rounds[0].round must be a number, got nothing (it is missing)",
+    "round not an object": "rounds[0] must be an object, got 1",
+    "text figure": "rounds[0].bytes.up_payload_bytes must be a number or null, got 'abc'",
+}
+
+
+@pytest.mark.parametrize("change", list(_PROBLEMS))
+@pytest.mark.parametrize("plot", [False, True])
+def test_compare_refuses_a_malformed_results_file_with_what_is_wrong_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str, plot: bool
+) -> None:
+    broken, problem = _malformed(tmp_path, change), _PROBLEMS[change]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_results("csl", 1, 1, 0.5)))
+    command = ["compare", str(good), str(broken), *(["--plot", str(tmp_path / "new" / "cmp.png")] if plot else [])]
+    assert cli.main(command) == 2
+    assert capsys.readouterr().err == f"splitflower: error: {broken} is not a valid results file: {problem}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "good.json"], "no plot folder"
+
+
+def test_a_plot_path_is_checked_without_creating_folders_and_a_failed_plot_removes_those_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "new" / "sub" / "cmp.png"
+    assert check_plot_path(out) == out
+    assert not list(tmp_path.iterdir()), "a check creates nothing"
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    with pytest.raises(ResultsFileError, match=re.escape(f"cannot write the plot to '{out}': No space left")):
+        plot_results([_results("dsl", 1, 1, 0.5)], out)
+    assert not list(tmp_path.iterdir()), "the folders made for a failed plot are removed"
+    (tmp_path / "env.sh").touch()
+    with pytest.raises(ResultsFileError, match=re.escape(f"'{tmp_path / 'env.sh'}' is not a directory")):
+        check_plot_path(tmp_path / "env.sh" / "cmp.png")
