@@ -359,7 +359,8 @@ class ServerModelProxy:
         notice tells the server it was abandoned."""
         with self._seq_changed:
             self._unsettled.discard(seq)
-            self._seq_changed.notify_all()
+            if not self._unsettled:  # what close() waits for
+                self._seq_changed.notify_all()
             overtaken = _maybe_unseen(error) and any(later > seq for later in self._unsettled)
         if overtaken:
             self._notify_abandoned(seq)
