@@ -48,7 +48,7 @@ def refuse_shadowed_methods(cls: type, attributes: frozenset[str], base: str) ->
     """Refuse a method of ``cls`` (or of a base) that ``base.__init__`` would hide behind an
     attribute of the same name, so that it would never be called."""
     for name in sorted(attributes):
-        if any(inspect.isfunction(vars(klass).get(name)) for klass in cls.__mro__):
+        if any(_is_method(vars(klass).get(name)) for klass in cls.__mro__):
             hint = (
                 f"pass loss_fn= to {base}.__init__ instead (e.g. super().__init__(..., loss_fn=my_loss))"
                 if name == "loss_fn"
@@ -62,9 +62,9 @@ def refuse_shadowed_methods(cls: type, attributes: frozenset[str], base: str) ->
 def refuse_options_the_base_cannot_read(cls: type) -> None:
     """Refuse a subclass's own ``Options`` that is not a subclass of the ``Options`` of the
     class it extends: that class's code reads its fields from ``self.options``."""
-    own = vars(cls).get("Options")
-    if own is None:
+    if "Options" not in vars(cls):
         return
+    own = vars(cls)["Options"]
     for base in cls.__mro__[1:]:
         inherited = vars(base).get("Options")
         if inherited is None:
@@ -76,3 +76,7 @@ def refuse_options_the_base_cannot_read(cls: type) -> None:
                 f"@dataclass class MyOptions({inherited.__name__}): ... and set Options = MyOptions"
             )
         return
+
+
+def _is_method(member: object) -> bool:
+    return inspect.isfunction(member) or isinstance(member, staticmethod | classmethod | property)

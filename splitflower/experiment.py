@@ -854,15 +854,18 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], *, what: s
     # A name of its own (not tempfile's, whose files are private to the user), so the file gets
     # the permissions the umask gives any new file.
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    made: list[Path] = []
     try:
         for folder in reversed(missing):
-            folder.mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by someone else: theirs
+                folder.mkdir()
+                made.append(folder)
         write(tmp)
         tmp.replace(out)
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        for folder in missing:
+        for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(err, OSError):

@@ -93,6 +93,12 @@ def _maybe_unseen(error: BaseException | None) -> bool:
     return True
 
 
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a time.monotonic() value; None: no limit), at least a
+    millisecond, so that a wait that has run out still looks once."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
 def _log_lost_notice(log_prefix: str, notice: grpc.Future) -> None:
     if notice.exception() is not None:
         logger.debug("%s a notice of an abandoned request was not delivered: %s", log_prefix, notice.exception())
@@ -172,24 +178,10 @@ class ProxyFuture:
         self._deadline = deadline  # time.monotonic() by which the call's own timeout fires
         self._value: Value = None
         self._error: BaseException | None = None
-        self._settled = threading.Event()
-        call.add_done_callback(self._take_reply)
+        self._settled = threading.Event()  # set by the proxy once the reply is decoded and metered
 
     def done(self) -> bool:
         return self._settled.is_set()
-
-    def _take_reply(self, call: Future[bytes]) -> None:
-        """Decode and meter the reply once, when it arrives, whether or not it is ever read."""
-        try:
-            self._value = self._proxy._finish_reply(self._method, call.result())
-        except grpc.RpcError as err:
-            self._error = self._proxy._translate(self._method, err)
-        except CancelledError:  # taken off the queue by result() when its deadline passed
-            self._error = self._proxy._not_sent(self._method)
-        except BaseException as err:  # noqa: BLE001 - raised by result(), in the caller's thread
-            self._error = err
-        finally:
-            self._settled.set()
 
     def result(self, timeout: float | None = None) -> Value:
         """Block until the reply arrives (counted as time blocked on the channel)."""
@@ -291,8 +283,8 @@ class ServerModelProxy:
         self._seq_changed = threading.Condition(self._seq_lock)  # notified as requests settle
         self._window = threading.BoundedSemaphore(max_in_flight)
         self._window_size = max_in_flight
-        self._unsettled_sends = 0
-        self._settled = threading.Condition()
+        self._unsettled_sends = 0  # fire-and-forget calls without their outcome (under _seq_changed)
+        self._closing = False  # close() waits on _seq_changed for the last request to settle
         # gRPC's own futures start a polling thread whenever the channel has been idle; a
         # small pool running blocking calls avoids that start-up and bounds concurrency.
         self._executor = ThreadPoolExecutor(max_in_flight, thread_name_prefix="splitflower-proxy")
@@ -359,16 +351,22 @@ class ServerModelProxy:
         notice tells the server it was abandoned."""
         with self._seq_changed:
             self._unsettled.discard(seq)
-            if not self._unsettled:  # what close() waits for
+            if self._closing:
                 self._seq_changed.notify_all()
             overtaken = _maybe_unseen(error) and any(later > seq for later in self._unsettled)
         if overtaken:
             self._notify_abandoned(seq)
 
     def _notify_abandoned(self, seq: int) -> None:
+        if self._closed:  # its calls end because the channel closed; the server revokes the session
+            return
         frame = encode_request(self._token, seq, ABANDONED_METHOD, {}, no_reply=True)
+        try:
+            notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread
+        except (ValueError, grpc.RpcError) as err:  # the channel closed meanwhile
+            logger.debug("%s a notice of an abandoned request was not sent: %s", self.log_prefix, err)
+            return
         self.traffic.record("up", ABANDONED_METHOD, {}, frame_bytes=len(frame))
-        notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread needed
         notice.add_done_callback(lambda done: _log_lost_notice(self.log_prefix, done))
 
     def _deadline(self, timeout: float | None) -> float | None:
@@ -415,13 +413,33 @@ class ServerModelProxy:
             seconds = self._deadline(timeout)
             deadline = None if seconds is None else time.monotonic() + seconds
         call = self._executor.submit(self._call_before, frame, method, deadline)
+        future = ProxyFuture(self, method, call, device, deadline)
+        call.add_done_callback(lambda done: self._take_outcome(future, done, seq, len(frame), no_reply))
+        return future
 
-        def settle(done: Future[bytes]) -> None:
-            self.memory.add_in_flight(-len(frame))
-            self._settle(seq, CancelledError() if done.cancelled() else done.exception())
-
-        call.add_done_callback(settle)
-        return ProxyFuture(self, method, call, device, deadline)
+    def _take_outcome(self, future: ProxyFuture, call: Future[bytes], seq: int, frame_bytes: int, send: bool) -> None:
+        """All a finished call leaves to do, once, in this order: decode and meter its reply
+        (or take its error), free its frame, keep a send's error for the next call and open
+        the send window, resolve the future, and settle its number (which close() waits for)."""
+        raw_error: BaseException | None = None
+        try:
+            future._value = self._finish_reply(future._method, call.result())
+        except grpc.RpcError as err:
+            raw_error, future._error = err, self._translate(future._method, err)
+        except CancelledError as err:  # taken off the queue by result() when its deadline passed
+            raw_error, future._error = err, self._not_sent(future._method)
+        except BaseException as err:  # noqa: BLE001 - raised by result(), in the caller's thread
+            raw_error = future._error = err
+        self.memory.add_in_flight(-frame_bytes)
+        if send:
+            if future._error is not None:
+                self._defer(future._error)
+            self._window.release()
+            with self._seq_changed:
+                self._unsettled_sends -= 1
+                self._seq_changed.notify_all()
+        future._settled.set()
+        self._settle(seq, raw_error)
 
     def _call_before(self, frame: bytes, method: str, deadline: float | None) -> bytes:
         if deadline is None:
@@ -446,38 +464,35 @@ class ServerModelProxy:
                     f"{method}: {self._window_size} fire-and-forget calls were still unacknowledged after "
                     f"its timeout of {seconds}s; it was not sent"
                 )
+        with self._seq_changed:
+            self._unsettled_sends += 1
         try:
-            future = self._start(method, arguments, timeout, no_reply=True, deadline=deadline)
+            self._start(method, arguments, timeout, no_reply=True, deadline=deadline)
         except BaseException:
             self._window.release()
+            with self._seq_changed:
+                self._unsettled_sends -= 1
             raise
-        with self._settled:
-            self._unsettled_sends += 1
-
-        def settle(done: Future[bytes]) -> None:
-            try:
-                self._finish_reply(method, done.result())
-            except grpc.RpcError as err:
-                self._defer(self._translate(method, err))
-            except RemoteCallError as err:
-                self._defer(err)
-            finally:
-                self._window.release()
-                with self._settled:
-                    self._unsettled_sends -= 1
-                    self._settled.notify_all()
-
-        future._call.add_done_callback(settle)
 
     def _defer(self, error: BaseException) -> None:
         logger.warning("%s fire-and-forget call failed: %s", self.log_prefix, error)
         if self._deferred_error is None:
             self._deferred_error = error
 
-    def _raise_deferred(self) -> None:
+    def _take_deferred(self) -> RemoteCallError | None:
+        """The first failure of a fire-and-forget call since the last one taken, to raise now."""
         error, self._deferred_error = self._deferred_error, None
+        if error is None:
+            return None
+        kind = type(error) if isinstance(error, RemoteCallError) else RemoteCallError
+        taken = kind(f"an earlier fire-and-forget call failed: {error}")
+        taken.__cause__ = error
+        return taken
+
+    def _raise_deferred(self) -> None:
+        error = self._take_deferred()
         if error is not None:
-            raise type(error)(f"an earlier fire-and-forget call failed: {error}") from error
+            raise error
 
     def _finish_reply(self, method: str, frame: bytes, blocked_s: float = 0.0) -> Value:
         try:
@@ -514,8 +529,8 @@ class ServerModelProxy:
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every fire-and-forget call to complete; raise the first failure."""
-        with self.times.measure("blocked_s"), self._settled:
-            if not self._settled.wait_for(lambda: self._unsettled_sends == 0, timeout):
+        with self.times.measure("blocked_s"), self._seq_changed:
+            if not self._seq_changed.wait_for(lambda: self._unsettled_sends == 0, timeout):
                 raise ServerModelTimeoutError(
                     f"{self._unsettled_sends} fire-and-forget calls still outstanding after {timeout}s"
                 )
@@ -525,24 +540,24 @@ class ServerModelProxy:
         """Wait for outstanding calls (futures too: their replies stay readable), tell the
         server this client is done (even if a fire-and-forget call failed: a batching server
         stops waiting for it either way), close the channel, then raise the first failure of
-        a fire-and-forget call. ``timeout`` bounds each of the two waits."""
+        a fire-and-forget call. ``timeout`` bounds the whole of it."""
         if self._closed:
             return
-        error: BaseException | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        error: RemoteCallError | None = None
         try:
-            self.wait_all(timeout)
-            with self._seq_changed:
-                if not self._seq_changed.wait_for(lambda: not self._unsettled, timeout):
-                    raise ServerModelTimeoutError(f"{len(self._unsettled)} calls still outstanding after {timeout}s")
-        except RemoteCallError as err:
-            error = err
-        try:
-            self._start(FINISH_METHOD, {}, timeout, no_reply=True).result()
-        except RemoteCallError as err:
-            if error is None:
-                error = err
-            else:
-                logger.warning("%s telling the server this client is done failed too: %s", self.log_prefix, err)
+            with self.times.measure("blocked_s"), self._seq_changed:
+                self._closing = True
+                if not self._seq_changed.wait_for(lambda: not self._unsettled, _left(deadline)):
+                    error = ServerModelTimeoutError(f"{len(self._unsettled)} calls still outstanding after {timeout}s")
+            error = self._take_deferred() or error
+            try:  # on this thread: the sender threads may all be busy with calls that never end
+                self._blocking(FINISH_METHOD, {}, _left(deadline))
+            except RemoteCallError as err:
+                if error is None:
+                    error = err
+                else:
+                    logger.warning("%s telling the server this client is done failed too: %s", self.log_prefix, err)
         finally:
             self._closed = True
             self._executor.shutdown(wait=False)

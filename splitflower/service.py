@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import secrets
+import sysconfig
 import threading
 import time
 import traceback
@@ -150,8 +151,10 @@ class ClientSession:
                     self._present.discard(seq)
                     raise _revoked()
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0:  # this number never runs now: later ones need not wait for it
                     self._present.discard(seq)
+                    self._abandoned.add(seq)
+                    self._skip_settled()
                     raise _Abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         ErrorKind.TIMEOUT,
@@ -443,16 +446,22 @@ def _error_to_abort(method: str, error: BaseException, client: Hashable) -> _Abo
     )
 
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+_LIBRARY_DIRS = tuple(
+    {
+        str(Path(path).resolve()) + os.sep
+        for path in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], torch.__path__[0])
+    }
+)
 _FRAMEWORK_DIR = Path(__file__).resolve().parent
 
 
 def _where(error: BaseException) -> str:
     """`` (at FILE:LINE, in FUNCTION)``: the innermost frame of the traceback in algorithm or
-    model code (neither torch's nor the framework's own modules), so that the caller sees
-    which line failed; empty when there is none."""
+    model code (not the standard library's, torch's or the framework's own modules), so that
+    the caller sees which line failed; the file's name only (the server's folders are its own
+    business); empty when there is none."""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = Path(frame.filename).resolve()
-        if not str(path).startswith(_TORCH_DIR) and path.parent != _FRAMEWORK_DIR:
-            return f" (at {frame.filename}:{frame.lineno}, in {frame.name})"
+        if not str(path).startswith(_LIBRARY_DIRS) and path.parent != _FRAMEWORK_DIR:
+            return f" (at {path.name}:{frame.lineno}, in {frame.name})"
     return ""

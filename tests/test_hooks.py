@@ -63,8 +63,9 @@ def test_a_subclass_s_options_must_extend_those_its_base_reads() -> None:
     class Unrelated:
         smoothing: float = 0.1
 
-    with pytest.raises(AlgorithmError, match=r"Smoothed.Options must subclass CSLClient.Options \(CSLOptions\)"):
-        type("Smoothed", (CSLClient,), {"Options": Unrelated})
+    for options in (Unrelated, None):
+        with pytest.raises(AlgorithmError, match=r"Smoothed.Options must subclass CSLClient.Options \(CSLOptions\)"):
+            type("Smoothed", (CSLClient,), {"Options": options})
 
     @dataclass(frozen=True)
     class Extended(CSLOptions):

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -169,7 +170,7 @@ def test_bad_arguments_name_expected_and_received(
 def test_exception_in_method_reaches_caller_with_the_line_that_raised(service: SplitService) -> None:
     proxy = connect(service, Toy())
     line = inspect.getsourcelines(Toy.fail)[1] + 1
-    where = rf"\(at {re.escape(__file__)}:{line}, in fail\)"
+    where = rf"\(at {re.escape(Path(__file__).name)}:{line}, in fail\)"
     with pytest.raises(RemoteComputationError, match=rf"^fail: raised ValueError: deliberate failure {where}"):
         proxy.fail(x=torch.ones(1))
     _still_serves(proxy)
@@ -250,6 +251,8 @@ def test_a_method_the_base_class_would_hide_behind_an_attribute_is_refused_when_
     hint = "pass loss_fn=" if name == "loss_fn" else "rename it"
     with pytest.raises(TypeError, match=rf"Custom.{name}: {base.__name__}.__init__ sets self.{name}.*{hint}"):
         type("Custom", (base,), {name: lambda self, logits, labels: logits})
+    with pytest.raises(TypeError, match=rf"Custom.{name}: {base.__name__}.__init__ sets self.{name}"):
+        type("Custom", (base,), {name: staticmethod(lambda logits, labels: logits)})
     instance = ServerModel(nn.Identity()) if base is ServerModel else Client(nn.Identity(), synthetic(4, 4)[0])
     public = {key for key in vars(instance) if not key.startswith("_")}
     listed = server_model._SERVER_MODEL_ATTRIBUTES if base is ServerModel else client._CLIENT_ATTRIBUTES
@@ -683,3 +686,23 @@ def test_closing_waits_for_outstanding_futures_and_finishes_after_a_failed_send(
     assert session.finished, "the server was told the client is done, though a send had failed"
     replies = [f.result() for f in futures]
     assert all(isinstance(r, torch.Tensor) and r.shape == (3 << 18,) for r in replies)
+
+
+def test_a_request_that_timed_out_waiting_for_its_turn_does_not_hold_up_the_next(service: SplitService) -> None:
+    model = Toy()
+    token, _ = service.open_session("gave-up-waiting", ImmediateScheduler(model))
+    gave_up = _raw(service, _record_frame(token, 1, 0), 0.3)  # waits for 0, which has not come
+    assert isinstance(gave_up, grpc.RpcError) and gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(_raw(service, _record_frame(token, 0, 0)), bytes)
+    after = _raw(service, _record_frame(token, 2, 0), 3)  # the service's sequence timeout is 5 s
+    assert isinstance(after, bytes), after
+    assert model.seen == [0, 2]
+
+
+def test_each_fire_and_forget_reply_is_metered_once(service: SplitService) -> None:
+    proxy = connect(service, Toy())
+    for i in range(5):
+        proxy.record.send(i=torch.tensor(i))
+    proxy.wait_all()
+    assert proxy.traffic.by_method()["record"]["down_messages"] == 5
+    proxy.close()
