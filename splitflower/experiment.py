@@ -60,7 +60,7 @@ from splitflower.errors import (
 )
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
-from splitflower.server_model import ServerModel, sgd
+from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import SequentialStrategy, find_strategy
 from splitflower.strategy import SplitResult, SplitStrategy
@@ -379,7 +379,24 @@ class Experiment:
 
     @torch.no_grad()
     def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
-        """Test loss and accuracy of the assembled model (client segment + server model)."""
+        """Test loss and accuracy of the round's weights. Where the server model has a remote
+        ``predict``, the algorithm's own :meth:`Client.evaluate` runs on the test set against it
+        (in this process), so an algorithm that evaluates its own way, or keeps more modules on
+        either side, is evaluated as it says; otherwise (U-shaped SL) the client segment, the
+        server segment and the client's tail are assembled into one model."""
+        with torch.random.fork_rng(devices=[]):  # building the parties seeds and draws: not the run's business
+            server = self.make_server_model()
+            client = self.make_client(0, self.test)
+        if "predict" not in remote_methods(type(server)):
+            return self._evaluate_assembled(client_arrays, server_arrays)
+        server.configure_fit(server_arrays.to_torch_state_dict(), {})
+        client.test_data = self.test
+        client.server_model_proxy = _InProcessProxy(server)  # type: ignore[assignment]
+        loss, _, metrics = client.evaluate(client_arrays.to_torch_state_dict(), {ConfigKey.BATCH_SIZE: 1000})
+        return {"test_loss": loss, "test_accuracy": float(metrics["accuracy"])}
+
+    @torch.no_grad()
+    def _evaluate_assembled(self, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
         bottom, top, tail = copy.deepcopy(self.bottom), copy.deepcopy(self.top), copy.deepcopy(self.tail)
         state = client_arrays.to_torch_state_dict()
         bottom.load_state_dict({k.removeprefix("segment."): v for k, v in state.items() if k.startswith("segment.")})
@@ -789,6 +806,20 @@ def results_document(
         "rounds": rounds,
         "final": {k: v for k, v in rounds[-1].items() if k in ("test_accuracy", "test_loss")} if rounds else {},
     }
+
+
+class _InProcessProxy:
+    """``proxy.<method>(**tensors)`` run on a server model in this process: what central
+    evaluation gives an algorithm's client instead of a channel."""
+
+    def __init__(self, server_model: ServerModel) -> None:
+        self._server_model = server_model
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        def call(**tensors: torch.Tensor) -> Any:
+            return resolve_call(self._server_model, method, tensors)(**tensors)
+
+        return call
 
 
 def check_results_path(path: str | Path, *, what: str = "results") -> Path:

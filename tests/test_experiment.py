@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from conftest import run_cli, simulate
 from splitflower import cli
@@ -246,6 +247,41 @@ def test_a_run_whose_clients_all_failed_exits_1_not_the_bad_input_code(
     monkeypatch.setattr(cli, "_run", fail)
     assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic"]) == CRASHED_EXIT_CODE == 1
     assert capsys.readouterr().err == "splitflower: error: round(s) [1] trained on no client\n"
+
+
+_OWN_PREDICT = """
+import torch
+from torch import nn
+from splitflower.algorithms import Algorithm, CSLClient
+from splitflower.server_model import remote
+from splitflower.supervised import EMBEDDINGS, SupervisedServerModel
+
+class Uninformed(SupervisedServerModel):
+    def __init__(self, model, **kwargs):
+        super().__init__(nn.ModuleDict({"top": model, "extra": nn.Linear(1, 1)}), **kwargs)
+
+    @remote(embeddings=EMBEDDINGS)
+    @torch.no_grad()
+    def predict(self, embeddings):
+        return self.model["top"](embeddings) * 0.0  # every logit 0: loss ln(classes), class 0 predicted
+
+UNINFORMED = Algorithm("uninformed", CSLClient, Uninformed, "parallel", ("parallel",))
+"""
+
+
+def test_central_evaluation_runs_the_algorithm_s_own_prediction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "uninformed.py").write_text(_OWN_PREDICT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    experiment = Experiment(ExperimentConfig(algorithm="uninformed:UNINFORMED", dataset="synthetic", test_size=200))
+    server_weights = ArrayRecord(experiment.make_server_model().get_fit_result().weights)
+    client_weights = ArrayRecord(experiment.initial_client_weights())
+    before = torch.random.get_rng_state()
+    figures = experiment.evaluate(1, client_weights, server_weights)
+    assert torch.equal(torch.random.get_rng_state(), before), "evaluating does not reseed the run's RNG"
+    assert figures["test_loss"] == pytest.approx(math.log(experiment.test.num_classes))
+    assert figures["test_accuracy"] == pytest.approx(float((experiment.test.labels == 0).float().mean()))
 
 
 def test_a_run_in_which_a_round_trained_on_no_client_is_a_failure() -> None:
