@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import platform
-import re
 import secrets
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
+from splitflower._client_errors import raised_by_client
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -686,6 +686,8 @@ def run_experiment(
     if "result" not in holder:
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
+        if any(isinstance(err, ExperimentFailedError) for err in server_errors):
+            check_every_round_trained(rounds)  # the strategy stopped at a round no client trained in: say why
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     check_every_round_trained(rounds)
     return results_document(config, rounds, time.perf_counter() - started)
@@ -729,29 +731,12 @@ def check_every_round_trained(rounds: list[dict[str, Any]]) -> None:
         )
 
 
-# "module.Name: message" as a traceback ends; Flower's and Ray's wrappers are skipped.
-_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$", re.MULTILINE)
-_WRAPPERS = frozenset({"ClientAppException", "RayTaskError"})
-
-
 def _first_client_error(rounds: list[dict[str, Any]]) -> str:
-    """The error the first failed client raised, as ``Name: message``. Ray wraps it in a long,
-    coloured traceback that prints a chain from its root cause out, then Flower's wrapper: the
-    last exception before the wrapper is the one the client's code raised."""
+    """The error the first failed client raised, as ``Name: message``."""
     for entry in rounds:
         for client in entry["clients"]:
             if "error" in client:
-                text = re.sub(r"\x1b\[[0-9;]*m", "", str(client["error"]))
-                # Flower reports an exception as "<class 'module.Name'>:<'message'>".
-                wrapped = re.fullmatch(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", text, re.DOTALL)
-                inner = wrapped.group(2) if wrapped else text
-                raised = [m for m in _RAISED.finditer(inner) if m.group(1) not in _WRAPPERS]
-                if raised:
-                    return f"{raised[-1].group(1)}: {raised[-1].group(2).strip()}"
-                lines = [ln.strip() for ln in inner.splitlines() if ln.strip()]
-                if wrapped and len(lines) == 1:  # the message itself, not a traceback ending in it
-                    return f"{wrapped.group(1)}: {lines[0]}"
-                return lines[-1] if lines else "(empty)"
+                return raised_by_client(str(client["error"]))
     return "(none reported; see the log above)"
 
 

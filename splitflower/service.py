@@ -285,13 +285,24 @@ class SplitService:
             (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
         )
         bind = f"{self.host}:{self.port}"
-        if self.tls:
-            creds = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
-            self.bound_port = server.add_secure_port(bind, creds)
-        else:
-            self.bound_port = server.add_insecure_port(bind)
+        cause: RuntimeError | None = None
+        try:  # gRPC returns 0, or (newer versions) raises, when it cannot listen
+            if self.tls:
+                creds = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
+                self.bound_port = server.add_secure_port(bind, creds)
+            else:
+                self.bound_port = server.add_insecure_port(bind)
+        except RuntimeError as err:
+            self.bound_port, cause = 0, err
         if not self.bound_port:
-            raise ConfigError(f"cannot listen on {bind}; pick another host or port")
+            self._executor.shutdown(wait=False)
+            why = (
+                "the TLS private key does not match the certificate or is not a PEM key, or the address is "
+                "not this machine's or is taken; check the key and certificate (sf-tls-*), sf-host and sf-port"
+                if self.tls
+                else "the address is not this machine's, or the port is taken; pick another host (sf-host) or port"
+            )
+            raise ConfigError(f"cannot listen on {bind}: {why}") from cause
         server.start()
         self._server = server
         logger.info(

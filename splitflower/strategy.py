@@ -15,8 +15,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
+from splitflower._client_errors import raised_by_client
 from splitflower.compute import run_on_compute_thread
-from splitflower.errors import ConfigError, NotEnoughNodesError
+from splitflower.errors import ConfigError, ExperimentFailedError, NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
@@ -361,6 +362,22 @@ class SplitStrategy(FedAvg):
             result.rounds[server_round] = record
             if on_round is not None:
                 on_round(server_round, record)
+            _stop_if_untrained(record)
+
+
+def _stop_if_untrained(record: dict[str, Any]) -> None:
+    """Raise :class:`ExperimentFailedError` if no client trained in the round: every later
+    round would start from the same weights, and the results would look like a run."""
+    trained = sum(entry["metrics"].get(RecordKey.NUM_EXAMPLES, 0) for entry in record["clients"] if "metrics" in entry)
+    if trained:
+        return
+    problems = [entry.get("error") or entry.get("left_out") for entry in record["clients"]]
+    first = next((str(p) for p in problems if p), None)
+    raise ExperimentFailedError(
+        f"round {record['round']} trained on no client ({len(problems)} failed or were left out), so the run "
+        "stops: its results would be meaningless; the first client error: "
+        + (raised_by_client(first) if first else "(none: no client was sampled)")
+    )
 
 
 def _disagreement(plan: RoundPlan, reply: Message) -> str | None:

@@ -162,6 +162,8 @@ def simulate(
             )
         except Exception as err:  # noqa: BLE001 - re-raised, with the ServerApp's own error as cause
             raise RuntimeError(f"the simulation failed; the ServerApp's error: {errors[:1]}") from (errors or [err])[0]
+    if errors:
+        raise RuntimeError(f"the ServerApp failed: {errors[0]!r}") from errors[0]
     if ThreadBackend.runs != runs + 1:
         raise RuntimeError("the simulation did not run on ThreadBackend: Flower no longer builds RayBackend there")
     if len(records) != config.rounds:

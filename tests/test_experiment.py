@@ -369,6 +369,20 @@ def test_only_a_strategy_that_hands_segments_on_hands_optimizers_on(strategy: st
     assert config.hand_over_optimizer
 
 
+class NeverTrains(CSLClient):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        raise ValueError("no data today")
+
+
+def test_a_strategy_stops_at_a_round_no_client_trained_in() -> None:
+    config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=2, rounds=2, train_size=64).validate()
+    with pytest.raises(RuntimeError) as raised:
+        simulate(config, NeverTrains)
+    error = raised.value.__cause__
+    assert isinstance(error, ExperimentFailedError), raised.value
+    assert re.search(r"round 1 trained on no client \(2 failed or were left out\).*no data today$", str(error))
+
+
 class DiesAfterTwoBatches(CSLClient):
     """A CSL client whose second partition crashes mid-round (raising ``crash``)."""
 

@@ -29,7 +29,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from conftest import RAY_START_UP_FAILURES
+from splitflower.app import service_from_run_config
 from splitflower.errors import ConfigError, ResultsFileError
+from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -325,6 +327,16 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
     assert task.experiment_config({**run_config, "strategy": "", "data-root": ""}).data_root is None
     handing = task.experiment_config({**run_config, "strategy": "sequential", "hand-over-optimizer": True})
     assert handing.hand_over_optimizer
+
+
+def test_the_example_declares_every_service_key_the_readme_tells_users_to_set() -> None:
+    with (APP / "pyproject.toml").open("rb") as f:
+        run_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    tls = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
+    lan_and_tls = ("sf-advertised-host", "sf-max-message-bytes", *tls)
+    assert set(lan_and_tls) <= set(run_config), "Flower refuses --run-config overrides of undeclared keys"
+    service = service_from_run_config(run_config)  # the declared defaults mean "unset"
+    assert service.tls is None and service.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
 
 
 def test_example_app_refuses_a_results_path_before_training(task: Any, tmp_path: Path) -> None:

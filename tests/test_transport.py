@@ -615,6 +615,16 @@ def test_tls_clients_verify_the_server_certificate() -> None:
         service.stop(grace=0)
 
 
+def test_a_service_that_cannot_listen_says_which_setting_to_check() -> None:
+    pytest.importorskip("cryptography")
+    cert, _ = _self_signed()
+    _, other_key = _self_signed()
+    with pytest.raises(ConfigError, match=r"cannot listen on 127.0.0.1:0: the TLS private key does not match"):
+        SplitService(tls=TlsConfig(cert, other_key, cert)).start()
+    with pytest.raises(ConfigError, match=r"cannot listen on 192.0.2.1:0: the address is not this machine's"):
+        SplitService("192.0.2.1", 0).start()  # TEST-NET-1: never a local address
+
+
 def _record_frame(token: bytes, seq: int, settled_below: int) -> bytes:
     return encode_request(token, seq, "record", {"i": torch.tensor(seq)}, settled_below=settled_below)
 
