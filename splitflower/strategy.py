@@ -47,6 +47,18 @@ class RoundPlan:
     reply_keys: tuple[frozenset[str], frozenset[str]] | None = None
     """Weight and metric names of the round's first accepted reply: Flower averages only
     replies that agree on them."""
+    sent: list[Message] = field(default_factory=list)
+    """The round's train messages: a reply names the one it answers (Flower gives each an id
+    as it sends it)."""
+
+    def sender(self, reply: Message) -> int:
+        """The client a reply is about. Not always its source: the SuperLink answers for a
+        node it lost with an error reply of its own."""
+        answered = reply.metadata.reply_to_message_id
+        for message in self.sent:
+            if answered and message.metadata.message_id == answered:
+                return message.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
 
 @dataclass
@@ -172,7 +184,9 @@ class SplitStrategy(FedAvg):
         content = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: self.client_config(plan, node_id, config)}
         )
-        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+        plan.sent.append(message)
+        return message
 
     def client_config(self, plan: RoundPlan, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """A copy of the round's config plus what this client needs to reach its server model."""
@@ -195,12 +209,12 @@ class SplitStrategy(FedAvg):
         that cannot be aggregated, rather than let one client's malformed reply end the run."""
         collected: list[Message] = []
         replies = list(replies)
-        for node in {*sent_to, *(reply.metadata.src_node_id for reply in replies)}:
+        for node in {*sent_to, *(plan.sender(reply) for reply in replies)}:
             token = plan.tokens.get(node)
             if token is not None:
                 self._service.close_session(token)
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = plan.sender(reply)
             problem = None if reply.has_error() else self.reply_problem(reply) or _disagreement(plan, reply)
             if problem is None:
                 collected.append(reply)
@@ -399,7 +413,7 @@ def _disagreement(plan: RoundPlan, reply: Message) -> str | None:
     return "its names differ from the round's first reply's (" + "; ".join(differences) + ")"
 
 
-def _client_wire(reply: Message) -> Any:
+def _client_wire(reply: Message, node: int) -> Any:
     """What a client reports crossed its wire (a JSON ConfigRecord), or None if absent or unreadable."""
     record = reply.content.config_records.get(RecordKey.WIRE_MANIFEST)
     if record is None:
@@ -407,7 +421,6 @@ def _client_wire(reply: Message) -> Any:
     try:
         return json.loads(str(record[RecordKey.VALUE]))
     except (KeyError, ValueError) as err:
-        node = reply.metadata.src_node_id
         logger.warning("[server] client %d's wire manifest is unreadable (%s); left out", node, err)
         return None
 
@@ -422,14 +435,14 @@ def _round_record(
     """A JSON-able account of one round: per client and per server model."""
     clients: list[dict[str, Any]] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = plan.sender(reply)
         entry: dict[str, Any] = {"node_id": node, "index": _index(plan, node)}
         if reply.has_error():
             entry["error"] = reply.error.reason
         else:
             metrics = list(reply.content.metric_records.values())
             entry["metrics"] = dict(metrics[0]) if metrics else {}
-            wire = _client_wire(reply)
+            wire = _client_wire(reply, node)
             if wire is not None:
                 entry["wire"] = wire
         clients.append(entry)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from splitflower.server_model import FitResult
 from splitflower.service import SplitService
 from splitflower.split import split_model
 from splitflower.strategies import ParallelStrategy, SequentialStrategy, find_strategy
+from splitflower.strategy import RoundPlan, _round_record
 from splitflower.wire import ConfigKey
 
 
@@ -323,3 +325,22 @@ def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, m
     ):
         with pytest.raises(ConfigError, match=message):
             ExperimentConfig(algorithm=name, dataset="synthetic").validate()
+
+
+def test_the_superlink_s_error_reply_for_a_lost_node_is_recorded_under_that_node() -> None:
+    # Flower's Messages need a run; these stand-ins carry what the strategy reads of them.
+    sent = [SimpleNamespace(metadata=SimpleNamespace(message_id=f"sent-{n}", dst_node_id=n)) for n in (5, 6)]
+    lost = SimpleNamespace(  # the SuperLink (node 1) answers for node 5, which it lost
+        metadata=SimpleNamespace(reply_to_message_id="sent-5", src_node_id=1),
+        has_error=lambda: True,
+        error=SimpleNamespace(reason="Node Unavailable"),
+    )
+    with SplitService() as service:
+        strategy = ParallelStrategy(min_train_nodes=2, min_available_nodes=2)
+        strategy._service = service
+        plan = RoundPlan(1, [5, 6], [], [], {}, sent=sent)  # type: ignore[arg-type]
+        record = _round_record(plan, strategy.collect(plan, [lost], [5, 6]), [], 1.0)  # type: ignore[list-item]
+    by_node = {entry["node_id"]: entry["error"] for entry in record["clients"]}
+    assert by_node[5] == "Node Unavailable"
+    assert 1 not in by_node, "the SuperLink's own id is no client"
+    assert "no reply" in by_node[6]
