@@ -29,7 +29,7 @@ from splitflower.codec import decode_reply, encode_reply
 from splitflower.compute import run_on_compute_thread
 from splitflower.errors import CodecError, ConfigError
 from splitflower.proxy import ServerModelProxy
-from splitflower.server_model import ServerModel
+from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import SplitService, TlsConfig
 from splitflower.strategy import DEFAULT_ROUND_TIMEOUT_S, CentralEvaluateFn, SplitResult, SplitStrategy
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, RecordKey
@@ -165,6 +165,23 @@ def build_server_app(
     return app
 
 
+def _fit_then_close(
+    client: Client, proxy: ServerModelProxy, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> FitResult:
+    """``client.fit``, then close its proxy. If fit failed, its error is the one raised: the
+    proxy's, after it (often the same failure seen again), is only logged."""
+    try:
+        fit = client.fit(weights, config)
+    except BaseException:
+        try:
+            proxy.close()
+        except Exception as err:  # noqa: BLE001 - the fit error above is the one to report
+            logger.warning("%s closing the proxy after a failed round failed too: %s", client.log_prefix, err)
+        raise
+    proxy.close()
+    return fit
+
+
 def client_reply_metrics(
     client: Client, proxy: ServerModelProxy, examples: int, metrics: Mapping[str, float]
 ) -> dict[str, float]:
@@ -200,10 +217,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
         proxy = _proxy_from_config(config, instance)
         instance.server_model_proxy = proxy
-        try:
-            fit = instance.fit(arrays.to_torch_state_dict() if len(arrays) else {}, config)
-        finally:
-            proxy.close()
+        fit = _fit_then_close(instance, proxy, arrays.to_torch_state_dict() if len(arrays) else {}, config)
         local = instance.local_state()
         if local:
             context.state[_LOCAL_STATE_KEY] = ArrayRecord(local)

@@ -21,13 +21,16 @@ from flwr.app import ArrayRecord
 from conftest import run_cli, simulate
 from splitflower import cli
 from splitflower.algorithms.csl import CSLClient
+from splitflower.app import _fit_then_close
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
+from splitflower.data import synthetic
 from splitflower.errors import (
     ConfigError,
     DatasetError,
     ExperimentFailedError,
     IncompatibleStrategyError,
     ResultsFileError,
+    ServerUnavailableError,
 )
 from splitflower.experiment import (
     CRASHED_EXIT_CODE,
@@ -606,3 +609,20 @@ def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.Captu
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--startup-timeout", "0"])
     assert "expected a positive number of seconds, got '0'" in capsys.readouterr().err
+
+
+def test_a_failed_round_s_own_error_is_reported_when_closing_the_proxy_fails_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class FailsToFit(CSLClient):
+        def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+            raise ValueError("the round's own failure")
+
+    class Unreachable:
+        def close(self) -> None:
+            raise ServerUnavailableError("<finish>: split-learning service unreachable")
+
+    client = FailsToFit(torch.nn.Linear(4, 3), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
+    with pytest.raises(ValueError, match="the round's own failure"):
+        _fit_then_close(client, Unreachable(), {}, {})  # type: ignore[arg-type]
+    assert "closing the proxy after a failed round failed too: <finish>: split-learning service" in caplog.text
