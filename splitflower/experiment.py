@@ -384,11 +384,11 @@ class Experiment:
         (in this process), so an algorithm that evaluates its own way, or keeps more modules on
         either side, is evaluated as it says; otherwise (U-shaped SL) the client segment, the
         server segment and the client's tail are assembled into one model."""
+        if "predict" not in remote_methods(self.algorithm.server_model):
+            return self._evaluate_assembled(client_arrays, server_arrays)
         with torch.random.fork_rng(devices=[]):  # building the parties seeds and draws: not the run's business
             server = self.make_server_model()
             client = self.make_client(0, self.test)
-        if "predict" not in remote_methods(type(server)):
-            return self._evaluate_assembled(client_arrays, server_arrays)
         server.configure_fit(server_arrays.to_torch_state_dict(), {})
         client.test_data = self.test
         client.server_model_proxy = _InProcessProxy(server)  # type: ignore[assignment]
@@ -686,8 +686,9 @@ def run_experiment(
     if "result" not in holder:
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
-        if any(isinstance(err, ExperimentFailedError) for err in server_errors):
-            check_every_round_trained(rounds)  # the strategy stopped at a round no client trained in: say why
+        for server_error in server_errors:
+            if isinstance(server_error, ExperimentFailedError):  # the strategy stopped at an untrained round
+                raise server_error
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
     check_every_round_trained(rounds)
     return results_document(config, rounds, time.perf_counter() - started)

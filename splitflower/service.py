@@ -119,7 +119,8 @@ class ClientSession:
         with self._cond:
             if self.revoked:
                 raise _revoked()
-            self._skip_settled(settled_below)
+            if settled_below > self._settled_below:  # else nothing new to skip (checked once per request)
+                self._skip_settled(settled_below)
             if seq in self._present:
                 raise _invalid(
                     f"request number {seq} is already being served; the frame was sent twice, "

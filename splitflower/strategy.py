@@ -385,12 +385,11 @@ def _stop_if_untrained(record: dict[str, Any]) -> None:
     trained = sum(entry["metrics"].get(RecordKey.NUM_EXAMPLES, 0) for entry in record["clients"] if "metrics" in entry)
     if trained:
         return
-    problems = [entry.get("error") or entry.get("left_out") for entry in record["clients"]]
-    first = next((str(p) for p in problems if p), None)
+    problems = [str(p) for entry in record["clients"] if (p := entry.get("error") or entry.get("left_out"))]
     raise ExperimentFailedError(
         f"round {record['round']} trained on no client ({len(problems)} failed or were left out), so the run "
         "stops: its results would be meaningless; the first client error: "
-        + (raised_by_client(first) if first else "(none: no client was sampled)")
+        + (raised_by_client(problems[0]) if problems else "(none: no client reported an example)")
     )
 
 

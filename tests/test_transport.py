@@ -167,12 +167,16 @@ def test_bad_arguments_name_expected_and_received(
     _still_serves(proxy)
 
 
-def test_exception_in_method_reaches_caller_with_the_line_that_raised(service: SplitService) -> None:
+def test_exception_in_method_reaches_caller_with_the_line_that_raised(
+    service: SplitService, caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = connect(service, Toy())
     line = inspect.getsourcelines(Toy.fail)[1] + 1
     where = rf"\(at {re.escape(Path(__file__).name)}:{line}, in fail\)"
     with pytest.raises(RemoteComputationError, match=rf"^fail: raised ValueError: deliberate failure {where}"):
         proxy.fail(x=torch.ones(1))
+    logged = [r for r in caplog.records if r.name == "splitflower.service" and "fail raised" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None, "the server logs the traceback"
     _still_serves(proxy)
 
 
