@@ -4,7 +4,9 @@ The ServerApp hosts the split-learning gRPC service for the run's lifetime and h
 address and a per-round token to each client in the round's ConfigRecord; Flower messages
 carry only that control and the client-segment weights. Run-config keys the ServerApp
 reads (all optional): ``num-server-rounds`` (default 1), ``sf-round-timeout`` (seconds a
-round waits for its clients' replies, default 3600), ``sf-host`` (default 127.0.0.1),
+round waits for its clients' replies, default 3600), ``sf-node-wait-timeout`` (seconds a round
+waits for the strategy's ``min_available_nodes`` to be connected, e.g. after a SuperNode was
+lost; default the strategy's own, 300), ``sf-host`` (default 127.0.0.1),
 ``sf-port`` (0 = any free port), ``sf-advertised-host``, ``sf-max-message-bytes``, and for
 TLS ``sf-tls-certificate``, ``sf-tls-private-key``, ``sf-tls-root-certificates`` (paths to
 PEM files).
@@ -36,6 +38,7 @@ from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES, ConfigKey, MetricKey, Re
 
 __all__ = [
     "DEFAULT_ROUND_TIMEOUT_S",
+    "NODE_WAIT_TIMEOUT_KEY",
     "ROUND_TIMEOUT_KEY",
     "round_timeout_from_run_config",
     "build_server_app",
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _LOCAL_STATE_KEY = "sf-local-state"
 ROUND_TIMEOUT_KEY = "sf-round-timeout"
+NODE_WAIT_TIMEOUT_KEY = "sf-node-wait-timeout"
 
 
 def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
@@ -84,13 +88,18 @@ def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
 
 def round_timeout_from_run_config(run_config: Mapping[str, Any]) -> float:
     """The run config's ``sf-round-timeout`` in seconds (empty or absent: the default)."""
-    value = run_config.get(ROUND_TIMEOUT_KEY)
+    seconds = _seconds_from_run_config(run_config, ROUND_TIMEOUT_KEY)
+    return DEFAULT_ROUND_TIMEOUT_S if seconds is None else seconds
+
+
+def _seconds_from_run_config(run_config: Mapping[str, Any], key: str) -> float | None:
+    value = run_config.get(key)
     if value in (None, ""):
-        return DEFAULT_ROUND_TIMEOUT_S
-    return _checked_round_timeout(value, f"run config {ROUND_TIMEOUT_KEY!r}")
+        return None
+    return _checked_seconds(value, f"run config {key!r}")
 
 
-def _checked_round_timeout(value: object, what: str) -> float:
+def _checked_seconds(value: object, what: str) -> float:
     seconds = positive_seconds(value)
     if seconds is None:
         raise ConfigError(f"{what} must be a positive, finite number of seconds, got {value!r}")
@@ -107,6 +116,7 @@ def build_server_app(
     on_result: Callable[[Context, SplitResult], None] | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
+    on_stopped: Callable[[Context, dict[int, dict[str, Any]], BaseException], None] | None = None,
     num_rounds: int | None = None,
     round_timeout: float | None = None,
 ) -> ServerApp:
@@ -114,10 +124,13 @@ def build_server_app(
 
     ``num_rounds`` overrides the run config's ``num-server-rounds``. ``on_error`` is called
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
-    before Flower receives it. ``round_timeout``: seconds a round waits for its clients'
-    replies (under a strategy that serves clients in turn, for each client's); a client that
-    has not replied by then is recorded as failed, and the round goes on without it. None:
-    the run config's ``sf-round-timeout``, else :data:`DEFAULT_ROUND_TIMEOUT_S`.
+    before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
+    fails after recording at least one round, with the records ``on_round`` was given, so
+    that they can be kept (see :func:`splitflower.experiment.stopped_early`).
+    ``round_timeout``: seconds a round waits for its clients' replies (under a strategy that
+    serves clients in turn, for each client's); a client that has not replied by then is
+    recorded as failed, and the round goes on without it. None: the run config's
+    ``sf-round-timeout``, else :data:`DEFAULT_ROUND_TIMEOUT_S`.
 
     Example
     -------
@@ -128,18 +141,28 @@ def build_server_app(
     ... )
     """
     if round_timeout is not None:
-        _checked_round_timeout(round_timeout, "round_timeout")
+        _checked_seconds(round_timeout, "round_timeout")
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         service: SplitService | None = None
+        recorded: dict[int, dict[str, Any]] = {}
+
+        def record_round(server_round: int, record: dict[str, Any]) -> None:
+            recorded[server_round] = record
+            if on_round is not None:
+                on_round(server_round, record)
+
         try:
             # The run config is read before anything starts: a bad value fails the run at once.
             timeout = round_timeout or round_timeout_from_run_config(context.run_config)
+            node_wait = _seconds_from_run_config(context.run_config, NODE_WAIT_TIMEOUT_KEY)
             service = service_from_run_config(context.run_config)
             service.start()
             split_strategy = strategy(context)
+            if node_wait is not None:
+                split_strategy.node_wait_timeout = node_wait
             config = ConfigRecord(dict(train_config(context)) if train_config else {})
             result = split_strategy.start(
                 grid,
@@ -150,19 +173,33 @@ def build_server_app(
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,
                 server_model_factory=lambda: server_model(context),
-                on_round=on_round,
+                on_round=record_round,
             )
             if on_result is not None:
                 on_result(context, result)
         except BaseException as err:
             if on_error is not None:
                 on_error(err)
+            if on_stopped is not None and recorded:
+                _keep_recorded_rounds(on_stopped, context, recorded, err)
             raise
         finally:
             if service is not None:
                 service.stop()
 
     return app
+
+
+def _keep_recorded_rounds(
+    on_stopped: Callable[[Context, dict[int, dict[str, Any]], BaseException], None],
+    context: Context,
+    recorded: dict[int, dict[str, Any]],
+    error: BaseException,
+) -> None:
+    try:
+        on_stopped(context, dict(recorded), error)
+    except Exception:  # the run's own error is the one Flower must see
+        logger.exception("[server] keeping the %d recorded round(s) of a failed run failed too", len(recorded))
 
 
 def _fit_then_close(

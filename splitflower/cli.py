@@ -24,6 +24,7 @@ from splitflower.errors import (
     DEFAULT_ATTEMPTS,
     STALLED_EXIT_CODE,
     ExperimentFailedError,
+    ResultsFileError,
     SplitflowerError,
 )
 
@@ -290,15 +291,38 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         check_results_path(args.out)  # before the run, not after it
-    results = run_experiment_owning_the_process(
-        config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
-    )
+    try:
+        results = run_experiment_owning_the_process(
+            config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
+        )
+    except ExperimentFailedError as err:
+        _keep_partial_results(err, args.out)
+        raise
     print(_table(results))
     if args.out is None:
         print("no results file written (give --out FILE.json to keep the figures)")
     else:
         print(f"results written to {write_results(results, args.out)}")
     return 0
+
+
+def _keep_partial_results(error: ExperimentFailedError, out: Path | None) -> None:
+    """Write the rounds a failed run recorded beside ``out`` (never to ``out`` itself)."""
+    from splitflower.experiment import partial_results_path, write_results
+
+    partial = error.partial_results
+    if partial is None:
+        return
+    recorded = len(partial["rounds"])
+    if out is None:
+        print(f"the {recorded} recorded round(s) are not kept (give --out FILE.json to keep them)")
+        return
+    try:
+        written = write_results(partial, partial_results_path(out))
+    except ResultsFileError as err:  # the run's own error is the one to report
+        print(f"the {recorded} recorded round(s) could not be kept: {err}", file=sys.stderr)
+        return
+    print(f"the {recorded} recorded round(s) written to {written} (marked incomplete)", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ framework-specific class.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "DEFAULT_ATTEMPTS",
     "STALLED_EXIT_CODE",
@@ -97,7 +99,18 @@ class NotEnoughNodesError(SplitflowerError, TimeoutError):
 
 
 class ExperimentFailedError(SplitflowerError, RuntimeError):
-    """A run finished but a round trained on no client: its results would be meaningless."""
+    """A run stopped before its last round, or a round trained on no client.
+
+    ``partial_results``: the results document of the rounds that did finish (marked
+    ``incomplete``), when there are any, so that a caller can keep them; else None.
+    """
+
+    def __init__(self, message: str, partial_results: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial_results = partial_results
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (a process pool) with its partial results
+        return (type(self), (str(self), self.partial_results))
 
 
 class ResultsFileError(SplitflowerError, OSError):

@@ -80,10 +80,12 @@ __all__ = [
     "cached_experiment",
     "check_every_round_trained",
     "check_results_path",
+    "partial_results_path",
     "results_document",
     "run_experiment",
     "run_experiment_owning_the_process",
     "source_commit",
+    "stopped_early",
     "summarise_round",
     "threads_per_client",
     "versions",
@@ -670,6 +672,7 @@ def run_experiment(
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
         f"{config.clients} clients, {config.rounds} rounds"
     )
+    stopped_by: BaseException | None = None
     with progress:
         try:
             run_simulation(
@@ -682,16 +685,51 @@ def run_experiment(
             # An error of the ServerApp's own (a strategy's, a server model's) is not Ray's.
             if not server_errors and not progress.started():
                 raise SimulationStartError(_NEVER_STARTED) from err
-            raise
-    if "result" not in holder:
+            stopped_by = err
+    if stopped_by is None and "result" not in holder:
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
-        for server_error in server_errors:
-            if isinstance(server_error, ExperimentFailedError):  # the strategy stopped at an untrained round
-                raise server_error
-        raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
-    check_every_round_trained(rounds)
+        stopped_by = _first_server_error(server_errors)
+    if stopped_by is None:
+        try:
+            check_every_round_trained(rounds)
+        except ExperimentFailedError as err:
+            stopped_by = err
+    if stopped_by is not None:
+        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by) from stopped_by
     return results_document(config, rounds, time.perf_counter() - started)
+
+
+def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException:
+    """The ServerApp's error to report: the strategy's own verdict (an untrained round) first."""
+    for error in server_errors:
+        if isinstance(error, ExperimentFailedError):
+            return error
+    if server_errors:
+        return server_errors[0]
+    return RuntimeError("the simulation ended without a result; see the log above for the ServerApp's error")
+
+
+def stopped_early(
+    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, error: BaseException, **extra: Any
+) -> ExperimentFailedError:
+    """The :class:`ExperimentFailedError` of a run that ``error`` stopped, carrying the rounds
+    it finished as a results document marked ``incomplete`` (none if it finished none)."""
+    reason = str(error) if isinstance(error, ExperimentFailedError) else f"{type(error).__name__}: {error}"
+    partial = None
+    if rounds:
+        incomplete = {"error": reason, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
+        partial = results_document(config, rounds, wall_s, incomplete=incomplete, **extra)
+    if isinstance(error, ExperimentFailedError):
+        return ExperimentFailedError(reason, partial)
+    return ExperimentFailedError(f"the run stopped after {len(rounds)} of {config.rounds} rounds: {reason}", partial)
+
+
+def partial_results_path(path: str | Path) -> Path:
+    """Where a run that stopped early keeps the rounds it finished: ``NAME.partial.json``
+    beside the ``NAME.json`` it was asked to write, which is never given half a run."""
+    out = Path(path)
+    return out.with_name(f"{out.stem}.partial{out.suffix or '.json'}")
 
 
 _OFFLINE_ENVIRONMENT: Final = {

@@ -112,6 +112,10 @@ def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
         for number, i in enumerate(group, start=1):
             if shown.count(labels[i]) > 1:
                 labels[i] = f"{labels[i]} #{number}"
+    for i, run in enumerate(runs):  # a partial file (a run that failed midway) says so
+        if isinstance(incomplete := run.get("incomplete"), dict):
+            recorded, planned = incomplete.get("rounds_recorded"), incomplete.get("rounds_planned")
+            labels[i] += f" (incomplete: {recorded} of {planned} rounds)"
     return labels
 
 

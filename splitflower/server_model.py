@@ -409,7 +409,8 @@ class ServerModel:
         self._taken.clear()
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
-        """Load the round's global server weights (if given) and reset the optimizer."""
+        """Load the round's global server weights (if given) and reset the optimizer. ``config``
+        is the round's train config, with the round number under ``ConfigKey.SERVER_ROUND``."""
         if weights is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         lr = float(config.get(ConfigKey.LR, 0.01))

@@ -274,8 +274,9 @@ class SplitStrategy(FedAvg):
             self._server_models.append(run_on_compute_thread(self._server_model_factory))
         models = self._server_models[:count]
         weights = server_weights.to_torch_state_dict() if len(server_weights) else None
+        round_config = {**config, ConfigKey.SERVER_ROUND: server_round}  # as Flower's FedAvg tells clients
         for model in models:
-            run_on_compute_thread(model.configure_fit, weights, dict(config))
+            run_on_compute_thread(model.configure_fit, weights, dict(round_config))
         schedulers = [self.make_scheduler(model) for model in models]
         assignment = {node: self._checked_assign(i, len(node_ids), count) for i, node in enumerate(node_ids)}
         plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from conftest import run_cli, simulate
+from conftest import ThreadBackend, run_cli, simulate
 from splitflower import cli
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
@@ -39,9 +39,13 @@ from splitflower.experiment import (
     _Progress,
     check_every_round_trained,
     check_results_path,
+    partial_results_path,
+    run_experiment,
+    stopped_early,
     summarise_round,
     write_results,
 )
+from splitflower.report import load_results
 from splitflower.server_model import FitResult
 from splitflower.wire import ConfigKey
 
@@ -626,3 +630,60 @@ def test_a_failed_round_s_own_error_is_reported_when_closing_the_proxy_fails_too
     with pytest.raises(ValueError, match="the round's own failure"):
         _fit_then_close(client, Unreachable(), {}, {})  # type: ignore[arg-type]
     assert "closing the proxy after a failed round failed too: <finish>: split-learning service" in caplog.text
+
+
+_FAILS_IN_ROUND_2 = """
+from splitflower.algorithms import Algorithm, CSLClient
+from splitflower.algorithms.csl import CSLServerModel
+from splitflower.wire import ConfigKey
+
+class FailsInRound2(CSLServerModel):
+    def configure_fit(self, weights, config):
+        if config.get(ConfigKey.SERVER_ROUND) == 2:
+            raise RuntimeError("the server model's disk is full")
+        super().configure_fit(weights, config)
+
+FAILS = Algorithm("fails-in-round-2", CSLClient, FailsInRound2, "parallel", ("parallel",))
+"""
+
+
+def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "fails_in_round_2.py").write_text(_FAILS_IN_ROUND_2)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(
+        algorithm="fails_in_round_2:FAILS", dataset="synthetic", clients=2, rounds=3, train_size=128, test_size=64
+    ).validate()
+    with pytest.raises(ExperimentFailedError) as raised:
+        run_experiment(config, say=lambda _: None)
+    message = "the run stopped after 1 of 3 rounds: RuntimeError: the server model's disk is full"
+    assert str(raised.value) == message
+    partial = raised.value.partial_results
+    assert partial is not None
+    assert [entry["round"] for entry in partial["rounds"]] == [1]
+    assert partial["incomplete"] == {"error": message.split(": ", 1)[1], "rounds_recorded": 1, "rounds_planned": 3}
+    assert partial["rounds"][0]["num_examples"] == 128
+
+    # The CLI keeps them beside the results file it was asked for, which it never writes.
+    out = tmp_path / "runs" / "results.json"
+
+    def fail(*_: Any, **__: Any) -> dict[str, Any]:
+        raise raised.value
+
+    monkeypatch.setattr("splitflower.experiment.run_experiment_owning_the_process", fail)
+    assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--out", str(out)]) == CRASHED_EXIT_CODE
+    kept = load_results(out.with_name("results.partial.json"))
+    assert kept["incomplete"]["rounds_recorded"] == 1 and kept["rounds"] == partial["rounds"]
+    assert not out.exists()
+    captured = capsys.readouterr()
+    assert f"written to {out.with_name('results.partial.json')} (marked incomplete)" in captured.out
+    assert captured.err == f"splitflower: error: {message}\n"
+
+
+def test_partial_results_sit_beside_the_results_file() -> None:
+    assert partial_results_path("runs/dsl.json") == Path("runs/dsl.partial.json")
+    assert partial_results_path("dsl") == Path("dsl.partial.json")
+    error = stopped_early(ExperimentConfig(rounds=5), [], 1.0, ValueError("bad"))
+    assert error.partial_results is None and str(error) == "the run stopped after 0 of 5 rounds: ValueError: bad"

@@ -333,7 +333,7 @@ def test_the_example_declares_every_service_key_the_readme_tells_users_to_set() 
     with (APP / "pyproject.toml").open("rb") as f:
         run_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     tls = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
-    lan_and_tls = ("sf-advertised-host", "sf-max-message-bytes", *tls)
+    lan_and_tls = ("sf-advertised-host", "sf-max-message-bytes", "sf-node-wait-timeout", *tls)
     assert set(lan_and_tls) <= set(run_config), "Flower refuses --run-config overrides of undeclared keys"
     service = service_from_run_config(run_config)  # the declared defaults mean "unset"
     assert service.tls is None and service.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
@@ -399,3 +399,90 @@ def test_a_bad_round_timeout_in_the_run_config_fails_the_run_before_its_service_
     with pytest.raises(ConfigError, match="run config 'sf-round-timeout' must be a positive"):
         app(None, context)  # type: ignore[arg-type]
     assert started == [] and len(errors) == 1 and isinstance(errors[0], ConfigError)
+    context.run_config.update({"sf-round-timeout": 60, "sf-node-wait-timeout": "soon"})
+    with pytest.raises(ConfigError, match=r"run config 'sf-node-wait-timeout' must be a positive.*got 'soon'"):
+        app(None, context)  # type: ignore[arg-type]
+    assert started == []
+
+
+def test_the_run_config_sets_how_long_a_round_waits_for_its_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitflower.app import build_server_app
+    from splitflower.service import SplitService
+    from splitflower.strategies import ParallelStrategy
+
+    monkeypatch.setattr(SplitService, "start", lambda self: None)
+    strategy = ParallelStrategy()
+    waited: list[float] = []
+    monkeypatch.setattr(strategy, "start", lambda *_, **__: waited.append(strategy.node_wait_timeout))
+    app = build_server_app(lambda _: strategy, lambda _: None, initial_client_weights=lambda _: {})  # type: ignore[arg-type, return-value]
+    for run_config, expected in (({}, 300.0), ({"sf-node-wait-timeout": 20}, 20.0)):
+        app(None, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))  # type: ignore[arg-type]
+        assert waited.pop() == expected
+
+
+class _StopsInRound2:
+    """A strategy that records round 1, then fails, as one whose server model broke would."""
+
+    def start(self, *_: Any, on_round: Any, **__: Any) -> Any:
+        on_round(1, dict(_ONE_ROUND[0]))
+        raise RuntimeError("the server model's disk is full")
+
+
+_ONE_ROUND: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def one_round() -> dict[str, Any]:
+    """A real round record (2 synthetic clients, CSL), made once."""
+    if not _ONE_ROUND:
+        from conftest import simulate
+        from splitflower.experiment import ExperimentConfig
+
+        config = ExperimentConfig(dataset="synthetic", clients=2, rounds=1, train_size=128, test_size=64).validate()
+        _ONE_ROUND.extend(simulate(config))
+    return _ONE_ROUND[0]
+
+
+def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_file(
+    task: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_round: dict[str, Any]
+) -> None:
+    import dsl_vs_csl.server_app as server_app
+    from splitflower.app import build_server_app
+    from splitflower.service import SplitService
+
+    monkeypatch.setattr(SplitService, "start", lambda self: None)
+    out = tmp_path / "results.json"
+    run_config: dict[str, bool | float | int | str] = {"dataset": "synthetic", "num-server-rounds": 3, "out": str(out)}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    kept: list[tuple[dict[int, Any], BaseException]] = []
+
+    def keep_then_fail(_: Context, rounds: dict[int, Any], error: BaseException) -> None:
+        kept.append((rounds, error))
+        raise OSError(28, "No space left on device")
+
+    failing_too = build_server_app(
+        lambda _: _StopsInRound2(),  # type: ignore[arg-type, return-value]
+        lambda _: None,  # type: ignore[arg-type, return-value]
+        initial_client_weights=lambda _: {},
+        on_stopped=keep_then_fail,
+    )
+    with pytest.raises(RuntimeError, match="disk is full"):  # not the keeper's OSError
+        failing_too(None, context)  # type: ignore[arg-type]
+    assert [list(rounds) for rounds, _ in kept] == [[1]] and "disk is full" in str(kept[0][1])
+
+    app = build_server_app(
+        lambda _: _StopsInRound2(),  # type: ignore[arg-type, return-value]
+        lambda _: None,  # type: ignore[arg-type, return-value]
+        initial_client_weights=lambda _: {},
+        on_stopped=server_app._write_partial,
+    )
+    with pytest.raises(RuntimeError, match="disk is full"):
+        app(None, context)  # type: ignore[arg-type]
+    partial = json.loads((tmp_path / "results.partial.json").read_text())
+    assert partial["incomplete"] == {
+        "error": "RuntimeError: the server model's disk is full",
+        "rounds_recorded": 1,
+        "rounds_planned": 3,
+    }
+    assert [entry["round"] for entry in partial["rounds"]] == [1] and partial["rounds"][0]["num_examples"] == 128
+    assert not out.exists(), "the results file is never given half a run"

@@ -81,6 +81,10 @@ def test_runs_of_the_same_algorithm_and_strategy_are_told_apart() -> None:
     reordered[0]["config"]["options"], reordered[1]["config"]["options"] = ["a=1", "b=2"], ["b=2", "a=1"]
     labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table(reordered).splitlines()[2:4]]
     assert labels == ["csl/parallel #1", "csl/parallel #2"], "the order of options is no difference"
+    partial = _results("csl", 1, 1, 0.5)
+    partial["incomplete"] = {"error": "RuntimeError: x", "rounds_recorded": 1, "rounds_planned": 3}
+    labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table([partial, other]).splitlines()[2:4]]
+    assert labels == ["csl/parallel (incomplete: 1 of 3 rounds)", "dsl/parallel"]
 
 
 def test_compare_reads_null_figures_as_missing_and_refuses_a_plot_format_first(tmp_path: Path) -> None:

@@ -10,7 +10,15 @@ from flwr.app import Context
 
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
-from splitflower.experiment import Experiment, check_results_path, results_document, summarise_round, write_results
+from splitflower.experiment import (
+    Experiment,
+    check_results_path,
+    partial_results_path,
+    results_document,
+    stopped_early,
+    summarise_round,
+    write_results,
+)
 from splitflower.strategy import SplitResult, SplitStrategy
 
 # WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
@@ -37,13 +45,26 @@ def _on_round(server_round: int, record: dict[str, Any]) -> None:
     logger.warning("[server] round %d: test accuracy %.4f, %.1fs", server_round, accuracy, record["seconds"])
 
 
-def _write_results(context: Context, result: SplitResult) -> None:
-    rounds = [summarise_round(record) for _, record in sorted(result.rounds.items())]
+def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
+    """The results document of the recorded rounds (marked incomplete when ``error`` stopped the run)."""
+    rounds = [summarise_round(record) for _, record in sorted(records.items())]
     wall_s = time.perf_counter() - _started.pop(context.run_id, time.perf_counter())
-    runtime = {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
-    document = results_document(_experiment(context).config, rounds, wall_s, runtime=runtime)
-    out = write_results(document, str(context.run_config.get("out", DEFAULT_OUT)))
+    config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
+    if error is None:
+        return results_document(config, rounds, wall_s, runtime=runtime)
+    return stopped_early(config, rounds, wall_s, error, runtime=runtime).partial_results or {}
+
+
+def _write_results(context: Context, result: SplitResult) -> None:
+    out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
+
+
+def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: BaseException) -> None:
+    """A run that failed keeps the rounds it recorded, beside (never in) its results file."""
+    out = partial_results_path(str(context.run_config.get("out", DEFAULT_OUT)))
+    write_results(_document(context, records, error), out)
+    logger.warning("[server] the run failed; its %d recorded round(s) written to %s", len(records), out.resolve())
 
 
 app = build_server_app(
@@ -54,4 +75,5 @@ app = build_server_app(
     central_evaluate=lambda ctx: _experiment(ctx).evaluate,
     on_result=_write_results,
     on_round=_on_round,
+    on_stopped=_write_partial,
 )
