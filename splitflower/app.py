@@ -266,6 +266,8 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
                 RecordKey.WIRE_MANIFEST: ConfigRecord({RecordKey.VALUE: manifest}),
             }
         )
+        if instance.client_id is not None:
+            content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: instance.client_id})
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
             content[RecordKey.OPTIMIZER] = _optimizer_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)

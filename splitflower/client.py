@@ -38,6 +38,7 @@ _CLIENT_ATTRIBUTES: Final = frozenset(
         "optimizer",
         "memory",
         "log_prefix",
+        "client_id",
         "config",
         "options",
         "handed_optimizer_state",
@@ -98,7 +99,7 @@ class Client:
         optimizer: OptimizerFactory | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
-        client_id: int | str = 0,
+        client_id: int | str | None = None,
         options: Any = None,
     ) -> None:
         self.device = torch.device(device)
@@ -109,7 +110,13 @@ class Client:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.optimizer: torch.optim.Optimizer | None = None  # built by fit() for the round's lr
         self.memory = MemoryTally()
-        self.log_prefix = f"[client {client_id}]"
+        if client_id is not None and (isinstance(client_id, bool) or not isinstance(client_id, int | str)):
+            raise AlgorithmError(f"client_id must be an int, a str or None, got {client_id!r}")
+        self.client_id = client_id
+        """Which client this is (e.g. its data partition), reported with each reply: the
+        strategy stops a run in which two nodes report the same id (see
+        :meth:`~splitflower.strategy.SplitStrategy.start`). None: not reported."""
+        self.log_prefix = "[client]" if client_id is None else f"[client {client_id}]"
         self.config: Mapping[str, Any] = {}
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
         self._pending: list[tuple[Any, ProxyFuture]] = []

@@ -322,7 +322,10 @@ class SplitStrategy(FedAvg):
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> SplitResult:
         """Run ``num_rounds`` rounds; ``evaluate_fn(round, client_arrays, server_arrays)``
-        evaluates the assembled model centrally after each round."""
+        evaluates the assembled model centrally after each round. The run stops, after
+        ``on_round`` has the round's record, at a round in which no client trained
+        (:class:`ExperimentFailedError`) or two nodes replied with the same
+        :attr:`Client.client_id <splitflower.client.Client.client_id>` (:class:`ConfigError`)."""
         self._service = service
         self._server_model_factory = server_model_factory
         config = ConfigRecord(dict(train_config or ConfigRecord()))
@@ -377,6 +380,7 @@ class SplitStrategy(FedAvg):
             result.rounds[server_round] = record
             if on_round is not None:
                 on_round(server_round, record)
+            _stop_if_clients_repeat(record)
             _stop_if_untrained(record)
 
 
@@ -425,6 +429,29 @@ def _client_wire(reply: Message, node: int) -> Any:
         return None
 
 
+def _reported_client_id(reply: Message) -> int | str | None:
+    record = reply.content.config_records.get(RecordKey.CLIENT_ID)
+    value = record.get(RecordKey.VALUE) if record is not None else None
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+
+
+def _stop_if_clients_repeat(record: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if two nodes replied as the same client: two SuperNodes
+    started with the same partition, so one partition is trained twice and another never."""
+    nodes_by_id: dict[int | str, list[int]] = {}
+    for entry in record["clients"]:
+        if "client_id" in entry:
+            nodes_by_id.setdefault(entry["client_id"], []).append(entry["node_id"])
+    repeated = {client_id: nodes for client_id, nodes in nodes_by_id.items() if len(nodes) > 1}
+    if repeated:
+        shown = "; ".join(f"client {cid!r} from nodes {nodes}" for cid, nodes in repeated.items())
+        raise ConfigError(
+            f"round {record['round']}: several nodes replied as the same client ({shown}), so the run stops: "
+            "their data is one partition trained twice while another is never trained; give each SuperNode "
+            'its own partition (flower-supernode --node-config "partition-id=I num-partitions=N")'
+        )
+
+
 def _index(plan: RoundPlan, node: int) -> int:
     return plan.node_ids.index(node) if node in plan.node_ids else -1
 
@@ -445,6 +472,9 @@ def _round_record(
             wire = _client_wire(reply, node)
             if wire is not None:
                 entry["wire"] = wire
+            client_id = _reported_client_id(reply)
+            if client_id is not None:
+                entry["client_id"] = client_id
         clients.append(entry)
     for node, problem in plan.left_out.items():
         clients.append({"node_id": node, "index": _index(plan, node), "left_out": problem})

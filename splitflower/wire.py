@@ -104,6 +104,7 @@ class RecordKey:
     WIRE_MANIFEST: Final = "sf-wire-manifest"
     NUM_EXAMPLES: Final = "num-examples"
     OPTIMIZER: Final = "sf-optimizer"
+    CLIENT_ID: Final = "sf-client-id"  # the replying Client's client_id, if it has one
     # A ConfigRecord carrying one encoded value (the wire manifest's JSON, the optimizer
     # state's codec frame: a reply may hold only one ArrayRecord) keeps it under this key.
     VALUE: Final = "value"

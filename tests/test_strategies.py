@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -117,6 +118,25 @@ def test_parallel_starts_every_client_from_the_same_weights() -> None:
     received = {c["metrics"]["received"] for c in record["clients"]}
     assert len(received) == 1
     assert len({c["metrics"]["returned"] for c in record["clients"]}) == 3
+    assert sorted(c["client_id"] for c in record["clients"]) == [0, 1, 2], "each reports its partition"
+
+
+class OnePartitionForAll(Recording):
+    """Every node trains partition 0, as SuperNodes all started with partition-id=0 would."""
+
+    def __init__(self, *args: Any, client_id: int | str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, client_id=0, **kwargs)
+
+
+def test_two_nodes_replying_as_one_client_stop_the_run() -> None:
+    with pytest.raises(RuntimeError) as raised:
+        _simulate("parallel", rounds=2, client=OnePartitionForAll)
+    error = raised.value.__cause__
+    assert isinstance(error, ConfigError), raised.value
+    assert re.match(
+        r"round 1: several nodes replied as the same client \(client 0 from nodes \[\d+, \d+, \d+\]\)", str(error)
+    )
+    assert 'give each SuperNode its own partition (flower-supernode --node-config "partition-id=I' in str(error)
 
 
 def test_strategy_defaults() -> None:

@@ -274,3 +274,12 @@ def test_an_override_without_remote_keeps_the_checks_of_the_method_it_overrides(
             return super().forward_backward(embeddings=embeddings, labels=labels)
 
     assert remote_methods(Unchecked)["forward_backward"].specs == {}
+
+
+@pytest.mark.parametrize("bad", [True, 1.0, (0,)])
+def test_a_client_id_a_reply_cannot_carry_is_refused_when_the_client_is_built(bad: Any) -> None:
+    data, _ = synthetic(8, 8, input_shape=(1, 4, 4))
+    with pytest.raises(AlgorithmError, match=re.escape(f"client_id must be an int, a str or None, got {bad!r}")):
+        CSLClient(nn.Flatten(), data, client_id=bad)
+    assert CSLClient(nn.Flatten(), data, client_id="jetson-3").log_prefix == "[client jetson-3]"
+    assert CSLClient(nn.Flatten(), data).log_prefix == "[client]"
