@@ -291,13 +291,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         check_results_path(args.out)  # before the run, not after it
-    try:
-        results = run_experiment_owning_the_process(
-            config, say=lambda line: print(line, flush=True), startup_timeout=args.startup_timeout
-        )
-    except ExperimentFailedError as err:
-        _keep_partial_results(err, args.out)
-        raise
+    results = run_experiment_owning_the_process(
+        config,
+        say=lambda line: print(line, flush=True),
+        startup_timeout=args.startup_timeout,
+        keep_partial=lambda partial: _keep_partial_results(partial, args.out),
+    )
     print(_table(results))
     if args.out is None:
         print("no results file written (give --out FILE.json to keep the figures)")
@@ -306,13 +305,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_partial_results(error: ExperimentFailedError, out: Path | None) -> None:
+def _keep_partial_results(partial: dict[str, Any], out: Path | None) -> None:
     """Write the rounds a failed run recorded beside ``out`` (never to ``out`` itself)."""
     from splitflower.experiment import partial_results_path, write_results
 
-    partial = error.partial_results
-    if partial is None:
-        return
     recorded = len(partial["rounds"])
     if out is None:
         print(f"the {recorded} recorded round(s) are not kept (give --out FILE.json to keep them)")

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_ATTEMPTS",
     "STALLED_EXIT_CODE",
     "CRASHED_EXIT_CODE",
+    "INTERRUPTED_EXIT_CODE",
     "SplitflowerError",
     "SplitError",
     "DatasetError",
@@ -29,6 +30,7 @@ __all__ = [
     "IncompatibleStrategyError",
     "NotEnoughNodesError",
     "ExperimentFailedError",
+    "RunInterruptedError",
     "ResultsFileError",
     "SimulationStartError",
     "CellFailedError",
@@ -113,6 +115,10 @@ class ExperimentFailedError(SplitflowerError, RuntimeError):
         return (type(self), (str(self), self.partial_results))
 
 
+class RunInterruptedError(ExperimentFailedError):
+    """The run was interrupted (Ctrl-C) before its last round; ``partial_results`` as above."""
+
+
 class ResultsFileError(SplitflowerError, OSError):
     """The results file cannot be written where it was asked for."""
 
@@ -125,9 +131,11 @@ class SimulationStartError(SplitflowerError, RuntimeError):
 
 # Exit codes of a process that runs one experiment and ends itself (see
 # splitflower.experiment.run_experiment_owning_the_process): no client ever started, or the
-# simulation failed. Here, not there, so that `splitflower run`'s supervisor needs no torch.
+# simulation failed, or it was interrupted (128 + SIGINT, as a shell reports Ctrl-C). Here, not
+# there, so that `splitflower run`'s supervisor needs no torch.
 STALLED_EXIT_CODE = 3
 CRASHED_EXIT_CODE = 1
+INTERRUPTED_EXIT_CODE = 130
 # Times such a process is started while its simulation fails to start (Ray's local node misses
 # its 30 s start-up window now and then on a loaded machine, and twice in a row has been seen).
 DEFAULT_ATTEMPTS = 3

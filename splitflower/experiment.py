@@ -49,12 +49,14 @@ from splitflower.data import (
 )
 from splitflower.errors import (
     CRASHED_EXIT_CODE,
+    INTERRUPTED_EXIT_CODE,
     STALLED_EXIT_CODE,
     ConfigError,
     DatasetError,
     ExperimentFailedError,
     IncompatibleStrategyError,
     ResultsFileError,
+    RunInterruptedError,
     SimulationStartError,
     SplitflowerError,
 )
@@ -686,6 +688,8 @@ def run_experiment(
             if not server_errors and not progress.started():
                 raise SimulationStartError(_NEVER_STARTED) from err
             stopped_by = err
+        except KeyboardInterrupt as err:  # Ctrl-C: the rounds recorded so far are kept all the same
+            stopped_by = err
     if stopped_by is None and "result" not in holder:
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
@@ -695,8 +699,8 @@ def run_experiment(
             check_every_round_trained(rounds)
         except ExperimentFailedError as err:
             stopped_by = err
-    if stopped_by is not None:
-        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by) from stopped_by
+    if stopped_by is not None:  # (an interrupted ServerApp may still be recording: a copy)
+        raise stopped_early(config, list(rounds), time.perf_counter() - started, stopped_by) from stopped_by
     return results_document(config, rounds, time.perf_counter() - started)
 
 
@@ -715,11 +719,18 @@ def stopped_early(
 ) -> ExperimentFailedError:
     """The :class:`ExperimentFailedError` of a run that ``error`` stopped, carrying the rounds
     it finished as a results document marked ``incomplete`` (none if it finished none)."""
-    reason = str(error) if isinstance(error, ExperimentFailedError) else f"{type(error).__name__}: {error}"
+    if isinstance(error, ExperimentFailedError):
+        reason = str(error)
+    elif isinstance(error, KeyboardInterrupt):
+        reason = "interrupted (KeyboardInterrupt)"
+    else:
+        reason = f"{type(error).__name__}: {error}"
     partial = None
     if rounds:
         incomplete = {"error": reason, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
         partial = results_document(config, rounds, wall_s, incomplete=incomplete, **extra)
+    if isinstance(error, KeyboardInterrupt):
+        return RunInterruptedError(f"interrupted after {len(rounds)} of {config.rounds} rounds", partial)
     if isinstance(error, ExperimentFailedError):
         return ExperimentFailedError(reason, partial)
     return ExperimentFailedError(f"the run stopped after {len(rounds)} of {config.rounds} rounds: {reason}", partial)
@@ -784,22 +795,31 @@ def run_experiment_owning_the_process(
     *,
     say: Callable[[str], None] = print,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
+    keep_partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
     When Ray's node fails to start, Flower's ServerApp thread waits for replies forever, and
     a normal exit would wait for that thread: the process would never end. So if no client
     reaches a server model within ``startup_timeout`` seconds, or the simulation fails before
-    one does, the process ends with :data:`STALLED_EXIT_CODE` (running it again is the cure);
-    if the simulation fails later, it prints the traceback and ends with
-    :data:`CRASHED_EXIT_CODE`. A bad config or dataset, found before the simulation starts,
-    raises its :class:`~splitflower.errors.SplitflowerError` as usual.
+    one does, the process ends with :data:`STALLED_EXIT_CODE` (running it again is the cure).
+    A run that fails later, or is interrupted (Ctrl-C), hands the rounds it recorded (a results
+    document marked ``incomplete``) to ``keep_partial`` and ends the process with
+    :data:`CRASHED_EXIT_CODE` or :data:`INTERRUPTED_EXIT_CODE`, saying why: the ServerApp's
+    thread may still be waiting for replies. A bad config or dataset, found before the
+    simulation starts, raises its :class:`~splitflower.errors.SplitflowerError` as usual.
     """
     try:
         return run_experiment(config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled)
     except SimulationStartError as err:
         traceback.print_exc()
         _end_stalled(str(err))
+    except ExperimentFailedError as err:
+        if err.partial_results is not None and keep_partial is not None:
+            keep_partial(err.partial_results)
+        if isinstance(err, RunInterruptedError):
+            _end_process(INTERRUPTED_EXIT_CODE, f"splitflower: {err}")
+        _end_process(CRASHED_EXIT_CODE, f"splitflower: error: {err}")
     except SplitflowerError:
         raise
     except Exception:  # noqa: BLE001 - reported, then the process ends at once

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend, run_cli, simulate
 from splitflower import cli
+from splitflower import experiment as experiment_module
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
@@ -30,10 +31,12 @@ from splitflower.errors import (
     ExperimentFailedError,
     IncompatibleStrategyError,
     ResultsFileError,
+    RunInterruptedError,
     ServerUnavailableError,
 )
 from splitflower.experiment import (
     CRASHED_EXIT_CODE,
+    INTERRUPTED_EXIT_CODE,
     Experiment,
     ExperimentConfig,
     _Progress,
@@ -666,20 +669,40 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
     assert partial["incomplete"] == {"error": message.split(": ", 1)[1], "rounds_recorded": 1, "rounds_planned": 3}
     assert partial["rounds"][0]["num_examples"] == 128
 
-    # The CLI keeps them beside the results file it was asked for, which it never writes.
+    # The CLI keeps them beside the results file it was asked for (which it never writes), then
+    # ends its process: the ServerApp's thread may still be waiting for replies.
     out = tmp_path / "runs" / "results.json"
-
-    def fail(*_: Any, **__: Any) -> dict[str, Any]:
-        raise raised.value
-
-    monkeypatch.setattr("splitflower.experiment.run_experiment_owning_the_process", fail)
-    assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--out", str(out)]) == CRASHED_EXIT_CODE
+    ended = _end_the_cli_process_with(raised.value, monkeypatch)
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--out", str(out)])
+    assert ended == [(CRASHED_EXIT_CODE, f"splitflower: error: {message}")]
     kept = load_results(out.with_name("results.partial.json"))
     assert kept["incomplete"]["rounds_recorded"] == 1 and kept["rounds"] == partial["rounds"]
     assert not out.exists()
-    captured = capsys.readouterr()
-    assert f"written to {out.with_name('results.partial.json')} (marked incomplete)" in captured.out
-    assert captured.err == f"splitflower: error: {message}\n"
+    assert f"written to {out.with_name('results.partial.json')} (marked incomplete)" in capsys.readouterr().out
+
+    interrupted = RunInterruptedError("interrupted after 1 of 3 rounds", partial)
+    ended = _end_the_cli_process_with(interrupted, monkeypatch)
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--attempts", "1", "--dataset", "synthetic"])
+    assert ended == [(INTERRUPTED_EXIT_CODE, "splitflower: interrupted after 1 of 3 rounds")]
+    assert "the 1 recorded round(s) are not kept (give --out FILE.json to keep them)" in capsys.readouterr().out
+
+
+def _end_the_cli_process_with(error: BaseException, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """Make the run raise ``error`` and record how its process would end."""
+    ended: list[tuple[int, str]] = []
+
+    def end_process(code: int, message: str) -> None:
+        ended.append((code, message))
+        raise SystemExit(code)
+
+    def run(*_: Any, **__: Any) -> dict[str, Any]:
+        raise error
+
+    monkeypatch.setattr(experiment_module, "_end_process", end_process)
+    monkeypatch.setattr(experiment_module, "run_experiment", run)
+    return ended
 
 
 def test_partial_results_sit_beside_the_results_file() -> None:
@@ -687,3 +710,44 @@ def test_partial_results_sit_beside_the_results_file() -> None:
     assert partial_results_path("dsl") == Path("dsl.partial.json")
     error = stopped_early(ExperimentConfig(rounds=5), [], 1.0, ValueError("bad"))
     assert error.partial_results is None and str(error) == "the run stopped after 0 of 5 rounds: ValueError: bad"
+
+
+_THREAD_SIMULATION = """
+import sys
+from unittest import mock
+sys.path.insert(0, {tests!r})
+from conftest import ThreadBackend
+from flwr.simulation.run_simulation import run_simulation as real_simulation
+
+def fake_simulation(**kwargs):
+    with mock.patch("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend):
+        real_simulation(**kwargs)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path) -> None:
+    # Flower's simulation on threads (Ray's start-up aside, the same runtime): Ctrl-C reaches
+    # its main thread while the ServerApp's thread goes on waiting for replies.
+    script = _fake_run_script(tmp_path, _THREAD_SIMULATION.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "results.json"
+    options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
+    command = [sys.executable, str(script), "run", *options, "--attempts", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        assert run.stdout is not None
+        for line in run.stdout:
+            if line.startswith("round 2/500"):
+                break
+        run.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            stdout, stderr = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            pytest.fail("the run did not end within 60 s of Ctrl-C")
+    assert run.returncode == INTERRUPTED_EXIT_CODE == 130, stdout[-2000:] + stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert re.search(r"splitflower: interrupted after \d+ of 500 rounds", stderr), stderr[-2000:]
+    partial = load_results(tmp_path / "results.partial.json")
+    assert partial["incomplete"]["error"] == "interrupted (KeyboardInterrupt)"
+    assert partial["incomplete"]["rounds_recorded"] >= 2 and not out.exists()
