@@ -64,8 +64,8 @@ _EXPORTS = {
 # Its public modules, reachable as attributes after ``import splitflower`` (imported on first use).
 _SUBMODULES = frozenset(
     {
-        "algorithms", "app", "cli", "client", "codec", "compute", "data", "errors", "experiment", "linkemu",
-        "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "scheduling",
+        "algorithms", "app", "checkpoint", "cli", "client", "codec", "compute", "data", "errors", "experiment",
+        "linkemu", "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "scheduling",
         "server_model", "service", "split", "strategies", "strategy", "supervised", "wire",
     }
 )  # fmt: skip

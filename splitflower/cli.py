@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
     run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here (None: no file)")
+    run.add_argument(
+        "--save-model", type=Path, default=None, help="write the trained weights of both parties here (.pt)"
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument(
         "--startup-timeout",
@@ -256,12 +259,14 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from splitflower.checkpoint import save_model
     from splitflower.experiment import (
         ExperimentConfig,
         check_results_path,
         run_experiment_owning_the_process,
         write_results,
     )
+    from splitflower.strategy import SplitResult
 
     _configure_logging(args.verbose)
     config = ExperimentConfig(
@@ -291,17 +296,27 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         check_results_path(args.out)  # before the run, not after it
+    if args.save_model is not None:
+        check_results_path(args.save_model, what="the model")
+    trained: list[SplitResult] = []
     results = run_experiment_owning_the_process(
         config,
         say=lambda line: print(line, flush=True),
         startup_timeout=args.startup_timeout,
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
+        keep_model=trained.append,
     )
     print(_table(results))
     if args.out is None:
         print("no results file written (give --out FILE.json to keep the figures)")
     else:
         print(f"results written to {write_results(results, args.out)}")
+    if args.save_model is not None:
+        final = trained[-1]
+        client, server = final.arrays.to_torch_state_dict(), final.server_arrays.to_torch_state_dict()
+        run_config = ExperimentConfig(**results["config"])  # as validated and completed by the run
+        written = save_model(args.save_model, run_config, client, server, rounds=run_config.rounds)
+        print(f"trained weights written to {written} (splitflower.checkpoint.load_model reads them)")
     return 0
 
 

@@ -401,19 +401,25 @@ class Experiment:
 
     @torch.no_grad()
     def _evaluate_assembled(self, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
-        bottom, top, tail = copy.deepcopy(self.bottom), copy.deepcopy(self.top), copy.deepcopy(self.tail)
-        state = client_arrays.to_torch_state_dict()
-        bottom.load_state_dict({k.removeprefix("segment."): v for k, v in state.items() if k.startswith("segment.")})
-        top.load_state_dict(server_arrays.to_torch_state_dict())
-        if tail is not None:
-            tail.load_state_dict({k.removeprefix("tail."): v for k, v in state.items() if k.startswith("tail.")})
-        full = nn.Sequential(bottom, top, *([tail] if tail is not None else [])).to(self.config.device).eval()
+        full = self.assemble(client_arrays.to_torch_state_dict(), server_arrays.to_torch_state_dict())
         loss_sum, correct = 0.0, 0
         for x, y in self.test.batches(1000, shuffle=False):
             logits = full(x.to(self.config.device))
             loss_sum += float(nn.functional.cross_entropy(logits, y.to(self.config.device), reduction="sum"))
             correct += int((logits.argmax(1).cpu() == y).sum())
         return {"test_loss": loss_sum / len(self.test), "test_accuracy": correct / len(self.test)}
+
+    def assemble(self, client_state: Mapping[str, torch.Tensor], server_state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The whole trained network for inference, in eval mode on the config's device: the
+        client segment (``segment.*`` of ``client_state``), the server segment
+        (``server_state``) and, for U-shaped SL, the client's tail (``tail.*``). Parts that
+        only train (an auxiliary head) are left out. See :mod:`splitflower.checkpoint`."""
+        bottom, top, tail = copy.deepcopy(self.bottom), copy.deepcopy(self.top), copy.deepcopy(self.tail)
+        _load_part(bottom, client_state, "segment.", "the client segment")
+        _load_part(top, server_state, "", "the server segment")
+        if tail is not None:
+            _load_part(tail, client_state, "tail.", "the client's tail")
+        return nn.Sequential(bottom, top, *([tail] if tail is not None else [])).to(self.config.device).eval()
 
     def client_app(self) -> ClientApp:
         return _client_app(self.config)
@@ -438,6 +444,17 @@ class Experiment:
             num_rounds=self.config.rounds,
             round_timeout=round_timeout,
         )
+
+
+def _load_part(part: nn.Module, state: Mapping[str, torch.Tensor], prefix: str, what: str) -> None:
+    weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        part.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"the weights do not fit {what} of this experiment's model (is it the run's config? does its "
+            f"server model hold more than the server segment?): {str(err).splitlines()[0]}"
+        ) from err
 
 
 def _sample(data: ArrayDataset, size: int, seed: int, name: str) -> ArrayDataset:
@@ -630,13 +647,16 @@ def run_experiment(
     say: Callable[[str], None] = print,
     startup_timeout: float | None = None,
     on_stall: Callable[[str], None] | None = None,
+    keep_model: Callable[[SplitResult], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
 
     ``startup_timeout``: seconds after which, if no client has reached a server model yet,
     ``on_stall`` (default: ``say``) is called once with the reason. Flower's simulation
     never returns when Ray's node fails to start, so only a caller that owns the process
-    (the CLI) can act on it, by exiting.
+    (the CLI) can act on it, by exiting. ``keep_model`` is given the run's final weights
+    (``arrays``: the client's, ``server_arrays``) when it succeeds (see
+    :func:`splitflower.checkpoint.save_model`).
     """
     from flwr.simulation import run_simulation
 
@@ -701,6 +721,8 @@ def run_experiment(
             stopped_by = err
     if stopped_by is not None:  # (an interrupted ServerApp may still be recording: a copy)
         raise stopped_early(config, list(rounds), time.perf_counter() - started, stopped_by) from stopped_by
+    if keep_model is not None:
+        keep_model(holder["result"])
     return results_document(config, rounds, time.perf_counter() - started)
 
 
@@ -796,6 +818,7 @@ def run_experiment_owning_the_process(
     say: Callable[[str], None] = print,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
     keep_partial: Callable[[dict[str, Any]], None] | None = None,
+    keep_model: Callable[[SplitResult], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -810,7 +833,9 @@ def run_experiment_owning_the_process(
     simulation starts, raises its :class:`~splitflower.errors.SplitflowerError` as usual.
     """
     try:
-        return run_experiment(config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled)
+        return run_experiment(
+            config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled, keep_model=keep_model
+        )
     except SimulationStartError as err:
         traceback.print_exc()
         _end_stalled(str(err))
