@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from conftest import RAY_START_UP_FAILURES
@@ -285,7 +286,7 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
         f'[superlink]\ndefault = "localhost"\n\n'
         f'[superlink.localhost]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
-    out = flower.tmp / "deployment-results.json"
+    out, model = flower.tmp / "deployment-results.json", flower.tmp / "deployment-model.pt"
     rc = flower.run(
         "flwr-run",
         "flwr",
@@ -294,13 +295,26 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
         "localhost",
         "--stream",
         "--run-config",
-        f"{RUN_CONFIG} out='{out}'",
+        f"{RUN_CONFIG} out='{out}' model-out='{model}'",
         timeout=180,
     )
     assert rc == 0, flower.tail()
     status, details = flower.run_status("localhost")
     assert status == "finished:completed", f"{details}\n{flower.tail()}"
-    _check_results(out, flower.tail())
+    results = _check_results(out, flower.tail())
+    _check_saved_model(model, results)
+
+
+def _check_saved_model(path: Path, results: dict[str, Any]) -> None:
+    """The weights the ServerApp saved give the accuracy it reported."""
+    from splitflower.checkpoint import load_model
+
+    saved = load_model(path)
+    assert saved.config == results["config"]
+    (x, y), *_ = saved.experiment().test.batches(100_000, shuffle=False)
+    with torch.no_grad():
+        accuracy = (saved.network()(x).argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(results["final"]["test_accuracy"])
 
 
 # ------------------------------------------------------------------ the app's own checks (fast)

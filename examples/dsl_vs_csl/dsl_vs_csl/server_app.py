@@ -1,4 +1,5 @@
-"""dsl_vs_csl ServerApp: runs the strategy, evaluates centrally, writes the results JSON."""
+"""dsl_vs_csl ServerApp: runs the strategy, evaluates centrally, writes the results JSON
+(and, with run config model-out, the trained weights)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flwr.app import Context
 
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
+from splitflower.checkpoint import save_model
 from splitflower.experiment import (
     Experiment,
     check_results_path,
@@ -34,6 +36,8 @@ def _experiment(context: Context) -> Experiment:
 def _strategy(context: Context) -> SplitStrategy:
     _started[context.run_id] = time.perf_counter()
     check_results_path(str(context.run_config.get("out", DEFAULT_OUT)))  # before training, not after
+    if context.run_config.get("model-out"):
+        check_results_path(str(context.run_config["model-out"]), what="the model")
     c = _experiment(context).config
     logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
@@ -58,6 +62,11 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
 def _write_results(context: Context, result: SplitResult) -> None:
     out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
+    if context.run_config.get("model-out"):
+        config = _experiment(context).config
+        client, server = result.arrays.to_torch_state_dict(), result.server_arrays.to_torch_state_dict()
+        model = save_model(str(context.run_config["model-out"]), config, client, server, rounds=config.rounds)
+        logger.warning("[server] trained weights written to %s", model.resolve())
 
 
 def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: BaseException) -> None:
