@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitflower.errors import (
     CRASHED_EXIT_CODE,
@@ -27,6 +27,10 @@ from splitflower.errors import (
     ResultsFileError,
     SplitflowerError,
 )
+
+if TYPE_CHECKING:  # the supervisor imports neither torch nor Flower
+    from splitflower.experiment import ExperimentConfig
+    from splitflower.strategy import SplitResult
 
 __all__ = ["DEFAULT_ATTEMPTS", "STALLED_EXIT_CODE", "build_parser", "main"]
 
@@ -259,14 +263,12 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from splitflower.checkpoint import save_model
     from splitflower.experiment import (
         ExperimentConfig,
         check_results_path,
         run_experiment_owning_the_process,
         write_results,
     )
-    from splitflower.strategy import SplitResult
 
     _configure_logging(args.verbose)
     config = ExperimentConfig(
@@ -298,26 +300,39 @@ def _run(args: argparse.Namespace) -> int:
         check_results_path(args.out)  # before the run, not after it
     if args.save_model is not None:
         check_results_path(args.save_model, what="the model")
-    trained: list[SplitResult] = []
+    unsaved: list[ResultsFileError] = []
     results = run_experiment_owning_the_process(
         config,
         say=lambda line: print(line, flush=True),
         startup_timeout=args.startup_timeout,
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
-        keep_model=trained.append,
+        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved),
     )
     print(_table(results))
     if args.out is None:
         print("no results file written (give --out FILE.json to keep the figures)")
     else:
         print(f"results written to {write_results(results, args.out)}")
-    if args.save_model is not None:
-        final = trained[-1]
-        client, server = final.arrays.to_torch_state_dict(), final.server_arrays.to_torch_state_dict()
-        run_config = ExperimentConfig(**results["config"])  # as validated and completed by the run
-        written = save_model(args.save_model, run_config, client, server, rounds=run_config.rounds)
-        print(f"trained weights written to {written} (splitflower.checkpoint.load_model reads them)")
-    return 0
+    return CRASHED_EXIT_CODE if unsaved else 0
+
+
+def _model_keeper(path: Path, unsaved: list[ResultsFileError]) -> Callable[[ExperimentConfig, SplitResult], None]:
+    """Write a run's weights to ``path``: the final ones, or those of the last round a failed
+    run recorded. A write that fails is said and listed in ``unsaved`` (the results go on)."""
+    from splitflower.checkpoint import save_model
+
+    def keep(config: ExperimentConfig, result: SplitResult) -> None:
+        client, server = result.arrays.to_torch_state_dict(), result.server_arrays.to_torch_state_dict()
+        rounds = len(result.rounds)
+        try:
+            written = save_model(path, config, client, server, rounds=rounds)
+        except ResultsFileError as err:
+            print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
+            unsaved.append(err)
+            return
+        print(f"the weights after round {rounds} written to {written} (splitflower.checkpoint.load_model reads them)")
+
+    return keep
 
 
 def _keep_partial_results(partial: dict[str, Any], out: Path | None) -> None:

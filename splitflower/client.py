@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 from typing import Any, ClassVar, Final
 
 import torch
@@ -110,9 +111,9 @@ class Client:
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.optimizer: torch.optim.Optimizer | None = None  # built by fit() for the round's lr
         self.memory = MemoryTally()
-        if client_id is not None and (isinstance(client_id, bool) or not isinstance(client_id, int | str)):
+        if client_id is not None and (isinstance(client_id, bool) or not isinstance(client_id, Integral | str)):
             raise AlgorithmError(f"client_id must be an int, a str or None, got {client_id!r}")
-        self.client_id = client_id
+        self.client_id = int(client_id) if isinstance(client_id, Integral) else client_id
         """Which client this is (e.g. its data partition), reported with each reply: the
         strategy stops a run in which two nodes report the same id (see
         :meth:`~splitflower.strategy.SplitStrategy.start`). None: not reported."""

@@ -111,12 +111,15 @@ class ExperimentFailedError(SplitflowerError, RuntimeError):
         super().__init__(message)
         self.partial_results = partial_results
 
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled (a process pool) with its partial results
-        return (type(self), (str(self), self.partial_results))
 
+class RunInterruptedError(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C) before its last round; ``partial_results`` as in
+    :class:`ExperimentFailedError`. A ``KeyboardInterrupt``, so that ``except Exception``
+    around a run does not swallow the user's Ctrl-C."""
 
-class RunInterruptedError(ExperimentFailedError):
-    """The run was interrupted (Ctrl-C) before its last round; ``partial_results`` as above."""
+    def __init__(self, message: str, partial_results: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial_results = partial_results
 
 
 class ResultsFileError(SplitflowerError, OSError):

@@ -393,7 +393,7 @@ class Experiment:
         with torch.random.fork_rng(devices=[]):  # building the parties seeds and draws: not the run's business
             server = self.make_server_model()
             client = self.make_client(0, self.test)
-        server.configure_fit(server_arrays.to_torch_state_dict(), {})
+        server.configure_fit(server_arrays.to_torch_state_dict(), {ConfigKey.SERVER_ROUND: server_round})
         client.test_data = self.test
         client.server_model_proxy = _InProcessProxy(server)  # type: ignore[assignment]
         loss, _, metrics = client.evaluate(client_arrays.to_torch_state_dict(), {ConfigKey.BATCH_SIZE: 1000})
@@ -647,16 +647,17 @@ def run_experiment(
     say: Callable[[str], None] = print,
     startup_timeout: float | None = None,
     on_stall: Callable[[str], None] | None = None,
-    keep_model: Callable[[SplitResult], None] | None = None,
+    keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
 
     ``startup_timeout``: seconds after which, if no client has reached a server model yet,
     ``on_stall`` (default: ``say``) is called once with the reason. Flower's simulation
     never returns when Ray's node fails to start, so only a caller that owns the process
-    (the CLI) can act on it, by exiting. ``keep_model`` is given the run's final weights
-    (``arrays``: the client's, ``server_arrays``) when it succeeds (see
-    :func:`splitflower.checkpoint.save_model`).
+    (the CLI) can act on it, by exiting. ``keep_model(config, result)`` is given the run's
+    validated config and its weights (``result.arrays``: the client's; ``server_arrays``)
+    after its last round, or, if it fails or is interrupted, after the last round it
+    recorded (``len(result.rounds)``; see :func:`splitflower.checkpoint.save_model`).
     """
     from flwr.simulation import run_simulation
 
@@ -720,9 +721,21 @@ def run_experiment(
         except ExperimentFailedError as err:
             stopped_by = err
     if stopped_by is not None:  # (an interrupted ServerApp may still be recording: a copy)
+        recorded = strategy.last_recorded
+        if keep_model is not None and recorded is not None:
+            try:
+                keep_model(config, recorded)
+            except Exception:  # the run's own error is the one to report
+                logger.exception("keeping the weights of the last round recorded failed")
+        if (
+            not rounds
+            and isinstance(stopped_by, SplitflowerError)
+            and not isinstance(stopped_by, ExperimentFailedError)
+        ):
+            raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
         raise stopped_early(config, list(rounds), time.perf_counter() - started, stopped_by) from stopped_by
     if keep_model is not None:
-        keep_model(holder["result"])
+        keep_model(config, holder["result"])
     return results_document(config, rounds, time.perf_counter() - started)
 
 
@@ -738,7 +751,7 @@ def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException
 
 def stopped_early(
     config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, error: BaseException, **extra: Any
-) -> ExperimentFailedError:
+) -> ExperimentFailedError | RunInterruptedError:
     """The :class:`ExperimentFailedError` of a run that ``error`` stopped, carrying the rounds
     it finished as a results document marked ``incomplete`` (none if it finished none)."""
     if isinstance(error, ExperimentFailedError):
@@ -818,7 +831,7 @@ def run_experiment_owning_the_process(
     say: Callable[[str], None] = print,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
     keep_partial: Callable[[dict[str, Any]], None] | None = None,
-    keep_model: Callable[[SplitResult], None] | None = None,
+    keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -839,17 +852,37 @@ def run_experiment_owning_the_process(
     except SimulationStartError as err:
         traceback.print_exc()
         _end_stalled(str(err))
-    except ExperimentFailedError as err:
-        if err.partial_results is not None and keep_partial is not None:
-            keep_partial(err.partial_results)
-        if isinstance(err, RunInterruptedError):
-            _end_process(INTERRUPTED_EXIT_CODE, f"splitflower: {err}")
-        _end_process(CRASHED_EXIT_CODE, f"splitflower: error: {err}")
+    except (ExperimentFailedError, RunInterruptedError) as err:
+        _end_stopped_run(err, keep_partial)
     except SplitflowerError:
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
+        _end_process(INTERRUPTED_EXIT_CODE, "splitflower: interrupted")
     except Exception:  # noqa: BLE001 - reported, then the process ends at once
         traceback.print_exc()
         _end_process(CRASHED_EXIT_CODE, "splitflower: error: the simulation failed (traceback above)")
+
+
+def _end_stopped_run(
+    error: ExperimentFailedError | RunInterruptedError, keep_partial: Callable[[dict[str, Any]], None] | None
+) -> NoReturn:
+    """Show where a run's own bug raised, keep its recorded rounds, and end the process, whatever
+    happens meanwhile (a closed pipe, a second Ctrl-C): the ServerApp's thread may be alive."""
+    interrupted = isinstance(error, RunInterruptedError)
+    try:
+        cause = error.__cause__
+        if cause is not None and not isinstance(cause, SplitflowerError | KeyboardInterrupt):
+            traceback.print_exception(cause)
+        if error.partial_results is not None and keep_partial is not None:
+            keep_partial(error.partial_results)
+    except BaseException:  # noqa: BLE001 - said if it can be, then the process ends all the same
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        _end_process(
+            INTERRUPTED_EXIT_CODE if interrupted else CRASHED_EXIT_CODE,
+            f"splitflower: {error}" if interrupted else f"splitflower: error: {error}",
+        )
 
 
 def _end_stalled(message: str) -> NoReturn:
@@ -857,8 +890,9 @@ def _end_stalled(message: str) -> NoReturn:
 
 
 def _end_process(code: int, message: str) -> NoReturn:
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
+    with contextlib.suppress(BaseException):  # a closed pipe must not keep the process alive
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
     os._exit(code)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -143,6 +144,9 @@ class SplitStrategy(FedAvg):
         self.link = link
         self.node_wait_timeout = node_wait_timeout
         self._client_address = ""
+        self.last_recorded: SplitResult | None = None
+        """The run's result as of its last recorded round (its weights and records), kept
+        while :meth:`start` runs, so that a run that fails later still has them."""
         self._server_models: list[ServerModel] = []
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
@@ -334,6 +338,7 @@ class SplitStrategy(FedAvg):
             self._server_models = [run_on_compute_thread(server_model_factory)]
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
+        self.last_recorded = None
         link = LinkEmulator(service.address, self.link) if self.link is not None else contextlib.nullcontext()
         with link as emulator:
             self._client_address = emulator.address if emulator is not None else ""
@@ -378,6 +383,7 @@ class SplitStrategy(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = MetricRecord(dict(evaluation))
                     record["evaluation"] = dict(evaluation)
             result.rounds[server_round] = record
+            self.last_recorded = dataclasses.replace(result, rounds=dict(result.rounds))
             if on_round is not None:
                 on_round(server_round, record)
             _stop_if_clients_repeat(record)
@@ -438,11 +444,11 @@ def _reported_client_id(reply: Message) -> int | str | None:
 def _stop_if_clients_repeat(record: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` if two nodes replied as the same client: two SuperNodes
     started with the same partition, so one partition is trained twice and another never."""
-    nodes_by_id: dict[int | str, list[int]] = {}
+    nodes_by_id: dict[int | str, set[int]] = {}
     for entry in record["clients"]:
         if "client_id" in entry:
-            nodes_by_id.setdefault(entry["client_id"], []).append(entry["node_id"])
-    repeated = {client_id: nodes for client_id, nodes in nodes_by_id.items() if len(nodes) > 1}
+            nodes_by_id.setdefault(entry["client_id"], set()).add(entry["node_id"])
+    repeated = {client_id: sorted(nodes) for client_id, nodes in nodes_by_id.items() if len(nodes) > 1}
     if repeated:
         shown = "; ".join(f"client {cid!r} from nodes {nodes}" for cid, nodes in repeated.items())
         raise ConfigError(

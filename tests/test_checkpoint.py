@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend
 from splitflower import cli
 from splitflower.checkpoint import load_model, save_model
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.report import load_results
+from splitflower.strategy import SplitResult
 
 
 @pytest.mark.parametrize("algorithm", ["dsl", "ushaped"])
@@ -72,3 +74,16 @@ def test_weights_that_do_not_fit_the_model_say_which_part(tmp_path: Path) -> Non
     experiment.assemble(client, server)
     with pytest.raises(ConfigError, match="the weights do not fit the server segment of this experiment's model"):
         experiment.assemble(client, {**server, "unexpected": torch.zeros(1)})
+
+
+def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").touch()
+    unsaved: list[ResultsFileError] = []
+    keep = cli._model_keeper(tmp_path / "a-file" / "model.pt", unsaved)
+    result = SplitResult(arrays=ArrayRecord({"segment.w": torch.ones(1)}), server_arrays=ArrayRecord({}))
+    result.rounds[1] = {}
+    keep(ExperimentConfig(), result)
+    assert len(unsaved) == 1
+    assert "splitflower: error: the trained weights are not kept: cannot write the model" in capsys.readouterr().err

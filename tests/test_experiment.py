@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from splitflower import cli
 from splitflower import experiment as experiment_module
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
+from splitflower.checkpoint import load_model
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.data import synthetic
 from splitflower.errors import (
@@ -50,6 +52,7 @@ from splitflower.experiment import (
 )
 from splitflower.report import load_results
 from splitflower.server_model import FitResult
+from splitflower.strategy import SplitResult
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -640,13 +643,19 @@ from splitflower.algorithms import Algorithm, CSLClient
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.wire import ConfigKey
 
+from splitflower.strategies import ParallelStrategy
+
 class FailsInRound2(CSLServerModel):
     def configure_fit(self, weights, config):
-        if config.get(ConfigKey.SERVER_ROUND) == 2:
+        if config[ConfigKey.SERVER_ROUND] == 2:  # central evaluation says the round too
             raise RuntimeError("the server model's disk is full")
         super().configure_fit(weights, config)
 
 FAILS = Algorithm("fails-in-round-2", CSLClient, FailsInRound2, "parallel", ("parallel",))
+
+class NoSuchServerModel(ParallelStrategy):
+    def assign(self, index, num_clients):
+        return 5
 """
 
 
@@ -659,8 +668,14 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
     config = ExperimentConfig(
         algorithm="fails_in_round_2:FAILS", dataset="synthetic", clients=2, rounds=3, train_size=128, test_size=64
     ).validate()
+    kept: list[tuple[ExperimentConfig, SplitResult]] = []
     with pytest.raises(ExperimentFailedError) as raised:
-        run_experiment(config, say=lambda _: None)
+        run_experiment(config, say=lambda _: None, keep_model=lambda *kept_now: kept.append(kept_now))
+    (kept_config, recorded), *_ = kept  # the weights after the last round recorded
+    assert kept_config == config and list(recorded.rounds) == [1] and len(kept) == 1
+    initial = Experiment(config).initial_client_weights()
+    trained = recorded.arrays.to_torch_state_dict()
+    assert not all(torch.equal(trained[name], initial[name]) for name in initial), "round 1's weights, trained"
     message = "the run stopped after 1 of 3 rounds: RuntimeError: the server model's disk is full"
     assert str(raised.value) == message
     partial = raised.value.partial_results
@@ -676,10 +691,12 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
     with pytest.raises(SystemExit):
         cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--out", str(out)])
     assert ended == [(CRASHED_EXIT_CODE, f"splitflower: error: {message}")]
-    kept = load_results(out.with_name("results.partial.json"))
-    assert kept["incomplete"]["rounds_recorded"] == 1 and kept["rounds"] == partial["rounds"]
+    shown = capsys.readouterr()
+    assert "Traceback (most recent call last)" in shown.err, "where the server model's code raised is shown"
+    assert f"written to {out.with_name('results.partial.json')} (marked incomplete)" in shown.out
+    on_disk = load_results(out.with_name("results.partial.json"))
+    assert on_disk["incomplete"]["rounds_recorded"] == 1 and on_disk["rounds"] == partial["rounds"]
     assert not out.exists()
-    assert f"written to {out.with_name('results.partial.json')} (marked incomplete)" in capsys.readouterr().out
 
     interrupted = RunInterruptedError("interrupted after 1 of 3 rounds", partial)
     ended = _end_the_cli_process_with(interrupted, monkeypatch)
@@ -687,6 +704,35 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
         cli.main(["run", "--attempts", "1", "--dataset", "synthetic"])
     assert ended == [(INTERRUPTED_EXIT_CODE, "splitflower: interrupted after 1 of 3 rounds")]
     assert "the 1 recorded round(s) are not kept (give --out FILE.json to keep them)" in capsys.readouterr().out
+    assert isinstance(interrupted, KeyboardInterrupt), "no `except Exception` swallows a user's Ctrl-C"
+    copied = pickle.loads(pickle.dumps(interrupted))
+    assert copied.partial_results == partial and str(copied) == str(interrupted)
+
+    # Nothing that goes wrong while keeping them (a closed pipe, a second Ctrl-C) keeps the process alive.
+    for trouble in (BrokenPipeError(32, "Broken pipe"), KeyboardInterrupt()):
+        ended = _end_the_cli_process_with(raised.value, monkeypatch)
+        monkeypatch.setattr(cli, "_keep_partial_results", _raiser(trouble))
+        with pytest.raises(SystemExit):
+            cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--out", str(out)])
+        assert ended == [(CRASHED_EXIT_CODE, f"splitflower: error: {message}")]
+
+
+def _raiser(error: BaseException) -> Any:
+    def fail(*_: Any, **__: Any) -> None:
+        raise error
+
+    return fail
+
+
+def test_a_strategy_that_fails_before_any_round_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fails_in_round_2.py").write_text(_FAILS_IN_ROUND_2)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(
+        strategy="fails_in_round_2:NoSuchServerModel", dataset="synthetic", clients=2, rounds=2, train_size=64
+    ).validate()
+    with pytest.raises(ConfigError, match=r"^NoSuchServerModel.assign\(0, 2\) returned 5"):
+        run_experiment(config, say=lambda _: None)
 
 
 def _end_the_cli_process_with(error: BaseException, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
@@ -730,8 +776,9 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     # Flower's simulation on threads (Ray's start-up aside, the same runtime): Ctrl-C reaches
     # its main thread while the ServerApp's thread goes on waiting for replies.
     script = _fake_run_script(tmp_path, _THREAD_SIMULATION.format(tests=str(Path(__file__).parent)))
-    out = tmp_path / "results.json"
+    out, model = tmp_path / "results.json", tmp_path / "model.pt"
     options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
+    options += ["--save-model", str(model)]
     command = [sys.executable, str(script), "run", *options, "--attempts", "1"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
         assert run.stdout is not None
@@ -751,3 +798,4 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     partial = load_results(tmp_path / "results.partial.json")
     assert partial["incomplete"]["error"] == "interrupted (KeyboardInterrupt)"
     assert partial["incomplete"]["rounds_recorded"] >= 2 and not out.exists()
+    assert load_model(model).rounds >= 2, "the weights of the last round recorded are kept too"

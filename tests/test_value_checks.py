@@ -8,6 +8,7 @@ import re
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -283,3 +284,4 @@ def test_a_client_id_a_reply_cannot_carry_is_refused_when_the_client_is_built(ba
         CSLClient(nn.Flatten(), data, client_id=bad)
     assert CSLClient(nn.Flatten(), data, client_id="jetson-3").log_prefix == "[client jetson-3]"
     assert CSLClient(nn.Flatten(), data).log_prefix == "[client]"
+    assert type(CSLClient(nn.Flatten(), data, client_id=np.int64(3)).client_id) is int  # a reply carries it

@@ -52,7 +52,7 @@ def _on_round(server_round: int, record: dict[str, Any]) -> None:
 def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
     """The results document of the recorded rounds (marked incomplete when ``error`` stopped the run)."""
     rounds = [summarise_round(record) for _, record in sorted(records.items())]
-    wall_s = time.perf_counter() - _started.pop(context.run_id, time.perf_counter())
+    wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     if error is None:
         return results_document(config, rounds, wall_s, runtime=runtime)
