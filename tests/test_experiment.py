@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -780,7 +781,11 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
     options += ["--save-model", str(model)]
     command = [sys.executable, str(script), "run", *options, "--attempts", "1"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+    # As from a terminal: Ctrl-C is not ignored there, as it is in a job a script started with `&`.
+    as_at_a_terminal = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_at_a_terminal
+    ) as run:
         assert run.stdout is not None
         for line in run.stdout:
             if line.startswith("round 2/500"):
