@@ -125,8 +125,9 @@ def build_server_app(
     ``num_rounds`` overrides the run config's ``num-server-rounds``. ``on_error`` is called
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
     before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
-    fails after recording at least one round, with the records ``on_round`` was given, so
-    that they can be kept (see :func:`splitflower.experiment.stopped_early`).
+    fails after recording at least one round, with the strategy's records of them (those
+    ``on_round`` was given: ``SplitStrategy.last_recorded.rounds``), so that they can be kept
+    (see :func:`splitflower.experiment.stopped_early`).
     ``round_timeout``: seconds a round waits for its clients' replies (under a strategy that
     serves clients in turn, for each client's); a client that has not replied by then is
     recorded as failed, and the round goes on without it. None: the run config's
@@ -147,13 +148,7 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         service: SplitService | None = None
-        recorded: dict[int, dict[str, Any]] = {}
-
-        def record_round(server_round: int, record: dict[str, Any]) -> None:
-            recorded[server_round] = record
-            if on_round is not None:
-                on_round(server_round, record)
-
+        split_strategy: SplitStrategy | None = None
         try:
             # The run config is read before anything starts: a bad value fails the run at once.
             timeout = round_timeout or round_timeout_from_run_config(context.run_config)
@@ -173,15 +168,16 @@ def build_server_app(
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,
                 server_model_factory=lambda: server_model(context),
-                on_round=record_round,
+                on_round=on_round,
             )
             if on_result is not None:
                 on_result(context, result)
         except BaseException as err:
             if on_error is not None:
                 on_error(err)
-            if on_stopped is not None and recorded:
-                _keep_recorded_rounds(on_stopped, context, recorded, err)
+            recorded = split_strategy.last_recorded if split_strategy is not None else None
+            if on_stopped is not None and recorded is not None and recorded.rounds:
+                _keep_recorded_rounds(on_stopped, context, recorded.rounds, err)
             raise
         finally:
             if service is not None:
@@ -197,7 +193,7 @@ def _keep_recorded_rounds(
     error: BaseException,
 ) -> None:
     try:
-        on_stopped(context, dict(recorded), error)
+        on_stopped(context, recorded, error)
     except Exception:  # the run's own error is the one Flower must see
         logger.exception("[server] keeping the %d recorded round(s) of a failed run failed too", len(recorded))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 
 from splitflower.errors import ConfigError
 from splitflower.experiment import Experiment, ExperimentConfig, write_atomically
+from splitflower.strategy import SplitResult
 
 __all__ = ["MODEL_SCHEMA", "SavedModel", "load_model", "save_model"]
 
@@ -55,22 +55,16 @@ class SavedModel:
         return self.experiment().assemble(self.client, self.server)
 
 
-def save_model(
-    path: str | Path,
-    config: ExperimentConfig,
-    client: Mapping[str, torch.Tensor],
-    server: Mapping[str, torch.Tensor],
-    *,
-    rounds: int,
-) -> Path:
-    """Write the weights atomically (see :func:`~splitflower.experiment.write_atomically`),
-    as CPU copies, so that a machine without the run's GPU reads them."""
+def save_model(path: str | Path, config: ExperimentConfig, result: SplitResult) -> Path:
+    """Write ``result``'s weights (both parties', after its ``len(result.rounds)`` rounds) with
+    the run's ``config``, atomically (see :func:`~splitflower.experiment.write_atomically`).
+    They are CPU tensors, as an ArrayRecord gives them, so a machine without the run's GPU reads them."""
     document = {
         "schema": MODEL_SCHEMA,
         "config": json.loads(json.dumps(asdict(config))),  # as the results file holds it
-        "rounds": rounds,
-        "client": {name: tensor.detach().to("cpu", copy=True) for name, tensor in client.items()},
-        "server": {name: tensor.detach().to("cpu", copy=True) for name, tensor in server.items()},
+        "rounds": len(result.rounds),
+        "client": result.arrays.to_torch_state_dict(),
+        "server": result.server_arrays.to_torch_state_dict(),
     }
     return write_atomically(path, lambda tmp: torch.save(document, tmp), what="the model")
 

@@ -322,14 +322,13 @@ def _model_keeper(path: Path, unsaved: list[ResultsFileError]) -> Callable[[Expe
     from splitflower.checkpoint import save_model
 
     def keep(config: ExperimentConfig, result: SplitResult) -> None:
-        client, server = result.arrays.to_torch_state_dict(), result.server_arrays.to_torch_state_dict()
-        rounds = len(result.rounds)
         try:
-            written = save_model(path, config, client, server, rounds=rounds)
+            written = save_model(path, config, result)
         except ResultsFileError as err:
             print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
             unsaved.append(err)
             return
+        rounds = len(result.rounds)
         print(f"the weights after round {rounds} written to {written} (splitflower.checkpoint.load_model reads them)")
 
     return keep

@@ -89,6 +89,7 @@ __all__ = [
     "source_commit",
     "stopped_early",
     "summarise_round",
+    "summarise_rounds",
     "threads_per_client",
     "versions",
     "write_atomically",
@@ -503,6 +504,11 @@ def _max(values: list[float]) -> float:
 _MEMORY_SHOWN = (MetricKey.PEAK_TALLY, MetricKey.PEAK_SAVED_ACTIVATIONS, MetricKey.PEAK_RSS)
 
 
+def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`summarise_round` of each of a run's round records (a SplitResult's ``rounds``), in order."""
+    return [summarise_round(record) for _, record in sorted(records.items())]
+
+
 def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     """Condense a strategy round record into the results-file round entry."""
     clients = [c for c in record["clients"] if "metrics" in c]
@@ -668,7 +674,6 @@ def run_experiment(
     experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
     strategy = experiment.make_strategy()
-    rounds: list[dict[str, Any]] = []
     holder: dict[str, SplitResult] = {}
     progress = _Progress(
         strategy,
@@ -680,10 +685,8 @@ def run_experiment(
     )
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
-        entry = summarise_round(record)
-        rounds.append(entry)
         progress.round = server_round + 1
-        say(_round_line(server_round, config.rounds, entry))
+        say(_round_line(server_round, config.rounds, summarise_round(record)))
 
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
@@ -715,13 +718,10 @@ def run_experiment(
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
         stopped_by = _first_server_error(server_errors)
-    if stopped_by is None:
-        try:
-            check_every_round_trained(rounds)
-        except ExperimentFailedError as err:
-            stopped_by = err
-    if stopped_by is not None:  # (an interrupted ServerApp may still be recording: a copy)
+    if stopped_by is not None:
+        # One snapshot for the rounds and the weights: an interrupted ServerApp may still be recording.
         recorded = strategy.last_recorded
+        rounds = summarise_rounds(recorded.rounds) if recorded is not None else []
         if keep_model is not None and recorded is not None:
             try:
                 keep_model(config, recorded)
@@ -733,10 +733,12 @@ def run_experiment(
             and not isinstance(stopped_by, ExperimentFailedError)
         ):
             raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
-        raise stopped_early(config, list(rounds), time.perf_counter() - started, stopped_by) from stopped_by
+        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by) from stopped_by
+    # (A round that trained on no client stopped the run in the strategy: see SplitStrategy.start.)
+    result = holder["result"]
     if keep_model is not None:
-        keep_model(config, holder["result"])
-    return results_document(config, rounds, time.perf_counter() - started)
+        keep_model(config, result)
+    return results_document(config, summarise_rounds(result.rounds), time.perf_counter() - started)
 
 
 def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException:

@@ -41,7 +41,11 @@ def test_the_saved_model_gives_the_accuracy_the_run_reported(
 
 def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
     config = ExperimentConfig(dataset="synthetic")
-    good = save_model(tmp_path / "m.pt", config, {"segment.w": torch.ones(2)}, {"b": torch.zeros(1)}, rounds=1)
+    trained = SplitResult(
+        arrays=ArrayRecord({"segment.w": torch.ones(2)}), server_arrays=ArrayRecord({"b": torch.zeros(1)})
+    )
+    trained.rounds[1] = {}
+    good = save_model(tmp_path / "m.pt", config, trained)
     assert load_model(good).client["segment.w"].tolist() == [1.0, 1.0]
     (tmp_path / "noise.pt").write_bytes(b"\x00\xffnot a zip")
     torch.save({"schema": "other/1"}, tmp_path / "other.pt")

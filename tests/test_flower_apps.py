@@ -437,8 +437,12 @@ def test_the_run_config_sets_how_long_a_round_waits_for_its_nodes(monkeypatch: p
 class _StopsInRound2:
     """A strategy that records round 1, then fails, as one whose server model broke would."""
 
-    def start(self, *_: Any, on_round: Any, **__: Any) -> Any:
-        on_round(1, dict(_ONE_ROUND[0]))
+    last_recorded: Any = None
+
+    def start(self, *_: Any, **__: Any) -> Any:
+        from splitflower.strategy import SplitResult
+
+        self.last_recorded = SplitResult(rounds={1: dict(_ONE_ROUND[0])})
         raise RuntimeError("the server model's disk is full")
 
 

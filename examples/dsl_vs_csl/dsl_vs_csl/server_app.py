@@ -18,7 +18,7 @@ from splitflower.experiment import (
     partial_results_path,
     results_document,
     stopped_early,
-    summarise_round,
+    summarise_rounds,
     write_results,
 )
 from splitflower.strategy import SplitResult, SplitStrategy
@@ -51,7 +51,7 @@ def _on_round(server_round: int, record: dict[str, Any]) -> None:
 
 def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
     """The results document of the recorded rounds (marked incomplete when ``error`` stopped the run)."""
-    rounds = [summarise_round(record) for _, record in sorted(records.items())]
+    rounds = summarise_rounds(records)
     wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     if error is None:
@@ -63,9 +63,7 @@ def _write_results(context: Context, result: SplitResult) -> None:
     out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
     if context.run_config.get("model-out"):
-        config = _experiment(context).config
-        client, server = result.arrays.to_torch_state_dict(), result.server_arrays.to_torch_state_dict()
-        model = save_model(str(context.run_config["model-out"]), config, client, server, rounds=config.rounds)
+        model = save_model(str(context.run_config["model-out"]), _experiment(context).config, result)
         logger.warning("[server] trained weights written to %s", model.resolve())
 
 
