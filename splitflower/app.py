@@ -119,10 +119,15 @@ def build_server_app(
     on_stopped: Callable[[Context, dict[int, dict[str, Any]], BaseException], None] | None = None,
     num_rounds: int | None = None,
     round_timeout: float | None = None,
+    initial_server_weights: Callable[[Context], Mapping[str, torch.Tensor]] | None = None,
+    first_round: int = 1,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
-    ``num_rounds`` overrides the run config's ``num-server-rounds``. ``on_error`` is called
+    ``num_rounds`` overrides the run config's ``num-server-rounds``. A run resumed from
+    weights saved after round k gives both parties' weights (``initial_client_weights``,
+    ``initial_server_weights``; default: the first server model's own) and
+    ``first_round=k + 1`` (see :mod:`splitflower.checkpoint`). ``on_error`` is called
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
     before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
     fails after recording at least one round, with the strategy's records of them (those
@@ -168,7 +173,13 @@ def build_server_app(
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,
                 server_model_factory=lambda: server_model(context),
+                initial_server_arrays=(
+                    ArrayRecord(dict(run_on_compute_thread(initial_server_weights, context)))
+                    if initial_server_weights is not None
+                    else None
+                ),
                 on_round=on_round,
+                first_round=first_round,
             )
             if on_result is not None:
                 on_result(context, result)
@@ -232,7 +243,10 @@ def client_reply_metrics(
 
 
 def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
-    """A Flower ClientApp whose train handler runs ``client(context).fit`` over the proxy.
+    """A Flower ClientApp whose train handler runs ``client(context).fit`` over the proxy,
+    and whose query handler tells the strategy which client the node is (its ``client_id``,
+    read from ``client(context)`` at the start of each round: a factory that loads data
+    should load it once per process, as :class:`~splitflower.experiment.Experiment`'s does).
 
     Per-client state (:meth:`Client.local_state`) is kept in ``context.state``: in
     simulation, actors are shared between virtual clients, so nothing per-client may live
@@ -266,6 +280,20 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
             content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: instance.client_id})
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
             content[RecordKey.OPTIMIZER] = _optimizer_record(instance.optimizer_state())
+        return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def identify(msg: Message, context: Context) -> Message:
+        # The strategy orders its clients, and finds two nodes that are one client, by this.
+        if RecordKey.IDENTIFY not in msg.content:
+            raise ConfigError(
+                f"a splitflower ClientApp answers only the strategy's identification query (a "
+                f"ConfigRecord named {RecordKey.IDENTIFY!r}); got records {sorted(msg.content.keys())}"
+            )
+        client_id = client(context).client_id
+        content = RecordDict()
+        if client_id is not None:
+            content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: client_id})
         return Message(content=content, reply_to=msg)
 
     return app

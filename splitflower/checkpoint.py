@@ -6,6 +6,15 @@ state dicts of both parties: ``client`` (the client segment as ``segment.*``, pl
 parts the algorithm adds on the client, such as an auxiliary head or U-shaped SL's
 ``tail.*``) and ``server`` (the server segment).
 
+A run resumes from such a file (``splitflower run --resume FILE.pt``): it trains rounds
+k + 1 onwards from the weights saved after round k, with the config they were saved with
+(:func:`resumed_config`: only :data:`RESUMABLE_CHANGES` may differ), and, clients being
+ordered and their batches drawn by partition and round, it gives the weights the
+uninterrupted run would have, where that run is itself repeatable (see the README's
+"Reproducibility"). What a model file does not hold stops a resume
+(:func:`check_resumable`): state a client keeps between rounds, and the optimizer state the
+sequential strategy hands on.
+
 Example
 -------
 >>> saved = load_model("dsl.pt")  # doctest: +SKIP
@@ -16,9 +25,10 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -27,7 +37,15 @@ from splitflower.errors import ConfigError
 from splitflower.experiment import Experiment, ExperimentConfig, write_atomically
 from splitflower.strategy import SplitResult
 
-__all__ = ["MODEL_SCHEMA", "SavedModel", "load_model", "save_model"]
+__all__ = [
+    "MODEL_SCHEMA",
+    "RESUMABLE_CHANGES",
+    "SavedModel",
+    "check_resumable",
+    "load_model",
+    "resumed_config",
+    "save_model",
+]
 
 MODEL_SCHEMA = "splitflower.model/1"
 
@@ -38,17 +56,23 @@ class SavedModel:
 
     config: dict[str, Any]
     rounds: int
+    """The round the weights are the result of."""
     client: dict[str, torch.Tensor]
     server: dict[str, torch.Tensor]
+    path: Path | None = None
+    """The file it was read from."""
+
+    def experiment_config(self) -> ExperimentConfig:
+        """``config`` as an :class:`ExperimentConfig` (not yet validated)."""
+        fields = {**self.config, "options": tuple(self.config.get("options") or ())}
+        try:
+            return ExperimentConfig(**fields)
+        except TypeError as err:  # a field this version does not know
+            raise ConfigError(f"the saved config does not fit this splitflower's ExperimentConfig: {err}") from err
 
     def experiment(self) -> Experiment:
         """The run's experiment (its data and split model) rebuilt from ``config``."""
-        fields = {**self.config, "options": tuple(self.config.get("options") or ())}
-        try:
-            config = ExperimentConfig(**fields)
-        except TypeError as err:  # a field this version does not know
-            raise ConfigError(f"the saved config does not fit this splitflower's ExperimentConfig: {err}") from err
-        return Experiment(config.validate())
+        return Experiment(self.experiment_config().validate())
 
     def network(self) -> nn.Module:
         """The whole trained network, for inference (see :meth:`Experiment.assemble`)."""
@@ -56,13 +80,13 @@ class SavedModel:
 
 
 def save_model(path: str | Path, config: ExperimentConfig, result: SplitResult) -> Path:
-    """Write ``result``'s weights (both parties', after its ``len(result.rounds)`` rounds) with
+    """Write ``result``'s weights (both parties', after its round ``result.last_round``) with
     the run's ``config``, atomically (see :func:`~splitflower.experiment.write_atomically`).
     They are CPU tensors, as an ArrayRecord gives them, so a machine without the run's GPU reads them."""
     document = {
         "schema": MODEL_SCHEMA,
         "config": json.loads(json.dumps(asdict(config))),  # as the results file holds it
-        "rounds": len(result.rounds),
+        "rounds": result.last_round,
         "client": result.arrays.to_torch_state_dict(),
         "server": result.server_arrays.to_torch_state_dict(),
     }
@@ -85,6 +109,110 @@ def load_model(path: str | Path) -> SavedModel:
         weights = data.get(party)
         if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
             raise ConfigError(f"{file} claims schema {MODEL_SCHEMA!r} but its {party!r} is not a dict of tensors")
-    if not isinstance(data.get("config"), dict) or type(data.get("rounds")) is not int:
-        raise ConfigError(f"{file} claims schema {MODEL_SCHEMA!r} but lacks its 'config' or 'rounds'")
-    return SavedModel(config=data["config"], rounds=data["rounds"], client=data["client"], server=data["server"])
+    if not isinstance(data.get("config"), dict) or type(data.get("rounds")) is not int or data["rounds"] < 0:
+        raise ConfigError(
+            f"{file} claims schema {MODEL_SCHEMA!r} but lacks its 'config' or its 'rounds' (a round number >= 0)"
+        )
+    return SavedModel(data["config"], data["rounds"], data["client"], data["server"], path=file)
+
+
+RESUMABLE_CHANGES: Final = ("rounds", "device", "data_root", "test_size", "link")
+"""Config fields a resumed run may set anew: how long it trains, where, what it is tested on,
+and the emulated link; none changes what a round computes."""
+
+
+def resumed_config(saved: SavedModel, changes: Mapping[str, Any]) -> ExperimentConfig:
+    """The (validated) config that trains on from ``saved``: the one it was saved with, with
+    ``changes`` (field name -> value; ``rounds`` is the last round to train, default the
+    saved run's own). A change to any other field than :data:`RESUMABLE_CHANGES` is refused,
+    naming it, unless it equals the saved value.
+
+    Example
+    -------
+    >>> resumed_config(load_model("dsl.pt"), {"rounds": 10}).rounds  # doctest: +SKIP
+    10
+    """
+    saved_config = saved.experiment_config()
+    unknown = sorted(set(changes) - {f.name for f in fields(ExperimentConfig)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(ExperimentConfig))
+        raise ConfigError(f"cannot resume with {unknown}: not ExperimentConfig fields (they are {known})")
+    changes = {**changes, **({"options": tuple(changes["options"])} if "options" in changes else {})}
+    refused = _refused_changes(saved_config, changes)
+    if refused:
+        raise ConfigError(f"cannot resume {_name(saved)} with another config: {refused}")
+    config = replace(saved_config, **changes).validate()
+    if config.rounds <= saved.rounds:
+        raise ConfigError(_nothing_to_train(saved, config))
+    return config
+
+
+def check_resumable(experiment: Experiment, saved: SavedModel) -> None:
+    """Raise :class:`ConfigError` unless ``experiment`` can train on from ``saved``: its
+    config is the saved one (but for :data:`RESUMABLE_CHANGES`) and goes past the saved
+    round, the weights fit both parties, and nothing a round needs lives outside them."""
+    config = experiment.config
+    problems = (
+        [f"its config differs from the saved one: {refused}"]
+        if (refused := _refused_changes(saved.experiment_config(), asdict(config)))
+        else []
+    )
+    if config.rounds <= saved.rounds:
+        problems.append(_nothing_to_train(saved, config))
+    problems += _misfits(experiment.initial_client_weights(), saved.client, "the client's")
+    problems += _misfits(experiment.make_server_model().get_fit_result().weights, saved.server, "the server's")
+    if config.hand_over_optimizer:
+        problems.append("the optimizer state the sequential strategy hands on (hand_over_optimizer) is not in the file")
+    if experiment.make_client(0).local_state():
+        problems.append(
+            f"{config.algorithm}'s clients keep state of their own between rounds (Client.local_state, "
+            "e.g. LocFedMix's sync_every), which is not in the file"
+        )
+    if problems:
+        raise ConfigError(f"cannot resume {_name(saved)}:\n  - " + "\n  - ".join(problems))
+
+
+def _name(saved: SavedModel) -> str:
+    return str(saved.path) if saved.path is not None else "the saved run"
+
+
+def _refused_changes(saved_config: ExperimentConfig, values: Mapping[str, Any]) -> str:
+    """The fields of ``values`` outside :data:`RESUMABLE_CHANGES` that differ from
+    ``saved_config``'s, said with what to do ("" if none)."""
+    refused = [
+        f"{name} {value!r} (saved with {getattr(saved_config, name)!r})"
+        for name, value in values.items()
+        if name not in RESUMABLE_CHANGES and value != getattr(saved_config, name)
+    ]
+    if not refused:
+        return ""
+    return (
+        f"{'; '.join(refused)}. A resumed run trains on as it was saved; only {', '.join(RESUMABLE_CHANGES)} "
+        "may change (drop the others)"
+    )
+
+
+def _nothing_to_train(saved: SavedModel, config: ExperimentConfig) -> str:
+    return (
+        f"{_name(saved)} already holds the weights after round {saved.rounds}, and the run would end at round "
+        f"{config.rounds}; give a last round above {saved.rounds} (--rounds) to train on"
+    )
+
+
+def _misfits(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], whose: str) -> list[str]:
+    """What keeps ``saved`` from loading where ``expected`` is: missing, unexpected or
+    reshaped tensors (a few of each)."""
+    problems = []
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or unexpected:
+        problems.append(
+            f"{whose} weights lack {missing[:5] or 'nothing'} and have unexpected {unexpected[:5] or 'none'}"
+        )
+    reshaped = [
+        f"{name} {tuple(saved[name].shape)} where the model has {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in saved and saved[name].shape != tensor.shape
+    ]
+    if reshaped:
+        problems.append(f"{whose} weights do not fit: " + "; ".join(reshaped[:5]))
+    return problems

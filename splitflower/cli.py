@@ -39,12 +39,7 @@ _ATTEMPT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "splitflower.cli")  #
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from splitflower.algorithms import ALGORITHMS
-    from splitflower.data import DATASET_NAMES
-    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
-    from splitflower.models import MODEL_NAMES
     from splitflower.reproduce import add_reproduce_parser
-    from splitflower.strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="splitflower", description=(__doc__ or "").partition("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # as the supervisor reads --attempts (see _attempts)
     )
+    _add_run_arguments(run)
+    _add_attempts(
+        add_reproduce_parser(commands),
+        "times to start each cell, each in a fresh process, while its simulation fails to start "
+        f"(default {DEFAULT_ATTEMPTS}); after the last, the cell counts as failed and the grid goes on",
+    )
+    compare = commands.add_parser("compare", help="compare results files side by side")
+    compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
+    compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    from splitflower.algorithms import ALGORITHMS
+    from splitflower.data import DATASET_NAMES
+    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
+    from splitflower.models import MODEL_NAMES
+    from splitflower.strategies import STRATEGIES
+
     run.add_argument(
         "--algorithm",
         default="dsl",
@@ -102,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--save-model", type=Path, default=None, help="write the trained weights of both parties here (.pt)"
     )
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="FILE.pt",
+        help="train on from the weights --save-model wrote (after round k: rounds k+1 to --rounds, default "
+        "the saved run's last), with the config they were saved with: options that would change what a round "
+        "computes are refused unless they agree with it",
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument(
         "--startup-timeout",
@@ -115,15 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
         "times to start the simulation, each in a fresh process, while it fails to start; after the "
         f"last, exit with status {STALLED_EXIT_CODE}",
     )
-    _add_attempts(
-        add_reproduce_parser(commands),
-        "times to start each cell, each in a fresh process, while its simulation fails to start "
-        f"(default {DEFAULT_ATTEMPTS}); after the last, the cell counts as failed and the grid goes on",
-    )
-    compare = commands.add_parser("compare", help="compare results files side by side")
-    compare.add_argument("results", nargs="+", type=Path, help="results JSON files; ratios are to the last one")
-    compare.add_argument("--plot", type=Path, default=None, help="also save a PNG of the comparison here")
-    return parser
 
 
 def _add_attempts(parser: argparse.ArgumentParser, help_text: str = "") -> None:
@@ -242,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from splitflower.reproduce import reproduce_main
 
             return reproduce_main(args)
-        return _run(args)
+        return _run(args, argv[1:])
     except SplitflowerError as err:
         print(f"splitflower: error: {err}", file=sys.stderr)
         # A run whose clients all failed is a failed run, not a bad command line.
@@ -262,16 +276,54 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from splitflower.experiment import (
-        ExperimentConfig,
-        check_results_path,
-        run_experiment_owning_the_process,
-        write_results,
-    )
+def _given(run_argv: Sequence[str]) -> set[str]:
+    """The ``splitflower run`` options ``run_argv`` gives, by destination, whatever their value."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_run_arguments(probe)
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), None))  # given values are never None
+    return {dest for dest, value in vars(probe.parse_args(run_argv)).items() if value is not None}
+
+
+def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
+    from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
 
     _configure_logging(args.verbose)
-    config = ExperimentConfig(
+    fields = _config_fields(args)
+    resume = None
+    if args.resume is not None:
+        from splitflower.checkpoint import load_model, resumed_config
+
+        resume = load_model(args.resume)
+        given = {"options" if dest == "option" else dest for dest in _given(run_argv)}
+        config = resumed_config(resume, {name: value for name, value in fields.items() if name in given})
+    else:
+        from splitflower.experiment import ExperimentConfig
+
+        config = ExperimentConfig(**fields)
+    if args.out is not None:
+        check_results_path(args.out)  # before the run, not after it
+    if args.save_model is not None:
+        check_results_path(args.save_model, what="the model")
+    unsaved: list[ResultsFileError] = []
+    results = run_experiment_owning_the_process(
+        config,
+        say=lambda line: print(line, flush=True),
+        startup_timeout=args.startup_timeout,
+        keep_partial=lambda partial: _keep_partial_results(partial, args.out),
+        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved),
+        resume=resume,
+    )
+    print(_table(results))
+    if args.out is None:
+        print("no results file written (give --out FILE.json to keep the figures)")
+    else:
+        print(f"results written to {write_results(results, args.out)}")
+    return CRASHED_EXIT_CODE if unsaved else 0
+
+
+def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`ExperimentConfig` fields the command line sets (given or by default)."""
+    return dict(
         algorithm=args.algorithm,
         strategy=args.strategy,
         dataset=args.dataset,
@@ -296,24 +348,6 @@ def _run(args: argparse.Namespace) -> int:
         link=args.link,
         hand_over_optimizer=args.hand_over_optimizer,
     )
-    if args.out is not None:
-        check_results_path(args.out)  # before the run, not after it
-    if args.save_model is not None:
-        check_results_path(args.save_model, what="the model")
-    unsaved: list[ResultsFileError] = []
-    results = run_experiment_owning_the_process(
-        config,
-        say=lambda line: print(line, flush=True),
-        startup_timeout=args.startup_timeout,
-        keep_partial=lambda partial: _keep_partial_results(partial, args.out),
-        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved),
-    )
-    print(_table(results))
-    if args.out is None:
-        print("no results file written (give --out FILE.json to keep the figures)")
-    else:
-        print(f"results written to {write_results(results, args.out)}")
-    return CRASHED_EXIT_CODE if unsaved else 0
 
 
 def _model_keeper(path: Path, unsaved: list[ResultsFileError]) -> Callable[[ExperimentConfig, SplitResult], None]:
@@ -328,8 +362,10 @@ def _model_keeper(path: Path, unsaved: list[ResultsFileError]) -> Callable[[Expe
             print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
             unsaved.append(err)
             return
-        rounds = len(result.rounds)
-        print(f"the weights after round {rounds} written to {written} (splitflower.checkpoint.load_model reads them)")
+        print(
+            f"the weights after round {result.last_round} written to {written} "
+            "(splitflower.checkpoint.load_model reads them; splitflower run --resume trains on from them)"
+        )
 
     return keep
 

@@ -69,6 +69,9 @@ from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.supervised import SupervisedServerModel
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
 
+if typing.TYPE_CHECKING:  # splitflower.checkpoint builds on this module
+    from splitflower.checkpoint import SavedModel
+
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
@@ -432,11 +435,16 @@ class Experiment:
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         round_timeout: float | None = None,
+        resume: SavedModel | None = None,
     ) -> ServerApp:
+        """The run's ServerApp; ``resume``: weights saved after round k, trained on from
+        round k + 1 (see :func:`splitflower.checkpoint.check_resumable`)."""
         return build_server_app(
             lambda _: strategy,
             lambda _: self.make_server_model(),
-            initial_client_weights=lambda _: self.initial_client_weights(),
+            initial_client_weights=lambda _: self.initial_client_weights() if resume is None else resume.client,
+            initial_server_weights=None if resume is None else lambda _: resume.server,
+            first_round=1 if resume is None else resume.rounds + 1,
             train_config=lambda _: self.train_config(),
             central_evaluate=lambda _: self.evaluate,
             on_result=on_result,
@@ -607,9 +615,10 @@ class _Progress:
         *,
         startup_timeout: float | None = None,
         on_stall: Callable[[str], None] | None = None,
+        first_round: int = 1,
     ) -> None:
         self.strategy, self.total, self.say, self.every = strategy, total, say, every
-        self.round = 1
+        self.first_round = self.round = first_round
         self.last_round = rounds
         self.startup_timeout = startup_timeout
         self.on_stall = on_stall or say
@@ -632,19 +641,22 @@ class _Progress:
                 continue
             done = sum(m.num_examples for m in self.strategy.server_models)
             waited = time.perf_counter() - started
-            if self.round == 1 and not done and not stalled and self.startup_timeout is not None:
+            starting = self.round == self.first_round and not done
+            if starting and not stalled and self.startup_timeout is not None:
                 if waited >= self.startup_timeout:
                     stalled = True
                     self.on_stall(STALL_MESSAGE.format(seconds=waited))
                     continue
-            if self.round == 1 and not done:
-                self.say(f"  round 1: no example has reached a server model yet: clients starting ({waited:.0f}s)")
+            if starting:
+                self.say(
+                    f"  round {self.round}: no example has reached a server model yet: clients starting ({waited:.0f}s)"
+                )
             else:
                 self.say(f"  round {self.round}: server trained on {done}/{self.total} examples ({waited:.0f}s)")
 
     def started(self) -> bool:
         """Whether a round has ended or a server model has trained on an example."""
-        return self.round > 1 or any(m.num_examples for m in self.strategy.server_models)
+        return self.round > self.first_round or any(m.num_examples for m in self.strategy.server_models)
 
 
 def run_experiment(
@@ -654,8 +666,14 @@ def run_experiment(
     startup_timeout: float | None = None,
     on_stall: Callable[[str], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    resume: SavedModel | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
+
+    ``resume``: weights a run saved after round k (:func:`splitflower.checkpoint.load_model`),
+    trained on from round k + 1 to ``config.rounds``; the config must be the one they were
+    saved with (see :func:`splitflower.checkpoint.resumed_config`), and the results hold the
+    new rounds, under ``resumed_from``.
 
     ``startup_timeout``: seconds after which, if no client has reached a server model yet,
     ``on_stall`` (default: ``say``) is called once with the reason. Flower's simulation
@@ -673,6 +691,13 @@ def run_experiment(
     # that runs parallel torch work (see splitflower.compute).
     experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
+    extra: dict[str, Any] = {}
+    if resume is not None:
+        from splitflower.checkpoint import check_resumable
+
+        run_on_compute_thread(check_resumable, experiment, resume)
+        extra["resumed_from"] = {"path": None if resume.path is None else str(resume.path), "rounds": resume.rounds}
+    first_round = 1 if resume is None else resume.rounds + 1
     strategy = experiment.make_strategy()
     holder: dict[str, SplitResult] = {}
     progress = _Progress(
@@ -682,6 +707,7 @@ def run_experiment(
         say,
         startup_timeout=startup_timeout,
         on_stall=on_stall,
+        first_round=first_round,
     )
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
@@ -696,13 +722,14 @@ def run_experiment(
     started = time.perf_counter()
     say(
         f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
-        f"{config.clients} clients, {config.rounds} rounds"
+        f"{config.clients} clients, "
+        + (f"{config.rounds} rounds" if resume is None else f"rounds {first_round} to {config.rounds} ({resume.path})")
     )
     stopped_by: BaseException | None = None
     with progress:
         try:
             run_simulation(
-                server_app=experiment.server_app(strategy, keep_result, on_round, server_errors.append),
+                server_app=experiment.server_app(strategy, keep_result, on_round, server_errors.append, resume=resume),
                 client_app=experiment.client_app(),
                 num_supernodes=config.clients,
                 backend_config=_backend_config(config),
@@ -733,12 +760,12 @@ def run_experiment(
             and not isinstance(stopped_by, ExperimentFailedError)
         ):
             raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
-        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by) from stopped_by
+        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by, **extra) from stopped_by
     # (A round that trained on no client stopped the run in the strategy: see SplitStrategy.start.)
     result = holder["result"]
     if keep_model is not None:
         keep_model(config, result)
-    return results_document(config, summarise_rounds(result.rounds), time.perf_counter() - started)
+    return results_document(config, summarise_rounds(result.rounds), time.perf_counter() - started, **extra)
 
 
 def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException:
@@ -762,15 +789,17 @@ def stopped_early(
         reason = "interrupted (KeyboardInterrupt)"
     else:
         reason = f"{type(error).__name__}: {error}"
+    # The last round trained, of the run or of the run it resumed.
+    done = rounds[-1]["round"] if rounds else extra.get("resumed_from", {}).get("rounds", 0)
     partial = None
     if rounds:
         incomplete = {"error": reason, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
-        partial = results_document(config, rounds, wall_s, incomplete=incomplete, **extra)
+        partial = results_document(config, rounds, wall_s, incomplete={**incomplete, "last_round": done}, **extra)
     if isinstance(error, KeyboardInterrupt):
-        return RunInterruptedError(f"interrupted after {len(rounds)} of {config.rounds} rounds", partial)
+        return RunInterruptedError(f"interrupted after {done} of {config.rounds} rounds", partial)
     if isinstance(error, ExperimentFailedError):
         return ExperimentFailedError(reason, partial)
-    return ExperimentFailedError(f"the run stopped after {len(rounds)} of {config.rounds} rounds: {reason}", partial)
+    return ExperimentFailedError(f"the run stopped after {done} of {config.rounds} rounds: {reason}", partial)
 
 
 def partial_results_path(path: str | Path) -> Path:
@@ -834,6 +863,7 @@ def run_experiment_owning_the_process(
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
     keep_partial: Callable[[dict[str, Any]], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    resume: SavedModel | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -849,7 +879,12 @@ def run_experiment_owning_the_process(
     """
     try:
         return run_experiment(
-            config, say=say, startup_timeout=startup_timeout, on_stall=_end_stalled, keep_model=keep_model
+            config,
+            say=say,
+            startup_timeout=startup_timeout,
+            on_stall=_end_stalled,
+            keep_model=keep_model,
+            resume=resume,
         )
     except SimulationStartError as err:
         traceback.print_exc()

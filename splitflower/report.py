@@ -114,8 +114,9 @@ def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
                 labels[i] = f"{labels[i]} #{number}"
     for i, run in enumerate(runs):  # a partial file (a run that failed midway) says so
         if isinstance(incomplete := run.get("incomplete"), dict):
-            recorded, planned = incomplete.get("rounds_recorded"), incomplete.get("rounds_planned")
-            labels[i] += f" (incomplete: {recorded} of {planned} rounds)"
+            # last_round counts the rounds of a run it resumed too (absent from older files).
+            done = incomplete.get("last_round", incomplete.get("rounds_recorded"))
+            labels[i] += f" (incomplete: {done} of {incomplete.get('rounds_planned')} rounds)"
     return labels
 
 

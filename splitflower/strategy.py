@@ -55,11 +55,16 @@ class RoundPlan:
     def sender(self, reply: Message) -> int:
         """The client a reply is about. Not always its source: the SuperLink answers for a
         node it lost with an error reply of its own."""
-        answered = reply.metadata.reply_to_message_id
-        for message in self.sent:
-            if answered and message.metadata.message_id == answered:
-                return message.metadata.dst_node_id
-        return reply.metadata.src_node_id
+        return _sender(self.sent, reply)
+
+
+def _sender(sent: Iterable[Message], reply: Message) -> int:
+    """The node of the message in ``sent`` that ``reply`` answers (else the reply's source)."""
+    answered = reply.metadata.reply_to_message_id
+    for message in sent:
+        if answered and message.metadata.message_id == answered:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 @dataclass
@@ -68,6 +73,11 @@ class SplitResult(Result):
 
     server_arrays: ArrayRecord = field(default_factory=ArrayRecord)
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def last_round(self) -> int:
+        """The number of the last round recorded (0: none), which the weights are the result of."""
+        return max(self.rounds, default=0)
 
 
 DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
@@ -82,7 +92,7 @@ class SplitStrategy(FedAvg):
     construction, reply checks and example-weighted averaging are reused as they are.
     What split learning adds lives in six hooks a subclass may override:
 
-    * :meth:`order_clients` - the order of the round's sampled clients (default: sorted);
+    * :meth:`order_clients` - the order of the round's sampled clients (default: by client id);
     * :meth:`num_server_models` - how many server models exist this round (default 1);
     * :meth:`assign` - which of them serves the i-th sampled client (default 0);
     * :meth:`make_scheduler` - when requests run: at once, or batched across clients
@@ -148,6 +158,7 @@ class SplitStrategy(FedAvg):
         """The run's result as of its last recorded round (its weights and records), kept
         while :meth:`start` runs, so that a run that fails later still has them."""
         self._server_models: list[ServerModel] = []
+        self._client_ids: dict[int, int | str | None] = {}  # node -> client id, asked each round
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
 
@@ -167,8 +178,20 @@ class SplitStrategy(FedAvg):
         return ImmediateScheduler(model)
 
     def order_clients(self, node_ids: list[int]) -> list[int]:
-        """The order of the round's clients (sorted node ids, for reproducibility)."""
-        return sorted(node_ids)
+        """The order of the round's clients: by :attr:`Client.client_id
+        <splitflower.client.Client.client_id>` (numbers first, then names), then clients
+        without one by node id. Node ids are drawn anew in each run; client ids (a
+        SuperNode's partition) are not, so a run with the same seed visits its clients in
+        the same order, and gives each the same batches, again."""
+        return sorted(node_ids, key=self._order_key)
+
+    def _order_key(self, node: int) -> tuple[int, int, str, int]:
+        client_id = self._client_ids.get(node)
+        if isinstance(client_id, int):
+            return (0, client_id, "", node)
+        if isinstance(client_id, str):
+            return (1, 0, client_id, node)
+        return (2, 0, "", node)
 
     def train_round(
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, config: ConfigRecord, timeout: float
@@ -225,7 +248,8 @@ class SplitStrategy(FedAvg):
             else:
                 plan.left_out[node] = problem
                 logger.warning("[server] round %d: left out client %d's reply: %s", plan.server_round, node, problem)
-        return collected
+        # In the round's order, not as they came: averaging adds them up in this order.
+        return sorted(collected, key=lambda reply: _index(plan, plan.sender(reply)))
 
     def reply_problem(self, reply: Message) -> str | None:
         """What a successful train reply lacks, or None: one ArrayRecord named
@@ -266,11 +290,42 @@ class SplitStrategy(FedAvg):
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
         return nodes
 
+    def _identify(self, grid: Grid, server_round: int, node_ids: Sequence[int], timeout: float) -> None:
+        """Ask each of ``node_ids`` which client it is (a query message; its reply carries the
+        client's ``client_id``, or nothing), and stop the run before the round trains if two
+        of them are the same client. Asked every round: a SuperNode that reconnects may come
+        back as another partition. A node whose ClientApp cannot answer (not one
+        :func:`~splitflower.app.build_client_app` built) counts as having no id."""
+        asked = [
+            Message(
+                content=RecordDict({RecordKey.IDENTIFY: ConfigRecord()}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+            )
+            for node in node_ids
+        ]
+        self._client_ids = dict.fromkeys(node_ids)
+        answered = set()
+        for reply in grid.send_and_receive(asked, timeout=min(timeout, self.node_wait_timeout)):
+            node = _sender(asked, reply)
+            answered.add(node)
+            if not reply.has_error():
+                self._client_ids[node] = _reported_client_id(reply)
+            else:
+                logger.debug("[server] node %d cannot say which client it is: %s", node, reply.error.reason)
+        if silent := sorted(set(node_ids) - answered):
+            logger.warning("[server] nodes %s did not say which client they are; ordered by node id", silent)
+        _refuse_repeated_clients(
+            {node: client_id for node, client_id in self._client_ids.items() if client_id is not None},
+            f"round {server_round}, before it trains: several nodes are the same client",
+        )
+
     def _plan_round(
-        self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord
+        self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord, timeout: float
     ) -> RoundPlan:
         num_nodes = int(len(self._wait_for_nodes(grid)) * self.fraction_train)
         sampled, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        self._identify(grid, server_round, sampled, timeout)
         node_ids = self.order_clients(sampled)
         logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))
         count = self.num_server_models(len(node_ids))
@@ -324,12 +379,19 @@ class SplitStrategy(FedAvg):
         server_model_factory: Callable[[], ServerModel],
         initial_server_arrays: ArrayRecord | None = None,
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
+        first_round: int = 1,
     ) -> SplitResult:
-        """Run ``num_rounds`` rounds; ``evaluate_fn(round, client_arrays, server_arrays)``
-        evaluates the assembled model centrally after each round. The run stops, after
-        ``on_round`` has the round's record, at a round in which no client trained
-        (:class:`ExperimentFailedError`) or two nodes replied with the same
-        :attr:`Client.client_id <splitflower.client.Client.client_id>` (:class:`ConfigError`)."""
+        """Run rounds ``first_round`` to ``num_rounds`` (a run resumed from weights saved after
+        round k starts at k + 1); ``evaluate_fn(round, client_arrays, server_arrays)``
+        evaluates the assembled model centrally after each round. The run stops before a
+        round trains if two of its nodes say they are the same
+        :attr:`Client.client_id <splitflower.client.Client.client_id>` (:class:`ConfigError`;
+        also after it, if they say so only in their replies), and after ``on_round`` has the
+        record of a round in which no client trained (:class:`ExperimentFailedError`)."""
+        if isinstance(first_round, bool) or not isinstance(first_round, int) or not 1 <= first_round <= num_rounds:
+            raise ConfigError(
+                f"first_round must be a round number from 1 to num_rounds ({num_rounds}), got {first_round!r}"
+            )
         self._service = service
         self._server_model_factory = server_model_factory
         config = ConfigRecord(dict(train_config or ConfigRecord()))
@@ -343,7 +405,8 @@ class SplitStrategy(FedAvg):
         with link as emulator:
             self._client_address = emulator.address if emulator is not None else ""
             try:
-                self._run_rounds(grid, num_rounds, timeout, config, evaluate_fn, on_round, result)
+                rounds = range(first_round, num_rounds + 1)
+                self._run_rounds(grid, rounds, timeout, config, evaluate_fn, on_round, result)
             finally:
                 self._client_address = ""
         return result
@@ -351,7 +414,7 @@ class SplitStrategy(FedAvg):
     def _run_rounds(
         self,
         grid: Grid,
-        num_rounds: int,
+        rounds: range,
         timeout: float,
         config: ConfigRecord,
         evaluate_fn: CentralEvaluateFn | None,
@@ -359,9 +422,9 @@ class SplitStrategy(FedAvg):
         result: SplitResult,
     ) -> None:
         service = self._service
-        for server_round in range(1, num_rounds + 1):
+        for server_round in rounds:
             started = time.perf_counter()
-            plan = self._plan_round(server_round, grid, result.server_arrays, config)
+            plan = self._plan_round(server_round, grid, result.server_arrays, config, timeout)
             try:
                 replies = self.train_round(grid, plan, result.arrays, config, timeout)
             finally:
@@ -442,19 +505,27 @@ def _reported_client_id(reply: Message) -> int | str | None:
 
 
 def _stop_if_clients_repeat(record: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` if two nodes replied as the same client: two SuperNodes
-    started with the same partition, so one partition is trained twice and another never."""
-    nodes_by_id: dict[int | str, set[int]] = {}
-    for entry in record["clients"]:
-        if "client_id" in entry:
-            nodes_by_id.setdefault(entry["client_id"], set()).add(entry["node_id"])
+    """Raise :class:`ConfigError` if two nodes replied as the same client (see :func:`_refuse_repeated_clients`)."""
+    _refuse_repeated_clients(
+        {entry["node_id"]: entry["client_id"] for entry in record["clients"] if "client_id" in entry},
+        f"round {record['round']}: several nodes replied as the same client",
+    )
+
+
+def _refuse_repeated_clients(client_ids: Mapping[int, int | str], what: str) -> None:
+    """Raise :class:`ConfigError` if two nodes of ``client_ids`` (node -> client id) are the
+    same client: two SuperNodes started with the same partition, so one partition is
+    trained twice and another never."""
+    nodes_by_id: dict[int | str, list[int]] = {}
+    for node, client_id in client_ids.items():
+        nodes_by_id.setdefault(client_id, []).append(node)
     repeated = {client_id: sorted(nodes) for client_id, nodes in nodes_by_id.items() if len(nodes) > 1}
     if repeated:
         shown = "; ".join(f"client {cid!r} from nodes {nodes}" for cid, nodes in repeated.items())
         raise ConfigError(
-            f"round {record['round']}: several nodes replied as the same client ({shown}), so the run stops: "
-            "their data is one partition trained twice while another is never trained; give each SuperNode "
-            'its own partition (flower-supernode --node-config "partition-id=I num-partitions=N")'
+            f"{what} ({shown}), so the run stops: their data is one partition trained twice while another "
+            'is never trained; give each SuperNode its own partition (flower-supernode --node-config "partition-id=I '
+            'num-partitions=N")'
         )
 
 

@@ -105,6 +105,9 @@ class RecordKey:
     NUM_EXAMPLES: Final = "num-examples"
     OPTIMIZER: Final = "sf-optimizer"
     CLIENT_ID: Final = "sf-client-id"  # the replying Client's client_id, if it has one
+    # A query message holding a ConfigRecord under this key asks a node which client it is:
+    # the reply carries CLIENT_ID (nothing if the client has no client_id).
+    IDENTIFY: Final = "sf-identify"
     # A ConfigRecord carrying one encoded value (the wire manifest's JSON, the optimizer
     # state's codec frame: a reply may hold only one ArrayRecord) keeps it under this key.
     VALUE: Final = "value"

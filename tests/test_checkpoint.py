@@ -4,6 +4,7 @@ file is read back."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend
 from splitflower import cli
-from splitflower.checkpoint import load_model, save_model
+from splitflower.checkpoint import check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.report import load_results
@@ -91,3 +92,96 @@ def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
     keep(ExperimentConfig(), result)
     assert len(unsaved) == 1
     assert "splitflower: error: the trained weights are not kept: cannot write the model" in capsys.readouterr().err
+
+
+SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "384", "--test-size", "128"]
+
+
+@pytest.mark.parametrize(("algorithm", "strategy"), [("csl", "sequential"), ("dsl", "splitfed-v1")])
+def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_through(
+    algorithm: str, strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    run = ["run", "--attempts", "1", *SYNTHETIC_RUN, "--algorithm", algorithm, "--strategy", strategy]
+    straight, halfway, resumed = tmp_path / "straight", tmp_path / "halfway", tmp_path / "resumed"
+    assert cli.main([*run, "--rounds", "3", "--save-model", f"{straight}.pt", "--out", f"{straight}.json"]) == 0
+    assert cli.main([*run, "--rounds", "2", "--save-model", f"{halfway}.pt"]) == 0
+    # The config comes from the file; an option that agrees with it may be given all the same.
+    again = ["--resume", f"{halfway}.pt", "--rounds", "3", "--algorithm", algorithm, "--test-size", "128"]
+    assert (
+        cli.main(["run", "--attempts", "1", *again, "--save-model", f"{resumed}.pt", "--out", f"{resumed}.json"]) == 0
+    )
+    expected, got = load_model(f"{straight}.pt"), load_model(f"{resumed}.pt")
+    assert got.rounds == 3 and got.config == expected.config
+    torch.testing.assert_close(got.client, expected.client, rtol=0, atol=0)
+    torch.testing.assert_close(got.server, expected.server, rtol=0, atol=0)
+    results = load_results(f"{resumed}.json")
+    assert [r["round"] for r in results["rounds"]] == [3]
+    assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2}
+    assert results["final"] == load_results(f"{straight}.json")["final"]
+
+
+def _saved(tmp_path: Path, config: ExperimentConfig, rounds: int = 2) -> Path:
+    experiment = Experiment(config.validate())
+    trained = SplitResult(
+        arrays=ArrayRecord(experiment.initial_client_weights()),
+        server_arrays=ArrayRecord(experiment.make_server_model().get_fit_result().weights),
+    )
+    trained.rounds.update({r: {} for r in range(1, rounds + 1)})
+    return save_model(tmp_path / "saved.pt", experiment.config, trained)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--lr", "0.05", "--seed", "3"],
+            "another config: lr 0.05 (saved with 0.01); seed 3 (saved with 0). A resumed",
+        ),
+        (["--rounds", "2"], "already holds the weights after round 2, and the run would end at round 2; give a last"),
+        ([], "already holds the weights after round 2, and the run would end at round 2"),  # the saved run's own
+        (["--option", "window=2"], "options ('window=2',) (saved with ())"),
+    ],
+)
+def test_a_resume_that_would_not_train_on_as_saved_is_refused_before_it_starts(
+    options: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = _saved(tmp_path, ExperimentConfig(dataset="synthetic", train_size=64, test_size=64, rounds=2))
+    assert cli.main(["run", "--attempts", "1", "--resume", str(saved), *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_what_a_model_file_does_not_hold_stops_a_resume(tmp_path: Path) -> None:
+    base = ExperimentConfig(dataset="synthetic", train_size=64, test_size=64, rounds=3)
+    cases = {
+        "hand_over_optimizer": replace(base, algorithm="csl", strategy="sequential", hand_over_optimizer=True),
+        "keep state of their own between rounds": replace(base, algorithm="locfedmix", options=("sync_every=2",)),
+    }
+    for problem, config in cases.items():
+        saved = load_model(_saved(tmp_path, config))
+        with pytest.raises(ConfigError, match=f"cannot resume .*saved.pt:\n  - .*{problem}"):
+            check_resumable(Experiment(resumed_config(saved, {})), saved)
+    saved = load_model(_saved(tmp_path, replace(base, algorithm="csl")))
+    other = Experiment(replace(base, algorithm="csl", model="resnet20", cut="1").validate())
+    with pytest.raises(ConfigError, match=r"the client's weights lack \['segment\.") as raised:
+        check_resumable(other, saved)
+    assert "the server's weights" in str(raised.value)
+    assert "its config differs from the saved one: model 'resnet20' (saved with 'lenet5'); cut '1'" in str(raised.value)
+
+
+def test_resuming_through_the_api_checks_the_config_and_the_rounds_too(tmp_path: Path) -> None:
+    base = ExperimentConfig(algorithm="csl", dataset="synthetic", train_size=64, test_size=64, rounds=3)
+    saved = load_model(_saved(tmp_path, base, rounds=3))
+    with pytest.raises(ConfigError) as raised:
+        check_resumable(Experiment(replace(base, lr=0.5).validate()), saved)
+    assert "its config differs from the saved one: lr 0.5 (saved with 0.01)" in str(raised.value)
+    assert "already holds the weights after round 3, and the run would end at round 3" in str(raised.value)
+    check_resumable(Experiment(replace(base, rounds=4, test_size=32).validate()), saved)
+    with pytest.raises(ConfigError, match=r"cannot resume with \['learning_rate'\]: not ExperimentConfig fields"):
+        resumed_config(saved, {"learning_rate": 0.1})
+    assert resumed_config(saved, {"rounds": 5, "options": []}).rounds == 5, "a list of options is the same as a tuple"
+    torch.save(
+        {"schema": "splitflower.model/1", "config": {}, "rounds": -1, "client": {}, "server": {}}, tmp_path / "n.pt"
+    )
+    with pytest.raises(ConfigError, match=r"lacks its 'config' or its 'rounds' \(a round number >= 0\)"):
+        load_model(tmp_path / "n.pt")

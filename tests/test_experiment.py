@@ -255,7 +255,7 @@ def test_config_refuses_a_data_root_the_dataset_does_not_read() -> None:
 def test_a_run_whose_clients_all_failed_exits_1_not_the_bad_input_code(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def fail(args: Any) -> int:
+    def fail(args: Any, run_argv: Any) -> int:
         raise ExperimentFailedError("round(s) [1] trained on no client")
 
     monkeypatch.setattr(cli, "_run", fail)
@@ -682,7 +682,12 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
     partial = raised.value.partial_results
     assert partial is not None
     assert [entry["round"] for entry in partial["rounds"]] == [1]
-    assert partial["incomplete"] == {"error": message.split(": ", 1)[1], "rounds_recorded": 1, "rounds_planned": 3}
+    assert partial["incomplete"] == {
+        "error": message.split(": ", 1)[1],
+        "rounds_recorded": 1,
+        "rounds_planned": 3,
+        "last_round": 1,
+    }
     assert partial["rounds"][0]["num_examples"] == 128
 
     # The CLI keeps them beside the results file it was asked for (which it never writes), then
@@ -805,3 +810,15 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     assert partial["incomplete"]["rounds_recorded"] >= 2 and not out.exists()
     saved = load_model(model).rounds
     assert saved == partial["incomplete"]["rounds_recorded"], "the weights of the last round recorded are kept too"
+
+
+def test_a_resumed_run_that_stops_counts_the_rounds_of_the_run_it_resumed() -> None:
+    config = ExperimentConfig(dataset="synthetic", rounds=5).validate()
+    resumed = {"resumed_from": {"path": "saved.pt", "rounds": 2}}
+    error = stopped_early(config, [{"round": 3, "test_accuracy": 0.5}], 1.0, RuntimeError("disk full"), **resumed)
+    assert str(error) == "the run stopped after 3 of 5 rounds: RuntimeError: disk full"
+    assert error.partial_results is not None
+    assert error.partial_results["incomplete"]["last_round"] == 3
+    assert error.partial_results["resumed_from"] == resumed["resumed_from"]
+    interrupted = stopped_early(config, [], 1.0, KeyboardInterrupt(), **resumed)
+    assert str(interrupted) == "interrupted after 2 of 5 rounds" and interrupted.partial_results is None

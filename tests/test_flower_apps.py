@@ -501,6 +501,7 @@ def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_fi
         "error": "RuntimeError: the server model's disk is full",
         "rounds_recorded": 1,
         "rounds_planned": 3,
+        "last_round": 1,
     }
     assert [entry["round"] for entry in partial["rounds"]] == [1] and partial["rounds"][0]["num_examples"] == 128
     assert not out.exists(), "the results file is never given half a run"

@@ -7,14 +7,17 @@ its node's script builds, so each reply can be made malformed in one precise way
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
 from splitflower.algorithms.csl import CSLServerModel
+from splitflower.errors import ConfigError
 from splitflower.experiment import summarise_round
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy, SequentialStrategy
@@ -36,11 +39,25 @@ def _flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 class ScriptedGrid:
-    """A grid whose nodes answer train messages by script, and which keeps what it was sent."""
+    """A grid whose nodes answer train messages by script, and which keeps what it was sent.
+    Each node answers the strategy's identification query with its entry in ``identities``
+    (a client id; None: no id; an Error: the query failed there)."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(
+        self,
+        script: Script,
+        identities: Mapping[int, int | str | Error | None] | None = None,
+        *,
+        silent: Collection[int] = (),
+        reverse: bool = False,
+    ) -> None:
         self.script = script
-        self.received: dict[int, list[Message]] = {node: [] for node in NODES}
+        self.identities = dict(identities or {})
+        self.silent = set(silent)  # nodes that never answer the query
+        self.reverse = reverse  # replies come back in the reverse order of the messages
+        self.received: dict[int, list[Message]] = {node: [] for node in NODES}  # train messages
+        self.trained: list[int] = []  # nodes in the order their train messages were sent
+        self.asked: list[int] = []  # nodes in the order they were asked who they are
 
     def get_node_ids(self) -> list[int]:
         return list(NODES)
@@ -49,9 +66,24 @@ class ScriptedGrid:
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
+            if message.metadata.message_type == MessageType.QUERY:
+                self.asked.append(node)
+                if node not in self.silent:
+                    replies.append(self._identify(node, message))
+                continue
             self.received[node].append(message)
+            self.trained.append(node)
             replies.append(Message(content=self.script(node, message), reply_to=message))
-        return replies
+        return replies[::-1] if self.reverse else replies
+
+    def _identify(self, node: int, message: Message) -> Message:
+        identity = self.identities.get(node)
+        if isinstance(identity, Error):
+            return Message(identity, reply_to=message)
+        content = RecordDict()
+        if identity is not None:
+            content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: identity})
+        return Message(content=content, reply_to=message)
 
 
 def good_reply(node: int, message: Message) -> RecordDict:
@@ -80,12 +112,19 @@ def breaking(node: int, edit: Callable[[RecordDict], object]) -> Script:
     return script
 
 
-def run(strategy: SplitStrategy, script: Script, service: SplitService) -> tuple[SplitResult, ScriptedGrid]:
-    grid = ScriptedGrid(script)
+def run(
+    strategy: SplitStrategy,
+    script: Script,
+    service: SplitService,
+    identities: Mapping[int, int | str | Error | None] | None = None,
+    rounds: int = 1,
+    **grid_options: Any,
+) -> tuple[SplitResult, ScriptedGrid]:
+    grid = ScriptedGrid(script, identities, **grid_options)
     result = strategy.start(
         grid,  # type: ignore[arg-type]
         ArrayRecord({"w": torch.zeros(2)}),
-        num_rounds=1,
+        num_rounds=rounds,
         service=service,
         server_model_factory=lambda: CSLServerModel(nn.Linear(2, 2)),
     )
@@ -166,3 +205,71 @@ def test_an_unreadable_wire_manifest_is_dropped_from_the_round_record(
     clients = result.rounds[1]["clients"]
     assert ["wire" in c for c in clients] == [True, True, False]
     assert "client 3's wire manifest is unreadable" in caplog.text
+
+
+def test_clients_are_visited_in_the_order_of_their_client_ids(service: SplitService) -> None:
+    # Node ids are drawn anew in each run; client ids (partitions) are what make a run repeatable.
+    identities: dict[int, int | str | Error | None] = {1: 2, 2: 0, 3: 1}
+    result, grid = run(SequentialStrategy(), good_reply, service, identities, rounds=2)
+    assert grid.trained == [2, 3, 1, 2, 3, 1]
+    assert sorted(grid.asked) == sorted(NODES * 2), "each node is asked at the start of each round"
+    torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.ones(2), msg="node 1 (client 2) last")
+    assert [c["node_id"] for c in result.rounds[1]["clients"]] == [2, 3, 1]
+
+
+def test_replies_are_averaged_and_recorded_in_the_order_of_their_client_ids(service: SplitService) -> None:
+    # Floating-point sums depend on their order: replies are taken in the round's order, not as they came.
+    identities: dict[int, int | str | Error | None] = {1: 2, 2: 0, 3: 1}
+    for reverse in (False, True):
+        result, _ = run(ParallelStrategy(), good_reply, service, identities, reverse=reverse)
+        assert [c["node_id"] for c in result.rounds[1]["clients"]] == [2, 3, 1], f"replies reversed: {reverse}"
+
+
+def test_a_node_that_does_not_say_which_client_it_is_comes_last_and_is_named(
+    service: SplitService, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="splitflower.strategy"):
+        _, grid = run(SequentialStrategy(), good_reply, service, {1: 1, 2: 0, 3: 2}, silent=[2])
+    assert grid.trained == [1, 3, 2]
+    assert "nodes [2] did not say which client they are; ordered by node id" in caplog.text
+
+
+def test_numbered_clients_come_before_named_ones_and_unknown_ones_last(service: SplitService) -> None:
+    failed = Error(0, "no query handler")
+    cases: list[tuple[dict[int, int | str | Error | None], list[int]]] = [
+        ({1: "b", 2: None, 3: 7}, [3, 1, 2]),
+        ({1: failed, 2: "a", 3: None}, [2, 1, 3]),
+    ]
+    for identities, order in cases:
+        _, grid = run(SequentialStrategy(), good_reply, service, identities)
+        assert grid.trained == order, identities
+
+
+def test_two_nodes_that_are_one_client_stop_the_run_before_it_trains(service: SplitService) -> None:
+    grid = ScriptedGrid(good_reply, {1: 0, 2: 5, 3: 0})
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("round 1, before it trains: several nodes are the same client (client 0 from nodes [1, 3])"),
+    ):
+        ParallelStrategy().start(
+            grid,  # type: ignore[arg-type]
+            ArrayRecord({"w": torch.zeros(2)}),
+            num_rounds=1,
+            service=service,
+            server_model_factory=lambda: CSLServerModel(nn.Linear(2, 2)),
+        )
+    assert grid.trained == []
+
+
+def test_nodes_that_cannot_say_who_they_are_but_reply_as_one_client_stop_the_run(service: SplitService) -> None:
+    # A ClientApp of the user's own may answer no query, yet name its client in its replies.
+    def as_client_0(node: int, message: Message) -> RecordDict:
+        content = good_reply(node, message)
+        content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: 0 if node != 2 else 1})
+        return content
+
+    unanswered = {node: Error(0, "no query handler") for node in NODES}
+    with pytest.raises(
+        ConfigError, match=re.escape("round 1: several nodes replied as the same client (client 0 from nodes [1, 3])")
+    ):
+        run(ParallelStrategy(), as_client_0, service, unanswered, rounds=2)

@@ -98,6 +98,7 @@ def test_sequential_hands_each_client_the_previous_segment_and_keeps_client_stat
     for record in records:
         clients = [c["metrics"] for c in record["clients"]]
         assert [c["index"] for c in clients] == [0.0, 1.0, 2.0], "visited in order"
+        assert [c["client_id"] for c in record["clients"]] == [0, 1, 2], "in the order of their partitions"
         for before, after in itertools.pairwise(clients):
             assert after["received"] == pytest.approx(before["returned"], rel=1e-9)
     last_of_first = records[0]["clients"][-1]["metrics"]["returned"]
@@ -128,13 +129,14 @@ class OnePartitionForAll(Recording):
         super().__init__(*args, client_id=0, **kwargs)
 
 
-def test_two_nodes_replying_as_one_client_stop_the_run() -> None:
+def test_two_nodes_that_are_one_client_stop_the_run_before_it_trains() -> None:
     with pytest.raises(RuntimeError) as raised:
         _simulate("parallel", rounds=2, client=OnePartitionForAll)
     error = raised.value.__cause__
     assert isinstance(error, ConfigError), raised.value
     assert re.match(
-        r"round 1: several nodes replied as the same client \(client 0 from nodes \[\d+, \d+, \d+\]\)", str(error)
+        r"round 1, before it trains: several nodes are the same client \(client 0 from nodes \[\d+, \d+, \d+\]\)",
+        str(error),
     )
     assert 'give each SuperNode its own partition (flower-supernode --node-config "partition-id=I' in str(error)
 
@@ -274,13 +276,17 @@ def test_a_client_whose_segment_has_no_trainable_parameters_trains_without_an_op
 
 
 class _Grid:
-    """The one Grid method a round's start uses: the nodes connected so far."""
+    """The Grid methods a round's start uses: the nodes connected so far, and the
+    identification query (no node answers it here)."""
 
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+    def send_and_receive(self, messages: object, *, timeout: float | None = None) -> list[object]:
+        return []
 
 
 def test_a_round_waiting_for_clients_says_how_many_have_connected(
@@ -310,7 +316,7 @@ def test_a_strategy_assigning_a_server_model_that_does_not_exist_is_told_so() ->
     strategy = OffByOne(node_wait_timeout=1)
     strategy._server_model_factory = lambda: CSLServerModel(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match=r"OffByOne.assign\(0, 2\) returned 1, but num_server_models\(2\) is 1"):
-        strategy._plan_round(1, _Grid([1, 2]), ArrayRecord(), ConfigRecord())  # type: ignore[arg-type]
+        strategy._plan_round(1, _Grid([1, 2]), ArrayRecord(), ConfigRecord(), 1.0)  # type: ignore[arg-type]
 
 
 def test_an_algorithm_of_one_s_own_is_found_by_module_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,6 +85,9 @@ def test_runs_of_the_same_algorithm_and_strategy_are_told_apart() -> None:
     partial["incomplete"] = {"error": "RuntimeError: x", "rounds_recorded": 1, "rounds_planned": 3}
     labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table([partial, other]).splitlines()[2:4]]
     assert labels == ["csl/parallel (incomplete: 1 of 3 rounds)", "dsl/parallel"]
+    partial["incomplete"] |= {"last_round": 2}  # a resumed run: its one round was round 2
+    labels = [re.split(r"\s{2,}", line)[0] for line in comparison_table([partial, other]).splitlines()[2:4]]
+    assert labels[0] == "csl/parallel (incomplete: 2 of 3 rounds)"
 
 
 def test_compare_reads_null_figures_as_missing_and_refuses_a_plot_format_first(tmp_path: Path) -> None:
