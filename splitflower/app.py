@@ -119,15 +119,16 @@ def build_server_app(
     on_stopped: Callable[[Context, dict[int, dict[str, Any]], BaseException], None] | None = None,
     num_rounds: int | None = None,
     round_timeout: float | None = None,
-    initial_server_weights: Callable[[Context], Mapping[str, torch.Tensor]] | None = None,
-    first_round: int = 1,
+    initial_server_weights: Callable[[Context], Mapping[str, torch.Tensor] | None] | None = None,
+    first_round: Callable[[Context], int] | None = None,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
     ``num_rounds`` overrides the run config's ``num-server-rounds``. A run resumed from
     weights saved after round k gives both parties' weights (``initial_client_weights``,
-    ``initial_server_weights``; default: the first server model's own) and
-    ``first_round=k + 1`` (see :mod:`splitflower.checkpoint`). ``on_error`` is called
+    ``initial_server_weights``; None, or a callable that returns None: the first server
+    model's own) and
+    ``first_round`` (k + 1; default 1; see :mod:`splitflower.checkpoint`). ``on_error`` is called
     with any exception the ServerApp raises (a bug in a strategy or server model, say),
     before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
     fails after recording at least one round, with the strategy's records of them (those
@@ -173,13 +174,9 @@ def build_server_app(
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,
                 service=service,
                 server_model_factory=lambda: server_model(context),
-                initial_server_arrays=(
-                    ArrayRecord(dict(run_on_compute_thread(initial_server_weights, context)))
-                    if initial_server_weights is not None
-                    else None
-                ),
+                initial_server_arrays=_initial_server_arrays(initial_server_weights, context),
                 on_round=on_round,
-                first_round=first_round,
+                first_round=first_round(context) if first_round is not None else 1,
             )
             if on_result is not None:
                 on_result(context, result)
@@ -195,6 +192,13 @@ def build_server_app(
                 service.stop()
 
     return app
+
+
+def _initial_server_arrays(
+    weights: Callable[[Context], Mapping[str, torch.Tensor] | None] | None, context: Context
+) -> ArrayRecord | None:
+    given = run_on_compute_thread(weights, context) if weights is not None else None
+    return ArrayRecord(dict(given)) if given is not None else None
 
 
 def _keep_recorded_rounds(

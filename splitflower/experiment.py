@@ -444,7 +444,7 @@ class Experiment:
             lambda _: self.make_server_model(),
             initial_client_weights=lambda _: self.initial_client_weights() if resume is None else resume.client,
             initial_server_weights=None if resume is None else lambda _: resume.server,
-            first_round=1 if resume is None else resume.rounds + 1,
+            first_round=None if resume is None else lambda _: resume.rounds + 1,
             train_config=lambda _: self.train_config(),
             central_evaluate=lambda _: self.evaluate,
             on_result=on_result,

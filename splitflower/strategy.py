@@ -158,7 +158,7 @@ class SplitStrategy(FedAvg):
         """The run's result as of its last recorded round (its weights and records), kept
         while :meth:`start` runs, so that a run that fails later still has them."""
         self._server_models: list[ServerModel] = []
-        self._client_ids: dict[int, int | str | None] = {}  # node -> client id, asked each round
+        self._client_ids: dict[int, int | str | None] = {}  # node -> client id, from its last answer
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
 
@@ -291,10 +291,11 @@ class SplitStrategy(FedAvg):
         return nodes
 
     def _identify(self, grid: Grid, server_round: int, node_ids: Sequence[int], timeout: float) -> None:
-        """Ask each of ``node_ids`` which client it is (a query message; its reply carries the
-        client's ``client_id``, or nothing), and stop the run before the round trains if two
-        of them are the same client. Asked every round: a SuperNode that reconnects may come
-        back as another partition. A node whose ClientApp cannot answer (not one
+        """Ask each of ``node_ids`` not known yet which client it is (a query message; its
+        reply carries the client's ``client_id``, or nothing), and stop the run before the
+        round trains if two of them are the same client. Known ids are refreshed from every
+        train reply (a SuperNode may reconnect as another partition); a node that did not
+        answer is asked again next round. A node whose ClientApp cannot answer (not one
         :func:`~splitflower.app.build_client_app` built) counts as having no id."""
         asked = [
             Message(
@@ -303,20 +304,18 @@ class SplitStrategy(FedAvg):
                 dst_node_id=node,
             )
             for node in node_ids
+            if node not in self._client_ids
         ]
-        self._client_ids = dict.fromkeys(node_ids)
-        answered = set()
-        for reply in grid.send_and_receive(asked, timeout=min(timeout, self.node_wait_timeout)):
-            node = _sender(asked, reply)
-            answered.add(node)
-            if not reply.has_error():
-                self._client_ids[node] = _reported_client_id(reply)
-            else:
-                logger.debug("[server] node %d cannot say which client it is: %s", node, reply.error.reason)
-        if silent := sorted(set(node_ids) - answered):
-            logger.warning("[server] nodes %s did not say which client they are; ordered by node id", silent)
+        if asked:
+            for reply in grid.send_and_receive(asked, timeout=min(timeout, self.node_wait_timeout)):
+                node = _sender(asked, reply)
+                self._client_ids[node] = None if reply.has_error() else _reported_client_id(reply)
+                if reply.has_error():
+                    logger.warning("[server] node %d cannot say which client it is: %s", node, reply.error.reason)
+            if silent := sorted(set(node_ids) - self._client_ids.keys()):
+                logger.warning("[server] nodes %s did not say which client they are; ordered by node id", silent)
         _refuse_repeated_clients(
-            {node: client_id for node, client_id in self._client_ids.items() if client_id is not None},
+            {node: client_id for node in node_ids if (client_id := self._client_ids.get(node)) is not None},
             f"round {server_round}, before it trains: several nodes are the same client",
         )
 
@@ -401,6 +400,7 @@ class SplitStrategy(FedAvg):
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
         self.last_recorded = None
+        self._client_ids = {}
         link = LinkEmulator(service.address, self.link) if self.link is not None else contextlib.nullcontext()
         with link as emulator:
             self._client_address = emulator.address if emulator is not None else ""
@@ -449,6 +449,7 @@ class SplitStrategy(FedAvg):
             self.last_recorded = dataclasses.replace(result, rounds=dict(result.rounds))
             if on_round is not None:
                 on_round(server_round, record)
+            self._client_ids.update({c["node_id"]: c["client_id"] for c in record["clients"] if "client_id" in c})
             _stop_if_clients_repeat(record)
             _stop_if_untrained(record)
 

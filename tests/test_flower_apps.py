@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 
 from conftest import RAY_START_UP_FAILURES
 from splitflower.app import service_from_run_config
@@ -287,22 +287,24 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
         f'[superlink.localhost]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
     out, model = flower.tmp / "deployment-results.json", flower.tmp / "deployment-model.pt"
-    rc = flower.run(
-        "flwr-run",
-        "flwr",
-        "run",
-        str(APP),
-        "localhost",
-        "--stream",
-        "--run-config",
-        f"{RUN_CONFIG} out='{out}' model-out='{model}'",
-        timeout=180,
-    )
-    assert rc == 0, flower.tail()
+    assert _flwr_run_localhost(flower, "flwr-run", f"{RUN_CONFIG} out='{out}' model-out='{model}'") == 0, flower.tail()
     status, details = flower.run_status("localhost")
     assert status == "finished:completed", f"{details}\n{flower.tail()}"
     results = _check_results(out, flower.tail())
     _check_saved_model(model, results)
+    # A second run trains on from those weights: round 2, on the SuperNodes that ran round 1.
+    resumed = flower.tmp / "resumed-results.json"
+    run_config = RUN_CONFIG.replace("num-server-rounds=1", "num-server-rounds=2")
+    rc = _flwr_run_localhost(flower, "flwr-run-resumed", f"{run_config} out='{resumed}' resume-from='{model}'")
+    assert rc == 0, flower.tail()
+    trained_on = json.loads(resumed.read_text())
+    assert [r["round"] for r in trained_on["rounds"]] == [2], flower.tail()
+    assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1}
+    assert trained_on["rounds"][0]["failed_clients"] == [] and trained_on["rounds"][0]["num_examples"] == 512
+
+
+def _flwr_run_localhost(flower: Flower, name: str, run_config: str) -> int:
+    return flower.run(name, "flwr", "run", str(APP), "localhost", "--stream", "--run-config", run_config, timeout=180)
 
 
 def _check_saved_model(path: Path, results: dict[str, Any]) -> None:
@@ -505,3 +507,26 @@ def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_fi
     }
     assert [entry["round"] for entry in partial["rounds"]] == [1] and partial["rounds"][0]["num_examples"] == 128
     assert not out.exists(), "the results file is never given half a run"
+
+
+def test_the_example_refuses_to_resume_weights_of_another_config_before_training(task: Any, tmp_path: Path) -> None:
+    import dsl_vs_csl.server_app as server_app
+    from splitflower.checkpoint import save_model
+    from splitflower.errors import ConfigError
+    from splitflower.strategy import SplitResult
+
+    run_config: dict[str, bool | float | int | str] = {"dataset": "synthetic", "num-server-rounds": 2}
+    experiment = task.load_experiment(task.experiment_config(run_config))
+    saved = SplitResult(
+        arrays=ArrayRecord(experiment.initial_client_weights()),
+        server_arrays=ArrayRecord(experiment.make_server_model().get_fit_result().weights),
+        rounds={1: {}},
+    )
+    model = save_model(tmp_path / "model.pt", experiment.config, saved)
+    run_config |= {"out": str(tmp_path / "r.json"), "resume-from": str(model), "lr": 0.5}
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(
+        ConfigError, match=r"cannot resume .*model.pt:\n  - its config differs from the saved one: lr 0.5"
+    ):
+        server_app._strategy(context)
+    assert not (tmp_path / "r.json").exists()

@@ -1,5 +1,5 @@
 """dsl_vs_csl ServerApp: runs the strategy, evaluates centrally, writes the results JSON
-(and, with run config model-out, the trained weights)."""
+(and, with run config model-out, the trained weights; resume-from trains on from such weights)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flwr.app import Context
 
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
-from splitflower.checkpoint import save_model
+from splitflower.checkpoint import SavedModel, check_resumable, load_model, save_model
 from splitflower.experiment import (
     Experiment,
     check_results_path,
@@ -26,6 +26,7 @@ from splitflower.strategy import SplitResult, SplitStrategy
 # WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
 logger = logging.getLogger("dsl_vs_csl")
 _started: dict[int, float] = {}  # run id -> perf_counter at start
+_resumes: dict[int, SavedModel] = {}  # run id -> the weights it trains on from
 DEFAULT_OUT = "dsl_vs_csl-results.json"
 
 
@@ -33,11 +34,22 @@ def _experiment(context: Context) -> Experiment:
     return load_experiment(experiment_config(context.run_config))
 
 
+def _resumed(context: Context) -> SavedModel | None:
+    """The weights run config resume-from names (checked against the run's config), if any."""
+    if not context.run_config.get("resume-from"):
+        return None
+    if context.run_id not in _resumes:
+        _resumes[context.run_id] = load_model(str(context.run_config["resume-from"]))
+        check_resumable(_experiment(context), _resumes[context.run_id])
+    return _resumes[context.run_id]
+
+
 def _strategy(context: Context) -> SplitStrategy:
     _started[context.run_id] = time.perf_counter()
     check_results_path(str(context.run_config.get("out", DEFAULT_OUT)))  # before training, not after
     if context.run_config.get("model-out"):
         check_results_path(str(context.run_config["model-out"]), what="the model")
+    _resumed(context)
     c = _experiment(context).config
     logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
@@ -54,9 +66,13 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
     rounds = summarise_rounds(records)
     wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
+    saved = _resumed(context)
+    extra = {"runtime": runtime} | (
+        {"resumed_from": {"path": str(saved.path), "rounds": saved.rounds}} if saved else {}
+    )
     if error is None:
-        return results_document(config, rounds, wall_s, runtime=runtime)
-    return stopped_early(config, rounds, wall_s, error, runtime=runtime).partial_results or {}
+        return results_document(config, rounds, wall_s, **extra)
+    return stopped_early(config, rounds, wall_s, error, **extra).partial_results or {}
 
 
 def _write_results(context: Context, result: SplitResult) -> None:
@@ -77,7 +93,9 @@ def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: 
 app = build_server_app(
     _strategy,
     lambda ctx: _experiment(ctx).make_server_model(),
-    initial_client_weights=lambda ctx: _experiment(ctx).initial_client_weights(),
+    initial_client_weights=lambda ctx: s.client if (s := _resumed(ctx)) else _experiment(ctx).initial_client_weights(),
+    initial_server_weights=lambda ctx: s.server if (s := _resumed(ctx)) else None,
+    first_round=lambda ctx: s.rounds + 1 if (s := _resumed(ctx)) else 1,
     train_config=lambda ctx: _experiment(ctx).train_config(),
     central_evaluate=lambda ctx: _experiment(ctx).evaluate,
     on_result=_write_results,

@@ -51,8 +51,9 @@ def experiment_config(run_config: Mapping[str, Any], node_config: Mapping[str, A
     problems = []
     if not isinstance(run_config.get("out", "x"), str) or not run_config.get("out", "x"):
         problems.append(f"run config 'out' must be a non-empty path, got {run_config.get('out')!r}")
-    if not isinstance(run_config.get("model-out", ""), str):
-        problems.append(f"run config 'model-out' must be a path or \"\", got {run_config['model-out']!r}")
+    for key in ("model-out", "resume-from"):
+        if not isinstance(run_config.get(key, ""), str):
+            problems.append(f'run config {key!r} must be a path or "", got {run_config[key]!r}')
     if node_config is not None:
         count = node_config.get("num-partitions")
         if type(count) is not int or count < 1:
