@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from splitflower._client_errors import raised_by_client
 from splitflower.compute import run_on_compute_thread
@@ -113,7 +114,8 @@ class SplitStrategy(FedAvg):
     override ``aggregate_server_models``). ``hands_on`` is read by the sequential strategy
     (:class:`~splitflower.strategies.SequentialStrategy`): whether it hands each client's
     segment on to the next. Sampling is FedAvg's: ``fraction_train`` of the connected nodes,
-    at least ``min_train_nodes``, once ``min_available_nodes`` are connected.
+    at least ``min_train_nodes``, once ``min_available_nodes`` are connected; but seeded (the
+    train config's ``ConfigKey.SEED`` and the round) and drawn by client id, so repeatable.
 
     Example
     -------
@@ -319,12 +321,30 @@ class SplitStrategy(FedAvg):
             f"round {server_round}, before it trains: several nodes are the same client",
         )
 
+    def _sample(
+        self, grid: Grid, server_round: int, config: ConfigRecord, timeout: float
+    ) -> tuple[list[int], list[int]]:
+        """FedAvg's sample (``fraction_train`` of the connected nodes, at least
+        ``min_train_nodes``) and the connected nodes; drawn from the nodes in client-id order
+        with a generator seeded by the run's seed and the round, so that a run samples the
+        same clients again, whatever node ids Flower gave them."""
+        available = self._wait_for_nodes(grid)
+        size = max(int(len(available) * self.fraction_train), self.min_train_nodes)
+        self._identify(grid, server_round, available, timeout)
+        ordered = self.order_clients(available)
+        if size >= len(ordered):
+            return ordered, available
+        seed = config.get(ConfigKey.SEED, 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"the train config's {ConfigKey.SEED!r} must be an int (it seeds sampling), got {seed!r}")
+        draw = random.Random(seed * 1_000_003 + server_round)
+        chosen = set(draw.sample(ordered, size))
+        return [node for node in ordered if node in chosen], available
+
     def _plan_round(
         self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord, timeout: float
     ) -> RoundPlan:
-        num_nodes = int(len(self._wait_for_nodes(grid)) * self.fraction_train)
-        sampled, available = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
-        self._identify(grid, server_round, sampled, timeout)
+        sampled, available = self._sample(grid, server_round, config, timeout)
         node_ids = self.order_clients(sampled)
         logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))
         count = self.num_server_models(len(node_ids))

@@ -118,6 +118,7 @@ def run(
     service: SplitService,
     identities: Mapping[int, int | str | Error | None] | None = None,
     rounds: int = 1,
+    train_config: ConfigRecord | None = None,
     **grid_options: Any,
 ) -> tuple[SplitResult, ScriptedGrid]:
     grid = ScriptedGrid(script, identities, **grid_options)
@@ -125,6 +126,7 @@ def run(
         grid,  # type: ignore[arg-type]
         ArrayRecord({"w": torch.zeros(2)}),
         num_rounds=rounds,
+        train_config=train_config,
         service=service,
         server_model_factory=lambda: CSLServerModel(nn.Linear(2, 2)),
     )
@@ -286,3 +288,20 @@ def test_a_client_id_learnt_from_a_train_reply_replaces_the_node_s_earlier_answe
     _, grid = run(SequentialStrategy(), as_reversed_clients, service, {1: 0, 2: 1, 3: 2}, rounds=2)
     assert grid.trained == [1, 2, 3, 3, 2, 1]
     assert sorted(grid.asked) == NODES
+
+
+def test_a_sample_of_the_clients_is_the_same_whatever_node_ids_they_have(service: SplitService) -> None:
+    # Flower's own sampling is random.sample over node ids: a run would train other clients each time.
+    def sampled_clients(identities: dict[int, int | str | Error | None], seed: int) -> list[int | str | Error | None]:
+        """The client trained in each of 6 rounds (fraction 0.5 of 3 nodes: one a round)."""
+        strategy = ParallelStrategy(fraction_train=0.5, min_train_nodes=1)
+        config = ConfigRecord({ConfigKey.SEED: seed})
+        _, grid = run(strategy, good_reply, service, identities, rounds=6, train_config=config)
+        return [identities[node] for node in grid.trained]
+
+    one_run = sampled_clients({1: 0, 2: 1, 3: 2}, seed=0)
+    assert len(one_run) == 6 and len(set(one_run)) > 1, "one client a round, not always the same"
+    assert sampled_clients({1: 2, 2: 0, 3: 1}, seed=0) == one_run
+    assert sampled_clients({1: 0, 2: 1, 3: 2}, seed=1) != one_run, "another seed, another sample"
+    with pytest.raises(ConfigError, match="train config's 'seed' must be an int"):
+        run(ParallelStrategy(fraction_train=0.5), good_reply, service, train_config=ConfigRecord({ConfigKey.SEED: "0"}))
