@@ -280,8 +280,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
                 RecordKey.WIRE_MANIFEST: ConfigRecord({RecordKey.VALUE: manifest}),
             }
         )
-        if instance.client_id is not None:
-            content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: instance.client_id})
+        _add_client_id(content, instance.client_id)
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
             content[RecordKey.OPTIMIZER] = _optimizer_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)
@@ -294,13 +293,17 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
                 f"a splitflower ClientApp answers only the strategy's identification query (a "
                 f"ConfigRecord named {RecordKey.IDENTIFY!r}); got records {sorted(msg.content.keys())}"
             )
-        client_id = client(context).client_id
         content = RecordDict()
-        if client_id is not None:
-            content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: client_id})
+        _add_client_id(content, client(context).client_id)
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _add_client_id(content: RecordDict, client_id: int | str | None) -> None:
+    """Name the client in a reply (the strategy reads it with ``_reported_client_id``)."""
+    if client_id is not None:
+        content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: client_id})
 
 
 def _optimizer_record(state: Mapping[str, torch.Tensor]) -> ConfigRecord:

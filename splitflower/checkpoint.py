@@ -62,6 +62,16 @@ class SavedModel:
     path: Path | None = None
     """The file it was read from."""
 
+    @property
+    def first_round(self) -> int:
+        """The round a run resumed from these weights trains first."""
+        return self.rounds + 1
+
+    @property
+    def resumed_from(self) -> dict[str, Any]:
+        """What a resumed run's results file says it started from (``resumed_from``)."""
+        return {"path": None if self.path is None else str(self.path), "rounds": self.rounds}
+
     def experiment_config(self) -> ExperimentConfig:
         """``config`` as an :class:`ExperimentConfig` (not yet validated)."""
         fields = {**self.config, "options": tuple(self.config.get("options") or ())}
@@ -137,7 +147,8 @@ def resumed_config(saved: SavedModel, changes: Mapping[str, Any]) -> ExperimentC
     if unknown:
         known = ", ".join(f.name for f in fields(ExperimentConfig))
         raise ConfigError(f"cannot resume with {unknown}: not ExperimentConfig fields (they are {known})")
-    changes = {**changes, **({"options": tuple(changes["options"])} if "options" in changes else {})}
+    if "options" in changes:
+        changes = {**changes, "options": tuple(changes["options"])}
     refused = _refused_changes(saved_config, changes)
     if refused:
         raise ConfigError(f"cannot resume {_name(saved)} with another config: {refused}")
@@ -159,11 +170,12 @@ def check_resumable(experiment: Experiment, saved: SavedModel) -> None:
     )
     if config.rounds <= saved.rounds:
         problems.append(_nothing_to_train(saved, config))
-    problems += _misfits(experiment.initial_client_weights(), saved.client, "the client's")
+    client = experiment.make_client(0, experiment.test)  # as initial_client_weights builds it
+    problems += _misfits(client.weights(), saved.client, "the client's")
     problems += _misfits(experiment.make_server_model().get_fit_result().weights, saved.server, "the server's")
     if config.hand_over_optimizer:
         problems.append("the optimizer state the sequential strategy hands on (hand_over_optimizer) is not in the file")
-    if experiment.make_client(0).local_state():
+    if client.local_state():
         problems.append(
             f"{config.algorithm}'s clients keep state of their own between rounds (Client.local_state, "
             "e.g. LocFedMix's sync_every), which is not in the file"

@@ -444,7 +444,7 @@ class Experiment:
             lambda _: self.make_server_model(),
             initial_client_weights=lambda _: self.initial_client_weights() if resume is None else resume.client,
             initial_server_weights=None if resume is None else lambda _: resume.server,
-            first_round=None if resume is None else lambda _: resume.rounds + 1,
+            first_round=None if resume is None else lambda _: resume.first_round,
             train_config=lambda _: self.train_config(),
             central_evaluate=lambda _: self.evaluate,
             on_result=on_result,
@@ -681,7 +681,7 @@ def run_experiment(
     (the CLI) can act on it, by exiting. ``keep_model(config, result)`` is given the run's
     validated config and its weights (``result.arrays``: the client's; ``server_arrays``)
     after its last round, or, if it fails or is interrupted, after the last round it
-    recorded (``len(result.rounds)``; see :func:`splitflower.checkpoint.save_model`).
+    recorded (``result.last_round``; see :func:`splitflower.checkpoint.save_model`).
     """
     from flwr.simulation import run_simulation
 
@@ -696,8 +696,8 @@ def run_experiment(
         from splitflower.checkpoint import check_resumable
 
         run_on_compute_thread(check_resumable, experiment, resume)
-        extra["resumed_from"] = {"path": None if resume.path is None else str(resume.path), "rounds": resume.rounds}
-    first_round = 1 if resume is None else resume.rounds + 1
+        extra["resumed_from"] = resume.resumed_from
+    first_round = 1 if resume is None else resume.first_round
     strategy = experiment.make_strategy()
     holder: dict[str, SplitResult] = {}
     progress = _Progress(

@@ -325,7 +325,8 @@ class SplitStrategy(FedAvg):
         self, grid: Grid, server_round: int, config: ConfigRecord, timeout: float
     ) -> tuple[list[int], list[int]]:
         """FedAvg's sample (``fraction_train`` of the connected nodes, at least
-        ``min_train_nodes``) and the connected nodes; drawn from the nodes in client-id order
+        ``min_train_nodes``), in :meth:`order_clients`' order, and the connected nodes; drawn
+        from the nodes in that order
         with a generator seeded by the run's seed and the round, so that a run samples the
         same clients again, whatever node ids Flower gave them."""
         available = self._wait_for_nodes(grid)
@@ -344,8 +345,7 @@ class SplitStrategy(FedAvg):
     def _plan_round(
         self, server_round: int, grid: Grid, server_weights: ArrayRecord, config: ConfigRecord, timeout: float
     ) -> RoundPlan:
-        sampled, available = self._sample(grid, server_round, config, timeout)
-        node_ids = self.order_clients(sampled)
+        node_ids, available = self._sample(grid, server_round, config, timeout)
         logger.info("[server] round %d: %d of %d clients sampled", server_round, len(node_ids), len(available))
         count = self.num_server_models(len(node_ids))
         while len(self._server_models) < count:

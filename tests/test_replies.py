@@ -58,12 +58,16 @@ class ScriptedGrid:
         self.received: dict[int, list[Message]] = {node: [] for node in NODES}  # train messages
         self.trained: list[int] = []  # nodes in the order their train messages were sent
         self.asked: list[int] = []  # nodes in the order they were asked who they are
+        self.query_timeouts: list[float | None] = []  # how long each query waited at most
 
     def get_node_ids(self) -> list[int]:
         return list(NODES)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
+        messages = list(messages)
+        if any(m.metadata.message_type == MessageType.QUERY for m in messages):
+            self.query_timeouts.append(timeout)
         for message in messages:
             node = message.metadata.dst_node_id
             if message.metadata.message_type == MessageType.QUERY:
@@ -231,7 +235,9 @@ def test_a_node_that_does_not_say_which_client_it_is_comes_last_and_is_named(
     service: SplitService, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="splitflower.strategy"):
-        _, grid = run(SequentialStrategy(), good_reply, service, {1: 1, 2: 0, 3: 2}, silent=[2], rounds=2)
+        strategy = SequentialStrategy(node_wait_timeout=5)
+        _, grid = run(strategy, good_reply, service, {1: 1, 2: 0, 3: 2}, silent=[2], rounds=2)
+    assert grid.query_timeouts == [5, 5], "a silent node holds the round up no longer than a lost one would"
     assert grid.trained == [1, 3, 2] * 2
     assert sorted(grid.asked[:3]) == NODES and grid.asked[3:] == [2], "a node that did not answer is asked again"
     assert "nodes [2] did not say which client they are; ordered by node id" in caplog.text

@@ -67,9 +67,7 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
     wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     saved = _resumed(context)
-    extra = {"runtime": runtime} | (
-        {"resumed_from": {"path": str(saved.path), "rounds": saved.rounds}} if saved else {}
-    )
+    extra = {"runtime": runtime} | ({"resumed_from": saved.resumed_from} if saved else {})
     if error is None:
         return results_document(config, rounds, wall_s, **extra)
     return stopped_early(config, rounds, wall_s, error, **extra).partial_results or {}
@@ -95,7 +93,7 @@ app = build_server_app(
     lambda ctx: _experiment(ctx).make_server_model(),
     initial_client_weights=lambda ctx: s.client if (s := _resumed(ctx)) else _experiment(ctx).initial_client_weights(),
     initial_server_weights=lambda ctx: s.server if (s := _resumed(ctx)) else None,
-    first_round=lambda ctx: s.rounds + 1 if (s := _resumed(ctx)) else 1,
+    first_round=lambda ctx: s.first_round if (s := _resumed(ctx)) else 1,
     train_config=lambda ctx: _experiment(ctx).train_config(),
     central_evaluate=lambda ctx: _experiment(ctx).evaluate,
     on_result=_write_results,
