@@ -1,10 +1,12 @@
 """A run's trained weights in one file: what ``splitflower run --save-model FILE.pt`` writes.
 
 The file is a ``torch.save`` of plain data (read back with ``weights_only=True``, so loading
-one runs no code): the schema, the experiment's config, the rounds trained, and the final
+one runs no code): the schema, the experiment's config, the rounds trained, the final
 state dicts of both parties: ``client`` (the client segment as ``segment.*``, plus the
 parts the algorithm adds on the client, such as an auxiliary head or U-shaped SL's
-``tail.*``) and ``server`` (the server segment).
+``tail.*``) and ``server`` (the server segment), and ``history``: the results file's entries
+of the rounds that led to those weights (a resumed run's results carry them on, so its
+curves start at round 1).
 
 A run resumes from such a file (``splitflower run --resume FILE.pt``): it trains rounds
 k + 1 onwards from the weights saved after round k, with the config they were saved with
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import Experiment, ExperimentConfig, write_atomically
+from splitflower.experiment import Experiment, ExperimentConfig, summarise_rounds, write_atomically
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -61,6 +63,9 @@ class SavedModel:
     server: dict[str, torch.Tensor]
     path: Path | None = None
     """The file it was read from."""
+    history: tuple[dict[str, Any], ...] = ()
+    """The results file's entries of rounds 1 to ``rounds`` (fewer if the saving run was resumed
+    from a file that lacked them)."""
 
     @property
     def first_round(self) -> int:
@@ -70,7 +75,12 @@ class SavedModel:
     @property
     def resumed_from(self) -> dict[str, Any]:
         """What a resumed run's results file says it started from (``resumed_from``)."""
-        return {"path": None if self.path is None else str(self.path), "rounds": self.rounds}
+        path = None if self.path is None else str(self.path)
+        return {"path": path, "rounds": self.rounds, "carried_rounds": len(self.history)}
+
+    def carry_on(self, rounds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """A resumed run's results entries: the saved run's (``history``), then its own ``rounds``."""
+        return [*self.history, *(dict(entry) for entry in rounds)]
 
     def experiment_config(self) -> ExperimentConfig:
         """``config`` as an :class:`ExperimentConfig` (not yet validated)."""
@@ -89,16 +99,23 @@ class SavedModel:
         return self.experiment().assemble(self.client, self.server)
 
 
-def save_model(path: str | Path, config: ExperimentConfig, result: SplitResult) -> Path:
+def save_model(
+    path: str | Path, config: ExperimentConfig, result: SplitResult, *, resumed: SavedModel | None = None
+) -> Path:
     """Write ``result``'s weights (both parties', after its round ``result.last_round``) with
-    the run's ``config``, atomically (see :func:`~splitflower.experiment.write_atomically`).
+    the run's ``config`` and its rounds' results entries (after those of the run it
+    ``resumed`` from), atomically (see :func:`~splitflower.experiment.write_atomically`).
     They are CPU tensors, as an ArrayRecord gives them, so a machine without the run's GPU reads them."""
+    rounds = summarise_rounds(result.rounds)
+    history = rounds if resumed is None else resumed.carry_on(rounds)
     document = {
         "schema": MODEL_SCHEMA,
         "config": json.loads(json.dumps(asdict(config))),  # as the results file holds it
         "rounds": result.last_round,
         "client": result.arrays.to_torch_state_dict(),
         "server": result.server_arrays.to_torch_state_dict(),
+        # As JSON text: a number the results file cannot hold (a diverged loss) stays a float here.
+        "history": json.dumps(history),
     }
     return write_atomically(path, lambda tmp: torch.save(document, tmp), what="the model")
 
@@ -123,7 +140,27 @@ def load_model(path: str | Path) -> SavedModel:
         raise ConfigError(
             f"{file} claims schema {MODEL_SCHEMA!r} but lacks its 'config' or its 'rounds' (a round number >= 0)"
         )
-    return SavedModel(data["config"], data["rounds"], data["client"], data["server"], path=file)
+    history = _history(file, data.get("history", "[]"), data["rounds"])
+    return SavedModel(data["config"], data["rounds"], data["client"], data["server"], path=file, history=history)
+
+
+def _history(file: Path, text: object, rounds: int) -> tuple[dict[str, Any], ...]:
+    """The round entries a model file holds, checked to be rounds 1.. in order up to ``rounds``
+    (a file from before they were kept has none)."""
+    try:
+        history = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        history = None
+    if isinstance(history, list) and all(isinstance(entry, dict) for entry in history):
+        numbers: list[Any] | str = [entry.get("round") for entry in history]
+        if numbers == list(range(rounds - len(history) + 1, rounds + 1)):
+            return tuple(history)
+    else:
+        numbers = "-"
+    raise ConfigError(
+        f"{file} claims schema {MODEL_SCHEMA!r} but its 'history' is not the JSON list of the results "
+        f"entries of its rounds up to {rounds} (round numbers found: {numbers})"
+    )
 
 
 RESUMABLE_CHANGES: Final = ("rounds", "device", "data_root", "test_size", "link")

@@ -29,6 +29,7 @@ from splitflower.errors import (
 )
 
 if TYPE_CHECKING:  # the supervisor imports neither torch nor Flower
+    from splitflower.checkpoint import SavedModel
     from splitflower.experiment import ExperimentConfig
     from splitflower.strategy import SplitResult
 
@@ -310,7 +311,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         say=lambda line: print(line, flush=True),
         startup_timeout=args.startup_timeout,
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
-        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved),
+        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved, resume),
         resume=resume,
     )
     print(_table(results))
@@ -350,14 +351,17 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _model_keeper(path: Path, unsaved: list[ResultsFileError]) -> Callable[[ExperimentConfig, SplitResult], None]:
+def _model_keeper(
+    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None
+) -> Callable[[ExperimentConfig, SplitResult], None]:
     """Write a run's weights to ``path``: the final ones, or those of the last round a failed
-    run recorded. A write that fails is said and listed in ``unsaved`` (the results go on)."""
+    run recorded (a run ``resumed`` from a file keeps its rounds' history on). A write that
+    fails is said and listed in ``unsaved`` (the results go on)."""
     from splitflower.checkpoint import save_model
 
     def keep(config: ExperimentConfig, result: SplitResult) -> None:
         try:
-            written = save_model(path, config, result)
+            written = save_model(path, config, result, resumed=resumed)
         except ResultsFileError as err:
             print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
             unsaved.append(err)

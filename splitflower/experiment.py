@@ -673,7 +673,7 @@ def run_experiment(
     ``resume``: weights a run saved after round k (:func:`splitflower.checkpoint.load_model`),
     trained on from round k + 1 to ``config.rounds``; the config must be the one they were
     saved with (see :func:`splitflower.checkpoint.resumed_config`), and the results hold the
-    new rounds, under ``resumed_from``.
+    saved run's rounds (``SavedModel.history``) and the new ones, with ``resumed_from``.
 
     ``startup_timeout``: seconds after which, if no client has reached a server model yet,
     ``on_stall`` (default: ``say``) is called once with the reason. Flower's simulation
@@ -698,6 +698,10 @@ def run_experiment(
         run_on_compute_thread(check_resumable, experiment, resume)
         extra["resumed_from"] = resume.resumed_from
     first_round = 1 if resume is None else resume.first_round
+
+    def carried(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return rounds if resume is None else resume.carry_on(rounds)
+
     strategy = experiment.make_strategy()
     holder: dict[str, SplitResult] = {}
     progress = _Progress(
@@ -760,12 +764,13 @@ def run_experiment(
             and not isinstance(stopped_by, ExperimentFailedError)
         ):
             raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
-        raise stopped_early(config, rounds, time.perf_counter() - started, stopped_by, **extra) from stopped_by
+        wall_s = time.perf_counter() - started
+        raise stopped_early(config, carried(rounds), wall_s, stopped_by, **extra) from stopped_by
     # (A round that trained on no client stopped the run in the strategy: see SplitStrategy.start.)
     result = holder["result"]
     if keep_model is not None:
         keep_model(config, result)
-    return results_document(config, summarise_rounds(result.rounds), time.perf_counter() - started, **extra)
+    return results_document(config, carried(summarise_rounds(result.rounds)), time.perf_counter() - started, **extra)
 
 
 def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException:

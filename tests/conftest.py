@@ -225,3 +225,9 @@ def run_fresh_interpreter(
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def empty_rounds(count: int) -> dict[int, dict[str, Any]]:
+    """Round records (as a SplitResult holds them) of rounds 1..``count`` in which no client
+    reported: what a saved model's history needs where a test trains nothing."""
+    return {r: {"round": r, "seconds": 0.0, "clients": [], "server_models": []} for r in range(1, count + 1)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from conftest import ThreadBackend
+from conftest import ThreadBackend, empty_rounds
 from splitflower import cli
 from splitflower.checkpoint import check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
@@ -45,7 +45,7 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
     trained = SplitResult(
         arrays=ArrayRecord({"segment.w": torch.ones(2)}), server_arrays=ArrayRecord({"b": torch.zeros(1)})
     )
-    trained.rounds[1] = {}
+    trained.rounds.update(empty_rounds(1))
     good = save_model(tmp_path / "m.pt", config, trained)
     assert load_model(good).client["segment.w"].tolist() == [1.0, 1.0]
     (tmp_path / "noise.pt").write_bytes(b"\x00\xffnot a zip")
@@ -54,6 +54,8 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
         {"schema": "splitflower.model/1", "config": {}, "rounds": 1, "client": {"w": 1}, "server": {}},
         tmp_path / "bad.pt",
     )
+    for name, history in {"gap.pt": '[{"round": 1}, {"round": 3}]', "text.pt": "not json", "list.pt": ["x"]}.items():
+        torch.save({**torch.load(good, weights_only=True), "rounds": 3, "history": history}, tmp_path / name)
 
     class Payload:
         def __reduce__(self) -> tuple[object, ...]:
@@ -65,6 +67,9 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
         "other.pt": r"expected schema 'splitflower.model/1', got 'other/1'",
         "bad.pt": r"its 'client' is not a dict of tensors",
         "code.pt": r"code.pt is not a splitflower model file \(",
+        "gap.pt": r"its 'history' is not the JSON list .* up to 3 \(round numbers found: \[1, 3\]\)",
+        "text.pt": r"its 'history' is not the JSON list .* \(round numbers found: -\)",
+        "list.pt": r"its 'history' is not the JSON list",
         "missing.pt": r"cannot read model file .*missing.pt",
     }
     for name, message in cases.items():
@@ -88,7 +93,7 @@ def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
     unsaved: list[ResultsFileError] = []
     keep = cli._model_keeper(tmp_path / "a-file" / "model.pt", unsaved)
     result = SplitResult(arrays=ArrayRecord({"segment.w": torch.ones(1)}), server_arrays=ArrayRecord({}))
-    result.rounds[1] = {}
+    result.rounds.update(empty_rounds(1))
     keep(ExperimentConfig(), result)
     assert len(unsaved) == 1
     assert "splitflower: error: the trained weights are not kept: cannot write the model" in capsys.readouterr().err
@@ -115,10 +120,14 @@ def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_throu
     assert got.rounds == 3 and got.config == expected.config
     torch.testing.assert_close(got.client, expected.client, rtol=0, atol=0)
     torch.testing.assert_close(got.server, expected.server, rtol=0, atol=0)
-    results = load_results(f"{resumed}.json")
-    assert [r["round"] for r in results["rounds"]] == [3]
-    assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2}
-    assert results["final"] == load_results(f"{straight}.json")["final"]
+    # The results go on from the saved run's rounds: one curve from round 1, as if straight through.
+    results, straight_results = load_results(f"{resumed}.json"), load_results(f"{straight}.json")
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    accuracy = [[r["test_accuracy"] for r in run["rounds"]] for run in (results, straight_results)]
+    assert accuracy[0] == accuracy[1]
+    assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2, "carried_rounds": 2}
+    assert results["final"] == straight_results["final"]
+    assert [r["round"] for r in got.history] == [1, 2, 3], "and a file saved on resuming keeps them for the next"
 
 
 def _saved(tmp_path: Path, config: ExperimentConfig, rounds: int = 2) -> Path:
@@ -127,7 +136,7 @@ def _saved(tmp_path: Path, config: ExperimentConfig, rounds: int = 2) -> Path:
         arrays=ArrayRecord(experiment.initial_client_weights()),
         server_arrays=ArrayRecord(experiment.make_server_model().get_fit_result().weights),
     )
-    trained.rounds.update({r: {} for r in range(1, rounds + 1)})
+    trained.rounds.update(empty_rounds(rounds))
     return save_model(tmp_path / "saved.pt", experiment.config, trained)
 
 

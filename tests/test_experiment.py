@@ -25,7 +25,7 @@ from splitflower import cli
 from splitflower import experiment as experiment_module
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
-from splitflower.checkpoint import load_model
+from splitflower.checkpoint import load_model, save_model
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.data import synthetic
 from splitflower.errors import (
@@ -689,6 +689,13 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
         "last_round": 1,
     }
     assert partial["rounds"][0]["num_examples"] == 128
+    # Resumed from round 1's weights, it fails in round 2 again: its partial results begin at round 1 all the same.
+    saved = load_model(save_model(tmp_path / "round-1.pt", config, recorded))
+    with pytest.raises(ExperimentFailedError) as again:
+        run_experiment(config, say=lambda _: None, resume=saved)
+    resumed = again.value.partial_results
+    assert resumed is not None and resumed["rounds"] == partial["rounds"]
+    assert resumed["resumed_from"]["carried_rounds"] == 1 and resumed["incomplete"]["last_round"] == 1
 
     # The CLI keeps them beside the results file it was asked for (which it never writes), then
     # ends its process: the ServerApp's thread may still be waiting for replies.

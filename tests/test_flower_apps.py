@@ -29,7 +29,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from conftest import RAY_START_UP_FAILURES
+from conftest import RAY_START_UP_FAILURES, empty_rounds
 from splitflower.app import service_from_run_config
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -298,9 +298,10 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     rc = _flwr_run_localhost(flower, "flwr-run-resumed", f"{run_config} out='{resumed}' resume-from='{model}'")
     assert rc == 0, flower.tail()
     trained_on = json.loads(resumed.read_text())
-    assert [r["round"] for r in trained_on["rounds"]] == [2], flower.tail()
-    assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1}
-    assert trained_on["rounds"][0]["failed_clients"] == [] and trained_on["rounds"][0]["num_examples"] == 512
+    assert [r["round"] for r in trained_on["rounds"]] == [1, 2], flower.tail()
+    assert trained_on["rounds"][0] == results["rounds"][0], "the first run's round, carried on"
+    assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1, "carried_rounds": 1}
+    assert trained_on["rounds"][1]["failed_clients"] == [] and trained_on["rounds"][1]["num_examples"] == 512
 
 
 def _flwr_run_localhost(flower: Flower, name: str, run_config: str) -> int:
@@ -520,7 +521,7 @@ def test_the_example_refuses_to_resume_weights_of_another_config_before_training
     saved = SplitResult(
         arrays=ArrayRecord(experiment.initial_client_weights()),
         server_arrays=ArrayRecord(experiment.make_server_model().get_fit_result().weights),
-        rounds={1: {}},
+        rounds=empty_rounds(1),
     )
     model = save_model(tmp_path / "model.pt", experiment.config, saved)
     run_config |= {"out": str(tmp_path / "r.json"), "resume-from": str(model), "lr": 0.5}

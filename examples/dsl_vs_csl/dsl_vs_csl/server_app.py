@@ -63,10 +63,10 @@ def _on_round(server_round: int, record: dict[str, Any]) -> None:
 
 def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseException | None) -> dict[str, Any]:
     """The results document of the recorded rounds (marked incomplete when ``error`` stopped the run)."""
-    rounds = summarise_rounds(records)
+    saved = _resumed(context)
+    rounds = saved.carry_on(summarise_rounds(records)) if saved else summarise_rounds(records)
     wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
-    saved = _resumed(context)
     extra = {"runtime": runtime} | ({"resumed_from": saved.resumed_from} if saved else {})
     if error is None:
         return results_document(config, rounds, wall_s, **extra)
@@ -77,7 +77,8 @@ def _write_results(context: Context, result: SplitResult) -> None:
     out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
     if context.run_config.get("model-out"):
-        model = save_model(str(context.run_config["model-out"]), _experiment(context).config, result)
+        model_out, config = str(context.run_config["model-out"]), _experiment(context).config
+        model = save_model(model_out, config, result, resumed=_resumed(context))
         logger.warning("[server] trained weights written to %s", model.resolve())
 
 
