@@ -121,6 +121,7 @@ def build_server_app(
     round_timeout: float | None = None,
     initial_server_weights: Callable[[Context], Mapping[str, torch.Tensor] | None] | None = None,
     first_round: Callable[[Context], int] | None = None,
+    checkpoint: Callable[[Context, SplitResult], None] | None = None,
 ) -> ServerApp:
     """A Flower ServerApp that runs ``strategy`` with server models from ``server_model``.
 
@@ -133,7 +134,10 @@ def build_server_app(
     before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
     fails after recording at least one round, with the strategy's records of them (those
     ``on_round`` was given: ``SplitStrategy.last_recorded.rounds``), so that they can be kept
-    (see :func:`splitflower.experiment.stopped_early`).
+    (see :func:`splitflower.experiment.stopped_early`). ``checkpoint(context, result)`` is
+    called after every round, after ``on_round``, with the run so far
+    (``SplitStrategy.last_recorded``): where a long run saves its weights
+    (:func:`splitflower.checkpoint.save_model`) so that a killed process loses no more than a round.
     ``round_timeout``: seconds a round waits for its clients' replies (under a strategy that
     serves clients in turn, for each client's); a client that has not replied by then is
     recorded as failed, and the round goes on without it. None: the run config's
@@ -175,7 +179,7 @@ def build_server_app(
                 service=service,
                 server_model_factory=lambda: server_model(context),
                 initial_server_arrays=_initial_server_arrays(initial_server_weights, context),
-                on_round=on_round,
+                on_round=_after_round(on_round, checkpoint, context, split_strategy),
                 first_round=first_round(context) if first_round is not None else 1,
             )
             if on_result is not None:
@@ -192,6 +196,25 @@ def build_server_app(
                 service.stop()
 
     return app
+
+
+def _after_round(
+    on_round: Callable[[int, dict[str, Any]], None] | None,
+    checkpoint: Callable[[Context, SplitResult], None] | None,
+    context: Context,
+    strategy: SplitStrategy,
+) -> Callable[[int, dict[str, Any]], None] | None:
+    """The strategy's ``on_round``: the app's, then its ``checkpoint`` of the run so far."""
+    if checkpoint is None:
+        return on_round
+
+    def after_round(server_round: int, record: dict[str, Any]) -> None:
+        if on_round is not None:
+            on_round(server_round, record)
+        if strategy.last_recorded is not None:
+            checkpoint(context, strategy.last_recorded)
+
+    return after_round
 
 
 def _initial_server_arrays(

@@ -23,6 +23,7 @@ from splitflower.errors import (
     CRASHED_EXIT_CODE,
     DEFAULT_ATTEMPTS,
     STALLED_EXIT_CODE,
+    ConfigError,
     ExperimentFailedError,
     ResultsFileError,
     SplitflowerError,
@@ -116,6 +117,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, default=None, help="write the results JSON here (None: no file)")
     run.add_argument(
         "--save-model", type=Path, default=None, help="write the trained weights of both parties here (.pt)"
+    )
+    run.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="with --save-model: also write them after every K-th round, so that a run killed at any point "
+        "resumes (--resume) from the last written (default: %(default)s)",
     )
     run.add_argument(
         "--resume",
@@ -305,6 +314,8 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         check_results_path(args.out)  # before the run, not after it
     if args.save_model is not None:
         check_results_path(args.save_model, what="the model")
+    elif "save_every" in _given(run_argv):
+        raise ConfigError("--save-every says how often --save-model writes the weights; give --save-model FILE.pt")
     unsaved: list[ResultsFileError] = []
     results = run_experiment_owning_the_process(
         config,
@@ -313,6 +324,9 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
         keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved, resume),
         resume=resume,
+        # A write after a round that fails is said once; only the final one decides the exit code.
+        checkpoint=None if args.save_model is None else _model_keeper(args.save_model, [], resume, quiet=True),
+        checkpoint_every=args.save_every,
     )
     print(_table(results))
     if args.out is None:
@@ -352,19 +366,23 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _model_keeper(
-    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None
+    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None, *, quiet: bool = False
 ) -> Callable[[ExperimentConfig, SplitResult], None]:
     """Write a run's weights to ``path``: the final ones, or those of the last round a failed
     run recorded (a run ``resumed`` from a file keeps its rounds' history on). A write that
-    fails is said and listed in ``unsaved`` (the results go on)."""
+    fails is said (once, if ``quiet``: the writes after rounds) and listed in ``unsaved``
+    (the run goes on); a ``quiet`` one that succeeds is not said."""
     from splitflower.checkpoint import save_model
 
     def keep(config: ExperimentConfig, result: SplitResult) -> None:
         try:
             written = save_model(path, config, result, resumed=resumed)
         except ResultsFileError as err:
-            print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
+            if not (quiet and unsaved):
+                print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
             unsaved.append(err)
+            return
+        if quiet:
             return
         print(
             f"the weights after round {result.last_round} written to {written} "

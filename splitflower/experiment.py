@@ -667,6 +667,8 @@ def run_experiment(
     on_stall: Callable[[str], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
     resume: SavedModel | None = None,
+    checkpoint: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
 
@@ -682,8 +684,14 @@ def run_experiment(
     validated config and its weights (``result.arrays``: the client's; ``server_arrays``)
     after its last round, or, if it fails or is interrupted, after the last round it
     recorded (``result.last_round``; see :func:`splitflower.checkpoint.save_model`).
+    ``checkpoint(config, result)`` is given the run so far after every ``checkpoint_every``-th
+    round but the last (the weights after it, and every round's record), before the round is
+    said: where a long run saves what a killed process would otherwise lose.
     """
     from flwr.simulation import run_simulation
+
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be a whole number of rounds >= 1, got {checkpoint_every!r}")
 
     for key, value in _OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
@@ -716,6 +724,9 @@ def run_experiment(
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         progress.round = server_round + 1
+        due = server_round % checkpoint_every == 0 and server_round < config.rounds
+        if checkpoint is not None and due and strategy.last_recorded is not None:
+            checkpoint(config, strategy.last_recorded)
         say(_round_line(server_round, config.rounds, summarise_round(record)))
 
     def keep_result(_: Context, result: SplitResult) -> None:
@@ -869,6 +880,8 @@ def run_experiment_owning_the_process(
     keep_partial: Callable[[dict[str, Any]], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
     resume: SavedModel | None = None,
+    checkpoint: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -890,6 +903,8 @@ def run_experiment_owning_the_process(
             on_stall=_end_stalled,
             keep_model=keep_model,
             resume=resume,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
         )
     except SimulationStartError as err:
         traceback.print_exc()

@@ -819,6 +819,55 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     assert saved == partial["incomplete"]["rounds_recorded"], "the weights of the last round recorded are kept too"
 
 
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_the_weights_written_after_its_last_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _fake_run_script(tmp_path, _THREAD_SIMULATION.format(tests=str(Path(__file__).parent)))
+    model = tmp_path / "model.pt"
+    options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256"]
+    command = [sys.executable, str(script), "run", *options, "--save-model", str(model), "--attempts", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True) as run:
+        assert run.stdout is not None
+        said = 0
+        for line in run.stdout:
+            if line.startswith("round "):
+                said = int(line.split()[1].split("/")[0])
+                if said == 3:
+                    break
+        os.killpg(run.pid, signal.SIGKILL)  # as a power cut would: nothing of the run's own runs after it
+        run.communicate(timeout=60)
+    saved = load_model(model)
+    assert said == 3 and saved.rounds >= 3, "the weights of every round said are on disk"
+    assert [entry["round"] for entry in saved.history] == list(range(1, saved.rounds + 1))
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    out, last = tmp_path / "resumed.json", saved.rounds + 1
+    resumed = ["run", "--attempts", "1", "--resume", str(model), "--rounds", str(last), "--save-model", str(model)]
+    assert cli.main([*resumed, "--out", str(out)]) == 0
+    assert [entry["round"] for entry in load_results(out)["rounds"]] == list(range(1, last + 1))
+    assert load_model(model).rounds == last
+
+
+def test_weights_are_written_after_every_kth_round_and_at_the_end(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(dataset="synthetic", clients=2, rounds=5, train_size=128, test_size=64)
+    written: list[tuple[str, int]] = []
+    run_experiment(
+        config,
+        say=lambda _: None,
+        keep_model=lambda _, result: written.append(("end", result.last_round)),
+        checkpoint=lambda _, result: written.append(("after round", result.last_round)),
+        checkpoint_every=2,
+    )
+    assert written == [("after round", 2), ("after round", 4), ("end", 5)]
+    with pytest.raises(ConfigError, match="checkpoint_every must be a whole number of rounds >= 1, got 0"):
+        run_experiment(config, checkpoint_every=0)
+    assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--save-every", "2"]) == 2
+    assert "--save-every says how often --save-model writes the weights; give --save-model" in capsys.readouterr().err
+
+
 def test_a_resumed_run_that_stops_counts_the_rounds_of_the_run_it_resumed() -> None:
     config = ExperimentConfig(dataset="synthetic", rounds=5).validate()
     resumed = {"resumed_from": {"path": "saved.pt", "rounds": 2}}

@@ -1,5 +1,5 @@
 """dsl_vs_csl ServerApp: runs the strategy, evaluates centrally, writes the results JSON
-(and, with run config model-out, the trained weights; resume-from trains on from such weights)."""
+(and, with run config model-out, the weights after each round; resume-from trains on from them)."""
 
 from __future__ import annotations
 
@@ -76,10 +76,11 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
 def _write_results(context: Context, result: SplitResult) -> None:
     out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
+
+
+def _save_model(context: Context, result: SplitResult) -> None:  # after each round: what resume-from reads
     if context.run_config.get("model-out"):
-        model_out, config = str(context.run_config["model-out"]), _experiment(context).config
-        model = save_model(model_out, config, result, resumed=_resumed(context))
-        logger.warning("[server] trained weights written to %s", model.resolve())
+        save_model(str(context.run_config["model-out"]), _experiment(context).config, result, resumed=_resumed(context))
 
 
 def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: BaseException) -> None:
@@ -100,4 +101,5 @@ app = build_server_app(
     on_result=_write_results,
     on_round=_on_round,
     on_stopped=_write_partial,
+    checkpoint=_save_model,
 )
