@@ -16,8 +16,11 @@ Two scales (:data:`SCALES`):
 
 Each cell runs in a fresh process (a Flower simulation starts Ray, which does not start twice
 in one process reliably) and writes ``<out>/<dataset>-<algorithm>-<cut>-n<N>.json``
-atomically; a rerun skips every cell whose file exists with the same configuration, so an
-interrupted grid resumes where it stopped.
+atomically, and its weights after every round to ``<...>.pt`` beside it
+(:func:`splitflower.checkpoint.save_model`); a rerun skips every cell whose results file
+exists with the same configuration, and trains a cell that was stopped midway (killed, out
+of time, failed) on from the last round its ``.pt`` holds, so an interrupted grid resumes
+where it stopped, to the round.
 
 Example
 -------
@@ -34,13 +37,21 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from splitflower.checkpoint import RESUMABLE_CHANGES, SavedModel, load_model, save_model
 from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
-from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process, source_commit, write_results
+from splitflower.experiment import (
+    ExperimentConfig,
+    results_document,
+    run_experiment_owning_the_process,
+    source_commit,
+    write_results,
+)
+from splitflower.strategy import SplitResult
 
 __all__ = [
     "ALGORITHMS",
@@ -196,13 +207,46 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
 
 
 def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> None:
-    """Child-process entry point: run one cell and write its results file."""
+    """Child-process entry point: run one cell (on from the weights an unfinished run of it
+    saved, if any), saving its weights after every round, and write its results file."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
-    results = run_experiment_owning_the_process(config, say=lambda line: print(f"    {line}", flush=True))
+    model = Path(path).with_suffix(".pt")
+    saved = _saved_cell(model, config)
+    if saved is not None and saved.rounds == config.rounds:  # stopped after its last save, before its results
+        results = results_document(config, list(saved.history), 0.0, resumed_from=saved.resumed_from)
+    else:
+        keep = partial(_save_cell_model, model, saved)
+        # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
+        results = run_experiment_owning_the_process(
+            config, say=_say_in_cell, keep_model=keep, checkpoint=keep, resume=saved
+        )
     results["reproduce"] = extra
     write_results(results, path)
+
+
+def _say_in_cell(line: str) -> None:
+    print(f"    {line}", flush=True)
+
+
+def _save_cell_model(path: Path, resumed: SavedModel | None, config: ExperimentConfig, result: SplitResult) -> None:
+    save_model(path, config, result, resumed=resumed)
+
+
+def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
+    """The weights an unfinished run of this cell saved after a round (None: none, or a run
+    that hands optimizer state on, which a model file does not hold: it starts over); refuses
+    another configuration's."""
+    if not path.is_file() or config.hand_over_optimizer:
+        return None
+    saved = load_model(path)
+    changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
+    if saved.rounds > config.rounds or replace(saved.experiment_config(), **changes).validate() != config:
+        raise ConfigError(
+            f"{path} holds the weights of a different configuration (after round {saved.rounds}); "
+            "choose another --out directory or delete the file"
+        )
+    return saved
 
 
 def run_cell_process(config: ExperimentConfig, path: str, extra: dict[str, Any], timeout: float | None) -> None:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from conftest import ThreadBackend
 from splitflower import reproduce
+from splitflower.checkpoint import load_model
 from splitflower.cli import build_parser
 from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
 from splitflower.experiment import ExperimentConfig, results_document, write_results
 from splitflower.paper_report import build_report, load_cells
+from splitflower.report import load_results
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, SCALES, cell_filename, grid_configs, run_grid
 
 TINY = {"datasets": ("synthetic",), "cuts": ("s",), "clients": (2,), "epochs": 1, "train_size": 256, "test_size": 64}
@@ -252,3 +258,32 @@ def test_a_cell_process_says_whether_its_simulation_failed_to_start(
     config = grid_configs(SCALES["small"], **TINY)[0]  # type: ignore[arg-type]
     with pytest.raises(error, match=message):
         reproduce.run_cell_process(config, "unused.json", {}, timeout=5)
+
+
+def test_a_cell_stopped_midway_trains_on_from_the_last_round_it_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    flwr_logger = logging.getLogger("flwr")
+    monkeypatch.setattr(flwr_logger, "level", flwr_logger.level)  # the cell quietens it
+    (cell,) = grid_configs(
+        SCALES["small"], datasets=("synthetic",), algorithms=("dsl",), cuts=("s",), clients=(2,), epochs=3,
+        train_size=256, test_size=64,
+    )  # fmt: skip
+    straight, stopped = tmp_path / "straight.json", tmp_path / "stopped.json"
+    reproduce._run_cell(cell, str(straight), {})
+    # A run stopped after round 1 leaves its weights (and rounds) after round 1 and no results file.
+    reproduce._run_cell(replace(cell, rounds=1), str(stopped), {})
+    stopped.unlink()
+    reproduce._run_cell(cell, str(stopped), {})
+    results = load_results(stopped)
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3] and results["resumed_from"]["rounds"] == 1
+    expected, got = load_model(straight.with_suffix(".pt")), load_model(stopped.with_suffix(".pt"))
+    torch.testing.assert_close(got.client, expected.client, rtol=0, atol=0)
+    torch.testing.assert_close(got.server, expected.server, rtol=0, atol=0)
+    # Stopped after its last round's weights but before its results: they come from the weights' file.
+    stopped.unlink()
+    reproduce._run_cell(cell, str(stopped), {})
+    assert load_results(stopped)["rounds"] == results["rounds"]
+    with pytest.raises(ConfigError, match=r"stopped.pt holds the weights of a different configuration \(after round 3"):
+        reproduce._run_cell(replace(cell, lr=0.5), str(stopped), {})
