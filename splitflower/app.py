@@ -26,10 +26,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from splitflower._checks import positive_seconds
+from splitflower._optimizer_state import optimizer_record, optimizer_tensors
 from splitflower.client import Client
-from splitflower.codec import decode_reply, encode_reply
 from splitflower.compute import run_on_compute_thread
-from splitflower.errors import CodecError, ConfigError
+from splitflower.errors import ConfigError
 from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import SplitService, TlsConfig
@@ -305,7 +305,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         )
         _add_client_id(content, instance.client_id)
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
-            content[RecordKey.OPTIMIZER] = _optimizer_record(instance.optimizer_state())
+            content[RecordKey.OPTIMIZER] = optimizer_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)
 
     @app.query()
@@ -329,29 +329,10 @@ def _add_client_id(content: RecordDict, client_id: int | str | None) -> None:
         content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: client_id})
 
 
-def _optimizer_record(state: Mapping[str, torch.Tensor]) -> ConfigRecord:
-    """Optimizer state as one codec frame in a ConfigRecord (a reply holds one ArrayRecord)."""
-    return ConfigRecord({RecordKey.VALUE: encode_reply(dict(state))})
-
-
 def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
-    """The optimizer state a message carries (see :func:`_optimizer_record`), or none."""
+    """The optimizer state a message carries (see :func:`optimizer_record`), or none."""
     record = content.get(RecordKey.OPTIMIZER)
-    if record is None:
-        return {}
-    frame = record.get(RecordKey.VALUE) if isinstance(record, ConfigRecord) else None
-    if not isinstance(frame, bytes):
-        raise ConfigError(
-            f"the handed-on optimizer state must be a ConfigRecord holding a tensor frame under "
-            f"{RecordKey.VALUE!r}, got {type(record).__name__}"
-        )
-    try:
-        value = decode_reply(frame).value
-    except CodecError as err:
-        raise ConfigError(f"the handed-on optimizer state is not a valid tensor frame: {err}") from err
-    if not isinstance(value, dict):
-        raise ConfigError(f"the handed-on optimizer state must be named tensors, got {type(value).__name__}")
-    return value
+    return {} if record is None else optimizer_tensors(record)
 
 
 def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModelProxy:

@@ -4,9 +4,11 @@ The file is a ``torch.save`` of plain data (read back with ``weights_only=True``
 one runs no code): the schema, the experiment's config, the rounds trained, the final
 state dicts of both parties: ``client`` (the client segment as ``segment.*``, plus the
 parts the algorithm adds on the client, such as an auxiliary head or U-shaped SL's
-``tail.*``) and ``server`` (the server segment), and ``history``: the results file's entries
-of the rounds that led to those weights (a resumed run's results carry them on, so its
-curves start at round 1).
+``tail.*``) and ``server`` (the server segment), ``strategy``: what the strategy carries
+from round to round besides them (``SplitStrategy.carried_state``: the optimizer state the
+sequential strategy hands on), and ``history``: the results file's entries of the rounds
+that led to those weights (a resumed run's results carry them on, so its curves start at
+round 1).
 
 A run resumes from such a file (``splitflower run --resume FILE.pt``): it trains rounds
 k + 1 onwards from the weights saved after round k, with the config they were saved with
@@ -14,8 +16,7 @@ k + 1 onwards from the weights saved after round k, with the config they were sa
 ordered and their batches drawn by partition and round, it gives the weights the
 uninterrupted run would have, where that run is itself repeatable (see the README's
 "Reproducibility"). What a model file does not hold stops a resume
-(:func:`check_resumable`): state a client keeps between rounds, and the optimizer state the
-sequential strategy hands on.
+(:func:`check_resumable`): state a client keeps between rounds.
 
 Example
 -------
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -66,6 +67,8 @@ class SavedModel:
     history: tuple[dict[str, Any], ...] = ()
     """The results file's entries of rounds 1 to ``rounds`` (fewer if the saving run was resumed
     from a file that lacked them)."""
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the strategy carried on after round ``rounds`` (``SplitStrategy.carried_state``)."""
 
     @property
     def first_round(self) -> int:
@@ -114,6 +117,7 @@ def save_model(
         "rounds": result.last_round,
         "client": result.arrays.to_torch_state_dict(),
         "server": result.server_arrays.to_torch_state_dict(),
+        "strategy": dict(result.strategy_state),
         # As JSON text: a number the results file cannot hold (a diverged loss) stays a float here.
         "history": json.dumps(history),
     }
@@ -132,8 +136,8 @@ def load_model(path: str | Path) -> SavedModel:
     if not isinstance(data, dict) or data.get("schema") != MODEL_SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{file} is not a splitflower model file (expected schema {MODEL_SCHEMA!r}, got {found!r})")
-    for party in ("client", "server"):
-        weights = data.get(party)
+    for party in ("client", "server", "strategy"):
+        weights = data.get(party, {})  # a file from before the strategy's state was kept has none
         if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
             raise ConfigError(f"{file} claims schema {MODEL_SCHEMA!r} but its {party!r} is not a dict of tensors")
     if not isinstance(data.get("config"), dict) or type(data.get("rounds")) is not int or data["rounds"] < 0:
@@ -141,7 +145,8 @@ def load_model(path: str | Path) -> SavedModel:
             f"{file} claims schema {MODEL_SCHEMA!r} but lacks its 'config' or its 'rounds' (a round number >= 0)"
         )
     history = _history(file, data.get("history", "[]"), data["rounds"])
-    return SavedModel(data["config"], data["rounds"], data["client"], data["server"], path=file, history=history)
+    strategy_state = data.get("strategy", {})
+    return SavedModel(data["config"], data["rounds"], data["client"], data["server"], file, history, strategy_state)
 
 
 def _history(file: Path, text: object, rounds: int) -> tuple[dict[str, Any], ...]:
@@ -210,8 +215,14 @@ def check_resumable(experiment: Experiment, saved: SavedModel) -> None:
     client = experiment.make_client(0, experiment.test)  # as initial_client_weights builds it
     problems += _misfits(client.weights(), saved.client, "the client's")
     problems += _misfits(experiment.make_server_model().get_fit_result().weights, saved.server, "the server's")
-    if config.hand_over_optimizer:
-        problems.append("the optimizer state the sequential strategy hands on (hand_over_optimizer) is not in the file")
+    try:
+        experiment.make_strategy().load_carried_state(saved.strategy_state)
+    except ConfigError as err:
+        problems.append(f"the strategy cannot carry on from the file's state: {err}")
+    if config.hand_over_optimizer and saved.rounds and not saved.strategy_state:
+        problems.append(
+            "the file holds no optimizer state for hand_over_optimizer to hand on (saved before it was kept)"
+        )
     if client.local_state():
         problems.append(
             f"{config.algorithm}'s clients keep state of their own between rounds (Client.local_state, "

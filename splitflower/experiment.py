@@ -711,6 +711,8 @@ def run_experiment(
         return rounds if resume is None else resume.carry_on(rounds)
 
     strategy = experiment.make_strategy()
+    if resume is not None:
+        strategy.load_carried_state(resume.strategy_state)
     holder: dict[str, SplitResult] = {}
     progress = _Progress(
         strategy,

@@ -234,10 +234,9 @@ def _save_cell_model(path: Path, resumed: SavedModel | None, config: ExperimentC
 
 
 def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
-    """The weights an unfinished run of this cell saved after a round (None: none, or a run
-    that hands optimizer state on, which a model file does not hold: it starts over); refuses
+    """The weights an unfinished run of this cell saved after a round (None: none); refuses
     another configuration's."""
-    if not path.is_file() or config.hand_over_optimizer:
+    if not path.is_file():
         return None
     saved = load_model(path)
     changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}

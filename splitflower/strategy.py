@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -74,6 +75,8 @@ class SplitResult(Result):
 
     server_arrays: ArrayRecord = field(default_factory=ArrayRecord)
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the strategy carries on after the last round besides the weights (:meth:`SplitStrategy.carried_state`)."""
 
     @property
     def last_round(self) -> int:
@@ -269,6 +272,21 @@ class SplitStrategy(FedAvg):
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
             return f"expected {self.weighted_by_key!r} to be a number >= 0, got {weight!r}"
         return None
+
+    def carried_state(self) -> dict[str, torch.Tensor]:
+        """State this strategy carries from one round to the next besides both parties'
+        weights, as named tensors (default: none; the sequential strategy's handed-on
+        optimizer state): a model file keeps it, and a run resumed from that file gives it
+        back through :meth:`load_carried_state` before its first round."""
+        return {}
+
+    def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take on what :meth:`carried_state` gave after the round a run resumes from."""
+        if state:
+            raise ConfigError(
+                f"{type(self).__name__} carries no state between rounds, but was given {sorted(state)[:5]}; "
+                "resume with the strategy the state was saved from"
+            )
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         # Flower's sample_nodes waits for the nodes forever; a run asking for more clients
@@ -466,6 +484,7 @@ class SplitStrategy(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = MetricRecord(dict(evaluation))
                     record["evaluation"] = dict(evaluation)
             result.rounds[server_round] = record
+            result.strategy_state = self.carried_state()
             self.last_recorded = dataclasses.replace(result, rounds=dict(result.rounds))
             if on_round is not None:
                 on_round(server_round, record)

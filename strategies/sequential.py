@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from splitflower._optimizer_state import optimizer_record, optimizer_tensors
 from splitflower.errors import ConfigError
 from splitflower.strategy import RoundPlan, SplitStrategy
 from splitflower.wire import ConfigKey, RecordKey
 
 __all__ = ["SequentialStrategy"]
+
+_OPTIMIZER = "optimizer."  # carried_state's names of the handed-on optimizer state
 
 
 class SequentialStrategy(SplitStrategy):
@@ -65,9 +69,31 @@ class SequentialStrategy(SplitStrategy):
     def reply_problem(self, reply: Message) -> str | None:
         """Also the optimizer state, when ``hand_over_optimizer`` asks clients for it."""
         problem = super().reply_problem(reply)
-        if problem is None and self.hand_over_optimizer and RecordKey.OPTIMIZER not in reply.content.config_records:
-            return f"hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}, and none came"
+        if problem is None and self.hand_over_optimizer:
+            record = reply.content.config_records.get(RecordKey.OPTIMIZER)
+            if record is None:
+                return f"hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}, and none came"
+            try:
+                optimizer_tensors(record)
+            except ConfigError as err:
+                return str(err)
         return problem
+
+    def carried_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state to hand to the next round's first client, if any."""
+        if self._optimizer_state is None:
+            return {}
+        return {_OPTIMIZER + name: t for name, t in optimizer_tensors(self._optimizer_state).items()}
+
+    def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(name for name in state if not name.startswith(_OPTIMIZER))
+        if unknown or (state and not self.hand_over_optimizer):
+            raise ConfigError(
+                f"{type(self).__name__} carries only the optimizer state it hands on (names {_OPTIMIZER}*, and "
+                f"only with hand_over_optimizer=True; it is {self.hand_over_optimizer}), got {unknown or sorted(state)}"
+            )
+        optimizer = {name.removeprefix(_OPTIMIZER): t for name, t in state.items()}
+        self._optimizer_state = optimizer_record(optimizer) if optimizer else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

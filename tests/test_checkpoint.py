@@ -102,12 +102,15 @@ def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
 SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "384", "--test-size", "128"]
 
 
-@pytest.mark.parametrize(("algorithm", "strategy"), [("csl", "sequential"), ("dsl", "splitfed-v1")])
+@pytest.mark.parametrize(
+    ("algorithm", "strategy", "extra"),
+    [("csl", "sequential", ""), ("dsl", "splitfed-v1", ""), ("csl", "sequential", "--hand-over-optimizer")],
+)
 def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_through(
-    algorithm: str, strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    algorithm: str, strategy: str, extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
-    run = ["run", "--attempts", "1", *SYNTHETIC_RUN, "--algorithm", algorithm, "--strategy", strategy]
+    run = ["run", "--attempts", "1", *SYNTHETIC_RUN, "--algorithm", algorithm, "--strategy", strategy, *extra.split()]
     straight, halfway, resumed = tmp_path / "straight", tmp_path / "halfway", tmp_path / "resumed"
     assert cli.main([*run, "--rounds", "3", "--save-model", f"{straight}.pt", "--out", f"{straight}.json"]) == 0
     assert cli.main([*run, "--rounds", "2", "--save-model", f"{halfway}.pt"]) == 0
@@ -128,6 +131,8 @@ def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_throu
     assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2, "carried_rounds": 2}
     assert results["final"] == straight_results["final"]
     assert [r["round"] for r in got.history] == [1, 2, 3], "and a file saved on resuming keeps them for the next"
+    # The momentum handed on (a file's strategy state) is what makes this case come out equal.
+    assert bool(load_model(f"{halfway}.pt").strategy_state) == bool(extra)
 
 
 def _saved(tmp_path: Path, config: ExperimentConfig, rounds: int = 2) -> Path:
@@ -171,6 +176,11 @@ def test_what_a_model_file_does_not_hold_stops_a_resume(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"cannot resume .*saved.pt:\n  - .*{problem}"):
             check_resumable(Experiment(resumed_config(saved, {})), saved)
     saved = load_model(_saved(tmp_path, replace(base, algorithm="csl")))
+    given_state = replace(saved, strategy_state={"optimizer.0.momentum_buffer": torch.zeros(2)})
+    with pytest.raises(
+        ConfigError, match=r"the strategy cannot carry on from the file's state: ParallelStrategy carries no state"
+    ):
+        check_resumable(Experiment(resumed_config(saved, {})), given_state)
     other = Experiment(replace(base, algorithm="csl", model="resnet20", cut="1").validate())
     with pytest.raises(ConfigError, match=r"the client's weights lack \['segment\.") as raised:
         check_resumable(other, saved)

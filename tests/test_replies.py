@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
+from splitflower._optimizer_state import optimizer_record, optimizer_tensors
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.errors import ConfigError
 from splitflower.experiment import summarise_round
@@ -100,7 +101,7 @@ def good_reply(node: int, message: Message) -> RecordDict:
         }
     )
     if message.content.config_records[RecordKey.CONFIG].get(ConfigKey.HAND_OVER_OPTIMIZER):
-        content[RecordKey.OPTIMIZER] = ConfigRecord({"from": node})
+        content[RecordKey.OPTIMIZER] = optimizer_record({"from": torch.tensor(node)})
     return content
 
 
@@ -158,7 +159,8 @@ def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
         result, grid = run(SequentialStrategy(hand_over_optimizer=True), script, service)
     third = grid.received[3][0].content
     torch.testing.assert_close(third.array_records[RecordKey.ARRAYS].to_torch_state_dict()["w"], torch.ones(2))
-    assert third.config_records[RecordKey.OPTIMIZER]["from"] == 1, "client 1's state skips the left-out reply"
+    handed = optimizer_tensors(third.config_records[RecordKey.OPTIMIZER])
+    assert handed["from"].item() == 1, "client 1's state skips the left-out reply"
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
     expected = f"left out client 2's reply: hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}"
     assert expected in caplog.text
@@ -311,3 +313,16 @@ def test_a_sample_of_the_clients_is_the_same_whatever_node_ids_they_have(service
     assert sampled_clients({1: 0, 2: 1, 3: 2}, seed=1) != one_run, "another seed, another sample"
     with pytest.raises(ConfigError, match="train config's 'seed' must be an int"):
         run(ParallelStrategy(fraction_train=0.5), good_reply, service, train_config=ConfigRecord({ConfigKey.SEED: "0"}))
+
+
+def test_a_reply_whose_optimizer_state_is_no_tensor_frame_is_left_out() -> None:
+    strategy = SequentialStrategy(hand_over_optimizer=True)
+    content = RecordDict(
+        {
+            RecordKey.ARRAYS: ArrayRecord({"segment.w": torch.ones(1)}),
+            RecordKey.METRICS: MetricRecord({RecordKey.NUM_EXAMPLES: 8}),
+            RecordKey.OPTIMIZER: ConfigRecord({RecordKey.VALUE: b"not a frame"}),
+        }
+    )
+    reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    assert "the handed-on optimizer state is not a valid tensor frame" in str(strategy.reply_problem(reply))

@@ -370,3 +370,22 @@ def test_the_superlink_s_error_reply_for_a_lost_node_is_recorded_under_that_node
     assert by_node[5] == "Node Unavailable"
     assert 1 not in by_node, "the SuperLink's own id is no client"
     assert "no reply" in by_node[6]
+
+
+def test_the_sequential_strategy_carries_its_optimizer_state_and_refuses_what_it_does_not_carry() -> None:
+    state = {"optimizer.0.momentum_buffer": torch.arange(4.0), "optimizer.1.step": torch.tensor(3.0)}
+    handing = SequentialStrategy(hand_over_optimizer=True)
+    assert handing.carried_state() == {}
+    handing.load_carried_state(state)
+    torch.testing.assert_close(handing.carried_state(), state)
+    refusals = {
+        "names optimizer.*, and only with hand_over_optimizer=True; it is False), got ['optimizer.0": (
+            SequentialStrategy(),
+            state,
+        ),
+        "got ['momentum']": (SequentialStrategy(hand_over_optimizer=True), {"momentum": torch.ones(1)}),
+        "ParallelStrategy carries no state between rounds": (ParallelStrategy(), state),
+    }
+    for message, (strategy, given) in refusals.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            strategy.load_carried_state(given)

@@ -49,11 +49,12 @@ def _strategy(context: Context) -> SplitStrategy:
     check_results_path(str(context.run_config.get("out", DEFAULT_OUT)))  # before training, not after
     if context.run_config.get("model-out"):
         check_results_path(str(context.run_config["model-out"]), what="the model")
-    _resumed(context)
-    c = _experiment(context).config
+    c, strategy = _experiment(context).config, _experiment(context).make_strategy()
+    if saved := _resumed(context):
+        strategy.load_carried_state(saved.strategy_state)
     logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
-    return _experiment(context).make_strategy()
+    return strategy
 
 
 def _on_round(server_round: int, record: dict[str, Any]) -> None:
