@@ -106,6 +106,10 @@ class SplitStrategy(FedAvg):
     * :meth:`reply_problem` - what a client's reply must hold to be aggregated (a reply
       lacking it is left out with a warning, never ends the run).
 
+    A strategy that carries state from round to round besides the weights (the sequential
+    strategy's handed-on optimizer state) says so in :meth:`carried_state` and
+    :meth:`load_carried_state`, so that a saved run resumes with it.
+
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
     ``node_wait_timeout`` (seconds): how long a round waits for ``min_available_nodes``
     (and ``min_train_nodes``) to connect before the run fails saying how many did.
