@@ -33,7 +33,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
-from splitflower._client_errors import raised_by_client
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -83,7 +82,6 @@ __all__ = [
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
-    "check_every_round_trained",
     "check_results_path",
     "partial_results_path",
     "results_document",
@@ -853,25 +851,6 @@ def _round_line(server_round: int, rounds: int, entry: Mapping[str, Any]) -> str
         f"down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
         f"{entry['seconds']:.1f}s"
     )
-
-
-def check_every_round_trained(rounds: list[dict[str, Any]]) -> None:
-    """Raise :class:`ExperimentFailedError` if a summarised round trained on no client."""
-    untrained = [entry["round"] for entry in rounds if not entry["num_examples"]]
-    if untrained:
-        raise ExperimentFailedError(
-            f"round(s) {untrained} trained on no client, so the results would be meaningless; "
-            f"the first client error: {_first_client_error(rounds)}"
-        )
-
-
-def _first_client_error(rounds: list[dict[str, Any]]) -> str:
-    """The error the first failed client raised, as ``Name: message``."""
-    for entry in rounds:
-        for client in entry["clients"]:
-            if "error" in client:
-                return raised_by_client(str(client["error"]))
-    return "(none reported; see the log above)"
 
 
 def run_experiment_owning_the_process(

@@ -17,7 +17,7 @@ from test_flower_apps import RUN_CONFIG, Flower, _check_results
 
 from conftest import simulate
 from splitflower.algorithms import ALGORITHMS
-from splitflower.experiment import ExperimentConfig, check_every_round_trained, summarise_round
+from splitflower.experiment import ExperimentConfig, summarise_round
 
 # (algorithm, strategy ("" = its own), options). With test_flower_apps.py (dsl under parallel)
 # every strategy but sequential runs under `flwr run`: batched is locfedmix's own; the others are
@@ -34,7 +34,6 @@ CASES = [
 def test_each_algorithm_trains_every_client_under_its_own_strategy_in_flower(algorithm: str) -> None:
     config = ExperimentConfig(algorithm=algorithm, dataset="synthetic", clients=2, rounds=2, synthetic_size=256)
     rounds = [summarise_round(record) for record in simulate(config.validate())]
-    check_every_round_trained(rounds)
     for entry in rounds:
         assert entry["failed_clients"] == [] and entry["num_examples"] == 256
         assert sum(s["num_examples"] for s in entry["server_models"]) > 0
