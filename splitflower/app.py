@@ -29,7 +29,7 @@ from splitflower._checks import positive_seconds
 from splitflower._optimizer_state import optimizer_record, optimizer_tensors
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
-from splitflower.errors import ConfigError
+from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.proxy import ServerModelProxy
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import SplitService, TlsConfig
@@ -135,9 +135,11 @@ def build_server_app(
     fails after recording at least one round, with the strategy's records of them (those
     ``on_round`` was given: ``SplitStrategy.last_recorded.rounds``), so that they can be kept
     (see :func:`splitflower.experiment.stopped_early`). ``checkpoint(context, result)`` is
-    called after every round, after ``on_round``, with the run so far
-    (``SplitStrategy.last_recorded``): where a long run saves its weights
-    (:func:`splitflower.checkpoint.save_model`) so that a killed process loses no more than a round.
+    called after every round that does not stop the run, after ``on_round``, with the run so
+    far (``SplitStrategy.last_trained``): where a long run saves its weights
+    (:func:`splitflower.checkpoint.save_model`) so that a killed process loses no more than a
+    round. A :class:`~splitflower.errors.ResultsFileError` it raises (a full disk, say) is
+    logged and the run goes on; any other error ends the run, as ``on_round``'s does.
     ``round_timeout``: seconds a round waits for its clients' replies (under a strategy that
     serves clients in turn, for each client's); a client that has not replied by then is
     recorded as failed, and the round goes on without it. None: the run config's
@@ -211,8 +213,13 @@ def _after_round(
     def after_round(server_round: int, record: dict[str, Any]) -> None:
         if on_round is not None:
             on_round(server_round, record)
-        if strategy.last_recorded is not None:
-            checkpoint(context, strategy.last_recorded)
+        kept = strategy.last_trained
+        if kept is None or kept is not strategy.last_recorded:  # a round that stops the run
+            return
+        try:
+            checkpoint(context, kept)
+        except ResultsFileError as err:
+            logger.warning("[server] the weights after round %d are not kept: %s", server_round, err)
 
     return after_round
 

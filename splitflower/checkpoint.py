@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import Experiment, ExperimentConfig, summarise_rounds, write_atomically
+from splitflower.experiment import ROUND_ENTRY_KEYS, Experiment, ExperimentConfig, summarise_rounds, write_atomically
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -67,19 +67,28 @@ class SavedModel:
     history: tuple[dict[str, Any], ...] = ()
     """The results file's entries of rounds 1 to ``rounds`` (fewer if the saving run was resumed
     from a file that lacked them)."""
-    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    """What the strategy carried on after round ``rounds`` (``SplitStrategy.carried_state``)."""
+    strategy_state: dict[str, torch.Tensor] | None = None
+    """What the strategy carried on after round ``rounds`` (``SplitStrategy.carried_state``);
+    None in a file from before it was kept."""
 
     @property
     def first_round(self) -> int:
         """The round a run resumed from these weights trains first."""
         return self.rounds + 1
 
-    @property
-    def resumed_from(self) -> dict[str, Any]:
-        """What a resumed run's results file says it started from (``resumed_from``)."""
+    def resumed_from(self, config: ExperimentConfig) -> dict[str, Any]:
+        """What the results of a run resumed from these weights with ``config`` say it started
+        from (``resumed_from``): the file, its round, how many of the results' round entries
+        are the saved run's, and the settings the run changed (``{field: [saved, now]}``:
+        the saved entries were measured under the old ones)."""
+        now = json.loads(json.dumps(asdict(config)))  # as the file holds its own
+        changed = {
+            name: [self.config.get(name), now[name]]
+            for name in RESUMABLE_CHANGES
+            if name != "rounds" and self.config.get(name) != now[name]
+        }
         path = None if self.path is None else str(self.path)
-        return {"path": path, "rounds": self.rounds, "carried_rounds": len(self.history)}
+        return {"path": path, "rounds": self.rounds, "carried_rounds": len(self.history), "changed": changed}
 
     def carry_on(self, rounds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """A resumed run's results entries: the saved run's (``history``), then its own ``rounds``."""
@@ -137,7 +146,9 @@ def load_model(path: str | Path) -> SavedModel:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{file} is not a splitflower model file (expected schema {MODEL_SCHEMA!r}, got {found!r})")
     for party in ("client", "server", "strategy"):
-        weights = data.get(party, {})  # a file from before the strategy's state was kept has none
+        if party == "strategy" and party not in data:  # a file from before the strategy's state was kept
+            continue
+        weights = data.get(party)
         if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
             raise ConfigError(f"{file} claims schema {MODEL_SCHEMA!r} but its {party!r} is not a dict of tensors")
     if not isinstance(data.get("config"), dict) or type(data.get("rounds")) is not int or data["rounds"] < 0:
@@ -145,7 +156,7 @@ def load_model(path: str | Path) -> SavedModel:
             f"{file} claims schema {MODEL_SCHEMA!r} but lacks its 'config' or its 'rounds' (a round number >= 0)"
         )
     history = _history(file, data.get("history", "[]"), data["rounds"])
-    strategy_state = data.get("strategy", {})
+    strategy_state = data.get("strategy")
     return SavedModel(data["config"], data["rounds"], data["client"], data["server"], file, history, strategy_state)
 
 
@@ -158,8 +169,12 @@ def _history(file: Path, text: object, rounds: int) -> tuple[dict[str, Any], ...
         history = None
     if isinstance(history, list) and all(isinstance(entry, dict) for entry in history):
         numbers: list[Any] | str = [entry.get("round") for entry in history]
-        if numbers == list(range(rounds - len(history) + 1, rounds + 1)):
+        lacking = sorted({key for entry in history for key in ROUND_ENTRY_KEYS if key not in entry})
+        in_order = numbers == list(range(rounds - len(history) + 1, rounds + 1))
+        if in_order and not lacking and all(type(number) is int for number in numbers):
             return tuple(history)
+        if lacking:
+            numbers = f"{numbers}; entries lack {lacking}"
     else:
         numbers = "-"
     raise ConfigError(
@@ -216,10 +231,10 @@ def check_resumable(experiment: Experiment, saved: SavedModel) -> None:
     problems += _misfits(client.weights(), saved.client, "the client's")
     problems += _misfits(experiment.make_server_model().get_fit_result().weights, saved.server, "the server's")
     try:
-        experiment.make_strategy().load_carried_state(saved.strategy_state)
+        experiment.make_strategy(saved.strategy_state)
     except ConfigError as err:
         problems.append(f"the strategy cannot carry on from the file's state: {err}")
-    if config.hand_over_optimizer and saved.rounds and not saved.strategy_state:
+    if config.hand_over_optimizer and saved.rounds and saved.strategy_state is None:
         problems.append(
             "the file holds no optimizer state for hand_over_optimizer to hand on (saved before it was kept)"
         )

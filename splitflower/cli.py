@@ -328,11 +328,12 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         checkpoint=None if args.save_model is None else _model_keeper(args.save_model, [], resume, quiet=True),
         checkpoint_every=args.save_every,
     )
+    written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
     print(_table(results))
-    if args.out is None:
+    if written is None:
         print("no results file written (give --out FILE.json to keep the figures)")
     else:
-        print(f"results written to {write_results(results, args.out)}")
+        print(f"results written to {written}")
     return CRASHED_EXIT_CODE if unsaved else 0
 
 

@@ -75,6 +75,7 @@ _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 __all__ = [
+    "ROUND_ENTRY_KEYS",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "RESULTS_SCHEMA",
@@ -370,11 +371,13 @@ class Experiment:
             ConfigKey.SEED: c.seed,
         }
 
-    def make_strategy(self) -> SplitStrategy:
+    def make_strategy(self, carried_state: Mapping[str, torch.Tensor] | None = None) -> SplitStrategy:
+        """The config's strategy; ``carried_state``: what it carried after the round a run
+        resumes from (``SavedModel.strategy_state``; see ``SplitStrategy.load_carried_state``)."""
         c = self.config
         strategy_cls = find_strategy(str(c.strategy))
         extra: dict[str, Any] = {"hand_over_optimizer": True} if c.hand_over_optimizer else {}
-        return strategy_cls(
+        strategy = strategy_cls(
             min_train_nodes=c.clients,
             min_available_nodes=c.clients,
             batching=c.batching,
@@ -382,6 +385,8 @@ class Experiment:
             link=parse_link(c.link) if c.link else None,
             **extra,
         )
+        strategy.load_carried_state(carried_state or {})
+        return strategy
 
     @torch.no_grad()
     def evaluate(self, server_round: int, client_arrays: ArrayRecord, server_arrays: ArrayRecord) -> dict[str, float]:
@@ -508,6 +513,22 @@ def _max(values: list[float]) -> float:
 
 
 _MEMORY_SHOWN = (MetricKey.PEAK_TALLY, MetricKey.PEAK_SAVED_ACTIVATIONS, MetricKey.PEAK_RSS)
+
+
+ROUND_ENTRY_KEYS: Final = (
+    "round",
+    "seconds",
+    "num_examples",
+    "failed_clients",
+    "bytes",
+    "payload_bytes_by_tensor",
+    "memory",
+    "time",
+    "clients",
+    "server_models",
+)
+"""The keys of every results-file round entry (:func:`summarise_round`; central evaluation adds
+``test_accuracy`` and ``test_loss``)."""
 
 
 def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -684,7 +705,8 @@ def run_experiment(
     recorded (``result.last_round``; see :func:`splitflower.checkpoint.save_model`).
     ``checkpoint(config, result)`` is given the run so far after every ``checkpoint_every``-th
     round but the last (the weights after it, and every round's record), before the round is
-    said: where a long run saves what a killed process would otherwise lose.
+    said: where a long run saves what a killed process would otherwise lose. Neither is given
+    a round that stops the run (``SplitStrategy.last_trained``).
     """
     from flwr.simulation import run_simulation
 
@@ -702,15 +724,13 @@ def run_experiment(
         from splitflower.checkpoint import check_resumable
 
         run_on_compute_thread(check_resumable, experiment, resume)
-        extra["resumed_from"] = resume.resumed_from
+        extra["resumed_from"] = resume.resumed_from(config)
     first_round = 1 if resume is None else resume.first_round
 
     def carried(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rounds if resume is None else resume.carry_on(rounds)
 
-    strategy = experiment.make_strategy()
-    if resume is not None:
-        strategy.load_carried_state(resume.strategy_state)
+    strategy = experiment.make_strategy(resume.strategy_state if resume is not None else None)
     holder: dict[str, SplitResult] = {}
     progress = _Progress(
         strategy,
@@ -725,8 +745,9 @@ def run_experiment(
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         progress.round = server_round + 1
         due = server_round % checkpoint_every == 0 and server_round < config.rounds
-        if checkpoint is not None and due and strategy.last_recorded is not None:
-            checkpoint(config, strategy.last_recorded)
+        kept = strategy.last_trained
+        if checkpoint is not None and due and kept is not None and kept is strategy.last_recorded:
+            checkpoint(config, kept)
         say(_round_line(server_round, config.rounds, summarise_round(record)))
 
     def keep_result(_: Context, result: SplitResult) -> None:
@@ -762,11 +783,11 @@ def run_experiment(
         stopped_by = _first_server_error(server_errors)
     if stopped_by is not None:
         # One snapshot for the rounds and the weights: an interrupted ServerApp may still be recording.
-        recorded = strategy.last_recorded
+        recorded, kept = strategy.last_recorded, strategy.last_trained
         rounds = summarise_rounds(recorded.rounds) if recorded is not None else []
-        if keep_model is not None and recorded is not None:
+        if keep_model is not None and kept is not None:
             try:
-                keep_model(config, recorded)
+                keep_model(config, kept)
             except Exception:  # the run's own error is the one to report
                 logger.exception("keeping the weights of the last round recorded failed")
         if (
@@ -776,7 +797,8 @@ def run_experiment(
         ):
             raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
         wall_s = time.perf_counter() - started
-        raise stopped_early(config, carried(rounds), wall_s, stopped_by, **extra) from stopped_by
+        # No new round, no partial file (as in the example app): the saved run's rounds alone add nothing.
+        raise stopped_early(config, carried(rounds) if rounds else [], wall_s, stopped_by, **extra) from stopped_by
     # (A round that trained on no client stopped the run in the strategy: see SplitStrategy.start.)
     result = holder["result"]
     if keep_model is not None:

@@ -42,8 +42,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from splitflower.checkpoint import RESUMABLE_CHANGES, SavedModel, load_model, save_model
-from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
+from splitflower.checkpoint import SavedModel, load_model, save_model
+from splitflower.errors import (
+    DEFAULT_ATTEMPTS,
+    STALLED_EXIT_CODE,
+    CellFailedError,
+    ConfigError,
+    ResultsFileError,
+    SimulationStartError,
+)
 from splitflower.experiment import (
     ExperimentConfig,
     results_document,
@@ -214,7 +221,7 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
     model = Path(path).with_suffix(".pt")
     saved = _saved_cell(model, config)
     if saved is not None and saved.rounds == config.rounds:  # stopped after its last save, before its results
-        results = results_document(config, list(saved.history), 0.0, resumed_from=saved.resumed_from)
+        results = results_document(config, list(saved.history), 0.0, resumed_from=saved.resumed_from(config))
     else:
         keep = partial(_save_cell_model, model, saved)
         # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
@@ -230,7 +237,10 @@ def _say_in_cell(line: str) -> None:
 
 
 def _save_cell_model(path: Path, resumed: SavedModel | None, config: ExperimentConfig, result: SplitResult) -> None:
-    save_model(path, config, result, resumed=resumed)
+    try:
+        save_model(path, config, result, resumed=resumed)
+    except ResultsFileError as err:  # the cell trains on; a rerun would start it over
+        print(f"    warning: the weights after round {result.last_round} are not kept: {err}", flush=True)
 
 
 def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
@@ -239,8 +249,8 @@ def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
     if not path.is_file():
         return None
     saved = load_model(path)
-    changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
-    if saved.rounds > config.rounds or replace(saved.experiment_config(), **changes).validate() != config:
+    # Every field but the rounds: a cell's results must come from one setting (link, test size, ...).
+    if saved.rounds > config.rounds or replace(saved.experiment_config(), rounds=config.rounds).validate() != config:
         raise ConfigError(
             f"{path} holds the weights of a different configuration (after round {saved.rounds}); "
             "choose another --out directory or delete the file"

@@ -166,6 +166,10 @@ class SplitStrategy(FedAvg):
         self.last_recorded: SplitResult | None = None
         """The run's result as of its last recorded round (its weights and records), kept
         while :meth:`start` runs, so that a run that fails later still has them."""
+        self.last_trained: SplitResult | None = None
+        """As :attr:`last_recorded`, but of the last round worth keeping the weights of: a
+        round that stops the run (no client trained in it, or two nodes were one client) is
+        recorded, not kept."""
         self._server_models: list[ServerModel] = []
         self._client_ids: dict[int, int | str | None] = {}  # node -> client id, from its last answer
         self._service: SplitService
@@ -441,7 +445,7 @@ class SplitStrategy(FedAvg):
             self._server_models = [run_on_compute_thread(server_model_factory)]
             initial_server_arrays = ArrayRecord(self._server_models[0].get_fit_result().weights)
         result = SplitResult(arrays=initial_arrays, server_arrays=initial_server_arrays)
-        self.last_recorded = None
+        self.last_recorded = self.last_trained = None
         self._client_ids = {}
         link = LinkEmulator(service.address, self.link) if self.link is not None else contextlib.nullcontext()
         with link as emulator:
@@ -490,11 +494,24 @@ class SplitStrategy(FedAvg):
             result.rounds[server_round] = record
             result.strategy_state = self.carried_state()
             self.last_recorded = dataclasses.replace(result, rounds=dict(result.rounds))
+            stop = _reason_to_stop(record)
+            if stop is None:
+                self.last_trained = self.last_recorded
             if on_round is not None:
                 on_round(server_round, record)
             self._client_ids.update({c["node_id"]: c["client_id"] for c in record["clients"] if "client_id" in c})
-            _stop_if_clients_repeat(record)
-            _stop_if_untrained(record)
+            if stop is not None:
+                raise stop
+
+
+def _reason_to_stop(record: dict[str, Any]) -> ConfigError | ExperimentFailedError | None:
+    """Why the run must stop after the round of ``record`` (said after it is recorded), or None."""
+    try:
+        _stop_if_clients_repeat(record)
+        _stop_if_untrained(record)
+    except (ConfigError, ExperimentFailedError) as err:
+        return err
+    return None
 
 
 def _stop_if_untrained(record: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ file is read back."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +55,15 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
         {"schema": "splitflower.model/1", "config": {}, "rounds": 1, "client": {"w": 1}, "server": {}},
         tmp_path / "bad.pt",
     )
-    for name, history in {"gap.pt": '[{"round": 1}, {"round": 3}]', "text.pt": "not json", "list.pt": ["x"]}.items():
+    entry = load_model(good).history[0]
+    histories = {
+        "gap.pt": json.dumps([entry, {**entry, "round": 3}]),
+        "text.pt": "not json",
+        "list.pt": ["x"],
+        "bare.pt": '[{"round": 1}, {"round": 2}, {"round": 3}]',
+        "bool.pt": json.dumps([{**entry, "round": True}, {**entry, "round": 2}, {**entry, "round": 3}]),
+    }
+    for name, history in histories.items():
         torch.save({**torch.load(good, weights_only=True), "rounds": 3, "history": history}, tmp_path / name)
 
     class Payload:
@@ -70,6 +79,8 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
         "gap.pt": r"its 'history' is not the JSON list .* up to 3 \(round numbers found: \[1, 3\]\)",
         "text.pt": r"its 'history' is not the JSON list .* \(round numbers found: -\)",
         "list.pt": r"its 'history' is not the JSON list",
+        "bare.pt": r"round numbers found: \[1, 2, 3\]; entries lack \['bytes', 'clients', 'failed_clients'",
+        "bool.pt": r"round numbers found: \[True, 2, 3\]\)",
         "missing.pt": r"cannot read model file .*missing.pt",
     }
     for name, message in cases.items():
@@ -128,11 +139,24 @@ def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_throu
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     accuracy = [[r["test_accuracy"] for r in run["rounds"]] for run in (results, straight_results)]
     assert accuracy[0] == accuracy[1]
-    assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2, "carried_rounds": 2}
+    assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2, "carried_rounds": 2, "changed": {}}
     assert results["final"] == straight_results["final"]
     assert [r["round"] for r in got.history] == [1, 2, 3], "and a file saved on resuming keeps them for the next"
     # The momentum handed on (a file's strategy state) is what makes this case come out equal.
     assert bool(load_model(f"{halfway}.pt").strategy_state) == bool(extra)
+
+
+def test_a_resumed_run_says_which_settings_it_changed_from_the_saved_run_s(tmp_path: Path) -> None:
+    config = ExperimentConfig(dataset="synthetic", train_size=64, test_size=64, rounds=2)
+    saved = load_model(_saved(tmp_path, config))
+    assert saved.resumed_from(resumed_config(saved, {"rounds": 4})) == {
+        "path": str(tmp_path / "saved.pt"),
+        "rounds": 2,
+        "carried_rounds": 2,
+        "changed": {},
+    }
+    changed = resumed_config(saved, {"rounds": 4, "test_size": 32, "link": "10mbit/50mbit/20ms"})
+    assert saved.resumed_from(changed)["changed"] == {"test_size": [64, 32], "link": ["", "10mbit/50mbit/20ms"]}
 
 
 def _saved(tmp_path: Path, config: ExperimentConfig, rounds: int = 2) -> Path:
@@ -172,9 +196,16 @@ def test_what_a_model_file_does_not_hold_stops_a_resume(tmp_path: Path) -> None:
         "keep state of their own between rounds": replace(base, algorithm="locfedmix", options=("sync_every=2",)),
     }
     for problem, config in cases.items():
-        saved = load_model(_saved(tmp_path, config))
+        path = _saved(tmp_path, config)
+        torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "strategy"}, path)  # older
+        saved = load_model(path)
         with pytest.raises(ConfigError, match=f"cannot resume .*saved.pt:\n  - .*{problem}"):
             check_resumable(Experiment(resumed_config(saved, {})), saved)
+    # A hand-over run whose optimizer keeps no state (momentum 0) hands on nothing, and resumes.
+    no_momentum = replace(cases["hand_over_optimizer"], momentum=0.0)
+    saved = load_model(_saved(tmp_path, no_momentum))
+    assert saved.strategy_state == {}
+    check_resumable(Experiment(resumed_config(saved, {})), saved)
     saved = load_model(_saved(tmp_path, replace(base, algorithm="csl")))
     given_state = replace(saved, strategy_state={"optimizer.0.momentum_buffer": torch.zeros(2)})
     with pytest.raises(

@@ -681,13 +681,12 @@ def test_a_run_that_fails_midway_keeps_the_rounds_it_recorded(
         "last_round": 1,
     }
     assert partial["rounds"][0]["num_examples"] == 128
-    # Resumed from round 1's weights, it fails in round 2 again: its partial results begin at round 1 all the same.
+    # Resumed from round 1's weights, it fails in round 2 again: no new round, so no partial file
+    # (it would only repeat the saved run's rounds), as in the example app.
     saved = load_model(save_model(tmp_path / "round-1.pt", config, recorded))
-    with pytest.raises(ExperimentFailedError) as again:
+    with pytest.raises(ExperimentFailedError, match="the run stopped after 1 of 3 rounds") as again:
         run_experiment(config, say=lambda _: None, resume=saved)
-    resumed = again.value.partial_results
-    assert resumed is not None and resumed["rounds"] == partial["rounds"]
-    assert resumed["resumed_from"]["carried_rounds"] == 1 and resumed["incomplete"]["last_round"] == 1
+    assert again.value.partial_results is None
 
     # The CLI keeps them beside the results file it was asked for (which it never writes), then
     # ends its process: the ServerApp's thread may still be waiting for replies.
@@ -838,6 +837,43 @@ def test_a_killed_run_resumes_from_the_weights_written_after_its_last_round(
     assert cli.main([*resumed, "--out", str(out)]) == 0
     assert [entry["round"] for entry in load_results(out)["rounds"]] == list(range(1, last + 1))
     assert load_model(model).rounds == last
+
+
+_CLIENTS_FAIL_IN_ROUND_2 = """
+from splitflower.algorithms import Algorithm, CSLClient
+from splitflower.algorithms.csl import CSLServerModel
+from splitflower.wire import ConfigKey
+
+class FailsInRound2(CSLClient):
+    def fit(self, weights, config):
+        if config[ConfigKey.SERVER_ROUND] == 2:
+            raise RuntimeError("the client's disk is full")
+        return super().fit(weights, config)
+
+FAILS = Algorithm("clients-fail-in-round-2", FailsInRound2, CSLServerModel, "parallel", ("parallel",))
+"""
+
+
+def test_a_round_that_stops_the_run_is_recorded_but_its_weights_are_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "clients_fail_in_round_2.py").write_text(_CLIENTS_FAIL_IN_ROUND_2)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(
+        algorithm="clients_fail_in_round_2:FAILS", dataset="synthetic", clients=2, rounds=3, train_size=128
+    )
+    written: list[tuple[str, int]] = []
+    with pytest.raises(ExperimentFailedError, match="round 2 trained on no client") as raised:
+        run_experiment(
+            config,
+            say=lambda _: None,
+            keep_model=lambda _, result: written.append(("end", result.last_round)),
+            checkpoint=lambda _, result: written.append(("after round", result.last_round)),
+        )
+    assert written == [("after round", 1), ("end", 1)], "round 2's weights are never written"
+    assert raised.value.partial_results is not None
+    assert [entry["round"] for entry in raised.value.partial_results["rounds"]] == [1, 2], "but it is recorded"
 
 
 def test_weights_are_written_after_every_kth_round_and_at_the_end(

@@ -300,7 +300,7 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     trained_on = json.loads(resumed.read_text())
     assert [r["round"] for r in trained_on["rounds"]] == [1, 2], flower.tail()
     assert trained_on["rounds"][0] == results["rounds"][0], "the first run's round, carried on"
-    assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1, "carried_rounds": 1}
+    assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1, "carried_rounds": 1, "changed": {}}
     assert trained_on["rounds"][1]["failed_clients"] == [] and trained_on["rounds"][1]["num_examples"] == 512
 
 

@@ -49,12 +49,10 @@ def _strategy(context: Context) -> SplitStrategy:
     check_results_path(str(context.run_config.get("out", DEFAULT_OUT)))  # before training, not after
     if context.run_config.get("model-out"):
         check_results_path(str(context.run_config["model-out"]), what="the model")
-    c, strategy = _experiment(context).config, _experiment(context).make_strategy()
-    if saved := _resumed(context):
-        strategy.load_carried_state(saved.strategy_state)
+    c = _experiment(context).config
     logger.warning("[server] %s / %s, %s, %s cut %s, %d clients, %d rounds",
                    c.algorithm, c.strategy, c.dataset, c.model, c.cut, c.clients, c.rounds)  # fmt: skip
-    return strategy
+    return _experiment(context).make_strategy(s.strategy_state if (s := _resumed(context)) else None)
 
 
 def _on_round(server_round: int, record: dict[str, Any]) -> None:
@@ -68,7 +66,7 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
     rounds = saved.carry_on(summarise_rounds(records)) if saved else summarise_rounds(records)
     wall_s = time.perf_counter() - _started.get(context.run_id, time.perf_counter())
     config, runtime = _experiment(context).config, {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
-    extra = {"runtime": runtime} | ({"resumed_from": saved.resumed_from} if saved else {})
+    extra = {"runtime": runtime} | ({"resumed_from": saved.resumed_from(config)} if saved else {})
     if error is None:
         return results_document(config, rounds, wall_s, **extra)
     return stopped_early(config, rounds, wall_s, error, **extra).partial_results or {}
