@@ -646,6 +646,14 @@ class FailsInRound2(CSLServerModel):
 
 FAILS = Algorithm("fails-in-round-2", CSLClient, FailsInRound2, "parallel", ("parallel",))
 
+class ClientFailsInRound2(CSLClient):
+    def fit(self, weights, config):
+        if config[ConfigKey.SERVER_ROUND] == 2:
+            raise RuntimeError("the client's disk is full")
+        return super().fit(weights, config)
+
+CLIENTS_FAIL = Algorithm("clients-fail-in-round-2", ClientFailsInRound2, CSLServerModel, "parallel", ("parallel",))
+
 class NoSuchServerModel(ParallelStrategy):
     def assign(self, index, num_clients):
         return 5
@@ -839,29 +847,14 @@ def test_a_killed_run_resumes_from_the_weights_written_after_its_last_round(
     assert load_model(model).rounds == last
 
 
-_CLIENTS_FAIL_IN_ROUND_2 = """
-from splitflower.algorithms import Algorithm, CSLClient
-from splitflower.algorithms.csl import CSLServerModel
-from splitflower.wire import ConfigKey
-
-class FailsInRound2(CSLClient):
-    def fit(self, weights, config):
-        if config[ConfigKey.SERVER_ROUND] == 2:
-            raise RuntimeError("the client's disk is full")
-        return super().fit(weights, config)
-
-FAILS = Algorithm("clients-fail-in-round-2", FailsInRound2, CSLServerModel, "parallel", ("parallel",))
-"""
-
-
 def test_a_round_that_stops_the_run_is_recorded_but_its_weights_are_not_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "clients_fail_in_round_2.py").write_text(_CLIENTS_FAIL_IN_ROUND_2)
+    (tmp_path / "fails_in_round_2.py").write_text(_FAILS_IN_ROUND_2)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
     config = ExperimentConfig(
-        algorithm="clients_fail_in_round_2:FAILS", dataset="synthetic", clients=2, rounds=3, train_size=128
+        algorithm="fails_in_round_2:CLIENTS_FAIL", dataset="synthetic", clients=2, rounds=3, train_size=128
     )
     written: list[tuple[str, int]] = []
     with pytest.raises(ExperimentFailedError, match="round 2 trained on no client") as raised:
