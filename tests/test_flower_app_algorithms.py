@@ -1,8 +1,8 @@
-"""Every algorithm under Flower's simulation runtime, and every strategy through the example
-Flower app under `flwr run` (simulation, on Ray).
+"""Every algorithm under Flower's simulation runtime, and the strategies whose server models
+differ through the example Flower app under `flwr run` (simulation, on Ray).
 
 Each algorithm runs under its own strategy on conftest.ThreadBackend (about a second each);
-`flwr run` costs about 20 s a run here, so it runs each strategy once. One local SuperLink
+`flwr run` costs about 27 s a run here, so only the cases below run under it. One local SuperLink
 serves all the `flwr run` runs of this module (each run still starts its own simulation
 runtime); the processes are cleaned up as in test_flower_apps.py.
 """
@@ -20,12 +20,13 @@ from splitflower.algorithms import ALGORITHMS
 from splitflower.experiment import ExperimentConfig, summarise_round
 
 # (algorithm, strategy ("" = its own), options). With test_flower_apps.py (dsl under parallel)
-# every strategy but sequential runs under `flwr run`: batched is locfedmix's own; the others are
-# chosen here. Sequential runs on Ray in test_algorithms_cli.py (`splitflower run`, dsl) and under
-# Flower's runtime in test_strategies.py; a `flwr run` of it would cost CI another 30 s.
+# these run the strategies whose server models differ under `flwr run`: batched (locfedmix's own:
+# requests of concurrent Ray actors batched on one model) and splitfed-v1 (one model per client).
+# Sequential runs on Ray in test_algorithms_cli.py (`splitflower run`, dsl); splitfed-v2 and
+# sequential run under Flower's runtime on threads (above, test_strategies.py,
+# test_reproducibility.py). Each `flwr run` costs CI about 27 s.
 CASES = [
     ("locfedmix", "", "n_s=1"),
-    ("ushaped", "splitfed-v2", ""),
     ("streamsl", "splitfed-v1", ""),
 ]
 
