@@ -135,8 +135,9 @@ def build_server_app(
     fails after recording at least one round, with the strategy's records of them (those
     ``on_round`` was given: ``SplitStrategy.last_recorded.rounds``), so that they can be kept
     (see :func:`splitflower.experiment.stopped_early`). ``checkpoint(context, result)`` is
-    called after every round that does not stop the run, after ``on_round``, with the run so
-    far (``SplitStrategy.last_trained``): where a long run saves its weights
+    called after every round that does not stop the run, before ``on_round`` (what a run says
+    it finished is on disk), with the run so far (``SplitStrategy.last_trained``): where a
+    long run saves its weights
     (:func:`splitflower.checkpoint.save_model`) so that a killed process loses no more than a
     round. A :class:`~splitflower.errors.ResultsFileError` it raises (a full disk, say) is
     logged and the run goes on; any other error ends the run, as ``on_round``'s does.
@@ -206,20 +207,19 @@ def _after_round(
     context: Context,
     strategy: SplitStrategy,
 ) -> Callable[[int, dict[str, Any]], None] | None:
-    """The strategy's ``on_round``: the app's, then its ``checkpoint`` of the run so far."""
+    """The strategy's ``on_round``: the app's ``checkpoint`` of the run so far, then its ``on_round``."""
     if checkpoint is None:
         return on_round
 
     def after_round(server_round: int, record: dict[str, Any]) -> None:
+        kept = strategy.last_trained
+        if kept is not None and kept is strategy.last_recorded:  # not a round that stops the run
+            try:
+                checkpoint(context, kept)
+            except ResultsFileError as err:
+                logger.warning("[server] the weights after round %d are not kept: %s", server_round, err)
         if on_round is not None:
             on_round(server_round, record)
-        kept = strategy.last_trained
-        if kept is None or kept is not strategy.last_recorded:  # a round that stops the run
-            return
-        try:
-            checkpoint(context, kept)
-        except ResultsFileError as err:
-            logger.warning("[server] the weights after round %d are not kept: %s", server_round, err)
 
     return after_round
 

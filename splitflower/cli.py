@@ -298,14 +298,14 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
 
     _configure_logging(args.verbose)
-    fields = _config_fields(args)
+    fields, given = _config_fields(args), _given(run_argv)
     resume = None
     if args.resume is not None:
         from splitflower.checkpoint import load_model, resumed_config
 
         resume = load_model(args.resume)
-        given = {"options" if dest == "option" else dest for dest in _given(run_argv)}
-        config = resumed_config(resume, {name: value for name, value in fields.items() if name in given})
+        changes = {name: value for name, value in fields.items() if ("option" if name == "options" else name) in given}
+        config = resumed_config(resume, changes)
     else:
         from splitflower.experiment import ExperimentConfig
 
@@ -314,7 +314,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         check_results_path(args.out)  # before the run, not after it
     if args.save_model is not None:
         check_results_path(args.save_model, what="the model")
-    elif "save_every" in _given(run_argv):
+    elif "save_every" in given:
         raise ConfigError("--save-every says how often --save-model writes the weights; give --save-model FILE.pt")
     unsaved: list[ResultsFileError] = []
     results = run_experiment_owning_the_process(
@@ -324,8 +324,8 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
         keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved, resume),
         resume=resume,
-        # A write after a round that fails is said once; only the final one decides the exit code.
-        checkpoint=None if args.save_model is None else _model_keeper(args.save_model, [], resume, quiet=True),
+        # A write after a round that fails is logged and the run goes on; the final one decides the exit code.
+        checkpoint=None if args.save_model is None else _model_writer(args.save_model, resume),
         checkpoint_every=args.save_every,
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
@@ -366,24 +366,30 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _model_keeper(
-    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None, *, quiet: bool = False
-) -> Callable[[ExperimentConfig, SplitResult], None]:
-    """Write a run's weights to ``path``: the final ones, or those of the last round a failed
-    run recorded (a run ``resumed`` from a file keeps its rounds' history on). A write that
-    fails is said (once, if ``quiet``: the writes after rounds) and listed in ``unsaved``
-    (the run goes on); a ``quiet`` one that succeeds is not said."""
+def _model_writer(path: Path, resumed: SavedModel | None) -> Callable[[ExperimentConfig, SplitResult], Path]:
+    """Write a run's weights to ``path`` (a run ``resumed`` from a file keeps its rounds' history on)."""
     from splitflower.checkpoint import save_model
+
+    def write(config: ExperimentConfig, result: SplitResult) -> Path:
+        return save_model(path, config, result, resumed=resumed)
+
+    return write
+
+
+def _model_keeper(
+    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None
+) -> Callable[[ExperimentConfig, SplitResult], None]:
+    """Write a run's final weights to ``path``, or those of the last round a failed run kept
+    (see :func:`_model_writer`). A write that fails is said and listed in ``unsaved`` (the
+    results go on)."""
+    write = _model_writer(path, resumed)
 
     def keep(config: ExperimentConfig, result: SplitResult) -> None:
         try:
-            written = save_model(path, config, result, resumed=resumed)
+            written = write(config, result)
         except ResultsFileError as err:
-            if not (quiet and unsaved):
-                print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
+            print(f"splitflower: error: the trained weights are not kept: {err}", file=sys.stderr, flush=True)
             unsaved.append(err)
-            return
-        if quiet:
             return
         print(
             f"the weights after round {result.last_round} written to {written} "

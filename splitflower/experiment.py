@@ -439,9 +439,11 @@ class Experiment:
         on_error: Callable[[BaseException], None] | None = None,
         round_timeout: float | None = None,
         resume: SavedModel | None = None,
+        checkpoint: Callable[[Context, SplitResult], None] | None = None,
     ) -> ServerApp:
         """The run's ServerApp; ``resume``: weights saved after round k, trained on from
-        round k + 1 (see :func:`splitflower.checkpoint.check_resumable`)."""
+        round k + 1 (see :func:`splitflower.checkpoint.check_resumable`); ``checkpoint``: as
+        :func:`~splitflower.app.build_server_app`'s."""
         return build_server_app(
             lambda _: strategy,
             lambda _: self.make_server_model(),
@@ -455,6 +457,7 @@ class Experiment:
             on_error=on_error,
             num_rounds=self.config.rounds,
             round_timeout=round_timeout,
+            checkpoint=checkpoint,
         )
 
 
@@ -686,7 +689,7 @@ def run_experiment(
     on_stall: Callable[[str], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
     resume: SavedModel | None = None,
-    checkpoint: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
@@ -705,8 +708,10 @@ def run_experiment(
     recorded (``result.last_round``; see :func:`splitflower.checkpoint.save_model`).
     ``checkpoint(config, result)`` is given the run so far after every ``checkpoint_every``-th
     round but the last (the weights after it, and every round's record), before the round is
-    said: where a long run saves what a killed process would otherwise lose. Neither is given
-    a round that stops the run (``SplitStrategy.last_trained``).
+    said: where a long run saves what a killed process would otherwise lose (as
+    :func:`~splitflower.app.build_server_app`'s ``checkpoint``, which calls it: a
+    :class:`~splitflower.errors.ResultsFileError` it raises is logged and the run goes on).
+    Neither is given a round that stops the run (``SplitStrategy.last_trained``).
     """
     from flwr.simulation import run_simulation
 
@@ -744,11 +749,11 @@ def run_experiment(
 
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         progress.round = server_round + 1
-        due = server_round % checkpoint_every == 0 and server_round < config.rounds
-        kept = strategy.last_trained
-        if checkpoint is not None and due and kept is not None and kept is strategy.last_recorded:
-            checkpoint(config, kept)
         say(_round_line(server_round, config.rounds, summarise_round(record)))
+
+    def save_after_round(_: Context, result: SplitResult) -> None:
+        if checkpoint is not None and result.last_round % checkpoint_every == 0 and result.last_round < config.rounds:
+            checkpoint(config, result)
 
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
@@ -765,7 +770,9 @@ def run_experiment(
     with progress:
         try:
             run_simulation(
-                server_app=experiment.server_app(strategy, keep_result, on_round, server_errors.append, resume=resume),
+                server_app=experiment.server_app(
+                    strategy, keep_result, on_round, server_errors.append, resume=resume, checkpoint=save_after_round
+                ),
                 client_app=experiment.client_app(),
                 num_supernodes=config.clients,
                 backend_config=_backend_config(config),
@@ -883,7 +890,7 @@ def run_experiment_owning_the_process(
     keep_partial: Callable[[dict[str, Any]], None] | None = None,
     keep_model: Callable[[ExperimentConfig, SplitResult], None] | None = None,
     resume: SavedModel | None = None,
-    checkpoint: Callable[[ExperimentConfig, SplitResult], None] | None = None,
+    checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).

@@ -223,10 +223,13 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
     if saved is not None and saved.rounds == config.rounds:  # stopped after its last save, before its results
         results = results_document(config, list(saved.history), 0.0, resumed_from=saved.resumed_from(config))
     else:
-        keep = partial(_save_cell_model, model, saved)
         # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
         results = run_experiment_owning_the_process(
-            config, say=_say_in_cell, keep_model=keep, checkpoint=keep, resume=saved
+            config,
+            say=_say_in_cell,
+            keep_model=partial(_save_cell_model, model, saved),
+            checkpoint=partial(save_model, model, resumed=saved),  # a failed write is logged, the cell goes on
+            resume=saved,
         )
     results["reproduce"] = extra
     write_results(results, path)
@@ -239,7 +242,7 @@ def _say_in_cell(line: str) -> None:
 def _save_cell_model(path: Path, resumed: SavedModel | None, config: ExperimentConfig, result: SplitResult) -> None:
     try:
         save_model(path, config, result, resumed=resumed)
-    except ResultsFileError as err:  # the cell trains on; a rerun would start it over
+    except ResultsFileError as err:  # its results are written all the same
         print(f"    warning: the weights after round {result.last_round} are not kept: {err}", flush=True)
 
 

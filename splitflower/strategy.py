@@ -342,18 +342,19 @@ class SplitStrategy(FedAvg):
                     logger.warning("[server] node %d cannot say which client it is: %s", node, reply.error.reason)
             if silent := sorted(set(node_ids) - self._client_ids.keys()):
                 logger.warning("[server] nodes %s did not say which client they are; ordered by node id", silent)
-        _refuse_repeated_clients(
+        repeated = _repeated_clients(
             {node: client_id for node in node_ids if (client_id := self._client_ids.get(node)) is not None},
             f"round {server_round}, before it trains: several nodes are the same client",
         )
+        if repeated is not None:
+            raise repeated
 
     def _sample(
         self, grid: Grid, server_round: int, config: ConfigRecord, timeout: float
     ) -> tuple[list[int], list[int]]:
         """FedAvg's sample (``fraction_train`` of the connected nodes, at least
         ``min_train_nodes``), in :meth:`order_clients`' order, and the connected nodes; drawn
-        from the nodes in that order
-        with a generator seeded by the run's seed and the round, so that a run samples the
+        from the nodes in that order with a generator seeded by the run's seed and the round, so that a run samples the
         same clients again, whatever node ids Flower gave them."""
         available = self._wait_for_nodes(grid)
         size = max(int(len(available) * self.fraction_train), self.min_train_nodes)
@@ -505,23 +506,22 @@ class SplitStrategy(FedAvg):
 
 
 def _reason_to_stop(record: dict[str, Any]) -> ConfigError | ExperimentFailedError | None:
-    """Why the run must stop after the round of ``record`` (said after it is recorded), or None."""
-    try:
-        _stop_if_clients_repeat(record)
-        _stop_if_untrained(record)
-    except (ConfigError, ExperimentFailedError) as err:
-        return err
-    return None
+    """Why the run must stop after the round of ``record`` (raised after it is recorded), or None."""
+    repeated = _repeated_clients(
+        {entry["node_id"]: entry["client_id"] for entry in record["clients"] if "client_id" in entry},
+        f"round {record['round']}: several nodes replied as the same client",
+    )
+    return repeated or _untrained(record)
 
 
-def _stop_if_untrained(record: dict[str, Any]) -> None:
-    """Raise :class:`ExperimentFailedError` if no client trained in the round: every later
-    round would start from the same weights, and the results would look like a run."""
+def _untrained(record: dict[str, Any]) -> ExperimentFailedError | None:
+    """The error that stops a run whose round trained on no client (every later round would
+    start from the same weights, and the results would look like a run), or None."""
     trained = sum(entry["metrics"].get(RecordKey.NUM_EXAMPLES, 0) for entry in record["clients"] if "metrics" in entry)
     if trained:
-        return
+        return None
     problems = [str(p) for entry in record["clients"] if (p := entry.get("error") or entry.get("left_out"))]
-    raise ExperimentFailedError(
+    return ExperimentFailedError(
         f"round {record['round']} trained on no client ({len(problems)} failed or were left out), so the run "
         "stops: its results would be meaningless; the first client error: "
         + (raised_by_client(problems[0]) if problems else "(none: no client reported an example)")
@@ -565,29 +565,22 @@ def _reported_client_id(reply: Message) -> int | str | None:
     return value if isinstance(value, int | str) and not isinstance(value, bool) else None
 
 
-def _stop_if_clients_repeat(record: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` if two nodes replied as the same client (see :func:`_refuse_repeated_clients`)."""
-    _refuse_repeated_clients(
-        {entry["node_id"]: entry["client_id"] for entry in record["clients"] if "client_id" in entry},
-        f"round {record['round']}: several nodes replied as the same client",
-    )
-
-
-def _refuse_repeated_clients(client_ids: Mapping[int, int | str], what: str) -> None:
-    """Raise :class:`ConfigError` if two nodes of ``client_ids`` (node -> client id) are the
-    same client: two SuperNodes started with the same partition, so one partition is
-    trained twice and another never."""
+def _repeated_clients(client_ids: Mapping[int, int | str], what: str) -> ConfigError | None:
+    """The error that stops a run in which two nodes of ``client_ids`` (node -> client id) are
+    the same client (two SuperNodes started with the same partition, so one partition is
+    trained twice and another never), or None."""
     nodes_by_id: dict[int | str, list[int]] = {}
     for node, client_id in client_ids.items():
         nodes_by_id.setdefault(client_id, []).append(node)
     repeated = {client_id: sorted(nodes) for client_id, nodes in nodes_by_id.items() if len(nodes) > 1}
-    if repeated:
-        shown = "; ".join(f"client {cid!r} from nodes {nodes}" for cid, nodes in repeated.items())
-        raise ConfigError(
-            f"{what} ({shown}), so the run stops: their data is one partition trained twice while another "
-            'is never trained; give each SuperNode its own partition (flower-supernode --node-config "partition-id=I '
-            'num-partitions=N")'
-        )
+    if not repeated:
+        return None
+    shown = "; ".join(f"client {cid!r} from nodes {nodes}" for cid, nodes in repeated.items())
+    return ConfigError(
+        f"{what} ({shown}), so the run stops: their data is one partition trained twice while another "
+        'is never trained; give each SuperNode its own partition (flower-supernode --node-config "partition-id=I '
+        'num-partitions=N")'
+    )
 
 
 def _index(plan: RoundPlan, node: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import pickle
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -870,7 +872,7 @@ def test_a_round_that_stops_the_run_is_recorded_but_its_weights_are_not_kept(
 
 
 def test_weights_are_written_after_every_kth_round_and_at_the_end(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
     config = ExperimentConfig(dataset="synthetic", clients=2, rounds=5, train_size=128, test_size=64)
@@ -885,6 +887,15 @@ def test_weights_are_written_after_every_kth_round_and_at_the_end(
     assert written == [("after round", 2), ("after round", 4), ("end", 5)]
     with pytest.raises(ConfigError, match="checkpoint_every must be a whole number of rounds >= 1, got 0"):
         run_experiment(config, checkpoint_every=0)
+
+    # A write after a round that fails (a full disk) is said, and the run goes on.
+    def disk_full(_: ExperimentConfig, result: SplitResult) -> None:
+        raise ResultsFileError(f"cannot write the model after round {result.last_round}: no space left")
+
+    with caplog.at_level(logging.WARNING):
+        results = run_experiment(replace(config, rounds=2), say=lambda _: None, checkpoint=disk_full)
+    assert [entry["round"] for entry in results["rounds"]] == [1, 2]
+    assert "the weights after round 1 are not kept: cannot write the model after round 1" in caplog.text
     assert cli.main(["run", "--attempts", "1", "--dataset", "synthetic", "--save-every", "2"]) == 2
     assert "--save-every says how often --save-model writes the weights; give --save-model" in capsys.readouterr().err
 
