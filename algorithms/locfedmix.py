@@ -159,6 +159,6 @@ class LocFedMixServerModel(SupervisedServerModel):
         partner = partners.repeat_interleave(sizes, dim=0)  # (rows, n_s) caller indices
         starts = torch.cumsum(sizes, 0) - sizes
         rows = starts[partner] + (torch.rand(partner.shape) * sizes[partner]).long()
-        lam = torch.distributions.Beta(self.options.alpha, self.options.alpha).sample(partner.shape)
+        lam = torch.distributions.Beta(self.options.alpha, self.options.alpha).sample(partner.shape).to(s)
         mixed = torch.lerp(s[rows], s.unsqueeze(1), lam.view(*lam.shape, *[1] * (s.dim() - 1)))
         return mixed.flatten(0, 1), torch.lerp(targets[rows], targets.unsqueeze(1), lam.unsqueeze(-1)).flatten(0, 1)

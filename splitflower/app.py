@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from splitflower._checks import positive_seconds
-from splitflower._optimizer_state import optimizer_record, optimizer_tensors
+from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
 from splitflower.errors import ConfigError, ResultsFileError
@@ -49,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LOCAL_STATE_KEY = "sf-local-state"
 ROUND_TIMEOUT_KEY = "sf-round-timeout"
 NODE_WAIT_TIMEOUT_KEY = "sf-node-wait-timeout"
 
@@ -284,7 +283,8 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
 
     Per-client state (:meth:`Client.local_state`) is kept in ``context.state``: in
     simulation, actors are shared between virtual clients, so nothing per-client may live
-    in module globals.
+    in module globals. It also goes with each reply, so that the strategy can keep it for a
+    model file, and comes back in a resumed run's first message.
     """
     app = ClientApp()
 
@@ -293,15 +293,14 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         config = dict(msg.content[RecordKey.CONFIG])  # type: ignore[call-overload]
         arrays: ArrayRecord = msg.content[RecordKey.ARRAYS]  # type: ignore[assignment]
         instance = client(context)
-        if _LOCAL_STATE_KEY in context.state:
-            instance.load_local_state(context.state[_LOCAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+        _restore_local_state(instance, msg.content, context)
         instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
         proxy = _proxy_from_config(config, instance)
         instance.server_model_proxy = proxy
         fit = _fit_then_close(instance, proxy, arrays.to_torch_state_dict() if len(arrays) else {}, config)
         local = instance.local_state()
         if local:
-            context.state[_LOCAL_STATE_KEY] = ArrayRecord(local)
+            context.state[RecordKey.LOCAL_STATE] = ArrayRecord(local)
         manifest = json.dumps({"manifest": proxy.traffic.manifest(), "by_method": proxy.traffic.by_method()})
         content = RecordDict(
             {
@@ -311,8 +310,10 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
             }
         )
         _add_client_id(content, instance.client_id)
+        if local:  # the strategy keeps it, so that a model file holds it
+            content[RecordKey.LOCAL_STATE] = tensor_record(local)
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
-            content[RecordKey.OPTIMIZER] = optimizer_record(instance.optimizer_state())
+            content[RecordKey.OPTIMIZER] = tensor_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)
 
     @app.query()
@@ -336,10 +337,19 @@ def _add_client_id(content: RecordDict, client_id: int | str | None) -> None:
         content[RecordKey.CLIENT_ID] = ConfigRecord({RecordKey.VALUE: client_id})
 
 
+def _restore_local_state(client: Client, content: RecordDict, context: Context) -> None:
+    """Give ``client`` the state it kept of its own: from the message when the strategy sends
+    it (a resumed run's first round), else from Flower's context (the last round it trained)."""
+    if RecordKey.LOCAL_STATE in content:
+        client.load_local_state(record_tensors(content[RecordKey.LOCAL_STATE], "the client's own state"))
+    elif RecordKey.LOCAL_STATE in context.state:
+        client.load_local_state(context.state[RecordKey.LOCAL_STATE].to_torch_state_dict())  # type: ignore[union-attr]
+
+
 def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
-    """The optimizer state a message carries (see :func:`optimizer_record`), or none."""
+    """The optimizer state a message carries (see :func:`tensor_record`), or none."""
     record = content.get(RecordKey.OPTIMIZER)
-    return {} if record is None else optimizer_tensors(record)
+    return {} if record is None else record_tensors(record, "the handed-on optimizer state")
 
 
 def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModelProxy:

@@ -6,9 +6,9 @@ state dicts of both parties: ``client`` (the client segment as ``segment.*``, pl
 parts the algorithm adds on the client, such as an auxiliary head or U-shaped SL's
 ``tail.*``) and ``server`` (the server segment), ``strategy``: what the strategy carries
 from round to round besides them (``SplitStrategy.carried_state``: the optimizer state the
-sequential strategy hands on), and ``history``: the results file's entries of the rounds
-that led to those weights (a resumed run's results carry them on, so its curves start at
-round 1).
+sequential strategy hands on, the state clients keep of their own between rounds), and
+``history``: the results file's entries of the rounds that led to those weights (a resumed
+run's results carry them on, so its curves start at round 1).
 
 A run resumes from such a file (``splitflower run --resume FILE.pt``): it trains rounds
 k + 1 onwards from the weights saved after round k, with the config they were saved with
@@ -16,7 +16,8 @@ k + 1 onwards from the weights saved after round k, with the config they were sa
 ordered and their batches drawn by partition and round, it gives the weights the
 uninterrupted run would have, where that run is itself repeatable (see the README's
 "Reproducibility"). What a model file does not hold stops a resume
-(:func:`check_resumable`): state a client keeps between rounds.
+(:func:`check_resumable`): a file saved before the strategy kept clients' own states, for
+an algorithm whose clients keep some.
 
 Example
 -------
@@ -36,6 +37,7 @@ from typing import Any, Final
 import torch
 from torch import nn
 
+from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
 from splitflower.experiment import ROUND_ENTRY_KEYS, Experiment, ExperimentConfig, summarise_rounds, write_atomically
 from splitflower.strategy import SplitResult
@@ -243,13 +245,17 @@ def check_resumable(experiment: Experiment, saved: SavedModel) -> None:
         problems.append(
             "the file holds no optimizer state for hand_over_optimizer to hand on (saved before it was kept)"
         )
-    if client.local_state():
+    if client.local_state() and saved.rounds and not _holds_client_states(saved):
         problems.append(
             f"{config.algorithm}'s clients keep state of their own between rounds (Client.local_state, "
-            "e.g. LocFedMix's sync_every), which is not in the file"
+            "e.g. LocFedMix's sync_every), and the file holds none (saved before it was kept)"
         )
     if problems:
         raise ConfigError(f"cannot resume {_name(saved)}:\n  - " + "\n  - ".join(problems))
+
+
+def _holds_client_states(saved: SavedModel) -> bool:
+    return any(name.startswith(CLIENT_STATE_PREFIX) for name in saved.strategy_state or {})
 
 
 def _name(saved: SavedModel) -> str:

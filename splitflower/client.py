@@ -248,8 +248,10 @@ class Client:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """State that stays on this client between rounds (kept in Flower's context): its
-        weights when :attr:`sync_every` is not 1. An override should extend ``super()``'s."""
+        """State that stays on this client between rounds: its weights when :attr:`sync_every`
+        is not 1. Flower's context keeps it; it also goes with the client's reply, so that the
+        strategy keeps it for a model file and a resumed run gives it back (through
+        :meth:`load_local_state`). An override should extend ``super()``'s."""
         return {} if self.sync_every == 1 else self.weights()
 
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:

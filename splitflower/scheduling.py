@@ -107,7 +107,7 @@ class Scheduler(ABC):
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         start = time.perf_counter()
         # The received tensors live while the method runs: count them as in flight.
-        self.model._call_context = context
+        self.model._begin_call(context)
         error: BaseException | None = None
         try:
             with self.model.memory.track(holding=payload_bytes(tensors)):
@@ -119,7 +119,6 @@ class Scheduler(ABC):
             raise
         finally:
             self.model._end_call(error)
-            self.model._call_context = CallContext()
         return value, time.perf_counter() - start
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import weakref
@@ -319,6 +320,12 @@ class ServerModel:
     says which client(s) it serves (and, when a scheduler batched several clients'
     requests, which rows are whose), so a method can keep per-client state; :meth:`keep`
     and :meth:`take_kept` carry something (a graph, say) from one call of a client to its next.
+    During a call, torch's global RNG (what dropout, ``torch.rand`` and ``torch.distributions``
+    draw from) is the model's own stream, seeded by each ``configure_fit`` from the run's seed,
+    the round and the model's index among the round's server models: a run with the same seed
+    draws the same numbers again, resumed or not, whatever the clients or the process draw
+    between calls (clients that run as threads of this process and draw from the global RNG
+    during a call are the exception). Outside calls the process's RNG is left as it was.
 
     Example
     -------
@@ -365,6 +372,8 @@ class ServerModel:
         self._call_context = CallContext()
         self._kept: dict[Hashable, tuple[Any, ...]] = {}
         self._taken: dict[Hashable, tuple[Any, ...]] = {}  # by the call in progress
+        self._draws: _RngStates | None = None  # the model's own RNG stream, between calls
+        self._outer_draws: _RngStates | None = None  # the process's, during a call
         self.options: Any = options if options is not None else (self.Options() if self.Options else None)
 
     @property
@@ -400,13 +409,25 @@ class ServerModel:
         self._taken[caller] = taken = self._kept.pop(caller)
         return taken
 
+    def _begin_call(self, context: CallContext) -> None:
+        """Called by the scheduler before each call, on the thread that runs it."""
+        self._call_context = context
+        if self._draws is not None:
+            self._outer_draws = _rng_states(self.device)
+            _set_rng_states(self.device, self._draws)
+
     def _end_call(self, error: BaseException | None) -> None:
         """Called by the scheduler after each call: a call that refused its input gives back
-        what it took."""
+        what it took; the process's RNG comes back."""
+        if self._outer_draws is not None:
+            self._draws = _rng_states(self.device)
+            _set_rng_states(self.device, self._outer_draws)
+            self._outer_draws = None
         if isinstance(error, InvalidArgumentsError):
             for caller, values in self._taken.items():
                 self._kept.setdefault(caller, values)
         self._taken.clear()
+        self._call_context = CallContext()
 
     def configure_fit(self, weights: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> None:
         """Load the round's global server weights (if given) and reset the optimizer. ``config``
@@ -421,6 +442,7 @@ class ServerModel:
         self._kept.clear()  # a client that died between two calls left something
         self._num_examples = 0
         self._loss_sum = 0.0
+        self._draws = _seeded_rng_states(self.device, _round_seed(config))
 
     @property
     def num_examples(self) -> int:
@@ -470,6 +492,31 @@ class ServerModel:
         ...     def before_optimizer_step(self) -> None:
         ...         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
         """
+
+
+_RngStates = tuple[torch.Tensor, torch.Tensor | None]  # the CPU generator's state, the CUDA device's
+
+
+def _round_seed(config: Mapping[str, Any]) -> int:
+    """A server model's seed for a round: from the run's seed, the round and the model's index
+    (hashed, so that it draws no stream a client's batch order draws)."""
+    key = [config.get(k, 0) for k in (ConfigKey.SEED, ConfigKey.SERVER_ROUND, ConfigKey.SERVER_MODEL_INDEX)]
+    return int.from_bytes(hashlib.blake2b(f"server-model {key}".encode(), digest_size=7).digest(), "little")
+
+
+def _seeded_rng_states(device: torch.device, seed: int) -> _RngStates:
+    cuda = torch.Generator(device).manual_seed(seed).get_state() if device.type == "cuda" else None
+    return torch.Generator().manual_seed(seed).get_state(), cuda
+
+
+def _rng_states(device: torch.device) -> _RngStates:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(device: torch.device, states: _RngStates) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 _SERVER_MODEL_ATTRIBUTES: Final = frozenset(

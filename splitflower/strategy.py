@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from splitflower._client_errors import raised_by_client
+from splitflower._client_states import CLIENT_STATE_PREFIX, ClientStates
 from splitflower.compute import run_on_compute_thread
 from splitflower.errors import ConfigError, ExperimentFailedError, NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
@@ -108,7 +109,9 @@ class SplitStrategy(FedAvg):
 
     A strategy that carries state from round to round besides the weights (the sequential
     strategy's handed-on optimizer state) says so in :meth:`carried_state` and
-    :meth:`load_carried_state`, so that a saved run resumes with it.
+    :meth:`load_carried_state`, so that a saved run resumes with it. Every strategy carries
+    the state clients keep of their own (:meth:`Client.local_state
+    <splitflower.client.Client.local_state>`, sent with their replies) that way.
 
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
     ``node_wait_timeout`` (seconds): how long a round waits for ``min_available_nodes``
@@ -172,6 +175,7 @@ class SplitStrategy(FedAvg):
         recorded, not kept."""
         self._server_models: list[ServerModel] = []
         self._client_ids: dict[int, int | str | None] = {}  # node -> client id, from its last answer
+        self._client_states = ClientStates()
         self._service: SplitService
         self._server_model_factory: Callable[[], ServerModel]
 
@@ -224,6 +228,9 @@ class SplitStrategy(FedAvg):
         content = RecordDict(
             {self.arrayrecord_key: arrays, self.configrecord_key: self.client_config(plan, node_id, config)}
         )
+        own_state = self._client_states.to_deliver(self._client_ids.get(node_id))
+        if own_state is not None:  # the first round of a resumed run gives the client its own back
+            content[RecordKey.LOCAL_STATE] = own_state
         message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
         plan.sent.append(message)
         return message
@@ -279,22 +286,27 @@ class SplitStrategy(FedAvg):
         weight = record[self.weighted_by_key]
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
             return f"expected {self.weighted_by_key!r} to be a number >= 0, got {weight!r}"
-        return None
+        return ClientStates.problem(reply)
 
     def carried_state(self) -> dict[str, torch.Tensor]:
         """State this strategy carries from one round to the next besides both parties'
-        weights, as named tensors (default: none; the sequential strategy's handed-on
-        optimizer state): a model file keeps it, and a run resumed from that file gives it
-        back through :meth:`load_carried_state` before its first round."""
-        return {}
+        weights, as named tensors: a model file keeps it, and a run resumed from that file
+        gives it back through :meth:`load_carried_state` before its first round. Here: the
+        state each client keeps of its own, as it last replied with it (names
+        ``client:<id>:...``; none for most algorithms); a subclass adds its own (the sequential
+        strategy's handed-on optimizer state) to ``super()``'s."""
+        return self._client_states.tensors()
 
     def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Take on what :meth:`carried_state` gave after the round a run resumes from."""
-        if state:
+        """Take on what :meth:`carried_state` gave after the round a run resumes from; a
+        subclass takes its own names and passes the rest to ``super()``."""
+        unknown = sorted(name for name in state if not name.startswith(CLIENT_STATE_PREFIX))
+        if unknown:
             raise ConfigError(
-                f"{type(self).__name__} carries no state between rounds, but was given {sorted(state)[:5]}; "
-                "resume with the strategy the state was saved from"
+                f"{type(self).__name__} carries only clients' own states ({CLIENT_STATE_PREFIX}*) between rounds, "
+                f"but was given {unknown[:5]}; resume with the strategy the state was saved from"
             )
+        self._client_states.load(state)
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         # Flower's sample_nodes waits for the nodes forever; a run asking for more clients
@@ -380,8 +392,8 @@ class SplitStrategy(FedAvg):
         models = self._server_models[:count]
         weights = server_weights.to_torch_state_dict() if len(server_weights) else None
         round_config = {**config, ConfigKey.SERVER_ROUND: server_round}  # as Flower's FedAvg tells clients
-        for model in models:
-            run_on_compute_thread(model.configure_fit, weights, dict(round_config))
+        for index, model in enumerate(models):
+            run_on_compute_thread(model.configure_fit, weights, {**round_config, ConfigKey.SERVER_MODEL_INDEX: index})
         schedulers = [self.make_scheduler(model) for model in models]
         assignment = {node: self._checked_assign(i, len(node_ids), count) for i, node in enumerate(node_ids)}
         plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)
@@ -477,6 +489,12 @@ class SplitStrategy(FedAvg):
             finally:
                 for token in plan.tokens.values():
                     service.close_session(token)
+            for reply in replies:
+                if not reply.has_error():
+                    client_id = _reported_client_id(reply)
+                    if client_id is None:  # the reply did not say: who the node said it was
+                        client_id = self._client_ids.get(plan.sender(reply))
+                    self._client_states.keep(client_id, reply)
             arrays, metrics = self.aggregate_train(server_round, replies)
             server_results = [run_on_compute_thread(m.get_fit_result) for m in plan.server_models]
             server_arrays = self.aggregate_server_models(server_results)

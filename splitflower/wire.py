@@ -93,6 +93,8 @@ class ConfigKey:
     CLIENT_INDEX: Final = "sf-client-index"
     CALL_TIMEOUT: Final = "sf-call-timeout"
     HAND_OVER_OPTIMIZER: Final = "sf-hand-over-optimizer"
+    # Given to each server model's configure_fit (not to clients): which of the round's models it is.
+    SERVER_MODEL_INDEX: Final = "sf-server-model-index"
 
 
 class RecordKey:
@@ -105,6 +107,9 @@ class RecordKey:
     NUM_EXAMPLES: Final = "num-examples"
     OPTIMIZER: Final = "sf-optimizer"
     CLIENT_ID: Final = "sf-client-id"  # the replying Client's client_id, if it has one
+    # A reply's Client.local_state, kept by the strategy for a model file; a resumed run's first
+    # message to the client gives it back (a ConfigRecord holding a tensor frame under VALUE).
+    LOCAL_STATE: Final = "sf-local-state"
     # A query message holding a ConfigRecord under this key asks a node which client it is:
     # the reply carries CLIENT_ID (nothing if the client has no client_id).
     IDENTIFY: Final = "sf-identify"

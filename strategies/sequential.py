@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from splitflower._optimizer_state import optimizer_record, optimizer_tensors
+from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.errors import ConfigError
 from splitflower.strategy import RoundPlan, SplitStrategy
 from splitflower.wire import ConfigKey, RecordKey
@@ -17,6 +17,7 @@ from splitflower.wire import ConfigKey, RecordKey
 __all__ = ["SequentialStrategy"]
 
 _OPTIMIZER = "optimizer."  # carried_state's names of the handed-on optimizer state
+_HANDED_ON = "the handed-on optimizer state"
 
 
 class SequentialStrategy(SplitStrategy):
@@ -74,26 +75,27 @@ class SequentialStrategy(SplitStrategy):
             if record is None:
                 return f"hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}, and none came"
             try:
-                optimizer_tensors(record)
+                record_tensors(record, _HANDED_ON)
             except ConfigError as err:
                 return str(err)
         return problem
 
     def carried_state(self) -> dict[str, torch.Tensor]:
-        """The optimizer state to hand to the next round's first client, if any."""
+        """Also the optimizer state to hand to the next round's first client, if any."""
         if self._optimizer_state is None:
-            return {}
-        return {_OPTIMIZER + name: t for name, t in optimizer_tensors(self._optimizer_state).items()}
+            return super().carried_state()
+        handed = record_tensors(self._optimizer_state, _HANDED_ON)
+        return {**super().carried_state(), **{_OPTIMIZER + name: t for name, t in handed.items()}}
 
     def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        unknown = sorted(name for name in state if not name.startswith(_OPTIMIZER))
-        if unknown or (state and not self.hand_over_optimizer):
+        optimizer = {name.removeprefix(_OPTIMIZER): t for name, t in state.items() if name.startswith(_OPTIMIZER)}
+        if optimizer and not self.hand_over_optimizer:
             raise ConfigError(
-                f"{type(self).__name__} carries only the optimizer state it hands on (names {_OPTIMIZER}*, and "
-                f"only with hand_over_optimizer=True; it is {self.hand_over_optimizer}), got {unknown or sorted(state)}"
+                f"{type(self).__name__} carries the optimizer state it hands on (names {_OPTIMIZER}*) only with "
+                f"hand_over_optimizer=True, and it is False; got {sorted(optimizer)[:5]}"
             )
-        optimizer = {name.removeprefix(_OPTIMIZER): t for name, t in state.items()}
-        self._optimizer_state = optimizer_record(optimizer) if optimizer else None
+        super().load_carried_state({name: t for name, t in state.items() if not name.startswith(_OPTIMIZER)})
+        self._optimizer_state = tensor_record(optimizer) if optimizer else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

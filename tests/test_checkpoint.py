@@ -115,7 +115,13 @@ SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "38
 
 @pytest.mark.parametrize(
     ("algorithm", "strategy", "extra"),
-    [("csl", "sequential", ""), ("dsl", "splitfed-v1", ""), ("csl", "sequential", "--hand-over-optimizer")],
+    [
+        ("csl", "sequential", ""),
+        ("dsl", "splitfed-v1", ""),
+        ("csl", "sequential", "--hand-over-optimizer"),
+        # Clients that are never averaged (sync_every 0), decoders and all: each gets its own back.
+        ("locfedmix", "sequential", "--option combo=5"),
+    ],
 )
 def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_through(
     algorithm: str, strategy: str, extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -142,8 +148,9 @@ def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_throu
     assert results["resumed_from"] == {"path": f"{halfway}.pt", "rounds": 2, "carried_rounds": 2, "changed": {}}
     assert results["final"] == straight_results["final"]
     assert [r["round"] for r in got.history] == [1, 2, 3], "and a file saved on resuming keeps them for the next"
-    # The momentum handed on (a file's strategy state) is what makes this case come out equal.
-    assert bool(load_model(f"{halfway}.pt").strategy_state) == bool(extra)
+    # What the strategy carried (the momentum handed on, the clients' own states) made these cases equal.
+    carried = {name.partition(":")[0].partition(".")[0] for name in load_model(f"{halfway}.pt").strategy_state or {}}
+    assert carried == ({"optimizer"} if "hand-over" in extra else {"client"} if "combo=5" in extra else set())
 
 
 def test_a_resumed_run_says_which_settings_it_changed_from_the_saved_run_s(tmp_path: Path) -> None:
@@ -201,6 +208,9 @@ def test_what_a_model_file_does_not_hold_stops_a_resume(tmp_path: Path) -> None:
         saved = load_model(path)
         with pytest.raises(ConfigError, match=f"cannot resume .*saved.pt:\n  - .*{problem}"):
             check_resumable(Experiment(resumed_config(saved, {})), saved)
+    # A file that holds the clients' own states resumes (the round-trip: the resume tests above).
+    saved = load_model(_saved(tmp_path, cases["keep state of their own between rounds"]))
+    check_resumable(Experiment(resumed_config(saved, {})), replace(saved, strategy_state={"client:0:w": torch.ones(1)}))
     # A hand-over run whose optimizer keeps no state (momentum 0) hands on nothing, and resumes.
     no_momentum = replace(cases["hand_over_optimizer"], momentum=0.0)
     saved = load_model(_saved(tmp_path, no_momentum))
@@ -209,7 +219,7 @@ def test_what_a_model_file_does_not_hold_stops_a_resume(tmp_path: Path) -> None:
     saved = load_model(_saved(tmp_path, replace(base, algorithm="csl")))
     given_state = replace(saved, strategy_state={"optimizer.0.momentum_buffer": torch.zeros(2)})
     with pytest.raises(
-        ConfigError, match=r"the strategy cannot carry on from the file's state: ParallelStrategy carries no state"
+        ConfigError, match=r"the strategy cannot carry on from the file's state: ParallelStrategy carries only clients'"
     ):
         check_resumable(Experiment(resumed_config(saved, {})), given_state)
     other = Experiment(replace(base, algorithm="csl", model="resnet20", cut="1").validate())

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
-from splitflower._optimizer_state import optimizer_record, optimizer_tensors
+from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.errors import ConfigError
 from splitflower.experiment import summarise_round
@@ -101,7 +101,7 @@ def good_reply(node: int, message: Message) -> RecordDict:
         }
     )
     if message.content.config_records[RecordKey.CONFIG].get(ConfigKey.HAND_OVER_OPTIMIZER):
-        content[RecordKey.OPTIMIZER] = optimizer_record({"from": torch.tensor(node)})
+        content[RecordKey.OPTIMIZER] = tensor_record({"from": torch.tensor(node)})
     return content
 
 
@@ -159,7 +159,7 @@ def test_sequential_hands_on_past_a_reply_without_the_optimizer_state(
         result, grid = run(SequentialStrategy(hand_over_optimizer=True), script, service)
     third = grid.received[3][0].content
     torch.testing.assert_close(third.array_records[RecordKey.ARRAYS].to_torch_state_dict()["w"], torch.ones(2))
-    handed = optimizer_tensors(third.config_records[RecordKey.OPTIMIZER])
+    handed = record_tensors(third.config_records[RecordKey.OPTIMIZER], "handed")
     assert handed["from"].item() == 1, "client 1's state skips the left-out reply"
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
     expected = f"left out client 2's reply: hand_over_optimizer expects a ConfigRecord named {RecordKey.OPTIMIZER!r}"
@@ -326,3 +326,56 @@ def test_a_reply_whose_optimizer_state_is_no_tensor_frame_is_left_out() -> None:
     )
     reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
     assert "the handed-on optimizer state is not a valid tensor frame" in str(strategy.reply_problem(reply))
+
+
+def _reply_with_own_state(node: int, message: Message) -> RecordDict:
+    """A good reply whose client keeps state of its own: what it was given back plus 1, else the node id."""
+    content = good_reply(node, message)
+    given = message.content.config_records.get(RecordKey.LOCAL_STATE)
+    state = record_tensors(given, "given")["n"] + 1 if given is not None else torch.tensor(float(node))
+    content[RecordKey.LOCAL_STATE] = tensor_record({"n": state})
+    return content
+
+
+def test_clients_own_states_are_carried_and_given_back_once_after_a_resume(service: SplitService) -> None:
+    identities: dict[int, int | str | Error | None] = {1: 0, 2: 1, 3: "c"}
+    saved, _ = run(ParallelStrategy(), _reply_with_own_state, service, identities, rounds=2)
+    assert saved.strategy_state is not None
+    assert {name: float(t) for name, t in saved.strategy_state.items()} == {
+        "client:0:n": 1.0,
+        "client:1:n": 2.0,
+        'client:"c":n': 3.0,
+    }
+    resumed = ParallelStrategy()
+    resumed.load_carried_state({**saved.strategy_state, "client:7:n": torch.tensor(70.0)})  # 7: not connected now
+    # Other node ids this time: the state goes by client id.
+    result, grid = run(resumed, _reply_with_own_state, service, {3: 0, 1: 1, 2: "c"}, rounds=2)
+    given = {
+        node: [m.content.config_records.get(RecordKey.LOCAL_STATE) for m in sent]
+        for node, sent in grid.received.items()
+    }
+    assert {node: [record is not None for record in records] for node, records in given.items()} == {
+        node: [True, False] for node in NODES
+    }, "given back in the first round only: the reply then holds the newer state"
+    assert float(record_tensors(given[3][0], "given")["n"]) == 1.0, "client 0's own, now on node 3"
+    # The second round's replies (the script's node ids: nothing given) are what a file would hold now.
+    assert {name: float(t) for name, t in (result.strategy_state or {}).items()} == {
+        "client:0:n": 3.0,
+        "client:1:n": 1.0,
+        'client:"c":n': 2.0,
+        "client:7:n": 70.0,
+    }
+
+
+def test_a_reply_whose_own_state_is_no_tensor_frame_is_left_out() -> None:
+    content = RecordDict(
+        {
+            RecordKey.ARRAYS: ArrayRecord({"segment.w": torch.ones(1)}),
+            RecordKey.METRICS: MetricRecord({RecordKey.NUM_EXAMPLES: 8}),
+            RecordKey.LOCAL_STATE: ConfigRecord({RecordKey.VALUE: "text"}),
+        }
+    )
+    reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    assert "a reply's own state ('sf-local-state') must be a ConfigRecord holding a tensor frame" in str(
+        ParallelStrategy().reply_problem(reply)
+    )

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import ThreadBackend
 from splitflower.experiment import ExperimentConfig, run_experiment
+from splitflower.scheduling import ImmediateScheduler
+from splitflower.server_model import ServerModel
 from splitflower.strategy import SplitResult
+from splitflower.wire import ConfigKey
 
 
 def _train(config: ExperimentConfig) -> tuple[SplitResult, dict[str, object]]:
@@ -36,3 +40,36 @@ def test_the_same_seed_gives_the_same_weights(algorithm: str, strategy: str, mon
             getattr(first, part).to_torch_state_dict(), getattr(second, part).to_torch_state_dict(), rtol=0, atol=0
         )
     assert first_results["final"] == second_results["final"]
+
+
+class _Noisy(ServerModel):
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand(x.shape)  # the global RNG, as dropout and torch.distributions draw
+
+
+def _draws(model: _Noisy, config: dict[str, int], calls: int = 3) -> list[torch.Tensor]:
+    model.configure_fit(None, config)
+    scheduler = ImmediateScheduler(model)
+    drawn = []
+    for _ in range(calls):
+        torch.rand(7)  # the process draws between calls (a client of this process, say)
+        drawn.append(scheduler.run("client-0", "noise", {"x": torch.zeros(4)}).value)
+    return drawn
+
+
+def test_a_server_model_draws_its_own_seeded_stream_each_round_and_leaves_the_process_s_alone() -> None:
+    round_2 = {ConfigKey.SEED: 3, ConfigKey.SERVER_ROUND: 2, ConfigKey.SERVER_MODEL_INDEX: 0}
+    first = _draws(_Noisy(nn.Identity()), round_2)
+    torch.manual_seed(12345)  # what the process's RNG holds does not matter
+    again = _draws(_Noisy(nn.Identity()), round_2)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(first[0], first[1]), "one stream through the round, not reseeded per call"
+    for other in ({ConfigKey.SERVER_ROUND: 3}, {ConfigKey.SERVER_MODEL_INDEX: 1}, {ConfigKey.SEED: 4}):
+        assert not torch.equal(_draws(_Noisy(nn.Identity()), {**round_2, **other})[0], first[0]), other
+    torch.manual_seed(0)
+    expected = torch.rand(5)
+    torch.manual_seed(0)
+    model = _Noisy(nn.Identity())
+    model.configure_fit(None, round_2)
+    ImmediateScheduler(model).run("client-0", "noise", {"x": torch.zeros(4)})
+    torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)

@@ -379,12 +379,19 @@ def test_the_sequential_strategy_carries_its_optimizer_state_and_refuses_what_it
     handing.load_carried_state(state)
     torch.testing.assert_close(handing.carried_state(), state)
     refusals = {
-        "names optimizer.*, and only with hand_over_optimizer=True; it is False), got ['optimizer.0": (
+        "(names optimizer.*) only with hand_over_optimizer=True, and it is False; got ['0.momentum_buffer'": (
             SequentialStrategy(),
             state,
         ),
-        "got ['momentum']": (SequentialStrategy(hand_over_optimizer=True), {"momentum": torch.ones(1)}),
-        "ParallelStrategy carries no state between rounds": (ParallelStrategy(), state),
+        "given ['momentum']": (SequentialStrategy(hand_over_optimizer=True), {"momentum": torch.ones(1)}),
+        "ParallelStrategy carries only clients' own states (client:*) between rounds, but was given ['optimizer.0": (
+            ParallelStrategy(),
+            state,
+        ),
+        "named client:<client id as JSON>:<tensor name>, got 'client:[3]:w'": (
+            ParallelStrategy(),
+            {"client:[3]:w": torch.ones(1)},
+        ),
     }
     for message, (strategy, given) in refusals.items():
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from conftest import REPO_ROOT
 from splitflower import cli
-from splitflower._optimizer_state import optimizer_record
+from splitflower._tensor_record import tensor_record
 from splitflower._threads import StickyExecutor
 from splitflower.app import (
     _handed_optimizer_state,
@@ -165,7 +165,7 @@ def test_strategy_call_timeout_reaches_the_clients_proxy() -> None:
 
 def test_handed_optimizer_state_round_trips_and_bad_records_are_refused() -> None:
     state = {"0.momentum_buffer": torch.arange(6.0).view(2, 3), "1.step": torch.tensor(4.0)}
-    handed = _handed_optimizer_state(RecordDict({RecordKey.OPTIMIZER: optimizer_record(state)}))
+    handed = _handed_optimizer_state(RecordDict({RecordKey.OPTIMIZER: tensor_record(state)}))
     torch.testing.assert_close(handed, state)
     assert _handed_optimizer_state(RecordDict({})) == {}
     bad: dict[str, ArrayRecord | ConfigRecord] = {
