@@ -198,8 +198,9 @@ class BatchingScheduler(Scheduler):
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
         self._rank: dict[Hashable, int] = {}
-        self.flushes = 0
-        self.timeout_flushes = 0
+        self.flushes = 0  # batched calls run
+        self.timeout_flushes = 0  # of them, by the flush timeout rather than every client's request
+        self.batched_requests = 0  # client requests they served
 
     def set_clients(self, clients: Collection[Hashable]) -> None:
         with self._cond:
@@ -273,6 +274,7 @@ class BatchingScheduler(Scheduler):
             if not slots:
                 return
             self.flushes += 1
+            self.batched_requests += len(slots)
             sizes = [s.rows for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
             ends = list(itertools.accumulate(sizes))

@@ -601,6 +601,31 @@ def _repeated_clients(client_ids: Mapping[int, int | str], what: str) -> ConfigE
     )
 
 
+def _batching(plan: RoundPlan, index: int) -> dict[str, Any]:
+    """How a batching scheduler's round went (nothing for one that does not batch); warns when
+    calls ran on the flush timeout, without a request of every client still training."""
+    scheduler = plan.schedulers[index]
+    if not isinstance(scheduler, BatchingScheduler):
+        return {}
+    if scheduler.timeout_flushes:
+        logger.warning(
+            "[server] round %d: server model %d: %d of %d batched calls ran on the flush timeout (%g s) without "
+            "every client's request: a client was slower than that; a longer flush timeout keeps batches whole",
+            plan.server_round,
+            index,
+            scheduler.timeout_flushes,
+            scheduler.flushes,
+            scheduler.flush_timeout,
+        )
+    return {
+        "batching": {
+            "calls": scheduler.flushes,
+            "requests": scheduler.batched_requests,
+            "timeout_flushes": scheduler.timeout_flushes,
+        }
+    }
+
+
 def _index(plan: RoundPlan, node: int) -> int:
     return plan.node_ids.index(node) if node in plan.node_ids else -1
 
@@ -644,6 +669,7 @@ def _round_record(
                 "num_examples": fit.num_examples,
                 "metrics": fit.metrics,
                 "memory": model.memory.summary("server"),
+                **_batching(plan, index),
             }
         )
     return {"round": plan.server_round, "seconds": seconds, "clients": clients, "server_models": servers}

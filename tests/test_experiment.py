@@ -430,6 +430,29 @@ def test_client_dying_mid_round_under_batching_still_finishes_the_round(client: 
     assert 0.0 <= round_one["test_accuracy"] <= 1.0
 
 
+class SecondIsSlow(CSLClient):
+    """A CSL client that, as client 1, takes longer over each batch than the flush timeout."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        if self.config.get(ConfigKey.CLIENT_INDEX) == 1:
+            time.sleep(0.25)
+        return super().train_step(x, y)
+
+
+def test_batched_rounds_say_how_whole_their_batches_were(caplog: pytest.LogCaptureFixture) -> None:
+    config = ExperimentConfig(
+        algorithm="csl", strategy="parallel", dataset="synthetic", clients=2, rounds=1, batching=True
+    )
+    whole = replace(config, flush_timeout=30.0, synthetic_size=512)  # 2 clients x 4 batches of 64
+    (batching,) = [server["batching"] for server in simulate(whole, CSLClient)[0]["server_models"]]
+    assert batching == {"calls": 4, "requests": 8, "timeout_flushes": 0}
+    assert "flush timeout" not in caplog.text
+    slow = replace(config, flush_timeout=0.05, synthetic_size=256)
+    (batching,) = [server["batching"] for server in simulate(slow, SecondIsSlow)[0]["server_models"]]
+    assert batching["timeout_flushes"] >= 1 and batching["requests"] == 4 < 2 * batching["calls"], batching
+    assert "batched calls ran on the flush timeout (0.05 s) without every client's request" in caplog.text
+
+
 class RepliesLate(CSLClient):
     """A CSL client that starts training only after the round's timeout if its index is
     ``late_index``."""
