@@ -102,7 +102,12 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="sequential strategy: hand the client optimizer's state (momentum) on with the segment",
     )
-    run.add_argument("--flush-timeout", type=float, default=0.05, help="seconds a batch waits at most")
+    run.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=1.0,  # ExperimentConfig.flush_timeout (this module does not import it)
+        help="seconds a batched request waits at most for the other clients'",
+    )
     run.add_argument(
         "--option",
         "-o",

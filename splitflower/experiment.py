@@ -61,6 +61,7 @@ from splitflower.errors import (
 )
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
+from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import SequentialStrategy, find_strategy
@@ -137,7 +138,7 @@ class ExperimentConfig:
     seed: int = 0
     partition: str = "iid"
     batching: bool = False
-    flush_timeout: float = 0.05
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients

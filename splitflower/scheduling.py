@@ -10,7 +10,11 @@ along dimension 0, runs the method once, and splits the results back. It flushes
 every active client has a request pending (whatever method each called), when a client
 finishing its round makes that so, or when the oldest pending request has waited
 ``flush_timeout`` seconds. It therefore cannot wait forever on a client that is slow,
-has fewer batches than the others, or has died.
+has fewer batches than the others, or has died. A client whose request a flush on the
+timeout went without is not waited for again until its next request comes, so a client
+that died without a word (a killed process, a lost device) costs the others one
+``flush_timeout``, not one per batch, and a timeout long enough to keep every batch whole
+costs little.
 """
 
 from __future__ import annotations
@@ -31,9 +35,21 @@ from splitflower.compute import ComputeThread, shared_compute_thread
 from splitflower.errors import AlgorithmError, ConfigError, InvalidArgumentsError, ServerModelTimeoutError
 from splitflower.server_model import CallContext, PerCaller, ServerModel, check_values, resolve_call
 
-__all__ = ["Scheduler", "ImmediateScheduler", "BatchingScheduler", "Outcome", "SchedulerFactory"]
+__all__ = [
+    "DEFAULT_FLUSH_TIMEOUT_S",
+    "Scheduler",
+    "ImmediateScheduler",
+    "BatchingScheduler",
+    "Outcome",
+    "SchedulerFactory",
+]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_TIMEOUT_S = 1.0
+"""How long a batched request waits at most for the other clients' (seconds). Long enough that
+clients training at different speeds still share every batch (a client that misses a flush is
+not waited for again till it sends, so a dead one costs this once)."""
 
 Wanted = Callable[[], bool] | None
 """Asked when a call's turn comes: False if its caller has given up (see Scheduler.run)."""
@@ -188,7 +204,11 @@ class BatchingScheduler(Scheduler):
     """
 
     def __init__(
-        self, model: ServerModel, *, flush_timeout: float = 0.05, compute: ComputeThread | None = None
+        self,
+        model: ServerModel,
+        *,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S,
+        compute: ComputeThread | None = None,
     ) -> None:
         super().__init__(model, compute=compute)
         if flush_timeout <= 0:
@@ -197,6 +217,7 @@ class BatchingScheduler(Scheduler):
         self._cond = threading.Condition()
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
+        self._missed: set[Hashable] = set()  # active, but missed a timed-out flush: not waited for till they send
         self._rank: dict[Hashable, int] = {}
         self.flushes = 0  # batched calls run
         self.timeout_flushes = 0  # of them, by the flush timeout rather than every client's request
@@ -205,6 +226,7 @@ class BatchingScheduler(Scheduler):
     def set_clients(self, clients: Collection[Hashable]) -> None:
         with self._cond:
             self._active = set(clients)
+            self._missed.clear()
             self._rank = {client: rank for rank, client in enumerate(clients)}
 
     def client_finished(self, client: Hashable) -> None:
@@ -223,6 +245,7 @@ class BatchingScheduler(Scheduler):
             return Outcome(error=err)
         slot = _Slot(client, tensors, time.perf_counter(), rows, still_wanted)
         with self._cond:
+            self._missed.discard(client)
             key = _signature(method, tensors)
             group = self._groups.get(key)
             if group is None:
@@ -236,7 +259,9 @@ class BatchingScheduler(Scheduler):
                 if remaining <= 0 and self._groups.get(key) is group:
                     del self._groups[key]
                     self.timeout_flushes += 1
-                    ready = [(key, group)]
+                    waiting = {s.client for g in (group, *self._groups.values()) for s in g.slots}
+                    self._missed |= self._active - waiting
+                    ready = [(key, group), *self._take_if_all_waiting()]
                     break
                 self._cond.wait(max(remaining, 0.001))
             else:
@@ -249,7 +274,7 @@ class BatchingScheduler(Scheduler):
 
     def _take_if_all_waiting(self) -> list[tuple[tuple[Hashable, ...], _Group]]:
         waiting = {s.client for g in self._groups.values() for s in g.slots}
-        if not waiting or not self._active <= waiting:
+        if not waiting or not self._active - self._missed <= waiting:
             return []
         groups = list(self._groups.items())
         self._groups.clear()

@@ -23,7 +23,7 @@ from splitflower._client_states import CLIENT_STATE_PREFIX, ClientStates
 from splitflower.compute import run_on_compute_thread
 from splitflower.errors import ConfigError, ExperimentFailedError, NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
-from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
+from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, BatchingScheduler, ImmediateScheduler, Scheduler
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
 from splitflower.wire import ConfigKey, RecordKey
@@ -145,7 +145,7 @@ class SplitStrategy(FedAvg):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         batching: bool = False,
-        flush_timeout: float = 0.05,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S,
         call_timeout: float | None = None,
         link: LinkSpec | None = None,
         node_wait_timeout: float = 300.0,

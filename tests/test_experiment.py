@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,13 @@ def test_cli_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> Non
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 3)", "(default: dsl)", "(default: fashion-mnist)", "(default: 0.01)", "(default: 64)"):
         assert shown in text, shown
+
+
+def test_cli_defaults_are_the_experiment_config_s() -> None:
+    # The CLI does not import ExperimentConfig (its supervisor imports neither torch nor Flower).
+    given, defaults = vars(build_parser().parse_args(["run"])), asdict(ExperimentConfig())
+    shared = given.keys() & defaults.keys()
+    assert len(shared) > 20 and {name: given[name] for name in shared} == {name: defaults[name] for name in shared}
 
 
 def test_the_console_script_finds_an_algorithm_in_the_folder_it_runs_in(tmp_path: Path) -> None:

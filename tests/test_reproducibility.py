@@ -2,8 +2,10 @@
 in each run, and clients are ordered, batched and averaged by their partition instead.
 
 Strategies that serve one client at a time, or give each client its own server model, are
-exact; where clients share a server model at once (parallel, batched), it steps in the order
-their requests arrive, which differs between runs, as it does in deployment.
+exact; so is batching, while every batched call holds a request of each client (none ran on
+the flush timeout), since it concatenates them in the clients' order. Where clients share a
+server model one request at a time (parallel), it steps in the order their requests arrive,
+which differs between runs, as it does in deployment.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def _train(config: ExperimentConfig) -> tuple[SplitResult, dict[str, object]]:
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "strategy"), [("csl", "sequential"), ("csl", "splitfed-v1"), ("dsl", "splitfed-v2")]
+    ("algorithm", "strategy"),
+    # LocFedMix-SL as the paper runs it: mixup (the server model's draws), decoders, averaging every round.
+    [("csl", "sequential"), ("csl", "splitfed-v1"), ("dsl", "splitfed-v2"), ("locfedmix", "batched")],
 )
 def test_the_same_seed_gives_the_same_weights(algorithm: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
@@ -35,6 +39,10 @@ def test_the_same_seed_gives_the_same_weights(algorithm: str, strategy: str, mon
         algorithm=algorithm, strategy=strategy, dataset="synthetic", clients=4, rounds=2, train_size=384, test_size=128
     )
     (first, first_results), (second, second_results) = _train(config), _train(config)
+    servers = [s for run in (first, second) for r in run.rounds.values() for s in r["server_models"]]
+    batched = [s["batching"] for s in servers if "batching" in s]
+    assert len(batched) == (4 if strategy == "batched" else 0)
+    assert all(b["requests"] == 4 * b["calls"] > 0 for b in batched), f"every batch whole: {batched}"
     for part in ("arrays", "server_arrays"):
         torch.testing.assert_close(
             getattr(first, part).to_torch_state_dict(), getattr(second, part).to_torch_state_dict(), rtol=0, atol=0

@@ -125,8 +125,29 @@ def test_client_that_dies_mid_round_does_not_block_the_others(service: SplitServ
 
     elapsed = _run_clients([dead, alive], limit=30)
     assert elapsed < 10
-    assert scheduler.timeout_flushes >= 1
+    assert scheduler.timeout_flushes == 1, "once it missed a flush, the dead client is not waited for again"
     service.close_session(dead_token)  # what the strategy does when the client's reply fails
+
+
+def test_a_client_that_missed_a_flush_is_waited_for_again_once_it_sends(service: SplitService) -> None:
+    model = Counter()
+    scheduler = BatchingScheduler(model, flush_timeout=0.2)
+    scheduler.set_clients(["steady", "stalls"])
+
+    def client(name: str) -> Callable[[], None]:
+        def run() -> None:
+            proxy = connect(service, scheduler, client=name)
+            for step in range(8 if name == "stalls" else 24):  # steady goes on after the stall
+                time.sleep(0.6 if name == "stalls" and step == 1 else 0.05)
+                proxy.double(x=torch.ones(3))
+            proxy.close()
+
+        return run
+
+    _run_clients([client("steady"), client("stalls")], limit=30)
+    assert scheduler.timeout_flushes == 1
+    whole = [size for _, size in model.batches].count(6)
+    assert whole >= 2, f"after the stall, batches held both clients again: {model.batches}"
 
 
 def test_arguments_that_cannot_be_batched_are_refused_and_the_batch_still_runs(service: SplitService) -> None:
