@@ -5,30 +5,57 @@ and a run resumed from that file gives each client its own back."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.errors import ConfigError
 from splitflower.wire import RecordKey
 
-__all__ = ["CLIENT_STATE_PREFIX", "ClientStates"]
+__all__ = ["CLIENT_STATE_PREFIX", "ClientStates", "own_state_record"]
+
+logger = logging.getLogger(__name__)
 
 CLIENT_STATE_PREFIX = "client:"
-"""A carried state's names: ``client:<client id as JSON>:<tensor name>`` (tensor names hold no ':')."""
+"""A carried state's names: ``client:<client id as JSON>:<tensor name>``."""
 
 ClientId = int | str
+_REPLY_STATE = f"a reply's own state ({RecordKey.LOCAL_STATE!r})"
 
 
-def _what(client_id: object) -> str:
-    return f"client {client_id!r}'s own state ({RecordKey.LOCAL_STATE!r})"
+def own_state_record(state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> ConfigRecord:
+    """A client's own state for its reply: the tensors equal to the reply's ``weights`` of the
+    same name go by name only (:data:`RecordKey.SAME_AS_WEIGHTS`)."""
+    same = [name for name, tensor in state.items() if name in weights and torch.equal(tensor, weights[name])]
+    record = tensor_record({name: tensor for name, tensor in state.items() if name not in same})
+    if same:
+        record[RecordKey.SAME_AS_WEIGHTS] = same
+    return record
+
+
+def _reply_state(reply: Message) -> dict[str, torch.Tensor] | None:
+    """The whole own state a reply carries (None: none); :class:`ConfigError` if malformed."""
+    record = reply.content.config_records.get(RecordKey.LOCAL_STATE)
+    if record is None:
+        return None
+    state = record_tensors(record, _REPLY_STATE)
+    same = record.get(RecordKey.SAME_AS_WEIGHTS, [])
+    arrays = next(iter(reply.content.array_records.values()), ArrayRecord())
+    if not isinstance(same, list) or not all(isinstance(name, str) and name in arrays for name in same):
+        raise ConfigError(
+            f"{_REPLY_STATE}'s {RecordKey.SAME_AS_WEIGHTS!r} must list names of the reply's weights "
+            f"{sorted(arrays)[:8]}, got {same!r}"
+        )
+    weights = arrays.to_torch_state_dict() if same else {}
+    return {**state, **{str(name): weights[str(name)] for name in same}}
 
 
 class ClientStates:
     """The last own state each client replied with, by client id; after :meth:`load`, each
-    client is given its state back in its next message until it replies with a newer one.
+    client is given its state back in its next message until a reply of its is accepted.
 
     Example
     -------
@@ -41,25 +68,29 @@ class ClientStates:
     def __init__(self) -> None:
         self._records: dict[ClientId, ConfigRecord] = {}
         self._undelivered: set[ClientId] = set()
+        self._warned_anonymous = False
 
     @staticmethod
     def problem(reply: Message) -> str | None:
         """What is wrong with the own state a reply carries, or None (also when it carries none)."""
-        record = reply.content.config_records.get(RecordKey.LOCAL_STATE)
-        if record is None:
-            return None
         try:
-            record_tensors(record, f"a reply's own state ({RecordKey.LOCAL_STATE!r})")
+            _reply_state(reply)
         except ConfigError as err:
             return str(err)
         return None
 
     def keep(self, client_id: ClientId | None, reply: Message) -> None:
-        """Keep the own state of an accepted reply (a client without an id cannot be given it back)."""
-        record = reply.content.config_records.get(RecordKey.LOCAL_STATE)
-        if record is not None and client_id is not None:
-            self._records[client_id] = record
-            self._undelivered.discard(client_id)
+        """Keep the own state of an accepted reply; the client's context holds it now, so a
+        loaded state is not given again."""
+        state = _reply_state(reply)
+        if client_id is None:
+            if state and not self._warned_anonymous:
+                self._warned_anonymous = True
+                logger.warning("[server] a client without a client_id keeps state of its own: no file can hold it")
+            return
+        self._undelivered.discard(client_id)
+        if state is not None:
+            self._records[client_id] = tensor_record(state)
 
     def to_deliver(self, client_id: ClientId | None) -> ConfigRecord | None:
         """The state to put in this client's message: one loaded that it has not replied past."""
@@ -70,7 +101,7 @@ class ClientStates:
         return {
             f"{CLIENT_STATE_PREFIX}{json.dumps(client_id)}:{name}": tensor
             for client_id, record in self._records.items()
-            for name, tensor in record_tensors(record, _what(client_id)).items()
+            for name, tensor in record_tensors(record, f"client {client_id!r}'s own state").items()
         }
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -84,14 +115,16 @@ class ClientStates:
 
 
 def _parse(key: str) -> tuple[ClientId, str]:
-    encoded, _, name = key.removeprefix(CLIENT_STATE_PREFIX).rpartition(":")
-    try:
-        client_id = json.loads(encoded)
-    except ValueError:
-        client_id = None
-    if not key.startswith(CLIENT_STATE_PREFIX) or not name or isinstance(client_id, bool):
-        client_id = None
-    if not isinstance(client_id, int | str):
+    client_id: object = None
+    name = ""
+    if key.startswith(CLIENT_STATE_PREFIX):
+        rest = key.removeprefix(CLIENT_STATE_PREFIX)
+        try:
+            client_id, end = json.JSONDecoder().raw_decode(rest)
+            name = rest[end + 1 :] if rest[end : end + 1] == ":" else ""
+        except ValueError:
+            pass
+    if isinstance(client_id, bool) or not isinstance(client_id, int | str) or not name:
         raise ConfigError(
             f"a client's carried state is named {CLIENT_STATE_PREFIX}<client id as JSON>:<tensor name>, got {key!r}"
         )

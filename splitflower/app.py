@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from splitflower._checks import positive_seconds
+from splitflower._client_states import own_state_record
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
@@ -311,7 +312,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         )
         _add_client_id(content, instance.client_id)
         if local:  # the strategy keeps it, so that a model file holds it
-            content[RecordKey.LOCAL_STATE] = tensor_record(local)
+            content[RecordKey.LOCAL_STATE] = own_state_record(local, fit.weights)
         if config.get(ConfigKey.HAND_OVER_OPTIMIZER):
             content[RecordKey.OPTIMIZER] = tensor_record(instance.optimizer_state())
         return Message(content=content, reply_to=msg)

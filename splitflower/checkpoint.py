@@ -39,7 +39,14 @@ from torch import nn
 
 from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
-from splitflower.experiment import ROUND_ENTRY_KEYS, Experiment, ExperimentConfig, summarise_rounds, write_atomically
+from splitflower.experiment import (
+    ROUND_ENTRY_KEYS,
+    Experiment,
+    ExperimentConfig,
+    inert_fields,
+    summarise_rounds,
+    write_atomically,
+)
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -263,12 +270,14 @@ def _name(saved: SavedModel) -> str:
 
 
 def _refused_changes(saved_config: ExperimentConfig, values: Mapping[str, Any]) -> str:
-    """The fields of ``values`` outside :data:`RESUMABLE_CHANGES` that differ from
-    ``saved_config``'s, said with what to do ("" if none)."""
+    """The fields of ``values`` outside :data:`RESUMABLE_CHANGES` (and the saved run's
+    :func:`~splitflower.experiment.inert_fields`) that differ from ``saved_config``'s, said
+    with what to do ("" if none)."""
+    free = {*RESUMABLE_CHANGES, *inert_fields(saved_config)}
     refused = [
         f"{name} {value!r} (saved with {getattr(saved_config, name)!r})"
         for name, value in values.items()
-        if name not in RESUMABLE_CHANGES and value != getattr(saved_config, name)
+        if name not in free and value != getattr(saved_config, name)
     ]
     if not refused:
         return ""

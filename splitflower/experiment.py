@@ -77,6 +77,7 @@ _Out = TypeVar("_Out")
 
 __all__ = [
     "ROUND_ENTRY_KEYS",
+    "inert_fields",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "RESULTS_SCHEMA",
@@ -533,6 +534,20 @@ ROUND_ENTRY_KEYS: Final = (
 )
 """The keys of every results-file round entry (:func:`summarise_round`; central evaluation adds
 ``test_accuracy`` and ``test_loss``)."""
+
+
+def inert_fields(config: ExperimentConfig) -> frozenset[str]:
+    """Fields that change nothing a run under ``config`` computes or measures, left out where
+    configs are compared (resuming, a reproduce cell's files): ``flush_timeout`` when its
+    strategy batches no requests.
+
+    Example
+    -------
+    >>> inert_fields(ExperimentConfig(strategy="sequential")), inert_fields(ExperimentConfig(strategy="batched"))
+    (frozenset({'flush_timeout'}), frozenset())
+    """
+    batches = find_strategy(str(config.strategy))(batching=config.batching).batching
+    return frozenset() if batches else frozenset({"flush_timeout"})
 
 
 def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:

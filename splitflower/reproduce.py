@@ -53,6 +53,7 @@ from splitflower.errors import (
 )
 from splitflower.experiment import (
     ExperimentConfig,
+    inert_fields,
     results_document,
     run_experiment_owning_the_process,
     source_commit,
@@ -204,7 +205,8 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
     wanted = json.loads(json.dumps(asdict(config)))
     defaults = json.loads(json.dumps(asdict(ExperimentConfig())))
     stored = existing.get("config") or {}
-    differing = sorted(k for k, v in wanted.items() if stored.get(k, defaults[k]) != v)
+    inert = inert_fields(config)
+    differing = sorted(k for k, v in wanted.items() if k not in inert and stored.get(k, defaults[k]) != v)
     if differing:
         raise ConfigError(
             f"{path} holds results of a different configuration (differs in {differing}); "
@@ -253,7 +255,8 @@ def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
         return None
     saved = load_model(path)
     # Every field but the rounds: a cell's results must come from one setting (link, test size, ...).
-    if saved.rounds > config.rounds or replace(saved.experiment_config(), rounds=config.rounds).validate() != config:
+    as_now = {name: getattr(config, name) for name in ("rounds", *inert_fields(config))}
+    if saved.rounds > config.rounds or replace(saved.experiment_config(), **as_now).validate() != config:
         raise ConfigError(
             f"{path} holds the weights of a different configuration (after round {saved.rounds}); "
             "choose another --out directory or delete the file"

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,9 +124,9 @@ class Scheduler(ABC):
             tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         start = time.perf_counter()
         # The received tensors live while the method runs: count them as in flight.
-        self.model._begin_call(context)
         error: BaseException | None = None
         try:
+            self.model._begin_call(context)
             with self.model.memory.track(holding=payload_bytes(tensors)):
                 value = bound(**tensors)
                 if device.type == "cuda":
@@ -182,6 +183,7 @@ class _Slot:
 class _Group:
     deadline: float
     slots: list[_Slot] = field(default_factory=list)
+    timed_out: bool = False  # flushed on the flush timeout rather than by every client's request
 
 
 def _signature(method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Hashable, ...]:
@@ -218,6 +220,7 @@ class BatchingScheduler(Scheduler):
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
         self._missed: set[Hashable] = set()  # active, but missed a timed-out flush: not waited for till they send
+        self._in_flight: Counter[Hashable] = Counter()  # requests taken into a batch, not yet answered, by client
         self._rank: dict[Hashable, int] = {}
         self.flushes = 0  # batched calls run
         self.timeout_flushes = 0  # of them, by the flush timeout rather than every client's request
@@ -258,9 +261,10 @@ class BatchingScheduler(Scheduler):
                 remaining = group.deadline - time.perf_counter()
                 if remaining <= 0 and self._groups.get(key) is group:
                     del self._groups[key]
-                    self.timeout_flushes += 1
+                    group.timed_out = True
+                    self._in_flight.update(s.client for s in group.slots)
                     waiting = {s.client for g in (group, *self._groups.values()) for s in g.slots}
-                    self._missed |= self._active - waiting
+                    self._missed |= self._active - waiting - self._in_flight.keys()
                     ready = [(key, group), *self._take_if_all_waiting()]
                     break
                 self._cond.wait(max(remaining, 0.001))
@@ -278,20 +282,21 @@ class BatchingScheduler(Scheduler):
             return []
         groups = list(self._groups.items())
         self._groups.clear()
+        self._in_flight.update(s.client for _, g in groups for s in g.slots)
         return groups
 
     def _run_groups(self, groups: list[tuple[tuple[Hashable, ...], _Group]]) -> None:
         for key, group in groups:
-            self._flush(str(key[0]), group.slots)
+            self._flush(str(key[0]), group.slots, group.timed_out)
 
-    def _flush(self, method: str, slots: list[_Slot]) -> None:
+    def _flush(self, method: str, slots: list[_Slot], timed_out: bool) -> None:
         # Concatenate in the strategy's client order, not arrival order, so that a batched
         # computation is reproducible.
         slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
         started = time.perf_counter()
-        self.compute.run(self._run_batch, method, slots, started)
+        self.compute.run(self._run_batch, method, slots, started, timed_out)
 
-    def _run_batch(self, method: str, slots: list[_Slot], started: float) -> None:
+    def _run_batch(self, method: str, slots: list[_Slot], started: float, timed_out: bool) -> None:
         """On the compute thread: leave out the callers gone or refused, run the rest as one."""
         outcomes: list[Outcome] = []
         try:
@@ -299,6 +304,7 @@ class BatchingScheduler(Scheduler):
             if not slots:
                 return
             self.flushes += 1
+            self.timeout_flushes += timed_out
             self.batched_requests += len(slots)
             sizes = [s.rows for s in slots]
             merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
@@ -333,6 +339,8 @@ class BatchingScheduler(Scheduler):
             for slot, outcome in zip(slots, outcomes, strict=True):
                 outcome.queue_wait_s = started - slot.arrived
                 slot.outcome = outcome
+            self._in_flight.subtract(s.client for s in slots)
+            self._in_flight = +self._in_flight  # drop the clients with none left
             self._cond.notify_all()
 
 

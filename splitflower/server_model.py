@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -324,8 +325,10 @@ class ServerModel:
     draw from) is the model's own stream, seeded by each ``configure_fit`` from the run's seed,
     the round and the model's index among the round's server models: a run with the same seed
     draws the same numbers again, resumed or not, whatever the clients or the process draw
-    between calls (clients that run as threads of this process and draw from the global RNG
-    during a call are the exception). Outside calls the process's RNG is left as it was.
+    between calls. Exceptions: clients that run as threads of this process and draw from the
+    global RNG during a call; and calls of server models on compute threads of their own that
+    overlap (the RNG is process-wide: the later one draws from the process's RNG; logged once).
+    Outside calls the process's RNG is left as it was.
 
     Example
     -------
@@ -412,9 +415,13 @@ class ServerModel:
     def _begin_call(self, context: CallContext) -> None:
         """Called by the scheduler before each call, on the thread that runs it."""
         self._call_context = context
-        if self._draws is not None:
-            self._outer_draws = _rng_states(self.device)
-            _set_rng_states(self.device, self._draws)
+        if self._draws is None:
+            return
+        if not _GLOBAL_RNG_LENT.acquire(blocking=False):  # the RNG is process-wide: one stream at a time
+            _warn_once_unseeded(self.log_prefix)
+            return
+        self._outer_draws = _rng_states(self.device)
+        _set_rng_states(self.device, self._draws)
 
     def _end_call(self, error: BaseException | None) -> None:
         """Called by the scheduler after each call: a call that refused its input gives back
@@ -423,6 +430,7 @@ class ServerModel:
             self._draws = _rng_states(self.device)
             _set_rng_states(self.device, self._outer_draws)
             self._outer_draws = None
+            _GLOBAL_RNG_LENT.release()
         if isinstance(error, InvalidArgumentsError):
             for caller, values in self._taken.items():
                 self._kept.setdefault(caller, values)
@@ -495,6 +503,20 @@ class ServerModel:
 
 
 _RngStates = tuple[torch.Tensor, torch.Tensor | None]  # the CPU generator's state, the CUDA device's
+_GLOBAL_RNG_LENT = threading.Lock()  # held by the call whose model's stream the global RNG holds
+_unseeded_warned: set[str] = set()
+
+
+def _warn_once_unseeded(log_prefix: str) -> None:
+    """Two calls overlap (server models on compute threads of their own): the second draws from
+    the process's RNG, so its draws do not repeat."""
+    if log_prefix not in _unseeded_warned:
+        _unseeded_warned.add(log_prefix)
+        logger.warning(
+            "%s a call ran while another server model's call held the global RNG (compute threads of their own); "
+            "its draws come from the process's RNG and do not repeat with the seed",
+            log_prefix,
+        )
 
 
 def _round_seed(config: Mapping[str, Any]) -> int:

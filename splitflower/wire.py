@@ -110,6 +110,9 @@ class RecordKey:
     # A reply's Client.local_state, kept by the strategy for a model file; a resumed run's first
     # message to the client gives it back (a ConfigRecord holding a tensor frame under VALUE).
     LOCAL_STATE: Final = "sf-local-state"
+    # In a reply's LOCAL_STATE: the names whose tensors are the reply's weights of that name,
+    # left out of the frame (a state that is the client's weights is not sent twice).
+    SAME_AS_WEIGHTS: Final = "same-as-weights"
     # A query message holding a ConfigRecord under this key asks a node which client it is:
     # the reply carries CLIENT_ID (nothing if the client has no client_id).
     IDENTIFY: Final = "sf-identify"

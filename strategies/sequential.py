@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.errors import ConfigError
 from splitflower.strategy import RoundPlan, SplitStrategy
@@ -89,6 +90,13 @@ class SequentialStrategy(SplitStrategy):
 
     def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
         optimizer = {name.removeprefix(_OPTIMIZER): t for name, t in state.items() if name.startswith(_OPTIMIZER)}
+        unknown = sorted(name for name in state if not name.startswith((_OPTIMIZER, CLIENT_STATE_PREFIX)))
+        if unknown:
+            raise ConfigError(
+                f"{type(self).__name__} carries the optimizer state it hands on ({_OPTIMIZER}*) and clients' own "
+                f"states ({CLIENT_STATE_PREFIX}*) between rounds, but was given {unknown[:5]}; resume with the "
+                "strategy the state was saved from"
+            )
         if optimizer and not self.hand_over_optimizer:
             raise ConfigError(
                 f"{type(self).__name__} carries the optimizer state it hands on (names {_OPTIMIZER}*) only with "

@@ -119,8 +119,9 @@ SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "38
         ("csl", "sequential", ""),
         ("dsl", "splitfed-v1", ""),
         ("csl", "sequential", "--hand-over-optimizer"),
-        # Clients that are never averaged (sync_every 0), decoders and all: each gets its own back.
-        ("locfedmix", "sequential", "--option combo=5"),
+        # Mixup (the server model's draws), and clients that are never averaged (sync_every 0),
+        # decoders and all: each gets its own back.
+        ("locfedmix", "batched", "--option combo=5"),
     ],
 )
 def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_through(
@@ -240,6 +241,11 @@ def test_resuming_through_the_api_checks_the_config_and_the_rounds_too(tmp_path:
     with pytest.raises(ConfigError, match=r"cannot resume with \['learning_rate'\]: not ExperimentConfig fields"):
         resumed_config(saved, {"learning_rate": 0.1})
     assert resumed_config(saved, {"rounds": 5, "options": []}).rounds == 5, "a list of options is the same as a tuple"
+    # The flush timeout changes nothing where no request is batched (files saved with the older 0.05 s resume).
+    assert resumed_config(saved, {"rounds": 4, "flush_timeout": 0.05}).flush_timeout == 0.05
+    batched = load_model(_saved(tmp_path, replace(base, batching=True), rounds=3))
+    with pytest.raises(ConfigError, match=r"flush_timeout 0.05 \(saved with 1.0\)"):
+        resumed_config(batched, {"rounds": 4, "flush_timeout": 0.05})
     torch.save(
         {"schema": "splitflower.model/1", "config": {}, "rounds": -1, "client": {}, "server": {}}, tmp_path / "n.pt"
     )

@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
+from splitflower._client_states import own_state_record
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.errors import ConfigError
@@ -329,11 +330,14 @@ def test_a_reply_whose_optimizer_state_is_no_tensor_frame_is_left_out() -> None:
 
 
 def _reply_with_own_state(node: int, message: Message) -> RecordDict:
-    """A good reply whose client keeps state of its own: what it was given back plus 1, else the node id."""
+    """A good reply whose client keeps state of its own: its weights ("w", sent once), and "n":
+    what it was given back plus 1, else the node id."""
     content = good_reply(node, message)
     given = message.content.config_records.get(RecordKey.LOCAL_STATE)
     state = record_tensors(given, "given")["n"] + 1 if given is not None else torch.tensor(float(node))
-    content[RecordKey.LOCAL_STATE] = tensor_record({"n": state})
+    weights = content[RecordKey.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+    content[RecordKey.LOCAL_STATE] = own_state_record({"n": state, "w": weights["w"]}, weights)
+    assert sorted(record_tensors(content[RecordKey.LOCAL_STATE], "sent")) == ["n"], "w goes by name only"
     return content
 
 
@@ -341,11 +345,9 @@ def test_clients_own_states_are_carried_and_given_back_once_after_a_resume(servi
     identities: dict[int, int | str | Error | None] = {1: 0, 2: 1, 3: "c"}
     saved, _ = run(ParallelStrategy(), _reply_with_own_state, service, identities, rounds=2)
     assert saved.strategy_state is not None
-    assert {name: float(t) for name, t in saved.strategy_state.items()} == {
-        "client:0:n": 1.0,
-        "client:1:n": 2.0,
-        'client:"c":n': 3.0,
-    }
+    own = {name: float(t) for name, t in saved.strategy_state.items() if name.endswith(":n")}
+    assert own == {"client:0:n": 1.0, "client:1:n": 2.0, 'client:"c":n': 3.0}
+    torch.testing.assert_close(saved.strategy_state['client:"c":w'], torch.full((2,), 3.0))  # node 3's weights
     resumed = ParallelStrategy()
     resumed.load_carried_state({**saved.strategy_state, "client:7:n": torch.tensor(70.0)})  # 7: not connected now
     # Other node ids this time: the state goes by client id.
@@ -359,7 +361,7 @@ def test_clients_own_states_are_carried_and_given_back_once_after_a_resume(servi
     }, "given back in the first round only: the reply then holds the newer state"
     assert float(record_tensors(given[3][0], "given")["n"]) == 1.0, "client 0's own, now on node 3"
     # The second round's replies (the script's node ids: nothing given) are what a file would hold now.
-    assert {name: float(t) for name, t in (result.strategy_state or {}).items()} == {
+    assert {name: float(t) for name, t in (result.strategy_state or {}).items() if name.endswith(":n")} == {
         "client:0:n": 3.0,
         "client:1:n": 1.0,
         'client:"c":n': 2.0,
@@ -379,3 +381,18 @@ def test_a_reply_whose_own_state_is_no_tensor_frame_is_left_out() -> None:
     assert "a reply's own state ('sf-local-state') must be a ConfigRecord holding a tensor frame" in str(
         ParallelStrategy().reply_problem(reply)
     )
+    wrong = own_state_record({}, {})
+    wrong[RecordKey.SAME_AS_WEIGHTS] = ["segment.w", "nope"]
+    content[RecordKey.LOCAL_STATE] = wrong
+    assert "'same-as-weights' must list names of the reply's weights ['segment.w'], got ['segment.w', 'nope']" in str(
+        ParallelStrategy().reply_problem(reply)
+    )
+
+
+def test_a_loaded_state_is_not_given_again_once_the_client_has_replied(service: SplitService) -> None:
+    # A client whose reply holds no state of its own (it keeps none now) trained from what it was given.
+    strategy = ParallelStrategy()
+    strategy.load_carried_state({"client:0:n": torch.tensor(1.0)})
+    _, grid = run(strategy, good_reply, service, {1: 0, 2: 1, 3: 2}, rounds=2)
+    given = [RecordKey.LOCAL_STATE in m.content.config_records for m in grid.received[1]]
+    assert given == [True, False]

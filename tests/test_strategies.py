@@ -383,7 +383,10 @@ def test_the_sequential_strategy_carries_its_optimizer_state_and_refuses_what_it
             SequentialStrategy(),
             state,
         ),
-        "given ['momentum']": (SequentialStrategy(hand_over_optimizer=True), {"momentum": torch.ones(1)}),
+        "(client:*) between rounds, but was given ['momentum']": (
+            SequentialStrategy(hand_over_optimizer=True),
+            {"momentum": torch.ones(1)},
+        ),
         "ParallelStrategy carries only clients' own states (client:*) between rounds, but was given ['optimizer.0": (
             ParallelStrategy(),
             state,
