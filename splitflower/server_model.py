@@ -326,9 +326,9 @@ class ServerModel:
     the round and the model's index among the round's server models: a run with the same seed
     draws the same numbers again, resumed or not, whatever the clients or the process draw
     between calls. Exceptions: clients that run as threads of this process and draw from the
-    global RNG during a call; and calls of server models on compute threads of their own that
-    overlap (the RNG is process-wide: the later one draws from the process's RNG; logged once).
-    Outside calls the process's RNG is left as it was.
+    global RNG during a call; and server models on compute threads of their own whose calls
+    overlap: the RNG is process-wide, so they share it and their draws do not repeat (logged
+    once). Outside calls the process's RNG is left as it was.
 
     Example
     -------
@@ -420,8 +420,13 @@ class ServerModel:
         if not _GLOBAL_RNG_LENT.acquire(blocking=False):  # the RNG is process-wide: one stream at a time
             _warn_once_unseeded(self.log_prefix)
             return
-        self._outer_draws = _rng_states(self.device)
-        _set_rng_states(self.device, self._draws)
+        try:
+            self._outer_draws = _rng_states(self.device)
+            _set_rng_states(self.device, self._draws)
+        except BaseException:
+            self._outer_draws = None
+            _GLOBAL_RNG_LENT.release()
+            raise
 
     def _end_call(self, error: BaseException | None) -> None:
         """Called by the scheduler after each call: a call that refused its input gives back
@@ -508,13 +513,13 @@ _unseeded_warned: set[str] = set()
 
 
 def _warn_once_unseeded(log_prefix: str) -> None:
-    """Two calls overlap (server models on compute threads of their own): the second draws from
-    the process's RNG, so its draws do not repeat."""
+    """Two calls overlap (server models on compute threads of their own): they share the one
+    process-wide RNG, so the draws of neither repeat."""
     if log_prefix not in _unseeded_warned:
         _unseeded_warned.add(log_prefix)
         logger.warning(
             "%s a call ran while another server model's call held the global RNG (compute threads of their own); "
-            "its draws come from the process's RNG and do not repeat with the seed",
+            "overlapping calls share it, so their draws do not repeat with the seed",
             log_prefix,
         )
 

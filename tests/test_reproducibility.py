@@ -10,11 +10,14 @@ which differs between runs, as it does in deployment.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
 from conftest import ThreadBackend
+from splitflower.compute import ComputeThread
 from splitflower.experiment import ExperimentConfig, run_experiment
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import ServerModel
@@ -81,3 +84,30 @@ def test_a_server_model_draws_its_own_seeded_stream_each_round_and_leaves_the_pr
     model.configure_fit(None, round_2)
     ImmediateScheduler(model).run("client-0", "noise", {"x": torch.zeros(4)})
     torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
+
+
+def test_calls_that_overlap_on_compute_threads_of_their_own_do_not_wait_for_each_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first_is_running, let_it_finish = threading.Event(), threading.Event()
+
+    class Waits(ServerModel):
+        def wait(self, x: torch.Tensor) -> torch.Tensor:
+            first_is_running.set()
+            let_it_finish.wait(10)
+            return x + torch.rand(x.shape)
+
+    round_1 = {ConfigKey.SEED: 0, ConfigKey.SERVER_ROUND: 1}
+    waits, noisy = Waits(nn.Identity()), _Noisy(nn.Identity())
+    waits.configure_fit(None, round_1)
+    noisy.configure_fit(None, round_1)
+    first = threading.Thread(
+        target=ImmediateScheduler(waits, compute=ComputeThread()).run, args=("a", "wait", {"x": torch.zeros(1)})
+    )
+    first.start()
+    assert first_is_running.wait(10)
+    outcome = ImmediateScheduler(noisy, compute=ComputeThread()).run("b", "noise", {"x": torch.zeros(4)})
+    let_it_finish.set()
+    first.join(10)
+    assert outcome.error is None and not first.is_alive()
+    assert "overlapping calls share it, so their draws do not repeat with the seed" in caplog.text
