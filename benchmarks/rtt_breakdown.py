@@ -18,7 +18,8 @@ can be compared::
    ``_finish_reply`` (decode and bookkeeping). The stopwatches add their own cost, measured
    in the hot loop below (a wrapped empty method against the bare one).
 3. Hot loop: the same decode, encode and proxy code run back to back in this process, the
-   compute-thread hand-off of an empty job, and one stopwatch's own cost.
+   compute-thread hand-off of an empty job, the swap of a server model's own RNG stream in
+   and out around a call, and one stopwatch's own cost.
 
 It writes ``<out-dir>/rtt-breakdown-<short commit>[-dirty].json`` and prints a table. A
 report, not a test: it exits 0 whatever it finds.
@@ -27,6 +28,7 @@ report, not a test: it exits 0 whatever it finds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -48,6 +50,7 @@ from splitflower.codec import decode_request, encode_reply, encode_request
 from splitflower.compute import shared_compute_thread
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import ImmediateScheduler
+from splitflower.server_model import CallContext, ServerModel
 from splitflower.service import SplitService
 
 HOT_REPEATS = 5000
@@ -153,6 +156,11 @@ def _hot(fn: Callable[[], object]) -> float:
     return round(timeit.timeit(fn, number=HOT_REPEATS) / HOT_REPEATS * 1e6, 2)
 
 
+def _swap(model: ServerModel, context: CallContext) -> None:
+    model._begin_call(context)
+    model._end_call(None)
+
+
 def hot_loop(tensor: torch.Tensor) -> dict[str, float]:
     """The same code back to back in this process (caches warm, no other thread running)."""
     frame = encode_request(bytes(16), 0, "echo", {"x": tensor})
@@ -162,6 +170,9 @@ def hot_loop(tensor: torch.Tensor) -> dict[str, float]:
     compute = shared_compute_thread()
     timed_noop = _Noop()
     Stopwatches().wrap(timed_noop, "noop", "noop")
+    seeded = ServerModel(nn.Identity())
+    seeded.configure_fit(None, {})  # from here on, each call draws from the model's own stream
+    context = CallContext(("client",), (slice(0, 1),))
     try:
         return {
             "one stopwatch (a wrapped empty method minus the bare one)": round(
@@ -170,6 +181,7 @@ def hot_loop(tensor: torch.Tensor) -> dict[str, float]:
             "server: decode request": _hot(lambda: decode_request(frame)),
             "server: encode reply": _hot(lambda: encode_reply(tensor)),
             "server: compute-thread round trip of an empty job": _hot(lambda: compute.run(int)),
+            "server: a call's own RNG stream swapped in and out": _hot(functools.partial(_swap, seeded, context)),
             "client: whole call with the gRPC call replaced by a stored reply": _hot(lambda: stub.echo(x=tensor)),
         }
     finally:

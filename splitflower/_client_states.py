@@ -66,7 +66,7 @@ class ClientStates:
     """
 
     def __init__(self) -> None:
-        self._records: dict[ClientId, ConfigRecord] = {}
+        self._states: dict[ClientId, dict[str, torch.Tensor]] = {}
         self._undelivered: set[ClientId] = set()
         self._warned_anonymous = False
 
@@ -90,18 +90,18 @@ class ClientStates:
             return
         self._undelivered.discard(client_id)
         if state is not None:
-            self._records[client_id] = tensor_record(state)
+            self._states[client_id] = state
 
     def to_deliver(self, client_id: ClientId | None) -> ConfigRecord | None:
         """The state to put in this client's message: one loaded that it has not replied past."""
-        return self._records[client_id] if client_id in self._undelivered else None
+        return tensor_record(self._states[client_id]) if client_id in self._undelivered else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every kept state, as a model file holds it."""
         return {
             f"{CLIENT_STATE_PREFIX}{json.dumps(client_id)}:{name}": tensor
-            for client_id, record in self._records.items()
-            for name, tensor in record_tensors(record, f"client {client_id!r}'s own state").items()
+            for client_id, state in self._states.items()
+            for name, tensor in state.items()
         }
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -110,7 +110,7 @@ class ClientStates:
         for key, tensor in tensors.items():
             client_id, name = _parse(key)
             by_client.setdefault(client_id, {})[name] = tensor
-        self._records.update({client_id: tensor_record(state) for client_id, state in by_client.items()})
+        self._states.update(by_client)
         self._undelivered.update(by_client)
 
 

@@ -43,6 +43,7 @@ from splitflower.experiment import (
     ROUND_ENTRY_KEYS,
     Experiment,
     ExperimentConfig,
+    config_as_stored,
     inert_fields,
     summarise_rounds,
     write_atomically,
@@ -90,7 +91,7 @@ class SavedModel:
         from (``resumed_from``): the file, its round, how many of the results' round entries
         are the saved run's, and the settings the run changed (``{field: [saved, now]}``:
         the saved entries were measured under the old ones)."""
-        now = _as_saved(config)
+        now = config_as_stored(config)
         changed = {
             name: [self.config.get(name), now[name]]
             for name in RESUMABLE_CHANGES
@@ -131,7 +132,7 @@ def save_model(
     history = rounds if resumed is None else resumed.carry_on(rounds)
     document = {
         "schema": MODEL_SCHEMA,
-        "config": _as_saved(config),
+        "config": config_as_stored(config),
         "rounds": result.last_round,
         "client": result.arrays.to_torch_state_dict(),
         "server": result.server_arrays.to_torch_state_dict(),
@@ -140,11 +141,6 @@ def save_model(
         "history": json.dumps(history),
     }
     return write_atomically(path, lambda tmp: torch.save(document, tmp), what="the model")
-
-
-def _as_saved(config: ExperimentConfig) -> dict[str, Any]:
-    """``config`` as a model file (and a results file) holds it: JSON values."""
-    return json.loads(json.dumps(asdict(config)))  # type: ignore[no-any-return]
 
 
 def load_model(path: str | Path) -> SavedModel:

@@ -9,6 +9,7 @@ not torch's.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,6 @@ from splitflower.errors import (
 )
 
 if TYPE_CHECKING:  # the supervisor imports neither torch nor Flower
-    from splitflower.checkpoint import SavedModel
     from splitflower.experiment import ExperimentConfig
     from splitflower.strategy import SplitResult
 
@@ -300,6 +300,7 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 
 
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
+    from splitflower.checkpoint import save_model
     from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
 
     _configure_logging(args.verbose)
@@ -322,15 +323,17 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     elif "save_every" in given:
         raise ConfigError("--save-every says how often --save-model writes the weights; give --save-model FILE.pt")
     unsaved: list[ResultsFileError] = []
+    # A run resumed from a file keeps that file's rounds' history on in the files it writes.
+    write_model = None if args.save_model is None else functools.partial(save_model, args.save_model, resumed=resume)
     results = run_experiment_owning_the_process(
         config,
         say=lambda line: print(line, flush=True),
         startup_timeout=args.startup_timeout,
         keep_partial=lambda partial: _keep_partial_results(partial, args.out),
-        keep_model=None if args.save_model is None else _model_keeper(args.save_model, unsaved, resume),
+        keep_model=None if write_model is None else _model_keeper(write_model, unsaved),
         resume=resume,
         # A write after a round that fails is logged and the run goes on; the final one decides the exit code.
-        checkpoint=None if args.save_model is None else _model_writer(args.save_model, resume),
+        checkpoint=write_model,
         checkpoint_every=args.save_every,
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
@@ -371,23 +374,11 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _model_writer(path: Path, resumed: SavedModel | None) -> Callable[[ExperimentConfig, SplitResult], Path]:
-    """Write a run's weights to ``path`` (a run ``resumed`` from a file keeps its rounds' history on)."""
-    from splitflower.checkpoint import save_model
-
-    def write(config: ExperimentConfig, result: SplitResult) -> Path:
-        return save_model(path, config, result, resumed=resumed)
-
-    return write
-
-
 def _model_keeper(
-    path: Path, unsaved: list[ResultsFileError], resumed: SavedModel | None = None
+    write: Callable[[ExperimentConfig, SplitResult], Path], unsaved: list[ResultsFileError]
 ) -> Callable[[ExperimentConfig, SplitResult], None]:
-    """Write a run's final weights to ``path``, or those of the last round a failed run kept
-    (see :func:`_model_writer`). A write that fails is said and listed in ``unsaved`` (the
-    results go on)."""
-    write = _model_writer(path, resumed)
+    """``write`` a run's final weights, or those of the last round a failed run kept. A write
+    that fails is said and listed in ``unsaved`` (the results go on)."""
 
     def keep(config: ExperimentConfig, result: SplitResult) -> None:
         try:

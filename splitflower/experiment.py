@@ -78,6 +78,7 @@ _Out = TypeVar("_Out")
 __all__ = [
     "ROUND_ENTRY_KEYS",
     "inert_fields",
+    "config_as_stored",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "RESULTS_SCHEMA",
@@ -977,6 +978,11 @@ def _end_process(code: int, message: str) -> NoReturn:
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
     os._exit(code)
+
+
+def config_as_stored(config: ExperimentConfig) -> dict[str, Any]:
+    """``config`` as a results file and a model file hold it: JSON values (tuples as lists)."""
+    return json.loads(json.dumps(asdict(config)))  # type: ignore[no-any-return]
 
 
 def results_document(

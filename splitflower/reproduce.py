@@ -37,7 +37,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from splitflower.errors import (
 )
 from splitflower.experiment import (
     ExperimentConfig,
+    config_as_stored,
     inert_fields,
     results_document,
     run_experiment_owning_the_process,
@@ -202,8 +203,7 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
     except (OSError, json.JSONDecodeError):
         return False  # unreadable: run the cell again (results are written atomically)
     # A field the file lacks (written before the field existed) counts as its default.
-    wanted = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(ExperimentConfig())))
+    wanted, defaults = config_as_stored(config), config_as_stored(ExperimentConfig())
     stored = existing.get("config") or {}
     inert = inert_fields(config)
     differing = sorted(k for k, v in wanted.items() if k not in inert and stored.get(k, defaults[k]) != v)

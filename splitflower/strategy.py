@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -137,6 +137,8 @@ class SplitStrategy(FedAvg):
     """
 
     hands_on = False
+    carried_names: ClassVar[Mapping[str, str]] = {}
+    """The name prefixes of what a subclass adds to :meth:`carried_state`, each with what it is."""
 
     def __init__(
         self,
@@ -298,15 +300,18 @@ class SplitStrategy(FedAvg):
         return self._client_states.tensors()
 
     def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Take on what :meth:`carried_state` gave after the round a run resumes from; a
-        subclass takes its own names and passes the rest to ``super()``."""
-        unknown = sorted(name for name in state if not name.startswith(CLIENT_STATE_PREFIX))
+        """Take on what :meth:`carried_state` gave after the round a run resumes from,
+        refusing names of neither :attr:`carried_names` nor clients' states; a subclass takes
+        its own names after ``super()``'s call."""
+        kinds = {**self.carried_names, CLIENT_STATE_PREFIX: "clients' own states"}
+        unknown = sorted(name for name in state if not name.startswith(tuple(kinds)))
         if unknown:
+            carried = " and ".join(f"{what} ({prefix}*)" for prefix, what in kinds.items())
             raise ConfigError(
-                f"{type(self).__name__} carries only clients' own states ({CLIENT_STATE_PREFIX}*) between rounds, "
-                f"but was given {unknown[:5]}; resume with the strategy the state was saved from"
+                f"{type(self).__name__} carries only {carried} between rounds, but was given {unknown[:5]}; "
+                "resume with the strategy the state was saved from"
             )
-        self._client_states.load(state)
+        self._client_states.load({name: t for name, t in state.items() if name.startswith(CLIENT_STATE_PREFIX)})
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         # Flower's sample_nodes waits for the nodes forever; a run asking for more clients

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.errors import ConfigError
 from splitflower.strategy import RoundPlan, SplitStrategy
@@ -40,6 +39,7 @@ class SequentialStrategy(SplitStrategy):
     """
 
     hands_on = True
+    carried_names: ClassVar[Mapping[str, str]] = {_OPTIMIZER: "the optimizer state it hands on"}
 
     def __init__(self, *, hand_over_optimizer: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -89,20 +89,13 @@ class SequentialStrategy(SplitStrategy):
         return {**super().carried_state(), **{_OPTIMIZER + name: t for name, t in handed.items()}}
 
     def load_carried_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_carried_state(state)
         optimizer = {name.removeprefix(_OPTIMIZER): t for name, t in state.items() if name.startswith(_OPTIMIZER)}
-        unknown = sorted(name for name in state if not name.startswith((_OPTIMIZER, CLIENT_STATE_PREFIX)))
-        if unknown:
-            raise ConfigError(
-                f"{type(self).__name__} carries the optimizer state it hands on ({_OPTIMIZER}*) and clients' own "
-                f"states ({CLIENT_STATE_PREFIX}*) between rounds, but was given {unknown[:5]}; resume with the "
-                "strategy the state was saved from"
-            )
         if optimizer and not self.hand_over_optimizer:
             raise ConfigError(
                 f"{type(self).__name__} carries the optimizer state it hands on (names {_OPTIMIZER}*) only with "
                 f"hand_over_optimizer=True, and it is False; got {sorted(optimizer)[:5]}"
             )
-        super().load_carried_state({name: t for name, t in state.items() if not name.startswith(_OPTIMIZER)})
         self._optimizer_state = tensor_record(optimizer) if optimizer else None
 
     def aggregate_train(

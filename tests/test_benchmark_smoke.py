@@ -147,3 +147,14 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
     for runs in results["runs"].values():
         assert runs[0]["median_ms"] > 0
         assert all(math.isfinite(runs[0][f"{party}_faults_per_step"]) for party in ("client", "server"))
+
+
+@pytest.mark.slow
+def test_batching_benchmark_records_how_whole_the_batches_were(tmp_path: Path) -> None:
+    options = ["--flush-timeouts", "1", "--dataset", "synthetic", "--train-size", "192", "--test-size", "64"]
+    _run_benchmark("batching.py", *options, "--out-dir", str(tmp_path), timeout=300)
+    (written,) = tmp_path.glob("batching-*.json")
+    (run,) = json.loads(written.read_text())["runs"]
+    # 3 clients of 64 examples, one batch each: 3 requests, in one call if every batch was whole.
+    assert run["flush_timeout_s"] == 1.0 and run["requests"] == 3 and 1 <= run["calls"] <= 3, run
+    assert run["requests_per_call"] == round(3 / run["calls"], 3) and 0.0 <= run["test_accuracy"] <= 1.0

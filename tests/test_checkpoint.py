@@ -3,6 +3,7 @@ file is read back."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from dataclasses import replace
@@ -102,7 +103,7 @@ def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
 ) -> None:
     (tmp_path / "a-file").touch()
     unsaved: list[ResultsFileError] = []
-    keep = cli._model_keeper(tmp_path / "a-file" / "model.pt", unsaved)
+    keep = cli._model_keeper(functools.partial(save_model, tmp_path / "a-file" / "model.pt"), unsaved)
     result = SplitResult(arrays=ArrayRecord({"segment.w": torch.ones(1)}), server_arrays=ArrayRecord({}))
     result.rounds.update(empty_rounds(1))
     keep(ExperimentConfig(), result)
