@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from splitflower.app import build_client_app, build_server_app
     from splitflower.client import Client
     from splitflower.proxy import ProxyFuture, ServerModelProxy
-    from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, Scheduler
+    from splitflower.scheduling import BatchingScheduler, ImmediateScheduler, OrderedScheduler, Scheduler
     from splitflower.server_model import (
         FLOATING,
         CallContext,
@@ -44,6 +44,7 @@ _EXPORTS = {
     "ServerModelProxy": "proxy",
     "BatchingScheduler": "scheduling",
     "ImmediateScheduler": "scheduling",
+    "OrderedScheduler": "scheduling",
     "Scheduler": "scheduling",
     "FLOATING": "server_model",
     "CallContext": "server_model",
@@ -98,6 +99,7 @@ __all__ = [
     "FLOATING",
     "FitResult",
     "ImmediateScheduler",
+    "OrderedScheduler",
     "ProxyFuture",
     "Scheduler",
     "ServerModel",

@@ -41,6 +41,7 @@ from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
 from splitflower.experiment import (
     ROUND_ENTRY_KEYS,
+    STORED_BEFORE_KEPT,
     Experiment,
     ExperimentConfig,
     config_as_stored,
@@ -106,7 +107,7 @@ class SavedModel:
 
     def experiment_config(self) -> ExperimentConfig:
         """``config`` as an :class:`ExperimentConfig` (not yet validated)."""
-        fields = {**self.config, "options": tuple(self.config.get("options") or ())}
+        fields = {**STORED_BEFORE_KEPT, **self.config, "options": tuple(self.config.get("options") or ())}
         try:
             return ExperimentConfig(**fields)
         except TypeError as err:  # a field this version does not know

@@ -106,7 +106,15 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--flush-timeout",
         type=float,
         default=1.0,  # ExperimentConfig.flush_timeout (this module does not import it)
-        help="seconds a batched request waits at most for the other clients'",
+        help="seconds a batched request, or one run in the clients' order, waits at most for the other clients'",
+    )
+    run.add_argument(
+        "--request-order",
+        choices=("clients", "arrival"),
+        default="clients",  # ExperimentConfig.request_order
+        help="clients training at once that share a server model: run a request of each in turn in the clients' "
+        "order, so the run repeats bit for bit (clients), or each as it arrives, so none waits for a slower one "
+        "(arrival)",
     )
     run.add_argument(
         "--option",
@@ -365,6 +373,7 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         partition=args.partition,
         batching=args.batching,
         flush_timeout=args.flush_timeout,
+        request_order=args.request_order,
         device=args.device,
         options=tuple(args.option),
         train_size=args.train_size,

@@ -61,7 +61,7 @@ from splitflower.errors import (
 )
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
-from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S
+from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, DEFAULT_REQUEST_ORDER, REQUEST_ORDERS
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import SequentialStrategy, find_strategy
@@ -78,6 +78,7 @@ _Out = TypeVar("_Out")
 __all__ = [
     "ROUND_ENTRY_KEYS",
     "inert_fields",
+    "STORED_BEFORE_KEPT",
     "config_as_stored",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
@@ -141,6 +142,7 @@ class ExperimentConfig:
     partition: str = "iid"
     batching: bool = False
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S
+    request_order: str = DEFAULT_REQUEST_ORDER  # "clients" (repeatable) or "arrival" (SplitStrategy.request_order)
     device: str = "cpu"
     synthetic_size: int = 2048
     torch_threads: int = 0  # 0: cores shared evenly between concurrent clients
@@ -157,6 +159,7 @@ class ExperimentConfig:
         choices = (
             ("dataset", list(DATASET_NAMES)),
             ("model", list(MODEL_NAMES)),
+            ("request_order", list(REQUEST_ORDERS)),
         )
         for name, allowed in choices:
             value = getattr(self, name)
@@ -385,6 +388,7 @@ class Experiment:
             min_available_nodes=c.clients,
             batching=c.batching,
             flush_timeout=c.flush_timeout,
+            request_order=c.request_order,
             link=parse_link(c.link) if c.link else None,
             **extra,
         )
@@ -539,16 +543,32 @@ ROUND_ENTRY_KEYS: Final = (
 
 def inert_fields(config: ExperimentConfig) -> frozenset[str]:
     """Fields that change nothing a run under ``config`` computes or measures, left out where
-    configs are compared (resuming, a reproduce cell's files): ``flush_timeout`` when its
-    strategy batches no requests.
+    configs are compared (resuming, a reproduce cell's files): ``request_order`` where no
+    clients training at once share a server model's requests unbatched, ``flush_timeout``
+    where no requests are gathered (batched, or run in the clients' order).
 
     Example
     -------
-    >>> inert_fields(ExperimentConfig(strategy="sequential")), inert_fields(ExperimentConfig(strategy="batched"))
-    (frozenset({'flush_timeout'}), frozenset())
+    >>> for strategy, order in [("sequential", "clients"), ("batched", "clients"), ("parallel", "clients"),
+    ...                         ("parallel", "arrival")]:
+    ...     print(strategy, order, sorted(inert_fields(ExperimentConfig(strategy=strategy, request_order=order))))
+    sequential clients ['flush_timeout', 'request_order']
+    batched clients ['request_order']
+    parallel clients []
+    parallel arrival ['flush_timeout']
     """
-    batches = find_strategy(str(config.strategy))(batching=config.batching).batching
-    return frozenset() if batches else frozenset({"flush_timeout"})
+    strategy = find_strategy(str(config.strategy))(batching=config.batching, request_order=config.request_order)
+    inert = set()
+    if strategy.batching or not strategy.clients_at_once:
+        inert.add("request_order")
+    if not strategy.batching and not strategy.orders_requests:
+        inert.add("flush_timeout")
+    return frozenset(inert)
+
+
+STORED_BEFORE_KEPT: Final[Mapping[str, Any]] = {"request_order": "arrival"}
+"""What runs did where a results or model file written before a field existed lacks it, where
+that differs from the field's default (requests ran as they arrived)."""
 
 
 def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:

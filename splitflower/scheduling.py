@@ -1,20 +1,25 @@
-"""When server-model computations run: at once, or batched across clients.
+"""When server-model computations run: at once, in the clients' order, or batched across clients.
 
 A scheduler owns one :class:`~splitflower.server_model.ServerModel`. It checks each
 request on the gRPC thread that carries it (so bad requests are refused at once, whatever
 is computing) and runs the computation on its compute thread (see
 :mod:`splitflower.compute`), where computations run one at a time.
 
-The batching scheduler concatenates the pending requests of the model's active clients
-along dimension 0, runs the method once, and splits the results back. It flushes when
-every active client has a request pending (whatever method each called), when a client
-finishing its round makes that so, or when the oldest pending request has waited
-``flush_timeout`` seconds. It therefore cannot wait forever on a client that is slow,
-has fewer batches than the others, or has died. A client whose request a flush on the
-timeout went without is not waited for again until its next request comes, so a client
-that died without a word (a killed process, a lost device) costs the others one
-``flush_timeout``, not one per batch, and a timeout long enough to keep every batch whole
-costs little.
+Two schedulers gather the pending requests of the model's active clients (one per client:
+a client's requests reach the scheduler one at a time, in its own order) before running
+them. The batching scheduler concatenates them along dimension 0, runs the method once,
+and splits the results back. The ordered scheduler runs them one after another in the
+clients' order, so that a model shared by clients training at once steps in the same
+order in every run, not in the order requests happen to arrive.
+
+Both run what they gathered when every active client has a request pending (whatever
+method each called), when a client finishing its round makes that so, or when the oldest
+pending request has waited ``flush_timeout`` seconds. They therefore cannot wait forever
+on a client that is slow, has fewer batches than the others, or has died. A client whose
+request a flush on the timeout went without is not waited for again until its next
+request comes, so a client that died without a word (a killed process, a lost device)
+costs the others one ``flush_timeout``, not one per batch, and a timeout long enough to
+keep every gathering whole costs little.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -38,9 +43,12 @@ from splitflower.server_model import CallContext, PerCaller, ServerModel, check_
 
 __all__ = [
     "DEFAULT_FLUSH_TIMEOUT_S",
+    "DEFAULT_REQUEST_ORDER",
+    "REQUEST_ORDERS",
     "Scheduler",
     "ImmediateScheduler",
     "BatchingScheduler",
+    "OrderedScheduler",
     "Outcome",
     "SchedulerFactory",
 ]
@@ -48,9 +56,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_TIMEOUT_S = 1.0
-"""How long a batched request waits at most for the other clients' (seconds). Long enough that
-clients training at different speeds still share every batch (a client that misses a flush is
-not waited for again till it sends, so a dead one costs this once)."""
+"""How long a gathered request (batched, or run in the clients' order) waits at most for the
+other clients' (seconds). Long enough that clients training at different speeds still share
+every batch (a client that misses a flush is not waited for again till it sends, so a dead
+one costs this once)."""
+
+REQUEST_ORDERS: Final = ("clients", "arrival")
+"""How requests of clients sharing a server model run when not batched: a request of each in
+turn in the clients' order (:class:`OrderedScheduler`), or as they arrive (:class:`ImmediateScheduler`)."""
+DEFAULT_REQUEST_ORDER: Final = "clients"
 
 Wanted = Callable[[], bool] | None
 """Asked when a call's turn comes: False if its caller has given up (see Scheduler.run)."""
@@ -93,6 +107,20 @@ class Scheduler(ABC):
         ``still_wanted()`` False when the call's turn comes (its caller's deadline passed
         while it waited) means it does not run: the outcome is a ServerModelTimeoutError.
         """
+
+    def _run_now(
+        self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
+    ) -> Outcome:
+        """Run the call as soon as the compute thread is free."""
+        arrived = time.perf_counter()
+        try:
+            value, seconds = self._invoke(method, tensors, _alone(client, tensors), still_wanted)
+            value = _own_value(value)
+        except BaseException as err:  # noqa: BLE001 - reported to the caller, server keeps serving
+            # A KeyboardInterrupt or SystemExit raised by a method on a serving thread is no signal
+            # (signals reach the main thread): it is that caller's error like any other.
+            return Outcome(error=err)
+        return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
 
     def _invoke(
         self, method: str, tensors: Mapping[str, torch.Tensor], context: CallContext, still_wanted: Wanted = None
@@ -155,23 +183,13 @@ class ImmediateScheduler(Scheduler):
     def run(
         self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
     ) -> Outcome:
-        arrived = time.perf_counter()
-        try:
-            rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
-            context = CallContext((client,), (slice(0, rows),))
-            value, seconds = self._invoke(method, tensors, context, still_wanted)
-            if isinstance(value, PerCaller):
-                (value,) = _per_caller(value, 1)
-        except BaseException as err:  # noqa: BLE001 - reported to the caller, server keeps serving
-            # A KeyboardInterrupt or SystemExit raised by a method on a serving thread is no signal
-            # (signals reach the main thread): it is that caller's error like any other.
-            return Outcome(error=err)
-        return Outcome(value=value, compute_s=seconds, queue_wait_s=time.perf_counter() - arrived - seconds)
+        return self._run_now(client, method, tensors, still_wanted)
 
 
 @dataclass
 class _Slot:
     client: Hashable
+    method: str
     tensors: Mapping[str, torch.Tensor]
     arrived: float
     rows: int
@@ -190,20 +208,8 @@ def _signature(method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Hashab
     return (method, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in tensors.items()))
 
 
-class BatchingScheduler(Scheduler):
-    """Concatenates requests of the active clients into one batch (see the module docstring).
-
-    Example
-    -------
-    >>> from torch import nn
-    >>> class Double(ServerModel):
-    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
-    ...         return 2 * x
-    >>> scheduler = BatchingScheduler(Double(nn.Identity()), flush_timeout=0.01)
-    >>> scheduler.set_clients(["a"])
-    >>> scheduler.run("a", "double", {"x": torch.ones(2)}).value
-    tensor([2., 2.])
-    """
+class _GatheringScheduler(Scheduler):
+    """Gathers a request of each active client, then runs them (see the module docstring)."""
 
     def __init__(
         self,
@@ -220,11 +226,19 @@ class BatchingScheduler(Scheduler):
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
         self._missed: set[Hashable] = set()  # active, but missed a timed-out flush: not waited for till they send
-        self._in_flight: Counter[Hashable] = Counter()  # requests taken into a batch, not yet answered, by client
+        self._in_flight: Counter[Hashable] = Counter()  # requests taken into a flush, not yet answered, by client
         self._rank: dict[Hashable, int] = {}
-        self.flushes = 0  # batched calls run
+        self.flushes = 0  # gatherings run
         self.timeout_flushes = 0  # of them, by the flush timeout rather than every client's request
-        self.batched_requests = 0  # client requests they served
+        self.requests_served = 0  # client requests they ran
+
+    @abstractmethod
+    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
+        """Check a request on its gRPC thread; return the key of the group it joins and its rows."""
+
+    @abstractmethod
+    def _run_gathered(self, slots: list[_Slot], started: float) -> None:
+        """On the compute thread: run ``slots`` (checked, in the clients' order) and settle each."""
 
     def set_clients(self, clients: Collection[Hashable]) -> None:
         with self._cond:
@@ -242,14 +256,12 @@ class BatchingScheduler(Scheduler):
         self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
     ) -> Outcome:
         try:
-            resolve_call(self.model, method, tensors)
-            rows = _batch_size(tensors)
-        except Exception as err:  # noqa: BLE001 - a bad request must not poison the batch
+            key, rows = self._admit(method, tensors)
+        except Exception as err:  # noqa: BLE001 - a bad request must not poison the others
             return Outcome(error=err)
-        slot = _Slot(client, tensors, time.perf_counter(), rows, still_wanted)
+        slot = _Slot(client, method, tensors, time.perf_counter(), rows, still_wanted)
         with self._cond:
             self._missed.discard(client)
-            key = _signature(method, tensors)
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group(deadline=slot.arrived + self.flush_timeout)
@@ -265,7 +277,7 @@ class BatchingScheduler(Scheduler):
                     self._in_flight.update(s.client for s in group.slots)
                     waiting = {s.client for g in (group, *self._groups.values()) for s in g.slots}
                     self._missed |= self._active - waiting - self._in_flight.keys()
-                    ready = [(key, group), *self._take_if_all_waiting()]
+                    ready = [group, *self._take_if_all_waiting()]
                     break
                 self._cond.wait(max(remaining, 0.001))
             else:
@@ -276,50 +288,34 @@ class BatchingScheduler(Scheduler):
                 self._cond.wait()
             return slot.outcome
 
-    def _take_if_all_waiting(self) -> list[tuple[tuple[Hashable, ...], _Group]]:
+    def _take_if_all_waiting(self) -> list[_Group]:
         waiting = {s.client for g in self._groups.values() for s in g.slots}
         if not waiting or not self._active - self._missed <= waiting:
             return []
-        groups = list(self._groups.items())
+        groups = list(self._groups.values())
         self._groups.clear()
-        self._in_flight.update(s.client for _, g in groups for s in g.slots)
+        self._in_flight.update(s.client for g in groups for s in g.slots)
         return groups
 
-    def _run_groups(self, groups: list[tuple[tuple[Hashable, ...], _Group]]) -> None:
-        for key, group in groups:
-            self._flush(str(key[0]), group.slots, group.timed_out)
+    def _run_groups(self, groups: list[_Group]) -> None:
+        for group in groups:
+            # In the strategy's client order, not arrival order, so that the computation repeats.
+            slots = sorted(group.slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
+            self.compute.run(self._run_group, slots, time.perf_counter(), group.timed_out)
 
-    def _flush(self, method: str, slots: list[_Slot], timed_out: bool) -> None:
-        # Concatenate in the strategy's client order, not arrival order, so that a batched
-        # computation is reproducible.
-        slots = sorted(slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
-        started = time.perf_counter()
-        self.compute.run(self._run_batch, method, slots, started, timed_out)
-
-    def _run_batch(self, method: str, slots: list[_Slot], started: float, timed_out: bool) -> None:
-        """On the compute thread: leave out the callers gone or refused, run the rest as one."""
-        outcomes: list[Outcome] = []
+    def _run_group(self, slots: list[_Slot], started: float, timed_out: bool) -> None:
+        """On the compute thread: leave out the callers gone or refused, run the rest."""
         try:
-            slots = self._settle_unfit(method, slots, started)
-            if not slots:
-                return
-            self.flushes += 1
-            self.timeout_flushes += timed_out
-            self.batched_requests += len(slots)
-            sizes = [s.rows for s in slots]
-            merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
-            ends = list(itertools.accumulate(sizes))
-            rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
-            context = CallContext(tuple(s.client for s in slots), rows)
-            value, seconds = self._call(resolve_call(self.model, method, merged), merged, context)
-            parts = _split_value(value, sizes)
-            outcomes = [Outcome(value=p, compute_s=seconds) for p in parts]
-        except BaseException as err:  # noqa: BLE001 - reported to every caller of the batch (see ImmediateScheduler)
-            outcomes = [Outcome(error=err) for _ in slots]
-        finally:
-            self._settle(slots, outcomes, started)
+            slots = self._settle_unfit(slots, started)
+            if slots:
+                self.flushes += 1
+                self.timeout_flushes += timed_out
+                self.requests_served += len(slots)
+                self._run_gathered(slots, started)
+        except BaseException as err:  # noqa: BLE001 - reported to every caller still waiting
+            self._settle([s for s in slots if s.outcome is None], [], started, err)
 
-    def _settle_unfit(self, method: str, slots: list[_Slot], started: float) -> list[_Slot]:
+    def _settle_unfit(self, slots: list[_Slot], started: float) -> list[_Slot]:
         """Answer the slots whose caller gave up or whose values are refused; return the rest."""
         unfit: dict[int, BaseException] = {}
         for index, slot in enumerate(slots):
@@ -327,14 +323,19 @@ class BatchingScheduler(Scheduler):
                 unfit[index] = _gone()
                 continue
             try:
-                check_values(self.model, method, slot.tensors)
+                check_values(self.model, slot.method, slot.tensors)
             except InvalidArgumentsError as err:
                 unfit[index] = err
         if unfit:
             self._settle([slots[i] for i in unfit], [Outcome(error=e) for e in unfit.values()], started)
         return [slot for index, slot in enumerate(slots) if index not in unfit]
 
-    def _settle(self, slots: list[_Slot], outcomes: list[Outcome], started: float) -> None:
+    def _settle(
+        self, slots: list[_Slot], outcomes: list[Outcome], started: float, error: BaseException | None = None
+    ) -> None:
+        """Give each slot its outcome (``error`` for every slot, if given) and wake its caller."""
+        if error is not None:
+            outcomes = [Outcome(error=error) for _ in slots]
         with self._cond:
             for slot, outcome in zip(slots, outcomes, strict=True):
                 outcome.queue_wait_s = started - slot.arrived
@@ -342,6 +343,83 @@ class BatchingScheduler(Scheduler):
             self._in_flight.subtract(s.client for s in slots)
             self._in_flight = +self._in_flight  # drop the clients with none left
             self._cond.notify_all()
+
+
+class BatchingScheduler(_GatheringScheduler):
+    """Concatenates requests of the active clients into one batch (see the module docstring).
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> class Double(ServerModel):
+    ...     def double(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return 2 * x
+    >>> scheduler = BatchingScheduler(Double(nn.Identity()), flush_timeout=0.01)
+    >>> scheduler.set_clients(["a"])
+    >>> scheduler.run("a", "double", {"x": torch.ones(2)}).value
+    tensor([2., 2.])
+    """
+
+    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
+        resolve_call(self.model, method, tensors)
+        return _signature(method, tensors), _batch_size(tensors)
+
+    def _run_gathered(self, slots: list[_Slot], started: float) -> None:
+        method = slots[0].method
+        sizes = [s.rows for s in slots]
+        merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
+        ends = list(itertools.accumulate(sizes))
+        rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
+        context = CallContext(tuple(s.client for s in slots), rows)
+        value, seconds = self._call(resolve_call(self.model, method, merged), merged, context)
+        parts = _split_value(value, sizes)
+        self._settle(slots, [Outcome(value=p, compute_s=seconds) for p in parts], started)
+
+
+class OrderedScheduler(_GatheringScheduler):
+    """Runs a request of each active client in turn, in the clients' order (see the module
+    docstring): a model shared by clients that train at once steps in the same order in every
+    run, so the run repeats bit for bit, as long as no turn ran on the flush timeout.
+
+    Each request is computed alone, as it came (any method, any shapes); its caller is
+    answered as soon as it has run, while the next client's request runs. A model serving
+    one client (or none set) runs its requests at once.
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> class Log(ServerModel):
+    ...     def log(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return x
+    >>> scheduler = OrderedScheduler(Log(nn.Identity()))
+    >>> scheduler.set_clients(["a"])
+    >>> scheduler.run("a", "log", {"x": torch.ones(2)}).value
+    tensor([1., 1.])
+    """
+
+    _ONE_GROUP: tuple[Hashable, ...] = ()  # whatever they call, the clients take turns
+
+    def run(
+        self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
+    ) -> Outcome:
+        if len(self._rank) < 2:  # no other client to take turns with: nothing is gathered or counted
+            return self._run_now(client, method, tensors, still_wanted)
+        return super().run(client, method, tensors, still_wanted)
+
+    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
+        resolve_call(self.model, method, tensors)
+        return self._ONE_GROUP, 0  # rows: each request is computed alone
+
+    def _run_gathered(self, slots: list[_Slot], started: float) -> None:
+        for slot in slots:
+            turn = time.perf_counter()
+            try:
+                bound = resolve_call(self.model, slot.method, slot.tensors)
+                value, seconds = self._call(bound, slot.tensors, _alone(slot.client, slot.tensors))
+                outcome = Outcome(value=_own_value(value), compute_s=seconds)
+            except BaseException as err:  # noqa: BLE001 - that caller's error; the next ones still run
+                outcome = Outcome(error=err)
+            self._settle([slot], [outcome], turn)
 
 
 def _gone() -> ServerModelTimeoutError:
@@ -383,6 +461,19 @@ def _split_value(value: Any, sizes: list[int]) -> list[Any]:
         columns = [split(v) for v in value]
         return [tuple(c[i] for c in columns) for i in range(len(sizes))]
     raise TypeError(f"cannot split a batched result of type {type(value).__name__}")
+
+
+def _alone(client: Hashable, tensors: Mapping[str, torch.Tensor]) -> CallContext:
+    """The context of a call serving one client: all rows are its own."""
+    rows = next((v.shape[0] for v in tensors.values() if v.dim()), 0)
+    return CallContext((client,), (slice(0, rows),))
+
+
+def _own_value(value: Any) -> Any:
+    """A call serving one client: the one item of a PerCaller value, or the value itself."""
+    if isinstance(value, PerCaller):
+        (value,) = _per_caller(value, 1)
+    return value
 
 
 def _per_caller(value: PerCaller, callers: int) -> list[Any]:

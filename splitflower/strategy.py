@@ -23,7 +23,15 @@ from splitflower._client_states import CLIENT_STATE_PREFIX, ClientStates
 from splitflower.compute import run_on_compute_thread
 from splitflower.errors import ConfigError, ExperimentFailedError, NotEnoughNodesError
 from splitflower.linkemu import LinkEmulator, LinkSpec
-from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, BatchingScheduler, ImmediateScheduler, Scheduler
+from splitflower.scheduling import (
+    DEFAULT_FLUSH_TIMEOUT_S,
+    DEFAULT_REQUEST_ORDER,
+    REQUEST_ORDERS,
+    BatchingScheduler,
+    ImmediateScheduler,
+    OrderedScheduler,
+    Scheduler,
+)
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
 from splitflower.wire import ConfigKey, RecordKey
@@ -100,8 +108,10 @@ class SplitStrategy(FedAvg):
     * :meth:`order_clients` - the order of the round's sampled clients (default: by client id);
     * :meth:`num_server_models` - how many server models exist this round (default 1);
     * :meth:`assign` - which of them serves the i-th sampled client (default 0);
-    * :meth:`make_scheduler` - when requests run: at once, or batched across clients
-      (``batching=True``) with a ``flush_timeout`` so it can never wait forever;
+    * :meth:`make_scheduler` - when requests run: a request of each client in turn, in the
+      clients' order (default), as they arrive (``request_order="arrival"``), or batched
+      across clients (``batching=True``); gathering waits ``flush_timeout`` at most, so it
+      can never wait forever;
     * :meth:`train_round` - how the round's clients are driven: all at once (default) or,
       e.g., one after another;
     * :meth:`reply_problem` - what a client's reply must hold to be aggregated (a reply
@@ -112,6 +122,12 @@ class SplitStrategy(FedAvg):
     :meth:`load_carried_state`, so that a saved run resumes with it. Every strategy carries
     the state clients keep of their own (:meth:`Client.local_state
     <splitflower.client.Client.local_state>`, sent with their replies) that way.
+
+    ``request_order``: where clients that train at once share a server model, ``"clients"``
+    (default) runs a request of each in turn, in the clients' order, so the model steps in the
+    same order in every run and the run repeats bit for bit; ``"arrival"`` runs each request
+    as soon as the model is free, so no client waits for a slower one (devices of unequal
+    speed), and the order, hence the weights to rounding, differs from run to run.
 
     ``call_timeout`` (seconds) becomes the default deadline of every proxy call.
     ``node_wait_timeout`` (seconds): how long a round waits for ``min_available_nodes``
@@ -137,6 +153,9 @@ class SplitStrategy(FedAvg):
     """
 
     hands_on = False
+    clients_at_once = True
+    """Whether the round's clients train at the same time (:meth:`train_round`'s default); a
+    strategy that drives them one after another sets it False (requests then need no order)."""
     carried_names: ClassVar[Mapping[str, str]] = {}
     """The name prefixes of what a subclass adds to :meth:`carried_state`, each with what it is."""
 
@@ -148,10 +167,13 @@ class SplitStrategy(FedAvg):
         min_available_nodes: int = 1,
         batching: bool = False,
         flush_timeout: float = DEFAULT_FLUSH_TIMEOUT_S,
+        request_order: str = DEFAULT_REQUEST_ORDER,
         call_timeout: float | None = None,
         link: LinkSpec | None = None,
         node_wait_timeout: float = 300.0,
     ) -> None:
+        if request_order not in REQUEST_ORDERS:
+            raise ConfigError(f"request_order must be one of {list(REQUEST_ORDERS)}, got {request_order!r}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=0.0,
@@ -164,6 +186,7 @@ class SplitStrategy(FedAvg):
         )
         self.batching = batching
         self.flush_timeout = flush_timeout
+        self.request_order = request_order
         self.call_timeout = call_timeout
         self.link = link
         self.node_wait_timeout = node_wait_timeout
@@ -191,10 +214,17 @@ class SplitStrategy(FedAvg):
         return 0
 
     def make_scheduler(self, model: ServerModel) -> Scheduler:
-        """When requests to ``model`` run."""
+        """When requests to ``model`` run (see ``batching`` and ``request_order``)."""
         if self.batching:
             return BatchingScheduler(model, flush_timeout=self.flush_timeout)
+        if self.orders_requests:
+            return OrderedScheduler(model, flush_timeout=self.flush_timeout)
         return ImmediateScheduler(model)
+
+    @property
+    def orders_requests(self) -> bool:
+        """Whether requests run in the clients' order, one of each in turn (not batched)."""
+        return self.clients_at_once and not self.batching and self.request_order == "clients"
 
     def order_clients(self, node_ids: list[int]) -> list[int]:
         """The order of the round's clients: by :attr:`Client.client_id
@@ -606,26 +636,33 @@ def _repeated_clients(client_ids: Mapping[int, int | str], what: str) -> ConfigE
     )
 
 
-def _batching(plan: RoundPlan, index: int) -> dict[str, Any]:
-    """How a batching scheduler's round went (nothing for one that does not batch); warns when
-    calls ran on the flush timeout, without a request of every client still training."""
+def _gathering(plan: RoundPlan, index: int) -> dict[str, Any]:
+    """How a gathering scheduler's round went (nothing for one that runs requests as they
+    come); warns when some ran on the flush timeout, without a request of every client still
+    training."""
     scheduler = plan.schedulers[index]
-    if not isinstance(scheduler, BatchingScheduler):
+    if isinstance(scheduler, BatchingScheduler):
+        entry, runs, what = "batching", "calls", "batched calls"
+    elif isinstance(scheduler, OrderedScheduler) and scheduler.requests_served:  # none: it served one client
+        entry, runs, what = "in_client_order", "turns", "turns of the clients' requests"
+    else:
         return {}
     if scheduler.timeout_flushes:
         logger.warning(
-            "[server] round %d: server model %d: %d of %d batched calls ran on the flush timeout (%g s) without "
-            "every client's request: a client was slower than that; a longer flush timeout keeps batches whole",
+            "[server] round %d: server model %d: %d of %d %s ran on the flush timeout (%g s) without every "
+            "client's request: a client was slower than that; a longer flush timeout keeps them whole%s",
             plan.server_round,
             index,
             scheduler.timeout_flushes,
             scheduler.flushes,
+            what,
             scheduler.flush_timeout,
+            "" if entry == "batching" else " (and the run repeatable)",
         )
     return {
-        "batching": {
-            "calls": scheduler.flushes,
-            "requests": scheduler.batched_requests,
+        entry: {
+            runs: scheduler.flushes,
+            "requests": scheduler.requests_served,
             "timeout_flushes": scheduler.timeout_flushes,
         }
     }
@@ -674,7 +711,7 @@ def _round_record(
                 "num_examples": fit.num_examples,
                 "metrics": fit.metrics,
                 "memory": model.memory.summary("server"),
-                **_batching(plan, index),
+                **_gathering(plan, index),
             }
         )
     return {"round": plan.server_round, "seconds": seconds, "clients": clients, "server_models": servers}

@@ -39,6 +39,7 @@ class SequentialStrategy(SplitStrategy):
     """
 
     hands_on = True
+    clients_at_once = False
     carried_names: ClassVar[Mapping[str, str]] = {_OPTIMIZER: "the optimizer state it hands on"}
 
     def __init__(self, *, hand_over_optimizer: bool = False, **kwargs: Any) -> None:

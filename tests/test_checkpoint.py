@@ -123,6 +123,7 @@ SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "38
         # Mixup (the server model's draws), and clients that are never averaged (sync_every 0),
         # decoders and all: each gets its own back.
         ("locfedmix", "batched", "--option combo=5"),
+        ("csl", "parallel", ""),  # one shared server model, a request of each client in turn
     ],
 )
 def test_a_resumed_run_ends_with_the_weights_of_the_run_that_went_straight_through(
@@ -242,11 +243,19 @@ def test_resuming_through_the_api_checks_the_config_and_the_rounds_too(tmp_path:
     with pytest.raises(ConfigError, match=r"cannot resume with \['learning_rate'\]: not ExperimentConfig fields"):
         resumed_config(saved, {"learning_rate": 0.1})
     assert resumed_config(saved, {"rounds": 5, "options": []}).rounds == 5, "a list of options is the same as a tuple"
-    # The flush timeout changes nothing where no request is batched (files saved with the older 0.05 s resume).
-    assert resumed_config(saved, {"rounds": 4, "flush_timeout": 0.05}).flush_timeout == 0.05
-    batched = load_model(_saved(tmp_path, replace(base, batching=True), rounds=3))
-    with pytest.raises(ConfigError, match=r"flush_timeout 0.05 \(saved with 1.0\)"):
-        resumed_config(batched, {"rounds": 4, "flush_timeout": 0.05})
+    # The flush timeout changes nothing where no request is gathered (files saved with the older 0.05 s resume).
+    arrival = load_model(_saved(tmp_path, replace(base, request_order="arrival"), rounds=3))
+    assert resumed_config(arrival, {"rounds": 4, "flush_timeout": 0.05}).flush_timeout == 0.05
+    for gathering in (replace(base, batching=True), base):  # batched; a request of each client in turn
+        saved_gathering = load_model(_saved(tmp_path, gathering, rounds=3))
+        with pytest.raises(ConfigError, match=r"flush_timeout 0.05 \(saved with 1.0\)"):
+            resumed_config(saved_gathering, {"rounds": 4, "flush_timeout": 0.05})
+    # A file written before request_order existed ran its requests as they arrived, and resumes so.
+    older = _saved(tmp_path, base, rounds=3)
+    document = torch.load(older, weights_only=True)
+    del document["config"]["request_order"]
+    torch.save(document, older)
+    assert resumed_config(load_model(older), {"rounds": 4}).request_order == "arrival"
     torch.save(
         {"schema": "splitflower.model/1", "config": {}, "rounds": -1, "client": {}, "server": {}}, tmp_path / "n.pt"
     )

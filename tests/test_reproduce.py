@@ -124,8 +124,10 @@ def test_grid_writes_one_file_per_cell_and_skips_finished_cells(tmp_path: Path) 
     again = _FakeRunner()
     assert [o.status for o in run_grid(configs, tmp_path, runner=again, say=lambda _: None)] == ["skipped"] * 2
     assert again.ran == []
-    # A file written before the flush timeout's default changed is this cell's all the same: it batches nothing.
+    # A file written before the flush timeout's default changed, or before request_order existed, is this
+    # cell's all the same: its clients train one at a time, so nothing is batched or ordered.
     stored["config"]["flush_timeout"] = 0.05
+    del stored["config"]["request_order"]
     (tmp_path / cell_filename(configs[0])).write_text(json.dumps(stored))
     assert run_grid(configs, tmp_path, runner=again, say=lambda _: None)[0].status == "skipped"
 

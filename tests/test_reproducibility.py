@@ -2,10 +2,11 @@
 in each run, and clients are ordered, batched and averaged by their partition instead.
 
 Strategies that serve one client at a time, or give each client its own server model, are
-exact; so is batching, while every batched call holds a request of each client (none ran on
-the flush timeout), since it concatenates them in the clients' order. Where clients share a
-server model one request at a time (parallel), it steps in the order their requests arrive,
-which differs between runs, as it does in deployment.
+exact. Where clients training at once share a server model, it steps in the clients' order
+(a request of each in turn, or one batch of them concatenated in that order), so those runs
+are exact while every turn or batch holds a request of each client (none ran on the flush
+timeout). With ``request_order="arrival"`` it steps in the order requests arrive, which
+differs between runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ def _train(config: ExperimentConfig) -> tuple[SplitResult, dict[str, object]]:
 @pytest.mark.parametrize(
     ("algorithm", "strategy"),
     # LocFedMix-SL as the paper runs it: mixup (the server model's draws), decoders, averaging every round.
-    [("csl", "sequential"), ("csl", "splitfed-v1"), ("dsl", "splitfed-v2"), ("locfedmix", "batched")],
+    [
+        ("csl", "sequential"),
+        ("csl", "splitfed-v1"),
+        ("dsl", "splitfed-v2"),
+        ("locfedmix", "batched"),
+        ("csl", "parallel"),
+        ("dsl", "parallel"),
+    ],
 )
 def test_the_same_seed_gives_the_same_weights(algorithm: str, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
@@ -44,8 +52,11 @@ def test_the_same_seed_gives_the_same_weights(algorithm: str, strategy: str, mon
     (first, first_results), (second, second_results) = _train(config), _train(config)
     servers = [s for run in (first, second) for r in run.rounds.values() for s in r["server_models"]]
     batched = [s["batching"] for s in servers if "batching" in s]
+    in_turn = [s["in_client_order"] for s in servers if "in_client_order" in s]
     assert len(batched) == (4 if strategy == "batched" else 0)
+    assert len(in_turn) == (4 if strategy == "parallel" else 0)
     assert all(b["requests"] == 4 * b["calls"] > 0 for b in batched), f"every batch whole: {batched}"
+    assert all(t["requests"] == 4 * t["turns"] > 0 for t in in_turn), f"every turn whole: {in_turn}"
     for part in ("arrays", "server_arrays"):
         torch.testing.assert_close(
             getattr(first, part).to_torch_state_dict(), getattr(second, part).to_torch_state_dict(), rtol=0, atol=0

@@ -1,4 +1,5 @@
-"""Batching across clients never hangs: unequal batch counts, different methods, dead clients."""
+"""Gathering requests across clients (batched, or run in the clients' order) never hangs:
+unequal batch counts, different methods, dead clients."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from conftest import connect
 from splitflower.errors import InvalidArgumentsError, RemoteComputationError, ServerModelTimeoutError
 from splitflower.proxy import ServerModelProxy
-from splitflower.scheduling import BatchingScheduler
+from splitflower.scheduling import BatchingScheduler, OrderedScheduler
 from splitflower.server_model import PerCaller, ServerModel
 from splitflower.service import SplitService
 
@@ -105,9 +106,12 @@ def test_clients_calling_different_methods_do_not_wait_for_the_timeout(service: 
     assert scheduler.timeout_flushes == 0
 
 
-def test_client_that_dies_mid_round_does_not_block_the_others(service: SplitService) -> None:
+@pytest.mark.parametrize("gathering", [BatchingScheduler, OrderedScheduler])
+def test_client_that_dies_mid_round_does_not_block_the_others(
+    service: SplitService, gathering: type[BatchingScheduler | OrderedScheduler]
+) -> None:
     model = Counter()
-    scheduler = BatchingScheduler(model, flush_timeout=0.3)
+    scheduler = gathering(model, flush_timeout=0.3)
     scheduler.set_clients(["dead", "alive"])
     dead_token, _ = service.open_session("dead", scheduler)
 
@@ -242,3 +246,65 @@ def test_a_method_returning_per_caller_values_gives_each_caller_its_own(service:
         return run
 
     _run_clients([client(name) for name in batches], limit=20)
+
+
+def test_requests_run_a_client_at_a_time_in_the_clients_order_whatever_order_they_arrive_in(
+    service: SplitService,
+) -> None:
+    model = Counter()
+    scheduler = OrderedScheduler(model, flush_timeout=10.0)
+    rows = {"a": 1, "b": 2, "c": 3}  # the rows of each client's requests name it in model.batches
+    steps = {"a": 3, "b": 3, "c": 2}  # c finishes first: a and b go on taking turns without it
+    scheduler.set_clients(list(rows))
+
+    def client(name: str, delay: float) -> Callable[[], None]:
+        def run() -> None:
+            proxy = connect(service, scheduler, client=name)
+            time.sleep(delay)
+            for step in range(steps[name]):
+                x = torch.full((rows[name],), float(step))
+                method = "double" if step % 2 else "negate"  # any method, any shapes, in one turn
+                torch.testing.assert_close(proxy.call(method, x=x), 2 * x if step % 2 else -x)
+            proxy.close()
+
+        return run
+
+    # c sends first, a last: arrival order is the reverse of the clients' order.
+    elapsed = _run_clients([client("a", 0.4), client("b", 0.2), client("c", 0.0)], limit=30)
+    order = [size for _, size in model.batches]
+    assert order == [1, 2, 3, 1, 2, 3, 1, 2], f"turns in the clients' order, each request alone: {model.batches}"
+    assert (scheduler.flushes, scheduler.requests_served, scheduler.timeout_flushes) == (3, 8, 0)
+    assert elapsed < 5.0
+
+
+def test_a_request_that_fails_in_its_turn_leaves_the_others_of_that_turn_answered(service: SplitService) -> None:
+    model = Counter()
+    scheduler = OrderedScheduler(model, flush_timeout=10.0)
+    scheduler.set_clients(["a", "b", "c"])
+    failed: list[str] = []
+
+    def client(name: str) -> Callable[[], None]:
+        def run() -> None:
+            proxy = connect(service, scheduler, client=name)
+            if name == "b":
+                with pytest.raises(RemoteComputationError):
+                    proxy.crash(x=torch.ones(1))
+                failed.append(name)
+            torch.testing.assert_close(proxy.double(x=torch.ones(2)), torch.full((2,), 2.0))
+            proxy.close()
+
+        return run
+
+    _run_clients([client(name) for name in "abc"], limit=30)
+    assert failed == ["b"]
+    assert len(model.batches) == 3, "a's and c's requests of b's failing turn ran, and b's next one"
+    assert (scheduler.flushes, scheduler.requests_served, scheduler.timeout_flushes) == (2, 4, 0)
+
+
+def test_a_model_serving_one_client_runs_its_requests_at_once_and_gathers_nothing() -> None:
+    scheduler = OrderedScheduler(Counter(), flush_timeout=10.0)
+    scheduler.set_clients(["only"])
+    started = time.perf_counter()
+    torch.testing.assert_close(scheduler.run("only", "double", {"x": torch.ones(2)}).value, torch.full((2,), 2.0))
+    assert time.perf_counter() - started < 1.0
+    assert (scheduler.flushes, scheduler.requests_served) == (0, 0)

@@ -30,6 +30,7 @@ _FIELDS = {
     "partition": "partition",
     "batching": "batching",
     "flush-timeout": "flush_timeout",
+    "request-order": "request_order",
     "synthetic-size": "synthetic_size",
     "hand-over-optimizer": "hand_over_optimizer",
 }
