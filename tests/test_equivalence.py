@@ -15,7 +15,7 @@ from splitflower.algorithms.csl import CSLClient, CSLOptions, CSLServerModel
 from splitflower.client import Client
 from splitflower.data import ArrayDataset, partition, synthetic
 from splitflower.errors import ConfigError
-from splitflower.scheduling import BatchingScheduler
+from splitflower.scheduling import BatchingScheduler, OrderedScheduler
 from splitflower.server_model import sgd
 from splitflower.service import SplitService
 from splitflower.split import split_model
@@ -86,19 +86,21 @@ def test_csl_one_client_equals_unsplit_training(service: SplitService) -> None:
     torch.testing.assert_close(server.get_fit_result().weights, reference[1].state_dict())
 
 
-def test_parallel_csl_three_clients_equals_joint_computation(service: SplitService) -> None:
-    """Three clients, one shared server model batching their requests: each step is one
-    forward/backward of the server segment on the three clients' activations concatenated."""
-    parts = partition(_data(3 * 20 * BATCH), 3, "iid", seed=0)
+def _three_clients_one_server() -> tuple[list[ArrayDataset], nn.Module, nn.Module, CSLServerModel]:
+    """Three clients' data, their initial segment, the server segment's copy for the
+    reference and the server model training the original."""
     bottom, top = split_model(_model(), 4)
-    initial_bottom = copy.deepcopy(bottom)
-    reference_top = copy.deepcopy(top)
-
     server = CSLServerModel(top, optimizer=sgd(0.9))
     server.configure_fit(None, {"lr": LR})
-    scheduler = BatchingScheduler(server, flush_timeout=30.0)
-    scheduler.set_clients([0, 1, 2])
-    clients = [CSLClient(copy.deepcopy(initial_bottom), parts[i], optimizer=sgd(0.9), client_id=i) for i in range(3)]
+    return partition(_data(3 * 20 * BATCH), 3, "iid", seed=0), copy.deepcopy(bottom), copy.deepcopy(top), server
+
+
+def _fit_at_once(
+    service: SplitService, scheduler: BatchingScheduler | OrderedScheduler, bottom: nn.Module, parts: list[ArrayDataset]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Train a CSL client per part, all at once (a thread each), against ``scheduler``; their segments."""
+    scheduler.set_clients(list(range(len(parts))))
+    clients = [CSLClient(copy.deepcopy(bottom), part, optimizer=sgd(0.9), client_id=i) for i, part in enumerate(parts)]
     results: dict[int, dict[str, torch.Tensor]] = {}
     errors: list[BaseException] = []
 
@@ -110,13 +112,21 @@ def test_parallel_csl_three_clients_equals_joint_computation(service: SplitServi
         except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors
     assert scheduler.timeout_flushes == 0
+    return results
+
+
+def test_parallel_csl_three_clients_equals_joint_computation(service: SplitService) -> None:
+    """Three clients, one shared server model batching their requests: each step is one
+    forward/backward of the server segment on the three clients' activations concatenated."""
+    parts, initial_bottom, reference_top, server = _three_clients_one_server()
+    results = _fit_at_once(service, BatchingScheduler(server, flush_timeout=30.0), initial_bottom, parts)
 
     bottoms = [copy.deepcopy(initial_bottom) for _ in range(3)]
     params = [p for m in [*bottoms, reference_top] for p in m.parameters()]
@@ -129,6 +139,34 @@ def test_parallel_csl_three_clients_equals_joint_computation(service: SplitServi
         optimizer.zero_grad()
         nn.functional.cross_entropy(reference_top(z), y).backward()
         optimizer.step()
+    for i in range(3):
+        torch.testing.assert_close(results[i], bottoms[i].state_dict())
+    torch.testing.assert_close(server.get_fit_result().weights, reference_top.state_dict())
+
+
+def test_parallel_csl_three_clients_in_turn_equals_the_same_steps_in_one_process(service: SplitService) -> None:
+    """Three clients at once, one shared server model taking a request of each in turn: the
+    server steps on client 0's batch, then 1's, then 2's, batch after batch, in every run."""
+    parts, initial_bottom, reference_top, server = _three_clients_one_server()
+    scheduler = OrderedScheduler(server, flush_timeout=30.0)
+    results = _fit_at_once(service, scheduler, initial_bottom, parts)
+
+    bottoms = [copy.deepcopy(initial_bottom) for _ in range(3)]
+    client_optimizers = [torch.optim.SGD(b.parameters(), lr=LR, momentum=0.9) for b in bottoms]
+    server_optimizer = torch.optim.SGD(reference_top.parameters(), lr=LR, momentum=0.9)
+    streams = [_batches(parts[i], _config(i)) for i in range(3)]
+    assert len(streams[0]) >= 20 and len({len(s) for s in streams}) == 1
+    for step in zip(*streams, strict=True):
+        for i, (x, y) in enumerate(step):
+            z = bottoms[i](x)
+            cut = z.detach().requires_grad_()
+            server_optimizer.zero_grad()
+            nn.functional.cross_entropy(reference_top(cut), y).backward()
+            server_optimizer.step()
+            client_optimizers[i].zero_grad()
+            z.backward(cut.grad)
+            client_optimizers[i].step()
+    assert (scheduler.flushes, scheduler.requests_served) == (len(streams[0]), 3 * len(streams[0]))
     for i in range(3):
         torch.testing.assert_close(results[i], bottoms[i].state_dict())
     torch.testing.assert_close(server.get_fit_result().weights, reference_top.state_dict())
