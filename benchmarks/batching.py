@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['flush_timeout_s']:7g}  {run['calls']:5d}  {run['requests']:8d}  {run['requests_per_call']:8.2f}  "
             f"{run['timeout_flushes']:10d}  {run['round_s']:7.1f}  {run['test_accuracy']:.4f}"
         )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"batching-{record['commit_short']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    transport.write_record(record, args.out_dir)
     return 0
 
 

@@ -1020,6 +1020,15 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def write_record(record: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``record`` (with :func:`provenance`) as ``<out_dir>/<benchmark>-<short commit>.json``; say where."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{record['benchmark']}-{record['commit_short']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     cpu_model = ""
     try:

@@ -7,6 +7,7 @@ or loaded machine those are the benchmark's findings, not pass/fail criteria of 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, ThreadBackend
+from splitflower import cli
 from splitflower._malloc import KEEP_DEFAULTS_ENV
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -158,3 +160,27 @@ def test_batching_benchmark_records_how_whole_the_batches_were(tmp_path: Path) -
     # 3 clients of 64 examples, one batch each: 3 requests, in one call if every batch was whole.
     assert run["flush_timeout_s"] == 1.0 and run["requests"] == 3 and 1 <= run["calls"] <= 3, run
     assert run["requests_per_call"] == round(3 / run["calls"], 3) and 0.0 <= run["test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_request_order_benchmark_records_each_order_and_whether_its_runs_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In this process on threads (the figures' own runs are fresh processes on Ray): its logic, not Ray's start.
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    request_order = importlib.import_module("request_order")
+
+    def run_cli(argv: list[str]) -> None:
+        assert cli.main([argv[0], "--attempts", "1", *argv[1:]]) == 0
+
+    options = ["--repeats", "1", "--rounds", "1", "--dataset", "synthetic", "--train-size", "192", "--test-size", "64"]
+    assert request_order.main([*options, "--out-dir", str(tmp_path)], run_cli=run_cli) == 0
+    (written,) = tmp_path.glob("request-order-*.json")
+    record = json.loads(written.read_text())
+    clients, arrival = record["runs"]
+    # 3 clients of 64 examples, one batch each: one turn of 3 requests in client order, none by arrival.
+    assert (clients["request_order"], arrival["request_order"]) == ("clients", "arrival")
+    assert clients["in_client_order"] == [{"turns": 1, "requests": 3, "timeout_flushes": 0}], clients
+    assert arrival["in_client_order"] == [None] and len(arrival["round_s"]) == 1
+    assert record["repeatable"] == {"clients": True, "arrival": True}, "one run of each repeats itself"
