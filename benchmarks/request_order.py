@@ -5,8 +5,9 @@ request order, each run repeated with the same seed.
 server model, so runs repeat bit for bit; ``arrival`` runs each request as soon as the model is
 free. Every run is a fresh process (a Flower simulation on Ray); the record holds, per order and
 repeat, the test accuracy and loss after the last round, each round's seconds, and the server
-model's turns, requests and turns on the flush timeout (``in_client_order``; none under
-``arrival``), and whether the repeats of an order ended with the same accuracy and loss::
+model's cycles (a request of each client, in turn), requests and cycles on the flush timeout
+(``in_client_order``; none under ``arrival``), and whether the repeats of an order ended with
+the same accuracy and loss::
 
     .venv/bin/python benchmarks/request_order.py [--repeats 2] [--rounds 2] [--train-size 0]
 
@@ -80,10 +81,10 @@ def main(argv: list[str] | None = None, run_cli: CliRunner = _fresh_process) -> 
     runs = [run_once(order, args, run_cli) for _ in range(args.repeats) for order in ORDERS]
     record["runs"] = runs
     record["repeatable"] = {order: _repeatable([r for r in runs if r["request_order"] == order]) for order in ORDERS}
-    print("order    accuracy  loss      round s           turns / requests / on timeout (last round)")
+    print("order    accuracy  loss      round s           cycles / requests / on timeout (last round)")
     for run in runs:
         last = run["in_client_order"][-1]
-        turns = "-" if last is None else f"{last['turns']} / {last['requests']} / {last['timeout_flushes']}"
+        turns = "-" if last is None else f"{last['cycles']} / {last['requests']} / {last['timeout_flushes']}"
         seconds = ", ".join(f"{s:.1f}" for s in run["round_s"])
         figures = f"{run['test_accuracy']:.4f}    {run['test_loss']:.4f}"
         print(f"{run['request_order']:8s} {figures}    {seconds:16s}  {turns}")

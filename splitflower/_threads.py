@@ -80,6 +80,12 @@ class StickyExecutor(Executor):
         worker.wake.release()
         return future
 
+    def raise_max_workers(self, max_workers: int) -> None:
+        """Allow up to ``max_workers`` threads from now on (never fewer than before); they start
+        as tasks come."""
+        with self._lock:
+            self._max_workers = max(self._max_workers, max_workers)
+
     def _next_task(self, worker: _Worker) -> _Task | None:
         with self._lock:
             if self._backlog and not self._stopped:

@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from typing import Any, TypeVar
 from splitflower._openmp import release_openmp_workers
 
 __all__ = ["ComputeThread", "run_on_compute_thread", "shared_compute_thread"]
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _IDLE_GRACE_S = 0.001  # a request arriving within this keeps the OpenMP workers warm
@@ -75,6 +78,11 @@ class ComputeThread:
             job.done.release()
             del job
 
+    def submit(self, fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)`` to run on this thread, without waiting for it: ``fn``
+        hands its own outcome on (an exception it raises is logged)."""
+        self._jobs.put(_Job(_logging_errors(fn), args, kwargs))
+
     def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on this thread and return its result (or raise)."""
         if threading.current_thread() is self._thread:
@@ -86,6 +94,16 @@ class ComputeThread:
             raise job.error
         result: _T = job.result
         return result
+
+
+def _logging_errors(fn: Callable[..., object]) -> Callable[..., None]:
+    def logged(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except BaseException:
+            logger.exception("[server] a job queued on the compute thread failed")
+
+    return logged
 
 
 _shared: ComputeThread | None = None

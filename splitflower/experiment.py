@@ -543,25 +543,31 @@ ROUND_ENTRY_KEYS: Final = (
 
 def inert_fields(config: ExperimentConfig) -> frozenset[str]:
     """Fields that change nothing a run under ``config`` computes or measures, left out where
-    configs are compared (resuming, a reproduce cell's files): ``request_order`` where no
-    clients training at once share a server model's requests unbatched, ``flush_timeout``
-    where no requests are gathered (batched, or run in the clients' order).
+    configs are compared (resuming, a reproduce cell's files): ``request_order`` unless
+    clients training at once share a server model unbatched, ``flush_timeout`` where no
+    requests are gathered (batched, or run in the clients' order where a model serves two or
+    more clients at once).
 
     Example
     -------
-    >>> for strategy, order in [("sequential", "clients"), ("batched", "clients"), ("parallel", "clients"),
-    ...                         ("parallel", "arrival")]:
-    ...     print(strategy, order, sorted(inert_fields(ExperimentConfig(strategy=strategy, request_order=order))))
-    sequential clients ['flush_timeout', 'request_order']
-    batched clients ['request_order']
-    parallel clients []
-    parallel arrival ['flush_timeout']
+    >>> for strategy, order, clients in [("sequential", "clients", 3), ("batched", "clients", 3),
+    ...                                  ("parallel", "clients", 3), ("parallel", "arrival", 3),
+    ...                                  ("parallel", "clients", 1), ("splitfed-v1", "clients", 3)]:
+    ...     config = ExperimentConfig(strategy=strategy, request_order=order, clients=clients)
+    ...     print(strategy, order, clients, sorted(inert_fields(config)))
+    sequential clients 3 ['flush_timeout', 'request_order']
+    batched clients 3 ['request_order']
+    parallel clients 3 []
+    parallel arrival 3 ['flush_timeout']
+    parallel clients 1 ['flush_timeout', 'request_order']
+    splitfed-v1 clients 3 ['flush_timeout', 'request_order']
     """
     strategy = find_strategy(str(config.strategy))(batching=config.batching, request_order=config.request_order)
+    shared = strategy.clients_at_once and strategy.shares_server_models(config.clients)
     inert = set()
-    if strategy.batching or not strategy.clients_at_once:
+    if strategy.batching or not shared:
         inert.add("request_order")
-    if not strategy.batching and not strategy.orders_requests:
+    if not strategy.batching and not (strategy.orders_requests and shared):
         inert.add("flush_timeout")
     return frozenset(inert)
 

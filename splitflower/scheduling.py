@@ -279,7 +279,8 @@ class _GatheringScheduler(Scheduler):
                     self._missed |= self._active - waiting - self._in_flight.keys()
                     ready = [group, *self._take_if_all_waiting()]
                     break
-                self._cond.wait(max(remaining, 0.001))
+                # Once another caller has taken the group, its deadline no longer matters.
+                self._cond.wait(max(remaining, 0.001) if self._groups.get(key) is group else None)
             else:
                 return slot.outcome
         self._run_groups(ready)
@@ -298,10 +299,12 @@ class _GatheringScheduler(Scheduler):
         return groups
 
     def _run_groups(self, groups: list[_Group]) -> None:
+        """Queue ``groups`` on the compute thread; each caller waits for its own outcome (the one
+        whose request completed a group is answered with its turn, not after the whole group)."""
         for group in groups:
             # In the strategy's client order, not arrival order, so that the computation repeats.
             slots = sorted(group.slots, key=lambda s: self._rank.get(s.client, len(self._rank)))
-            self.compute.run(self._run_group, slots, time.perf_counter(), group.timed_out)
+            self.compute.submit(self._run_group, slots, time.perf_counter(), group.timed_out)
 
     def _run_group(self, slots: list[_Slot], started: float, timed_out: bool) -> None:
         """On the compute thread: leave out the callers gone or refused, run the rest."""
@@ -360,6 +363,11 @@ class BatchingScheduler(_GatheringScheduler):
     tensor([2., 2.])
     """
 
+    @property
+    def batched_requests(self) -> int:
+        """Client requests the batched calls served (``requests_served``, the name it had before)."""
+        return self.requests_served
+
     def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
         resolve_call(self.model, method, tensors)
         return _signature(method, tensors), _batch_size(tensors)
@@ -411,8 +419,11 @@ class OrderedScheduler(_GatheringScheduler):
         return self._ONE_GROUP, 0  # rows: each request is computed alone
 
     def _run_gathered(self, slots: list[_Slot], started: float) -> None:
-        for slot in slots:
+        for index, slot in enumerate(slots):
             turn = time.perf_counter()
+            if index and slot.still_wanted is not None and not slot.still_wanted():  # (the first: checked just now)
+                self._settle([slot], [Outcome(error=_gone())], turn)
+                continue
             try:
                 bound = resolve_call(self.model, slot.method, slot.tensors)
                 value, seconds = self._call(bound, slot.tensors, _alone(slot.client, slot.tensors))

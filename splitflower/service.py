@@ -259,6 +259,7 @@ class SplitService:
         self.sequence_timeout = sequence_timeout
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
+        self._executor: StickyExecutor | None = None
         self._sessions: dict[bytes, ClientSession] = {}
         self._lock = threading.Lock()
         self.bound_port = 0
@@ -279,8 +280,8 @@ class SplitService:
             ("grpc.so_reuseport", 0),
         ]
         keep_freed_memory()
-        self._executor = StickyExecutor(self._max_workers, "splitflower-rpc")
-        server = grpc.server(self._executor, options=options)
+        executor = self._executor = StickyExecutor(self._max_workers, "splitflower-rpc")
+        server = grpc.server(executor, options=options)
         handler = grpc.unary_unary_rpc_method_handler(self._handle)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
@@ -296,7 +297,7 @@ class SplitService:
         except RuntimeError as err:
             self.bound_port, cause = 0, err
         if not self.bound_port:
-            self._executor.shutdown(wait=False)
+            executor.shutdown(wait=False)
             why = (
                 "the TLS private key does not match the certificate or is not a PEM key, or the address is "
                 "not this machine's or is taken; check the key and certificate (sf-tls-*), sf-host and sf-port"
@@ -316,7 +317,8 @@ class SplitService:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
-            self._executor.shutdown(wait=False)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
             logger.info("[server] split-learning service stopped")
 
     def __enter__(self) -> SplitService:
@@ -325,6 +327,14 @@ class SplitService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def reserve_workers(self, count: int) -> None:
+        """Let up to ``count`` requests be served at once (if more than ``max_workers``): enough
+        for every client's requests in flight, so that a request that waits for other clients'
+        (a batching or ordered scheduler gathers one of each) never waits behind theirs for a
+        thread. Threads start as requests come; a client's share stays as ``max_workers`` sets it."""
+        if self._executor is not None:
+            self._executor.raise_max_workers(count)
 
     def open_session(self, client: Hashable, scheduler: Scheduler) -> tuple[bytes, ClientSession]:
         """Issue a fresh token giving ``client`` access to ``scheduler``'s model."""

@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ from splitflower.scheduling import (
 )
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
-from splitflower.wire import ConfigKey, RecordKey
+from splitflower.wire import MAX_IN_FLIGHT, ConfigKey, RecordKey
 
 __all__ = ["DEFAULT_ROUND_TIMEOUT_S", "SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
 
@@ -225,6 +226,12 @@ class SplitStrategy(FedAvg):
     def orders_requests(self) -> bool:
         """Whether requests run in the clients' order, one of each in turn (not batched)."""
         return self.clients_at_once and not self.batching and self.request_order == "clients"
+
+    def shares_server_models(self, num_clients: int) -> bool:
+        """Whether, with ``num_clients`` sampled, a server model serves two or more of them."""
+        count = self.num_server_models(num_clients)
+        served = Counter(self.assign(index, num_clients) for index in range(num_clients)) if count else Counter()
+        return max(served.values(), default=0) > 1
 
     def order_clients(self, node_ids: list[int]) -> list[int]:
         """The order of the round's clients: by :attr:`Client.client_id
@@ -434,6 +441,8 @@ class SplitStrategy(FedAvg):
         plan = RoundPlan(server_round, node_ids, models, schedulers, assignment)
         for index, scheduler in enumerate(schedulers):
             scheduler.set_clients([n for n, m in assignment.items() if m == index])
+        # Every client's requests in flight may be waiting at once (a gathered one for the others').
+        self._service.reserve_workers(len(node_ids) * (MAX_IN_FLIGHT + 1))
         for node in node_ids:
             plan.tokens[node], plan.sessions[node] = self._service.open_session(node, schedulers[assignment[node]])
         return plan
@@ -644,7 +653,7 @@ def _gathering(plan: RoundPlan, index: int) -> dict[str, Any]:
     if isinstance(scheduler, BatchingScheduler):
         entry, runs, what = "batching", "calls", "batched calls"
     elif isinstance(scheduler, OrderedScheduler) and scheduler.requests_served:  # none: it served one client
-        entry, runs, what = "in_client_order", "turns", "turns of the clients' requests"
+        entry, runs, what = "in_client_order", "cycles", "cycles of the clients' requests in turn"
     else:
         return {}
     if scheduler.timeout_flushes:

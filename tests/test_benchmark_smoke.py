@@ -179,8 +179,8 @@ def test_request_order_benchmark_records_each_order_and_whether_its_runs_repeate
     (written,) = tmp_path.glob("request-order-*.json")
     record = json.loads(written.read_text())
     clients, arrival = record["runs"]
-    # 3 clients of 64 examples, one batch each: one turn of 3 requests in client order, none by arrival.
+    # 3 clients of 64 examples, one batch each: one cycle of 3 requests in client order, none by arrival.
     assert (clients["request_order"], arrival["request_order"]) == ("clients", "arrival")
-    assert clients["in_client_order"] == [{"turns": 1, "requests": 3, "timeout_flushes": 0}], clients
+    assert clients["in_client_order"] == [{"cycles": 1, "requests": 3, "timeout_flushes": 0}], clients
     assert arrival["in_client_order"] == [None] and len(arrival["round_s"]) == 1
     assert record["repeatable"] == {"clients": True, "arrival": True}, "one run of each repeats itself"

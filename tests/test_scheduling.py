@@ -308,3 +308,74 @@ def test_a_model_serving_one_client_runs_its_requests_at_once_and_gathers_nothin
     torch.testing.assert_close(scheduler.run("only", "double", {"x": torch.ones(2)}).value, torch.full((2,), 2.0))
     assert time.perf_counter() - started < 1.0
     assert (scheduler.flushes, scheduler.requests_served) == (0, 0)
+
+
+class Slow(Counter):
+    """Takes a while per request, so that the order callers are answered in shows."""
+
+    def double(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.2)
+        return super().double(x)
+
+
+def test_each_caller_is_answered_when_its_own_turn_has_run_not_after_the_whole_cycle() -> None:
+    scheduler = OrderedScheduler(Slow(), flush_timeout=10.0)
+    scheduler.set_clients(["a", "b", "c"])
+    answered: list[str] = []
+
+    def call(client: str, delay: float) -> Callable[[], None]:
+        def run() -> None:
+            time.sleep(delay)
+            assert scheduler.run(client, "double", {"x": torch.ones(1)}).error is None
+            answered.append(client)
+
+        return run
+
+    # a comes last, so its request completes the cycle: it runs first, and a must not wait for b's and c's.
+    _run_clients([call("a", 0.3), call("b", 0.0), call("c", 0.1)], limit=30)
+    assert answered == ["a", "b", "c"]
+
+
+def test_a_request_whose_caller_gave_up_before_its_turn_does_not_run() -> None:
+    model = Slow()
+    scheduler = OrderedScheduler(model, flush_timeout=10.0)
+    scheduler.set_clients(["a", "b", "c"])
+    gave_up_at = time.perf_counter() + 0.3  # after a's turn has begun, before c's (each takes 0.2 s)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(client: str) -> Callable[[], None]:
+        def run() -> None:
+            wanted = (lambda: time.perf_counter() < gave_up_at) if client == "c" else None
+            outcomes[client] = scheduler.run(client, "double", {"x": torch.full((1,), 1.0)}, wanted).error
+
+        return run
+
+    _run_clients([call(client) for client in "abc"], limit=30)
+    assert outcomes["a"] is None and outcomes["b"] is None
+    assert isinstance(outcomes["c"], ServerModelTimeoutError)
+    assert len(model.batches) == 2, "c's request ran although its caller had given up when its turn came"
+
+
+def test_every_client_s_requests_in_flight_get_a_thread_so_no_cycle_runs_on_the_timeout() -> None:
+    service = SplitService(port=0, max_workers=4, sequence_timeout=5.0)
+    service.start()
+    try:
+        scheduler = OrderedScheduler(Counter(), flush_timeout=3.0)
+        clients = ["a", "b", "c", "d", "e", "f"]  # more than the service's threads
+        scheduler.set_clients(clients)
+        service.reserve_workers(len(clients) * 5)  # what the strategy reserves: each client's in flight + 1
+
+        def client(name: str) -> Callable[[], None]:
+            def run() -> None:
+                proxy = connect(service, scheduler, client=name, max_in_flight=4)
+                for _ in range(12):
+                    proxy.double.send(x=torch.ones(2))
+                proxy.close()
+
+            return run
+
+        elapsed = _run_clients([client(name) for name in clients], limit=60)
+    finally:
+        service.stop(grace=0)
+    assert scheduler.timeout_flushes == 0 and scheduler.requests_served == 72
+    assert elapsed < 2.5
