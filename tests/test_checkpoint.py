@@ -8,16 +8,17 @@ import json
 import pickle
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend, empty_rounds
-from splitflower import cli
+from splitflower import checkpoint, cli
 from splitflower.checkpoint import check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
-from splitflower.experiment import Experiment, ExperimentConfig
+from splitflower.experiment import Experiment, ExperimentConfig, summarise_rounds
 from splitflower.report import load_results
 from splitflower.strategy import SplitResult
 
@@ -261,3 +262,31 @@ def test_resuming_through_the_api_checks_the_config_and_the_rounds_too(tmp_path:
     )
     with pytest.raises(ConfigError, match=r"lacks its 'config' or its 'rounds' \(a round number >= 0\)"):
         load_model(tmp_path / "n.pt")
+
+
+def test_a_run_saved_round_after_round_summarises_each_round_once_and_keeps_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ExperimentConfig(algorithm="csl", dataset="synthetic", train_size=64, test_size=64).validate()
+    path = _saved(tmp_path, config, rounds=2)
+    resumed = load_model(path)
+    summarised: list[int] = []
+    real = checkpoint.summarise_round
+
+    def counted(record: dict[str, Any]) -> dict[str, Any]:
+        summarised.append(record["round"])
+        return real(record)
+
+    monkeypatch.setattr(checkpoint, "summarise_round", counted)
+    result = SplitResult(arrays=ArrayRecord(resumed.client), server_arrays=ArrayRecord(resumed.server))
+    for last in (3, 4, 5):  # a resumed run saving after each of its rounds
+        result.rounds[last] = {"round": last, "seconds": float(last), "clients": [], "server_models": []}
+        save_model(path, config, result, resumed=resumed)
+        history = load_model(path).history
+        assert [entry["round"] for entry in history] == list(range(1, last + 1))
+        assert list(history[:2]) == list(resumed.history), "the saved run's entries are carried as they were"
+        assert history[-1] == summarise_rounds({last: result.rounds[last]})[0]
+    assert summarised == [3, 4, 5], "each round summarised once, not again at every later save"
+    result.rounds[5] = {**result.rounds[5], "seconds": 9.0}  # another record for a round: summarised anew
+    save_model(path, config, result, resumed=resumed)
+    assert load_model(path).history[-1]["seconds"] == 9.0
