@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,15 +26,15 @@ import transport  # provenance, machine description and the results folder
 CLIENTS = 3
 
 
-def run_once(flush_timeout: float, args: argparse.Namespace) -> dict[str, Any]:
+def run_once(flush_timeout: float, args: argparse.Namespace, run_cli: transport.CliRunner) -> dict[str, Any]:
     """One batched LocFedMix run; the figures of its single round."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "results.json"
-        command = [sys.executable, "-m", "splitflower.cli", "run", "--algorithm", "locfedmix", "--model", "lenet5"]
+        command = ["run", "--algorithm", "locfedmix", "--model", "lenet5"]
         command += ["--dataset", args.dataset, "--clients", str(CLIENTS), "--rounds", "1"]
         command += ["--train-size", str(args.train_size), "--test-size", str(args.test_size)]
         command += ["--flush-timeout", str(flush_timeout), "--out", str(out)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        run_cli(command)
         results = json.loads(out.read_text())
     (entry,) = results["rounds"]
     (server,) = entry["server_models"]
@@ -48,7 +47,8 @@ def run_once(flush_timeout: float, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run_cli: transport.CliRunner = transport.run_cli_in_fresh_process) -> int:
+    """``run_cli``: how each run is started (default: ``splitflower`` in a fresh process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--flush-timeouts", type=float, nargs="+", default=[0.05, 1.0], help="seconds, one run each")
     parser.add_argument("--train-size", type=int, default=6000, help="training examples (default %(default)s)")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # 0: the runs' own --torch-threads default
     record["setup"] = {"algorithm": "locfedmix", "model": "lenet5", "clients": CLIENTS, "rounds": 1}
     record["setup"] |= {"dataset": args.dataset, "train_size": args.train_size, "test_size": args.test_size}
-    record["runs"] = [run_once(timeout, args) for timeout in args.flush_timeouts]
+    record["runs"] = [run_once(timeout, args, run_cli) for timeout in args.flush_timeouts]
     print("flush s  calls  requests  per call  on timeout  round s  accuracy")
     for run in record["runs"]:
         print(

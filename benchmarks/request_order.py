@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +31,7 @@ CLIENTS = 3
 ORDERS = ("clients", "arrival")
 
 
-CliRunner = Callable[[list[str]], None]
-"""Runs ``splitflower <argv>`` to its end, raising if it fails."""
-
-
-def _fresh_process(argv: list[str]) -> None:
-    subprocess.run([sys.executable, "-m", "splitflower.cli", *argv], check=True, stdout=subprocess.DEVNULL)
-
-
-def run_once(order: str, args: argparse.Namespace, run_cli: CliRunner) -> dict[str, Any]:
+def run_once(order: str, args: argparse.Namespace, run_cli: transport.CliRunner) -> dict[str, Any]:
     """One parallel CSL run; its final figures and each round's."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "results.json"
@@ -64,7 +54,7 @@ def _repeatable(runs: list[dict[str, Any]]) -> bool:
     return len({(run["test_accuracy"], run["test_loss"]) for run in runs}) == 1
 
 
-def main(argv: list[str] | None = None, run_cli: CliRunner = _fresh_process) -> int:
+def main(argv: list[str] | None = None, run_cli: transport.CliRunner = transport.run_cli_in_fresh_process) -> int:
     """``run_cli``: how each run is started (default: ``splitflower`` in a fresh process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeats", type=int, default=2, help="runs per order, alternating (default %(default)s)")

@@ -88,6 +88,7 @@ import os
 import platform
 import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1018,6 +1019,15 @@ def provenance() -> dict[str, Any]:
         "date": dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
     }
+
+
+CliRunner = Callable[[list[str]], None]
+"""Runs ``splitflower <argv>`` to its end, raising if it fails."""
+
+
+def run_cli_in_fresh_process(argv: list[str]) -> None:
+    """How benchmarks run ``splitflower``: a fresh process each (a Flower simulation on Ray)."""
+    subprocess.run([sys.executable, "-m", "splitflower.cli", *argv], check=True, stdout=subprocess.DEVNULL)
 
 
 def write_record(record: dict[str, Any], out_dir: Path) -> Path:

@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,10 +152,23 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
         assert all(math.isfinite(runs[0][f"{party}_faults_per_step"]) for party in ("client", "server"))
 
 
+def _in_process_on_threads(monkeypatch: pytest.MonkeyPatch, benchmark: str) -> Any:
+    """The benchmark module, and a runner of ``splitflower`` in this process on threads: what
+    a smoke test needs of it is its logic, not Ray's start (its figures' runs are fresh processes)."""
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def run_cli(argv: list[str]) -> None:
+        assert cli.main([argv[0], "--attempts", "1", *argv[1:]]) == 0
+
+    return importlib.import_module(benchmark), run_cli
+
+
 @pytest.mark.slow
-def test_batching_benchmark_records_how_whole_the_batches_were(tmp_path: Path) -> None:
+def test_batching_benchmark_records_how_whole_the_batches_were(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    batching, run_cli = _in_process_on_threads(monkeypatch, "batching")
     options = ["--flush-timeouts", "1", "--dataset", "synthetic", "--train-size", "192", "--test-size", "64"]
-    _run_benchmark("batching.py", *options, "--out-dir", str(tmp_path), timeout=300)
+    assert batching.main([*options, "--out-dir", str(tmp_path)], run_cli=run_cli) == 0
     (written,) = tmp_path.glob("batching-*.json")
     (run,) = json.loads(written.read_text())["runs"]
     # 3 clients of 64 examples, one batch each: 3 requests, in one call if every batch was whole.
@@ -166,14 +180,7 @@ def test_batching_benchmark_records_how_whole_the_batches_were(tmp_path: Path) -
 def test_request_order_benchmark_records_each_order_and_whether_its_runs_repeated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # In this process on threads (the figures' own runs are fresh processes on Ray): its logic, not Ray's start.
-    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    request_order = importlib.import_module("request_order")
-
-    def run_cli(argv: list[str]) -> None:
-        assert cli.main([argv[0], "--attempts", "1", *argv[1:]]) == 0
-
+    request_order, run_cli = _in_process_on_threads(monkeypatch, "request_order")
     options = ["--repeats", "1", "--rounds", "1", "--dataset", "synthetic", "--train-size", "192", "--test-size", "64"]
     assert request_order.main([*options, "--out-dir", str(tmp_path)], run_cli=run_cli) == 0
     (written,) = tmp_path.glob("request-order-*.json")
