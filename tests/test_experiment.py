@@ -940,3 +940,30 @@ def test_a_resumed_run_that_stops_counts_the_rounds_of_the_run_it_resumed() -> N
     assert error.partial_results["resumed_from"] == resumed["resumed_from"]
     interrupted = stopped_early(config, [], 1.0, KeyboardInterrupt(), **resumed)
     assert str(interrupted) == "interrupted after 2 of 5 rounds" and interrupted.partial_results is None
+
+
+def test_clients_at_once_are_as_many_as_the_memory_available_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 2**30
+    monkeypatch.setattr(experiment_module, "_resident_bytes", lambda: int(0.75 * gib))  # + 0.25 GiB per actor
+    monkeypatch.setattr(experiment_module, "_available_memory_bytes", lambda: 10 * gib)
+    assert experiment_module.clients_at_once_in_memory(5) == (5, "")
+    fit, why = experiment_module.clients_at_once_in_memory(30)  # 0.8 * 10 GiB / 1 GiB
+    assert fit == 8
+    assert "30 clients train at once" in why and "fits about 8 simulation actors of 1024 MB" in why
+    monkeypatch.setattr(experiment_module, "_available_memory_bytes", lambda: None)  # not Linux: no estimate
+    assert experiment_module.clients_at_once_in_memory(30) == (30, "")
+
+
+def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    monkeypatch.setattr(experiment_module, "clients_at_once_in_memory", lambda wanted: (2, f"only 2 of {wanted}"))
+    config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=3, rounds=1, train_size=192, test_size=64)
+    said: list[str] = []
+    results = run_experiment(config, say=said.append)
+    assert results["clients_at_once"] == 2 and "splitflower: warning: only 2 of 3" in said
+    (entry,) = results["rounds"]
+    assert entry["num_examples"] == 192 and not entry["failed_clients"], "the third client trained after one finished"
+    (server,) = entry["server_models"]
+    assert server["in_client_order"]["requests"] == 3 and server["in_client_order"]["timeout_flushes"] >= 1
