@@ -944,7 +944,7 @@ def test_a_resumed_run_that_stops_counts_the_rounds_of_the_run_it_resumed() -> N
 
 def test_clients_at_once_are_as_many_as_the_memory_available_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     gib = 2**30
-    monkeypatch.setattr(experiment_module, "_resident_bytes", lambda: int(0.75 * gib))  # + 0.25 GiB per actor
+    monkeypatch.setattr(experiment_module, "_private_bytes", lambda: int(0.75 * gib))  # + 0.25 GiB per actor
     monkeypatch.setattr(experiment_module, "_available_memory_bytes", lambda: 10 * gib)
     assert experiment_module.clients_at_once_in_memory(5) == (5, "")
     fit, why = experiment_module.clients_at_once_in_memory(30)  # 0.8 * 10 GiB / 1 GiB
