@@ -1031,7 +1031,8 @@ def run_cli_in_fresh_process(argv: list[str]) -> None:
 
 
 def write_record(record: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``record`` (with :func:`provenance`) as ``<out_dir>/<benchmark>-<short commit>.json``; say where."""
+    """Write ``record`` (which holds its ``benchmark`` name and :func:`provenance`) as
+    ``<out_dir>/<benchmark>-<short commit>.json``; say where."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{record['benchmark']}-{record['commit_short']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -141,6 +141,8 @@ def build_server_app(
     (:func:`splitflower.checkpoint.save_model`) so that a killed process loses no more than a
     round. A :class:`~splitflower.errors.ResultsFileError` it raises (a full disk, say) is
     logged and the run goes on; any other error ends the run, as ``on_round``'s does.
+    ``on_round(server_round, record)`` gets the round's record as the strategy keeps it (and a
+    :class:`~splitflower.checkpoint.ModelWriter` has saved it): read it, do not change it.
     ``round_timeout``: seconds a round waits for its clients' replies (under a strategy that
     serves clients in turn, for each client's); a client that has not replied by then is
     recorded as failed, and the round goes on without it. None: the run config's

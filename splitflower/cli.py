@@ -9,7 +9,6 @@ not torch's.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import signal
@@ -308,7 +307,7 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 
 
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
-    from splitflower.checkpoint import save_model
+    from splitflower.checkpoint import ModelWriter
     from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
 
     _configure_logging(args.verbose)
@@ -332,7 +331,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         raise ConfigError("--save-every says how often --save-model writes the weights; give --save-model FILE.pt")
     unsaved: list[ResultsFileError] = []
     # A run resumed from a file keeps that file's rounds' history on in the files it writes.
-    write_model = None if args.save_model is None else functools.partial(save_model, args.save_model, resumed=resume)
+    write_model = None if args.save_model is None else ModelWriter(args.save_model, resumed=resume)
     results = run_experiment_owning_the_process(
         config,
         say=lambda line: print(line, flush=True),

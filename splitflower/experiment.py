@@ -87,6 +87,7 @@ __all__ = [
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
+    "clients_at_once_in_memory",
     "check_results_path",
     "partial_results_path",
     "results_document",
@@ -97,7 +98,6 @@ __all__ = [
     "summarise_round",
     "summarise_rounds",
     "threads_per_client",
-    "clients_at_once_in_memory",
     "versions",
     "write_atomically",
     "write_results",
@@ -532,18 +532,40 @@ def clients_at_once_in_memory(wanted: int) -> tuple[int, str]:
         f"{wanted} clients train at once under this strategy, but the memory available "
         f"({available / 2**30:.1f} GiB) fits about {fit} simulation actors of {per_actor / 2**20:.0f} MB: "
         f"clients train {fit} at a time, and a strategy that gathers requests (batched, or in the clients' "
-        "order) gathers those of the clients training, after one flush timeout as each new client starts"
+        "order) gathers those of the clients training, after one flush timeout as each new client starts, "
+        "so such a run no longer repeats bit for bit"
     )
 
 
 def _available_memory_bytes() -> int | None:
+    """The machine's available memory, or a container's room under its cgroup limit if less
+    (None where neither can be read: not Linux, so no estimate and no cap)."""
+    machine = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                machine = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None  # not Linux: no estimate, no cap
+    room = _cgroup_room_bytes()
+    return machine if room is None else room if machine is None else min(machine, room)
+
+
+_CGROUP_LIMITS = (  # (limit, usage) of cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _cgroup_room_bytes() -> int | None:
+    for limit_file, usage_file in _CGROUP_LIMITS:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:  # "max", or v1's huge "no limit"
+            return max(int(limit) - int(usage), 0)
+    return None
 
 
 def _private_bytes() -> int | None:

@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from splitflower.checkpoint import SavedModel, load_model, save_model
+from splitflower.checkpoint import ModelWriter, SavedModel, load_model
 from splitflower.errors import (
     DEFAULT_ATTEMPTS,
     STALLED_EXIT_CODE,
@@ -227,11 +227,12 @@ def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> Non
         results = results_document(config, list(saved.history), 0.0, resumed_from=saved.resumed_from(config))
     else:
         # A cell whose simulation stalls or fails ends its process at once, so the grid can retry it.
+        write = ModelWriter(model, resumed=saved)
         results = run_experiment_owning_the_process(
             config,
             say=_say_in_cell,
-            keep_model=partial(_save_cell_model, model, saved),
-            checkpoint=partial(save_model, model, resumed=saved),  # a failed write is logged, the cell goes on
+            keep_model=partial(_save_cell_model, write),
+            checkpoint=write,  # a failed write is logged, the cell goes on
             resume=saved,
         )
     results["reproduce"] = extra
@@ -242,9 +243,9 @@ def _say_in_cell(line: str) -> None:
     print(f"    {line}", flush=True)
 
 
-def _save_cell_model(path: Path, resumed: SavedModel | None, config: ExperimentConfig, result: SplitResult) -> None:
+def _save_cell_model(write: ModelWriter, config: ExperimentConfig, result: SplitResult) -> None:
     try:
-        save_model(path, config, result, resumed=resumed)
+        write(config, result)
     except ResultsFileError as err:  # its results are written all the same
         print(f"    warning: the weights after round {result.last_round} are not kept: {err}", flush=True)
 

@@ -59,6 +59,13 @@ def _few_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _no_actor_memory_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process runs (ThreadBackend) train clients as threads sharing this process's memory, so
+    # the estimate of Ray actors' memory does not apply; runs in fresh processes keep it.
+    monkeypatch.setattr("splitflower.experiment._available_memory_bytes", lambda: None)
+
+
 @pytest.fixture
 def service() -> Iterator[SplitService]:
     svc = SplitService(port=0, max_message_bytes=4 * 1024 * 1024, sequence_timeout=5.0)

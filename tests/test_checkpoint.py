@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend, empty_rounds
 from splitflower import checkpoint, cli
-from splitflower.checkpoint import check_resumable, load_model, resumed_config, save_model
+from splitflower.checkpoint import ModelWriter, check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.experiment import Experiment, ExperimentConfig, summarise_rounds
 from splitflower.report import load_results
@@ -278,15 +278,19 @@ def test_a_run_saved_round_after_round_summarises_each_round_once_and_keeps_them
         return real(record)
 
     monkeypatch.setattr(checkpoint, "summarise_round", counted)
+    write = ModelWriter(path, resumed=resumed)
     result = SplitResult(arrays=ArrayRecord(resumed.client), server_arrays=ArrayRecord(resumed.server))
     for last in (3, 4, 5):  # a resumed run saving after each of its rounds
         result.rounds[last] = {"round": last, "seconds": float(last), "clients": [], "server_models": []}
-        save_model(path, config, result, resumed=resumed)
+        write(config, result)
         history = load_model(path).history
         assert [entry["round"] for entry in history] == list(range(1, last + 1))
         assert list(history[:2]) == list(resumed.history), "the saved run's entries are carried as they were"
         assert history[-1] == summarise_rounds({last: result.rounds[last]})[0]
     assert summarised == [3, 4, 5], "each round summarised once, not again at every later save"
     result.rounds[5] = {**result.rounds[5], "seconds": 9.0}  # another record for a round: summarised anew
-    save_model(path, config, result, resumed=resumed)
+    write(config, result)
     assert load_model(path).history[-1]["seconds"] == 9.0
+    # What it writes is what save_model writes.
+    one_off = save_model(tmp_path / "one-off.pt", config, result, resumed=resumed)
+    assert torch.load(one_off, weights_only=True)["history"] == torch.load(path, weights_only=True)["history"]

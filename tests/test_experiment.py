@@ -954,6 +954,23 @@ def test_clients_at_once_are_as_many_as_the_memory_available_fits(monkeypatch: p
     assert experiment_module.clients_at_once_in_memory(30) == (30, "")
 
 
+def test_the_memory_available_is_a_container_s_room_under_its_cgroup_limit_where_that_is_less(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.undo()  # the suite's fixture hides the memory available; this test reads it
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(experiment_module, "_CGROUP_LIMITS", ((str(limit), str(usage)),))
+    machine = experiment_module._available_memory_bytes()
+    assert machine is not None and machine > 0, "no cgroup files: the machine's MemAvailable"
+    limit.write_text("max\n")
+    usage.write_text("1000\n")
+    assert experiment_module._available_memory_bytes() == machine, "no limit"
+    limit.write_text(f"{2**20 + 1000}\n")
+    assert experiment_module._available_memory_bytes() == 2**20, "1 MiB of room under the limit"
+    usage.write_text(f"{2**21}\n")
+    assert experiment_module._available_memory_bytes() == 0
+
+
 def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

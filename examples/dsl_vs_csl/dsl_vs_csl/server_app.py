@@ -11,7 +11,7 @@ from flwr.app import Context
 
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
-from splitflower.checkpoint import SavedModel, check_resumable, load_model, save_model
+from splitflower.checkpoint import ModelWriter, SavedModel, check_resumable, load_model
 from splitflower.experiment import (
     Experiment,
     check_results_path,
@@ -26,6 +26,7 @@ from splitflower.strategy import SplitResult, SplitStrategy
 # WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
 logger = logging.getLogger("dsl_vs_csl")
 _started: dict[int, float] = {}  # run id -> perf_counter at start
+_writers: dict[int, ModelWriter] = {}  # run id -> what writes its model-out
 _resumes: dict[int, SavedModel] = {}  # run id -> the weights it trains on from
 DEFAULT_OUT = "dsl_vs_csl-results.json"
 
@@ -78,8 +79,10 @@ def _write_results(context: Context, result: SplitResult) -> None:
 
 
 def _save_model(context: Context, result: SplitResult) -> None:  # after each round: what resume-from reads
-    if context.run_config.get("model-out"):
-        save_model(str(context.run_config["model-out"]), _experiment(context).config, result, resumed=_resumed(context))
+    if path := context.run_config.get("model-out"):
+        if context.run_id not in _writers:  # one per run: each round summarised once
+            _writers[context.run_id] = ModelWriter(str(path), resumed=_resumed(context))
+        _writers[context.run_id](_experiment(context).config, result)
 
 
 def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: BaseException) -> None:
