@@ -41,9 +41,9 @@ from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
 from splitflower.experiment import (
     ROUND_ENTRY_KEYS,
-    STORED_BEFORE_KEPT,
     Experiment,
     ExperimentConfig,
+    config_as_run,
     config_as_stored,
     inert_fields,
     summarise_round,
@@ -108,7 +108,8 @@ class SavedModel:
 
     def experiment_config(self) -> ExperimentConfig:
         """``config`` as an :class:`ExperimentConfig` (not yet validated)."""
-        fields = {**STORED_BEFORE_KEPT, **self.config, "options": tuple(self.config.get("options") or ())}
+        fields = config_as_run(self.config)
+        fields["options"] = tuple(fields["options"] or ())
         try:
             return ExperimentConfig(**fields)
         except TypeError as err:  # a field this version does not know
@@ -148,7 +149,7 @@ class ModelWriter:
     """
 
     def __init__(self, path: str | Path, *, resumed: SavedModel | None = None) -> None:
-        self.path, self.resumed = path, resumed
+        self.path = path
         self._carried = [json.dumps(entry) for entry in resumed.history] if resumed is not None else []
         self._texts: dict[int, tuple[Mapping[str, Any], str]] = {}  # round -> (its record, its entry's JSON)
 

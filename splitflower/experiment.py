@@ -64,7 +64,7 @@ from splitflower.models import MODEL_NAMES, build_model
 from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, DEFAULT_REQUEST_ORDER, REQUEST_ORDERS
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
-from splitflower.strategies import SequentialStrategy, find_strategy
+from splitflower.strategies import find_strategy
 from splitflower.strategy import SplitResult, SplitStrategy
 from splitflower.supervised import SupervisedServerModel
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
@@ -79,6 +79,7 @@ __all__ = [
     "ROUND_ENTRY_KEYS",
     "inert_fields",
     "STORED_BEFORE_KEPT",
+    "config_as_run",
     "config_as_stored",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
@@ -506,7 +507,7 @@ def threads_per_client(config: ExperimentConfig, clients_at_once: int | None = N
 def _concurrent_clients(config: ExperimentConfig) -> int:
     """Clients training at once: one under strategies that serve clients in turn."""
     strategy = find_strategy(str(config.strategy)) if config.strategy else None
-    return 1 if strategy is not None and issubclass(strategy, SequentialStrategy) else config.clients
+    return config.clients if strategy is None or strategy.clients_at_once else 1
 
 
 # What a simulation actor holds of its own beyond what this process holds once it has built the
@@ -647,6 +648,20 @@ def inert_fields(config: ExperimentConfig) -> frozenset[str]:
 STORED_BEFORE_KEPT: Final[Mapping[str, Any]] = {"request_order": "arrival"}
 """What runs did where a results or model file written before a field existed lacks it, where
 that differs from the field's default (requests ran as they arrived)."""
+
+
+def config_as_run(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A config as a results or model file holds it, with each field it lacks (written before
+    the field existed) as runs did then: :data:`STORED_BEFORE_KEPT`, else the field's default.
+    Keys this version does not know are kept (an :class:`ExperimentConfig` refuses them).
+
+    Example
+    -------
+    >>> as_run = config_as_run({"algorithm": "csl"})
+    >>> as_run["algorithm"], as_run["request_order"], as_run["clients"]
+    ('csl', 'arrival', 3)
+    """
+    return {**config_as_stored(ExperimentConfig()), **STORED_BEFORE_KEPT, **stored}
 
 
 def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -841,7 +856,6 @@ def run_experiment(
     config = experiment.config
     clients_at_once, fewer = clients_at_once_in_memory(_concurrent_clients(config))
     if fewer:
-        logger.warning("[server] %s", fewer)
         say(f"splitflower: warning: {fewer}")
     extra: dict[str, Any] = {"clients_at_once": clients_at_once}
     if resume is not None:

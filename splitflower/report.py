@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import RESULTS_SCHEMA, STORED_BEFORE_KEPT, check_results_path, write_atomically
+from splitflower.experiment import RESULTS_SCHEMA, check_results_path, config_as_run, write_atomically
 
 __all__ = ["load_results", "comparison_table", "check_plot_path", "plot_results"]
 
@@ -103,7 +103,7 @@ def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
         group = [i for i, b in enumerate(bases) if b == base]
         if len(group) < 2:
             continue
-        configs = [{**STORED_BEFORE_KEPT, **runs[i]["config"]} for i in group]  # as files before a field ran
+        configs = [config_as_run(runs[i]["config"]) for i in group]  # a field a file lacks: as it ran
         differing = {k for c in configs for k in c if len({_comparable(d.get(k), k) for d in configs}) > 1}
         keys = [k for k in _FIRST_SHOWN if k in differing] + sorted(differing - set(_FIRST_SHOWN))
         for i, config in zip(group, configs, strict=True):

@@ -52,8 +52,8 @@ from splitflower.errors import (
     SimulationStartError,
 )
 from splitflower.experiment import (
-    STORED_BEFORE_KEPT,
     ExperimentConfig,
+    config_as_run,
     config_as_stored,
     inert_fields,
     results_document,
@@ -203,11 +203,8 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
         existing = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False  # unreadable: run the cell again (results are written atomically)
-    # A field the file lacks (written before the field existed) counts as what runs did then.
-    wanted, defaults = config_as_stored(config), config_as_stored(ExperimentConfig())
-    stored = {**STORED_BEFORE_KEPT, **(existing.get("config") or {})}
-    inert = inert_fields(config)
-    differing = sorted(k for k, v in wanted.items() if k not in inert and stored.get(k, defaults[k]) != v)
+    stored, inert = config_as_run(existing.get("config") or {}), inert_fields(config)
+    differing = sorted(k for k, v in config_as_stored(config).items() if k not in inert and stored[k] != v)
     if differing:
         raise ConfigError(
             f"{path} holds results of a different configuration (differs in {differing}); "

@@ -190,6 +190,7 @@ class ImmediateScheduler(Scheduler):
 class _Slot:
     client: Hashable
     method: str
+    bound: Callable[..., Any]  # the model's method, resolved when the request came
     tensors: Mapping[str, torch.Tensor]
     arrived: float
     rows: int
@@ -233,8 +234,8 @@ class _GatheringScheduler(Scheduler):
         self.requests_served = 0  # client requests they ran
 
     @abstractmethod
-    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
-        """Check a request on its gRPC thread; return the key of the group it joins and its rows."""
+    def _group_of(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
+        """The key of the group a (resolved) request joins, and its rows; raise if it cannot join one."""
 
     @abstractmethod
     def _run_gathered(self, slots: list[_Slot], started: float) -> None:
@@ -256,10 +257,11 @@ class _GatheringScheduler(Scheduler):
         self, client: Hashable, method: str, tensors: Mapping[str, torch.Tensor], still_wanted: Wanted = None
     ) -> Outcome:
         try:
-            key, rows = self._admit(method, tensors)
+            bound = resolve_call(self.model, method, tensors)
+            key, rows = self._group_of(method, tensors)
         except Exception as err:  # noqa: BLE001 - a bad request must not poison the others
             return Outcome(error=err)
-        slot = _Slot(client, method, tensors, time.perf_counter(), rows, still_wanted)
+        slot = _Slot(client, method, bound, tensors, time.perf_counter(), rows, still_wanted)
         with self._cond:
             self._missed.discard(client)
             group = self._groups.get(key)
@@ -368,8 +370,7 @@ class BatchingScheduler(_GatheringScheduler):
         """Client requests the batched calls served (``requests_served``, the name it had before)."""
         return self.requests_served
 
-    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
-        resolve_call(self.model, method, tensors)
+    def _group_of(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
         return _signature(method, tensors), _batch_size(tensors)
 
     def _run_gathered(self, slots: list[_Slot], started: float) -> None:
@@ -414,8 +415,7 @@ class OrderedScheduler(_GatheringScheduler):
             return self._run_now(client, method, tensors, still_wanted)
         return super().run(client, method, tensors, still_wanted)
 
-    def _admit(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
-        resolve_call(self.model, method, tensors)
+    def _group_of(self, method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[Hashable, ...], int]:
         return self._ONE_GROUP, 0  # rows: each request is computed alone
 
     def _run_gathered(self, slots: list[_Slot], started: float) -> None:
@@ -425,8 +425,7 @@ class OrderedScheduler(_GatheringScheduler):
                 self._settle([slot], [Outcome(error=_gone())], turn)
                 continue
             try:
-                bound = resolve_call(self.model, slot.method, slot.tensors)
-                value, seconds = self._call(bound, slot.tensors, _alone(slot.client, slot.tensors))
+                value, seconds = self._call(slot.bound, slot.tensors, _alone(slot.client, slot.tensors))
                 outcome = Outcome(value=_own_value(value), compute_s=seconds)
             except BaseException as err:  # noqa: BLE001 - that caller's error; the next ones still run
                 outcome = Outcome(error=err)

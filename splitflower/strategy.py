@@ -229,8 +229,7 @@ class SplitStrategy(FedAvg):
 
     def shares_server_models(self, num_clients: int) -> bool:
         """Whether, with ``num_clients`` sampled, a server model serves two or more of them."""
-        count = self.num_server_models(num_clients)
-        served = Counter(self.assign(index, num_clients) for index in range(num_clients)) if count else Counter()
+        served = Counter(self.assign(index, num_clients) for index in range(num_clients))
         return max(served.values(), default=0) > 1
 
     def order_clients(self, node_ids: list[int]) -> list[int]:
@@ -659,14 +658,14 @@ def _gathering(plan: RoundPlan, index: int) -> dict[str, Any]:
     if scheduler.timeout_flushes:
         logger.warning(
             "[server] round %d: server model %d: %d of %d %s ran on the flush timeout (%g s) without every "
-            "client's request: a client was slower than that; a longer flush timeout keeps them whole%s",
+            "client's request: a client was slower than that; a longer flush timeout keeps them whole (and "
+            "the run repeatable)",
             plan.server_round,
             index,
             scheduler.timeout_flushes,
             scheduler.flushes,
             what,
             scheduler.flush_timeout,
-            "" if entry == "batching" else " (and the run repeatable)",
         )
     return {
         entry: {

@@ -194,10 +194,21 @@ def test_request_order_benchmark_records_each_order_and_whether_its_runs_repeate
     assert record["repeatable"]["arrival"] in (True, False), "arrival order may or may not repeat one batch each"
 
 
-@pytest.mark.parametrize("script", ["batching.py", "request_order.py"])
+@pytest.mark.parametrize("script", ["batching.py", "request_order.py", "model_saves.py"])
 def test_a_benchmark_that_runs_splitflower_in_fresh_processes_starts_as_a_script(script: str) -> None:
-    # Their smoke tests above run them in-process: here the script itself, as the records are made.
+    # Their smoke tests run them in-process: here the script itself, as the records are made.
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0 and "--out-dir" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_model_saves_benchmark_records_both_ways_of_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_saves, _ = _in_process_on_threads(monkeypatch, "model_saves")
+    assert model_saves.main(["--rounds-so-far", "2", "20", "--out-dir", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("model-saves-*.json")
+    small, large = json.loads(written.read_text())["runs"]
+    assert (small["rounds_so_far"], large["rounds_so_far"]) == (2, 20)
+    assert all(run["fresh_write_ms"] > 0 and run["writer_next_round_ms"] > 0 for run in (small, large))
+    assert large["file_mb"] > small["file_mb"] > 0, "the history grows with the rounds"
