@@ -19,7 +19,7 @@ from splitflower.supervised import EMBEDDINGS
 
 __all__ = ["UShapedClient", "UShapedServerModel"]
 
-FEATURES = TensorSpec(dtypes=FLOATING, shape=("batch", ...), finite=True)
+_FEATURES = TensorSpec(dtypes=FLOATING, shape=("batch", ...), finite=True)
 
 
 class UShapedClient(Client):
@@ -63,7 +63,7 @@ class UShapedServerModel(ServerModel):
         self.keep(z, h)
         return h.detach()
 
-    @remote(grad=FEATURES)
+    @remote(grad=_FEATURES)
     def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
         z, h = self.take_kept("forward")
         self.step(h, grad=grad, num_examples=len(z))

@@ -45,12 +45,14 @@ __all__ = [
     "build_server_app",
     "build_client_app",
     "service_from_run_config",
+    "NUM_SERVER_ROUNDS_KEY",
     "client_reply_metrics",
 ]
 
 logger = logging.getLogger(__name__)
 
 ROUND_TIMEOUT_KEY = "sf-round-timeout"
+NUM_SERVER_ROUNDS_KEY = "num-server-rounds"  # Flower's own templates' name for it
 NODE_WAIT_TIMEOUT_KEY = "sf-node-wait-timeout"
 
 
@@ -97,6 +99,16 @@ def _seconds_from_run_config(run_config: Mapping[str, Any], key: str) -> float |
     if value in (None, ""):
         return None
     return _checked_seconds(value, f"run config {key!r}")
+
+
+def _rounds_from_run_config(run_config: Mapping[str, Any]) -> int:
+    rounds = run_config.get(NUM_SERVER_ROUNDS_KEY, 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(
+            f"run config {NUM_SERVER_ROUNDS_KEY!r} must be a whole number of rounds >= 1, got {rounds!r} "
+            "(set it in [tool.flwr.app.config] or with --run-config)"
+        )
+    return rounds
 
 
 def _checked_seconds(value: object, what: str) -> float:
@@ -168,6 +180,7 @@ def build_server_app(
             # The run config is read before anything starts: a bad value fails the run at once.
             timeout = round_timeout or round_timeout_from_run_config(context.run_config)
             node_wait = _seconds_from_run_config(context.run_config, NODE_WAIT_TIMEOUT_KEY)
+            rounds = num_rounds or _rounds_from_run_config(context.run_config)
             service = service_from_run_config(context.run_config)
             service.start()
             split_strategy = strategy(context)
@@ -177,7 +190,7 @@ def build_server_app(
             result = split_strategy.start(
                 grid,
                 ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
-                num_rounds=num_rounds or int(context.run_config.get("num-server-rounds", 1)),
+                num_rounds=rounds,
                 timeout=timeout,
                 train_config=config,
                 evaluate_fn=central_evaluate(context) if central_evaluate else None,

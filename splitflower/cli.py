@@ -104,13 +104,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--flush-timeout",
         type=float,
-        default=1.0,  # ExperimentConfig.flush_timeout (this module does not import it)
+        default=1.0,  # ExperimentConfig.flush_timeout (not imported, to start fast; a test checks they agree)
         help="seconds a batched request, or one run in the clients' order, waits at most for the other clients'",
     )
     run.add_argument(
         "--request-order",
         choices=("clients", "arrival"),
-        default="clients",  # ExperimentConfig.request_order
+        default="clients",  # ExperimentConfig.request_order (likewise)
         help="clients training at once that share a server model: run a request of each in turn in the clients' "
         "order, so the run repeats bit for bit (clients), or each as it arrives, so none waits for a slower one "
         "(arrival)",
@@ -146,6 +146,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="train on from the weights --save-model wrote (after round k: rounds k+1 to --rounds, default "
         "the saved run's last), with the config they were saved with: options that would change what a round "
         "computes are refused unless they agree with it",
+    )
+    run.add_argument(
+        "--clients-at-once",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="clients the simulation trains at a time (default: as many as the strategy trains at once that "
+        "fit in the memory available, a cautious estimate; a number given is trusted to fit)",
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.add_argument(
@@ -342,6 +350,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         # A write after a round that fails is logged and the run goes on; the final one decides the exit code.
         checkpoint=write_model,
         checkpoint_every=args.save_every,
+        clients_at_once=args.clients_at_once,
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
     print(_table(results))

@@ -71,7 +71,7 @@ _REPLY_HEAD = struct.Struct("<2sBBBddH")
 _U8 = struct.Struct("<B")
 _ENTRY_HEAD = struct.Struct("<BB")
 
-FLAG_NO_REPLY: Final = 1
+_FLAG_NO_REPLY: Final = 1
 
 _DTYPE_CODES: Final[dict[torch.dtype, int]] = {
     torch.float32: 1,
@@ -275,7 +275,7 @@ def encode_request(
         _MAGIC,
         _VERSION,
         _KIND_REQUEST,
-        FLAG_NO_REPLY if no_reply else 0,
+        _FLAG_NO_REPLY if no_reply else 0,
         token,
         seq & 0xFFFFFFFF,
         (seq if settled_below is None else settled_below) & 0xFFFFFFFF,
@@ -429,7 +429,7 @@ def decode_request(frame: bytes) -> Request:
     except UnicodeDecodeError as err:
         raise CodecError("the method name is not valid UTF-8") from err
     tensors = _decode_tensors(frame, offset + 1 + method_length, table_length)
-    no_reply = bool(flags & FLAG_NO_REPLY)
+    no_reply = bool(flags & _FLAG_NO_REPLY)
     return Request(token, seq, method, no_reply, tensors, settled_below)
 
 

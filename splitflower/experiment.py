@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
@@ -80,11 +80,13 @@ __all__ = [
     "inert_fields",
     "STORED_BEFORE_KEPT",
     "config_as_run",
+    "differing_fields",
     "config_as_stored",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "RESULTS_SCHEMA",
     "STALLED_EXIT_CODE",
+    "STALL_MESSAGE",
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
@@ -552,21 +554,40 @@ def _available_memory_bytes() -> int | None:
     return machine if room is None else room if machine is None else min(machine, room)
 
 
-_CGROUP_LIMITS = (  # (limit, usage) of cgroup v2, then v1
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+_CGROUP_LIMITS = (  # (limit, usage, stat file, its reclaimable page cache) of cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
 )
 
 
 def _cgroup_room_bytes() -> int | None:
-    for limit_file, usage_file in _CGROUP_LIMITS:
+    for limit_file, usage_file, stat_file, inactive_key in _CGROUP_LIMITS:
         try:
             limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
         except OSError:
             continue
         if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:  # "max", or v1's huge "no limit"
-            return max(int(limit) - int(usage), 0)
+            # Usage counts the page cache of files read (a dataset), which the kernel gives back
+            # under pressure: the inactive part is room, as MemAvailable and the kubelet count it.
+            return max(int(limit) - int(usage) + _cgroup_stat(stat_file, inactive_key), 0)
     return None
+
+
+def _cgroup_stat(stat_file: str, key: str) -> int:
+    """One figure of a cgroup's memory.stat (0 where it cannot be read)."""
+    try:
+        for line in Path(stat_file).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
 
 
 def _private_bytes() -> int | None:
@@ -662,6 +683,21 @@ def config_as_run(stored: Mapping[str, Any]) -> dict[str, Any]:
     ('csl', 'arrival', 3)
     """
     return {**config_as_stored(ExperimentConfig()), **STORED_BEFORE_KEPT, **stored}
+
+
+def differing_fields(stored: Mapping[str, Any], config: ExperimentConfig, ignore: Collection[str] = ()) -> list[str]:
+    """The fields (but ``ignore``) in which a config a results or model file holds (see
+    :func:`config_as_run`) differs from ``config``, sorted.
+
+    Example
+    -------
+    >>> differing_fields({"lr": 0.5, "seed": 3, "request_order": "clients"}, ExperimentConfig(), ignore=["seed"])
+    ['lr']
+    >>> differing_fields({}, ExperimentConfig())  # a file from before request_order: it ran in arrival order
+    ['request_order']
+    """
+    as_run, now = config_as_run(stored), config_as_stored(config)
+    return sorted(name for name, value in now.items() if name not in ignore and as_run[name] != value)
 
 
 def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -821,8 +857,13 @@ def run_experiment(
     resume: SavedModel | None = None,
     checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
+    clients_at_once: int | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
+
+    ``clients_at_once``: how many clients the simulation trains at a time (default: as many
+    as the strategy trains at once that fit in the memory available, see
+    :func:`clients_at_once_in_memory`; the results say it under ``clients_at_once``).
 
     ``resume``: weights a run saved after round k (:func:`splitflower.checkpoint.load_model`),
     trained on from round k + 1 to ``config.rounds``; the config must be the one they were
@@ -845,8 +886,9 @@ def run_experiment(
     """
     from flwr.simulation import run_simulation
 
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every must be a whole number of rounds >= 1, got {checkpoint_every!r}")
+    for name, count in (("checkpoint_every", checkpoint_every), ("clients_at_once", clients_at_once)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ConfigError(f"{name} must be a whole number >= 1, got {count!r}")
 
     for key, value in _OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
@@ -854,9 +896,7 @@ def run_experiment(
     # that runs parallel torch work (see splitflower.compute).
     experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
-    clients_at_once, fewer = clients_at_once_in_memory(_concurrent_clients(config))
-    if fewer:
-        say(f"splitflower: warning: {fewer}")
+    clients_at_once = _clients_at_once(config, clients_at_once, say)
     extra: dict[str, Any] = {"clients_at_once": clients_at_once}
     if resume is not None:
         from splitflower.checkpoint import check_resumable
@@ -922,14 +962,7 @@ def run_experiment(
             raise SimulationStartError(_NEVER_STARTED)
         stopped_by = _first_server_error(server_errors)
     if stopped_by is not None:
-        # One snapshot for the rounds and the weights: an interrupted ServerApp may still be recording.
-        recorded, kept = strategy.last_recorded, strategy.last_trained
-        rounds = summarise_rounds(recorded.rounds) if recorded is not None else []
-        if keep_model is not None and kept is not None:
-            try:
-                keep_model(config, kept)
-            except Exception:  # the run's own error is the one to report
-                logger.exception("keeping the weights of the last round recorded failed")
+        rounds = _keep_what_was_recorded(config, strategy, keep_model)
         if (
             not rounds
             and isinstance(stopped_by, SplitflowerError)
@@ -944,6 +977,35 @@ def run_experiment(
     if keep_model is not None:
         keep_model(config, result)
     return results_document(config, carried(summarise_rounds(result.rounds)), time.perf_counter() - started, **extra)
+
+
+def _clients_at_once(config: ExperimentConfig, given: int | None, say: Callable[[str], None]) -> int:
+    """The clients a simulation trains at a time: ``given`` (at most as many as the strategy
+    trains at once), else those that fit in memory, said where that is fewer."""
+    wanted = _concurrent_clients(config)
+    if given is not None:
+        return min(given, wanted)
+    fit, fewer = clients_at_once_in_memory(wanted)
+    if fewer:
+        say(f"splitflower: warning: {fewer} (--clients-at-once N sets the number and trusts it to fit)")
+    return fit
+
+
+def _keep_what_was_recorded(
+    config: ExperimentConfig,
+    strategy: SplitStrategy,
+    keep_model: Callable[[ExperimentConfig, SplitResult], None] | None,
+) -> list[dict[str, Any]]:
+    """A stopped run: give ``keep_model`` the weights of its last round worth keeping; return
+    the results entries of the rounds it recorded."""
+    # One snapshot for the rounds and the weights: an interrupted ServerApp may still be recording.
+    recorded, kept = strategy.last_recorded, strategy.last_trained
+    if keep_model is not None and kept is not None:
+        try:
+            keep_model(config, kept)
+        except Exception:  # the run's own error is the one to report
+            logger.exception("[server] keeping the weights of the last round recorded failed")
+    return summarise_rounds(recorded.rounds) if recorded is not None else []
 
 
 def _first_server_error(server_errors: Sequence[BaseException]) -> BaseException:
@@ -1025,6 +1087,7 @@ def run_experiment_owning_the_process(
     resume: SavedModel | None = None,
     checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
+    clients_at_once: int | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -1048,6 +1111,7 @@ def run_experiment_owning_the_process(
             resume=resume,
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
+            clients_at_once=clients_at_once,
         )
     except SimulationStartError as err:
         traceback.print_exc()

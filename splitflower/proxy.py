@@ -59,7 +59,7 @@ from splitflower.wire import (
     ErrorKind,
 )
 
-__all__ = ["ServerModelProxy", "RemoteMethod", "ProxyFuture"]
+__all__ = ["ServerModelProxy", "RemoteMethod", "ProxyFuture", "Value"]
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,7 @@ from splitflower.errors import (
 )
 from splitflower.experiment import (
     ExperimentConfig,
-    config_as_run,
-    config_as_stored,
+    differing_fields,
     inert_fields,
     results_document,
     run_experiment_owning_the_process,
@@ -68,12 +67,15 @@ __all__ = [
     "CLIENTS",
     "CUTS",
     "GRIDS",
+    "PAPER_HYPERPARAMETERS",
     "SCALES",
     "CellOutcome",
     "Scale",
+    "add_reproduce_parser",
     "cell_filename",
     "grid_configs",
     "run_cell_process",
+    "reproduce_main",
     "run_grid",
     "source_commit",
 ]
@@ -203,8 +205,12 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
         existing = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False  # unreadable: run the cell again (results are written atomically)
-    stored, inert = config_as_run(existing.get("config") or {}), inert_fields(config)
-    differing = sorted(k for k, v in config_as_stored(config).items() if k not in inert and stored[k] != v)
+    if not isinstance(existing, dict) or not isinstance(existing.get("config"), dict):
+        raise ConfigError(
+            f"{path} is not a splitflower results file (expected a JSON object with a 'config' object); "
+            "choose another --out directory or delete the file"
+        )
+    differing = differing_fields(existing["config"], config, ignore=inert_fields(config))
     if differing:
         raise ConfigError(
             f"{path} holds results of a different configuration (differs in {differing}); "
@@ -254,8 +260,7 @@ def _saved_cell(path: Path, config: ExperimentConfig) -> SavedModel | None:
         return None
     saved = load_model(path)
     # Every field but the rounds: a cell's results must come from one setting (link, test size, ...).
-    as_now = {name: getattr(config, name) for name in ("rounds", *inert_fields(config))}
-    if saved.rounds > config.rounds or replace(saved.experiment_config(), **as_now).validate() != config:
+    if saved.rounds > config.rounds or differing_fields(saved.config, config, ignore={"rounds", *inert_fields(config)}):
         raise ConfigError(
             f"{path} holds the weights of a different configuration (after round {saved.rounds}); "
             "choose another --out directory or delete the file"

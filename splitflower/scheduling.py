@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import torch
 
+from splitflower._checks import positive_seconds
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
 from splitflower.errors import AlgorithmError, ConfigError, InvalidArgumentsError, ServerModelTimeoutError
@@ -50,6 +51,8 @@ __all__ = [
     "BatchingScheduler",
     "OrderedScheduler",
     "Outcome",
+    "Wanted",
+    "checked_flush_timeout",
     "SchedulerFactory",
 ]
 
@@ -65,6 +68,8 @@ REQUEST_ORDERS: Final = ("clients", "arrival")
 """How requests of clients sharing a server model run when not batched: a request of each in
 turn in the clients' order (:class:`OrderedScheduler`), or as they arrive (:class:`ImmediateScheduler`)."""
 DEFAULT_REQUEST_ORDER: Final = "clients"
+
+_LONGEST_WAIT_S = 60.0  # a condition wait past threading.TIMEOUT_MAX raises; waits this long at most, then looks again
 
 Wanted = Callable[[], bool] | None
 """Asked when a call's turn comes: False if its caller has given up (see Scheduler.run)."""
@@ -86,6 +91,28 @@ class Scheduler(ABC):
     Computations run on ``compute`` (default: the process's shared compute thread, see
     :mod:`splitflower.compute`), one at a time: give models that must overlap (e.g. on
     different GPUs) a :class:`~splitflower.compute.ComputeThread` each.
+
+    A subclass implements :meth:`run`, called on the gRPC thread carrying each decoded
+    request; it blocks until the outcome is known and never raises (a failure, a bad
+    method name or argument included, is the outcome's ``error``, reported to that caller
+    alone). ``still_wanted`` tells whether the caller still waits: ask it just before
+    computing, and skip the call if not. :meth:`_run_now` checks and runs one call on the
+    compute thread; :meth:`set_clients` and :meth:`client_finished` say who may still call.
+
+    Example
+    -------
+    >>> from torch import nn
+    >>> class Counting(Scheduler):
+    ...     calls = 0
+    ...     def run(self, client, method, tensors, still_wanted=None):
+    ...         self.calls += 1
+    ...         return self._run_now(client, method, tensors, still_wanted)
+    >>> class Echo(ServerModel):
+    ...     def echo(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return x
+    >>> scheduler = Counting(Echo(nn.Identity()))
+    >>> scheduler.run("a", "echo", {"x": torch.ones(1)}).value, scheduler.calls
+    (tensor([1.]), 1)
     """
 
     def __init__(self, model: ServerModel, *, compute: ComputeThread | None = None) -> None:
@@ -186,7 +213,7 @@ class ImmediateScheduler(Scheduler):
         return self._run_now(client, method, tensors, still_wanted)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its tensors have no truth value
 class _Slot:
     client: Hashable
     method: str
@@ -205,6 +232,18 @@ class _Group:
     timed_out: bool = False  # flushed on the flush timeout rather than by every client's request
 
 
+def checked_flush_timeout(seconds: object) -> float:
+    """``seconds`` as a flush timeout, or :class:`ConfigError` unless it is positive and finite."""
+    checked = positive_seconds(seconds)
+    if checked is None:
+        raise ConfigError(
+            f"flush_timeout must be a positive, finite number of seconds, got {seconds!r}: a gathered "
+            "request must run at last (1 s is the default; a deployment whose clients start "
+            "seconds apart wants 10 or more)"
+        )
+    return checked
+
+
 def _signature(method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Hashable, ...]:
     return (method, *sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in tensors.items()))
 
@@ -220,9 +259,7 @@ class _GatheringScheduler(Scheduler):
         compute: ComputeThread | None = None,
     ) -> None:
         super().__init__(model, compute=compute)
-        if flush_timeout <= 0:
-            raise ConfigError(f"flush_timeout must be positive seconds, got {flush_timeout}")
-        self.flush_timeout = flush_timeout
+        self.flush_timeout = checked_flush_timeout(flush_timeout)
         self._cond = threading.Condition()
         self._groups: dict[tuple[Hashable, ...], _Group] = {}
         self._active: set[Hashable] = set()
@@ -270,6 +307,18 @@ class _GatheringScheduler(Scheduler):
             group.slots.append(slot)
             ready = self._take_if_all_waiting()
         self._run_groups(ready)
+        try:
+            return self._outcome_of(slot, group, key)
+        except BaseException:
+            with self._cond:  # its caller is told it failed: it must not train the model later
+                if slot in group.slots and self._groups.get(key) is group:
+                    group.slots.remove(slot)
+                    if not group.slots:
+                        del self._groups[key]
+            raise
+
+    def _outcome_of(self, slot: _Slot, group: _Group, key: tuple[Hashable, ...]) -> Outcome:
+        """Wait for ``slot``'s outcome; run its group on the flush timeout if no one has yet."""
         with self._cond:
             while slot.outcome is None:
                 remaining = group.deadline - time.perf_counter()
@@ -282,7 +331,7 @@ class _GatheringScheduler(Scheduler):
                     ready = [group, *self._take_if_all_waiting()]
                     break
                 # Once another caller has taken the group, its deadline no longer matters.
-                self._cond.wait(max(remaining, 0.001) if self._groups.get(key) is group else None)
+                self._cond.wait(min(max(remaining, 0.001), _LONGEST_WAIT_S) if self._groups.get(key) is group else None)
             else:
                 return slot.outcome
         self._run_groups(ready)
@@ -374,13 +423,12 @@ class BatchingScheduler(_GatheringScheduler):
         return _signature(method, tensors), _batch_size(tensors)
 
     def _run_gathered(self, slots: list[_Slot], started: float) -> None:
-        method = slots[0].method
         sizes = [s.rows for s in slots]
         merged = {k: torch.cat([s.tensors[k] for s in slots]) for k in slots[0].tensors}
         ends = list(itertools.accumulate(sizes))
         rows = tuple(slice(end - size, end) for size, end in zip(sizes, ends, strict=True))
         context = CallContext(tuple(s.client for s in slots), rows)
-        value, seconds = self._call(resolve_call(self.model, method, merged), merged, context)
+        value, seconds = self._call(slots[0].bound, merged, context)  # one method: the group's key has it
         parts = _split_value(value, sizes)
         self._settle(slots, [Outcome(value=p, compute_s=seconds) for p in parts], started)
 

@@ -222,9 +222,10 @@ class SplitService:
     tls:
         Serve over TLS with this certificate; clients receive ``root_certificates``.
     max_workers:
-        Threads carrying requests. Batching holds one thread per waiting client, so keep
-        this above the number of concurrent clients. One client may have at most half of
-        them in progress (its requests waiting for its earlier ones included).
+        Threads carrying requests, at first: gathering requests (batched, or in the clients'
+        order) holds one thread per waiting client, so a strategy raises it each round to
+        what its clients may have in flight (:meth:`reserve_workers`). One client may have at
+        most half of them in progress (its requests waiting for its earlier ones included).
     sequence_timeout:
         How long a request may wait for this client's earlier requests to arrive and finish
         (at most; its own deadline may be shorter). Requests that failed on the client's
@@ -411,7 +412,9 @@ class SplitService:
     def _run(self, session: ClientSession, request: Request, context: grpc.ServicerContext) -> bytes:
         scheduler = session.scheduler
         if _takes_still_wanted(type(scheduler)):
-            outcome = scheduler.run(session.client, request.method, request.tensors, still_wanted=context.is_active)
+            # A revoked token (its round timed out) trains nothing more, whatever it had queued.
+            still_wanted = lambda: context.is_active() and not session.revoked  # noqa: E731
+            outcome = scheduler.run(session.client, request.method, request.tensors, still_wanted=still_wanted)
         else:  # a scheduler written before still_wanted existed
             outcome = scheduler.run(session.client, request.method, request.tensors)
         if outcome.error is not None:

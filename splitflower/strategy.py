@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from splitflower._checks import positive_seconds
 from splitflower._client_errors import raised_by_client
 from splitflower._client_states import CLIENT_STATE_PREFIX, ClientStates
 from splitflower.compute import run_on_compute_thread
@@ -32,6 +33,7 @@ from splitflower.scheduling import (
     ImmediateScheduler,
     OrderedScheduler,
     Scheduler,
+    checked_flush_timeout,
 )
 from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
@@ -40,6 +42,25 @@ from splitflower.wire import MAX_IN_FLIGHT, ConfigKey, RecordKey
 __all__ = ["DEFAULT_ROUND_TIMEOUT_S", "SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
 
 logger = logging.getLogger(__name__)
+
+# FedAvg warns of this on every construction; a split strategy evaluates centrally (or not) by design.
+_NO_FEDERATED_EVALUATION_WARNING = "fraction_evaluate is set to 0.0"
+
+
+@contextlib.contextmanager
+def _without_flower_warning(starting: str) -> Iterator[None]:
+    """Drop Flower's log records whose message starts with ``starting`` while the block runs."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(starting)
+
+    flower = logging.getLogger("flwr")
+    flower.addFilter(keep)
+    try:
+        yield
+    finally:
+        flower.removeFilter(keep)
+
 
 CentralEvaluateFn = Callable[[int, ArrayRecord, ArrayRecord], Mapping[str, float] | None]
 
@@ -175,18 +196,22 @@ class SplitStrategy(FedAvg):
     ) -> None:
         if request_order not in REQUEST_ORDERS:
             raise ConfigError(f"request_order must be one of {list(REQUEST_ORDERS)}, got {request_order!r}")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=0,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=RecordKey.NUM_EXAMPLES,
-            arrayrecord_key=RecordKey.ARRAYS,
-            configrecord_key=RecordKey.CONFIG,
-        )
+        for name, seconds in (("call_timeout", call_timeout), ("node_wait_timeout", node_wait_timeout)):
+            if positive_seconds(seconds) is None and not (name == "call_timeout" and seconds is None):
+                raise ConfigError(f"{name} must be a positive, finite number of seconds, got {seconds!r}")
+        with _without_flower_warning(_NO_FEDERATED_EVALUATION_WARNING):
+            super().__init__(
+                fraction_train=fraction_train,
+                fraction_evaluate=0.0,
+                min_train_nodes=min_train_nodes,
+                min_evaluate_nodes=0,
+                min_available_nodes=min_available_nodes,
+                weighted_by_key=RecordKey.NUM_EXAMPLES,
+                arrayrecord_key=RecordKey.ARRAYS,
+                configrecord_key=RecordKey.CONFIG,
+            )
         self.batching = batching
-        self.flush_timeout = flush_timeout
+        self.flush_timeout = checked_flush_timeout(flush_timeout)
         self.request_order = request_order
         self.call_timeout = call_timeout
         self.link = link

@@ -67,6 +67,14 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
     }
     for name, history in histories.items():
         torch.save({**torch.load(good, weights_only=True), "rounds": 3, "history": history}, tmp_path / name)
+    configs: dict[str, dict[str, object]] = {
+        "clients.pt": {"clients": "x"},
+        "options.pt": {"options": 5},
+        "field.pt": {"colour": "red"},
+    }
+    for name, changed in configs.items():
+        stored = torch.load(good, weights_only=True)
+        torch.save({**stored, "config": {**stored["config"], **changed}}, tmp_path / name)
 
     class Payload:
         def __reduce__(self) -> tuple[object, ...]:
@@ -84,6 +92,9 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
         "bare.pt": r"round numbers found: \[1, 2, 3\]; entries lack \['bytes', 'clients', 'failed_clients'",
         "bool.pt": r"round numbers found: \[True, 2, 3\]\)",
         "missing.pt": r"cannot read model file .*missing.pt",
+        "clients.pt": r"the config saved in .*clients.pt is not valid: (.|\n)*clients must be int, got .x.",
+        "options.pt": r"the config saved in .*options.pt does not fit this splitflower's ExperimentConfig",
+        "field.pt": r"the config saved in .*field.pt does not fit .*colour",
     }
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=message):

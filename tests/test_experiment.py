@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -915,7 +915,7 @@ def test_weights_are_written_after_every_kth_round_and_at_the_end(
         checkpoint_every=2,
     )
     assert written == [("after round", 2), ("after round", 4), ("end", 5)]
-    with pytest.raises(ConfigError, match="checkpoint_every must be a whole number of rounds >= 1, got 0"):
+    with pytest.raises(ConfigError, match="checkpoint_every must be a whole number >= 1, got 0"):
         run_experiment(config, checkpoint_every=0)
 
     # A write after a round that fails (a full disk) is said, and the run goes on.
@@ -958,8 +958,8 @@ def test_the_memory_available_is_a_container_s_room_under_its_cgroup_limit_where
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.undo()  # the suite's fixture hides the memory available; this test reads it
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    monkeypatch.setattr(experiment_module, "_CGROUP_LIMITS", ((str(limit), str(usage)),))
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
+    monkeypatch.setattr(experiment_module, "_CGROUP_LIMITS", ((str(limit), str(usage), str(stat), "inactive_file"),))
     machine = experiment_module._available_memory_bytes()
     assert machine is not None and machine > 0, "no cgroup files: the machine's MemAvailable"
     limit.write_text("max\n")
@@ -969,6 +969,9 @@ def test_the_memory_available_is_a_container_s_room_under_its_cgroup_limit_where
     assert experiment_module._available_memory_bytes() == 2**20, "1 MiB of room under the limit"
     usage.write_text(f"{2**21}\n")
     assert experiment_module._available_memory_bytes() == 0
+    # Page cache of files read (a dataset) that the kernel would give back is room too.
+    stat.write_text(f"anon 1000\nactive_file 5000\ninactive_file {2**20}\nfile 9\n")
+    assert experiment_module._available_memory_bytes() == 1000, "room + reclaimable cache"
 
 
 def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_time(
@@ -979,8 +982,33 @@ def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_tim
     config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=3, rounds=1, train_size=192, test_size=64)
     said: list[str] = []
     results = run_experiment(config, say=said.append)
-    assert results["clients_at_once"] == 2 and "splitflower: warning: only 2 of 3" in said
+    assert results["clients_at_once"] == 2
+    assert [line for line in said if line.startswith("splitflower: warning: only 2 of 3")], said
     (entry,) = results["rounds"]
     assert entry["num_examples"] == 192 and not entry["failed_clients"], "the third client trained after one finished"
     (server,) = entry["server_models"]
     assert server["in_client_order"]["requests"] == 3 and server["in_client_order"]["timeout_flushes"] >= 1
+    # Told how many fit, the run trusts it: every client trains at once again, and every cycle is whole.
+    said.clear()
+    results = run_experiment(replace(config, flush_timeout=30.0), say=said.append, clients_at_once=3)
+    assert results["clients_at_once"] == 3 and not [line for line in said if "warning" in line]
+    assert results["rounds"][0]["server_models"][0]["in_client_order"]["timeout_flushes"] == 0
+    with pytest.raises(ConfigError, match="clients_at_once must be a whole number >= 1, got 0"):
+        run_experiment(config, clients_at_once=0)
+
+
+def test_the_cli_s_defaults_and_choices_are_the_config_s() -> None:
+    from splitflower.cli import build_parser
+    from splitflower.scheduling import REQUEST_ORDERS
+
+    parser = build_parser()
+    args = parser.parse_args(["run"])
+    defaults = ExperimentConfig()
+    differing = {
+        f.name: (getattr(args, f.name), getattr(defaults, f.name))
+        for f in fields(ExperimentConfig)
+        if hasattr(args, f.name) and getattr(args, f.name) != getattr(defaults, f.name)
+    }
+    assert differing == {}, "the CLI's default differs from ExperimentConfig's (CLI, config)"
+    for order in REQUEST_ORDERS:
+        assert parser.parse_args(["run", "--request-order", order]).request_order == order

@@ -419,6 +419,9 @@ def test_a_bad_round_timeout_in_the_run_config_fails_the_run_before_its_service_
     context.run_config.update({"sf-round-timeout": 60, "sf-node-wait-timeout": "soon"})
     with pytest.raises(ConfigError, match=r"run config 'sf-node-wait-timeout' must be a positive.*got 'soon'"):
         app(None, context)  # type: ignore[arg-type]
+    context.run_config.update({"sf-node-wait-timeout": 20, "num-server-rounds": "three"})
+    with pytest.raises(ConfigError, match=r"run config 'num-server-rounds' must be a whole number .*got 'three'"):
+        app(None, context)  # type: ignore[arg-type]
     assert started == []
 
 

@@ -159,6 +159,10 @@ def test_a_file_from_another_configuration_is_not_taken_as_done(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"different configuration \(differs in \['rounds'\]\)"):
         run_grid(other, tmp_path, runner=runner, say=lambda _: None)
     assert runner.ran == [], "refused before any cell ran"
+    for not_results in ("[1, 2]", '{"config": "csl"}'):  # JSON, but not what a cell writes
+        (tmp_path / cell_filename(other[-1])).write_text(not_results)
+        with pytest.raises(ConfigError, match="is not a splitflower results file"):
+            run_grid(other, tmp_path, runner=runner, say=lambda _: None)
 
 
 def test_report_and_figures_are_built_from_the_files(tmp_path: Path) -> None:

@@ -12,11 +12,19 @@ import torch
 from torch import nn
 
 from conftest import connect
-from splitflower.errors import InvalidArgumentsError, RemoteComputationError, ServerModelTimeoutError
+from splitflower.errors import (
+    AuthenticationError,
+    ConfigError,
+    InvalidArgumentsError,
+    RemoteCallError,
+    RemoteComputationError,
+    ServerModelTimeoutError,
+)
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import BatchingScheduler, OrderedScheduler
 from splitflower.server_model import PerCaller, ServerModel
 from splitflower.service import SplitService
+from splitflower.strategy import SplitStrategy
 
 
 class _Crash(BaseException):
@@ -379,3 +387,52 @@ def test_every_client_s_requests_in_flight_get_a_thread_so_no_cycle_runs_on_the_
         service.stop(grace=0)
     assert scheduler.timeout_flushes == 0 and scheduler.requests_served == 72
     assert elapsed < 2.5
+
+
+@pytest.mark.parametrize("scheduler_class", [BatchingScheduler, OrderedScheduler])
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf"), "1", True])
+def test_a_flush_timeout_that_is_not_positive_finite_seconds_is_refused(
+    scheduler_class: type[BatchingScheduler | OrderedScheduler], seconds: object
+) -> None:
+    with pytest.raises(ConfigError, match="flush_timeout must be a positive, finite number of seconds"):
+        scheduler_class(Counter(), flush_timeout=seconds)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="flush_timeout"):
+        SplitStrategy(flush_timeout=seconds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheduler_class", [BatchingScheduler, OrderedScheduler])
+def test_a_flush_timeout_longer_than_a_thread_can_wait_still_gathers(
+    scheduler_class: type[BatchingScheduler | OrderedScheduler],
+) -> None:
+    scheduler = scheduler_class(Counter(), flush_timeout=1e10)  # past threading.TIMEOUT_MAX
+    scheduler.set_clients(["a", "b"])
+    outcomes: dict[str, object] = {}
+
+    def call(client: str, delay: float) -> Callable[[], None]:
+        def run() -> None:
+            time.sleep(delay)
+            outcomes[client] = scheduler.run(client, "double", {"x": torch.ones(1)}).error
+
+        return run
+
+    _run_clients([call("a", 0.0), call("b", 0.2)], limit=30)
+    assert outcomes == {"a": None, "b": None}
+
+
+def test_a_gathered_request_of_a_client_whose_token_was_revoked_does_not_run(service: SplitService) -> None:
+    model = Counter()
+    scheduler = OrderedScheduler(model, flush_timeout=30.0)
+    scheduler.set_clients(["late", "on-time"])
+    late_token, _ = service.open_session("late", scheduler)
+    late = ServerModelProxy(service.address, late_token, max_message_bytes=service.max_message_bytes)
+    waiting = late.double.future(x=torch.ones(3))
+    time.sleep(0.3)  # queued, waiting for the other client's request
+    service.close_session(late_token)  # as a round that timed out does
+    on_time = connect(service, scheduler, client="on-time")
+    torch.testing.assert_close(on_time.double(x=torch.ones(2)), 2 * torch.ones(2))
+    with pytest.raises(RemoteCallError):
+        waiting.result(timeout=10)
+    assert model.batches == [("double", 2)], "the revoked client's request trained the model"
+    with pytest.raises(AuthenticationError):  # its finishing notice too
+        late.close()
+    on_time.close()

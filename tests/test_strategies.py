@@ -399,3 +399,19 @@ def test_the_sequential_strategy_carries_its_optimizer_state_and_refuses_what_it
     for message, (strategy, given) in refusals.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             strategy.load_carried_state(given)
+
+
+@pytest.mark.parametrize(
+    ("option", "seconds"),
+    [("call_timeout", 0), ("call_timeout", float("nan")), ("node_wait_timeout", -1.0), ("node_wait_timeout", None)],
+)
+def test_a_timeout_that_is_not_positive_finite_seconds_is_refused(option: str, seconds: object) -> None:
+    with pytest.raises(ConfigError, match=f"{option} must be a positive, finite number of seconds"):
+        ParallelStrategy(**{option: seconds})
+
+
+def test_building_a_strategy_warns_of_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    for name in ("parallel", "sequential", "batched", "splitfed-v1", "splitfed-v2"):
+        find_strategy(name)()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []

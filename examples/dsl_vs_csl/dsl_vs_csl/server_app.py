@@ -76,6 +76,12 @@ def _document(context: Context, records: dict[int, dict[str, Any]], error: BaseE
 def _write_results(context: Context, result: SplitResult) -> None:
     out = write_results(_document(context, result.rounds, None), str(context.run_config.get("out", DEFAULT_OUT)))
     logger.warning("[server] results written to %s", out.resolve())
+    _forget(context.run_id)
+
+
+def _forget(run_id: int) -> None:  # the run is over: a process serving run after run keeps nothing of it
+    for per_run in (_started, _writers, _resumes):
+        per_run.pop(run_id, None)
 
 
 def _save_model(context: Context, result: SplitResult) -> None:  # after each round: what resume-from reads
@@ -90,6 +96,7 @@ def _write_partial(context: Context, records: dict[int, dict[str, Any]], error: 
     out = partial_results_path(str(context.run_config.get("out", DEFAULT_OUT)))
     write_results(_document(context, records, error), out)
     logger.warning("[server] the run failed; its %d recorded round(s) written to %s", len(records), out.resolve())
+    _forget(context.run_id)
 
 
 app = build_server_app(

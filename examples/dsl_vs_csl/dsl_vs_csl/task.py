@@ -7,6 +7,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from splitflower.app import NUM_SERVER_ROUNDS_KEY
 from splitflower.errors import ConfigError
 from splitflower.experiment import Experiment, ExperimentConfig, cached_experiment
 from splitflower.options import split_option_string
@@ -19,7 +20,7 @@ _FIELDS = {
     "data-root": "data_root",
     "model": "model",
     "cut": "cut",
-    "num-server-rounds": "rounds",
+    NUM_SERVER_ROUNDS_KEY: "rounds",
     "num-clients": "clients",
     "local-epochs": "local_epochs",
     "batch-size": "batch_size",
