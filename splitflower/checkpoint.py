@@ -28,7 +28,6 @@ Example
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -192,8 +191,11 @@ def load_model(path: str | Path) -> SavedModel:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except OSError as err:
         raise ConfigError(f"cannot read model file {file}: {err}") from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ConfigError(f"{file} is not a splitflower model file ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # any file may be given; torch's advice (weights_only=False) is unsafe
+        raise ConfigError(
+            f"{file} is not a splitflower model file (torch.load found no safely loadable weights in it: "
+            f"{type(err).__name__}); give a file that --save-model (or splitflower.checkpoint.save_model) wrote"
+        ) from err
     if not isinstance(data, dict) or data.get("schema") != MODEL_SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{file} is not a splitflower model file (expected schema {MODEL_SCHEMA!r}, got {found!r})")

@@ -227,11 +227,19 @@ def _run_attempts(argv: Sequence[str], attempts: int) -> int:
 
 def _run_child(command: list[str]) -> int:
     # Ctrl-C reaches the child from the terminal's process group, and it ends itself cleanly;
-    # a SIGTERM sent to this process alone is passed on, so that no simulation is left behind.
+    # a SIGTERM sent to this process alone is passed on (as the Ctrl-C it is handled as), so
+    # that no simulation is left behind and the rounds it recorded are kept.
     child = subprocess.Popen(command, env={**os.environ, _CHILD_ENV: "1"})
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    terminations = 0
+
+    def pass_on(*_: object) -> None:  # a second SIGTERM ends the attempt at once
+        nonlocal terminations
+        terminations += 1
+        child.send_signal(signal.SIGINT if terminations == 1 else signal.SIGKILL)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    signal.signal(signal.SIGTERM, pass_on)
     try:
         status = child.wait()
     finally:
@@ -266,8 +274,15 @@ def _table(results: dict[str, Any]) -> str:
             r["memory"]["server_peak_tally_bytes"] / 1e6,
             r["seconds"],
         )
-        lines.append("".join(f"{c:>11}" if isinstance(c, int) else f"{c:>11.4f}" for c in cells))
+        lines.append("".join(_cell(c) for c in cells))
     return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    """A table cell of 11 characters at most: a diverged loss must not run into the next column."""
+    if isinstance(value, int):
+        return f"{value:>11}"
+    return f"{value:>11.4f}" if abs(value) < 1e5 else f"{value:>11.3e}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     if argv[:1] == ["run"] and not os.environ.get(_CHILD_ENV) and (attempts := _attempts(argv[1:])) > 1:
         return _run_attempts(argv, attempts)
+    if os.environ.get(_CHILD_ENV):
+        # The supervisor stops an attempt with SIGINT, which a command started in the
+        # background (`nohup ... &`) would have it ignore.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compare":
@@ -335,6 +354,11 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         check_results_path(args.out)  # before the run, not after it
     if args.save_model is not None:
         check_results_path(args.save_model, what="the model")
+        if args.out is not None and Path(args.out).resolve() == Path(args.save_model).resolve():
+            raise ConfigError(
+                f"--out and --save-model both name {args.out}: the results would overwrite the weights; "
+                "give them different files (e.g. run.json and run.pt)"
+            )
     elif "save_every" in given:
         raise ConfigError("--save-every says how often --save-model writes the weights; give --save-model FILE.pt")
     unsaved: list[ResultsFileError] = []

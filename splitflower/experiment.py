@@ -180,6 +180,10 @@ class ExperimentConfig:
         for name in ("lr", "momentum", "weight_decay", "flush_timeout"):
             if name not in mistyped and not math.isfinite(getattr(self, name)):
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if "momentum" not in mistyped and self.momentum >= 1:
+            problems.append(f"momentum must be below 1 (SGD diverges at 1 or more), got {self.momentum}")
+        if self.dataset == "synthetic" and not {"synthetic_size", "train_size", "test_size"} & mistyped.keys():
+            problems.extend(self._synthetic_size_problems())
         if "seed" not in mistyped and not 0 <= self.seed < 2**32:
             problems.append(f"seed must be in [0, 2**32), got {self.seed}")
         if "device" not in mistyped:
@@ -220,6 +224,20 @@ class ExperimentConfig:
             error = IncompatibleStrategyError if incompatible else ConfigError
             raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
         return replace(self, strategy=strategy)
+
+    def _synthetic_size_problems(self) -> list[str]:
+        sizes = dict(zip(("train_size", "test_size"), _synthetic_sizes(self.synthetic_size), strict=True))
+        return [
+            f"{name} must be at most the {size} examples the synthetic dataset of synthetic_size "
+            f"{self.synthetic_size} has, got {getattr(self, name)}; use 0 for all"
+            for name, size in sizes.items()
+            if getattr(self, name) > size
+        ]
+
+
+def _synthetic_sizes(synthetic_size: int) -> tuple[int, int]:
+    """The training and test examples of the synthetic dataset of ``synthetic_size``."""
+    return synthetic_size, max(synthetic_size // 4, 64)
 
 
 _FILE_DATASETS: Final = tuple(name for name in DATASET_NAMES if name != "synthetic")
@@ -305,9 +323,8 @@ class Experiment:
 
     def __post_init__(self) -> None:
         self.config = self.config.validate()
-        size = self.config.synthetic_size
         if self.config.dataset == "synthetic":
-            self.train, self.test = synthetic(size, max(size // 4, 64), seed=self.config.seed)
+            self.train, self.test = synthetic(*_synthetic_sizes(self.config.synthetic_size), seed=self.config.seed)
         else:
             self.train, self.test = load_dataset(self.config.dataset, root=self.config.data_root, seed=self.config.seed)
         self.train = _sample(self.train, self.config.train_size, self.config.seed, "train_size")
@@ -1221,7 +1238,8 @@ def check_results_path(path: str | Path, *, what: str = "results") -> Path:
 def _results_target(path: str | Path, what: str = "results") -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
-        raise ResultsFileError(f"{what} path {str(out)!r} is a directory; give a file name such as results.json")
+        example = {"the model": "model.pt", "the plot": "plot.png"}.get(what, "results.json")
+        raise ResultsFileError(f"{what} path {str(out)!r} is a directory; give a file name such as {example}")
     return out
 
 

@@ -306,7 +306,10 @@ def run_grid(
     ``cell_timeout`` (seconds) stops a cell's process that runs longer.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot use {str(out)!r} as the grid's folder (--out): {err.strerror or err}") from err
     commit = source_commit()
     outcomes: list[CellOutcome] = []
     started = time.perf_counter()

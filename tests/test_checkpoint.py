@@ -52,6 +52,8 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
     good = save_model(tmp_path / "m.pt", config, trained)
     assert load_model(good).client["segment.w"].tolist() == [1.0, 1.0]
     (tmp_path / "noise.pt").write_bytes(b"\x00\xffnot a zip")
+    (tmp_path / "text.sh").write_text("hello world\n")  # read by the old format's pickle: a KeyError
+    (tmp_path / "results.json").write_text('{"schema": "splitflower.results/1"}')
     torch.save({"schema": "other/1"}, tmp_path / "other.pt")
     torch.save(
         {"schema": "splitflower.model/1", "config": {}, "rounds": 1, "client": {"w": 1}, "server": {}},
@@ -83,6 +85,8 @@ def test_only_a_model_file_is_read_back(tmp_path: Path) -> None:
     (tmp_path / "code.pt").write_bytes(pickle.dumps(Payload(), protocol=2))
     cases = {
         "noise.pt": r"noise.pt is not a splitflower model file \(",
+        "text.sh": r"text.sh is not a splitflower model file \(torch.load found no safely loadable weights",
+        "results.json": r"results.json is not a splitflower model file .* give a file that --save-model",
         "other.pt": r"expected schema 'splitflower.model/1', got 'other/1'",
         "bad.pt": r"its 'client' is not a dict of tensors",
         "code.pt": r"code.pt is not a splitflower model file \(",
@@ -305,3 +309,15 @@ def test_a_run_saved_round_after_round_summarises_each_round_once_and_keeps_them
     # What it writes is what save_model writes.
     one_off = save_model(tmp_path / "one-off.pt", config, result, resumed=resumed)
     assert torch.load(one_off, weights_only=True)["history"] == torch.load(path, weights_only=True)["history"]
+
+
+def test_results_and_weights_aimed_at_one_file_or_a_folder_are_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["run", "--attempts", "1", "--dataset", "synthetic", "--train-size", "64", "--test-size", "64"]
+    same = str(tmp_path / "run.out")
+    assert cli.main([*run, "--out", same, "--save-model", same]) == 2
+    assert "--out and --save-model both name" in capsys.readouterr().err
+    assert cli.main([*run, "--save-model", str(tmp_path)]) == 2
+    assert "is a directory; give a file name such as model.pt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing written"

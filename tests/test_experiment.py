@@ -232,6 +232,19 @@ def test_config_refuses_numbers_that_are_not_finite_a_negative_seed_and_an_unkno
         assert fragment in message
 
 
+def test_config_refuses_a_diverging_momentum_and_more_synthetic_examples_than_there_are() -> None:
+    with pytest.raises(ConfigError, match=r"momentum must be below 1 \(SGD diverges at 1 or more\), got 2.0"):
+        ExperimentConfig(momentum=2.0).validate()
+    config = ExperimentConfig(dataset="synthetic", synthetic_size=256, train_size=300, test_size=65)
+    with pytest.raises(ConfigError) as caught:
+        config.validate()
+    assert "train_size must be at most the 256 examples the synthetic dataset of synthetic_size 256" in str(
+        caught.value
+    )
+    assert "test_size must be at most the 64 examples" in str(caught.value)
+    Experiment(replace(config, train_size=256, test_size=64))  # the most there are: built
+
+
 def test_a_partition_that_cannot_be_made_fails_before_any_client_starts() -> None:
     message = r"^4 clients \(--clients\) need a training example each, but --train-size 3 keeps only 3; "
     with pytest.raises(DatasetError, match=message + "give at most 3 clients or a larger --train-size$"):
@@ -618,22 +631,31 @@ def test_cli_reports_an_error_of_the_server_app_at_once_without_retrying(tmp_pat
 
 
 @pytest.mark.slow
-def test_stopping_splitflower_run_stops_the_attempt_it_runs(tmp_path: Path) -> None:
-    hang = (
-        "def fake_simulation(**kwargs):\n"
-        "    print('attempt in process', __import__('os').getpid(), flush=True)\n"
-        "    time.sleep(120)"
-    )
-    script = _fake_run_script(tmp_path, hang)
-    command = [sys.executable, str(script), "run", "--dataset", "synthetic", "--clients", "1", "--attempts", "2"]
+def test_terminating_splitflower_run_stops_its_attempt_as_ctrl_c_does(tmp_path: Path) -> None:
+    # As `kill`, `timeout` or `docker stop` do: SIGTERM to the command started, not to its attempt.
+    simulation = _THREAD_SIMULATION.format(tests=str(Path(__file__).parent))
+    says_its_process = "\nprint('attempt in process', __import__('os').getpid(), flush=True)"
+    script = _fake_run_script(tmp_path, simulation + says_its_process)
+    out = tmp_path / "results.json"
+    options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
+    command = [sys.executable, str(script), "run", *options, "--attempts", "2"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as parent:
         assert parent.stdout is not None
-        line = parent.stdout.readline()
-        while line and not line.startswith("attempt in process"):
-            line = parent.stdout.readline()
-        child = int(line.split()[-1])
+        child = 0
+        for line in parent.stdout:
+            if line.startswith("attempt in process"):
+                child = int(line.split()[-1])
+            if line.startswith("round 2/500"):
+                break
         parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        try:
+            stdout, stderr = parent.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            pytest.fail("the run did not end within 60 s of SIGTERM")
+    assert parent.returncode == INTERRUPTED_EXIT_CODE, stdout[-2000:] + stderr[-2000:]
+    assert load_results(tmp_path / "results.partial.json")["incomplete"]["rounds_recorded"] >= 2
+    assert child, "the attempt said its process"
     with pytest.raises(ProcessLookupError):  # the attempt ended with the command
         for _ in range(50):
             os.kill(child, 0)

@@ -297,3 +297,10 @@ def test_a_cell_stopped_midway_trains_on_from_the_last_round_it_saved(
     assert load_results(stopped)["rounds"] == results["rounds"]
     with pytest.raises(ConfigError, match=r"stopped.pt holds the weights of a different configuration \(after round 3"):
         reproduce._run_cell(replace(cell, lr=0.5), str(stopped), {})
+
+
+def test_a_grid_folder_below_a_file_is_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cannot use .*afile/grid.* as the grid's folder"):
+        run_grid(configs, tmp_path / "afile" / "grid", runner=_FakeRunner(), say=lambda _: None)
