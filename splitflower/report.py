@@ -186,9 +186,16 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{total[c]:>11.4f}" for c in _HEADINGS))
     base = totals[-1]
     for label, total in zip(ratio_labels, totals[:-1], strict=True):
-        ratios = "".join(f"{total[c] / base[c] if base[c] else float('nan'):>11.3f}" for c in _HEADINGS)
+        ratios = "".join(_ratio(total[c], base[c]) for c in _HEADINGS)
         lines.append(f"{label:<{width}}" + ratios)
     return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> str:
+    """``value / base`` in a cell; over a zero base (DSL's bytes down) "inf", or "-" for 0 / 0."""
+    if base:
+        return f"{value / base:>11.3f}"
+    return f"{'-' if value == 0 else 'inf':>11}"
 
 
 def check_plot_path(path: str | Path) -> Path:

@@ -56,6 +56,10 @@ def test_comparison_table_and_plot(tmp_path: Path) -> None:
     label, *ratios = re.split(r"\s{2,}", table[-1])
     assert label == "dsl/parallel / csl/parallel"
     assert ratios[:3] == ["1.012", "1.000", "0.000"], "accuracy, up and down, each DSL / CSL"
+    _, *reverse = re.split(r"\s{2,}", comparison_table([csl, dsl]).splitlines()[-1])
+    assert reverse[1:3] == ["1.000", "inf"], "CSL's bytes down over DSL's none"
+    _, *both_none = re.split(r"\s{2,}", comparison_table([dsl, dsl]).splitlines()[-1])
+    assert both_none[2] == "-", "no bytes down over no bytes down"
     png = plot_results([dsl, csl], tmp_path / "plots" / "cmp.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
