@@ -41,6 +41,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
             "or its 'rounds' list; was it edited by hand or cut short?"
         )
     _check_figure(file, "wall_s", results.get("wall_s"))
+    if not rounds:
+        raise _invalid(file, "it holds no rounds (a run writes its results after a round at least)")
     for index, entry in enumerate(rounds):
         where = f"rounds[{index}]"
         if not isinstance(entry, dict):

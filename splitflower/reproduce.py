@@ -402,7 +402,7 @@ def add_reproduce_parser(commands: Any) -> argparse.ArgumentParser:
 
 def reproduce_main(args: Any) -> int:
     """Run ``splitflower reproduce`` with parsed ``args``; 0 when every cell is done."""
-    from splitflower.paper_report import build_report
+    from splitflower.paper_report import build_report, load_cells
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = args.out or Path("results") / f"{args.grid}-{args.scale}"
@@ -431,6 +431,10 @@ def reproduce_main(args: Any) -> int:
             say=lambda s: print(s, flush=True),
             attempts=args.attempts,
             cell_timeout=args.cell_timeout,
+        )
+    if args.report_only and not load_cells(out):
+        raise ConfigError(
+            f"{out} holds no results files of a grid to report on; run the grid first (without --report-only)"
         )
     if not args.no_report:
         for path in build_report(out):

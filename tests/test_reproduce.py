@@ -304,3 +304,11 @@ def test_a_grid_folder_below_a_file_is_refused_clearly(tmp_path: Path) -> None:
     configs = grid_configs(SCALES["small"], **TINY)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"cannot use .*afile/grid.* as the grid's folder"):
         run_grid(configs, tmp_path / "afile" / "grid", runner=_FakeRunner(), say=lambda _: None)
+
+
+def test_a_report_of_a_folder_without_results_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitflower import cli
+
+    assert cli.main(["reproduce", "dsl-paper", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "holds no results files of a grid to report on" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no empty report written"

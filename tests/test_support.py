@@ -256,3 +256,10 @@ def test_a_plot_path_is_checked_without_creating_folders_and_a_failed_plot_remov
     (tmp_path / "env.sh").touch()
     with pytest.raises(ResultsFileError, match=re.escape(f"'{tmp_path / 'env.sh'}' is not a directory")):
         check_plot_path(tmp_path / "env.sh" / "cmp.png")
+
+
+def test_a_results_file_without_rounds_is_refused_by_compare(tmp_path: Path) -> None:
+    empty = {**_results("dsl", 1, 0, 0.5), "rounds": []}
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    with pytest.raises(ConfigError, match=r"empty\.json is not a valid results file: it holds no rounds"):
+        load_results(tmp_path / "empty.json")
