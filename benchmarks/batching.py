@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None, run_cli: transport.CliRunner = transport
     parser.add_argument("--dataset", default="fashion-mnist", help="as splitflower run takes it")
     parser.add_argument("--out-dir", type=Path, default=transport.DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    record = {
-        "benchmark": "batching",
-        **transport.provenance(),
-        "machine": transport.machine_info(0),
-    }  # 0: the runs' own --torch-threads default
+    record = transport.new_record("batching")
     record["setup"] = {"algorithm": "locfedmix", "model": "lenet5", "clients": CLIENTS, "rounds": 1}
     record["setup"] |= {"dataset": args.dataset, "train_size": args.train_size, "test_size": args.test_size}
     record["runs"] = [run_once(timeout, args, run_cli) for timeout in args.flush_timeouts]

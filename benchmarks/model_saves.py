@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-so-far", type=int, nargs="+", default=[100, 1000, 3000])
     parser.add_argument("--out-dir", type=Path, default=transport.DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    record: dict[str, Any] = {"benchmark": "model-saves", **transport.provenance()}
-    record["machine"] = transport.machine_info(0)
+    record = transport.new_record("model-saves")
     config, result = one_round()
     record["setup"] = {"algorithm": "csl", "strategy": "parallel", "clients": CLIENTS, "dataset": "synthetic"}
     with tempfile.TemporaryDirectory() as folder:

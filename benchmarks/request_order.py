@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None, run_cli: transport.CliRunner = transport
     parser.add_argument("--dataset", default="fashion-mnist", help="as splitflower run takes it")
     parser.add_argument("--out-dir", type=Path, default=transport.DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    record = {"benchmark": "request-order", **transport.provenance(), "machine": transport.machine_info(0)}
+    record = transport.new_record("request-order")
     record["setup"] = {"algorithm": "csl", "strategy": "parallel", "model": "lenet5", "clients": CLIENTS}
     record["setup"] |= {"dataset": args.dataset, "rounds": args.rounds}
     record["setup"] |= {"train_size": args.train_size, "test_size": args.test_size}

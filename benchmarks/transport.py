@@ -1021,6 +1021,12 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def new_record(benchmark: str, threads: int = 0) -> dict[str, Any]:
+    """A benchmark's record, begun: its name, :func:`provenance` and :func:`machine_info`
+    (``threads`` 0: the runs' own default)."""
+    return {"benchmark": benchmark, **provenance(), "machine": machine_info(threads)}
+
+
 CliRunner = Callable[[list[str]], None]
 """Runs ``splitflower <argv>`` to its end, raising if it fails."""
 

@@ -10,9 +10,16 @@ import numbers
 
 import torch
 
-from splitflower.errors import AlgorithmError
+from splitflower.errors import AlgorithmError, ConfigError
 
-__all__ = ["all_finite", "positive_seconds", "refuse_options_the_base_cannot_read", "refuse_shadowed_methods"]
+__all__ = [
+    "all_finite",
+    "checked_count",
+    "checked_seconds",
+    "positive_seconds",
+    "refuse_options_the_base_cannot_read",
+    "refuse_shadowed_methods",
+]
 
 
 def positive_seconds(value: object) -> float | None:
@@ -27,6 +34,21 @@ def positive_seconds(value: object) -> float | None:
         return None
     seconds = float(value)
     return seconds if 0 < seconds < math.inf else None
+
+
+def checked_seconds(value: object, what: str, hint: str = "") -> float:
+    """``value`` as seconds, or ConfigError naming ``what`` unless positive and finite."""
+    seconds = positive_seconds(value)
+    if seconds is None:
+        raise ConfigError(f"{what} must be a positive, finite number of seconds, got {value!r}{hint}")
+    return seconds
+
+
+def checked_count(value: object, what: str) -> int:
+    """``value`` as a whole number >= 1 (a bool is not), or ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

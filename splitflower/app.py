@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from splitflower._checks import positive_seconds
+from splitflower._checks import checked_count, checked_seconds
 from splitflower._client_states import own_state_record
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.client import Client
@@ -98,24 +98,11 @@ def _seconds_from_run_config(run_config: Mapping[str, Any], key: str) -> float |
     value = run_config.get(key)
     if value in (None, ""):
         return None
-    return _checked_seconds(value, f"run config {key!r}")
+    return checked_seconds(value, f"run config {key!r}")
 
 
 def _rounds_from_run_config(run_config: Mapping[str, Any]) -> int:
-    rounds = run_config.get(NUM_SERVER_ROUNDS_KEY, 1)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(
-            f"run config {NUM_SERVER_ROUNDS_KEY!r} must be a whole number of rounds >= 1, got {rounds!r} "
-            "(set it in [tool.flwr.app.config] or with --run-config)"
-        )
-    return rounds
-
-
-def _checked_seconds(value: object, what: str) -> float:
-    seconds = positive_seconds(value)
-    if seconds is None:
-        raise ConfigError(f"{what} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
+    return checked_count(run_config.get(NUM_SERVER_ROUNDS_KEY, 1), f"run config {NUM_SERVER_ROUNDS_KEY!r}")
 
 
 def build_server_app(
@@ -169,7 +156,7 @@ def build_server_app(
     ... )
     """
     if round_timeout is not None:
-        _checked_seconds(round_timeout, "round_timeout")
+        checked_seconds(round_timeout, "round_timeout")
     app = ServerApp()
 
     @app.main()

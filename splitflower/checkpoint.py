@@ -106,8 +106,9 @@ class SavedModel:
         return [*self.history, *(dict(entry) for entry in rounds)]
 
     def experiment_config(self) -> ExperimentConfig:
-        """``config`` as an :class:`ExperimentConfig`, as saved (defaults not resolved); a
-        config that is not valid (a file edited by hand, or damaged) raises ConfigError."""
+        """``config`` as an :class:`ExperimentConfig`, as saved (defaults not resolved, not
+        validated: its algorithm may be a module of the user's own); a field of the wrong type
+        (a file edited by hand, or damaged) raises ConfigError."""
         try:
             fields = config_as_run(self.config)
             fields["options"] = tuple(fields["options"] or ())
@@ -117,10 +118,9 @@ class SavedModel:
                 f"the config saved in {_name(self)} does not fit this splitflower's ExperimentConfig: {err}"
             ) from err
         try:
-            config.validate()
+            return config.check_types()
         except ConfigError as err:
             raise ConfigError(f"the config saved in {_name(self)} is not valid: {err}") from err
-        return config
 
     def experiment(self) -> Experiment:
         """The run's experiment (its data and split model) rebuilt from ``config``."""
@@ -212,7 +212,7 @@ def load_model(path: str | Path) -> SavedModel:
     history = _history(file, data.get("history", "[]"), data["rounds"])
     strategy_state = data.get("strategy")
     saved = SavedModel(data["config"], data["rounds"], data["client"], data["server"], file, history, strategy_state)
-    saved.experiment_config()  # refuses a config that is not valid now, not midway through a resume
+    saved.experiment_config()  # refuses a config of the wrong shape now, not midway through a resume
     return saved
 
 

@@ -33,6 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
+from splitflower._checks import checked_count
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -224,6 +225,14 @@ class ExperimentConfig:
             error = IncompatibleStrategyError if incompatible else ConfigError
             raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
         return replace(self, strategy=strategy)
+
+    def check_types(self) -> ExperimentConfig:
+        """Return the config if every field has its declared type, else raise ConfigError listing
+        those that do not: :meth:`validate`'s first step, which imports no algorithm or strategy."""
+        mistyped = _type_problems(self)
+        if mistyped:
+            raise ConfigError("invalid experiment config:\n  - " + "\n  - ".join(mistyped.values()))
+        return self
 
     def _synthetic_size_problems(self) -> list[str]:
         sizes = dict(zip(("train_size", "test_size"), _synthetic_sizes(self.synthetic_size), strict=True))
@@ -903,9 +912,9 @@ def run_experiment(
     """
     from flwr.simulation import run_simulation
 
-    for name, count in (("checkpoint_every", checkpoint_every), ("clients_at_once", clients_at_once)):
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-            raise ConfigError(f"{name} must be a whole number >= 1, got {count!r}")
+    checked_count(checkpoint_every, "checkpoint_every")
+    if clients_at_once is not None:
+        checked_count(clients_at_once, "clients_at_once")
 
     for key, value in _OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)

@@ -36,10 +36,10 @@ from typing import Any, Final
 
 import torch
 
-from splitflower._checks import positive_seconds
+from splitflower._checks import checked_seconds
 from splitflower.codec import payload_bytes
 from splitflower.compute import ComputeThread, shared_compute_thread
-from splitflower.errors import AlgorithmError, ConfigError, InvalidArgumentsError, ServerModelTimeoutError
+from splitflower.errors import AlgorithmError, InvalidArgumentsError, ServerModelTimeoutError
 from splitflower.server_model import CallContext, PerCaller, ServerModel, check_values, resolve_call
 
 __all__ = [
@@ -234,14 +234,11 @@ class _Group:
 
 def checked_flush_timeout(seconds: object) -> float:
     """``seconds`` as a flush timeout, or :class:`ConfigError` unless it is positive and finite."""
-    checked = positive_seconds(seconds)
-    if checked is None:
-        raise ConfigError(
-            f"flush_timeout must be a positive, finite number of seconds, got {seconds!r}: a gathered "
-            "request must run at last (1 s is the default; a deployment whose clients start "
-            "seconds apart wants 10 or more)"
-        )
-    return checked
+    hint = (
+        ": a gathered request must run at last (1 s is the default; a deployment whose clients "
+        "start seconds apart wants 10 or more)"
+    )
+    return checked_seconds(seconds, "flush_timeout", hint)
 
 
 def _signature(method: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Hashable, ...]:
@@ -307,15 +304,7 @@ class _GatheringScheduler(Scheduler):
             group.slots.append(slot)
             ready = self._take_if_all_waiting()
         self._run_groups(ready)
-        try:
-            return self._outcome_of(slot, group, key)
-        except BaseException:
-            with self._cond:  # its caller is told it failed: it must not train the model later
-                if slot in group.slots and self._groups.get(key) is group:
-                    group.slots.remove(slot)
-                    if not group.slots:
-                        del self._groups[key]
-            raise
+        return self._outcome_of(slot, group, key)
 
     def _outcome_of(self, slot: _Slot, group: _Group, key: tuple[Hashable, ...]) -> Outcome:
         """Wait for ``slot``'s outcome; run its group on the flush timeout if no one has yet."""

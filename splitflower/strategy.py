@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from splitflower._checks import positive_seconds
+from splitflower._checks import checked_seconds
 from splitflower._client_errors import raised_by_client
 from splitflower._client_states import CLIENT_STATE_PREFIX, ClientStates
 from splitflower.compute import run_on_compute_thread
@@ -196,9 +196,9 @@ class SplitStrategy(FedAvg):
     ) -> None:
         if request_order not in REQUEST_ORDERS:
             raise ConfigError(f"request_order must be one of {list(REQUEST_ORDERS)}, got {request_order!r}")
-        for name, seconds in (("call_timeout", call_timeout), ("node_wait_timeout", node_wait_timeout)):
-            if positive_seconds(seconds) is None and not (name == "call_timeout" and seconds is None):
-                raise ConfigError(f"{name} must be a positive, finite number of seconds, got {seconds!r}")
+        if call_timeout is not None:
+            checked_seconds(call_timeout, "call_timeout")
+        checked_seconds(node_wait_timeout, "node_wait_timeout")
         with _without_flower_warning(_NO_FEDERATED_EVALUATION_WARNING):
             super().__init__(
                 fraction_train=fraction_train,
