@@ -11,6 +11,8 @@ _WRAPPERS = frozenset({"ClientAppException", "RayTaskError"})
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # Flower reports an exception as "<class 'module.Name'>:<'message'>".
 _FLOWER_WRAPPED = re.compile(r"\s*<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>\s*", re.DOTALL)
+# Flower's ClientAppException keeps the message of the error it wraps, not its type.
+_WRAPPER_MESSAGE = re.compile(r"Exception \w+ occurred\. Message: (.+)$", re.DOTALL)
 
 
 def raised_by_client(report: str) -> str:
@@ -29,6 +31,8 @@ def raised_by_client(report: str) -> str:
     raised = [m for m in _RAISED.finditer(inner) if m.group(1) not in _WRAPPERS]
     if raised:
         return f"{raised[-1].group(1)}: {raised[-1].group(2).strip()}"
+    if message := _WRAPPER_MESSAGE.search(inner):
+        return message.group(1).strip()
     lines = [ln.strip() for ln in inner.splitlines() if ln.strip()]
     if wrapped and len(lines) == 1:  # the message itself, not a traceback ending in it
         return f"{wrapped.group(1)}: {lines[0]}"

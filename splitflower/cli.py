@@ -9,16 +9,15 @@ not torch's.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splitflower._logs import configure_logging
 from splitflower.errors import (
     CRASHED_EXIT_CODE,
     DEFAULT_ATTEMPTS,
@@ -312,19 +311,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CRASHED_EXIT_CODE if isinstance(err, ExperimentFailedError) else 2
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    # Flower's logger prints through a handler of its own: passed on to the root handler too,
-    # every Flower message would appear twice.
-    logging.getLogger("flwr").propagate = False
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
-
-
 def _given(run_argv: Sequence[str]) -> set[str]:
     """The ``splitflower run`` options ``run_argv`` gives, by destination, whatever their value."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -337,7 +323,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.checkpoint import ModelWriter
     from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
 
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     fields, given = _config_fields(args), _given(run_argv)
     resume = None
     if args.resume is not None:

@@ -34,6 +34,7 @@ from flwr.serverapp import ServerApp
 from torch import nn
 
 from splitflower._checks import checked_count
+from splitflower._client_errors import raised_by_client
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -949,6 +950,8 @@ def run_experiment(
     def on_round(server_round: int, record: dict[str, Any]) -> None:
         progress.round = server_round + 1
         say(_round_line(server_round, config.rounds, summarise_round(record)))
+        for line in _failure_lines(record):
+            say(line)
 
     def save_after_round(_: Context, result: SplitResult) -> None:
         if checkpoint is not None and result.last_round % checkpoint_every == 0 and result.last_round < config.rounds:
@@ -1101,6 +1104,18 @@ def _round_line(server_round: int, rounds: int, entry: Mapping[str, Any]) -> str
         f"down {entry['bytes']['down_payload_bytes'] / 1e6:.1f} MB, "
         f"{entry['seconds']:.1f}s"
     )
+
+
+def _failure_lines(record: Mapping[str, Any]) -> list[str]:
+    """One line per client of the round that failed or was left out, with the error it raised."""
+    lines = []
+    for entry in record["clients"]:
+        who = f"client {entry['index']}" if entry["index"] >= 0 else f"node {entry['node_id']}"
+        if "error" in entry:
+            lines.append(f"  {who} failed: {raised_by_client(entry['error'])}")
+        elif "left_out" in entry:
+            lines.append(f"  {who} left out: {entry['left_out']}")
+    return lines
 
 
 def run_experiment_owning_the_process(

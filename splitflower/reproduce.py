@@ -42,6 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from splitflower._logs import configure_logging
 from splitflower.checkpoint import ModelWriter, SavedModel, load_model
 from splitflower.errors import (
     DEFAULT_ATTEMPTS,
@@ -222,8 +223,7 @@ def _finished(path: Path, config: ExperimentConfig) -> bool:
 def _run_cell(config: ExperimentConfig, path: str, extra: dict[str, Any]) -> None:
     """Child-process entry point: run one cell (on from the weights an unfinished run of it
     saved, if any), saving its weights after every round, and write its results file."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    configure_logging(verbose=False)
     model = Path(path).with_suffix(".pt")
     saved = _saved_cell(model, config)
     if saved is not None and saved.rounds == config.rounds:  # stopped after its last save, before its results
@@ -380,14 +380,18 @@ def add_reproduce_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="results directory (default results/<grid>-<scale>)")
     parser.add_argument("--data-root", default=None, help="directory holding CIFAR-10/100 (paper scale)")
     parser.add_argument("--datasets", default="", help="comma list; default: the scale's own")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    parser.add_argument("--cuts", default=",".join(CUTS))
-    parser.add_argument("--clients", default=",".join(map(str, CLIENTS)))
+    parser.add_argument(
+        "--algorithms", default=",".join(ALGORITHMS), help=f"comma list (default: {','.join(ALGORITHMS)})"
+    )
+    parser.add_argument("--cuts", default=",".join(CUTS), help=f"comma list of cut points (default: {','.join(CUTS)})")
+    parser.add_argument(
+        "--clients", default=",".join(map(str, CLIENTS)), help=f"comma list (default: {','.join(map(str, CLIENTS))})"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: the scale's own")
     parser.add_argument("--train-size", type=int, default=None, help="default: the scale's own (0: all)")
     parser.add_argument("--test-size", type=int, default=None, help="default: the scale's own (0: all)")
     parser.add_argument("--device", default="cpu", help="e.g. cuda for the paper scale")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every cell (default: 0)")
     parser.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
     parser.add_argument(
         "--hand-over-optimizer",

@@ -1,21 +1,27 @@
-"""The CLI prints each of Flower's log lines once: Flower's own handler, not the root's too."""
+"""The CLI prints each of Flower's log lines once (Flower's own handler, not the root's too),
+and without --verbose only its critical ones (a failed client's traceback is an ERROR line)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
-import logging
+import logging, sys
 from flwr.common.logger import log
-from splitflower.cli import _configure_logging
-_configure_logging(verbose=False)
+from splitflower._logs import configure_logging
+configure_logging(verbose=sys.argv[1] == "verbose")
 log(logging.ERROR, "a flower error line")
+log(logging.CRITICAL, "a flower critical line")
 """
 
 
-def test_a_flower_error_is_printed_once() -> None:
+@pytest.mark.parametrize(("verbose", "errors"), [("verbose", 1), ("quiet", 0)])
+def test_flower_lines_are_printed_once_and_its_errors_only_when_verbose(verbose: str, errors: int) -> None:
     # A fresh interpreter: the logging setup is process-wide.
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    command = [sys.executable, "-c", SCRIPT, verbose]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     output = done.stdout + done.stderr
-    assert output.count("a flower error line") == 1, output
+    assert output.count("a flower error line") == errors and output.count("a flower critical line") == 1, output

@@ -260,7 +260,6 @@ def _wait_healthy(flower: Flower, proc: subprocess.Popen[bytes], port: int, time
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     """SuperLink + 2 SuperNodes on localhost; every message starts a fresh ClientApp process."""
