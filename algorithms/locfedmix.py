@@ -152,13 +152,7 @@ class LocFedMixServerModel(SupervisedServerModel):
 
     def _mix(self, s: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row mixed with a random row of each of ``n_s`` other callers (eq. 5)."""
-        sizes = torch.tensor(self.call_context.sizes)
-        k = len(sizes)
-        n_s = min(self.options.n_s or k - 1, k - 1)
-        partners = torch.argsort(torch.rand(k, k) + torch.eye(k), dim=1)[:, :n_s]  # self sorts last
-        partner = partners.repeat_interleave(sizes, dim=0)  # (rows, n_s) caller indices
-        starts = torch.cumsum(sizes, 0) - sizes
-        rows = starts[partner] + (torch.rand(partner.shape) * sizes[partner]).long()
-        lam = torch.distributions.Beta(self.options.alpha, self.options.alpha).sample(partner.shape).to(s)
+        rows = self.call_context.rows_of_other_callers(self.options.n_s or None)
+        lam = torch.distributions.Beta(self.options.alpha, self.options.alpha).sample(rows.shape).to(s)
         mixed = torch.lerp(s[rows], s.unsqueeze(1), lam.view(*lam.shape, *[1] * (s.dim() - 1)))
         return mixed.flatten(0, 1), torch.lerp(targets[rows], targets.unsqueeze(1), lam.unsqueeze(-1)).flatten(0, 1)

@@ -270,6 +270,27 @@ class CallContext:
         """Rows per caller."""
         return [r.stop - r.start for r in self.rows]
 
+    def rows_of_other_callers(self, count: int | None = None) -> torch.Tensor:
+        """For each row of the batch, a random row of each of ``count`` other callers, those
+        drawn at random per caller (None, or more than there are: every other caller): indices
+        of shape ``(rows, count)``, as mixup across clients pairs rows (LocFedMix-SL).
+
+        Example
+        -------
+        >>> context = CallContext(callers=("a", "b"), rows=(slice(0, 2), slice(2, 5)))
+        >>> partners = context.rows_of_other_callers()
+        >>> partners.shape, bool((partners[:2] >= 2).all() and (partners[2:] < 2).all())
+        (torch.Size([5, 1]), True)
+        """
+        sizes = torch.tensor(self.sizes)
+        others = len(sizes) - 1
+        count = others if count is None else min(count, others)
+        # A caller sorts itself last: its first ``count`` are others, in random order.
+        partners = torch.argsort(torch.rand(others + 1, others + 1) + torch.eye(others + 1), dim=1)[:, :count]
+        partner = partners.repeat_interleave(sizes, dim=0)  # (rows, count) caller indices
+        starts = torch.cumsum(sizes, 0) - sizes
+        return starts[partner] + (torch.rand(partner.shape) * sizes[partner]).long()
+
     def own_mean_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Turn the gradient of a loss averaged over the whole batch into each caller's
         gradient of its own mean loss: rows scaled by ``total rows / the caller's rows``."""

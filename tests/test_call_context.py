@@ -70,3 +70,22 @@ def test_caller_refuses_a_batched_call_and_own_mean_grad_rescales_rows() -> None
     # d(mean over 4 rows)/d(row) = 1/4; each caller's own mean gives 1/1 and 1/3.
     grad = context.own_mean_grad(torch.full((4, 2), 1 / 4))
     torch.testing.assert_close(grad, torch.tensor([[1.0, 1.0]] + [[1 / 3, 1 / 3]] * 3))
+
+
+@pytest.mark.parametrize(("count", "width"), [(None, 3), (2, 2), (9, 3)])
+def test_rows_of_other_callers_pairs_each_row_with_rows_of_as_many_different_other_callers(
+    count: int | None, width: int
+) -> None:
+    sizes = (1, 2, 3, 4)
+    rows = tuple(slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes)))
+    context = CallContext(callers=tuple("abcd"), rows=rows)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    seen: set[tuple[int, ...]] = set()
+    for _ in range(50):
+        partners = context.rows_of_other_callers(count)
+        assert partners.shape == (sum(sizes), width)
+        callers = owner[partners]  # the caller each partner row came from
+        assert (callers != owner.unsqueeze(1)).all(), "never the row's own caller"
+        assert all(len(set(row.tolist())) == width for row in callers), "a different caller each"
+        seen.update(tuple(row.tolist()) for row in callers[:1])
+    assert len(seen) > 1, "the callers are drawn at random"

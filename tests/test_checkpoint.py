@@ -131,7 +131,10 @@ def test_weights_that_cannot_be_written_are_said_and_the_run_goes_on(
     assert "splitflower: error: the trained weights are not kept: cannot write the model" in capsys.readouterr().err
 
 
+# A request gathered on the flush timeout (a client thread late on a loaded machine) changes the
+# batch, so the two runs would differ by it: the timeout is long enough never to fire here.
 SYNTHETIC_RUN = ["--dataset", "synthetic", "--clients", "3", "--train-size", "384", "--test-size", "128"]
+SYNTHETIC_RUN += ["--flush-timeout", "30"]
 
 
 @pytest.mark.parametrize(
