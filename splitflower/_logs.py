@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "take_flower_level_from_the_command"]
+
+# Flower's log level the command chose, for the simulation's worker processes: Ray's actors
+# inherit this process's environment, not its logging setup ("Manually terminating
+# ClientAppActor", as each ends, would show without it).
+_FLOWER_LEVEL_ENV = "SPLITFLOWER_FLOWER_LOG_LEVEL"
 
 
 def configure_logging(verbose: bool) -> None:
@@ -16,9 +22,19 @@ def configure_logging(verbose: bool) -> None:
     # Flower's logger prints through a handler of its own: passed on to the root handler too,
     # every Flower message would appear twice.
     logging.getLogger("flwr").propagate = False
+    os.environ.pop(_FLOWER_LEVEL_ENV, None)  # set by a quiet command that started this one
     if not verbose:
         # Flower logs a failed client's whole Ray traceback, twice, at ERROR: each round's own
         # line names every failed client and the error it raised (experiment._failure_lines).
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        os.environ[_FLOWER_LEVEL_ENV] = logging.getLevelName(logging.CRITICAL)
         # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+
+
+def take_flower_level_from_the_command() -> None:
+    """In a simulation's worker process: keep Flower's logger to the level the command that
+    started the simulation chose (none chosen: leave it)."""
+    level = os.environ.get(_FLOWER_LEVEL_ENV)
+    if level in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
+        logging.getLogger("flwr").setLevel(level)

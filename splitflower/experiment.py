@@ -35,6 +35,7 @@ from torch import nn
 
 from splitflower._checks import checked_count
 from splitflower._client_errors import raised_by_client
+from splitflower._logs import take_flower_level_from_the_command
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -628,6 +629,7 @@ def _private_bytes() -> int | None:
 
 def _client_app(config: ExperimentConfig, clients_at_once: int | None = None) -> ClientApp:
     def make(context: Context) -> Client:
+        take_flower_level_from_the_command()
         torch.set_num_threads(threads_per_client(config, clients_at_once))
         partition_id = int(context.node_config.get("partition-id", 0))
         return cached_experiment(config).make_client(partition_id)

@@ -3,6 +3,7 @@ and without --verbose only its critical ones (a failed client's traceback is an 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -25,3 +26,29 @@ def test_flower_lines_are_printed_once_and_its_errors_only_when_verbose(verbose:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     output = done.stdout + done.stderr
     assert output.count("a flower error line") == errors and output.count("a flower critical line") == 1, output
+
+
+WORKER = """
+import logging
+from splitflower._logs import take_flower_level_from_the_command
+take_flower_level_from_the_command()
+print(logging.getLevelName(logging.getLogger("flwr").getEffectiveLevel()))
+"""
+COMMAND = """
+import subprocess, sys
+from splitflower._logs import configure_logging
+configure_logging(verbose=sys.argv[1] == "verbose")
+print(subprocess.run([sys.executable, "-c", sys.argv[2]], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+@pytest.mark.parametrize("verbose", ["verbose", "quiet"])
+def test_a_simulation_worker_started_by_the_command_logs_at_its_flower_level(verbose: str) -> None:
+    # Ray's actors are processes the command's process starts: they inherit its environment.
+    command = [sys.executable, "-c", COMMAND, verbose, WORKER]
+    quiet_parent = {**os.environ, "SPLITFLOWER_FLOWER_LOG_LEVEL": "CRITICAL"}  # a verbose command overrides it
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=quiet_parent, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITFLOWER_")}
+    alone = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == (["CRITICAL"] if verbose == "quiet" else alone.stdout.split()), done.stdout
+    assert alone.stdout.split() != ["CRITICAL"], "Flower's own level, where no command chose one"
