@@ -263,3 +263,12 @@ def test_a_results_file_without_rounds_is_refused_by_compare(tmp_path: Path) -> 
     (tmp_path / "empty.json").write_text(json.dumps(empty))
     with pytest.raises(ConfigError, match=r"empty\.json is not a valid results file: it holds no rounds"):
         load_results(tmp_path / "empty.json")
+
+
+def test_readme_shows_the_comparison_of_the_demo_s_recorded_results() -> None:
+    recorded = REPO_ROOT / "docs" / "results" / "demo"
+    runs = [load_results(recorded / f"demo-{algorithm}.json") for algorithm in ("dsl", "csl")]
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert comparison_table(runs) in readme, "README's demo table is stale: copy the compare of docs/results/demo"
+    commit = runs[0]["versions"]["splitflower_commit"][:7]
+    assert f"One run on this 2-core machine at {commit}" in readme
