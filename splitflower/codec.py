@@ -14,7 +14,7 @@ Request frame::
 
 Reply frame::
 
-    "SF" | version u8 | kind=2 u8 | result u8 | server compute s f64 | queue wait s f64
+    "SF" | version u8 | kind=2 u8 | result u8 | server compute s f32 | queue wait s f32
     | table length u16 | tensor table | padding to 8 | tensor data (each block padded to 8)
 
 Tensor table: ``count u8`` then per tensor ``name (u8 len + utf-8) | dtype u8 | ndim u8 |
@@ -62,12 +62,12 @@ __all__ = [
 
 TOKEN_BYTES: Final = 16
 _MAGIC: Final = b"SF"
-_VERSION: Final = 2
+_VERSION: Final = 3  # 3: a reply's two times are f32 (a reply of one tensor fits 24 bytes of head and table)
 _KIND_REQUEST: Final = 1
 _KIND_REPLY: Final = 2
 _ALIGN: Final = 8
 _REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sIIH")
-_REPLY_HEAD = struct.Struct("<2sBBBddH")
+_REPLY_HEAD = struct.Struct("<2sBBBffH")
 _U8 = struct.Struct("<B")
 _ENTRY_HEAD = struct.Struct("<BB")
 

@@ -76,3 +76,12 @@ def test_a_value_that_cannot_cross_the_wire_is_named_as_argument_or_returned_ite
         encode_reply({"a": (x, x)})
     with pytest.raises(CodecError, match=r"a returned dict must have str keys, got \[1\] \(int\)"):
         encode_reply({1: x})
+
+
+def test_a_reply_carries_the_server_s_times_and_frames_a_tensor_in_24_bytes() -> None:
+    value = torch.ones(256)  # 1 KiB: the benchmark's smallest size, where framing shows most
+    reply = decode_reply(encode_reply(value, server_compute_s=0.0123456, queue_wait_s=3600.5))
+    assert reply.server_compute_s == pytest.approx(0.0123456, rel=1e-6)
+    assert reply.queue_wait_s == pytest.approx(3600.5, rel=1e-6)
+    # head 15 + table 9 (one tensor, its name one byte, one dimension): the data starts 8-aligned
+    assert len(encode_reply(value)) - value.nbytes == 24
