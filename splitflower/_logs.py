@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Final
 
-__all__ = ["configure_logging", "take_flower_level_from_the_command"]
+__all__ = ["FLOWER_LEVEL_ENV", "configure_logging", "take_flower_level_from_the_command"]
 
 # Flower's log level the command chose, for the simulation's worker processes: Ray's actors
 # inherit this process's environment, not its logging setup ("Manually terminating
 # ClientAppActor", as each ends, would show without it).
-_FLOWER_LEVEL_ENV = "SPLITFLOWER_FLOWER_LOG_LEVEL"
+FLOWER_LEVEL_ENV: Final = "SPLITFLOWER_FLOWER_LOG_LEVEL"
 
 
 def configure_logging(verbose: bool) -> None:
@@ -22,12 +23,12 @@ def configure_logging(verbose: bool) -> None:
     # Flower's logger prints through a handler of its own: passed on to the root handler too,
     # every Flower message would appear twice.
     logging.getLogger("flwr").propagate = False
-    os.environ.pop(_FLOWER_LEVEL_ENV, None)  # set by a quiet command that started this one
+    os.environ.pop(FLOWER_LEVEL_ENV, None)  # set by a quiet command that started this one
     if not verbose:
         # Flower logs a failed client's whole Ray traceback, twice, at ERROR: each round's own
         # line names every failed client and the error it raised (experiment._failure_lines).
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
-        os.environ[_FLOWER_LEVEL_ENV] = logging.getLevelName(logging.CRITICAL)
+        os.environ[FLOWER_LEVEL_ENV] = logging.getLevelName(logging.CRITICAL)
         # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
 
@@ -35,6 +36,6 @@ def configure_logging(verbose: bool) -> None:
 def take_flower_level_from_the_command() -> None:
     """In a simulation's worker process: keep Flower's logger to the level the command that
     started the simulation chose (none chosen: leave it)."""
-    level = os.environ.get(_FLOWER_LEVEL_ENV)
+    level = os.environ.get(FLOWER_LEVEL_ENV)
     if level in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
         logging.getLogger("flwr").setLevel(level)

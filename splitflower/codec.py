@@ -396,7 +396,10 @@ def _check_head(magic: bytes, version: int, kind: int, expected_kind: int) -> No
     if magic != _MAGIC:
         raise CodecError(f"not a splitflower frame: expected magic {_MAGIC!r}, got {magic!r}")
     if version != _VERSION:
-        raise CodecError(f"unsupported frame version {version}; this side speaks {_VERSION}")
+        raise CodecError(
+            f"unsupported frame version {version}; this side speaks {_VERSION}: "
+            "run the same splitflower version on the server and every client"
+        )
     if kind != expected_kind:
         raise CodecError(f"expected frame kind {expected_kind}, got {kind}")
 

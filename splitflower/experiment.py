@@ -68,7 +68,7 @@ from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, DEFAULT_REQUEST_ORDE
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import find_strategy
-from splitflower.strategy import SplitResult, SplitStrategy
+from splitflower.strategy import NO_REPLY, SplitResult, SplitStrategy
 from splitflower.supervised import SupervisedServerModel
 from splitflower.wire import ConfigKey, MetricKey, RecordKey
 
@@ -1109,14 +1109,13 @@ def _round_line(server_round: int, rounds: int, entry: Mapping[str, Any]) -> str
 
 
 def _failure_lines(record: Mapping[str, Any]) -> list[str]:
-    """One line per client of the round that failed or was left out, with the error it raised."""
+    """A line per client of the round whose code raised, with what it raised (the strategy's
+    log says which clients did not reply in time or whose replies it left out)."""
     lines = []
     for entry in record["clients"]:
-        who = f"client {entry['index']}" if entry["index"] >= 0 else f"node {entry['node_id']}"
-        if "error" in entry:
+        if "error" in entry and entry["error"] != NO_REPLY:
+            who = f"client {entry['index']}" if entry["index"] >= 0 else f"node {entry['node_id']}"
             lines.append(f"  {who} failed: {raised_by_client(entry['error'])}")
-        elif "left_out" in entry:
-            lines.append(f"  {who} left out: {entry['left_out']}")
     return lines
 
 

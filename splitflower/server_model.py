@@ -282,6 +282,8 @@ class CallContext:
         >>> partners.shape, bool((partners[:2] >= 2).all() and (partners[2:] < 2).all())
         (torch.Size([5, 1]), True)
         """
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"count must be None (every other caller) or at least 1, got {count!r}")
         sizes = torch.tensor(self.sizes)
         others = len(sizes) - 1
         count = others if count is None else min(count, others)

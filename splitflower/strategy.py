@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -39,7 +39,7 @@ from splitflower.server_model import FitResult, ServerModel
 from splitflower.service import ClientSession, SplitService
 from splitflower.wire import MAX_IN_FLIGHT, ConfigKey, RecordKey
 
-__all__ = ["DEFAULT_ROUND_TIMEOUT_S", "SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
+__all__ = ["DEFAULT_ROUND_TIMEOUT_S", "NO_REPLY", "SplitStrategy", "SplitResult", "RoundPlan", "CentralEvaluateFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class SplitResult(Result):
 
 DEFAULT_ROUND_TIMEOUT_S = 3600.0  # Flower's own default for a strategy's round
 _NODE_WAIT_REPORT_S = 15.0  # how often a round still waiting for its clients says so
-_NO_REPLY = "no reply before the round's timeout"  # splitflower.app's sf-round-timeout, round_timeout
+# The error a round records for a client that did not reply in time (sf-round-timeout, round_timeout).
+NO_REPLY: Final = "no reply before the round's timeout"
 
 
 class SplitStrategy(FedAvg):
@@ -730,8 +731,8 @@ def _round_record(
     answered = {entry["node_id"] for entry in clients}
     for node in plan.node_ids:
         if node not in answered:
-            logger.warning("[server] round %d: client %d: %s", plan.server_round, node, _NO_REPLY)
-            clients.append({"node_id": node, "index": _index(plan, node), "error": _NO_REPLY})
+            logger.warning("[server] round %d: client %d: %s", plan.server_round, node, NO_REPLY)
+            clients.append({"node_id": node, "index": _index(plan, node), "error": NO_REPLY})
     for entry in clients:
         session = plan.sessions.get(entry["node_id"])
         if session is not None:

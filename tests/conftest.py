@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
+from splitflower._logs import FLOWER_LEVEL_ENV  # noqa: E402
 from splitflower.app import build_client_app  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
@@ -57,6 +59,19 @@ def _few_threads() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _flower_logging_as_it_was() -> Iterator[None]:
+    # A test that runs the CLI in this process quiets Flower's logger and tells the processes
+    # it starts to (splitflower._logs): no later test may inherit that.
+    os.environ.pop(FLOWER_LEVEL_ENV, None)
+    flower = logging.getLogger("flwr")
+    level, propagate = flower.level, flower.propagate
+    yield
+    os.environ.pop(FLOWER_LEVEL_ENV, None)
+    flower.setLevel(level)
+    flower.propagate = propagate
 
 
 @pytest.fixture(autouse=True)

@@ -89,3 +89,10 @@ def test_rows_of_other_callers_pairs_each_row_with_rows_of_as_many_different_oth
         assert all(len(set(row.tolist())) == width for row in callers), "a different caller each"
         seen.update(tuple(row.tolist()) for row in callers[:1])
     assert len(seen) > 1, "the callers are drawn at random"
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5])
+def test_rows_of_other_callers_refuses_a_count_that_is_not_a_positive_integer(count: object) -> None:
+    context = CallContext(callers=("a", "b"), rows=(slice(0, 1), slice(1, 2)))
+    with pytest.raises(ValueError, match=rf"count must be None \(every other caller\) or at least 1, got {count}"):
+        context.rows_of_other_callers(count)  # type: ignore[arg-type]

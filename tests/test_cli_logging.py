@@ -3,11 +3,16 @@ and without --verbose only its critical ones (a failed client's traceback is an 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+
+from conftest import simulate
+from splitflower._logs import FLOWER_LEVEL_ENV
+from splitflower.experiment import ExperimentConfig
 
 SCRIPT = """
 import logging, sys
@@ -46,9 +51,17 @@ print(subprocess.run([sys.executable, "-c", sys.argv[2]], capture_output=True, t
 def test_a_simulation_worker_started_by_the_command_logs_at_its_flower_level(verbose: str) -> None:
     # Ray's actors are processes the command's process starts: they inherit its environment.
     command = [sys.executable, "-c", COMMAND, verbose, WORKER]
-    quiet_parent = {**os.environ, "SPLITFLOWER_FLOWER_LOG_LEVEL": "CRITICAL"}  # a verbose command overrides it
+    quiet_parent = {**os.environ, FLOWER_LEVEL_ENV: "CRITICAL"}  # a verbose command overrides it
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=quiet_parent, check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITFLOWER_")}
     alone = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.split() == (["CRITICAL"] if verbose == "quiet" else alone.stdout.split()), done.stdout
     assert alone.stdout.split() != ["CRITICAL"], "Flower's own level, where no command chose one"
+
+
+def test_the_experiment_s_clients_take_flower_s_level_from_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a Ray actor does on its first message (here on a thread, in this process).
+    monkeypatch.setenv(FLOWER_LEVEL_ENV, "CRITICAL")
+    logging.getLogger("flwr").setLevel(logging.NOTSET)
+    simulate(ExperimentConfig(dataset="synthetic", clients=1, rounds=1, synthetic_size=64).validate())
+    assert logging.getLogger("flwr").level == logging.CRITICAL

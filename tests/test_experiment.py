@@ -55,7 +55,7 @@ from splitflower.experiment import (
 )
 from splitflower.report import load_results
 from splitflower.server_model import FitResult
-from splitflower.strategy import SplitResult
+from splitflower.strategy import NO_REPLY, SplitResult
 from splitflower.wire import ConfigKey
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -1014,6 +1014,19 @@ def test_each_round_s_line_names_the_clients_that_failed_and_what_they_raised(
     # (on Ray, whose traceback names the error's type: "ValueError: no data on this device")
     assert failures == ["  client 1 failed: no data on this device"] * 2, said
     assert said.index(failures[0]) == 1 + next(i for i, line in enumerate(said) if line.startswith("round 1/2"))
+
+
+def test_a_round_line_names_only_the_failures_the_strategy_s_log_does_not() -> None:
+    clients = [
+        {"node_id": 11, "index": 0, "error": "<class 'ValueError'>:<'bad batch'>"},
+        {"node_id": 12, "index": 1, "error": NO_REPLY},  # logged by the strategy as it happens
+        {"node_id": 13, "index": 2, "left_out": "no ArrayRecord"},  # likewise
+        {"node_id": 14, "index": -1, "error": "RuntimeError: lost"},
+    ]
+    assert experiment_module._failure_lines({"clients": clients}) == [
+        "  client 0 failed: ValueError: bad batch",
+        "  node 14 failed: RuntimeError: lost",
+    ]
 
 
 def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_time(
