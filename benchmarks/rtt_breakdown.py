@@ -20,6 +20,9 @@ can be compared::
 3. Hot loop: the same decode, encode and proxy code run back to back in this process, the
    compute-thread hand-off of an empty job, the swap of a server model's own RNG stream in
    and out around a call, and one stopwatch's own cost.
+4. Idle gap: the bare echo's round trip alone, timed after the client has kept busy for a
+   while since the last call (as a proxy call does, encoding before and decoding after):
+   the bare figure of 1. has no gap between calls, so neither party's threads ever sleep.
 
 It writes ``<out-dir>/rtt-breakdown-<short commit>[-dirty].json`` and prints a table. A
 report, not a test: it exits 0 whatever it finds.
@@ -56,6 +59,7 @@ from splitflower.service import SplitService
 HOT_REPEATS = 5000
 WARMUP_CALLS = 500
 BLOCKS = 6
+IDLE_GAPS_US = (0, 25, 50, 100, 200, 400)
 
 
 class Stopwatches:
@@ -132,6 +136,21 @@ def _round_trips(bare_call: Callable[[], object], proxy_call: Callable[[], objec
     bare, _ = transport._summary(samples["bare"])
     proxy, _ = transport._summary(samples["proxy"])
     return {"bare_median_us": round(bare, 1), "proxy_median_us": round(proxy, 1), "ratio": round(proxy / bare, 3)}
+
+
+def _after_idle_gaps(bare_call: Callable[[], object], calls: int) -> dict[str, float]:
+    """Median bare round trip (us) after the client kept busy for each gap since the last one."""
+    samples: dict[str, list[float]] = {f"{gap} us": [] for gap in IDLE_GAPS_US}
+    for _ in range(BLOCKS):
+        for gap in IDLE_GAPS_US:
+            for _ in range(max(1, calls // BLOCKS)):
+                busy_until = time.perf_counter() + gap * 1e-6
+                while time.perf_counter() < busy_until:  # busy, as encoding is: not asleep
+                    pass
+                started = time.perf_counter()
+                bare_call()
+                samples[f"{gap} us"].append((time.perf_counter() - started) * 1e6)
+    return {gap: round(transport._summary(values)[0], 1) for gap, values in samples.items()}
 
 
 def _client_in_place(proxy: ServerModelProxy, tensor: torch.Tensor, calls: int) -> dict[str, dict[str, float]]:
@@ -215,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         transport._timed(bare_call, WARMUP_CALLS)
         transport._timed(proxy_call, WARMUP_CALLS)
         results["round_trip"] = _round_trips(bare_call, proxy_call, args.calls)
+        results["bare_after_client_busy_us"] = _after_idle_gaps(bare_call, args.calls)
         for command in (("instrument",), ("reset",)):
             conn.send(command)
             conn.recv()
@@ -253,6 +273,9 @@ def _print(results: dict[str, Any]) -> None:
     print(f"{'the same code in a tight loop':58} {'us':>8}")
     for stage, value in results["hot_loop_us"].items():
         print(f"{stage:58} {value:8.2f}")
+    print(f"{'bare round trip after the client kept busy for':58} {'us':>8}")
+    for gap, value in results["bare_after_client_busy_us"].items():
+        print(f"{gap:>58} {value:8.1f}")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ def test_rtt_breakdown_times_every_stage_where_it_runs(tmp_path: Path) -> None:
     assert stages["server: whole handler"]["wall_us"] >= stages["server: decode request"]["wall_us"]
     assert stages["client: whole call"]["wall_us"] >= stages["client: inside the gRPC call"]["wall_us"]
     assert results["round_trip"]["bare_median_us"] > 0 and results["round_trip"]["proxy_median_us"] > 0
+    assert list(results["bare_after_client_busy_us"]) == ["0 us", "25 us", "50 us", "100 us", "200 us", "400 us"]
+    assert all(value > 0 for value in results["bare_after_client_busy_us"].values())
     hot = results["hot_loop_us"]
     # The stopwatch's own cost is a difference of two timings: noise can push it either way.
     assert all(value > 0 for stage, value in hot.items() if not stage.startswith("one stopwatch")), hot
