@@ -913,8 +913,6 @@ def run_experiment(
     :class:`~splitflower.errors.ResultsFileError` it raises is logged and the run goes on).
     Neither is given a round that stops the run (``SplitStrategy.last_trained``).
     """
-    from flwr.simulation import run_simulation
-
     checked_count(checkpoint_every, "checkpoint_every")
     if clients_at_once is not None:
         checked_count(clients_at_once, "clients_at_once")
@@ -965,44 +963,18 @@ def run_experiment(
     server_errors: list[BaseException] = []
 
     started = time.perf_counter()
-    say(
-        f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
-        f"{config.clients} clients, "
-        + (f"{config.rounds} rounds" if resume is None else f"rounds {first_round} to {config.rounds} ({resume.path})")
+    say(_opening_line(config, resume))
+    server_app = experiment.server_app(
+        strategy, keep_result, on_round, server_errors.append, resume=resume, checkpoint=save_after_round
     )
-    stopped_by: BaseException | None = None
-    with progress:
-        try:
-            run_simulation(
-                server_app=experiment.server_app(
-                    strategy, keep_result, on_round, server_errors.append, resume=resume, checkpoint=save_after_round
-                ),
-                client_app=experiment.client_app(clients_at_once),
-                num_supernodes=config.clients,
-                backend_config=_backend_config(config, clients_at_once),
-            )
-        except Exception as err:
-            # An error of the ServerApp's own (a strategy's, a server model's) is not Ray's.
-            if not server_errors and not progress.started():
-                raise SimulationStartError(_NEVER_STARTED) from err
-            stopped_by = err
-        except KeyboardInterrupt as err:  # Ctrl-C: the rounds recorded so far are kept all the same
-            stopped_by = err
+    stopped_by = _simulate(experiment, server_app, clients_at_once, progress, server_errors)
     if stopped_by is None and "result" not in holder:
         if not server_errors and not progress.started():
             raise SimulationStartError(_NEVER_STARTED)
         stopped_by = _first_server_error(server_errors)
     if stopped_by is not None:
         rounds = _keep_what_was_recorded(config, strategy, keep_model)
-        if (
-            not rounds
-            and isinstance(stopped_by, SplitflowerError)
-            and not isinstance(stopped_by, ExperimentFailedError)
-        ):
-            raise stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
-        wall_s = time.perf_counter() - started
-        # No new round, no partial file (as in the example app): the saved run's rounds alone add nothing.
-        raise stopped_early(config, carried(rounds) if rounds else [], wall_s, stopped_by, **extra) from stopped_by
+        raise _stopped_error(config, rounds and carried(rounds), time.perf_counter() - started, stopped_by, extra)
     # (A round that trained on no client stopped the run in the strategy: see SplitStrategy.start.)
     result = holder["result"]
     if keep_model is not None:
@@ -1020,6 +992,63 @@ def _clients_at_once(config: ExperimentConfig, given: int | None, say: Callable[
     if fewer:
         say(f"splitflower: warning: {fewer} (--clients-at-once N sets the number and trusts it to fit)")
     return fit
+
+
+def _simulate(
+    experiment: Experiment,
+    server_app: ServerApp,
+    clients_at_once: int,
+    progress: _Progress,
+    server_errors: Sequence[BaseException],
+) -> BaseException | None:
+    """Run the experiment's simulation with ``server_app``; what stopped it early, or None."""
+    from flwr.simulation import run_simulation
+
+    config = experiment.config
+    with progress:
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=experiment.client_app(clients_at_once),
+                num_supernodes=config.clients,
+                backend_config=_backend_config(config, clients_at_once),
+            )
+        except Exception as err:
+            # An error of the ServerApp's own (a strategy's, a server model's) is not Ray's.
+            if not server_errors and not progress.started():
+                raise SimulationStartError(_NEVER_STARTED) from err
+            return err
+        except KeyboardInterrupt as err:  # Ctrl-C: the rounds recorded so far are kept all the same
+            return err
+    return None
+
+
+def _opening_line(config: ExperimentConfig, resume: SavedModel | None) -> str:
+    """The line a run starts with: what runs, and which rounds."""
+    rounds = f"{config.rounds} rounds"
+    if resume is not None:
+        rounds = f"rounds {resume.first_round} to {config.rounds} ({resume.path})"
+    return (
+        f"splitflower: {config.algorithm} / {config.strategy}, {config.dataset}, {config.model} cut {config.cut}, "
+        f"{config.clients} clients, {rounds}"
+    )
+
+
+def _stopped_error(
+    config: ExperimentConfig,
+    rounds: list[dict[str, Any]],
+    wall_s: float,
+    stopped_by: BaseException,
+    extra: Mapping[str, Any],
+) -> BaseException:
+    """What a run that ``stopped_by`` ended after recording ``rounds`` (the saved run's
+    carried before them; none if it recorded none of its own) raises."""
+    if not rounds and isinstance(stopped_by, SplitflowerError) and not isinstance(stopped_by, ExperimentFailedError):
+        return stopped_by  # bad input (a strategy's assign, say) before any round: said as it is
+    # No new round, no partial file (as in the example app): the saved run's rounds alone add nothing.
+    error = stopped_early(config, rounds, wall_s, stopped_by, **extra)
+    error.__cause__ = stopped_by
+    return error
 
 
 def _keep_what_was_recorded(
