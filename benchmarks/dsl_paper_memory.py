@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitflower.experiment import Experiment, ExperimentConfig, write_results
+from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.metering import MemoryTally
 from splitflower.proxy import ServerModelProxy
-from splitflower.reproduce import PAPER_HYPERPARAMETERS, source_commit
+from splitflower.reproduce import PAPER_HYPERPARAMETERS
+from splitflower.results import source_commit, write_results
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import sgd
 from splitflower.service import SplitService

@@ -37,10 +37,11 @@ import torch
 
 from splitflower.app import client_reply_metrics
 from splitflower.compute import run_on_compute_thread
-from splitflower.experiment import Experiment, ExperimentConfig, threads_per_client, write_results
+from splitflower.experiment import Experiment, ExperimentConfig, threads_per_client
 from splitflower.linkemu import LinkEmulator, parse_link
 from splitflower.proxy import ServerModelProxy
-from splitflower.reproduce import PAPER_HYPERPARAMETERS, source_commit
+from splitflower.reproduce import PAPER_HYPERPARAMETERS
+from splitflower.results import source_commit, write_results
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.service import SplitService
 from splitflower.wire import ConfigKey

@@ -111,9 +111,9 @@ from splitflower._openmp import KEEP_SPINNING_ENV, release_openmp_workers
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
 from splitflower.compute import ComputeThread, run_on_compute_thread
-from splitflower.experiment import source_commit
 from splitflower.models import resnet20
 from splitflower.proxy import ServerModelProxy
+from splitflower.results import source_commit
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import ServerModel
 from splitflower.service import SplitService

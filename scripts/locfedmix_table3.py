@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from splitflower.experiment import source_commit
+from splitflower.results import source_commit
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"

@@ -66,8 +66,8 @@ _EXPORTS = {
 _SUBMODULES = frozenset(
     {
         "algorithms", "app", "checkpoint", "cli", "client", "codec", "compute", "data", "errors", "experiment",
-        "linkemu", "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "scheduling",
-        "server_model", "service", "split", "strategies", "strategy", "supervised", "wire",
+        "linkemu", "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "results",
+        "scheduling", "server_model", "service", "split", "strategies", "strategy", "supervised", "wire",
     }
 )  # fmt: skip
 

@@ -38,16 +38,8 @@ from torch import nn
 
 from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
-from splitflower.experiment import (
-    ROUND_ENTRY_KEYS,
-    Experiment,
-    ExperimentConfig,
-    config_as_run,
-    config_as_stored,
-    inert_fields,
-    summarise_round,
-    write_atomically,
-)
+from splitflower.experiment import Experiment, ExperimentConfig, config_as_run, inert_fields
+from splitflower.results import ROUND_ENTRY_KEYS, config_as_stored, summarise_round, write_atomically
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -136,7 +128,7 @@ def save_model(
 ) -> Path:
     """Write ``result``'s weights (both parties', after its round ``result.last_round``) with
     the run's ``config`` and its rounds' results entries (after those of the run it
-    ``resumed`` from), atomically (see :func:`~splitflower.experiment.write_atomically`).
+    ``resumed`` from), atomically (see :func:`~splitflower.results.write_atomically`).
     They are CPU tensors, as an ArrayRecord gives them, so a machine without the run's GPU
     reads them. A run that saves after round after round uses one :class:`ModelWriter`."""
     return ModelWriter(path, resumed=resumed)(config, result)

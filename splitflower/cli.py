@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     _add_attempts(
-        add_reproduce_parser(commands),
+        add_reproduce_parser(commands).add_argument,
         "times to start each cell, each in a fresh process, while its simulation fails to start "
         f"(default {DEFAULT_ATTEMPTS}); after the last, the cell counts as failed and the grid goes on",
     )
@@ -62,59 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    for add_group in (_add_what_to_train, _add_training, _add_requests, _add_output, _add_simulation):
+        add_group(run)
+
+
+def _add_what_to_train(run: argparse.ArgumentParser) -> None:
     from splitflower.algorithms import ALGORITHMS
     from splitflower.data import DATASET_NAMES
-    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
     from splitflower.models import MODEL_NAMES
     from splitflower.strategies import STRATEGIES
 
-    run.add_argument(
+    group = run.add_argument_group("what to train")
+    group.add_argument(
         "--algorithm",
         default="dsl",
         metavar="{" + ",".join(sorted(ALGORITHMS)) + "} or MODULE:ATTRIBUTE",
         help="the split-learning algorithm: a registered one, or an Algorithm of your own",
     )
-    run.add_argument(
+    group.add_argument(
         "--strategy",
         default=None,
         metavar="{" + ",".join(sorted(STRATEGIES)) + "} or MODULE:ATTRIBUTE",
         help="a registered strategy, or a SplitStrategy subclass of your own (None: the algorithm's own)",
     )
-    run.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist", help="the training data")
-    run.add_argument("--data-root", default=None, help="directory holding the dataset files")
-    run.add_argument("--model", choices=MODEL_NAMES, default="lenet5", help="the network to split")
-    run.add_argument("--cut", default="s", help="s, m, d or a number of blocks on the client")
-    run.add_argument("--clients", type=int, default=3, help="number of clients (Flower SuperNodes)")
-    run.add_argument("--rounds", type=int, default=2, help="number of Flower rounds")
-    run.add_argument("--local-epochs", type=int, default=1, help="epochs each client trains per round")
-    run.add_argument("--batch-size", type=int, default=64, help="examples per batch")
-    run.add_argument("--lr", type=float, default=0.01, help="learning rate of both parties' SGD")
-    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    run.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
-    run.add_argument("--seed", type=int, default=0, help="seed of models, partitions and batch order")
-    run.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
-    run.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
-    run.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
-    run.add_argument(
-        "--hand-over-optimizer",
-        action="store_true",
-        help="sequential strategy: hand the client optimizer's state (momentum) on with the segment",
-    )
-    run.add_argument(
-        "--flush-timeout",
-        type=float,
-        default=1.0,  # ExperimentConfig.flush_timeout (not imported, to start fast; a test checks they agree)
-        help="seconds a batched request, or one run in the clients' order, waits at most for the other clients'",
-    )
-    run.add_argument(
-        "--request-order",
-        choices=("clients", "arrival"),
-        default="clients",  # ExperimentConfig.request_order (likewise)
-        help="clients training at once that share a server model: run a request of each in turn in the clients' "
-        "order, so the run repeats bit for bit (clients), or each as it arrives, so none waits for a slower one "
-        "(arrival)",
-    )
-    run.add_argument(
+    group.add_argument(
         "--option",
         "-o",
         action="append",
@@ -122,14 +93,62 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="an option of the algorithm (repeatable), e.g. --option window=4",
     )
-    run.add_argument("--device", default="cpu", help="torch device of both parties, e.g. cuda or cuda:1")
-    run.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
-    run.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
-    run.add_argument("--out", type=Path, default=None, help="write the results JSON here (None: no file)")
-    run.add_argument(
+    group.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist", help="the training data")
+    group.add_argument("--data-root", default=None, help="directory holding the dataset files")
+    group.add_argument("--model", choices=MODEL_NAMES, default="lenet5", help="the network to split")
+    group.add_argument("--cut", default="s", help="s, m, d or a number of blocks on the client")
+    group.add_argument("--clients", type=int, default=3, help="number of clients (Flower SuperNodes)")
+    group.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
+    group.add_argument("--train-size", type=int, default=0, help="train on a seeded random subset (0: all)")
+    group.add_argument("--test-size", type=int, default=0, help="evaluate on a seeded subset of this many examples")
+    group.add_argument("--device", default="cpu", help="torch device of both parties, e.g. cuda or cuda:1")
+
+
+def _add_training(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("training", "both parties' optimisation")
+    group.add_argument("--rounds", type=int, default=2, help="number of Flower rounds")
+    group.add_argument("--local-epochs", type=int, default=1, help="epochs each client trains per round")
+    group.add_argument("--batch-size", type=int, default=64, help="examples per batch")
+    group.add_argument("--lr", type=float, default=0.01, help="learning rate of both parties' SGD")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    group.add_argument("--seed", type=int, default=0, help="seed of models, partitions and batch order")
+    group.add_argument(
+        "--hand-over-optimizer",
+        action="store_true",
+        help="sequential strategy: hand the client optimizer's state (momentum) on with the segment",
+    )
+
+
+def _add_requests(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group(
+        "server requests", "how the server runs the clients' requests, and the link they cross"
+    )
+    group.add_argument("--batching", action="store_true", help="batch requests across clients on the server")
+    group.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=1.0,  # ExperimentConfig.flush_timeout (not imported, to start fast; a test checks they agree)
+        help="seconds a batched request, or one run in the clients' order, waits at most for the other clients'",
+    )
+    group.add_argument(
+        "--request-order",
+        choices=("clients", "arrival"),
+        default="clients",  # ExperimentConfig.request_order (likewise)
+        help="clients training at once that share a server model: run a request of each in turn in the clients' "
+        "order, so the run repeats bit for bit (clients), or each as it arrives, so none waits for a slower one "
+        "(arrival)",
+    )
+    group.add_argument("--link", default="", help="emulated client link UP/DOWN/RTT, e.g. 10mbit/50mbit/20ms")
+
+
+def _add_output(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("output and resuming")
+    group.add_argument("--out", type=Path, default=None, help="write the results JSON here (None: no file)")
+    group.add_argument(
         "--save-model", type=Path, default=None, help="write the trained weights of both parties here (.pt)"
     )
-    run.add_argument(
+    group.add_argument(
         "--save-every",
         type=_positive_int,
         default=1,
@@ -137,7 +156,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="with --save-model: also write them after every K-th round, so that a run killed at any point "
         "resumes (--resume) from the last written (default: %(default)s)",
     )
-    run.add_argument(
+    group.add_argument(
         "--resume",
         type=Path,
         default=None,
@@ -146,7 +165,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "the saved run's last), with the config they were saved with: options that would change what a round "
         "computes are refused unless they agree with it",
     )
-    run.add_argument(
+
+
+def _add_simulation(run: argparse.ArgumentParser) -> None:
+    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
+
+    group = run.add_argument_group("the simulation", "how Flower's simulation runs the clients")
+    group.add_argument(
         "--clients-at-once",
         type=_positive_int,
         default=None,
@@ -154,8 +179,8 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="clients the simulation trains at a time (default: as many as the strategy trains at once that "
         "fit in the memory available, a cautious estimate; a number given is trusted to fit)",
     )
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    run.add_argument(
+    group.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    group.add_argument(
         "--startup-timeout",
         type=_positive_seconds,
         default=DEFAULT_STARTUP_TIMEOUT_S,
@@ -163,14 +188,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "(Flower's simulation hangs when Ray's node fails to start)",
     )
     _add_attempts(
-        run,
+        group.add_argument,
         "times to start the simulation, each in a fresh process, while it fails to start; after the "
         f"last, exit with status {STALLED_EXIT_CODE}",
     )
 
 
-def _add_attempts(parser: argparse.ArgumentParser, help_text: str = "") -> None:
-    parser.add_argument("--attempts", type=_positive_int, default=DEFAULT_ATTEMPTS, help=help_text)
+def _add_attempts(add_argument: Callable[..., object], help_text: str = "") -> None:
+    add_argument("--attempts", type=_positive_int, default=DEFAULT_ATTEMPTS, help=help_text)
 
 
 def _attempts(run_argv: Sequence[str]) -> int:
@@ -182,7 +207,7 @@ def _attempts(run_argv: Sequence[str]) -> int:
         add_help=False,
         allow_abbrev=False,
     )
-    _add_attempts(parser)
+    _add_attempts(parser.add_argument)
     attempts: int = parser.parse_known_args(run_argv)[0].attempts
     return attempts
 
@@ -321,7 +346,8 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.checkpoint import ModelWriter
-    from splitflower.experiment import check_results_path, run_experiment_owning_the_process, write_results
+    from splitflower.experiment import run_experiment_owning_the_process
+    from splitflower.results import check_results_path, write_results
 
     configure_logging(args.verbose)
     fields, given = _config_fields(args), _given(run_argv)
@@ -424,7 +450,7 @@ def _model_keeper(
 
 def _keep_partial_results(partial: dict[str, Any], out: Path | None) -> None:
     """Write the rounds a failed run recorded beside ``out`` (never to ``out`` itself)."""
-    from splitflower.experiment import partial_results_path, write_results
+    from splitflower.results import partial_results_path, write_results
 
     recorded = len(partial["rounds"])
     if out is None:

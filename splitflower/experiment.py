@@ -1,7 +1,7 @@
 """An experiment: dataset x model x cut x algorithm x strategy, run as a Flower simulation.
 
-The CLI (``splitflower run``) and the example app are thin layers over this module. The
-results it writes follow the schema documented in the README (``splitflower.results/1``).
+The CLI (``splitflower run``) and the example app are thin layers over this module. What a
+run returns and writes is a results document (:mod:`splitflower.results`).
 """
 
 from __future__ import annotations
@@ -9,22 +9,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 import os
-import platform
-import secrets
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, NoReturn, TypeVar
 
 import torch
@@ -35,6 +29,7 @@ from torch import nn
 
 from splitflower._checks import checked_count
 from splitflower._client_errors import raised_by_client
+from splitflower._host_memory import clients_at_once_in_memory
 from splitflower._logs import take_flower_level_from_the_command
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
@@ -57,20 +52,20 @@ from splitflower.errors import (
     DatasetError,
     ExperimentFailedError,
     IncompatibleStrategyError,
-    ResultsFileError,
     RunInterruptedError,
     SimulationStartError,
     SplitflowerError,
 )
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
+from splitflower.results import config_as_stored, results_document, summarise_round, summarise_rounds
 from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, DEFAULT_REQUEST_ORDER, REQUEST_ORDERS
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
 from splitflower.strategies import find_strategy
 from splitflower.strategy import NO_REPLY, SplitResult, SplitStrategy
 from splitflower.supervised import SupervisedServerModel
-from splitflower.wire import ConfigKey, MetricKey, RecordKey
+from splitflower.wire import ConfigKey
 
 if typing.TYPE_CHECKING:  # splitflower.checkpoint builds on this module
     from splitflower.checkpoint import SavedModel
@@ -79,39 +74,25 @@ _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 __all__ = [
-    "ROUND_ENTRY_KEYS",
     "inert_fields",
     "STORED_BEFORE_KEPT",
     "config_as_run",
     "differing_fields",
-    "config_as_stored",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
-    "RESULTS_SCHEMA",
     "STALLED_EXIT_CODE",
     "STALL_MESSAGE",
     "Experiment",
     "ExperimentConfig",
     "cached_experiment",
-    "clients_at_once_in_memory",
-    "check_results_path",
-    "partial_results_path",
-    "results_document",
     "run_experiment",
     "run_experiment_owning_the_process",
-    "source_commit",
     "stopped_early",
-    "summarise_round",
-    "summarise_rounds",
     "threads_per_client",
-    "versions",
-    "write_atomically",
-    "write_results",
 ]
 
 logger = logging.getLogger(__name__)
 
-RESULTS_SCHEMA = "splitflower.results/1"
 
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 
@@ -540,93 +521,6 @@ def _concurrent_clients(config: ExperimentConfig) -> int:
     return config.clients if strategy is None or strategy.clients_at_once else 1
 
 
-# What a simulation actor holds of its own beyond what this process holds once it has built the
-# experiment (torch's and Flower's state, the data, the model): Ray's worker, the client's own
-# partition and training state. Measured on Fashion-MNIST, 3 clients, memory not shared with
-# other processes (libraries' pages are): 680 MB an actor, 472 MB this process when it decides.
-_ACTOR_EXTRA_BYTES = 256 * 2**20
-_MEMORY_FOR_ACTORS = 0.8  # of the memory available when the simulation starts
-
-
-def clients_at_once_in_memory(wanted: int) -> tuple[int, str]:
-    """How many of ``wanted`` concurrent clients' simulation actors fit in the memory available
-    now, each estimated as this process's own memory (once it has built the experiment) plus
-    Ray's worker and a client's own share; and, where fewer fit, why."""
-    available, own = _available_memory_bytes(), _private_bytes()
-    if wanted <= 1 or available is None or own is None:
-        return wanted, ""
-    per_actor = own + _ACTOR_EXTRA_BYTES
-    fit = max(1, int(_MEMORY_FOR_ACTORS * available // per_actor))
-    if fit >= wanted:
-        return wanted, ""
-    return fit, (
-        f"{wanted} clients train at once under this strategy, but the memory available "
-        f"({available / 2**30:.1f} GiB) fits about {fit} simulation actors of {per_actor / 2**20:.0f} MB: "
-        f"clients train {fit} at a time, and a strategy that gathers requests (batched, or in the clients' "
-        "order) gathers those of the clients training, after one flush timeout as each new client starts, "
-        "so such a run no longer repeats bit for bit"
-    )
-
-
-def _available_memory_bytes() -> int | None:
-    """The machine's available memory, or a container's room under its cgroup limit if less
-    (None where neither can be read: not Linux, so no estimate and no cap)."""
-    machine = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                machine = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    room = _cgroup_room_bytes()
-    return machine if room is None else room if machine is None else min(machine, room)
-
-
-_CGROUP_LIMITS = (  # (limit, usage, stat file, its reclaimable page cache) of cgroup v2, then v1
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-    (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        "/sys/fs/cgroup/memory/memory.stat",
-        "total_inactive_file",
-    ),
-)
-
-
-def _cgroup_room_bytes() -> int | None:
-    for limit_file, usage_file, stat_file, inactive_key in _CGROUP_LIMITS:
-        try:
-            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit() and int(limit) < 2**60:  # "max", or v1's huge "no limit"
-            # Usage counts the page cache of files read (a dataset), which the kernel gives back
-            # under pressure: the inactive part is room, as MemAvailable and the kubelet count it.
-            return max(int(limit) - int(usage) + _cgroup_stat(stat_file, inactive_key), 0)
-    return None
-
-
-def _cgroup_stat(stat_file: str, key: str) -> int:
-    """One figure of a cgroup's memory.stat (0 where it cannot be read)."""
-    try:
-        for line in Path(stat_file).read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
-    return 0
-
-
-def _private_bytes() -> int | None:
-    """This process's resident memory that is not shared files' pages (libraries)."""
-    try:
-        _, resident, shared = (int(field) for field in Path("/proc/self/statm").read_text().split()[:3])
-    except (OSError, ValueError):
-        return None
-    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _client_app(config: ExperimentConfig, clients_at_once: int | None = None) -> ClientApp:
     def make(context: Context) -> Client:
         take_flower_level_from_the_command()
@@ -635,33 +529,6 @@ def _client_app(config: ExperimentConfig, clients_at_once: int | None = None) ->
         return cached_experiment(config).make_client(partition_id)
 
     return build_client_app(make)
-
-
-def _sum(clients: list[dict[str, Any]], key: str) -> float:
-    return float(sum(c.get("metrics", {}).get(key, 0.0) for c in clients))
-
-
-def _max(values: list[float]) -> float:
-    return max(values, default=0.0)
-
-
-_MEMORY_SHOWN = (MetricKey.PEAK_TALLY, MetricKey.PEAK_SAVED_ACTIVATIONS, MetricKey.PEAK_RSS)
-
-
-ROUND_ENTRY_KEYS: Final = (
-    "round",
-    "seconds",
-    "num_examples",
-    "failed_clients",
-    "bytes",
-    "payload_bytes_by_tensor",
-    "memory",
-    "time",
-    "clients",
-    "server_models",
-)
-"""The keys of every results-file round entry (:func:`summarise_round`; central evaluation adds
-``test_accuracy`` and ``test_loss``)."""
 
 
 def inert_fields(config: ExperimentConfig) -> frozenset[str]:
@@ -727,79 +594,6 @@ def differing_fields(stored: Mapping[str, Any], config: ExperimentConfig, ignore
     """
     as_run, now = config_as_run(stored), config_as_stored(config)
     return sorted(name for name, value in now.items() if name not in ignore and as_run[name] != value)
-
-
-def summarise_rounds(records: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`summarise_round` of each of a run's round records (a SplitResult's ``rounds``), in order."""
-    return [summarise_round(record) for _, record in sorted(records.items())]
-
-
-def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Condense a strategy round record into the results-file round entry."""
-    clients = [c for c in record["clients"] if "metrics" in c]
-    byte_keys = (
-        "up_payload_bytes",
-        "up_wire_bytes",
-        "down_payload_bytes",
-        "down_wire_bytes",
-        "up_messages",
-        "down_messages",
-    )
-    per_tensor: dict[str, int] = {}
-    for c in clients:
-        for entry in c.get("wire", {}).get("manifest", []):
-            key = f"{entry['direction']}:{entry['method']}:{entry['name']}"
-            per_tensor[key] = per_tensor.get(key, 0) + int(entry["payload_bytes"])
-    servers = record["server_models"]
-    return {
-        "round": record["round"],
-        "seconds": record["seconds"],
-        **record.get("evaluation", {}),
-        "num_examples": int(_sum(clients, RecordKey.NUM_EXAMPLES)),
-        "failed_clients": [c["node_id"] for c in record["clients"] if "error" in c or "left_out" in c],
-        "bytes": {k: int(_sum(clients, k)) for k in byte_keys},
-        "payload_bytes_by_tensor": per_tensor,
-        "memory": {
-            **{f"client_{f}": _max([c["metrics"].get(f"client_{f}", 0.0) for c in clients]) for f in _MEMORY_SHOWN},
-            **{f"server_{f}": _max([s["memory"][f"server_{f}"] for s in servers]) for f in _MEMORY_SHOWN},
-        },
-        "time": {k: _sum(clients, k) for k in MetricKey.TIME_SPLIT},
-        "clients": record["clients"],
-        "server_models": servers,
-    }
-
-
-def source_commit(exclude: Sequence[str] = ()) -> str:
-    """The git commit this code runs from, ``+dirty`` when tracked files differ from it
-    (paths under ``exclude``, e.g. a results folder, aside); ``$SPLITFLOWER_COMMIT`` when
-    set (a copy of the tree without git); ``unknown`` outside a git checkout."""
-    if os.environ.get("SPLITFLOWER_COMMIT"):
-        return os.environ["SPLITFLOWER_COMMIT"]
-    here = Path(__file__).resolve().parent
-    pathspec = ["--", ".", *(f":(exclude){path}" for path in exclude)] if exclude else []
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no", *pathspec).strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and of the packages a result depends on, and the source commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "splitflower_commit": source_commit()}
-    for package in ("splitflower", "torch", "flwr", "grpcio", "flwr-datasets", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
 
 
 _NEVER_STARTED: Final = (
@@ -1102,13 +896,6 @@ def stopped_early(
     return ExperimentFailedError(f"the run stopped after {done} of {config.rounds} rounds: {reason}", partial)
 
 
-def partial_results_path(path: str | Path) -> Path:
-    """Where a run that stopped early keeps the rounds it finished: ``NAME.partial.json``
-    beside the ``NAME.json`` it was asked to write, which is never given half a run."""
-    out = Path(path)
-    return out.with_name(f"{out.stem}.partial{out.suffix or '.json'}")
-
-
 _OFFLINE_ENVIRONMENT: Final = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -1231,26 +1018,6 @@ def _end_process(code: int, message: str) -> NoReturn:
     os._exit(code)
 
 
-def config_as_stored(config: ExperimentConfig) -> dict[str, Any]:
-    """``config`` as a results file and a model file hold it: JSON values (tuples as lists)."""
-    return json.loads(json.dumps(asdict(config)))  # type: ignore[no-any-return]
-
-
-def results_document(
-    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, **extra: Any
-) -> dict[str, Any]:
-    """The results file's content (schema ``splitflower.results/1``) from summarised rounds."""
-    return {
-        "schema": RESULTS_SCHEMA,
-        "config": asdict(config),
-        "versions": versions(),
-        "wall_s": wall_s,
-        **extra,
-        "rounds": rounds,
-        "final": {k: v for k, v in rounds[-1].items() if k in ("test_accuracy", "test_loss")} if rounds else {},
-    }
-
-
 class _InProcessProxy:
     """``proxy.<method>(**tensors)`` run on a server model in this process: what central
     evaluation gives an algorithm's client instead of a channel."""
@@ -1263,109 +1030,3 @@ class _InProcessProxy:
             return resolve_call(self._server_model, method, tensors)(**tensors)
 
         return call
-
-
-def check_results_path(path: str | Path, *, what: str = "results") -> Path:
-    """Refuse, before a run, a path ``what`` (the results, a plot) cannot be written to.
-
-    Nothing is created: the folders it lacks are made when it is written (see
-    :func:`write_atomically`), so a command that fails in between leaves none behind.
-    """
-    out = _results_target(path, what)
-    missing = _missing_folders(out, what)
-    folder = missing[-1].parent if missing else out.parent
-    try:
-        if missing:  # a folder made and removed again proves the rest can be made
-            with tempfile.TemporaryDirectory(dir=folder, prefix=f".{out.name}."):
-                pass
-        else:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.name}."):
-                pass
-    except OSError as err:
-        made = "a folder" if missing else "a file"
-        raise ResultsFileError(
-            f"cannot write {what} to {str(out)!r}: cannot create {made} in '{folder}' ({err.strerror or err})"
-        ) from err
-    return out
-
-
-def _results_target(path: str | Path, what: str = "results") -> Path:
-    out = Path(path).expanduser()
-    if out.is_dir():
-        example = {"the model": "model.pt", "the plot": "plot.png"}.get(what, "results.json")
-        raise ResultsFileError(f"{what} path {str(out)!r} is a directory; give a file name such as {example}")
-    return out
-
-
-def _missing_folders(out: Path, what: str) -> list[Path]:
-    """The folders above ``out`` that do not exist yet, innermost first; refuses a path whose
-    nearest existing ancestor is not a folder."""
-    missing: list[Path] = []
-    for folder in out.parents:
-        try:
-            exists = folder.exists() or folder.is_symlink()  # a broken link is no folder to make
-            is_dir = folder.is_dir()
-        except OSError as err:
-            raise _cannot_write(what, out, err) from err
-        if exists and not is_dir:
-            raise ResultsFileError(f"cannot write {what} to {str(out)!r}: '{folder}' is not a directory")
-        if exists:
-            break
-        missing.append(folder)
-    return missing
-
-
-def _cannot_write(what: str, out: Path, err: OSError) -> ResultsFileError:
-    # The reason alone: the error's own file name may be a temporary file's.
-    return ResultsFileError(f"cannot write {what} to {str(out)!r}: {err.strerror or err}")
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None], *, what: str = "results") -> Path:
-    """``write`` the file at ``path`` under a temporary name beside it, then rename it: a reader
-    never sees a half-written file, and a failed write leaves what was there and removes the
-    folders made for it."""
-    out = _results_target(path, what)
-    missing = _missing_folders(out, what)
-    # A name of its own (not tempfile's, whose files are private to the user), so the file gets
-    # the permissions the umask gives any new file.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    made: list[Path] = []
-    try:
-        for folder in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # made meanwhile by someone else: theirs
-                folder.mkdir()
-                made.append(folder)
-        write(tmp)
-        tmp.replace(out)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(err, OSError):
-            raise _cannot_write(what, out, err) from err
-        raise
-    return out
-
-
-def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a results document atomically (see :func:`write_atomically`). Numbers that are not
-    finite (a diverged loss) are written as null, so the file is strict JSON."""
-    text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("x") as handle:  # created exclusively
-            handle.write(text)
-
-    return write_atomically(path, write)
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_null(v) for v in value]
-    return value

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import RESULTS_SCHEMA
+from splitflower.results import RESULTS_SCHEMA
 
 __all__ = ["Cell", "build_report", "load_cells", "plot_figures", "render_report"]
 
@@ -131,7 +131,10 @@ def load_cells(directory: str | Path) -> list[Cell]:
     return cells
 
 
-def _index(cells: Iterable[Cell]) -> dict[tuple[str, int, str, str], Cell]:
+_CellKey = tuple[str, int, str, str]  # dataset, clients, cut, algorithm
+
+
+def _index(cells: Iterable[Cell]) -> dict[_CellKey, Cell]:
     return {c.key: c for c in cells}
 
 
@@ -159,55 +162,16 @@ def plot_figures(cells: Sequence[Cell], directory: str | Path) -> list[Path]:
     written: list[Path] = []
     for dataset in _datasets(cells):
         clients, cuts = _axes_values(cells, dataset)
-
-        # Figure 4: accuracy per epoch.
-        figure, axes = plt.subplots(
-            len(clients), len(cuts), figsize=(4 * len(cuts), 3 * len(clients)), squeeze=False, sharey=True
+        written.append(
+            _save(_accuracy_figure(plt, index, dataset, clients, cuts), out / f"fig4-accuracy-{dataset}.png", plt)
         )
-        for i, n in enumerate(clients):
-            for j, cut in enumerate(cuts):
-                ax = axes[i][j]
-                for algorithm in _ALGORITHMS:
-                    cell = index.get((dataset, n, cut, algorithm))
-                    if cell is not None:
-                        epochs = range(1, cell.epochs + 1)
-                        ax.plot(epochs, cell.accuracy, marker="o", color=_COLOURS[algorithm], label=algorithm.upper())
-                ax.set_title(f"N = {n}, cut {cut}")
-                ax.set_xlabel("epoch")
-                ax.grid(alpha=0.3)
-                if j == 0:
-                    ax.set_ylabel("test accuracy")
-                ax.legend(loc="lower right")
-        figure.suptitle(f"Convergence of DSL and CSL ({dataset})")
-        written.append(_save(figure, out / f"fig4-accuracy-{dataset}.png", plt))
-
-        # Figure 5: communication at the largest N.
-        n = clients[-1]
-        figure, ax = plt.subplots(figsize=(6, 4))
-        width = 0.38
-        for k, algorithm in enumerate(_ALGORITHMS):
-            found = _present(index, dataset, n, cuts, algorithm)
-            xs = [j + (k - 0.5) * width for j, _ in found]
-            up = [c.up_bytes / _MB for _, c in found]
-            down = [c.down_bytes / _MB for _, c in found]
-            ax.bar(xs, up, width, color=_COLOURS[algorithm], label=f"{algorithm.upper()} Fwd")
-            ax.bar(
-                xs,
-                down,
-                width,
-                bottom=up,
-                color=_COLOURS[algorithm],
-                alpha=0.45,
-                hatch="//",
-                label=f"{algorithm.upper()} Bwd",
+        written.append(
+            _save(
+                _communication_figure(plt, index, dataset, clients[-1], cuts),
+                out / f"fig5-communication-{dataset}.png",
+                plt,
             )
-        ax.set_xticks(range(len(cuts)), [f"cut {c}" for c in cuts])
-        ax.set_ylabel("payload over training (MB)")
-        ax.set_title(f"Communication breakdown, N = {n} ({dataset})")
-        ax.legend()
-        written.append(_save(figure, out / f"fig5-communication-{dataset}.png", plt))
-
-        # Figures 6 and 7: a panel per N with the cuts along x.
+        )
         for path, ylabel, title, draw in (
             (f"fig6-memory-{dataset}.png", "peak training memory, tally (MB)", "Peak memory per party", _draw_memory),
             (f"fig7-time-{dataset}.png", "seconds per epoch", "Training time breakdown per epoch", _draw_time),
@@ -223,6 +187,50 @@ def plot_figures(cells: Sequence[Cell], directory: str | Path) -> list[Path]:
             figure.suptitle(f"{title} ({dataset})")
             written.append(_save(figure, out / path, plt, legend_from=axes[0][0]))
     return written
+
+
+def _accuracy_figure(
+    plt: Any, index: Mapping[_CellKey, Cell], dataset: str, clients: list[int], cuts: list[str]
+) -> Any:
+    """Figure 4: test accuracy per epoch, a panel per N and cut."""
+    figure, axes = plt.subplots(
+        len(clients), len(cuts), figsize=(4 * len(cuts), 3 * len(clients)), squeeze=False, sharey=True
+    )
+    for i, n in enumerate(clients):
+        for j, cut in enumerate(cuts):
+            ax = axes[i][j]
+            for algorithm in _ALGORITHMS:
+                cell = index.get((dataset, n, cut, algorithm))
+                if cell is not None:
+                    epochs = range(1, cell.epochs + 1)
+                    ax.plot(epochs, cell.accuracy, marker="o", color=_COLOURS[algorithm], label=algorithm.upper())
+            ax.set_title(f"N = {n}, cut {cut}")
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("test accuracy")
+            ax.legend(loc="lower right")
+    figure.suptitle(f"Convergence of DSL and CSL ({dataset})")
+    return figure
+
+
+def _communication_figure(plt: Any, index: Mapping[_CellKey, Cell], dataset: str, n: int, cuts: list[str]) -> Any:
+    """Figure 5: each algorithm's payload up (Fwd) and down (Bwd) at each cut, for N = ``n``."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    width = 0.38
+    for k, algorithm in enumerate(_ALGORITHMS):
+        found = _present(index, dataset, n, cuts, algorithm)
+        xs = [j + (k - 0.5) * width for j, _ in found]
+        up = [c.up_bytes / _MB for _, c in found]
+        down = [c.down_bytes / _MB for _, c in found]
+        colour, name = _COLOURS[algorithm], algorithm.upper()
+        ax.bar(xs, up, width, color=colour, label=f"{name} Fwd")
+        ax.bar(xs, down, width, bottom=up, color=colour, alpha=0.45, hatch="//", label=f"{name} Bwd")
+    ax.set_xticks(range(len(cuts)), [f"cut {c}" for c in cuts])
+    ax.set_ylabel("payload over training (MB)")
+    ax.set_title(f"Communication breakdown, N = {n} ({dataset})")
+    ax.legend()
+    return figure
 
 
 def _draw_memory(ax: Any, found: Mapping[str, list[tuple[int, Cell]]]) -> None:
@@ -260,7 +268,7 @@ def _draw_time(ax: Any, found: Mapping[str, list[tuple[int, Cell]]]) -> None:
 
 
 def _present(
-    index: dict[tuple[str, int, str, str], Cell], dataset: str, n: int, cuts: Sequence[str], algorithm: str
+    index: Mapping[_CellKey, Cell], dataset: str, n: int, cuts: Sequence[str], algorithm: str
 ) -> list[tuple[int, Cell]]:
     """(position, cell) for each cut that has a cell of ``algorithm`` at ``n`` clients."""
     return [

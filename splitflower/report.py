@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from splitflower.errors import ConfigError
-from splitflower.experiment import RESULTS_SCHEMA, check_results_path, config_as_run, write_atomically
+from splitflower.experiment import config_as_run
+from splitflower.results import RESULTS_SCHEMA, check_results_path, write_atomically
 
 __all__ = ["load_results", "comparison_table", "check_plot_path", "plot_results"]
 

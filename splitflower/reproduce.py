@@ -52,15 +52,8 @@ from splitflower.errors import (
     ResultsFileError,
     SimulationStartError,
 )
-from splitflower.experiment import (
-    ExperimentConfig,
-    differing_fields,
-    inert_fields,
-    results_document,
-    run_experiment_owning_the_process,
-    source_commit,
-    write_results,
-)
+from splitflower.experiment import ExperimentConfig, differing_fields, inert_fields, run_experiment_owning_the_process
+from splitflower.results import results_document, source_commit, write_results
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -78,7 +71,6 @@ __all__ = [
     "run_cell_process",
     "reproduce_main",
     "run_grid",
-    "source_commit",
 ]
 
 logger = logging.getLogger(__name__)

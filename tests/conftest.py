@@ -78,7 +78,7 @@ def _flower_logging_as_it_was() -> Iterator[None]:
 def _no_actor_memory_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     # In-process runs (ThreadBackend) train clients as threads sharing this process's memory, so
     # the estimate of Ray actors' memory does not apply; runs in fresh processes keep it.
-    monkeypatch.setattr("splitflower.experiment._available_memory_bytes", lambda: None)
+    monkeypatch.setattr("splitflower._host_memory._available_memory_bytes", lambda: None)
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ from conftest import ThreadBackend, empty_rounds
 from splitflower import checkpoint, cli
 from splitflower.checkpoint import ModelWriter, check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
-from splitflower.experiment import Experiment, ExperimentConfig, summarise_rounds
+from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.report import load_results
+from splitflower.results import summarise_rounds
 from splitflower.strategy import SplitResult
 
 

@@ -46,14 +46,11 @@ from splitflower.experiment import (
     Experiment,
     ExperimentConfig,
     _Progress,
-    check_results_path,
-    partial_results_path,
     run_experiment,
     stopped_early,
-    summarise_round,
-    write_results,
 )
 from splitflower.report import load_results
+from splitflower.results import check_results_path, partial_results_path, summarise_round, write_results
 from splitflower.server_model import FitResult
 from splitflower.strategy import NO_REPLY, SplitResult
 from splitflower.wire import ConfigKey
@@ -953,38 +950,6 @@ def test_a_resumed_run_that_stops_counts_the_rounds_of_the_run_it_resumed() -> N
     assert error.partial_results["resumed_from"] == resumed["resumed_from"]
     interrupted = stopped_early(config, [], 1.0, KeyboardInterrupt(), **resumed)
     assert str(interrupted) == "interrupted after 2 of 5 rounds" and interrupted.partial_results is None
-
-
-def test_clients_at_once_are_as_many_as_the_memory_available_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    gib = 2**30
-    monkeypatch.setattr(experiment_module, "_private_bytes", lambda: int(0.75 * gib))  # + 0.25 GiB per actor
-    monkeypatch.setattr(experiment_module, "_available_memory_bytes", lambda: 10 * gib)
-    assert experiment_module.clients_at_once_in_memory(5) == (5, "")
-    fit, why = experiment_module.clients_at_once_in_memory(30)  # 0.8 * 10 GiB / 1 GiB
-    assert fit == 8
-    assert "30 clients train at once" in why and "fits about 8 simulation actors of 1024 MB" in why
-    monkeypatch.setattr(experiment_module, "_available_memory_bytes", lambda: None)  # not Linux: no estimate
-    assert experiment_module.clients_at_once_in_memory(30) == (30, "")
-
-
-def test_the_memory_available_is_a_container_s_room_under_its_cgroup_limit_where_that_is_less(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.undo()  # the suite's fixture hides the memory available; this test reads it
-    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
-    monkeypatch.setattr(experiment_module, "_CGROUP_LIMITS", ((str(limit), str(usage), str(stat), "inactive_file"),))
-    machine = experiment_module._available_memory_bytes()
-    assert machine is not None and machine > 0, "no cgroup files: the machine's MemAvailable"
-    limit.write_text("max\n")
-    usage.write_text("1000\n")
-    assert experiment_module._available_memory_bytes() == machine, "no limit"
-    limit.write_text(f"{2**20 + 1000}\n")
-    assert experiment_module._available_memory_bytes() == 2**20, "1 MiB of room under the limit"
-    usage.write_text(f"{2**21}\n")
-    assert experiment_module._available_memory_bytes() == 0
-    # Page cache of files read (a dataset) that the kernel would give back is room too.
-    stat.write_text(f"anon 1000\nactive_file 5000\ninactive_file {2**20}\nfile 9\n")
-    assert experiment_module._available_memory_bytes() == 1000, "room + reclaimable cache"
 
 
 _ONE_CLIENT_BREAKS = """

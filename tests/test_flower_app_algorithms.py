@@ -17,7 +17,8 @@ from test_flower_apps import RUN_CONFIG, Flower, _check_results
 
 from conftest import simulate
 from splitflower.algorithms import ALGORITHMS
-from splitflower.experiment import ExperimentConfig, summarise_round
+from splitflower.experiment import ExperimentConfig
+from splitflower.results import summarise_round
 
 # (algorithm, strategy ("" = its own), options). With test_flower_apps.py (dsl under parallel)
 # these run the strategies whose server models differ under `flwr run`: batched (locfedmix's own:

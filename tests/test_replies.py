@@ -20,7 +20,7 @@ from splitflower._client_states import own_state_record
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.errors import ConfigError
-from splitflower.experiment import summarise_round
+from splitflower.results import summarise_round
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy, SequentialStrategy
 from splitflower.strategy import SplitResult, SplitStrategy

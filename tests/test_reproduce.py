@@ -18,10 +18,11 @@ from splitflower import reproduce
 from splitflower.checkpoint import load_model
 from splitflower.cli import build_parser
 from splitflower.errors import DEFAULT_ATTEMPTS, STALLED_EXIT_CODE, CellFailedError, ConfigError, SimulationStartError
-from splitflower.experiment import ExperimentConfig, results_document, write_results
+from splitflower.experiment import ExperimentConfig
 from splitflower.paper_report import build_report, load_cells
 from splitflower.report import load_results
 from splitflower.reproduce import PAPER_HYPERPARAMETERS, SCALES, cell_filename, grid_configs, run_grid
+from splitflower.results import results_document, write_results
 
 TINY = {"datasets": ("synthetic",), "cuts": ("s",), "clients": (2,), "epochs": 1, "train_size": 256, "test_size": 64}
 

@@ -12,12 +12,11 @@ from flwr.app import Context
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
 from splitflower.checkpoint import ModelWriter, SavedModel, check_resumable, load_model
-from splitflower.experiment import (
-    Experiment,
+from splitflower.experiment import Experiment, stopped_early
+from splitflower.results import (
     check_results_path,
     partial_results_path,
     results_document,
-    stopped_early,
     summarise_rounds,
     write_results,
 )
