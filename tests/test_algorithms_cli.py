@@ -1,8 +1,8 @@
 """Algorithms end to end through `splitflower run`, tiny and synthetic.
 
 Every algorithm runs under its own strategy in test_flower_app_algorithms.py on Flower's
-runtime with the clients on threads. On Ray, locfedmix (batched), fedsl (sequential), ushaped
-(splitfed-v2) and streamsl (splitfed-v1) run there under `flwr run`, dsl under `flwr run` in
+runtime with the clients on threads. On Ray, locfedmix (batched) and streamsl (splitfed-v1)
+run there under `flwr run`, dsl (sequential, and parallel in a deployment) in
 test_flower_apps.py, and csl's server model in the user's algorithm below. Each Ray
 simulation costs about 20 s here (CI's --durations report shows it), so the cases here add
 what those lack: the sequential strategy and dsl's options from the CLI (in this process, the

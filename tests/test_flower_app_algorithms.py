@@ -23,7 +23,7 @@ from splitflower.results import summarise_round
 # (algorithm, strategy ("" = its own), options). With test_flower_apps.py (dsl under parallel)
 # these run the strategies whose server models differ under `flwr run`: batched (locfedmix's own:
 # requests of concurrent Ray actors batched on one model) and splitfed-v1 (one model per client).
-# Sequential runs on Ray in test_algorithms_cli.py (`splitflower run`, dsl); splitfed-v2 and
+# Sequential runs on Ray in test_flower_apps.py (`flwr run`, dsl); splitfed-v2 and
 # sequential run under Flower's runtime on threads (above, test_strategies.py,
 # test_reproducibility.py). Each `flwr run` costs CI about 27 s.
 CASES = [

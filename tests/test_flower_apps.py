@@ -237,12 +237,17 @@ def _check_results(path: Path, log: str) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(420)  # room for one retry of Ray's start-up
 def test_flwr_run_local_simulation(flower: Flower) -> None:
-    """`flwr run` starts a detached local SuperLink (simulation runtime) on the ports we give it."""
+    """`flwr run` starts a detached local SuperLink (simulation runtime) on the ports we give it.
+
+    The sequential strategy, whose Ray run this is (the parallel ones run on Ray in the
+    deployment below and in test_flower_app_algorithms.py): the client segment each client
+    hands on crosses Ray's actors, a client at a time."""
     flower.use_local_superlink_ports()
     out = flower.tmp / "simulation-results.json"
-    status = flower.flwr_run_local_status("flwr-run", f"{RUN_CONFIG} out='{out}'", timeout=180)
+    run_config = f"{RUN_CONFIG} strategy='sequential' out='{out}'"
+    status = flower.flwr_run_local_status("flwr-run", run_config, timeout=180)
     assert status.startswith("finished:completed"), f"{status}\n{flower.tail()}"
-    _check_results(out, flower.tail())
+    assert _check_results(out, flower.tail())["config"]["strategy"] == "sequential"
 
 
 def _wait_healthy(flower: Flower, proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
