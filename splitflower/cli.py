@@ -9,10 +9,13 @@ not torch's.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,10 +238,12 @@ def _positive_int(text: str) -> int:
 def _run_attempts(argv: Sequence[str], attempts: int) -> int:
     """Run ``splitflower run argv`` in a fresh process, again while it fails to start (a new
     process gets a new Ray node: one started twice in a process fails more often), at most
-    ``attempts`` times; return the last exit status (128 + N for a child ended by signal N)."""
+    ``attempts`` times, and never again once this process was told to stop; return the last
+    exit status (128 + N for a child ended by signal N)."""
+    supervisor = _AttemptSupervisor()
     for attempt in range(1, attempts + 1):
-        status = _run_child([*_ATTEMPT_COMMAND, *argv])
-        if status != STALLED_EXIT_CODE or attempt == attempts:
+        status = supervisor.run([*_ATTEMPT_COMMAND, *argv])
+        if status != STALLED_EXIT_CODE or attempt == attempts or supervisor.terminated:
             return status
         print(
             f"splitflower: the simulation did not start (attempt {attempt} of {attempts}); "
@@ -249,27 +254,62 @@ def _run_attempts(argv: Sequence[str], attempts: int) -> int:
     raise AssertionError("unreachable")
 
 
-def _run_child(command: list[str]) -> int:
-    # Ctrl-C reaches the child from the terminal's process group, and it ends itself cleanly;
-    # a SIGTERM sent to this process alone is passed on (as the Ctrl-C it is handled as), so
-    # that no simulation is left behind and the rounds it recorded are kept.
-    child = subprocess.Popen(command, env={**os.environ, _CHILD_ENV: "1"})
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    terminations = 0
+_TERMINATION_GRACE_S = 30.0  # an attempt told to stop that has not ended by then is killed
 
-    def pass_on(*_: object) -> None:  # a second SIGTERM ends the attempt at once
-        nonlocal terminations
-        terminations += 1
-        child.send_signal(signal.SIGINT if terminations == 1 else signal.SIGKILL)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, pass_on)
-    try:
-        status = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 - status if status < 0 else status
+class _AttemptSupervisor:
+    """Runs attempts, passing a SIGTERM sent to this process on to the one running.
+
+    Ctrl-C reaches the attempt from the terminal's process group, and it ends itself
+    cleanly; this process only notes it, to start no other attempt. A SIGTERM is passed on
+    as the Ctrl-C it is handled as: the attempt keeps the rounds it recorded and ends. If it
+    has not ended ``_TERMINATION_GRACE_S`` later (``timeout`` and Slurm signal the whole
+    process group, so its Ray processes may have died under it), or at a second SIGTERM, it
+    is killed. Under Ray, an attempt that gets a SIGTERM itself is ended at once by Ray's
+    own signal handler; what it wrote after each round is what is kept then.
+    """
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self._kill_at: float | None = None
+
+    def run(self, command: list[str]) -> int:
+        child = subprocess.Popen(command, env={**os.environ, _CHILD_ENV: "1"})
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def pass_on(*_: object) -> None:
+            self.terminated = True
+            if self._kill_at is None:
+                self._kill_at = time.monotonic() + _TERMINATION_GRACE_S
+                child.send_signal(signal.SIGINT)  # under Ray, a SIGTERM kills it before it can keep anything
+            elif self._kill_at != math.inf:
+                self._kill(child, "a second SIGTERM")
+
+        def note_ctrl_c(*_: object) -> None:  # the attempt has it too, from the terminal
+            self.terminated = True
+
+        signal.signal(signal.SIGINT, note_ctrl_c)
+        signal.signal(signal.SIGTERM, pass_on)
+        try:
+            status = self._wait(child)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 128 - status if status < 0 else status
+
+    def _wait(self, child: subprocess.Popen[bytes]) -> int:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if self._kill_at is not None and time.monotonic() >= self._kill_at:
+                    self._kill(child, f"no end {_TERMINATION_GRACE_S:.0f} s after SIGTERM")
+
+    def _kill(self, child: subprocess.Popen[bytes], why: str) -> None:
+        self._kill_at = math.inf
+        if child.poll() is None:
+            print(f"splitflower: killing the run's attempt ({why})", file=sys.stderr, flush=True)
+            child.kill()
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -347,7 +387,7 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.checkpoint import ModelWriter
     from splitflower.experiment import run_experiment_owning_the_process
-    from splitflower.results import check_results_path, write_results
+    from splitflower.results import check_results_path, partial_results_path, write_results
 
     configure_logging(args.verbose)
     fields, given = _config_fields(args), _given(run_argv)
@@ -387,8 +427,14 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         checkpoint=write_model,
         checkpoint_every=args.save_every,
         clients_at_once=args.clients_at_once,
+        keep_progress=None
+        if args.out is None
+        else lambda so_far: write_results(so_far, partial_results_path(args.out)),
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
+    if written is not None:  # the rounds so far, kept while it ran (see run_experiment's keep_progress)
+        with contextlib.suppress(OSError):
+            partial_results_path(written).unlink(missing_ok=True)
     print(_table(results))
     if written is None:
         print("no results file written (give --out FILE.json to keep the figures)")

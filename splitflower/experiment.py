@@ -31,6 +31,13 @@ from splitflower._checks import checked_count
 from splitflower._client_errors import raised_by_client
 from splitflower._host_memory import clients_at_once_in_memory
 from splitflower._logs import take_flower_level_from_the_command
+from splitflower._termination import (
+    current_sigterm_handler,
+    interrupt_on_sigterm,
+    is_interruption,
+    restore_sigterm_handler,
+    stopping,
+)
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -80,6 +87,7 @@ __all__ = [
     "differing_fields",
     "CRASHED_EXIT_CODE",
     "DEFAULT_STARTUP_TIMEOUT_S",
+    "NOT_ENDED",
     "STALLED_EXIT_CODE",
     "STALL_MESSAGE",
     "Experiment",
@@ -681,6 +689,7 @@ def run_experiment(
     checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
     clients_at_once: int | None = None,
+    keep_progress: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` as a Flower simulation and return the results document.
 
@@ -706,6 +715,9 @@ def run_experiment(
     :func:`~splitflower.app.build_server_app`'s ``checkpoint``, which calls it: a
     :class:`~splitflower.errors.ResultsFileError` it raises is logged and the run goes on).
     Neither is given a round that stops the run (``SplitStrategy.last_trained``).
+    ``keep_progress(document)`` is given, after every round but the last (after
+    ``checkpoint``), the results document so far, marked ``incomplete`` as not ended: what a
+    process killed outright (SIGKILL, or SIGTERM under Ray) leaves of its rounds.
     """
     checked_count(checkpoint_every, "checkpoint_every")
     if clients_at_once is not None:
@@ -748,14 +760,20 @@ def run_experiment(
             say(line)
 
     def save_after_round(_: Context, result: SplitResult) -> None:
-        if checkpoint is not None and result.last_round % checkpoint_every == 0 and result.last_round < config.rounds:
-            checkpoint(config, result)
+        if result.last_round >= config.rounds:
+            return
+        try:
+            if checkpoint is not None and result.last_round % checkpoint_every == 0:
+                checkpoint(config, result)
+        finally:
+            if keep_progress is not None:
+                rounds = carried(summarise_rounds(result.rounds))
+                keep_progress(_in_progress(config, rounds, time.perf_counter() - started, extra))
 
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
 
     server_errors: list[BaseException] = []
-
     started = time.perf_counter()
     say(_opening_line(config, resume))
     server_app = experiment.server_app(
@@ -799,6 +817,7 @@ def _simulate(
     from flwr.simulation import run_simulation
 
     config = experiment.config
+    sigterm_handler = current_sigterm_handler()  # Ray's driver sets its own
     with progress:
         try:
             run_simulation(
@@ -812,9 +831,29 @@ def _simulate(
             if not server_errors and not progress.started():
                 raise SimulationStartError(_NEVER_STARTED) from err
             return err
-        except KeyboardInterrupt as err:  # Ctrl-C: the rounds recorded so far are kept all the same
-            return err
+        except BaseException as err:
+            restore_sigterm_handler(sigterm_handler)
+            if not is_interruption(err):
+                raise
+            # Ctrl-C or SIGTERM: the rounds recorded so far are kept all the same.
+            stopping()
+            return err if isinstance(err, KeyboardInterrupt) else KeyboardInterrupt("SIGTERM")
+        finally:
+            restore_sigterm_handler(sigterm_handler)
     return None
+
+
+NOT_ENDED: Final = "the run had not ended when this was written (it went on, or was killed)"
+
+
+def _in_progress(
+    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The results document of a run that has recorded ``rounds`` so far, marked incomplete."""
+    incomplete = {"error": NOT_ENDED, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
+    return results_document(
+        config, rounds, wall_s, incomplete={**incomplete, "last_round": rounds[-1]["round"]}, **extra
+    )
 
 
 def _opening_line(config: ExperimentConfig, resume: SavedModel | None) -> str:
@@ -946,6 +985,7 @@ def run_experiment_owning_the_process(
     checkpoint: Callable[[ExperimentConfig, SplitResult], object] | None = None,
     checkpoint_every: int = 1,
     clients_at_once: int | None = None,
+    keep_progress: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_experiment` for a caller that owns its process (the CLI, a reproduce cell).
 
@@ -953,12 +993,14 @@ def run_experiment_owning_the_process(
     a normal exit would wait for that thread: the process would never end. So if no client
     reaches a server model within ``startup_timeout`` seconds, or the simulation fails before
     one does, the process ends with :data:`STALLED_EXIT_CODE` (running it again is the cure).
-    A run that fails later, or is interrupted (Ctrl-C), hands the rounds it recorded (a results
+    A run that fails later, or is interrupted (Ctrl-C, or SIGTERM: the first one; those after it
+    are ignored, see :mod:`splitflower._termination`), hands the rounds it recorded (a results
     document marked ``incomplete``) to ``keep_partial`` and ends the process with
     :data:`CRASHED_EXIT_CODE` or :data:`INTERRUPTED_EXIT_CODE`, saying why: the ServerApp's
     thread may still be waiting for replies. A bad config or dataset, found before the
     simulation starts, raises its :class:`~splitflower.errors.SplitflowerError` as usual.
     """
+    interrupt_on_sigterm()
     try:
         return run_experiment(
             config,
@@ -970,6 +1012,7 @@ def run_experiment_owning_the_process(
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
             clients_at_once=clients_at_once,
+            keep_progress=keep_progress,
         )
     except SimulationStartError as err:
         traceback.print_exc()

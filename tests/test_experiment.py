@@ -43,6 +43,7 @@ from splitflower.errors import (
 from splitflower.experiment import (
     CRASHED_EXIT_CODE,
     INTERRUPTED_EXIT_CODE,
+    NOT_ENDED,
     Experiment,
     ExperimentConfig,
     _Progress,
@@ -545,6 +546,15 @@ def test_progress_says_whether_any_example_has_reached_a_server_model(trained: i
     assert said and all(line in s for s in said), said
 
 
+def _output_once_it_ends(process: subprocess.Popen[str], after: str) -> tuple[str, str]:
+    """The stdout and stderr of ``process``, which must end within a minute of ``after``."""
+    try:
+        return process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the run did not end within 60 s of {after}")
+
+
 def _fake_run_script(tmp_path: Path, fake_simulation: str) -> Path:
     """A script running `splitflower` whose Flower run_simulation is ``fake_simulation`` (source
     defining ``def fake_simulation(**kwargs)``), each attempt in a fresh interpreter running it."""
@@ -636,11 +646,7 @@ def test_terminating_splitflower_run_stops_its_attempt_as_ctrl_c_does(tmp_path: 
             if line.startswith("round 2/500"):
                 break
         parent.send_signal(signal.SIGTERM)
-        try:
-            stdout, stderr = parent.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            parent.kill()
-            pytest.fail("the run did not end within 60 s of SIGTERM")
+        stdout, stderr = _output_once_it_ends(parent, "SIGTERM")
     assert parent.returncode == INTERRUPTED_EXIT_CODE, stdout[-2000:] + stderr[-2000:]
     assert load_results(tmp_path / "results.partial.json")["incomplete"]["rounds_recorded"] >= 2
     assert child, "the attempt said its process"
@@ -648,6 +654,55 @@ def test_terminating_splitflower_run_stops_its_attempt_as_ctrl_c_does(tmp_path: 
         for _ in range(50):
             os.kill(child, 0)
             time.sleep(0.1)
+
+
+_DEAF_ATTEMPT = """
+import os, signal
+import splitflower.cli
+splitflower.cli._TERMINATION_GRACE_S = 2.0
+
+def fake_simulation(**kwargs):
+    # As an attempt whose Ray processes died under it, stuck where no signal reaches Python.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print('attempt in process', os.getpid(), flush=True)
+    time.sleep({seconds})
+    {then}
+"""
+
+
+def _terminate_the_command_once_its_attempt_runs(tmp_path: Path, fake_simulation: str) -> tuple[int, str, int]:
+    """SIGTERM to `splitflower run --attempts 2` once its attempt runs; (exit status, stderr, attempt pid)."""
+    script = _fake_run_script(tmp_path, fake_simulation)
+    options = ["--dataset", "synthetic", "--clients", "1", "--rounds", "1", "--attempts", "2"]
+    with subprocess.Popen(
+        [sys.executable, str(script), "run", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = next(int(line.split()[-1]) for line in parent.stdout if line.startswith("attempt in process"))
+        parent.send_signal(signal.SIGTERM)
+        _, stderr = _output_once_it_ends(parent, "SIGTERM")
+    return parent.returncode, stderr, child
+
+
+@pytest.mark.slow
+def test_an_attempt_that_does_not_end_after_sigterm_is_killed_and_not_started_again(tmp_path: Path) -> None:
+    deaf = _DEAF_ATTEMPT.format(seconds=120, then="")
+    status, stderr, child = _terminate_the_command_once_its_attempt_runs(tmp_path, deaf)
+    assert status == 128 + signal.SIGKILL, stderr[-2000:]
+    assert "splitflower: killing the run's attempt (no end 2 s after SIGTERM)" in stderr
+    assert "starting it again" not in stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+@pytest.mark.slow
+def test_an_attempt_that_fails_to_start_after_sigterm_is_not_started_again(tmp_path: Path) -> None:
+    # Its exit status says "run me again", but the command was told to stop meanwhile.
+    fails = _DEAF_ATTEMPT.format(seconds=1, then="raise RuntimeError('Simulation Runtime crashed.')")
+    status, stderr, _ = _terminate_the_command_once_its_attempt_runs(tmp_path, fails)
+    assert status == STALLED_EXIT_CODE, stderr[-2000:]
+    assert "before any client reached a server model" in stderr and "starting it again" not in stderr
 
 
 def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:
@@ -845,11 +900,7 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
                 break
         run.send_signal(signal.SIGINT)
         started = time.monotonic()
-        try:
-            stdout, stderr = run.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            pytest.fail("the run did not end within 60 s of Ctrl-C")
+        stdout, stderr = _output_once_it_ends(run, "Ctrl-C")
     assert run.returncode == INTERRUPTED_EXIT_CODE == 130, stdout[-2000:] + stderr[-2000:]
     assert time.monotonic() - started < 30
     assert re.search(r"splitflower: interrupted after \d+ of 500 rounds", stderr), stderr[-2000:]
@@ -860,14 +911,51 @@ def test_ctrl_c_ends_a_run_at_once_keeping_the_rounds_it_recorded(tmp_path: Path
     assert saved == partial["incomplete"]["rounds_recorded"], "the weights of the last round recorded are kept too"
 
 
+_RAY_LIKE_SIMULATION = (
+    _THREAD_SIMULATION
+    + """
+import signal
+threads_simulation = fake_simulation
+
+def fake_simulation(**kwargs):
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray's driver does
+    threads_simulation(**kwargs)
+"""
+)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_run_s_own_process_stops_it_as_ctrl_c_does_however_often_it_comes(tmp_path: Path) -> None:
+    # `timeout` and Slurm signal the whole process group: with --attempts 1 that is the run's
+    # process, which may get a second SIGTERM while it keeps what it recorded.
+    script = _fake_run_script(tmp_path, _RAY_LIKE_SIMULATION.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "results.json"
+    options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
+    command = [sys.executable, str(script), "run", *options, "--attempts", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        assert run.stdout is not None
+        for line in run.stdout:
+            if line.startswith("round 2/500"):
+                break
+        for _ in range(3):
+            run.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        stdout, stderr = _output_once_it_ends(run, "SIGTERM")
+    assert run.returncode == INTERRUPTED_EXIT_CODE, stdout[-2000:] + stderr[-2000:]
+    partial = load_results(tmp_path / "results.partial.json")
+    assert partial["incomplete"]["error"] == "interrupted (KeyboardInterrupt)", "not the progress file of a killed run"
+    assert partial["incomplete"]["rounds_recorded"] >= 2 and not out.exists()
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_the_weights_written_after_its_last_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     script = _fake_run_script(tmp_path, _THREAD_SIMULATION.format(tests=str(Path(__file__).parent)))
-    model = tmp_path / "model.pt"
+    model, killed = tmp_path / "model.pt", tmp_path / "killed.json"
     options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256"]
     command = [sys.executable, str(script), "run", *options, "--save-model", str(model), "--attempts", "1"]
+    command += ["--out", str(killed)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True) as run:
         assert run.stdout is not None
         said = 0
@@ -881,12 +969,35 @@ def test_a_killed_run_resumes_from_the_weights_written_after_its_last_round(
     saved = load_model(model)
     assert said == 3 and saved.rounds >= 3, "the weights of every round said are on disk"
     assert [entry["round"] for entry in saved.history] == list(range(1, saved.rounds + 1))
+    # The rounds too, as they were written after each round (not the weights' round, the one before it).
+    so_far = load_results(tmp_path / "killed.partial.json")
+    assert not killed.exists() and so_far["incomplete"]["error"] == NOT_ENDED
+    assert so_far["rounds"] == list(saved.history[: len(so_far["rounds"])]) and len(so_far["rounds"]) >= 3
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
     out, last = tmp_path / "resumed.json", saved.rounds + 1
     resumed = ["run", "--attempts", "1", "--resume", str(model), "--rounds", str(last), "--save-model", str(model)]
     assert cli.main([*resumed, "--out", str(out)]) == 0
     assert [entry["round"] for entry in load_results(out)["rounds"]] == list(range(1, last + 1))
     assert load_model(model).rounds == last
+    assert not (tmp_path / "resumed.partial.json").exists(), "a run that ended well leaves only its results"
+
+
+def test_the_rounds_so_far_are_handed_on_after_every_round_but_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=2, rounds=3, train_size=128, test_size=64)
+    so_far: list[dict[str, Any]] = []
+    results = run_experiment(config, say=lambda _: None, keep_progress=so_far.append)
+    assert [[r["round"] for r in document["rounds"]] for document in so_far] == [[1], [1, 2]]
+    for document in so_far:
+        assert document["incomplete"] == {
+            "error": NOT_ENDED,
+            "rounds_recorded": len(document["rounds"]),
+            "rounds_planned": 3,
+            "last_round": len(document["rounds"]),
+        }
+        assert document["rounds"] == results["rounds"][: len(document["rounds"])]
+        assert document["config"] == results["config"] and document["clients_at_once"] == 2
+    assert "incomplete" not in results
 
 
 def test_a_round_that_stops_the_run_is_recorded_but_its_weights_are_not_kept(
