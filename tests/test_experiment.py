@@ -656,55 +656,6 @@ def test_terminating_splitflower_run_stops_its_attempt_as_ctrl_c_does(tmp_path: 
             time.sleep(0.1)
 
 
-_DEAF_ATTEMPT = """
-import os, signal
-import splitflower.cli
-splitflower.cli._TERMINATION_GRACE_S = 2.0
-
-def fake_simulation(**kwargs):
-    # As an attempt whose Ray processes died under it, stuck where no signal reaches Python.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print('attempt in process', os.getpid(), flush=True)
-    time.sleep({seconds})
-    {then}
-"""
-
-
-def _terminate_the_command_once_its_attempt_runs(tmp_path: Path, fake_simulation: str) -> tuple[int, str, int]:
-    """SIGTERM to `splitflower run --attempts 2` once its attempt runs; (exit status, stderr, attempt pid)."""
-    script = _fake_run_script(tmp_path, fake_simulation)
-    options = ["--dataset", "synthetic", "--clients", "1", "--rounds", "1", "--attempts", "2"]
-    with subprocess.Popen(
-        [sys.executable, str(script), "run", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as parent:
-        assert parent.stdout is not None
-        child = next(int(line.split()[-1]) for line in parent.stdout if line.startswith("attempt in process"))
-        parent.send_signal(signal.SIGTERM)
-        _, stderr = _output_once_it_ends(parent, "SIGTERM")
-    return parent.returncode, stderr, child
-
-
-@pytest.mark.slow
-def test_an_attempt_that_does_not_end_after_sigterm_is_killed_and_not_started_again(tmp_path: Path) -> None:
-    deaf = _DEAF_ATTEMPT.format(seconds=120, then="")
-    status, stderr, child = _terminate_the_command_once_its_attempt_runs(tmp_path, deaf)
-    assert status == 128 + signal.SIGKILL, stderr[-2000:]
-    assert "splitflower: killing the run's attempt (no end 2 s after SIGTERM)" in stderr
-    assert "starting it again" not in stderr
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)
-
-
-@pytest.mark.slow
-def test_an_attempt_that_fails_to_start_after_sigterm_is_not_started_again(tmp_path: Path) -> None:
-    # Its exit status says "run me again", but the command was told to stop meanwhile.
-    fails = _DEAF_ATTEMPT.format(seconds=1, then="raise RuntimeError('Simulation Runtime crashed.')")
-    status, stderr, _ = _terminate_the_command_once_its_attempt_runs(tmp_path, fails)
-    assert status == STALLED_EXIT_CODE, stderr[-2000:]
-    assert "before any client reached a server model" in stderr and "starting it again" not in stderr
-
-
 def test_cli_refuses_a_startup_timeout_that_is_not_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--startup-timeout", "0"])

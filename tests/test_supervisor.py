@@ -1,0 +1,81 @@
+"""`splitflower run`'s supervisor, which runs each attempt in a fresh process: what it does
+when it is told to stop. Its attempts here are small scripts (no torch, no Flower), and the
+SIGTERM reaches this process, as `kill` would reach the command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from splitflower import cli
+from splitflower.errors import STALLED_EXIT_CODE
+
+# An attempt deaf to signals, as one stuck where none reaches Python (its Ray processes died
+# under it), that says it runs by writing the file it is given.
+_DEAF_ATTEMPT = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pathlib.Path(sys.argv[-1]).write_text("running")
+time.sleep({seconds})
+sys.exit({status})
+"""
+
+
+def _terminated_once_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attempt: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, float]:
+    """Run two attempts at most; SIGTERM this process once the first runs. (status, stderr, seconds)"""
+    running = tmp_path / "running"
+    monkeypatch.setattr(cli, "_ATTEMPT_COMMAND", (sys.executable, "-c", attempt))
+    monkeypatch.setattr(cli, "_TERMINATION_GRACE_S", 1.0)
+
+    def terminate_once_running() -> None:
+        deadline = time.monotonic() + 30
+        while not running.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if running.exists():  # the supervisor's handler is set before the attempt starts
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_running, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    status = cli._run_attempts([str(running)], attempts=2)
+    killer.join()
+    assert running.exists(), "the attempt ran"
+    return status, capsys.readouterr().err, time.monotonic() - started
+
+
+def test_an_attempt_that_does_not_end_after_sigterm_is_killed_and_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deaf = _DEAF_ATTEMPT.format(seconds=60, status=0)
+    status, stderr, seconds = _terminated_once_running(tmp_path, monkeypatch, deaf, capsys)
+    assert status == 128 + signal.SIGKILL, stderr
+    assert "splitflower: killing the run's attempt (no end 1 s after SIGTERM)" in stderr
+    assert "starting it again" not in stderr and seconds < 30
+
+
+def test_an_attempt_that_fails_to_start_after_sigterm_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its exit status says "run me again", but the command was told to stop meanwhile.
+    stalls = _DEAF_ATTEMPT.format(seconds=0.5, status=STALLED_EXIT_CODE)
+    status, stderr, _ = _terminated_once_running(tmp_path, monkeypatch, stalls, capsys)
+    assert status == STALLED_EXIT_CODE and "starting it again" not in stderr, stderr
+
+
+def test_an_attempt_that_fails_to_start_unasked_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "_ATTEMPT_COMMAND", (sys.executable, "-c", f"raise SystemExit({STALLED_EXIT_CODE})"))
+    handlers = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    assert cli._run_attempts([], attempts=2) == STALLED_EXIT_CODE
+    assert "(attempt 1 of 2); starting it again in a fresh process" in capsys.readouterr().err
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers, "put back"
