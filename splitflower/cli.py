@@ -387,7 +387,7 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.checkpoint import ModelWriter
     from splitflower.experiment import run_experiment_owning_the_process
-    from splitflower.results import check_results_path, partial_results_path, write_results
+    from splitflower.results import ProgressWriter, check_results_path, partial_results_path, write_results
 
     configure_logging(args.verbose)
     fields, given = _config_fields(args), _given(run_argv)
@@ -427,9 +427,7 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         checkpoint=write_model,
         checkpoint_every=args.save_every,
         clients_at_once=args.clients_at_once,
-        keep_progress=None
-        if args.out is None
-        else lambda so_far: write_results(so_far, partial_results_path(args.out)),
+        keep_progress=None if args.out is None else ProgressWriter(partial_results_path(args.out)),
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
     if written is not None:  # the rounds so far, kept while it ran (see run_experiment's keep_progress)

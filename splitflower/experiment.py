@@ -759,6 +759,8 @@ def run_experiment(
         for line in _failure_lines(record):
             say(line)
 
+    summaries: dict[int, tuple[Mapping[str, Any], dict[str, Any]]] = {}
+
     def save_after_round(_: Context, result: SplitResult) -> None:
         if result.last_round >= config.rounds:
             return
@@ -767,7 +769,10 @@ def run_experiment(
                 checkpoint(config, result)
         finally:
             if keep_progress is not None:
-                rounds = carried(summarise_rounds(result.rounds))
+                for number, record in result.rounds.items():  # each record summarised once
+                    if number not in summaries or summaries[number][0] is not record:
+                        summaries[number] = (record, summarise_round(record))
+                rounds = carried([summaries[number][1] for number in sorted(result.rounds)])
                 keep_progress(_in_progress(config, rounds, time.perf_counter() - started, extra))
 
     def keep_result(_: Context, result: SplitResult) -> None:

@@ -41,6 +41,7 @@ if typing.TYPE_CHECKING:  # splitflower.experiment builds on this module
 __all__ = [
     "RESULTS_SCHEMA",
     "ROUND_ENTRY_KEYS",
+    "ProgressWriter",
     "check_results_path",
     "config_as_stored",
     "partial_results_path",
@@ -270,13 +271,52 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], *, what: s
 def write_results(document: Mapping[str, Any], path: str | Path) -> Path:
     """Write a results document atomically (see :func:`write_atomically`). Numbers that are not
     finite (a diverged loss) are written as null, so the file is strict JSON."""
-    text = json.dumps(_finite_or_null(document), indent=1, allow_nan=False)
+    return _write_text(json.dumps(_finite_or_null(document), indent=1, allow_nan=False), path)
 
+
+def _write_text(text: str, path: str | Path) -> Path:
     def write(tmp: Path) -> None:
         with tmp.open("x") as handle:  # created exclusively
             handle.write(text)
 
     return write_atomically(path, write)
+
+
+_ROUNDS_SLOT: Final = "\x00splitflower rounds\x00"  # no round entry or config holds this string
+
+
+class ProgressWriter:
+    """Writes a run's results document so far to ``path`` after every round, as
+    :func:`write_results` would, but encodes each round's entry once (while the same entry
+    object is given for its round): a run of many short rounds would otherwise spend ever
+    longer re-encoding the ones before.
+
+    Example
+    -------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.partial.json"
+    >>> keep = ProgressWriter(path)
+    >>> _ = keep({"schema": RESULTS_SCHEMA, "rounds": [{"round": 1, "test_loss": 0.5}]})
+    >>> _ = keep({"schema": RESULTS_SCHEMA, "rounds": [{"round": 1, "test_loss": 0.5}, {"round": 2}]})
+    >>> json.loads(path.read_text())["rounds"]
+    [{'round': 1, 'test_loss': 0.5}, {'round': 2}]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self._entries: dict[int, tuple[Mapping[str, Any], str]] = {}
+
+    def __call__(self, document: Mapping[str, Any]) -> Path:
+        texts = [self._text(entry) for entry in document["rounds"]]
+        text = json.dumps(_finite_or_null({**document, "rounds": _ROUNDS_SLOT}), indent=1, allow_nan=False)
+        return _write_text(text.replace(json.dumps(_ROUNDS_SLOT), "[\n" + ",\n".join(texts) + "\n]", 1), self.path)
+
+    def _text(self, entry: Mapping[str, Any]) -> str:
+        """The entry's JSON, encoded again only when the entry given for its round is another."""
+        known = self._entries.get(entry["round"])
+        if known is None or known[0] is not entry:
+            known = self._entries[entry["round"]] = (entry, json.dumps(_finite_or_null(entry), allow_nan=False))
+        return known[1]
 
 
 def _finite_or_null(value: Any) -> Any:
