@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from splitflower.results import ProgressWriter, write_results
 
 
 def test_a_progress_file_reads_as_the_document_written_whole(tmp_path: Path) -> None:
-    rounds = [{"round": 1, "test_loss": float("nan"), "bytes": {"up": 3}}, {"round": 2, "test_loss": 0.25}]
+    rounds: list[dict[str, Any]] = [{"round": 1, "test_loss": float("nan"), "bytes": {"up": 3}}]
+    rounds.append({"round": 2, "test_loss": 0.25})
     document = {"schema": "splitflower.results/1", "config": {"rounds": 5}, "incomplete": {"last_round": 2}}
     keep = ProgressWriter(tmp_path / "run.partial.json")
     for count in (1, 2):
