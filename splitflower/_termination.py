@@ -10,22 +10,42 @@ as the same interruption, and the handler that was there before is put back afte
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
 
 __all__: list[str] = []
 
 _stopping = threading.Event()
 
 
-def interrupt_on_sigterm() -> None:
-    """From now on, SIGTERM raises KeyboardInterrupt in this process's main thread, once
-    (nothing where called from another thread: only the main thread sets handlers)."""
-    if threading.current_thread() is threading.main_thread():
-        _stopping.clear()
-        signal.signal(signal.SIGTERM, _interrupt_once)
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """While it lasts, SIGTERM raises KeyboardInterrupt in this process's main thread, once;
+    the handler before is put back after (nothing happens where called off the main thread:
+    only the main thread sets handlers)."""
+    with sigterm_handler_kept():
+        if _on_main_thread():
+            _stopping.clear()
+            signal.signal(signal.SIGTERM, _interrupt_once)
+        yield
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept() -> Iterator[None]:
+    """Puts this process's SIGTERM handler back on leaving (Ray's driver sets its own)."""
+    handler = signal.getsignal(signal.SIGTERM) if _on_main_thread() else None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _interrupt_once(signum: int, frame: FrameType | None) -> None:
@@ -42,13 +62,3 @@ def is_interruption(error: BaseException) -> bool:
 def stopping() -> None:
     """The run is stopping: a SIGTERM from now on changes nothing."""
     _stopping.set()
-
-
-def current_sigterm_handler() -> Any:
-    """The SIGTERM handler now, to :func:`restore_sigterm_handler` later (None off the main thread)."""
-    return signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-
-
-def restore_sigterm_handler(handler: Any) -> None:
-    if handler is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)

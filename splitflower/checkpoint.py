@@ -39,7 +39,7 @@ from torch import nn
 from splitflower._client_states import CLIENT_STATE_PREFIX
 from splitflower.errors import ConfigError
 from splitflower.experiment import Experiment, ExperimentConfig, config_as_run, inert_fields
-from splitflower.results import ROUND_ENTRY_KEYS, config_as_stored, summarise_round, write_atomically
+from splitflower.results import ROUND_ENTRY_KEYS, OncePerRound, config_as_stored, summarise_round, write_atomically
 from splitflower.strategy import SplitResult
 
 __all__ = [
@@ -93,9 +93,10 @@ class SavedModel:
         path = None if self.path is None else str(self.path)
         return {"path": path, "rounds": self.rounds, "carried_rounds": len(self.history), "changed": changed}
 
-    def carry_on(self, rounds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def carry_on(self, rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """A resumed run's results entries: the saved run's (``history``), then its own ``rounds``."""
-        return [*self.history, *(dict(entry) for entry in rounds)]
+        # The run's own entries as given, not copies: a writer encodes each entry object once.
+        return [*self.history, *rounds]
 
     def experiment_config(self) -> ExperimentConfig:
         """``config`` as an :class:`ExperimentConfig`, as saved (defaults not resolved, not
@@ -150,7 +151,9 @@ class ModelWriter:
     def __init__(self, path: str | Path, *, resumed: SavedModel | None = None) -> None:
         self.path = path
         self._carried = [json.dumps(entry) for entry in resumed.history] if resumed is not None else []
-        self._texts: dict[int, tuple[Mapping[str, Any], str]] = {}  # round -> (its record, its entry's JSON)
+        self._texts: OncePerRound[Mapping[str, Any], str] = OncePerRound(
+            lambda record: json.dumps(summarise_round(record))
+        )
 
     def __call__(self, config: ExperimentConfig, result: SplitResult) -> Path:
         document = {
@@ -168,11 +171,7 @@ class ModelWriter:
     def _history_text(self, records: Mapping[int, Mapping[str, Any]]) -> str:
         """``json.dumps`` of the saved run's entries followed by the records' summaries."""
         texts = list(self._carried)
-        for number, record in sorted(records.items()):
-            known = self._texts.get(number)
-            if known is None or known[0] is not record:
-                known = self._texts[number] = (record, json.dumps(summarise_round(record)))
-            texts.append(known[1])
+        texts += [self._texts(number, record) for number, record in sorted(records.items())]
         return "[" + ", ".join(texts) + "]"
 
 

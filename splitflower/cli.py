@@ -416,6 +416,8 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     unsaved: list[ResultsFileError] = []
     # A run resumed from a file keeps that file's rounds' history on in the files it writes.
     write_model = None if args.save_model is None else ModelWriter(args.save_model, resumed=resume)
+    # The rounds so far, kept while it runs, where a failed run's go (see run_experiment's keep_progress).
+    keep_progress = None if args.out is None else ProgressWriter(partial_results_path(args.out))
     results = run_experiment_owning_the_process(
         config,
         say=lambda line: print(line, flush=True),
@@ -427,12 +429,12 @@ def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
         checkpoint=write_model,
         checkpoint_every=args.save_every,
         clients_at_once=args.clients_at_once,
-        keep_progress=None if args.out is None else ProgressWriter(partial_results_path(args.out)),
+        keep_progress=keep_progress,
     )
     written = None if args.out is None else write_results(results, args.out)  # kept before anything else can fail
-    if written is not None:  # the rounds so far, kept while it ran (see run_experiment's keep_progress)
+    if keep_progress is not None:  # the whole run is written: what was kept of it as it ran goes
         with contextlib.suppress(OSError):
-            partial_results_path(written).unlink(missing_ok=True)
+            Path(keep_progress.path).unlink(missing_ok=True)
     print(_table(results))
     if written is None:
         print("no results file written (give --out FILE.json to keep the figures)")

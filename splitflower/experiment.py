@@ -31,13 +31,7 @@ from splitflower._checks import checked_count
 from splitflower._client_errors import raised_by_client
 from splitflower._host_memory import clients_at_once_in_memory
 from splitflower._logs import take_flower_level_from_the_command
-from splitflower._termination import (
-    current_sigterm_handler,
-    interrupt_on_sigterm,
-    is_interruption,
-    restore_sigterm_handler,
-    stopping,
-)
+from splitflower._termination import is_interruption, sigterm_as_ctrl_c, sigterm_handler_kept, stopping
 from splitflower.algorithms import Algorithm, find_algorithm
 from splitflower.app import build_client_app, build_server_app
 from splitflower.client import Client
@@ -65,7 +59,14 @@ from splitflower.errors import (
 )
 from splitflower.linkemu import parse_link
 from splitflower.models import MODEL_NAMES, build_model
-from splitflower.results import config_as_stored, results_document, summarise_round, summarise_rounds
+from splitflower.results import (
+    OncePerRound,
+    config_as_stored,
+    results_document,
+    summarise_round,
+    summarise_rounds,
+    versions,
+)
 from splitflower.scheduling import DEFAULT_FLUSH_TIMEOUT_S, DEFAULT_REQUEST_ORDER, REQUEST_ORDERS
 from splitflower.server_model import ServerModel, remote_methods, resolve_call, sgd
 from splitflower.split import split_for_cut, split_last_layer
@@ -730,7 +731,8 @@ def run_experiment(
     experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
     clients_at_once = _clients_at_once(config, clients_at_once, say)
-    extra: dict[str, Any] = {"clients_at_once": clients_at_once}
+    # (run_versions: results_document's, taken once, not at every round's progress file)
+    extra: dict[str, Any] = {"clients_at_once": clients_at_once, "run_versions": versions()}
     if resume is not None:
         from splitflower.checkpoint import check_resumable
 
@@ -759,7 +761,7 @@ def run_experiment(
         for line in _failure_lines(record):
             say(line)
 
-    summaries: dict[int, tuple[Mapping[str, Any], dict[str, Any]]] = {}
+    summaries = OncePerRound(summarise_round)
 
     def save_after_round(_: Context, result: SplitResult) -> None:
         if result.last_round >= config.rounds:
@@ -769,11 +771,8 @@ def run_experiment(
                 checkpoint(config, result)
         finally:
             if keep_progress is not None:
-                for number, record in result.rounds.items():  # each record summarised once
-                    if number not in summaries or summaries[number][0] is not record:
-                        summaries[number] = (record, summarise_round(record))
-                rounds = carried([summaries[number][1] for number in sorted(result.rounds)])
-                keep_progress(_in_progress(config, rounds, time.perf_counter() - started, extra))
+                rounds = carried([summaries(number, record) for number, record in sorted(result.rounds.items())])
+                keep_progress(_incomplete_document(config, rounds, time.perf_counter() - started, NOT_ENDED, extra))
 
     def keep_result(_: Context, result: SplitResult) -> None:
         holder["result"] = result
@@ -822,8 +821,7 @@ def _simulate(
     from flwr.simulation import run_simulation
 
     config = experiment.config
-    sigterm_handler = current_sigterm_handler()  # Ray's driver sets its own
-    with progress:
+    with progress, sigterm_handler_kept():
         try:
             run_simulation(
                 server_app=server_app,
@@ -837,25 +835,22 @@ def _simulate(
                 raise SimulationStartError(_NEVER_STARTED) from err
             return err
         except BaseException as err:
-            restore_sigterm_handler(sigterm_handler)
             if not is_interruption(err):
                 raise
             # Ctrl-C or SIGTERM: the rounds recorded so far are kept all the same.
             stopping()
             return err if isinstance(err, KeyboardInterrupt) else KeyboardInterrupt("SIGTERM")
-        finally:
-            restore_sigterm_handler(sigterm_handler)
     return None
 
 
 NOT_ENDED: Final = "the run had not ended when this was written (it went on, or was killed)"
 
 
-def _in_progress(
-    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, extra: Mapping[str, Any]
+def _incomplete_document(
+    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, reason: str, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The results document of a run that has recorded ``rounds`` so far, marked incomplete."""
-    incomplete = {"error": NOT_ENDED, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
+    """The results document of a run that has recorded ``rounds`` (some) but not all, and why."""
+    incomplete = {"error": reason, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
     return results_document(
         config, rounds, wall_s, incomplete={**incomplete, "last_round": rounds[-1]["round"]}, **extra
     )
@@ -929,10 +924,7 @@ def stopped_early(
         reason = f"{type(error).__name__}: {error}"
     # The last round trained, of the run or of the run it resumed.
     done = rounds[-1]["round"] if rounds else extra.get("resumed_from", {}).get("rounds", 0)
-    partial = None
-    if rounds:
-        incomplete = {"error": reason, "rounds_recorded": len(rounds), "rounds_planned": config.rounds}
-        partial = results_document(config, rounds, wall_s, incomplete={**incomplete, "last_round": done}, **extra)
+    partial = _incomplete_document(config, rounds, wall_s, reason, extra) if rounds else None
     if isinstance(error, KeyboardInterrupt):
         return RunInterruptedError(f"interrupted after {done} of {config.rounds} rounds", partial)
     if isinstance(error, ExperimentFailedError):
@@ -1005,32 +997,32 @@ def run_experiment_owning_the_process(
     thread may still be waiting for replies. A bad config or dataset, found before the
     simulation starts, raises its :class:`~splitflower.errors.SplitflowerError` as usual.
     """
-    interrupt_on_sigterm()
-    try:
-        return run_experiment(
-            config,
-            say=say,
-            startup_timeout=startup_timeout,
-            on_stall=_end_stalled,
-            keep_model=keep_model,
-            resume=resume,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            clients_at_once=clients_at_once,
-            keep_progress=keep_progress,
-        )
-    except SimulationStartError as err:
-        traceback.print_exc()
-        _end_stalled(str(err))
-    except (ExperimentFailedError, RunInterruptedError) as err:
-        _end_stopped_run(err, keep_partial)
-    except SplitflowerError:
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
-        _end_process(INTERRUPTED_EXIT_CODE, "splitflower: interrupted")
-    except Exception:  # noqa: BLE001 - reported, then the process ends at once
-        traceback.print_exc()
-        _end_process(CRASHED_EXIT_CODE, "splitflower: error: the simulation failed (traceback above)")
+    with sigterm_as_ctrl_c():  # the handler before is put back when the run returns
+        try:
+            return run_experiment(
+                config,
+                say=say,
+                startup_timeout=startup_timeout,
+                on_stall=_end_stalled,
+                keep_model=keep_model,
+                resume=resume,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                clients_at_once=clients_at_once,
+                keep_progress=keep_progress,
+            )
+        except SimulationStartError as err:
+            traceback.print_exc()
+            _end_stalled(str(err))
+        except (ExperimentFailedError, RunInterruptedError) as err:
+            _end_stopped_run(err, keep_partial)
+        except SplitflowerError:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
+            _end_process(INTERRUPTED_EXIT_CODE, "splitflower: interrupted")
+        except Exception:  # noqa: BLE001 - reported, then the process ends at once
+            traceback.print_exc()
+            _end_process(CRASHED_EXIT_CODE, "splitflower: error: the simulation failed (traceback above)")
 
 
 def _end_stopped_run(

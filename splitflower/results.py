@@ -30,7 +30,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from splitflower.errors import ResultsFileError
 from splitflower.wire import MetricKey, RecordKey
@@ -38,7 +38,11 @@ from splitflower.wire import MetricKey, RecordKey
 if typing.TYPE_CHECKING:  # splitflower.experiment builds on this module
     from splitflower.experiment import ExperimentConfig
 
+_Given = TypeVar("_Given")
+_Made = TypeVar("_Made")
+
 __all__ = [
+    "OncePerRound",
     "RESULTS_SCHEMA",
     "ROUND_ENTRY_KEYS",
     "ProgressWriter",
@@ -170,13 +174,19 @@ def config_as_stored(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def results_document(
-    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, **extra: Any
+    config: ExperimentConfig,
+    rounds: list[dict[str, Any]],
+    wall_s: float,
+    *,
+    run_versions: Mapping[str, str] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The results file's content (schema ``splitflower.results/1``) from summarised rounds."""
+    """The results file's content (schema ``splitflower.results/1``) from summarised rounds;
+    ``run_versions`` (default: :func:`versions` now) where the run took them already."""
     return {
         "schema": RESULTS_SCHEMA,
         "config": asdict(config),
-        "versions": versions(),
+        "versions": dict(run_versions) if run_versions is not None else versions(),
         "wall_s": wall_s,
         **extra,
         "rounds": rounds,
@@ -285,11 +295,38 @@ def _write_text(text: str, path: str | Path) -> Path:
 _ROUNDS_SLOT: Final = "\x00splitflower rounds\x00"  # no round entry or config holds this string
 
 
+class OncePerRound(Generic[_Given, _Made]):
+    """``make(given)`` for each round, made again only when another object is given for that
+    round: what a run writes after every round (its entries, their JSON) then costs what the
+    new round adds, not what the run holds.
+
+    Example
+    -------
+    >>> made = []
+    >>> encode = OncePerRound(lambda entry: made.append(entry) or json.dumps(entry))
+    >>> entry = {"round": 1}
+    >>> encode(1, entry), encode(1, entry), len(made)
+    ('{"round": 1}', '{"round": 1}', 1)
+    >>> encode(1, {"round": 1, "test_loss": 0.5}), len(made)  # another object: made again
+    ('{"round": 1, "test_loss": 0.5}', 2)
+    """
+
+    def __init__(self, make: Callable[[_Given], _Made]) -> None:
+        self._make = make
+        self._known: dict[int, tuple[_Given, _Made]] = {}
+
+    def __call__(self, number: int, given: _Given) -> _Made:
+        known = self._known.get(number)
+        if known is None or known[0] is not given:
+            known = self._known[number] = (given, self._make(given))
+        return known[1]
+
+
 class ProgressWriter:
     """Writes a run's results document so far to ``path`` after every round, as
-    :func:`write_results` would, but encodes each round's entry once (while the same entry
-    object is given for its round): a run of many short rounds would otherwise spend ever
-    longer re-encoding the ones before.
+    :func:`write_results` would, but encodes each round's entry once (see
+    :class:`OncePerRound`): a run of many short rounds would otherwise spend ever longer
+    re-encoding the ones before.
 
     Example
     -------
@@ -304,19 +341,14 @@ class ProgressWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = path
-        self._entries: dict[int, tuple[Mapping[str, Any], str]] = {}
+        self._texts: OncePerRound[Mapping[str, Any], str] = OncePerRound(
+            lambda entry: json.dumps(_finite_or_null(entry), allow_nan=False)
+        )
 
     def __call__(self, document: Mapping[str, Any]) -> Path:
-        texts = [self._text(entry) for entry in document["rounds"]]
+        texts = [self._texts(entry["round"], entry) for entry in document["rounds"]]
         text = json.dumps(_finite_or_null({**document, "rounds": _ROUNDS_SLOT}), indent=1, allow_nan=False)
         return _write_text(text.replace(json.dumps(_ROUNDS_SLOT), "[\n" + ",\n".join(texts) + "\n]", 1), self.path)
-
-    def _text(self, entry: Mapping[str, Any]) -> str:
-        """The entry's JSON, encoded again only when the entry given for its round is another."""
-        known = self._entries.get(entry["round"])
-        if known is None or known[0] is not entry:
-            known = self._entries[entry["round"]] = (entry, json.dumps(_finite_or_null(entry), allow_nan=False))
-        return known[1]
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -14,6 +14,7 @@ user's module.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def test_splitflower_run(
     out = tmp_path / "results.json"
     argv = ["run", "--attempts", "1", "--algorithm", algorithm, "--strategy", strategy, "--dataset", "synthetic"]
     argv += ["--train-size", "192", "--clients", "2", "--rounds", "1", *extra, "--out", str(out)]
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(argv) == 0
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler, "a run in this process leaves its handler as it was"
     results = json.loads(out.read_text())
     assert results["config"]["algorithm"] == algorithm and results["config"]["strategy"] == strategy
     assert [r["round"] for r in results["rounds"]] == [1]

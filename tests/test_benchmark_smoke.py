@@ -214,3 +214,5 @@ def test_model_saves_benchmark_records_both_ways_of_saving(tmp_path: Path, monke
     assert (small["rounds_so_far"], large["rounds_so_far"]) == (2, 20)
     assert all(run["fresh_write_ms"] > 0 and run["writer_next_round_ms"] > 0 for run in (small, large))
     assert large["file_mb"] > small["file_mb"] > 0, "the history grows with the rounds"
+    assert all(run["fresh_results_write_ms"] > 0 and run["progress_writer_next_round_ms"] > 0 for run in (small, large))
+    assert large["results_file_mb"] > small["results_file_mb"] > 0

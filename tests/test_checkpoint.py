@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend, empty_rounds
 from splitflower import checkpoint, cli
-from splitflower.checkpoint import ModelWriter, check_resumable, load_model, resumed_config, save_model
+from splitflower.checkpoint import ModelWriter, SavedModel, check_resumable, load_model, resumed_config, save_model
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.experiment import Experiment, ExperimentConfig
 from splitflower.report import load_results
@@ -329,3 +329,13 @@ def test_results_and_weights_aimed_at_one_file_or_a_folder_are_refused_before_th
     assert cli.main([*run, "--save-model", str(tmp_path)]) == 2
     assert "is a directory; give a file name such as model.pt" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_a_resumed_run_s_entries_follow_the_saved_ones_as_they_are_given() -> None:
+    # As given, not copied: a writer that encodes each entry object once (results.ProgressWriter)
+    # then encodes each of a resumed run's rounds once too.
+    saved = SavedModel({}, 2, {}, {}, history=({"round": 1}, {"round": 2}))
+    own = [{"round": 3}, {"round": 4}]
+    carried = saved.carry_on(own)
+    assert carried == [{"round": 1}, {"round": 2}, {"round": 3}, {"round": 4}]
+    assert all(entry is given for entry, given in zip(carried[2:], own, strict=True))
