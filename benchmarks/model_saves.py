@@ -31,18 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport  # provenance, machine description and the results folder
 
 from splitflower.checkpoint import ModelWriter, save_model
-from splitflower.experiment import ExperimentConfig, run_experiment
+from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process
 from splitflower.results import ProgressWriter, results_document, summarise_round, summarise_rounds, write_results
 from splitflower.strategy import SplitResult
 
 CLIENTS = 3
+STARTUP_TIMEOUT_S = 120.0
 
 
 def one_round() -> tuple[ExperimentConfig, SplitResult]:
     """A real round's record: one round of parallel CSL on synthetic data."""
     config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=CLIENTS, rounds=1, train_size=192)
     kept: list[tuple[ExperimentConfig, SplitResult]] = []
-    run_experiment(config, say=lambda _: None, keep_model=lambda c, result: kept.append((c, result)))
+    # Owning the process: where Ray's node fails to start, it ends saying so instead of hanging.
+    run_experiment_owning_the_process(
+        config,
+        say=lambda _: None,
+        startup_timeout=STARTUP_TIMEOUT_S,
+        keep_model=lambda c, result: kept.append((c, result)),
+    )
     return kept[0]
 
 

@@ -128,14 +128,17 @@ def summarise_round(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def source_commit(exclude: Sequence[str] = ()) -> str:
-    """The git commit this code runs from, ``+dirty`` when tracked files differ from it
-    (paths under ``exclude``, e.g. a results folder, aside); ``$SPLITFLOWER_COMMIT`` when
-    set (a copy of the tree without git); ``unknown`` outside a git checkout."""
+def source_commit(exclude: Sequence[str] = (), *, checkout: str | Path | None = None) -> str:
+    """The git commit this code runs from, ``+dirty`` when tracked files anywhere in the
+    checkout differ from it (paths under ``exclude``, relative to the checkout's top, e.g. a
+    results folder, aside); ``$SPLITFLOWER_COMMIT`` when set (a copy of the tree without
+    git); ``unknown`` outside a git checkout. ``checkout``: a folder in the checkout to ask
+    about (default: this package's)."""
     if os.environ.get("SPLITFLOWER_COMMIT"):
         return os.environ["SPLITFLOWER_COMMIT"]
-    here = Path(__file__).resolve().parent
-    pathspec = ["--", ".", *(f":(exclude){path}" for path in exclude)] if exclude else []
+    here = Path(__file__).resolve().parent if checkout is None else Path(checkout)
+    # Pathspecs from the top: git reads a bare "." as the folder it runs in, here the package's.
+    pathspec = ["--", ":(top)", *(f":(top,exclude){path}" for path in exclude)]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10).stdout
