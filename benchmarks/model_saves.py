@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport  # provenance, machine description and the results folder
 
 from splitflower.checkpoint import ModelWriter, save_model
-from splitflower.experiment import ExperimentConfig, run_experiment_owning_the_process
+from splitflower.experiment import ExperimentConfig
 from splitflower.results import ProgressWriter, results_document, summarise_round, summarise_rounds, write_results
+from splitflower.simulation import run_experiment_owning_the_process
 from splitflower.strategy import SplitResult
 
 CLIENTS = 3

@@ -67,7 +67,8 @@ _SUBMODULES = frozenset(
     {
         "algorithms", "app", "checkpoint", "cli", "client", "codec", "compute", "data", "errors", "experiment",
         "linkemu", "metering", "models", "options", "paper_report", "proxy", "report", "reproduce", "results",
-        "scheduling", "server_model", "service", "split", "strategies", "strategy", "supervised", "wire",
+        "scheduling", "server_model", "service", "simulation", "split", "strategies", "strategy", "supervised",
+        "wire",
     }
 )  # fmt: skip
 

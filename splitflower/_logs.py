@@ -26,7 +26,7 @@ def configure_logging(verbose: bool) -> None:
     os.environ.pop(FLOWER_LEVEL_ENV, None)  # set by a quiet command that started this one
     if not verbose:
         # Flower logs a failed client's whole Ray traceback, twice, at ERROR: each round's own
-        # line names every failed client and the error it raised (experiment._failure_lines).
+        # line names every failed client and the error it raised (simulation._failure_lines).
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
         os.environ[FLOWER_LEVEL_ENV] = logging.getLevelName(logging.CRITICAL)
         # Ray's advice on a future default for GPU visibility: nothing a user of this CLI can act on.

@@ -133,7 +133,7 @@ def build_server_app(
     before Flower receives it. ``on_stopped(context, rounds, error)`` is called when the run
     fails after recording at least one round, with the strategy's records of them (those
     ``on_round`` was given: ``SplitStrategy.last_recorded.rounds``), so that they can be kept
-    (see :func:`splitflower.experiment.stopped_early`). ``checkpoint(context, result)`` is
+    (see :func:`splitflower.simulation.stopped_early`). ``checkpoint(context, result)`` is
     called after every round that does not stop the run, before ``on_round`` (what a run says
     it finished is on disk), with the run so far (``SplitStrategy.last_trained``): where a
     long run saves its weights

@@ -171,7 +171,7 @@ def _add_output(run: argparse.ArgumentParser) -> None:
 
 
 def _add_simulation(run: argparse.ArgumentParser) -> None:
-    from splitflower.experiment import DEFAULT_STARTUP_TIMEOUT_S
+    from splitflower.simulation import DEFAULT_STARTUP_TIMEOUT_S
 
     group = run.add_argument_group("the simulation", "how Flower's simulation runs the clients")
     group.add_argument(
@@ -386,8 +386,8 @@ def _given(run_argv: Sequence[str]) -> set[str]:
 
 def _run(args: argparse.Namespace, run_argv: Sequence[str]) -> int:
     from splitflower.checkpoint import ModelWriter
-    from splitflower.experiment import run_experiment_owning_the_process
     from splitflower.results import ProgressWriter, check_results_path, partial_results_path, write_results
+    from splitflower.simulation import run_experiment_owning_the_process
 
     configure_logging(args.verbose)
     fields, given = _config_fields(args), _given(run_argv)

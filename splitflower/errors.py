@@ -133,7 +133,7 @@ class SimulationStartError(SplitflowerError, RuntimeError):
 
 
 # Exit codes of a process that runs one experiment and ends itself (see
-# splitflower.experiment.run_experiment_owning_the_process): no client ever started, or the
+# splitflower.simulation.run_experiment_owning_the_process): no client ever started, or the
 # simulation failed, or it was interrupted (128 + SIGINT, as a shell reports Ctrl-C). Here, not
 # there, so that `splitflower run`'s supervisor needs no torch.
 STALLED_EXIT_CODE = 3

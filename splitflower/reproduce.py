@@ -52,8 +52,9 @@ from splitflower.errors import (
     ResultsFileError,
     SimulationStartError,
 )
-from splitflower.experiment import ExperimentConfig, differing_fields, inert_fields, run_experiment_owning_the_process
+from splitflower.experiment import ExperimentConfig, differing_fields, inert_fields
 from splitflower.results import results_document, source_commit, write_results
+from splitflower.simulation import run_experiment_owning_the_process
 from splitflower.strategy import SplitResult
 
 __all__ = [

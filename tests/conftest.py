@@ -39,11 +39,12 @@ from splitflower._logs import FLOWER_LEVEL_ENV  # noqa: E402
 from splitflower.app import build_client_app  # noqa: E402
 from splitflower.client import Client  # noqa: E402
 from splitflower.data import client_partition  # noqa: E402
-from splitflower.experiment import Experiment, ExperimentConfig, _backend_config  # noqa: E402
+from splitflower.experiment import Experiment, ExperimentConfig  # noqa: E402
 from splitflower.proxy import ServerModelProxy  # noqa: E402
 from splitflower.scheduling import ImmediateScheduler, Scheduler  # noqa: E402
 from splitflower.server_model import ServerModel, sgd  # noqa: E402
 from splitflower.service import SplitService  # noqa: E402
+from splitflower.simulation import _backend_config  # noqa: E402
 
 # A tiny simulation's first client reaches its server model about 10 s after the simulation
 # starts here; when Ray's node misses its start-up, nothing ever does, and the run is retried

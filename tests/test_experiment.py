@@ -23,8 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from conftest import ThreadBackend, run_cli, simulate
-from splitflower import cli
-from splitflower import experiment as experiment_module
+from splitflower import cli, simulation
 from splitflower._client_errors import raised_by_client
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
@@ -40,19 +39,18 @@ from splitflower.errors import (
     RunInterruptedError,
     ServerUnavailableError,
 )
-from splitflower.experiment import (
+from splitflower.experiment import Experiment, ExperimentConfig
+from splitflower.report import load_results
+from splitflower.results import check_results_path, partial_results_path, summarise_round, write_results
+from splitflower.server_model import FitResult
+from splitflower.simulation import (
     CRASHED_EXIT_CODE,
     INTERRUPTED_EXIT_CODE,
     NOT_ENDED,
-    Experiment,
-    ExperimentConfig,
     _Progress,
     run_experiment,
     stopped_early,
 )
-from splitflower.report import load_results
-from splitflower.results import check_results_path, partial_results_path, summarise_round, write_results
-from splitflower.server_model import FitResult
 from splitflower.strategy import NO_REPLY, SplitResult
 from splitflower.wire import ConfigKey
 
@@ -631,9 +629,9 @@ def test_cli_reports_an_error_of_the_server_app_at_once_without_retrying(tmp_pat
 @pytest.mark.slow
 def test_terminating_splitflower_run_stops_its_attempt_as_ctrl_c_does(tmp_path: Path) -> None:
     # As `kill`, `timeout` or `docker stop` do: SIGTERM to the command started, not to its attempt.
-    simulation = _THREAD_SIMULATION.format(tests=str(Path(__file__).parent))
+    thread_simulation = _THREAD_SIMULATION.format(tests=str(Path(__file__).parent))
     says_its_process = "\nprint('attempt in process', __import__('os').getpid(), flush=True)"
-    script = _fake_run_script(tmp_path, simulation + says_its_process)
+    script = _fake_run_script(tmp_path, thread_simulation + says_its_process)
     out = tmp_path / "results.json"
     options = ["--dataset", "synthetic", "--clients", "2", "--rounds", "500", "--train-size", "256", "--out", str(out)]
     command = [sys.executable, str(script), "run", *options, "--attempts", "2"]
@@ -806,8 +804,8 @@ def _end_the_cli_process_with(error: BaseException, monkeypatch: pytest.MonkeyPa
     def run(*_: Any, **__: Any) -> dict[str, Any]:
         raise error
 
-    monkeypatch.setattr(experiment_module, "_end_process", end_process)
-    monkeypatch.setattr(experiment_module, "run_experiment", run)
+    monkeypatch.setattr(simulation, "_end_process", end_process)
+    monkeypatch.setattr(simulation, "run_experiment", run)
     return ended
 
 
@@ -1050,7 +1048,7 @@ def test_a_round_line_names_only_the_failures_the_strategy_s_log_does_not() -> N
         {"node_id": 13, "index": 2, "left_out": "no ArrayRecord"},  # likewise
         {"node_id": 14, "index": -1, "error": "RuntimeError: lost"},
     ]
-    assert experiment_module._failure_lines({"clients": clients}) == [
+    assert simulation._failure_lines({"clients": clients}) == [
         "  client 0 failed: ValueError: bad batch",
         "  node 14 failed: RuntimeError: lost",
     ]
@@ -1060,7 +1058,7 @@ def test_a_run_whose_clients_do_not_all_fit_in_memory_trains_them_fewer_at_a_tim
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
-    monkeypatch.setattr(experiment_module, "clients_at_once_in_memory", lambda wanted: (2, f"only 2 of {wanted}"))
+    monkeypatch.setattr(simulation, "clients_at_once_in_memory", lambda wanted: (2, f"only 2 of {wanted}"))
     config = ExperimentConfig(algorithm="csl", dataset="synthetic", clients=3, rounds=1, train_size=192, test_size=64)
     said: list[str] = []
     results = run_experiment(config, say=said.append)

@@ -19,9 +19,10 @@ from torch import nn
 
 from conftest import ThreadBackend
 from splitflower.compute import ComputeThread
-from splitflower.experiment import ExperimentConfig, run_experiment
+from splitflower.experiment import ExperimentConfig
 from splitflower.scheduling import ImmediateScheduler
 from splitflower.server_model import ServerModel
+from splitflower.simulation import run_experiment
 from splitflower.strategy import SplitResult
 from splitflower.wire import ConfigKey
 

@@ -12,7 +12,7 @@ from flwr.app import Context
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.app import build_server_app
 from splitflower.checkpoint import ModelWriter, SavedModel, check_resumable, load_model
-from splitflower.experiment import Experiment, stopped_early
+from splitflower.experiment import Experiment
 from splitflower.results import (
     check_results_path,
     partial_results_path,
@@ -20,6 +20,7 @@ from splitflower.results import (
     summarise_rounds,
     write_results,
 )
+from splitflower.simulation import stopped_early
 from splitflower.strategy import SplitResult, SplitStrategy
 
 # WARNING level: under `flwr run` only Flower's own logger shows INFO; progress must be seen.
