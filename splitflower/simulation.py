@@ -64,6 +64,7 @@ __all__ = [
     "NOT_ENDED",
     "STALLED_EXIT_CODE",
     "STALL_MESSAGE",
+    "progress_document",
     "run_experiment",
     "run_experiment_owning_the_process",
     "stopped_early",
@@ -284,7 +285,7 @@ class _RoundHooks:
             if self.keep_progress is not None:
                 entries = [self._summaries(number, record) for number, record in sorted(result.rounds.items())]
                 rounds = self.carried(entries)
-                self.keep_progress(_incomplete_document(self.config, rounds, self.wall_s(), NOT_ENDED, self.extra))
+                self.keep_progress(progress_document(self.config, rounds, self.wall_s(), **self.extra))
 
     def keep_result(self, _: Context, result: SplitResult) -> None:
         self.result = result
@@ -336,6 +337,15 @@ def _simulate(
 
 
 NOT_ENDED: Final = "the run had not ended when this was written (it went on, or was killed)"
+
+
+def progress_document(
+    config: ExperimentConfig, rounds: list[dict[str, Any]], wall_s: float, **extra: Any
+) -> dict[str, Any]:
+    """The results document of a run still going after ``rounds`` (at least one), marked
+    ``incomplete`` as :data:`NOT_ENDED`: what a progress file holds between rounds
+    (:class:`~splitflower.results.ProgressWriter`), and what a killed run leaves."""
+    return _incomplete_document(config, rounds, wall_s, NOT_ENDED, extra)
 
 
 def _incomplete_document(

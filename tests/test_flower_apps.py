@@ -474,7 +474,7 @@ def one_round() -> dict[str, Any]:
 def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_file(
     task: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_round: dict[str, Any]
 ) -> None:
-    import dsl_vs_csl.server_app as server_app
+    import dsl_vs_csl.run_files as run_files
     from splitflower.app import build_server_app
     from splitflower.service import SplitService
 
@@ -482,6 +482,7 @@ def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_fi
     out = tmp_path / "results.json"
     run_config: dict[str, bool | float | int | str] = {"dataset": "synthetic", "num-server-rounds": 3, "out": str(out)}
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    run_files.start_run(context)  # as the example's strategy factory does, which this app replaces
     kept: list[tuple[dict[int, Any], BaseException]] = []
 
     def keep_then_fail(_: Context, rounds: dict[int, Any], error: BaseException) -> None:
@@ -502,7 +503,7 @@ def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_fi
         lambda _: _StopsInRound2(),  # type: ignore[arg-type, return-value]
         lambda _: None,  # type: ignore[arg-type, return-value]
         initial_client_weights=lambda _: {},
-        on_stopped=server_app._write_partial,
+        on_stopped=run_files.write_partial,
     )
     with pytest.raises(RuntimeError, match="disk is full"):
         app(None, context)  # type: ignore[arg-type]
@@ -515,6 +516,30 @@ def test_a_failed_example_run_keeps_the_rounds_it_recorded_beside_its_results_fi
     }
     assert [entry["round"] for entry in partial["rounds"]] == [1] and partial["rounds"][0]["num_examples"] == 128
     assert not out.exists(), "the results file is never given half a run"
+
+
+def test_the_example_keeps_the_rounds_so_far_beside_its_results_file_while_it_runs(
+    task: Any, tmp_path: Path, one_round: dict[str, Any]
+) -> None:
+    import dsl_vs_csl.run_files as run_files
+    import dsl_vs_csl.server_app as server_app
+    from splitflower.simulation import NOT_ENDED
+    from splitflower.strategy import SplitResult
+
+    out, progress = tmp_path / "results.json", tmp_path / "results.partial.json"
+    run_config: dict[str, bool | float | int | str] = {"dataset": "synthetic", "num-server-rounds": 2, "out": str(out)}
+    context = Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app._strategy(context)
+    run_files.after_round(context, SplitResult(rounds={1: dict(one_round)}))
+    kept = json.loads(progress.read_text())
+    assert kept["incomplete"]["error"] == NOT_ENDED and [entry["round"] for entry in kept["rounds"]] == [1]
+
+    both = SplitResult(rounds={1: dict(one_round), 2: {**one_round, "round": 2}})
+    run_files.after_round(context, both)  # the last round: the results file follows instead
+    assert [entry["round"] for entry in json.loads(progress.read_text())["rounds"]] == [1]
+    run_files.write_results_file(context, both)
+    assert [entry["round"] for entry in json.loads(out.read_text())["rounds"]] == [1, 2]
+    assert "incomplete" not in json.loads(out.read_text()) and not progress.exists()
 
 
 def test_the_example_refuses_to_resume_weights_of_another_config_before_training(task: Any, tmp_path: Path) -> None:
