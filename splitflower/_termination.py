@@ -3,34 +3,53 @@
 ``timeout``, Slurm's ``scancel`` and ``kill -- -PGID`` signal a whole process group: the
 ``splitflower run`` supervisor and its attempt both get SIGTERM, and the supervisor passes
 its own on. The first stops the run as Ctrl-C does, so the rounds recorded are kept; the
-ones after it are ignored, so that they cannot cut that short. While a simulation runs,
-Ray's driver has a SIGTERM handler of its own (it raises SystemExit); what it raises counts
-as the same interruption, and the handler that was there before is put back afterwards.
+ones after it are ignored, so that they cannot cut that short. A process still running
+:data:`TERMINATION_GRACE_S` after that SIGTERM (a thread of Ray's or of the ServerApp holds it)
+ends then, as the supervisor would end it: the rounds so far are on disk already (the
+progress file). While a simulation runs, Ray's driver has a SIGTERM handler of its own (it
+raises SystemExit); what it raises counts as the same interruption, and the handler that was
+there before is put back afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Final
+
+from splitflower.errors import INTERRUPTED_EXIT_CODE
 
 __all__: list[str] = []
 
+TERMINATION_GRACE_S: Final = 30.0
+"""Seconds a run told to stop by SIGTERM has to end before its process is ended."""
+
 _stopping = threading.Event()
+_grace: dict[str, float] = {"seconds": TERMINATION_GRACE_S}
+_deadlines: list[threading.Timer] = []
 
 
 @contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """While it lasts, SIGTERM raises KeyboardInterrupt in this process's main thread, once;
-    the handler before is put back after (nothing happens where called off the main thread:
-    only the main thread sets handlers)."""
+def sigterm_as_ctrl_c(grace_s: float = TERMINATION_GRACE_S) -> Iterator[None]:
+    """While it lasts, SIGTERM raises KeyboardInterrupt in this process's main thread, once,
+    and the process ends with :data:`~splitflower.errors.INTERRUPTED_EXIT_CODE` if it is
+    still in here ``grace_s`` later; the handler before is put back after (nothing happens
+    where called off the main thread: only the main thread sets handlers)."""
     with sigterm_handler_kept():
         if _on_main_thread():
             _stopping.clear()
+            _grace["seconds"] = grace_s
             signal.signal(signal.SIGTERM, _interrupt_once)
-        yield
+        try:
+            yield
+        finally:
+            while _deadlines:  # the run ended in time
+                _deadlines.pop().cancel()
 
 
 @contextlib.contextmanager
@@ -51,7 +70,17 @@ def _on_main_thread() -> bool:
 def _interrupt_once(signum: int, frame: FrameType | None) -> None:
     if not _stopping.is_set():
         _stopping.set()
+        deadline = threading.Timer(_grace["seconds"], _end_now, args=(_grace["seconds"],))
+        deadline.daemon = True
+        deadline.start()
+        _deadlines.append(deadline)
         raise KeyboardInterrupt
+
+
+def _end_now(grace_s: float) -> None:
+    with contextlib.suppress(BaseException):  # a closed pipe must not keep the process alive
+        print(f"splitflower: the run had not ended {grace_s:g} s after SIGTERM; ending it", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_EXIT_CODE)
 
 
 def is_interruption(error: BaseException) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splitflower._logs import configure_logging
+from splitflower._termination import TERMINATION_GRACE_S
 from splitflower.errors import (
     CRASHED_EXIT_CODE,
     DEFAULT_ATTEMPTS,
@@ -254,7 +255,7 @@ def _run_attempts(argv: Sequence[str], attempts: int) -> int:
     raise AssertionError("unreachable")
 
 
-_TERMINATION_GRACE_S = 30.0  # an attempt told to stop that has not ended by then is killed
+_TERMINATION_GRACE_S = TERMINATION_GRACE_S  # an attempt told to stop that has not ended by then is killed
 
 
 class _AttemptSupervisor:

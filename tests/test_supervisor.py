@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from splitflower import cli
-from splitflower.errors import STALLED_EXIT_CODE
+from splitflower.errors import INTERRUPTED_EXIT_CODE, STALLED_EXIT_CODE
 
 # An attempt deaf to signals, as one stuck where none reaches Python (its Ray processes died
 # under it), that says it runs by writing the file it is given.
@@ -79,3 +80,34 @@ def test_an_attempt_that_fails_to_start_unasked_is_started_again(
     assert cli._run_attempts([], attempts=2) == STALLED_EXIT_CODE
     assert "(attempt 1 of 2); starting it again in a fresh process" in capsys.readouterr().err
     assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == handlers, "put back"
+
+
+# A run that takes SIGTERM as Ctrl-C, then spends `linger` seconds before it ends: a thread
+# of Ray's or of the ServerApp holding it, say (the run itself in this process, --attempts 1).
+_LINGERING_RUN = """
+import os, signal, time
+from splitflower._termination import sigterm_as_ctrl_c
+with sigterm_as_ctrl_c(grace_s=0.5):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        time.sleep({linger})
+print("went-on", flush=True)
+time.sleep(1.0)
+print("ended", flush=True)
+"""
+
+
+@pytest.mark.parametrize("linger", [0.0, 20.0])
+def test_a_run_that_has_not_ended_a_grace_after_sigterm_ends_its_process(linger: float) -> None:
+    started = time.monotonic()
+    run = [sys.executable, "-c", _LINGERING_RUN.format(linger=linger)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+    if linger:
+        assert done.returncode == INTERRUPTED_EXIT_CODE, done.stderr
+        assert done.stdout.split() == ["interrupted"] and time.monotonic() - started < 15
+        assert "the run had not ended 0.5 s after SIGTERM; ending it" in done.stderr
+    else:  # ended within the grace: the process goes on, beyond it, unharmed
+        assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["interrupted", "went-on", "ended"], "")
