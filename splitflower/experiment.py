@@ -119,7 +119,16 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Return the config with defaults resolved, or raise ConfigError listing problems."""
         mistyped = _type_problems(self)
-        problems = list(mistyped.values())
+        problems = [*mistyped.values(), *self._value_problems(mistyped), *self._source_problems(mistyped)]
+        strategy, incompatible = self._algorithm_problems(mistyped, problems)
+        if problems:
+            error = IncompatibleStrategyError if incompatible else ConfigError
+            raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
+        return replace(self, strategy=strategy)
+
+    def _value_problems(self, mistyped: Mapping[str, str]) -> list[str]:
+        """Numbers out of range and names that are not among the choices (well-typed fields only)."""
+        problems = []
         choices = (
             ("dataset", list(DATASET_NAMES)),
             ("model", list(MODEL_NAMES)),
@@ -142,10 +151,15 @@ class ExperimentConfig:
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
         if "momentum" not in mistyped and self.momentum >= 1:
             problems.append(f"momentum must be below 1 (SGD diverges at 1 or more), got {self.momentum}")
-        if self.dataset == "synthetic" and not {"synthetic_size", "train_size", "test_size"} & mistyped.keys():
-            problems.extend(self._synthetic_size_problems())
         if "seed" not in mistyped and not 0 <= self.seed < 2**32:
             problems.append(f"seed must be in [0, 2**32), got {self.seed}")
+        return problems
+
+    def _source_problems(self, mistyped: Mapping[str, str]) -> list[str]:
+        """Where the data, the partition, the device and the link are not what can be had."""
+        problems = []
+        if self.dataset == "synthetic" and not {"synthetic_size", "train_size", "test_size"} & mistyped.keys():
+            problems.extend(self._synthetic_size_problems())
         if "device" not in mistyped:
             problems.extend(_device_problems(self.device))
         if "data_root" not in mistyped and self.data_root and self.dataset == "synthetic":
@@ -154,36 +168,33 @@ class ExperimentConfig:
                 f"{', '.join(_FILE_DATASETS)} do); drop data_root (--data-root)"
             )
         if "partition" not in mistyped:
-            try:
-                parse_partition(self.partition)
-            except ValueError as err:
-                problems.append(str(err))
+            _attempt(parse_partition, self.partition, problems, ValueError)
         if "link" not in mistyped and self.link:
-            try:
-                parse_link(self.link)
-            except ConfigError as err:
-                problems.append(str(err))
+            _attempt(parse_link, self.link, problems)
+        return problems
+
+    def _algorithm_problems(self, mistyped: Mapping[str, str], problems: list[str]) -> tuple[str | None, bool]:
+        """Appends what is wrong with the algorithm, its options and its strategy to
+        ``problems``; returns the strategy (the algorithm's default where none is given) and
+        whether the two are incompatible."""
         algorithm = _attempt(find_algorithm, self.algorithm, problems) if "algorithm" not in mistyped else None
         strategy = self.strategy or (algorithm.default_strategy if algorithm else None)
         strategy_cls = _attempt(find_strategy, strategy, problems) if strategy and "strategy" not in mistyped else None
-        incompatible = False
-        if algorithm is not None and strategy is not None and strategy_cls is not None:
-            try:
-                algorithm.check_strategy(strategy)
-            except IncompatibleStrategyError as err:
-                problems.append(str(err))
-                incompatible = True
-            if "options" not in mistyped:
-                _attempt(algorithm.parse_options, self.options, problems)
-            if self.hand_over_optimizer and not strategy_cls.hands_on:
-                problems.append(
-                    "hand_over_optimizer needs a strategy that hands the client segment on (sequential), "
-                    f"got {strategy!r}"
-                )
-        if problems:
-            error = IncompatibleStrategyError if incompatible else ConfigError
-            raise error("invalid experiment config:\n  - " + "\n  - ".join(problems))
-        return replace(self, strategy=strategy)
+        if algorithm is None or strategy is None or strategy_cls is None:
+            return strategy, False
+        try:
+            algorithm.check_strategy(strategy)
+            incompatible = False
+        except IncompatibleStrategyError as err:
+            problems.append(str(err))
+            incompatible = True
+        if "options" not in mistyped:
+            _attempt(algorithm.parse_options, self.options, problems)
+        if self.hand_over_optimizer and not strategy_cls.hands_on:
+            problems.append(
+                f"hand_over_optimizer needs a strategy that hands the client segment on (sequential), got {strategy!r}"
+            )
+        return strategy, incompatible
 
     def check_types(self) -> ExperimentConfig:
         """Return the config if every field has its declared type, else raise ConfigError listing
@@ -211,12 +222,17 @@ def _synthetic_sizes(synthetic_size: int) -> tuple[int, int]:
 _FILE_DATASETS: Final = tuple(name for name in DATASET_NAMES if name != "synthetic")
 
 
-def _attempt(call: Callable[[_In], _Out], argument: _In, problems: list[str]) -> _Out | None:
-    """``call(argument)``, or None with its ConfigError added to ``problems`` (a message that
-    is a list of its own is indented under it)."""
+def _attempt(
+    call: Callable[[_In], _Out],
+    argument: _In,
+    problems: list[str],
+    errors: type[Exception] | tuple[type[Exception], ...] = ConfigError,
+) -> _Out | None:
+    """``call(argument)``, or None with the error it raised (one of ``errors``) added to
+    ``problems`` (a message that is a list of its own is indented under it)."""
     try:
         return call(argument)
-    except ConfigError as err:
+    except errors as err:
         problems.append(str(err).replace("\n", "\n  "))
         return None
 
