@@ -323,34 +323,56 @@ def run_grid(
         eta = f", about {sum(ran_seconds) / len(ran_seconds) * remaining / 60:.0f} min left" if ran_seconds else ""
         say(f"{label}: running ({time.perf_counter() - started:.0f}s into the grid{eta})")
         extra = {"grid": grid, "scale": scale, "commit": commit, "cell": number, "cells": len(configs)}
+        run = runner or partial(run_cell_process, timeout=cell_timeout)
         cell_started = time.perf_counter()
-        for attempt in range(1, max(attempts, 1) + 1):
-            error, retryable = "", False
-            try:
-                (runner or partial(run_cell_process, timeout=cell_timeout))(config, str(path), extra)
-            except SimulationStartError as err:
-                error, retryable = f"{type(err).__name__}: {err}", True
-            except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
-                error = f"{type(err).__name__}: {err}"
-            if not retryable or attempt == attempts:
-                break
-            say(f"{label}: attempt {attempt} did not start ({error}); trying again")
-        seconds = time.perf_counter() - cell_started
-        if error or not path.is_file():
-            error = error or f"no results file {path} was written"
-            say(f"{label}: FAILED after {seconds:.0f}s: {error}")
-            outcomes.append(CellOutcome(config, path, "failed", seconds, error))
-            continue
-        ran_seconds.append(seconds)
-        accuracy = json.loads(path.read_text()).get("final", {}).get("test_accuracy", float("nan"))
-        say(f"{label}: finished in {seconds:.0f}s, test accuracy {accuracy:.4f} -> {path}")
-        outcomes.append(CellOutcome(config, path, "ran", seconds))
+        error = _run_with_attempts(run, config, path, extra, attempts, say, label)
+        outcome = _cell_outcome(config, path, time.perf_counter() - cell_started, error)
+        if outcome.status == "ran":
+            ran_seconds.append(outcome.seconds)
+            accuracy = json.loads(path.read_text()).get("final", {}).get("test_accuracy", float("nan"))
+            say(f"{label}: finished in {outcome.seconds:.0f}s, test accuracy {accuracy:.4f} -> {path}")
+        else:
+            say(f"{label}: FAILED after {outcome.seconds:.0f}s: {outcome.error}")
+        outcomes.append(outcome)
     failed = [o for o in outcomes if o.status == "failed"]
     say(
         f"grid: {sum(o.status == 'ran' for o in outcomes)} ran, {sum(o.status == 'skipped' for o in outcomes)} "
         f"skipped, {len(failed)} failed, {time.perf_counter() - started:.0f}s"
     )
     return outcomes
+
+
+def _run_with_attempts(
+    run: Callable[[ExperimentConfig, str, dict[str, Any]], None],
+    config: ExperimentConfig,
+    path: Path,
+    extra: dict[str, Any],
+    attempts: int,
+    say: Callable[[str], None],
+    label: str,
+) -> str:
+    """Run a cell, again while its simulation does not start, ``attempts`` times at most;
+    the last attempt's error ("" where it ran)."""
+    error = ""
+    for attempt in range(1, max(attempts, 1) + 1):
+        error, retryable = "", False
+        try:
+            run(config, str(path), extra)
+        except SimulationStartError as err:
+            error, retryable = f"{type(err).__name__}: {err}", True
+        except Exception as err:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
+            error = f"{type(err).__name__}: {err}"
+        if not retryable or attempt == attempts:
+            break
+        say(f"{label}: attempt {attempt} did not start ({error}); trying again")
+    return error
+
+
+def _cell_outcome(config: ExperimentConfig, path: Path, seconds: float, error: str) -> CellOutcome:
+    """A cell ran when it raised nothing and wrote its results file."""
+    if error or not path.is_file():
+        return CellOutcome(config, path, "failed", seconds, error or f"no results file {path} was written")
+    return CellOutcome(config, path, "ran", seconds)
 
 
 def _names(text: str) -> tuple[str, ...]:
