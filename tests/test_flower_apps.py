@@ -435,11 +435,18 @@ def test_the_run_config_sets_how_long_a_round_waits_for_its_nodes(monkeypatch: p
     from splitflower.strategies import ParallelStrategy
 
     monkeypatch.setattr(SplitService, "start", lambda self: None)
-    strategy = ParallelStrategy()
+    strategy = ParallelStrategy(node_wait_timeout=45.0)
     waited: list[float] = []
     monkeypatch.setattr(strategy, "start", lambda *_, **__: waited.append(strategy.node_wait_timeout))
     app = build_server_app(lambda _: strategy, lambda _: None, initial_client_weights=lambda _: {})  # type: ignore[arg-type, return-value]
-    for run_config, expected in (({}, 300.0), ({"sf-node-wait-timeout": 20}, 20.0)):
+    with (APP / "pyproject.toml").open("rb") as f:
+        example_default = tomllib.load(f)["tool"]["flwr"]["app"]["config"]["sf-node-wait-timeout"]
+    # Unset, or the example app's declared default: the strategy's own.
+    for run_config, expected in (
+        ({}, 45.0),
+        ({"sf-node-wait-timeout": example_default}, 45.0),
+        ({"sf-node-wait-timeout": 20}, 20.0),
+    ):
         app(None, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))  # type: ignore[arg-type]
         assert waited.pop() == expected
 
