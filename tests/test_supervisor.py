@@ -111,3 +111,32 @@ def test_a_run_that_has_not_ended_a_grace_after_sigterm_ends_its_process(linger:
         assert "the run had not ended 0.5 s after SIGTERM; ending it" in done.stderr
     else:  # ended within the grace: the process goes on, beyond it, unharmed
         assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["interrupted", "went-on", "ended"], "")
+
+
+# Ctrl-C or SIGTERM that the kernel gives to a thread other than the main one, while the main
+# thread waits on a lock (Flower's simulation joins its workers there) for 20 s.
+_SIGNAL_TO_ANOTHER_THREAD = """
+import signal, threading, time
+from splitflower._termination import sigterm_as_ctrl_c
+def send_from_this_thread():
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.{name})
+with sigterm_as_ctrl_c():
+    worker = threading.Thread(target=time.sleep, args=(20,), daemon=True)
+    worker.start()
+    threading.Thread(target=send_from_this_thread).start()
+    started = time.monotonic()
+    try:
+        worker.join()
+    except KeyboardInterrupt:
+        print("interrupted after", round(time.monotonic() - started, 1), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_another_thread_took_still_interrupts_the_main_thread_where_it_waits(name: str) -> None:
+    run = [sys.executable, "-c", _SIGNAL_TO_ANOTHER_THREAD.format(name=name)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[:2] == ["interrupted", "after"] and float(words[2]) < 5, done.stdout
