@@ -43,6 +43,10 @@ __all__ = ["DEFAULT_ROUND_TIMEOUT_S", "NO_REPLY", "SplitStrategy", "SplitResult"
 
 logger = logging.getLogger(__name__)
 
+# How often replies are pulled from a grid that does not say (Flower's deployment grid waits 3 s
+# between pulls): a round ends this soon after its last reply, and the pull is one small call.
+_PULL_INTERVAL_S = 0.5
+
 # FedAvg warns of this on every construction; a split strategy evaluates centrally (or not) by design.
 _NO_FEDERATED_EVALUATION_WARNING = "fraction_evaluate is set to 0.0"
 
@@ -279,7 +283,26 @@ class SplitStrategy(FedAvg):
     ) -> list[Message]:
         """Send every client its message at once and wait for all replies."""
         messages = [self.client_message(plan, node, arrays, config) for node in plan.node_ids]
-        return self.collect(plan, grid.send_and_receive(messages, timeout=timeout), plan.node_ids)
+        return self.collect(plan, self.send_and_receive(grid, plan, messages, timeout), plan.node_ids)
+
+    def send_and_receive(self, grid: Grid, plan: RoundPlan, messages: list[Message], timeout: float) -> list[Message]:
+        """Flower's ``Grid.send_and_receive``, closing each client's session as its reply
+        comes: a client whose ClientApp failed before its last request (an error reply, its
+        own or the SuperLink's for a lost node) holds the others' gathered requests no longer,
+        instead of a ``flush_timeout`` (see :mod:`splitflower.scheduling`)."""
+        pending = set(grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            came = list(grid.pull_messages(pending))
+            self._close_sessions(plan, {plan.sender(reply) for reply in came})
+            replies += came
+            pending -= {reply.metadata.reply_to_message_id for reply in came}
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                break
+            time.sleep(min(getattr(grid, "pull_interval", _PULL_INTERVAL_S), left))
+        return replies
 
     @property
     def server_models(self) -> list[ServerModel]:
@@ -320,10 +343,7 @@ class SplitStrategy(FedAvg):
         that cannot be aggregated, rather than let one client's malformed reply end the run."""
         collected: list[Message] = []
         replies = list(replies)
-        for node in {*sent_to, *(plan.sender(reply) for reply in replies)}:
-            token = plan.tokens.get(node)
-            if token is not None:
-                self._service.close_session(token)
+        self._close_sessions(plan, {*sent_to, *(plan.sender(reply) for reply in replies)})
         for reply in replies:
             node = plan.sender(reply)
             problem = None if reply.has_error() else self.reply_problem(reply) or _disagreement(plan, reply)
@@ -334,6 +354,12 @@ class SplitStrategy(FedAvg):
                 logger.warning("[server] round %d: left out client %d's reply: %s", plan.server_round, node, problem)
         # In the round's order, not as they came: averaging adds them up in this order.
         return sorted(collected, key=lambda reply: _index(plan, plan.sender(reply)))
+
+    def _close_sessions(self, plan: RoundPlan, nodes: Iterable[int]) -> None:
+        for node in nodes:
+            token = plan.tokens.get(node)
+            if token is not None:
+                self._service.close_session(token)
 
     def reply_problem(self, reply: Message) -> str | None:
         """What a successful train reply lacks, or None: one ArrayRecord named

@@ -59,7 +59,7 @@ class SequentialStrategy(SplitStrategy):
             message = self.client_message(plan, node, arrays, config)
             if self.hand_over_optimizer and self._optimizer_state is not None:
                 message.content[RecordKey.OPTIMIZER] = self._optimizer_state
-            reply = self.collect(plan, grid.send_and_receive([message], timeout=timeout), [node])
+            reply = self.collect(plan, self.send_and_receive(grid, plan, [message], timeout), [node])
             replies += reply
             for answer in reply:
                 # A failed or left-out client hands on the segment it was given.

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +28,7 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
-from flwr.app import Context, Message  # noqa: E402
+from flwr.app import Array, Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.clientapp.client_app import ClientAppException  # noqa: E402
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig  # noqa: E402
@@ -96,6 +97,32 @@ def service() -> Iterator[SplitService]:
 RAY_ATTEMPTS = 3
 
 
+_ARRAY_PARSING = threading.Lock()
+
+
+def _parse_arrays_one_at_a_time() -> None:
+    """Make :meth:`flwr.app.Array.numpy` parse one array at a time in this process.
+
+    Client threads share one interpreter, which Ray's actor processes do not. CPython 3.11
+    keeps the AST constructor's recursion depth per interpreter: it sets it when it starts
+    building a tree and checks it at the end, so a thread switch mid-build (a garbage
+    collection running a finalizer) to another thread that builds one ends in "SystemError:
+    AST constructor recursion depth mismatch". ``np.load`` parses each array's header with
+    ``ast.literal_eval``, and every client thread loads its weights at once (CI at a32a0fb:
+    a client failed so, and its round ran 30 s on the batching flush timeout).
+    """
+    parse = Array.numpy
+    if getattr(parse, "one_at_a_time", False):
+        return
+
+    def numpy(self: Array) -> Any:
+        with _ARRAY_PARSING:
+            return parse(self)
+
+    numpy.one_at_a_time = True  # type: ignore[attr-defined]
+    Array.numpy = numpy  # type: ignore[method-assign]
+
+
 class ThreadBackend(Backend):
     """Flower's simulation backend with Ray's actors replaced by threads of this process.
 
@@ -105,8 +132,10 @@ class ThreadBackend(Backend):
     context, and its reply and context come back pickled, as between Ray's processes; so state
     a client keeps anywhere but ``context.state`` is lost between calls here too (module
     globals aside: the threads share them). A ClientApp that raises anything gets Flower's
-    error reply. A simulation costs a second or two instead of Ray's 15-20 s of start-up, so
-    strategies and algorithms run under Flower in the fast suite; Ray itself is under test
+    error reply. Threads share what processes do not, the interpreter's AST state among it,
+    so arrays are parsed one at a time (:func:`_parse_arrays_one_at_a_time`). A simulation
+    costs a second or two instead of Ray's 15-20 s of start-up, so strategies and algorithms
+    run under Flower in the fast suite; Ray itself is under test
     wherever ``splitflower run`` or ``flwr run`` runs.
     """
 
@@ -120,6 +149,7 @@ class ThreadBackend(Backend):
         self._app: bytes | None = None
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        _parse_arrays_one_at_a_time()
         self._app = cloudpickle.dumps(app_fn)
         ThreadBackend.runs += 1
 

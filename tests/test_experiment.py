@@ -416,18 +416,20 @@ class ExitsAfterTwoBatches(DiesAfterTwoBatches):
     crash = SystemExit
 
 
+_TWO_CLIENTS_BATCHED = ExperimentConfig(
+    algorithm="csl",
+    strategy="parallel",
+    dataset="synthetic",
+    clients=2,
+    rounds=1,
+    batching=True,
+    synthetic_size=512,  # 2 clients x 4 batches of 64
+)
+
+
 @pytest.mark.parametrize("client", [DiesAfterTwoBatches, ExitsAfterTwoBatches], ids=["raises", "exits"])
 def test_client_dying_mid_round_under_batching_still_finishes_the_round(client: type[DiesAfterTwoBatches]) -> None:
-    config = ExperimentConfig(
-        algorithm="csl",
-        strategy="parallel",
-        dataset="synthetic",
-        clients=2,
-        rounds=1,
-        batching=True,
-        flush_timeout=0.5,
-        synthetic_size=512,
-    )
+    config = replace(_TWO_CLIENTS_BATCHED, flush_timeout=0.5)
     records = [summarise_round(r) for r in simulate(config, client)]
     assert len(records) == 1
     round_one = records[0]
@@ -458,6 +460,25 @@ def test_batched_rounds_say_how_whole_their_batches_were(caplog: pytest.LogCaptu
     (batching,) = [server["batching"] for server in simulate(slow, SecondIsSlow)[0]["server_models"]]
     assert batching["timeout_flushes"] >= 1 and batching["requests"] == 4 < 2 * batching["calls"], batching
     assert "batched calls ran on the flush timeout (0.05 s) without every client's request" in caplog.text
+
+
+class SecondCannotStart(CSLClient):
+    """A CSL client that fails to start as partition 1: before its proxy exists, so it tells
+    its server model nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("client_id") == 1:
+            raise RuntimeError("client crashed before training")
+        super().__init__(*args, **kwargs)
+
+
+def test_a_client_that_fails_before_it_starts_holds_no_batch_till_the_flush_timeout() -> None:
+    # Its error reply closes its session as it comes: without that, the first batch would wait
+    # the flush timeout for it (a timeout flush), and the round 60 s.
+    (record,) = simulate(replace(_TWO_CLIENTS_BATCHED, flush_timeout=60.0), SecondCannotStart)
+    (batching,) = [server["batching"] for server in record["server_models"]]
+    assert batching == {"calls": 4, "requests": 4, "timeout_flushes": 0}
+    assert len(summarise_round(record)["failed_clients"]) == 1
 
 
 class RepliesLate(CSLClient):

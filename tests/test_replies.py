@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import torch
@@ -61,26 +62,41 @@ class ScriptedGrid:
         self.trained: list[int] = []  # nodes in the order their train messages were sent
         self.asked: list[int] = []  # nodes in the order they were asked who they are
         self.query_timeouts: list[float | None] = []  # how long each query waited at most
+        self._replies: list[Message] = []  # pushed messages' replies, not pulled yet
 
     def get_node_ids(self) -> list[int]:
         return list(NODES)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
         messages = list(messages)
         if any(m.metadata.message_type == MessageType.QUERY for m in messages):
             self.query_timeouts.append(timeout)
+        return self.pull_messages(self.push_messages(messages))
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        sent = []
         for message in messages:
-            node = message.metadata.dst_node_id
-            if message.metadata.message_type == MessageType.QUERY:
-                self.asked.append(node)
-                if node not in self.silent:
-                    replies.append(self._identify(node, message))
-                continue
-            self.received[node].append(message)
-            self.trained.append(node)
-            replies.append(Message(content=self.script(node, message), reply_to=message))
-        return replies[::-1] if self.reverse else replies
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids number what they send
+            sent.append(message.metadata.message_id)
+            reply = self._answer(message)
+            if reply is not None:
+                self._replies.append(reply)
+        return sent
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        came = [reply for reply in self._replies if reply.metadata.reply_to_message_id in wanted]
+        self._replies = [reply for reply in self._replies if reply.metadata.reply_to_message_id not in wanted]
+        return came[::-1] if self.reverse else came
+
+    def _answer(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MessageType.QUERY:
+            self.asked.append(node)
+            return None if node in self.silent else self._identify(node, message)
+        self.received[node].append(message)
+        self.trained.append(node)
+        return Message(content=self.script(node, message), reply_to=message)
 
     def _identify(self, node: int, message: Message) -> Message:
         identity = self.identities.get(node)
