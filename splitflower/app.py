@@ -246,12 +246,13 @@ def _keep_recorded_rounds(
 
 
 def _fit_then_close(
-    client: Client, proxy: ServerModelProxy, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    client: Client, proxy: ServerModelProxy, arrays: ArrayRecord, config: Mapping[str, Any]
 ) -> FitResult:
-    """``client.fit``, then close its proxy. If fit failed, its error is the one raised: the
+    """``client.fit`` on ``arrays``, then close its proxy, so that its server model waits for
+    it no longer, whatever failed. If loading or fit failed, its error is the one raised: the
     proxy's, after it (often the same failure seen again), is only logged."""
     try:
-        fit = client.fit(weights, config)
+        fit = client.fit(arrays.to_torch_state_dict() if len(arrays) else {}, config)
     except BaseException:
         try:
             proxy.close()
@@ -300,7 +301,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
         proxy = _proxy_from_config(config, instance)
         instance.server_model_proxy = proxy
-        fit = _fit_then_close(instance, proxy, arrays.to_torch_state_dict() if len(arrays) else {}, config)
+        fit = _fit_then_close(instance, proxy, arrays, config)
         local = instance.local_state()
         if local:
             context.state[RecordKey.LOCAL_STATE] = ArrayRecord(local)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from conftest import ThreadBackend, run_cli, simulate
 from splitflower import cli, simulation
@@ -694,8 +694,23 @@ def test_a_failed_round_s_own_error_is_reported_when_closing_the_proxy_fails_too
 
     client = FailsToFit(torch.nn.Linear(4, 3), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
     with pytest.raises(ValueError, match="the round's own failure"):
-        _fit_then_close(client, Unreachable(), {}, {})  # type: ignore[arg-type]
+        _fit_then_close(client, Unreachable(), ArrayRecord(), {})  # type: ignore[arg-type]
     assert "closing the proxy after a failed round failed too: <finish>: split-learning service" in caplog.text
+
+
+def test_weights_that_fail_to_load_still_close_the_proxy() -> None:
+    class Closes:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    unloadable = ArrayRecord({"w": Array(dtype="float32", shape=(1,), stype="not-numpy", data=bytes(4))})
+    client = CSLClient(torch.nn.Linear(4, 3), synthetic(8, 8, num_classes=3, input_shape=(1, 2, 2))[0])
+    proxy = Closes()
+    with pytest.raises(TypeError, match="Unsupported serialization type"):
+        _fit_then_close(client, proxy, unloadable, {})  # type: ignore[arg-type]
+    assert proxy.closed, "its server model would wait for it till the flush timeout"
 
 
 _FAILS_IN_ROUND_2 = """
