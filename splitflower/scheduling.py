@@ -19,8 +19,8 @@ on a client that is slow, has fewer batches than the others, or has died. A clie
 request a flush on the timeout went without is not waited for again until its next
 request comes, so a client that died without a word (a killed process, a lost device)
 costs the others one ``flush_timeout``, not one per batch, and a timeout long enough to
-keep every gathering whole costs little. A client whose ClientApp failed costs none: the
-strategy ends its part as its error reply comes.
+keep every gathering whole costs little. A client whose ClientApp failed costs at most the
+strategy's pull interval: it ends the client's part as its error reply comes.
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ __all__ = ["DEFAULT_ROUND_TIMEOUT_S", "NO_REPLY", "SplitStrategy", "SplitResult"
 
 logger = logging.getLogger(__name__)
 
-# How often replies are pulled from a grid that does not say (Flower's deployment grid waits 3 s
-# between pulls): a round ends this soon after its last reply, and the pull is one small call.
+# How often replies are pulled from a grid without a pull_interval (in Flower 1.41 only the
+# in-memory grid has one; its deployment grid waits 3 s between pulls): a round ends this soon
+# after its last reply, a failed client stops holding batches this soon, and a pull is one small call.
 _PULL_INTERVAL_S = 0.5
 
 # FedAvg warns of this on every construction; a split strategy evaluates centrally (or not) by design.
@@ -286,12 +287,23 @@ class SplitStrategy(FedAvg):
         return self.collect(plan, self.send_and_receive(grid, plan, messages, timeout), plan.node_ids)
 
     def send_and_receive(self, grid: Grid, plan: RoundPlan, messages: list[Message], timeout: float) -> list[Message]:
-        """Flower's ``Grid.send_and_receive``, closing each client's session as its reply
-        comes: a client whose ClientApp failed before its last request (an error reply, its
-        own or the SuperLink's for a lost node) holds the others' gathered requests no longer,
-        instead of a ``flush_timeout`` (see :mod:`splitflower.scheduling`)."""
-        pending = set(grid.push_messages(messages))
+        """Send ``messages`` and return their replies, in the order they came, as Flower's
+        ``Grid.send_and_receive`` does, but closing each client's session as its reply comes
+        (and at once where its message could not be sent, a node gone offline, say): a client
+        whose ClientApp failed before its last request (an error reply, its own or the
+        SuperLink's for a lost node) holds the others' gathered requests (see
+        :mod:`splitflower.scheduling`) one pull interval at most, instead of a
+        ``flush_timeout``.
+
+        Replies are pulled every ``grid.pull_interval`` seconds where the grid has one
+        (Flower's in-memory grid: 0.1), else every 0.5 s, until all have come or ``timeout``
+        seconds (counted from when the messages were sent) have passed; they are pulled once
+        more at that deadline. Messages without a reply by then get none here.
+        """
+        pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+        self._close_sessions(plan, {m.metadata.dst_node_id for m in messages if m.metadata.message_id not in pending})
         deadline = time.monotonic() + timeout
+        interval = float(getattr(grid, "pull_interval", _PULL_INTERVAL_S))
         replies: list[Message] = []
         while pending:
             came = list(grid.pull_messages(pending))
@@ -301,7 +313,7 @@ class SplitStrategy(FedAvg):
             left = deadline - time.monotonic()
             if not pending or left <= 0:
                 break
-            time.sleep(min(getattr(grid, "pull_interval", _PULL_INTERVAL_S), left))
+            time.sleep(min(interval, left))
         return replies
 
     @property
@@ -356,6 +368,8 @@ class SplitStrategy(FedAvg):
         return sorted(collected, key=lambda reply: _index(plan, plan.sender(reply)))
 
     def _close_sessions(self, plan: RoundPlan, nodes: Iterable[int]) -> None:
+        """End the round's sessions of ``nodes``: their later requests are refused, and no
+        gathering waits for them (closing one twice does nothing)."""
         for node in nodes:
             token = plan.tokens.get(node)
             if token is not None:

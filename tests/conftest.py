@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -98,10 +99,18 @@ RAY_ATTEMPTS = 3
 
 
 _ARRAY_PARSING = threading.Lock()
+_FLOWER_ARRAY_NUMPY = Array.numpy
+
+
+@functools.wraps(_FLOWER_ARRAY_NUMPY)
+def _array_numpy_alone(self: Array) -> Any:
+    with _ARRAY_PARSING:
+        return _FLOWER_ARRAY_NUMPY(self)
 
 
 def _parse_arrays_one_at_a_time() -> None:
-    """Make :meth:`flwr.app.Array.numpy` parse one array at a time in this process.
+    """Make :meth:`flwr.app.Array.numpy` parse one array at a time in this process, for the
+    rest of the session (the server's own loads included, which costs nothing there).
 
     Client threads share one interpreter, which Ray's actor processes do not. CPython 3.11
     keeps the AST constructor's recursion depth per interpreter: it sets it when it starts
@@ -109,18 +118,10 @@ def _parse_arrays_one_at_a_time() -> None:
     collection running a finalizer) to another thread that builds one ends in "SystemError:
     AST constructor recursion depth mismatch". ``np.load`` parses each array's header with
     ``ast.literal_eval``, and every client thread loads its weights at once (CI at a32a0fb:
-    a client failed so, and its round ran 30 s on the batching flush timeout).
+    a client failed so, and its round ran 30 s on the batching flush timeout). Only this
+    parse is covered: client code that parses Python itself on client threads is not.
     """
-    parse = Array.numpy
-    if getattr(parse, "one_at_a_time", False):
-        return
-
-    def numpy(self: Array) -> Any:
-        with _ARRAY_PARSING:
-            return parse(self)
-
-    numpy.one_at_a_time = True  # type: ignore[attr-defined]
-    Array.numpy = numpy  # type: ignore[method-assign]
+    Array.numpy = _array_numpy_alone  # type: ignore[method-assign]
 
 
 class ThreadBackend(Backend):

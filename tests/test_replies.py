@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 from uuid import uuid4
@@ -22,9 +23,10 @@ from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.errors import ConfigError
 from splitflower.results import summarise_round
+from splitflower.scheduling import ImmediateScheduler
 from splitflower.service import SplitService
 from splitflower.strategies import ParallelStrategy, SequentialStrategy
-from splitflower.strategy import SplitResult, SplitStrategy
+from splitflower.strategy import RoundPlan, SplitResult, SplitStrategy
 from splitflower.wire import ConfigKey, RecordKey
 
 NODES = [1, 2, 3]
@@ -412,3 +414,49 @@ def test_a_loaded_state_is_not_given_again_once_the_client_has_replied(service: 
     _, grid = run(strategy, good_reply, service, {1: 0, 2: 1, 3: 2}, rounds=2)
     given = [RecordKey.LOCAL_STATE in m.content.config_records for m in grid.received[1]]
     assert given == [True, False]
+
+
+class _TricklingGrid:
+    """A grid whose nodes reply on the pull ``reply_on`` gives them (never, if absent), and
+    which cannot send to ``offline`` nodes; before each pull it notes the clients whose
+    sessions have ended."""
+
+    pull_interval = 0.01
+
+    def __init__(self, reply_on: Mapping[int, int], offline: Collection[int], sessions: Mapping[int, Any]) -> None:
+        self.reply_on, self.offline, self.sessions = dict(reply_on), set(offline), sessions
+        self.sent: dict[str, Message] = {}
+        self.ended_before_pull: list[set[int]] = []
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids number what they send
+            self.sent[message.metadata.message_id] = message
+        return [i for i, m in self.sent.items() if m.metadata.dst_node_id not in self.offline]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.ended_before_pull.append({node for node, session in self.sessions.items() if session.finished})
+        pull = len(self.ended_before_pull)
+        wanted = [self.sent[i] for i in message_ids]
+        return [Message(RecordDict(), reply_to=m) for m in wanted if self.reply_on.get(m.metadata.dst_node_id) == pull]
+
+
+def test_each_client_s_session_ends_as_its_reply_comes_or_at_once_if_it_could_not_be_sent(
+    service: SplitService,
+) -> None:
+    strategy = ParallelStrategy()
+    strategy._service = service
+    nodes = [1, 2, 3, 4]
+    opened = {node: service.open_session(node, ImmediateScheduler(CSLServerModel(nn.Identity()))) for node in nodes}
+    plan = RoundPlan(1, nodes, [], [], {}, tokens={node: token for node, (token, _) in opened.items()})
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+    plan.sent.extend(messages)
+    # 1 replies on the first pull, 2 on the third, 3 never; 4 could not be sent to.
+    grid = _TricklingGrid({1: 1, 2: 3}, offline={4}, sessions={node: session for node, (_, session) in opened.items()})
+    started = time.monotonic()
+    replies = strategy.send_and_receive(grid, plan, messages, timeout=0.3)  # type: ignore[arg-type]
+    waited = time.monotonic() - started
+    assert [plan.sender(reply) for reply in replies] == [1, 2]
+    assert grid.ended_before_pull[:4] == [{4}, {1, 4}, {1, 4}, {1, 2, 4}]
+    assert not opened[3][1].finished, "no reply: its session ends with the round (collect), not here"
+    assert 0.3 <= waited < 2, "it waits the timeout for the client that never replies, then gives up"

@@ -44,7 +44,7 @@ def _load(array: Array, errors: list[BaseException]) -> None:
         del first, second
         try:
             array.numpy()
-        except SystemError as err:  # CPython 3.11: "AST constructor recursion depth mismatch"
+        except BaseException as err:  # noqa: BLE001 - any failure fails the test (3.11: a SystemError)
             errors.append(err)
             return
 
