@@ -141,7 +141,8 @@ class SplitStrategy(FedAvg):
       across clients (``batching=True``); gathering waits ``flush_timeout`` at most, so it
       can never wait forever;
     * :meth:`train_round` - how the round's clients are driven: all at once (default) or,
-      e.g., one after another;
+      e.g., one after another; send through :meth:`send_and_receive` and hand the replies
+      to :meth:`collect`, so that a failed client holds no other's requests;
     * :meth:`reply_problem` - what a client's reply must hold to be aggregated (a reply
       lacking it is left out with a warning, never ends the run).
 
