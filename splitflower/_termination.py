@@ -14,6 +14,7 @@ there before is put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -31,7 +32,6 @@ TERMINATION_GRACE_S: Final = 30.0
 """Seconds a run told to stop by SIGTERM has to end before its process is ended."""
 
 _stopping = threading.Event()
-_grace: dict[str, float] = {"seconds": TERMINATION_GRACE_S}
 _deadlines: list[threading.Timer] = []
 
 
@@ -44,8 +44,7 @@ def sigterm_as_ctrl_c(grace_s: float = TERMINATION_GRACE_S) -> Iterator[None]:
     with sigterm_handler_kept(), signals_reach_the_main_thread():
         if _on_main_thread():
             _stopping.clear()
-            _grace["seconds"] = grace_s
-            signal.signal(signal.SIGTERM, _interrupt_once)
+            signal.signal(signal.SIGTERM, functools.partial(_interrupt_once, grace_s))
         try:
             yield
         finally:
@@ -113,10 +112,10 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _interrupt_once(signum: int, frame: FrameType | None) -> None:
+def _interrupt_once(grace_s: float, signum: int, frame: FrameType | None) -> None:
     if not _stopping.is_set():
         _stopping.set()
-        deadline = threading.Timer(_grace["seconds"], _end_now, args=(_grace["seconds"],))
+        deadline = threading.Timer(grace_s, _end_now, args=(grace_s,))
         deadline.daemon = True
         deadline.start()
         _deadlines.append(deadline)

@@ -171,7 +171,7 @@ class ModelWriter:
     def _history_text(self, records: Mapping[int, Mapping[str, Any]]) -> str:
         """``json.dumps`` of the saved run's entries followed by the records' summaries."""
         texts = list(self._carried)
-        texts += [self._texts(number, record) for number, record in sorted(records.items())]
+        texts += self._texts.each(records)
         return "[" + ", ".join(texts) + "]"
 
 

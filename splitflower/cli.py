@@ -255,16 +255,13 @@ def _run_attempts(argv: Sequence[str], attempts: int) -> int:
     raise AssertionError("unreachable")
 
 
-_TERMINATION_GRACE_S = TERMINATION_GRACE_S  # an attempt told to stop that has not ended by then is killed
-
-
 class _AttemptSupervisor:
     """Runs attempts, passing a SIGTERM sent to this process on to the one running.
 
     Ctrl-C reaches the attempt from the terminal's process group, and it ends itself
     cleanly; this process only notes it, to start no other attempt. A SIGTERM is passed on
     as the Ctrl-C it is handled as: the attempt keeps the rounds it recorded and ends. If it
-    has not ended ``_TERMINATION_GRACE_S`` later (``timeout`` and Slurm signal the whole
+    has not ended ``TERMINATION_GRACE_S`` later (``timeout`` and Slurm signal the whole
     process group, so its Ray processes may have died under it), or at a second SIGTERM, it
     is killed. Under Ray, an attempt that gets a SIGTERM itself is ended at once by Ray's
     own signal handler; what it wrote after each round is what is kept then.
@@ -281,7 +278,7 @@ class _AttemptSupervisor:
         def pass_on(*_: object) -> None:
             self.terminated = True
             if self._kill_at is None:
-                self._kill_at = time.monotonic() + _TERMINATION_GRACE_S
+                self._kill_at = time.monotonic() + TERMINATION_GRACE_S
                 child.send_signal(signal.SIGINT)  # under Ray, a SIGTERM kills it before it can keep anything
             elif self._kill_at != math.inf:
                 self._kill(child, "a second SIGTERM")
@@ -304,7 +301,7 @@ class _AttemptSupervisor:
                 return child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 if self._kill_at is not None and time.monotonic() >= self._kill_at:
-                    self._kill(child, f"no end {_TERMINATION_GRACE_S:.0f} s after SIGTERM")
+                    self._kill(child, f"no end {TERMINATION_GRACE_S:.0f} s after SIGTERM")
 
     def _kill(self, child: subprocess.Popen[bytes], why: str) -> None:
         self._kill_at = math.inf

@@ -312,6 +312,8 @@ class OncePerRound(Generic[_Given, _Made]):
     ('{"round": 1}', '{"round": 1}', 1)
     >>> encode(1, {"round": 1, "test_loss": 0.5}), len(made)  # another object: made again
     ('{"round": 1, "test_loss": 0.5}', 2)
+    >>> encode.each({2: {"round": 2}, 1: entry}), len(made)  # in round order; round 1's object changed back
+    (['{"round": 1}', '{"round": 2}'], 4)
     """
 
     def __init__(self, make: Callable[[_Given], _Made]) -> None:
@@ -323,6 +325,10 @@ class OncePerRound(Generic[_Given, _Made]):
         if known is None or known[0] is not given:
             known = self._known[number] = (given, self._make(given))
         return known[1]
+
+    def each(self, given: Mapping[int, _Given]) -> list[_Made]:
+        """What each round of ``given`` (by round number) makes, in round order."""
+        return [self(number, item) for number, item in sorted(given.items())]
 
 
 class ProgressWriter:

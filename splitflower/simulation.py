@@ -283,8 +283,7 @@ class _RoundHooks:
                 self.checkpoint(self.config, result)
         finally:
             if self.keep_progress is not None:
-                entries = [self._summaries(number, record) for number, record in sorted(result.rounds.items())]
-                rounds = self.carried(entries)
+                rounds = self.carried(self._summaries.each(result.rounds))
                 self.keep_progress(progress_document(self.config, rounds, self.wall_s(), **self.extra))
 
     def keep_result(self, _: Context, result: SplitResult) -> None:

@@ -549,6 +549,37 @@ def test_the_example_keeps_the_rounds_so_far_beside_its_results_file_while_it_ru
     assert "incomplete" not in json.loads(out.read_text()) and not progress.exists()
 
 
+def test_the_example_summarises_each_round_once_while_it_keeps_the_rounds_so_far(
+    task: Any, tmp_path: Path, one_round: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dsl_vs_csl.run_files as run_files
+    import dsl_vs_csl.server_app as server_app
+    from splitflower import results
+    from splitflower.strategy import SplitResult
+
+    summarised: list[int] = []
+
+    def counted(record: dict[str, Any]) -> dict[str, Any]:
+        summarised.append(record["round"])
+        return results.summarise_round(record)
+
+    monkeypatch.setattr(run_files, "summarise_round", counted)
+    run_config: dict[str, bool | float | int | str] = {
+        "dataset": "synthetic",
+        "num-server-rounds": 5,
+        "out": str(tmp_path / "results.json"),
+    }
+    context = Context(run_id=4, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app._strategy(context)
+    result = SplitResult()
+    for last in (1, 2, 3, 4):  # a run keeping its rounds so far after each of them
+        result.rounds[last] = {**one_round, "round": last}
+        run_files.after_round(context, result)
+        kept = json.loads((tmp_path / "results.partial.json").read_text())
+        assert [entry["round"] for entry in kept["rounds"]] == list(range(1, last + 1))
+    assert summarised == [1, 2, 3, 4], "each round summarised once, not again after every later round"
+
+
 def test_the_example_refuses_to_resume_weights_of_another_config_before_training(task: Any, tmp_path: Path) -> None:
     import dsl_vs_csl.server_app as server_app
     from splitflower.checkpoint import save_model

@@ -36,7 +36,7 @@ def _terminated_once_running(
     """Run two attempts at most; SIGTERM this process once the first runs. (status, stderr, seconds)"""
     running = tmp_path / "running"
     monkeypatch.setattr(cli, "_ATTEMPT_COMMAND", (sys.executable, "-c", attempt))
-    monkeypatch.setattr(cli, "_TERMINATION_GRACE_S", 1.0)
+    monkeypatch.setattr(cli, "TERMINATION_GRACE_S", 1.0)
 
     def terminate_once_running() -> None:
         deadline = time.monotonic() + 30

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from flwr.app import Context
 from dsl_vs_csl.task import experiment_config, load_experiment
 from splitflower.checkpoint import ModelWriter, SavedModel, check_resumable, load_model
 from splitflower.experiment import Experiment, ExperimentConfig
-from splitflower.results import ProgressWriter, partial_results_path, results_document, summarise_rounds, write_results
+from splitflower.results import (
+    OncePerRound,
+    ProgressWriter,
+    partial_results_path,
+    results_document,
+    summarise_round,
+    write_results,
+)
 from splitflower.simulation import progress_document, stopped_early
 from splitflower.strategy import SplitResult
 
@@ -33,6 +41,11 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     model_writer: ModelWriter | None = None  # one per run: each round summarised once
     progress: ProgressWriter | None = None
+    # Each round summarised once, and the same entry each time: the progress writer then
+    # encodes it once, so a round costs what it adds, not what the run holds.
+    summaries: OncePerRound[Mapping[str, Any], dict[str, Any]] = field(
+        default_factory=lambda: OncePerRound(summarise_round)
+    )
 
 
 _runs: dict[int, _Run] = {}
@@ -69,7 +82,8 @@ _Parts = tuple[ExperimentConfig, list[dict[str, Any]], float, dict[str, Any]]
 def _so_far(context: Context, records: dict[int, dict[str, Any]]) -> _Parts:
     """A results document's parts for the recorded rounds: config, entries, seconds, extras."""
     run, config = run_of(context), experiment(context).config
-    rounds = run.resumed.carry_on(summarise_rounds(records)) if run.resumed else summarise_rounds(records)
+    rounds = run.summaries.each(records)
+    rounds = run.resumed.carry_on(rounds) if run.resumed else rounds
     runtime = {"flower_run_id": context.run_id, "app": "examples/dsl_vs_csl"}
     extra = {"runtime": runtime} | ({"resumed_from": run.resumed.resumed_from(config)} if run.resumed else {})
     return config, rounds, time.perf_counter() - run.started, extra
