@@ -10,8 +10,12 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-# gRPC core logs an INFO line each time a process with open channels forks (Ray does, for
-# every worker); unless the user chose a verbosity, keep those out of the console.
+from splitflower._fork import turn_off_grpc_fork_handlers
+
+# Before anything imports grpc: a child of a gRPC process may abort before it execs (see _fork).
+turn_off_grpc_fork_handlers()
+# gRPC core logs INFO lines about its own housekeeping (forks among them); unless the user
+# chose a verbosity, keep those out of the console.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 if TYPE_CHECKING:

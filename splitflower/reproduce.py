@@ -293,8 +293,8 @@ def run_grid(
     """Run every cell not yet finished in ``out_dir``, each in a fresh process.
 
     ``runner`` replaces the child process (tests). A cell whose simulation did not start
-    (:class:`SimulationStartError`: Ray's local node sometimes misses its start-up window on a
-    loaded machine) is tried ``attempts`` times in all; any other failure is not tried again.
+    (:class:`SimulationStartError`: Ray's local node can miss its start-up window) is tried
+    ``attempts`` times in all; any other failure is not tried again.
     A failed cell is reported and the grid goes on; the outcomes say which failed.
     ``cell_timeout`` (seconds) stops a cell's process that runs longer.
     """

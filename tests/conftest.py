@@ -19,6 +19,8 @@ from unittest import mock
 import pytest
 import torch
 
+import splitflower  # noqa: F401 - before flwr imports grpc: it turns gRPC's fork handlers off (see _fork)
+
 for _key, _value in (
     ("FLWR_TELEMETRY_ENABLED", "0"),
     ("FLWR_DISABLE_UPDATE_CHECK", "1"),
@@ -92,9 +94,9 @@ def service() -> Iterator[SplitService]:
     svc.stop(grace=0)
 
 
-# Ray's local node misses its start-up window now and then on a loaded 2-core machine (twice
-# in a row in the fresh-clone CI runs at 7caa95e and 9979991); such a failure takes seconds,
-# so a third try costs little.
+# Ray's local node missed its start-up window now and then here (twice in a row in the
+# fresh-clone CI runs at 7caa95e and 9979991), its raylet or GCS aborted by gRPC's fork
+# handlers, now off (splitflower._fork); a retry stays for other causes, and costs little.
 RAY_ATTEMPTS = 3
 
 

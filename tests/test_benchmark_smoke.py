@@ -154,6 +154,17 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
         assert all(math.isfinite(runs[0][f"{party}_faults_per_step"]) for party in ("client", "server"))
 
 
+@pytest.mark.slow
+def test_ray_start_benchmark_records_each_setting_s_tries(tmp_path: Path) -> None:
+    _run_benchmark("ray_start.py", "--pairs", "1", "--out-dir", str(tmp_path), timeout=300)
+    (written,) = tmp_path.glob("ray-start-*.json")
+    results = json.loads(written.read_text())
+    assert list(results["tries"]) == ["handlers_on", "handlers_off"]
+    for setting, (outcome,) in results["tries"].items():
+        assert isinstance(outcome["started"], bool), outcome
+        assert results["failed"][setting] == int(not outcome["started"])
+
+
 def _in_process_on_threads(monkeypatch: pytest.MonkeyPatch, benchmark: str) -> Any:
     """The benchmark module, and a runner of ``splitflower`` in this process on threads: what
     a smoke test needs of it is its logic, not Ray's start (its figures' runs are fresh processes)."""

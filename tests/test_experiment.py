@@ -1128,3 +1128,17 @@ def test_the_cli_s_defaults_and_choices_are_the_config_s() -> None:
     assert differing == {}, "the CLI's default differs from ExperimentConfig's (CLI, config)"
     for order in REQUEST_ORDERS:
         assert parser.parse_args(["run", "--request-order", order]).request_order == order
+
+
+def test_a_run_in_a_process_that_imported_grpc_first_warns_of_gRPCs_fork_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
+    config = ExperimentConfig(algorithm="dsl", dataset="synthetic", clients=1, rounds=1, train_size=64, test_size=32)
+    said: list[str] = []
+    run_experiment(config, say=said.append)
+    assert not [line for line in said if "fork handlers" in line], said
+    monkeypatch.setattr(simulation, "fork_handlers_left_on", lambda: True)
+    run_experiment(config, say=said.append)
+    (warning,) = [line for line in said if "fork handlers" in line]
+    assert warning.startswith("splitflower: warning:") and "GRPC_ENABLE_FORK_SUPPORT=0" in warning
