@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,50 +158,94 @@ def build_server_app(
     """
     if round_timeout is not None:
         checked_seconds(round_timeout, "round_timeout")
+    run = _ServerRun(
+        strategy,
+        server_model,
+        initial_client_weights,
+        train_config=train_config,
+        central_evaluate=central_evaluate,
+        initial_server_weights=initial_server_weights,
+        first_round=first_round,
+        num_rounds=num_rounds,
+        round_timeout=round_timeout,
+        hooks=_ServerHooks(on_result, on_round, on_error, on_stopped, checkpoint),
+    )
     app = ServerApp()
+    app.main()(run.main)
+    return app
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
+
+@dataclass(frozen=True)
+class _ServerHooks:
+    """What :func:`build_server_app` calls back, as its docstring says."""
+
+    on_result: Callable[[Context, SplitResult], None] | None
+    on_round: Callable[[int, dict[str, Any]], None] | None
+    on_error: Callable[[BaseException], None] | None
+    on_stopped: Callable[[Context, dict[int, dict[str, Any]], BaseException], None] | None
+    checkpoint: Callable[[Context, SplitResult], None] | None
+
+
+@dataclass(frozen=True)
+class _ServerRun:
+    """The ServerApp's ``main``: one run of the strategy, with the service up throughout."""
+
+    strategy: Callable[[Context], SplitStrategy]
+    server_model: Callable[[Context], ServerModel]
+    initial_client_weights: Callable[[Context], Mapping[str, torch.Tensor]]
+    train_config: Callable[[Context], Mapping[str, Any]] | None
+    central_evaluate: Callable[[Context], CentralEvaluateFn | None] | None
+    initial_server_weights: Callable[[Context], Mapping[str, torch.Tensor] | None] | None
+    first_round: Callable[[Context], int] | None
+    num_rounds: int | None
+    round_timeout: float | None
+    hooks: _ServerHooks
+
+    def main(self, grid: Grid, context: Context) -> None:
         service: SplitService | None = None
         split_strategy: SplitStrategy | None = None
+        hooks = self.hooks
         try:
             # The run config is read before anything starts: a bad value fails the run at once.
-            timeout = round_timeout or round_timeout_from_run_config(context.run_config)
+            timeout = self.round_timeout or round_timeout_from_run_config(context.run_config)
             node_wait = _seconds_from_run_config(context.run_config, NODE_WAIT_TIMEOUT_KEY)
-            rounds = num_rounds or _rounds_from_run_config(context.run_config)
+            rounds = self.num_rounds or _rounds_from_run_config(context.run_config)
             service = service_from_run_config(context.run_config)
             service.start()
-            split_strategy = strategy(context)
+            split_strategy = self.strategy(context)
             if node_wait is not None:
                 split_strategy.node_wait_timeout = node_wait
-            config = ConfigRecord(dict(train_config(context)) if train_config else {})
-            result = split_strategy.start(
-                grid,
-                ArrayRecord(dict(run_on_compute_thread(initial_client_weights, context))),
-                num_rounds=rounds,
-                timeout=timeout,
-                train_config=config,
-                evaluate_fn=central_evaluate(context) if central_evaluate else None,
-                service=service,
-                server_model_factory=lambda: server_model(context),
-                initial_server_arrays=_initial_server_arrays(initial_server_weights, context),
-                on_round=_after_round(on_round, checkpoint, context, split_strategy),
-                first_round=first_round(context) if first_round is not None else 1,
-            )
-            if on_result is not None:
-                on_result(context, result)
+            result = self._train(grid, context, split_strategy, service, rounds, timeout)
+            if hooks.on_result is not None:
+                hooks.on_result(context, result)
         except BaseException as err:
-            if on_error is not None:
-                on_error(err)
+            if hooks.on_error is not None:
+                hooks.on_error(err)
             recorded = split_strategy.last_recorded if split_strategy is not None else None
-            if on_stopped is not None and recorded is not None and recorded.rounds:
-                _keep_recorded_rounds(on_stopped, context, recorded.rounds, err)
+            if hooks.on_stopped is not None and recorded is not None and recorded.rounds:
+                _keep_recorded_rounds(hooks.on_stopped, context, recorded.rounds, err)
             raise
         finally:
             if service is not None:
                 service.stop()
 
-    return app
+    def _train(
+        self, grid: Grid, context: Context, strategy: SplitStrategy, service: SplitService, rounds: int, timeout: float
+    ) -> SplitResult:
+        config = ConfigRecord(dict(self.train_config(context)) if self.train_config else {})
+        return strategy.start(
+            grid,
+            ArrayRecord(dict(run_on_compute_thread(self.initial_client_weights, context))),
+            num_rounds=rounds,
+            timeout=timeout,
+            train_config=config,
+            evaluate_fn=self.central_evaluate(context) if self.central_evaluate else None,
+            service=service,
+            server_model_factory=lambda: self.server_model(context),
+            initial_server_arrays=_initial_server_arrays(self.initial_server_weights, context),
+            on_round=_after_round(self.hooks.on_round, self.hooks.checkpoint, context, strategy),
+            first_round=self.first_round(context) if self.first_round is not None else 1,
+        )
 
 
 def _after_round(
