@@ -1,9 +1,12 @@
-"""How often Ray's local node fails to start beside a busy split service, with gRPC's fork
-handlers on and off (see ``splitflower/_fork.py``).
+"""How often a child forked beside a busy split service dies before exec, and how often Ray's
+local node fails to start there, with gRPC's fork handlers on and off (see
+``splitflower/_fork.py``).
 
-Each try is a fresh interpreter that hosts a :class:`~splitflower.service.SplitService`,
-keeps a proxy calling it from a thread (as a simulation's ServerApp does while Ray starts),
-and runs ``ray.init``. Two settings alternate, try by try:
+Each run is a fresh interpreter that hosts a :class:`~splitflower.service.SplitService` and
+keeps a proxy calling it from a thread (as a simulation's ServerApp does while Ray starts).
+A *children* run then forks ``--children`` ``/bin/true`` processes (with a ``preexec_fn``, so
+Python forks as Ray's process starter does) and counts their exit codes; a *Ray* try runs
+``ray.init``. Two settings alternate, run by run:
 
 - ``handlers_on``: ``grpc`` imported before ``splitflower`` with ``GRPC_ENABLE_FORK_SUPPORT``
   unset, gRPC's default (``splitflower run`` warns of it);
@@ -11,9 +14,10 @@ and runs ``ray.init``. Two settings alternate, try by try:
 
 ::
 
-    .venv/bin/python benchmarks/ray_start.py [--pairs 30]
+    .venv/bin/python benchmarks/ray_start.py [--pairs 30] [--children-runs 3] [--children 600]
 
-A failed start costs Ray's 30 s timeout, so a run takes 5 to 10 minutes at 30 pairs. It
+A failed start costs Ray's 30 s timeout, so a run takes 6 to 12 minutes at 30 pairs. A run
+that made no call while it forked or started Ray is an error, not a figure. It
 prints the tally and writes ``<out-dir>/ray-start-<short commit>[-dirty].json``. A report,
 not a test.
 """
@@ -34,7 +38,8 @@ from transport import DEFAULT_OUT_DIR, new_record, write_record
 from splitflower._fork import GRPC_FORK_SUPPORT_ENV
 
 SETTINGS = {"handlers_on": "import grpc", "handlers_off": ""}
-_TRY_TIMEOUT_S = 120
+_RUN_TIMEOUT_S = 240
+_QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "GRPC_VERBOSITY": "ERROR"}
 
 # A fresh interpreter's prelude: splitflower's service up and a proxy calling it from a thread
 # (``{first}`` runs before splitflower is imported); STOP_BUSY_SERVICE ends both. Shared with
@@ -62,10 +67,12 @@ service.start()
 token, _ = service.open_session("client-0", ImmediateScheduler(Echo()))
 proxy = ServerModelProxy(service.address, token)
 done = threading.Event()
+calls_made = [0]
 
 def calls():
     while not done.is_set():
         proxy.echo(x=torch.ones(256))
+        calls_made[0] += 1
 
 caller = threading.Thread(target=calls)
 caller.start()
@@ -76,8 +83,19 @@ caller.join()
 proxy.close()
 service.stop(grace=0)
 """
+FORK_CHILDREN = """
+import collections, subprocess
+exits = collections.Counter()
+calls_before = calls_made[0]
+for _ in range({children}):
+    # preexec_fn makes Python fork (not vfork), as Ray's process starter does
+    child = subprocess.Popen(["/bin/true"], preexec_fn=lambda: None)
+    exits[child.wait(timeout=30)] += 1
+outcome = {{"exits": {{str(code): n for code, n in exits.items()}}, "calls": calls_made[0] - calls_before}}
+"""
 _RAY_INIT = """
 import ray
+calls_before = calls_made[0]
 began = time.perf_counter()
 try:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -85,32 +103,57 @@ try:
     ray.shutdown()
 except Exception as err:
     outcome = {"started": False, "seconds": time.perf_counter() - began, "error": str(err)[:200]}
+outcome["calls"] = calls_made[0] - calls_before
 """
 
 
-def one_try(setting: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != GRPC_FORK_SUPPORT_ENV}
-    env.update(RAY_USAGE_STATS_ENABLED="0", GRPC_VERBOSITY="ERROR")
-    script = BUSY_SERVICE.format(first=SETTINGS[setting]) + _RAY_INIT + STOP_BUSY_SERVICE + "print(json.dumps(outcome))"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=_TRY_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return {"started": False, "seconds": float(_TRY_TIMEOUT_S), "error": "the try hung"}
+def busy_service_script(setting: str, body: str) -> str:
+    """A fresh interpreter's script: the busy service under ``setting``, ``body`` (which sets
+    ``outcome``), the service stopped, ``outcome`` printed as JSON."""
+    return BUSY_SERVICE.format(first=SETTINGS[setting]) + body + STOP_BUSY_SERVICE + "print(json.dumps(outcome))"
+
+
+def run_script(script: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter; its outcome (raises if it failed or made no call)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=_RUN_TIMEOUT_S
+    )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"started": False, "seconds": None, "error": f"exit {done.returncode}: {done.stderr[-300:]}"}
+        raise RuntimeError(f"the interpreter failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     outcome: dict[str, Any] = json.loads(lines[-1])
+    if outcome["calls"] < 1:
+        raise RuntimeError(f"no proxy call completed while the run forked; nothing was measured: {outcome}")
     return outcome
+
+
+def environment() -> dict[str, str]:
+    """This process's environment without a fork-support setting: the script's import order decides."""
+    env = {k: v for k, v in os.environ.items() if k != GRPC_FORK_SUPPORT_ENV}
+    env.update(_QUIET)
+    return env
+
+
+def one_try(setting: str) -> dict[str, Any]:
+    try:
+        return run_script(busy_service_script(setting, _RAY_INIT), environment())
+    except subprocess.TimeoutExpired:
+        return {"started": False, "seconds": float(_RUN_TIMEOUT_S), "error": "the try hung"}
+
+
+def children_run(setting: str, children: int) -> dict[str, Any]:
+    return run_script(busy_service_script(setting, FORK_CHILDREN.format(children=children)), environment())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=30, help="tries of each setting, alternating")
+    parser.add_argument("--children-runs", type=int, default=3, help="children runs of each setting")
+    parser.add_argument("--children", type=int, default=600, help="children forked per children run")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     record = new_record("ray-start")
+    record["children"] = _children(args.children_runs, args.children)
     tries: dict[str, list[dict[str, Any]]] = {setting: [] for setting in SETTINGS}
     for pair in range(args.pairs):
         for setting in SETTINGS:
@@ -124,6 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting}: Ray failed to start {failed} times in {args.pairs}")
     write_record(record, args.out_dir)
     return 0
+
+
+def _children(runs: int, children: int) -> dict[str, Any]:
+    """Children forked beside the busy service, per setting: each run's exit codes, and the
+    total that did not exit 0 (-6: SIGABRT)."""
+    exits: dict[str, list[dict[str, int]]] = {setting: [] for setting in SETTINGS}
+    for run in range(runs):
+        for setting in SETTINGS:
+            outcome = children_run(setting, children)
+            exits[setting].append(outcome["exits"])
+            print(f"children run {run + 1}/{runs} {setting}: {json.dumps(outcome)}", flush=True)
+    died = {
+        setting: sum(n for one in runs_ for code, n in one.items() if code != "0") for setting, runs_ in exits.items()
+    }
+    for setting, count in died.items():
+        print(f"{setting}: {count} of {runs * children} children did not reach exec")
+    return {"per_run": children, "runs": exits, "died": died}
 
 
 if __name__ == "__main__":

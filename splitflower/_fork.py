@@ -5,12 +5,13 @@ gRPC core installs ``pthread_atfork`` handlers that try to quiesce its pollers a
 as in every splitflower process), the handler gives up ("Other threads are currently
 calling into gRPC, skipping fork() handlers") and the child can abort on gRPC's
 inconsistent state before it reaches ``exec``. Ray starts its GCS, raylet and dashboard
-that way: 8 of 67 Ray start-ups in one day's runs on this 2-core machine failed with "The
-current node timed out during startup", their raylet or GCS dead before it wrote a log
-(one-off measurement: in a process with gRPC up, 1 to 5 of every 300 to 600 ``/bin/true``
-children died of SIGABRT; none of 1200 with the handlers off). splitflower's processes only ever
-fork to ``exec`` (Ray, Flower's subprocesses, ``spawn`` multiprocessing), which is the case
-gRPC documents ``GRPC_ENABLE_FORK_SUPPORT=0`` for.
+that way, and ``ray.init`` then fails with "The current node timed out during startup": 8
+of the 67 Ray sessions that one day's runs left in /tmp/ray here have no raylet log at all.
+``benchmarks/ray_start.py`` counts the children that die before exec and the Ray start-ups
+that fail, with the handlers on and off. splitflower's processes only ever fork to
+``exec`` (Ray, Flower's subprocesses, ``spawn`` multiprocessing), the case gRPC documents
+``GRPC_ENABLE_FORK_SUPPORT=0`` for. The setting is process-wide: a user's own fork that
+goes on using gRPC in the child needs ``GRPC_ENABLE_FORK_SUPPORT=1`` set beforehand.
 
 gRPC reads the variable when ``grpc`` is first imported, so ``splitflower`` sets it on
 import, unless the user has set it: a process that imported ``grpc`` before ``splitflower``

@@ -202,6 +202,8 @@ class _ServerRun:
     hooks: _ServerHooks
 
     def main(self, grid: Grid, context: Context) -> None:
+        """Read the run config, start the service, train, and stop the service whatever happens;
+        a failure goes to ``on_error`` and, with rounds recorded, to ``on_stopped``, then to Flower."""
         service: SplitService | None = None
         split_strategy: SplitStrategy | None = None
         hooks = self.hooks
@@ -230,10 +232,17 @@ class _ServerRun:
                 service.stop()
 
     def _train(
-        self, grid: Grid, context: Context, strategy: SplitStrategy, service: SplitService, rounds: int, timeout: float
+        self,
+        grid: Grid,
+        context: Context,
+        split_strategy: SplitStrategy,
+        service: SplitService,
+        rounds: int,
+        timeout: float,
     ) -> SplitResult:
+        """``split_strategy``'s rounds, from the app's initial weights and config."""
         config = ConfigRecord(dict(self.train_config(context)) if self.train_config else {})
-        return strategy.start(
+        return split_strategy.start(
             grid,
             ArrayRecord(dict(run_on_compute_thread(self.initial_client_weights, context))),
             num_rounds=rounds,
@@ -243,7 +252,7 @@ class _ServerRun:
             service=service,
             server_model_factory=lambda: self.server_model(context),
             initial_server_arrays=_initial_server_arrays(self.initial_server_weights, context),
-            on_round=_after_round(self.hooks.on_round, self.hooks.checkpoint, context, strategy),
+            on_round=_after_round(self.hooks.on_round, self.hooks.checkpoint, context, split_strategy),
             first_round=self.first_round(context) if self.first_round is not None else 1,
         )
 

@@ -140,8 +140,8 @@ STALLED_EXIT_CODE = 3
 CRASHED_EXIT_CODE = 1
 INTERRUPTED_EXIT_CODE = 130
 # Times such a process is started while its simulation fails to start (Ray's local node missed
-# its 30 s start-up window about one start in ten here, its raylet or GCS aborted by gRPC's fork
-# handlers; splitflower now turns those off (see _fork), and the retries stay for other causes).
+# its 30 s start-up window about one start in ten here, its raylet or GCS most likely aborted by
+# gRPC's fork handlers, which splitflower now turns off (see _fork); retries stay for other causes).
 DEFAULT_ATTEMPTS = 3
 
 

@@ -95,8 +95,8 @@ def service() -> Iterator[SplitService]:
 
 
 # Ray's local node missed its start-up window now and then here (twice in a row in the
-# fresh-clone CI runs at 7caa95e and 9979991), its raylet or GCS aborted by gRPC's fork
-# handlers, now off (splitflower._fork); a retry stays for other causes, and costs little.
+# fresh-clone CI runs at 7caa95e and 9979991), most likely its raylet or GCS aborted by gRPC's
+# fork handlers, now off (splitflower._fork); a retry stays for other causes, and costs little.
 RAY_ATTEMPTS = 3
 
 

@@ -155,14 +155,19 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_start_benchmark_records_each_setting_s_tries(tmp_path: Path) -> None:
-    _run_benchmark("ray_start.py", "--pairs", "1", "--out-dir", str(tmp_path), timeout=300)
+def test_ray_start_benchmark_records_each_setting_s_children_and_tries(tmp_path: Path) -> None:
+    args = ["--pairs", "1", "--children-runs", "1", "--children", "20", "--out-dir", str(tmp_path)]
+    _run_benchmark("ray_start.py", *args, timeout=300)
     (written,) = tmp_path.glob("ray-start-*.json")
     results = json.loads(written.read_text())
-    assert list(results["tries"]) == ["handlers_on", "handlers_off"]
+    settings = ["handlers_on", "handlers_off"]
+    assert list(results["tries"]) == settings and list(results["children"]["runs"]) == settings
     for setting, (outcome,) in results["tries"].items():
-        assert isinstance(outcome["started"], bool), outcome
+        assert isinstance(outcome["started"], bool) and outcome["calls"] > 0, outcome
         assert results["failed"][setting] == int(not outcome["started"])
+    for setting, (exits,) in results["children"]["runs"].items():
+        assert sum(exits.values()) == 20, exits
+        assert results["children"]["died"][setting] == 20 - exits.get("0", 0)
 
 
 def _in_process_on_threads(monkeypatch: pytest.MonkeyPatch, benchmark: str) -> Any:

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord
 from conftest import ThreadBackend, run_cli, simulate
 from splitflower import cli, simulation
 from splitflower._client_errors import raised_by_client
+from splitflower._fork import GRPC_FORK_SUPPORT_ENV
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
 from splitflower.checkpoint import load_model, save_model
@@ -1141,4 +1142,4 @@ def test_a_run_in_a_process_that_imported_grpc_first_warns_of_gRPCs_fork_handler
     monkeypatch.setattr(simulation, "fork_handlers_left_on", lambda: True)
     run_experiment(config, say=said.append)
     (warning,) = [line for line in said if "fork handlers" in line]
-    assert warning.startswith("splitflower: warning:") and "GRPC_ENABLE_FORK_SUPPORT=0" in warning
+    assert warning.startswith("splitflower: warning:") and f"{GRPC_FORK_SUPPORT_ENV}=0" in warning
