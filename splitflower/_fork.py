@@ -24,11 +24,12 @@ import os
 import sys
 from typing import Final
 
-__all__ = ["GRPC_FORK_SUPPORT_ENV", "fork_handlers_left_on", "turn_off_grpc_fork_handlers"]
+__all__ = ["GRPC_FORK_SUPPORT_ENV", "fork_handlers_left_on", "fork_handlers_warning", "turn_off_grpc_fork_handlers"]
 
 GRPC_FORK_SUPPORT_ENV: Final = "GRPC_ENABLE_FORK_SUPPORT"
 _OFF: Final = "0"
 _left_on = False
+_warned = False
 
 
 def turn_off_grpc_fork_handlers() -> None:
@@ -45,3 +46,17 @@ def fork_handlers_left_on() -> bool:
     """True when ``grpc`` was imported before ``splitflower`` with nothing set: its fork
     handlers are on in this process, and children it starts may abort."""
     return _left_on
+
+
+def fork_handlers_warning() -> str | None:
+    """What to tell the user, once per process, when :func:`fork_handlers_left_on`: else None.
+    ``splitflower run`` says it before Ray starts; a ServerApp under a simulation logs it."""
+    global _warned
+    if not _left_on or _warned:
+        return None
+    _warned = True
+    return (
+        f"grpc was imported before splitflower, with {GRPC_FORK_SUPPORT_ENV} unset, so gRPC's fork "
+        "handlers are on in this process and Ray's start-up may fail ('The current node timed out during "
+        f"startup'); set {GRPC_FORK_SUPPORT_ENV}=0 in the environment, or import splitflower first"
+    )

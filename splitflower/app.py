@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from splitflower._checks import checked_count, checked_seconds
 from splitflower._client_states import own_state_record
+from splitflower._fork import fork_handlers_warning
 from splitflower._tensor_record import record_tensors, tensor_record
 from splitflower.client import Client
 from splitflower.compute import run_on_compute_thread
@@ -207,6 +209,8 @@ class _ServerRun:
         service: SplitService | None = None
         split_strategy: SplitStrategy | None = None
         hooks = self.hooks
+        if "ray" in sys.modules and (warning := fork_handlers_warning()):  # a simulation's process
+            logger.warning("[server] %s", warning)
         try:
             # The run config is read before anything starts: a bad value fails the run at once.
             timeout = self.round_timeout or round_timeout_from_run_config(context.run_config)

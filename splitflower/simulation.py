@@ -32,7 +32,7 @@ from flwr.serverapp import ServerApp
 
 from splitflower._checks import checked_count
 from splitflower._client_errors import raised_by_client
-from splitflower._fork import GRPC_FORK_SUPPORT_ENV, fork_handlers_left_on
+from splitflower._fork import fork_handlers_warning
 from splitflower._host_memory import clients_at_once_in_memory
 from splitflower._termination import is_interruption, sigterm_as_ctrl_c, sigterm_handler_kept, stopping
 from splitflower.compute import run_on_compute_thread
@@ -202,8 +202,8 @@ def run_experiment(
     experiment = run_on_compute_thread(cached_experiment, config)
     config = experiment.config
     clients_at_once = _clients_at_once(config, clients_at_once, say)
-    if fork_handlers_left_on():
-        say(_FORK_HANDLERS_ON)
+    if warning := fork_handlers_warning():
+        say(f"splitflower: warning: {warning}")
     # (run_versions: results_document's, taken once, not at every round's progress file)
     extra: dict[str, Any] = {"clients_at_once": clients_at_once, "run_versions": versions()}
     if resume is not None:
@@ -435,12 +435,6 @@ def stopped_early(
         return ExperimentFailedError(reason, partial)
     return ExperimentFailedError(f"the run stopped after {done} of {config.rounds} rounds: {reason}", partial)
 
-
-_FORK_HANDLERS_ON: Final = (
-    f"splitflower: warning: grpc was imported before splitflower, with {GRPC_FORK_SUPPORT_ENV} unset, so "
-    "gRPC's fork handlers are on in this process and Ray's start-up may fail ('The current node timed out "
-    f"during startup'); set {GRPC_FORK_SUPPORT_ENV}=0 in the environment, or import splitflower first"
-)
 
 _OFFLINE_ENVIRONMENT: Final = {
     "FLWR_TELEMETRY_ENABLED": "0",

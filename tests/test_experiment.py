@@ -23,9 +23,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from conftest import ThreadBackend, run_cli, simulate
-from splitflower import cli, simulation
+from splitflower import _fork, cli, simulation
 from splitflower._client_errors import raised_by_client
-from splitflower._fork import GRPC_FORK_SUPPORT_ENV
 from splitflower.algorithms.csl import CSLClient
 from splitflower.app import _fit_then_close
 from splitflower.checkpoint import load_model, save_model
@@ -1131,15 +1130,36 @@ def test_the_cli_s_defaults_and_choices_are_the_config_s() -> None:
         assert parser.parse_args(["run", "--request-order", order]).request_order == order
 
 
-def test_a_run_in_a_process_that_imported_grpc_first_warns_of_gRPCs_fork_handlers(
-    monkeypatch: pytest.MonkeyPatch,
+def _grpc_imported_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as if grpc had been imported before splitflower, nothing said of it yet."""
+    monkeypatch.setattr(_fork, "_left_on", True)
+    monkeypatch.setattr(_fork, "_warned", False)
+
+
+def test_a_run_in_a_process_that_imported_grpc_first_warns_of_gRPCs_fork_handlers_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", ThreadBackend)
     config = ExperimentConfig(algorithm="dsl", dataset="synthetic", clients=1, rounds=1, train_size=64, test_size=32)
     said: list[str] = []
     run_experiment(config, say=said.append)
     assert not [line for line in said if "fork handlers" in line], said
-    monkeypatch.setattr(simulation, "fork_handlers_left_on", lambda: True)
+    _grpc_imported_first(monkeypatch)
+    run_experiment(config, say=said.append)
     run_experiment(config, say=said.append)
     (warning,) = [line for line in said if "fork handlers" in line]
-    assert warning.startswith("splitflower: warning:") and f"{GRPC_FORK_SUPPORT_ENV}=0" in warning
+    assert warning.startswith("splitflower: warning:") and f"{_fork.GRPC_FORK_SUPPORT_ENV}=0" in warning
+    assert "fork handlers" not in caplog.text  # said by the CLI's run, not logged by its ServerApp as well
+
+
+def test_a_flower_simulation_s_server_app_logs_the_fork_handlers_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As under `flwr run`, whose simulation process imported grpc long before the app.
+    _grpc_imported_first(monkeypatch)
+    config = ExperimentConfig(algorithm="dsl", dataset="synthetic", clients=1, rounds=1, train_size=64, test_size=32)
+    with caplog.at_level(logging.WARNING, logger="splitflower.app"):
+        simulate(config)
+    (warning,) = [r.getMessage() for r in caplog.records if "fork handlers" in r.getMessage()]
+    assert warning.startswith("[server] grpc was imported before splitflower"), warning
+    assert f"{_fork.GRPC_FORK_SUPPORT_ENV}=0" in warning
