@@ -50,13 +50,15 @@ def fork_handlers_left_on() -> bool:
 
 def fork_handlers_warning() -> str | None:
     """What to tell the user, once per process, when :func:`fork_handlers_left_on`: else None.
-    ``splitflower run`` says it before Ray starts; a ServerApp under a simulation logs it."""
+    ``splitflower run`` says it before Ray starts; a ServerApp logs it as it starts (under
+    ``flwr run`` the environment it came with is its SuperLink's, as Ray's process's is)."""
     global _warned
     if not _left_on or _warned:
         return None
     _warned = True
     return (
-        f"grpc was imported before splitflower, with {GRPC_FORK_SUPPORT_ENV} unset, so gRPC's fork "
-        "handlers are on in this process and Ray's start-up may fail ('The current node timed out during "
-        f"startup'); set {GRPC_FORK_SUPPORT_ENV}=0 in the environment, or import splitflower first"
+        f"grpc was imported before splitflower, with {GRPC_FORK_SUPPORT_ENV} unset, so gRPC's fork handlers "
+        "are on in this process, and in Flower's processes started with the same environment: a child they "
+        "fork may abort before it execs (Ray's start-up then fails with 'The current node timed out during "
+        f"startup'); set {GRPC_FORK_SUPPORT_ENV}=0 in the environment of every Flower process"
     )

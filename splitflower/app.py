@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +208,7 @@ class _ServerRun:
         service: SplitService | None = None
         split_strategy: SplitStrategy | None = None
         hooks = self.hooks
-        if "ray" in sys.modules and (warning := fork_handlers_warning()):  # a simulation's process
+        if warning := fork_handlers_warning():
             logger.warning("[server] %s", warning)
         try:
             # The run config is read before anything starts: a bad value fails the run at once.

@@ -1152,10 +1152,10 @@ def test_a_run_in_a_process_that_imported_grpc_first_warns_of_gRPCs_fork_handler
     assert "fork handlers" not in caplog.text  # said by the CLI's run, not logged by its ServerApp as well
 
 
-def test_a_flower_simulation_s_server_app_logs_the_fork_handlers_warning(
+def test_a_flower_server_app_logs_the_fork_handlers_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # As under `flwr run`, whose simulation process imported grpc long before the app.
+    # As under `flwr run`, whose processes import grpc long before the app.
     _grpc_imported_first(monkeypatch)
     config = ExperimentConfig(algorithm="dsl", dataset="synthetic", clients=1, rounds=1, train_size=64, test_size=32)
     with caplog.at_level(logging.WARNING, logger="splitflower.app"):
