@@ -127,11 +127,11 @@ def run_script(script: str, env: dict[str, str]) -> dict[str, Any]:
     return outcome
 
 
-def environment() -> dict[str, str]:
-    """This process's environment without a fork-support setting: the script's import order decides."""
+def environment(**values: str) -> dict[str, str]:
+    """This process's environment without a fork-support setting (the script's import order
+    decides, unless ``values`` sets one), quiet, with ``values`` on top."""
     env = {k: v for k, v in os.environ.items() if k != GRPC_FORK_SUPPORT_ENV}
-    env.update(_QUIET)
-    return env
+    return env | _QUIET | values
 
 
 def one_try(setting: str) -> dict[str, Any]:

@@ -24,11 +24,11 @@ import os
 import sys
 from typing import Final
 
-__all__ = ["GRPC_FORK_SUPPORT_ENV", "fork_handlers_left_on", "fork_handlers_warning", "turn_off_grpc_fork_handlers"]
+__all__ = ["GRPC_FORK_SUPPORT_ENV", "fork_handlers_warning", "turn_off_grpc_fork_handlers"]
 
 GRPC_FORK_SUPPORT_ENV: Final = "GRPC_ENABLE_FORK_SUPPORT"
 _OFF: Final = "0"
-_left_on = False
+_left_on = False  # grpc came first, nothing set
 _warned = False
 
 
@@ -42,14 +42,10 @@ def turn_off_grpc_fork_handlers() -> None:
     _left_on = "grpc" in sys.modules
 
 
-def fork_handlers_left_on() -> bool:
-    """True when ``grpc`` was imported before ``splitflower`` with nothing set: its fork
-    handlers are on in this process, and children it starts may abort."""
-    return _left_on
-
-
 def fork_handlers_warning() -> str | None:
-    """What to tell the user, once per process, when :func:`fork_handlers_left_on`: else None.
+    """What to tell the user, once per process, when ``grpc`` was imported before ``splitflower``
+    with nothing set (its fork handlers are on in this process, and children it starts may
+    abort): else None.
     ``splitflower run`` says it before Ray starts; a ServerApp logs it as it starts (under
     ``flwr run`` the environment it came with is its SuperLink's, as Ray's process's is)."""
     global _warned

@@ -26,8 +26,7 @@ for _key, _value in (
     ("FLWR_DISABLE_UPDATE_CHECK", "1"),
     ("RAY_USAGE_STATS_ENABLED", "0"),
     ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
-    ("HF_HUB_OFFLINE", "1"),
-    ("GRPC_VERBOSITY", "ERROR"),
+    ("HF_HUB_OFFLINE", "1"),  # (GRPC_VERBOSITY: importing splitflower above sets it)
 ):
     os.environ.setdefault(_key, _value)
 

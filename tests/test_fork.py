@@ -7,7 +7,6 @@ line. Each test runs in a fresh interpreter, since gRPC reads the setting at its
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -32,12 +31,6 @@ def _run(script: str, env: dict[str, str]) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _environment(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != GRPC_FORK_SUPPORT_ENV}
-    env.update(values)
-    return env
-
-
 def test_children_of_a_process_serving_calls_all_reach_exec() -> None:
     # splitflower imported first, no setting in the environment: splitflower's own setting
     outcome = run_script(busy_service_script("handlers_off", FORK_CHILDREN.format(children=_CHILDREN)), environment())
@@ -48,21 +41,21 @@ _SETTING = """
     {before}
     import os
     import splitflower
-    from splitflower._fork import fork_handlers_left_on
-    print(os.environ.get("{name}"), fork_handlers_left_on())
+    from splitflower._fork import fork_handlers_warning
+    print(os.environ.get("{name}"), fork_handlers_warning() is not None)
 """
 
 
 def test_importing_splitflower_turns_grpc_fork_handlers_off() -> None:
     script = _SETTING.format(before="", name=GRPC_FORK_SUPPORT_ENV)
-    assert _run(script, _environment()) == "0 False"
+    assert _run(script, environment()) == "0 False"
 
 
 def test_a_value_the_user_set_is_kept() -> None:
     script = _SETTING.format(before="", name=GRPC_FORK_SUPPORT_ENV)
-    assert _run(script, _environment(**{GRPC_FORK_SUPPORT_ENV: "1"})) == "1 False"
+    assert _run(script, environment(**{GRPC_FORK_SUPPORT_ENV: "1"})) == "1 False"
 
 
 def test_grpc_imported_first_is_reported_as_too_late() -> None:
     script = _SETTING.format(before="import grpc", name=GRPC_FORK_SUPPORT_ENV)
-    assert _run(script, _environment()) == "0 True"
+    assert _run(script, environment()) == "0 True"
