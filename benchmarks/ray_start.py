@@ -4,9 +4,15 @@ local node fails to start there, with gRPC's fork handlers on and off (see
 
 Each run is a fresh interpreter that hosts a :class:`~splitflower.service.SplitService` and
 keeps a proxy calling it from a thread (as a simulation's ServerApp does while Ray starts).
-A *children* run then forks ``--children`` ``/bin/true`` processes (with a ``preexec_fn``, so
-Python forks as Ray's process starter does) and counts their exit codes; a *Ray* try runs
-``ray.init``. Two settings alternate, run by run:
+A *children* run then starts ``--children`` ``/bin/true`` processes and counts their exit
+codes; a *Ray* try runs ``ray.init``. Children are started two ways (``CHILD_STARTS``):
+
+- ``fork``: with a ``preexec_fn``, so Python forks and glibc runs gRPC's fork handlers, as
+  Ray's process starter does;
+- ``vfork``: a plain ``subprocess.Popen``, as Flower starts its SuperExec, ClientApp and
+  simulation processes; Python then vforks, and no fork handler runs.
+
+Two settings alternate, run by run:
 
 - ``handlers_on``: ``grpc`` imported before ``splitflower`` with ``GRPC_ENABLE_FORK_SUPPORT``
   unset, gRPC's default (``splitflower run`` warns of it);
@@ -83,15 +89,21 @@ caller.join()
 proxy.close()
 service.stop(grace=0)
 """
+# Popen's extra arguments per way of starting a child. A preexec_fn makes Python fork where it
+# would vfork (Python >= 3.10 on Linux: subprocess._USE_VFORK, recorded per run).
+CHILD_STARTS = {"fork": ", preexec_fn=lambda: None", "vfork": ""}
 FORK_CHILDREN = """
 import collections, subprocess
 exits = collections.Counter()
 calls_before = calls_made[0]
 for _ in range({children}):
-    # preexec_fn makes Python fork (not vfork), as Ray's process starter does
-    child = subprocess.Popen(["/bin/true"], preexec_fn=lambda: None)
+    child = subprocess.Popen(["/bin/true"]{start})
     exits[child.wait(timeout=30)] += 1
-outcome = {{"exits": {{str(code): n for code, n in exits.items()}}, "calls": calls_made[0] - calls_before}}
+outcome = {{
+    "exits": {{str(code): n for code, n in exits.items()}},
+    "calls": calls_made[0] - calls_before,
+    "vfork_available": getattr(subprocess, "_USE_VFORK", False),
+}}
 """
 _RAY_INIT = """
 import ray
@@ -141,8 +153,9 @@ def one_try(setting: str) -> dict[str, Any]:
         return {"started": False, "seconds": float(_RUN_TIMEOUT_S), "error": "the try hung"}
 
 
-def children_run(setting: str, children: int) -> dict[str, Any]:
-    return run_script(busy_service_script(setting, FORK_CHILDREN.format(children=children)), environment())
+def children_script(setting: str, children: int, start: str = "fork") -> str:
+    """The script of a children run: ``children`` started the ``start`` way (``CHILD_STARTS``)."""
+    return busy_service_script(setting, FORK_CHILDREN.format(children=children, start=CHILD_STARTS[start]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     record = new_record("ray-start")
-    record["children"] = _children(args.children_runs, args.children)
+    record["children"] = _children(args.children_runs, args.children, "fork", list(SETTINGS))
+    # gRPC's default only: Flower's own processes import grpc first (the case to measure)
+    record["children_vfork"] = _children(args.children_runs, args.children, "vfork", ["handlers_on"])
     tries: dict[str, list[dict[str, Any]]] = {setting: [] for setting in SETTINGS}
     for pair in range(args.pairs):
         for setting in SETTINGS:
@@ -169,21 +184,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _children(runs: int, children: int) -> dict[str, Any]:
-    """Children forked beside the busy service, per setting: each run's exit codes, and the
-    total that did not exit 0 (-6: SIGABRT)."""
-    exits: dict[str, list[dict[str, int]]] = {setting: [] for setting in SETTINGS}
+def _children(runs: int, children: int, start: str, settings: list[str]) -> dict[str, Any]:
+    """Children started the ``start`` way beside the busy service, per setting: each run's exit
+    codes, and the total that did not exit 0 (-6: SIGABRT)."""
+    exits: dict[str, list[dict[str, int]]] = {setting: [] for setting in settings}
+    vfork_available: set[bool] = set()
     for run in range(runs):
-        for setting in SETTINGS:
-            outcome = children_run(setting, children)
+        for setting in settings:
+            outcome = run_script(children_script(setting, children, start), environment())
             exits[setting].append(outcome["exits"])
-            print(f"children run {run + 1}/{runs} {setting}: {json.dumps(outcome)}", flush=True)
+            vfork_available.add(outcome["vfork_available"])
+            print(f"children run {run + 1}/{runs} {start} {setting}: {json.dumps(outcome)}", flush=True)
     died = {
         setting: sum(n for one in runs_ for code, n in one.items() if code != "0") for setting, runs_ in exits.items()
     }
     for setting, count in died.items():
-        print(f"{setting}: {count} of {runs * children} children did not reach exec")
-    return {"per_run": children, "runs": exits, "died": died}
+        print(f"{start} {setting}: {count} of {runs * children} children did not reach exec")
+    return {
+        "start": start,
+        "per_run": children,
+        "runs": exits,
+        "died": died,
+        "vfork_available": sorted(vfork_available),
+    }
 
 
 if __name__ == "__main__":

@@ -165,9 +165,11 @@ def test_ray_start_benchmark_records_each_setting_s_children_and_tries(tmp_path:
     for setting, (outcome,) in results["tries"].items():
         assert isinstance(outcome["started"], bool) and outcome["calls"] > 0, outcome
         assert results["failed"][setting] == int(not outcome["started"])
-    for setting, (exits,) in results["children"]["runs"].items():
-        assert sum(exits.values()) == 20, exits
-        assert results["children"]["died"][setting] == 20 - exits.get("0", 0)
+    assert list(results["children_vfork"]["runs"]) == ["handlers_on"]
+    for children in (results["children"], results["children_vfork"]):
+        for setting, (exits,) in children["runs"].items():
+            assert sum(exits.values()) == 20, exits
+            assert children["died"][setting] == 20 - exits.get("0", 0)
 
 
 def _in_process_on_threads(monkeypatch: pytest.MonkeyPatch, benchmark: str) -> Any:

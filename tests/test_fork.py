@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from splitflower._fork import GRPC_FORK_SUPPORT_ENV
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from ray_start import FORK_CHILDREN, busy_service_script, environment, run_script  # the benchmark's runs
+from ray_start import children_script, environment, run_script  # the benchmark's runs
 
 # Children forked while calls flow. With gRPC's fork handlers on, 43 of 5400 children aborted
 # in one-off runs here (about 1 in 120), so 600 leave a regression about a 1% chance to pass.
@@ -33,7 +33,7 @@ def _run(script: str, env: dict[str, str]) -> str:
 
 def test_children_of_a_process_serving_calls_all_reach_exec() -> None:
     # splitflower imported first, no setting in the environment: splitflower's own setting
-    outcome = run_script(busy_service_script("handlers_off", FORK_CHILDREN.format(children=_CHILDREN)), environment())
+    outcome = run_script(children_script("handlers_off", _CHILDREN), environment())
     assert outcome["exits"] == {"0": _CHILDREN}, f"exit codes of {_CHILDREN} children (-6: SIGABRT): {outcome}"
 
 
