@@ -155,6 +155,29 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_transport_designs_benchmark_records_each_design(tmp_path: Path) -> None:
+    _run_benchmark("transport_designs.py", "--calls", "24", "--out-dir", str(tmp_path), timeout=240)
+    (written,) = tmp_path.glob("transport-designs-*.json")
+    results = json.loads(written.read_text())
+    assert list(results["servers"]) == ["sync Echo", "sync HandoffEcho", "aio Echo", "aio HandoffEcho"]
+    assert list(results["clients"]) == [
+        "blocking, 0 us work",
+        "polling 400 us, 0 us work",
+        "blocking, 150 us work",
+        "polling 400 us, 150 us work",
+    ]
+    for figures in [*results["servers"].values(), *results["clients"].values()]:
+        assert figures["median_us"] > 0 and len(figures["block_medians_us"]) == 6, figures
+    assert "idle_policy" not in results  # only on request: it writes a kernel parameter
+
+
+def test_transport_designs_benchmark_refuses_a_negative_halt_polling_window() -> None:
+    command = [sys.executable, str(BENCHMARKS / "transport_designs.py"), "--halt-poll-ns", "-1"]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 2 and "--halt-poll-ns" in completed.stderr, completed.stderr
+
+
+@pytest.mark.slow
 def test_ray_start_benchmark_records_each_setting_s_children_and_tries(tmp_path: Path) -> None:
     args = ["--pairs", "1", "--children-runs", "1", "--children", "20", "--out-dir", str(tmp_path)]
     _run_benchmark("ray_start.py", *args, timeout=300)

@@ -1,0 +1,321 @@
+"""Transport designs that were timed and left, beside the design splitflower keeps: what each
+would change on a small blocking call on this machine.
+
+``benchmarks/transport.py`` finds a 1 KiB ``proxy.echo`` about twice the bare gRPC echo (target
+1.2x), and ``benchmarks/rtt_breakdown.py`` says where the time goes. This script times the
+alternatives to the parts of that design::
+
+    .venv/bin/python benchmarks/transport_designs.py [--calls 9000] [--size 1024]
+        [--halt-poll-ns 200000]
+
+1. Server: gRPC's thread-pool server (splitflower's) against a ``grpc.aio`` server (one event
+   loop on one thread), each answering at once and after handing the request to a compute
+   thread and back, as SplitService hands every computation to its model's compute thread.
+   Raw bytes echoed; the servers run in a second process.
+2. Client: a call that blocks against one that polls its future for up to ``--poll-us``
+   before blocking (so that its thread is awake when the reply comes), back to back and after
+   ``--work-us`` of client work between calls (a proxy call encodes before and decodes after).
+   The work is not timed.
+3. Idle policy, only with ``--halt-poll-ns N`` (root; it writes
+   ``/sys/module/haltpoll/parameters/guest_halt_poll_ns``, and sets it back at the end): the
+   bare echo and splitflower's proxy echo of ``transport.py``, with the guest's idle vCPUs
+   halting at once (this VM's setting, 0) and polling up to N ns first, setting by setting in
+   alternating blocks. Whether the proxy's excess over the bare echo is waking halted vCPUs.
+
+Variants run in alternating blocks after a warm-up; figures are medians of all calls. It
+writes ``<out-dir>/transport-designs-<short commit>[-dirty].json``. A report, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import multiprocessing as mp
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transport  # the sibling benchmark: its servers, proxy and records
+
+from splitflower.compute import ComputeThread
+
+SERVICE = "splitflower.bench.Designs"
+ECHO, HANDOFF = "Echo", "HandoffEcho"
+HALT_POLL_PARAMETER = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+WARMUP_CALLS = 300
+
+
+def _identity(request: bytes) -> bytes:
+    return request
+
+
+def _sync_server(options: Sequence[tuple[str, Any]], compute: ComputeThread) -> tuple[grpc.Server, int]:
+    handlers = {
+        ECHO: grpc.unary_unary_rpc_method_handler(lambda request, _: request),
+        HANDOFF: grpc.unary_unary_rpc_method_handler(lambda request, _: compute.run(_identity, request)),
+    }
+    server = grpc.server(ThreadPoolExecutor(64, "designs-sync"), options=list(options))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port  # gRPC stops a server that is garbage-collected
+
+
+def _aio_server(options: Sequence[tuple[str, Any]], compute: ComputeThread) -> int:
+    """A grpc.aio server on an event loop of its own thread; its port once it listens."""
+    ready: list[int] = []
+    listening = threading.Event()
+
+    async def echo(request: bytes, _: object) -> bytes:
+        return request
+
+    async def handoff(request: bytes, _: object) -> bytes:
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[bytes] = loop.create_future()
+        compute.submit(lambda: loop.call_soon_threadsafe(answered.set_result, _identity(request)))
+        return await answered
+
+    async def serve() -> None:
+        handlers = {
+            ECHO: grpc.unary_unary_rpc_method_handler(echo),
+            HANDOFF: grpc.unary_unary_rpc_method_handler(handoff),
+        }
+        server = grpc.aio.server(options=list(options))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        ready.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        listening.set()
+        await server.wait_for_termination()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), name="designs-aio", daemon=True).start()
+    if not listening.wait(60):
+        raise RuntimeError("the grpc.aio server did not start within 60 s")
+    return ready[0]
+
+
+def server_main(conn: Connection, options: list[tuple[str, Any]]) -> None:
+    """Entry point of the designs' server process: both servers up, their ports sent, then
+    serve until the parent says stop (daemon threads end with the process)."""
+    try:
+        sync_server, sync_port = _sync_server(options, ComputeThread("designs-sync-compute"))
+        aio_port = _aio_server(options, ComputeThread("designs-aio-compute"))
+        conn.send({"sync": f"127.0.0.1:{sync_port}", "aio": f"127.0.0.1:{aio_port}"})
+        conn.recv()
+        sync_server.stop(0)
+    except BaseException:
+        conn.send({"error": traceback.format_exc()})
+        raise
+    finally:
+        conn.close()
+
+
+def _spin(microseconds: float) -> None:
+    end = time.perf_counter_ns() + int(microseconds * 1000)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def _timed_after_work(call: Callable[[], object], n: int, work_us: float) -> list[float]:
+    """Durations (us) of ``n`` calls, each after ``work_us`` of untimed client work."""
+    clock = time.perf_counter_ns
+    out: list[float] = []
+    for _ in range(n):
+        _spin(work_us)
+        start = clock()
+        call()
+        out.append((clock() - start) / 1000.0)
+    return out
+
+
+def _alternating(variants: dict[str, tuple[Callable[[], object], float]], total: int, blocks: int) -> dict[str, Any]:
+    """Each variant (call, work between calls) ``total`` times in alternating blocks: medians."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    block_medians: dict[str, list[float]] = {name: [] for name in variants}
+    for call, work_us in variants.values():
+        _timed_after_work(call, WARMUP_CALLS, work_us)
+    for block in range(blocks):
+        names = list(variants) if block % 2 == 0 else list(variants)[::-1]
+        for name in names:
+            call, work_us = variants[name]
+            durations = _timed_after_work(call, max(1, total // blocks), work_us)
+            samples[name] += durations
+            block_medians[name].append(round(float(np.median(durations)), 1))
+    return {
+        name: {"median_us": round(float(np.median(values)), 1), "block_medians_us": block_medians[name]}
+        for name, values in samples.items()
+    }
+
+
+def _polling(call: grpc.UnaryUnaryMultiCallable, payload: bytes, poll_us: float) -> Callable[[], object]:
+    def polled() -> object:
+        future = call.future(payload)
+        end = time.perf_counter_ns() + int(poll_us * 1000)
+        while not future.done() and time.perf_counter_ns() < end:
+            pass
+        return future.result()
+
+    return polled
+
+
+def servers(address: dict[str, str], options: Sequence[tuple[str, Any]], payload: bytes, calls: int) -> dict[str, Any]:
+    """Section 1: thread-pool against aio, each at once and with a compute-thread hand-off."""
+    variants: dict[str, tuple[Callable[[], object], float]] = {}
+    channels = []
+    for kind in ("sync", "aio"):
+        channel = grpc.insecure_channel(address[kind], options=list(options))
+        channels.append(channel)
+        for method in (ECHO, HANDOFF):
+            call = channel.unary_unary(f"/{SERVICE}/{method}")
+            if call(payload) != payload:
+                raise RuntimeError(f"{kind} {method} came back different")
+            variants[f"{kind} {method}"] = (functools.partial(call, payload), 0.0)
+    try:
+        return _alternating(variants, calls, blocks=6)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def clients(address: str, options: Sequence[tuple[str, Any]], payload: bytes, calls: int, args: Any) -> dict[str, Any]:
+    """Section 2: blocking against polling, back to back and after client work."""
+    channel = grpc.insecure_channel(address, options=list(options))
+    call = channel.unary_unary(f"/{SERVICE}/{ECHO}")
+    polled = _polling(call, payload, args.poll_us)
+    if polled() != payload:
+        raise RuntimeError("the polled echo came back different")
+    variants: dict[str, tuple[Callable[[], object], float]] = {}
+    for work_us in (0.0, args.work_us):
+        variants[f"blocking, {work_us:g} us work"] = (lambda: call(payload), work_us)
+        variants[f"polling {args.poll_us:g} us, {work_us:g} us work"] = (polled, work_us)
+    try:
+        return _alternating(variants, calls, blocks=6)
+    finally:
+        channel.close()
+
+
+def _set_halt_poll(ns: int) -> None:
+    HALT_POLL_PARAMETER.write_text(f"{ns}\n")
+
+
+def idle_policy(server: transport.ServerProcess, payload: bytes, calls: int, poll_ns: int) -> dict[str, Any]:
+    """Section 3: bare and proxy echo with the guest halting at once and polling ``poll_ns``."""
+    before = int(HALT_POLL_PARAMETER.read_text())
+    options = transport._proxy_channel_options(server.info["service"])
+    channel = grpc.insecure_channel(server.info["bare"], options=options)
+    bare = channel.unary_unary(transport.BARE_PATH)
+    proxy = transport._proxy(server, server.info["service"], "open-echo")
+    tensor = torch.frombuffer(bytearray(payload), dtype=torch.float32)
+    runs: dict[str, list[dict[str, Any]]] = {"0": [], str(poll_ns): []}
+    try:
+        for rep in range(4):
+            for setting in (0, poll_ns) if rep % 2 == 0 else (poll_ns, 0):
+                _set_halt_poll(setting)
+                runs[str(setting)].append(
+                    _alternating(
+                        {"bare": (lambda: bare(payload), 0.0), "proxy": (lambda: proxy.echo(x=tensor), 0.0)},
+                        calls // 4,
+                        blocks=2,
+                    )
+                )
+    finally:
+        _set_halt_poll(before)
+        proxy.close()
+        channel.close()
+    return {"halt_poll_ns_before": before, "runs": runs, "summary": _idle_summary(runs)}
+
+
+def _idle_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for setting, reps in runs.items():
+        bare = float(np.mean([rep["bare"]["median_us"] for rep in reps]))
+        proxy = float(np.mean([rep["proxy"]["median_us"] for rep in reps]))
+        out[setting] = {
+            "bare_us": round(bare, 1),
+            "proxy_us": round(proxy, 1),
+            "excess_us": round(proxy - bare, 1),
+            "ratio": round(proxy / bare, 3),
+        }
+    return out
+
+
+def _start_designs_server(options: list[tuple[str, Any]]) -> tuple[Any, Connection, dict[str, str]]:
+    context = mp.get_context("spawn")
+    conn, child = context.Pipe()
+    process = context.Process(target=server_main, args=(child, options), name="designs-server")
+    process.start()
+    child.close()
+    if not conn.poll(120):
+        raise RuntimeError("the designs' server process did not answer within 120 s")
+    address = conn.recv()
+    if "error" in address:
+        raise RuntimeError(f"the designs' server process failed:\n{address['error']}")
+    return process, conn, address
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=9000, help="calls per variant and section")
+    parser.add_argument("--size", type=int, default=1024, help="payload bytes, a multiple of 4")
+    parser.add_argument("--poll-us", type=float, default=400.0, help="how long a polling client polls")
+    parser.add_argument("--work-us", type=float, default=150.0, help="client work between calls")
+    parser.add_argument("--halt-poll-ns", type=int, default=0, help="run section 3 with this window (root)")
+    parser.add_argument("--out-dir", type=Path, default=transport.DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    if args.size < 4 or args.size % 4:
+        parser.error(f"--size must be a positive multiple of 4 bytes, got {args.size}")
+    if args.halt_poll_ns < 0 or (args.halt_poll_ns and not HALT_POLL_PARAMETER.exists()):
+        parser.error(f"--halt-poll-ns needs {HALT_POLL_PARAMETER} (a guest with cpuidle haltpoll) and N >= 0")
+    record = transport.new_record("transport-designs")
+    record["parameters"] = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    payload = np.random.default_rng(0).standard_normal(args.size // 4).astype(np.float32).tobytes()
+    server = transport.ServerProcess(torch.get_num_threads())
+    process: Any = None
+    conn: Connection | None = None
+    try:
+        options = [tuple(option) for option in server.info["server_options"]]
+        process, conn, address = _start_designs_server(options)
+        channel_options = transport._proxy_channel_options(server.info["service"])
+        record["servers"] = servers(address, channel_options, payload, args.calls)
+        record["clients"] = clients(address["sync"], channel_options, payload, args.calls, args)
+        if args.halt_poll_ns:
+            record["idle_policy"] = idle_policy(server, payload, args.calls, args.halt_poll_ns)
+    finally:
+        if conn is not None:
+            conn.send("stop")
+            conn.close()
+        if process is not None:
+            process.join(10)
+        server.stop()
+    _print(record)
+    transport.write_record(record, args.out_dir)
+    return 0
+
+
+def _print(record: dict[str, Any]) -> None:
+    for section in ("servers", "clients"):
+        print(f"{section}:")
+        for name, figures in record[section].items():
+            print(f"  {name:<32} {figures['median_us']:8.1f} us")
+    if "idle_policy" in record:
+        print("idle policy (halt polling window ns: bare, proxy, proxy - bare, proxy / bare):")
+        for setting, figures in record["idle_policy"]["summary"].items():
+            print(
+                f"  {setting:>8}: {figures['bare_us']:7.1f} {figures['proxy_us']:7.1f} "
+                f"{figures['excess_us']:7.1f} {figures['ratio']:6.3f}"
+            )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
