@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,40 @@ __all__ = ["main"]
 WARMUP_STEPS = 5
 
 
-def one_run(steps: int, threads: int) -> dict[str, float]:
-    """Time ``steps`` split steps in this process against a freshly spawned server process."""
+def _anon_huge_kib(pid: int | str) -> int | None:
+    """Anonymous memory of process ``pid`` backed by transparent huge pages, in KiB (Linux)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in lines if line.startswith("AnonHugePages:")), None)
+
+
+def _beside_one_process(split_step: Callable[[], None], steps: int) -> dict[str, float]:
+    """The unsplit step in this process and the split step, in alternating blocks: medians and
+    their ratio."""
+    model, _, _ = transport._csl_halves(transport.SEED)
+    optimizer = torch.optim.SGD(model.parameters(), lr=transport.CSL_LR, momentum=transport.CSL_MOMENTUM)
+    x, y = transport.csl_batch()
+
+    def one_process_step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    transport._timed(one_process_step, WARMUP_STEPS)
+    samples = transport._interleaved({"split": split_step, "one_process": one_process_step}, steps, blocks=4)
+    split, one = (float(np.median(samples[name])) / 1000 for name in ("split", "one_process"))
+    return {
+        "paired_split_median_ms": round(split, 2),
+        "one_process_median_ms": round(one, 2),
+        "split_over_one_process": round(split / one, 3),
+    }
+
+
+def one_run(steps: int, threads: int, one_process: bool = False) -> dict[str, float | int | None]:
+    """Time ``steps`` split steps in this process against a freshly spawned server process
+    (and, with ``one_process``, the unsplit step beside them)."""
     torch.set_num_threads(threads)
     server = transport.ServerProcess(threads)
     try:
@@ -50,19 +82,29 @@ def one_run(steps: int, threads: int) -> dict[str, float]:
         faults_per_step = transport.fault_counter(server_pid)
         times_ms = np.asarray(transport._timed(step, steps)) / 1000
         faults = faults_per_step(steps)
+        run: dict[str, float | int | None] = {
+            "median_ms": round(float(np.median(times_ms)), 2),
+            "mean_ms": round(float(times_ms.mean()), 2),
+            "client_faults_per_step": faults["client"],
+            "server_faults_per_step": faults["server"],
+            "client_anon_huge_kib": _anon_huge_kib("self"),
+            "server_anon_huge_kib": _anon_huge_kib(server_pid),
+        }
+        if one_process:
+            run.update(_beside_one_process(step, steps))
         proxy.close()
     finally:
         server.stop()
-    return {
-        "median_ms": round(float(np.median(times_ms)), 2),
-        "mean_ms": round(float(times_ms.mean()), 2),
-        "client_faults_per_step": faults["client"],
-        "server_faults_per_step": faults["server"],
-    }
+    return run
 
 
 def run_pairs(
-    script: str, settings: Mapping[str, Mapping[str, str]], pairs: int, steps: int, threads: int
+    script: str,
+    settings: Mapping[str, Mapping[str, str]],
+    pairs: int,
+    steps: int,
+    threads: int,
+    one_process: bool = False,
 ) -> dict[str, list[dict[str, float]]]:
     """Run ``script --one`` once per setting per pair, each setting's variables in both processes."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
@@ -72,6 +114,7 @@ def run_pairs(
     for pair in range(pairs):
         for name in names if pair % 2 == 0 else names[::-1]:
             command = [sys.executable, script, "--one", "--steps", str(steps), "--threads", str(threads)]
+            command += ["--one-process"] if one_process else []
             env = {**base_env, **settings[name]}
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=600)
             if done.returncode != 0:
@@ -81,33 +124,40 @@ def run_pairs(
     return runs
 
 
-def _mean(runs: Sequence[dict[str, float]], key: str) -> float:
-    return round(float(np.mean([run[key] for run in runs])), 2)
+def _mean(runs: Sequence[dict[str, float]], key: str, digits: int = 2) -> float:
+    return round(float(np.mean([run[key] for run in runs])), digits)
 
 
 def main(
-    benchmark: str, script: str, settings: Mapping[str, Mapping[str, str]], argv: Sequence[str] | None = None
+    benchmark: str,
+    script: str,
+    settings: Mapping[str, Mapping[str, str]],
+    argv: Sequence[str] | None = None,
+    one_process: bool = False,
 ) -> int:
     """The command line of a fresh-pairs benchmark; the first setting is splitflower's default,
-    and the record gives its mean of run medians over each other setting's."""
+    and the record gives its mean of run medians over each other setting's. With
+    ``one_process``, each run also times the unsplit step beside the split one, and the record
+    gives each setting's mean of those and of their ratios."""
     parser = argparse.ArgumentParser(description=f"{benchmark}: {__doc__.splitlines()[0] if __doc__ else ''}")
     parser.add_argument("--pairs", type=int, default=6, help="process pairs per setting (default %(default)s)")
     parser.add_argument("--steps", type=int, default=40, help="timed split steps per run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
     parser.add_argument("--out-dir", type=Path, default=transport.DEFAULT_OUT_DIR)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one run, JSON on stdout
+    parser.add_argument("--one-process", action="store_true", help=argparse.SUPPRESS)  # in a run: unsplit too
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.steps < 1 or args.threads < 1:
         given = f"{args.pairs}, {args.steps}, {args.threads}"
         parser.error(f"--pairs, --steps and --threads must each be at least 1, got {given}")
     if args.one:
-        print(json.dumps(one_run(args.steps, args.threads)))
+        print(json.dumps(one_run(args.steps, args.threads, args.one_process)))
         return 0
     started = time.perf_counter()
     results: dict[str, Any] = {"benchmark": benchmark, **transport.provenance()}
     results["machine"] = transport.machine_info(args.threads)
     print(f"{benchmark} benchmark at {results['commit']}: {args.pairs} pairs x {args.steps} CSL steps")
-    runs = run_pairs(script, settings, args.pairs, args.steps, args.threads)
+    runs = run_pairs(script, settings, args.pairs, args.steps, args.threads, one_process)
     medians = {name: _mean(rs, "median_ms") for name, rs in runs.items()}
     first, *others = list(settings)
     results.update(
@@ -120,6 +170,10 @@ def main(
         ratios={f"{first} / {other}": round(medians[first] / medians[other], 3) for other in others},
         runtime_s=round(time.perf_counter() - started, 1),
     )
+    if one_process:
+        unsplit = {name: _mean(rs, "one_process_median_ms") for name, rs in runs.items()}
+        ratios = {name: _mean(rs, "split_over_one_process", 3) for name, rs in runs.items()}
+        results.update(one_process_mean_of_medians_ms=unsplit, mean_split_over_one_process=ratios)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{benchmark}-{results['commit_short']}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

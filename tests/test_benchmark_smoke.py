@@ -155,6 +155,19 @@ def test_fresh_pair_benchmark_records_every_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_fresh_pair_benchmark_with_the_unsplit_step_records_it_beside_the_split_one(tmp_path: Path) -> None:
+    _run_benchmark("huge_pages.py", "--pairs", "1", "--steps", "2", "--out-dir", str(tmp_path), timeout=300)
+    (written,) = tmp_path.glob("huge-pages-*.json")
+    results = json.loads(written.read_text())
+    assert list(results["runs"]) == ["torch_default", "huge_pages"]
+    for name, (run,) in results["runs"].items():
+        assert run["one_process_median_ms"] > 0 and run["paired_split_median_ms"] > 0, run
+        ratio = run["paired_split_median_ms"] / run["one_process_median_ms"]
+        assert run["split_over_one_process"] == pytest.approx(ratio, abs=1e-3)
+        assert results["mean_split_over_one_process"][name] == pytest.approx(ratio, abs=1e-3)
+
+
+@pytest.mark.slow
 def test_transport_designs_benchmark_records_each_design(tmp_path: Path) -> None:
     _run_benchmark("transport_designs.py", "--calls", "24", "--out-dir", str(tmp_path), timeout=240)
     (written,) = tmp_path.glob("transport-designs-*.json")
