@@ -149,7 +149,8 @@ def test_every_public_name_and_module_of_the_package_resolves() -> None:
     for name in splitflower.__all__:
         assert getattr(splitflower, name) is not None, name
     package = Path(splitflower.__file__).parent
-    on_disk = {p.stem for p in package.glob("[!_]*.py")} | {"algorithms", "strategies"}
+    subpackages = {p.parent.name for p in package.glob("[!_]*/__init__.py")} | {"algorithms", "strategies"}
+    on_disk = {p.stem for p in package.glob("[!_]*.py")} | subpackages
     assert set(splitflower._SUBMODULES) == on_disk
     for name in on_disk:
         assert getattr(splitflower, name).__name__ == f"splitflower.{name}"

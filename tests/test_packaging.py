@@ -65,6 +65,7 @@ def test_wheel_installs_subpackages_under_splitflower(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "splitflower/strategies/__init__.py" in names
     assert "splitflower/algorithms/csl.py" in names
+    assert "splitflower/data/partitioning.py" in names
     assert not [n for n in names if n.startswith(("strategies/", "algorithms/"))]
     site = tmp_path / "site"
     subprocess.run(
@@ -72,7 +73,8 @@ def test_wheel_installs_subpackages_under_splitflower(tmp_path: Path) -> None:
         check=True,
         timeout=300,
     )
-    probe = "import splitflower.strategies as s, splitflower.algorithms as a; print(s.__file__); print(a.__file__)"
+    probe = "import splitflower.strategies as s, splitflower.algorithms as a, splitflower.data as d; "
+    probe += "print(s.__file__); print(a.__file__); print(d.__file__)"
     # -I: isolated mode, so neither the checkout nor the editable install can answer the import.
     shown = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {probe}"],
@@ -83,4 +85,5 @@ def test_wheel_installs_subpackages_under_splitflower(tmp_path: Path) -> None:
         check=False,
     )
     assert shown.returncode == 0, shown.stderr
-    assert all(line.startswith(str(site)) for line in shown.stdout.splitlines())
+    files = shown.stdout.splitlines()
+    assert len(files) == 3 and all(line.startswith(str(site)) for line in files), files
