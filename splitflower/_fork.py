@@ -11,7 +11,10 @@ of the 67 Ray sessions that one day's runs left in /tmp/ray here have no raylet 
 that fail, with the handlers on and off. splitflower's processes only ever fork to
 ``exec`` (Ray, Flower's subprocesses, ``spawn`` multiprocessing), the case gRPC documents
 ``GRPC_ENABLE_FORK_SUPPORT=0`` for. The setting is process-wide: a user's own fork that
-goes on using gRPC in the child needs ``GRPC_ENABLE_FORK_SUPPORT=1`` set beforehand.
+goes on using gRPC in the child needs ``GRPC_ENABLE_FORK_SUPPORT=1`` set beforehand. Only a
+real fork runs the handlers: Flower starts its own processes with a plain ``Popen``, which
+Python runs as a vfork, so of Flower's processes only a simulation's, where Ray starts, is
+at risk.
 
 gRPC reads the variable when ``grpc`` is first imported, so ``splitflower`` sets it on
 import, unless the user has set it: a process that imported ``grpc`` before ``splitflower``
@@ -46,8 +49,9 @@ def fork_handlers_warning() -> str | None:
     """What to tell the user, once per process, when ``grpc`` was imported before ``splitflower``
     with nothing set (its fork handlers are on in this process, and children it starts may
     abort): else None.
-    ``splitflower run`` says it before Ray starts; a ServerApp logs it as it starts (under
-    ``flwr run`` the environment it came with is its SuperLink's, as Ray's process's is)."""
+    ``splitflower run`` says it before Ray starts; a simulation's ServerApp logs it as it
+    starts, before Flower starts Ray in its process (under ``flwr run`` that process has the
+    environment of its SuperLink)."""
     global _warned
     if not _left_on or _warned:
         return None

@@ -187,6 +187,17 @@ class _ServerHooks:
     checkpoint: Callable[[Context, SplitResult], None] | None
 
 
+_SIMULATION_GRID = "InMemoryGrid"  # Flower does not export the class; the test imports it
+
+
+def _fork_handlers_warning(grid: Grid) -> str | None:
+    """The fork-handlers warning (:mod:`splitflower._fork`) where a fork follows: in a
+    simulation, whose backend (Ray) starts in this process and forks its own. Under the
+    deployment runtime this process forks nothing, and Flower starts its processes by vfork,
+    which runs no fork handler (``benchmarks/ray_start.py``), so there is nothing to warn of."""
+    return fork_handlers_warning() if type(grid).__name__ == _SIMULATION_GRID else None
+
+
 @dataclass(frozen=True)
 class _ServerRun:
     """The ServerApp's ``main``: one run of the strategy, with the service up throughout."""
@@ -208,7 +219,7 @@ class _ServerRun:
         service: SplitService | None = None
         split_strategy: SplitStrategy | None = None
         hooks = self.hooks
-        if warning := fork_handlers_warning():
+        if warning := _fork_handlers_warning(grid):
             logger.warning("[server] %s", warning)
         try:
             # The run config is read before anything starts: a bad value fails the run at once.

@@ -26,7 +26,7 @@ from conftest import ThreadBackend, run_cli, simulate
 from splitflower import _fork, cli, simulation
 from splitflower._client_errors import raised_by_client
 from splitflower.algorithms.csl import CSLClient
-from splitflower.app import _fit_then_close
+from splitflower.app import _fit_then_close, _fork_handlers_warning
 from splitflower.checkpoint import load_model, save_model
 from splitflower.cli import STALLED_EXIT_CODE, build_parser
 from splitflower.data import synthetic
@@ -1164,3 +1164,15 @@ def test_a_flower_server_app_logs_the_fork_handlers_warning(
     (warning,) = [r.getMessage() for r in caplog.records if "fork handlers" in r.getMessage()]
     assert warning.startswith("[server] grpc was imported before splitflower"), warning
     assert f"{_fork.GRPC_FORK_SUPPORT_ENV}=0" in warning
+
+
+def test_a_server_app_under_the_deployment_runtime_does_not_warn_of_fork_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its process forks nothing, and Flower starts its own processes by vfork: no handler runs.
+    from flwr.superlink.grid.http_grid import HttpGrid  # the deployment runtime's grid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's
+
+    _grpc_imported_first(monkeypatch)
+    assert _fork_handlers_warning(HttpGrid.__new__(HttpGrid)) is None
+    assert "fork handlers" in (_fork_handlers_warning(InMemoryGrid.__new__(InMemoryGrid)) or "")
