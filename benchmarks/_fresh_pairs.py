@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ import transport  # the sibling benchmark whose CSL step is measured
 __all__ = ["main"]
 
 WARMUP_STEPS = 5
+
+Run = dict[str, float | int | None]
+"""One run's figures (a huge-page tally is None where /proc does not give it)."""
 
 
 def _anon_huge_kib(pid: int | str) -> int | None:
@@ -63,7 +66,7 @@ def _beside_one_process(split_step: Callable[[], None], steps: int) -> dict[str,
     }
 
 
-def one_run(steps: int, threads: int, one_process: bool = False) -> dict[str, float | int | None]:
+def one_run(steps: int, threads: int, one_process: bool = False) -> Run:
     """Time ``steps`` split steps in this process against a freshly spawned server process
     (and, with ``one_process``, the unsplit step beside them)."""
     torch.set_num_threads(threads)
@@ -82,7 +85,7 @@ def one_run(steps: int, threads: int, one_process: bool = False) -> dict[str, fl
         faults_per_step = transport.fault_counter(server_pid)
         times_ms = np.asarray(transport._timed(step, steps)) / 1000
         faults = faults_per_step(steps)
-        run: dict[str, float | int | None] = {
+        run: Run = {
             "median_ms": round(float(np.median(times_ms)), 2),
             "mean_ms": round(float(times_ms.mean()), 2),
             "client_faults_per_step": faults["client"],
@@ -105,9 +108,9 @@ def run_pairs(
     steps: int,
     threads: int,
     one_process: bool = False,
-) -> dict[str, list[dict[str, float]]]:
+) -> dict[str, list[Run]]:
     """Run ``script --one`` once per setting per pair, each setting's variables in both processes."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
+    runs: dict[str, list[Run]] = {name: [] for name in settings}
     controlled = {variable for overrides in settings.values() for variable in overrides}
     base_env = {k: v for k, v in os.environ.items() if k not in controlled}
     names = list(settings)
@@ -124,8 +127,8 @@ def run_pairs(
     return runs
 
 
-def _mean(runs: Sequence[dict[str, float]], key: str, digits: int = 2) -> float:
-    return round(float(np.mean([run[key] for run in runs])), digits)
+def _mean(runs: Sequence[Run], key: str, digits: int = 2) -> float:
+    return round(float(np.mean([cast(float, run[key]) for run in runs])), digits)  # timings: never None
 
 
 def main(

@@ -90,7 +90,7 @@ proxy.close()
 service.stop(grace=0)
 """
 # Popen's extra arguments per way of starting a child. A preexec_fn makes Python fork where it
-# would vfork (Python >= 3.10 on Linux: subprocess._USE_VFORK, recorded per run).
+# would vfork (Python >= 3.10 on Linux: subprocess._USE_VFORK, checked by the vfork runs).
 CHILD_STARTS = {"fork": ", preexec_fn=lambda: None", "vfork": ""}
 FORK_CHILDREN = """
 import collections, subprocess
@@ -188,12 +188,12 @@ def _children(runs: int, children: int, start: str, settings: list[str]) -> dict
     """Children started the ``start`` way beside the busy service, per setting: each run's exit
     codes, and the total that did not exit 0 (-6: SIGABRT)."""
     exits: dict[str, list[dict[str, int]]] = {setting: [] for setting in settings}
-    vfork_available: set[bool] = set()
     for run in range(runs):
         for setting in settings:
             outcome = run_script(children_script(setting, children, start), environment())
+            if start == "vfork" and not outcome["vfork_available"]:
+                raise RuntimeError("this Python does not vfork (subprocess._USE_VFORK): its children fork instead")
             exits[setting].append(outcome["exits"])
-            vfork_available.add(outcome["vfork_available"])
             print(f"children run {run + 1}/{runs} {start} {setting}: {json.dumps(outcome)}", flush=True)
     died = {
         setting: sum(n for one in runs_ for code, n in one.items() if code != "0") for setting, runs_ in exits.items()
@@ -205,7 +205,6 @@ def _children(runs: int, children: int, start: str, settings: list[str]) -> dict
         "per_run": children,
         "runs": exits,
         "died": died,
-        "vfork_available": sorted(vfork_available),
     }
 
 

@@ -1,14 +1,14 @@
 """Transport designs that were timed and left, beside the design splitflower keeps: what each
 would change on a small blocking call on this machine.
 
-``benchmarks/transport.py`` finds a 1 KiB ``proxy.echo`` about twice the bare gRPC echo (target
-1.2x), and ``benchmarks/rtt_breakdown.py`` says where the time goes. This script times the
+``benchmarks/transport.py`` finds a 1 KiB ``proxy.echo`` 1.4 to 2.2 times the bare gRPC echo
+(target 1.2x), and ``benchmarks/rtt_breakdown.py`` says where the time goes. This script times the
 alternatives to the parts of that design::
 
     .venv/bin/python benchmarks/transport_designs.py [--calls 9000] [--size 1024]
         [--halt-poll-ns 200000]
 
-1. Server: gRPC's thread-pool server (splitflower's) against a ``grpc.aio`` server (one event
+1. Server: gRPC's thread-pool server (with SplitService's executor) against a ``grpc.aio`` server (one event
    loop on one thread), each answering at once and after handing the request to a compute
    thread and back, as SplitService hands every computation to its model's compute thread.
    Raw bytes echoed; the servers run in a second process.
@@ -32,12 +32,13 @@ import argparse
 import asyncio
 import functools
 import multiprocessing as mp
+import os
+import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport  # the sibling benchmark: its servers, proxy and records
 
+from splitflower._threads import StickyExecutor
 from splitflower.compute import ComputeThread
 
 SERVICE = "splitflower.bench.Designs"
 ECHO, HANDOFF = "Echo", "HandoffEcho"
 HALT_POLL_PARAMETER = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 WARMUP_CALLS = 300
+_ERROR = "error"  # the key of a failure report from the server process to this one
 
 
 def _identity(request: bytes) -> bytes:
@@ -66,7 +69,7 @@ def _sync_server(options: Sequence[tuple[str, Any]], compute: ComputeThread) -> 
         ECHO: grpc.unary_unary_rpc_method_handler(lambda request, _: request),
         HANDOFF: grpc.unary_unary_rpc_method_handler(lambda request, _: compute.run(_identity, request)),
     }
-    server = grpc.server(ThreadPoolExecutor(64, "designs-sync"), options=list(options))
+    server = grpc.server(StickyExecutor(64, "designs-sync"), options=list(options))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -115,7 +118,7 @@ def server_main(conn: Connection, options: list[tuple[str, Any]]) -> None:
         conn.recv()
         sync_server.stop(0)
     except BaseException:
-        conn.send({"error": traceback.format_exc()})
+        conn.send({_ERROR: traceback.format_exc()})
         raise
     finally:
         conn.close()
@@ -188,7 +191,9 @@ def servers(address: dict[str, str], options: Sequence[tuple[str, Any]], payload
             channel.close()
 
 
-def clients(address: str, options: Sequence[tuple[str, Any]], payload: bytes, calls: int, args: Any) -> dict[str, Any]:
+def clients(
+    address: str, options: Sequence[tuple[str, Any]], payload: bytes, calls: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """Section 2: blocking against polling, back to back and after client work."""
     channel = grpc.insecure_channel(address, options=list(options))
     call = channel.unary_unary(f"/{SERVICE}/{ECHO}")
@@ -212,6 +217,9 @@ def _set_halt_poll(ns: int) -> None:
 def idle_policy(server: transport.ServerProcess, payload: bytes, calls: int, poll_ns: int) -> dict[str, Any]:
     """Section 3: bare and proxy echo with the guest halting at once and polling ``poll_ns``."""
     before = int(HALT_POLL_PARAMETER.read_text())
+    # A SIGTERM (timeout, a scheduler) ends this run through the finally below, which sets the
+    # kernel parameter back; the default action would leave it changed.
+    signal.signal(signal.SIGTERM, lambda number, _: sys.exit(128 + number))
     options = transport._proxy_channel_options(server.info["service"])
     channel = grpc.insecure_channel(server.info["bare"], options=options)
     bare = channel.unary_unary(transport.BARE_PATH)
@@ -250,18 +258,34 @@ def _idle_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
     return out
 
 
-def _start_designs_server(options: list[tuple[str, Any]]) -> tuple[Any, Connection, dict[str, str]]:
-    context = mp.get_context("spawn")
-    conn, child = context.Pipe()
-    process = context.Process(target=server_main, args=(child, options), name="designs-server")
-    process.start()
-    child.close()
-    if not conn.poll(120):
-        raise RuntimeError("the designs' server process did not answer within 120 s")
-    address = conn.recv()
-    if "error" in address:
-        raise RuntimeError(f"the designs' server process failed:\n{address['error']}")
-    return process, conn, address
+class _DesignsServer:
+    """The spawned process hosting both designs' servers, and the pipe to it."""
+
+    def __init__(self, options: list[tuple[str, Any]]) -> None:
+        context = mp.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=server_main, args=(child, options), name="designs-server")
+        self.process.start()
+        child.close()
+        if not self._conn.poll(120):
+            self.stop()
+            raise RuntimeError("the designs' server process did not answer within 120 s")
+        self.address: dict[str, str] = self._conn.recv()
+        if _ERROR in self.address:
+            self.stop()
+            raise RuntimeError(f"the designs' server process failed:\n{self.address[_ERROR]}")
+
+    def stop(self) -> None:
+        """Ask the process to stop; end it if it does not (or has died already)."""
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass  # it is gone already
+        self._conn.close()
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,28 +299,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size < 4 or args.size % 4:
         parser.error(f"--size must be a positive multiple of 4 bytes, got {args.size}")
-    if args.halt_poll_ns < 0 or (args.halt_poll_ns and not HALT_POLL_PARAMETER.exists()):
-        parser.error(f"--halt-poll-ns needs {HALT_POLL_PARAMETER} (a guest with cpuidle haltpoll) and N >= 0")
+    if args.halt_poll_ns < 0:
+        parser.error(f"--halt-poll-ns must be a window of 0 or more nanoseconds, got {args.halt_poll_ns}")
+    if args.halt_poll_ns and not os.access(HALT_POLL_PARAMETER, os.W_OK):
+        parser.error(
+            f"--halt-poll-ns {args.halt_poll_ns} needs {HALT_POLL_PARAMETER} to exist and be writable "
+            "(a guest with cpuidle haltpoll, run as root); it is not here"
+        )
     record = transport.new_record("transport-designs")
     record["parameters"] = {k: v for k, v in vars(args).items() if k != "out_dir"}
     payload = np.random.default_rng(0).standard_normal(args.size // 4).astype(np.float32).tobytes()
     server = transport.ServerProcess(torch.get_num_threads())
-    process: Any = None
-    conn: Connection | None = None
+    designs: _DesignsServer | None = None
     try:
-        options = [tuple(option) for option in server.info["server_options"]]
-        process, conn, address = _start_designs_server(options)
+        designs = _DesignsServer([tuple(option) for option in server.info["server_options"]])
         channel_options = transport._proxy_channel_options(server.info["service"])
-        record["servers"] = servers(address, channel_options, payload, args.calls)
-        record["clients"] = clients(address["sync"], channel_options, payload, args.calls, args)
+        record["servers"] = servers(designs.address, channel_options, payload, args.calls)
+        record["clients"] = clients(designs.address["sync"], channel_options, payload, args.calls, args)
         if args.halt_poll_ns:
             record["idle_policy"] = idle_policy(server, payload, args.calls, args.halt_poll_ns)
     finally:
-        if conn is not None:
-            conn.send("stop")
-            conn.close()
-        if process is not None:
-            process.join(10)
+        if designs is not None:
+            designs.stop()
         server.stop()
     _print(record)
     transport.write_record(record, args.out_dir)

@@ -187,15 +187,16 @@ class _ServerHooks:
     checkpoint: Callable[[Context, SplitResult], None] | None
 
 
-_SIMULATION_GRID = "InMemoryGrid"  # Flower does not export the class; the test imports it
-
-
 def _fork_handlers_warning(grid: Grid) -> str | None:
     """The fork-handlers warning (:mod:`splitflower._fork`) where a fork follows: in a
     simulation, whose backend (Ray) starts in this process and forks its own. Under the
     deployment runtime this process forks nothing, and Flower starts its processes by vfork,
     which runs no fork handler (``benchmarks/ray_start.py``), so there is nothing to warn of."""
-    return fork_handlers_warning() if type(grid).__name__ == _SIMULATION_GRID else None
+    try:  # Flower does not export its simulation's grid
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # moved in a later Flower: warn wherever, rather than nowhere
+        return fork_handlers_warning()
+    return fork_handlers_warning() if isinstance(grid, InMemoryGrid) else None
 
 
 @dataclass(frozen=True)

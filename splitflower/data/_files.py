@@ -8,12 +8,14 @@ from pathlib import Path
 
 from splitflower.errors import DatasetError
 
+__all__ = ["LOADER_CACHE_SIZE", "resolve_dir", "stat_signature"]
+
 # Each cache entry holds a whole normalised dataset (CIFAR train alone is ~600 MiB as
 # float32), so keep very few.
-_LOADER_CACHE_SIZE = 2
+LOADER_CACHE_SIZE = 2
 
 
-def _resolve_dir(root: str | Path | None, env_var: str, default: Path | None) -> Path:
+def resolve_dir(root: str | Path | None, env_var: str, default: Path | None) -> Path:
     """Pick the data directory: explicit ``root``, then ``env_var``, then ``default``."""
     if root is not None and str(root) != "":
         return Path(root).expanduser()
@@ -25,7 +27,7 @@ def _resolve_dir(root: str | Path | None, env_var: str, default: Path | None) ->
     raise DatasetError(f"no data directory given: pass root=... (--data-root on the CLI) or set {env_var}")
 
 
-def _stat_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+def stat_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     """Identify file versions so a cache entry is dropped when a file is replaced."""
     signature = []
     for path in paths:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitflower.data._files import _LOADER_CACHE_SIZE, _resolve_dir, _stat_signature
+from splitflower.data._files import LOADER_CACHE_SIZE, resolve_dir, stat_signature
 from splitflower.data.arrays import ArrayDataset
 from splitflower.errors import DatasetError
 
@@ -183,7 +183,7 @@ def _normalise_cifar(
     return x.sub_(mean_t).div_(std_t).contiguous()
 
 
-@functools.lru_cache(maxsize=_LOADER_CACHE_SIZE)
+@functools.lru_cache(maxsize=LOADER_CACHE_SIZE)
 def _cifar_tensors(
     signature: tuple[tuple[str, int, int], ...], files: _CifarFiles
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,7 +210,7 @@ def _load_cifar(root: str | Path | None, files: _CifarFiles) -> tuple[ArrayDatas
     )
     if (root is None or str(root) == "") and not os.environ.get(env_var):
         raise DatasetError(f"no {name} directory given. {hint}")
-    base = _resolve_dir(root, env_var, None)
+    base = resolve_dir(root, env_var, None)
     candidates = (base, base / subdir)
     for directory in candidates:
         if all((directory / f).is_file() for f in expected):
@@ -221,7 +221,7 @@ def _load_cifar(root: str | Path | None, files: _CifarFiles) -> tuple[ArrayDatas
         )
         raise DatasetError(f"{name} batch files not found ({details}). {hint}")
     paths = [directory / f for f in expected]
-    x_train, y_train, x_test, y_test = _cifar_tensors(_stat_signature(paths), files)
+    x_train, y_train, x_test, y_test = _cifar_tensors(stat_signature(paths), files)
     return (
         ArrayDataset(x_train, y_train, files.num_classes, name.lower().replace("-", "")),
         ArrayDataset(x_test, y_test, files.num_classes, name.lower().replace("-", "")),

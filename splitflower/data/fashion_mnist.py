@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitflower.data._files import _LOADER_CACHE_SIZE, _resolve_dir, _stat_signature
+from splitflower.data._files import LOADER_CACHE_SIZE, resolve_dir, stat_signature
 from splitflower.data.arrays import ArrayDataset
 from splitflower.errors import DatasetError
 
@@ -118,7 +118,7 @@ def _load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, 
     return x.contiguous(), y
 
 
-@functools.lru_cache(maxsize=_LOADER_CACHE_SIZE)
+@functools.lru_cache(maxsize=LOADER_CACHE_SIZE)
 def _fashion_mnist_tensors(
     signature: tuple[tuple[str, int, int], ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +158,7 @@ def load_fashion_mnist(
     DatasetError
         If the directory or a file is missing, or a file is malformed.
     """
-    directory = _resolve_dir(root, _FASHION_MNIST_ENV, _FASHION_MNIST_DEFAULT_DIR)
+    directory = resolve_dir(root, _FASHION_MNIST_ENV, _FASHION_MNIST_DEFAULT_DIR)
     if not directory.is_dir():
         what = "is a file, not a directory" if directory.exists() else "does not exist"
         raise DatasetError(
@@ -167,7 +167,7 @@ def load_fashion_mnist(
             f"{_fashion_mnist_hint()}"
         )
     paths = [_find_idx_file(directory, stem) for stem in _FASHION_MNIST_FILES.values()]
-    x_train, y_train, x_test, y_test = _fashion_mnist_tensors(_stat_signature(paths))
+    x_train, y_train, x_test, y_test = _fashion_mnist_tensors(stat_signature(paths))
     return (
         ArrayDataset(x_train, y_train, 10, "fashion-mnist"),
         ArrayDataset(x_test, y_test, 10, "fashion-mnist"),
