@@ -49,13 +49,7 @@ def _beside_one_process(split_step: Callable[[], None], steps: int) -> dict[str,
     their ratio."""
     model, _, _ = transport._csl_halves(transport.SEED)
     optimizer = torch.optim.SGD(model.parameters(), lr=transport.CSL_LR, momentum=transport.CSL_MOMENTUM)
-    x, y = transport.csl_batch()
-
-    def one_process_step() -> None:
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
+    one_process_step = transport.csl_one_process_step(model, optimizer, *transport.csl_batch())
     transport._timed(one_process_step, WARMUP_STEPS)
     samples = transport._interleaved({"split": split_step, "one_process": one_process_step}, steps, blocks=4)
     split, one = (float(np.median(samples[name])) / 1000 for name in ("split", "one_process"))

@@ -93,7 +93,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +133,7 @@ BARE_SPLIT_METHOD = "BareSplitStep"
 BARE_SPLIT_PATH = f"/{BARE_SERVICE}/{BARE_SPLIT_METHOD}"
 
 KIB = 1024
+SERVER_ERROR = "error"  # the key of a failure report from a server process to the benchmark
 MIB = 1024 * 1024
 SIZES: tuple[int, ...] = (KIB, 64 * KIB, MIB, 8 * MIB)
 
@@ -342,7 +343,7 @@ def server_main(conn: Connection, threads: int) -> None:
             conn.send(token)
     except BaseException:
         try:
-            conn.send({"error": traceback.format_exc()})
+            conn.send({SERVER_ERROR: traceback.format_exc()})
         except OSError:
             pass
         raise
@@ -355,22 +356,28 @@ def server_main(conn: Connection, threads: int) -> None:
 
 
 class ServerProcess:
-    """The spawned server process and the pipe to it."""
+    """The spawned server process and the pipe to it: ``target(conn, *args)`` (by default this
+    benchmark's :func:`server_main`) sends what it serves first (``info``), answers "stop" with
+    "stopped", and reports a failure as ``{SERVER_ERROR: traceback}``."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, *args: Any, target: Callable[..., None] = server_main) -> None:
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=server_main, args=(child, threads), name="transport-server")
+        self.process = context.Process(target=target, args=(child, *args), name="transport-server")
         self.process.start()
         child.close()
-        self.info: dict[str, Any] = self._receive(timeout=120)
+        try:
+            self.info: dict[str, Any] = self._receive(timeout=120)
+        except BaseException:
+            self.stop()
+            raise
 
     def _receive(self, timeout: float = 60) -> Any:
         if not self._conn.poll(timeout):
             raise RuntimeError(f"server process did not answer within {timeout}s")
         reply = self._conn.recv()
-        if isinstance(reply, dict) and "error" in reply:
-            raise RuntimeError(f"server process failed:\n{reply['error']}")
+        if isinstance(reply, dict) and SERVER_ERROR in reply:
+            raise RuntimeError(f"server process failed:\n{reply[SERVER_ERROR]}")
         return reply
 
     def ask(self, *command: object) -> Any:
@@ -465,11 +472,13 @@ def _summary(samples_us: Sequence[float]) -> tuple[float, float]:
     return float(np.median(values)), float(np.percentile(values, 90))
 
 
-def _timed(call: Callable[[], object], n: int) -> list[float]:
-    """Durations of ``n`` calls in microseconds."""
+def _timed(call: Callable[[], object], n: int, untimed: Callable[[], object] | None = None) -> list[float]:
+    """Durations of ``n`` calls in microseconds (each after ``untimed()``, if given)."""
     clock = time.perf_counter_ns
     out: list[float] = []
     for _ in range(n):
+        if untimed is not None:
+            untimed()
         start = clock()
         call()
         out.append((clock() - start) / 1000.0)
@@ -487,8 +496,14 @@ class Samples:
         return self.all[name]
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], total: int, blocks: int) -> Samples:
-    """Run each variant ``total`` times in ``blocks`` alternating blocks; first variant alternates."""
+def _interleaved(
+    calls: dict[str, Callable[[], object]],
+    total: int,
+    blocks: int,
+    untimed: Mapping[str, Callable[[], object]] | None = None,
+) -> Samples:
+    """Run each variant ``total`` times in ``blocks`` alternating blocks; first variant alternates.
+    ``untimed[name]``, if given, runs before each of that variant's calls, outside the timing."""
     names = list(calls)
     samples = Samples({name: [] for name in names}, {name: [] for name in names})
     per_block = [total // blocks + (1 if b < total % blocks else 0) for b in range(blocks)]
@@ -496,7 +511,7 @@ def _interleaved(calls: dict[str, Callable[[], object]], total: int, blocks: int
         order = names if b % 2 == 0 else names[::-1]
         for name in order:
             gc.collect()
-            block = _timed(calls[name], n)
+            block = _timed(calls[name], n, (untimed or {}).get(name))
             samples.all[name] += block
             samples.block_medians[name].append(round(float(np.median(block)), 1))
     return samples
@@ -744,6 +759,19 @@ def csl_split_step(
     return step
 
 
+def csl_one_process_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One step of the unsplit model in this process: what the split step is measured against."""
+
+    def step() -> None:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
 def _one_process_cut_step(
     bottom: nn.Module,
     top: nn.Module,
@@ -876,12 +904,7 @@ def measure_csl(
     bare_call = channel.unary_unary(BARE_PATH)
     bare_split_call = channel.unary_unary(BARE_SPLIT_PATH)
 
-    def one_process_step() -> None:
-        full_optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        full_optimizer.step()
-
+    one_process_step = csl_one_process_step(model, full_optimizer, x, y)
     split_phases, cut_phases, paused_phases, threaded_phases = Phases(), Phases(), Phases(), Phases()
     split_step = csl_split_step(proxy, bottom, bottom_optimizer, x, y, split_phases)
     server_compute_ms: list[float] = []

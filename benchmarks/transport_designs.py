@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -57,7 +56,6 @@ SERVICE = "splitflower.bench.Designs"
 ECHO, HANDOFF = "Echo", "HandoffEcho"
 HALT_POLL_PARAMETER = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 WARMUP_CALLS = 300
-_ERROR = "error"  # the key of a failure report from the server process to this one
 
 
 def _identity(request: bytes) -> bytes:
@@ -109,16 +107,18 @@ def _aio_server(options: Sequence[tuple[str, Any]], compute: ComputeThread) -> i
 
 
 def server_main(conn: Connection, options: list[tuple[str, Any]]) -> None:
-    """Entry point of the designs' server process: both servers up, their ports sent, then
-    serve until the parent says stop (daemon threads end with the process)."""
+    """Entry point of the designs' server process (a :class:`transport.ServerProcess` target):
+    both servers up, their ports sent, then serve until the parent says stop (daemon threads
+    end with the process)."""
     try:
         sync_server, sync_port = _sync_server(options, ComputeThread("designs-sync-compute"))
         aio_port = _aio_server(options, ComputeThread("designs-aio-compute"))
         conn.send({"sync": f"127.0.0.1:{sync_port}", "aio": f"127.0.0.1:{aio_port}"})
-        conn.recv()
+        conn.recv()  # "stop"
         sync_server.stop(0)
+        conn.send("stopped")
     except BaseException:
-        conn.send({_ERROR: traceback.format_exc()})
+        conn.send({transport.SERVER_ERROR: traceback.format_exc()})
         raise
     finally:
         conn.close()
@@ -130,34 +130,17 @@ def _spin(microseconds: float) -> None:
         pass
 
 
-def _timed_after_work(call: Callable[[], object], n: int, work_us: float) -> list[float]:
-    """Durations (us) of ``n`` calls, each after ``work_us`` of untimed client work."""
-    clock = time.perf_counter_ns
-    out: list[float] = []
-    for _ in range(n):
-        _spin(work_us)
-        start = clock()
-        call()
-        out.append((clock() - start) / 1000.0)
-    return out
-
-
 def _alternating(variants: dict[str, tuple[Callable[[], object], float]], total: int, blocks: int) -> dict[str, Any]:
-    """Each variant (call, work between calls) ``total`` times in alternating blocks: medians."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    block_medians: dict[str, list[float]] = {name: [] for name in variants}
-    for call, work_us in variants.values():
-        _timed_after_work(call, WARMUP_CALLS, work_us)
-    for block in range(blocks):
-        names = list(variants) if block % 2 == 0 else list(variants)[::-1]
-        for name in names:
-            call, work_us = variants[name]
-            durations = _timed_after_work(call, max(1, total // blocks), work_us)
-            samples[name] += durations
-            block_medians[name].append(round(float(np.median(durations)), 1))
+    """Each variant (call, client work before each call, in us) after a warm-up, then ``total``
+    times in alternating blocks (``transport._interleaved``); its median and block medians."""
+    calls = {name: call for name, (call, _) in variants.items()}
+    work = {name: functools.partial(_spin, work_us) for name, (_, work_us) in variants.items() if work_us}
+    for name, call in calls.items():
+        transport._timed(call, WARMUP_CALLS, work.get(name))
+    samples = transport._interleaved(calls, total, blocks, work)
     return {
-        name: {"median_us": round(float(np.median(values)), 1), "block_medians_us": block_medians[name]}
-        for name, values in samples.items()
+        name: {"median_us": round(float(np.median(samples[name])), 1), "block_medians_us": samples.block_medians[name]}
+        for name in calls
     }
 
 
@@ -258,36 +241,6 @@ def _idle_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, 
     return out
 
 
-class _DesignsServer:
-    """The spawned process hosting both designs' servers, and the pipe to it."""
-
-    def __init__(self, options: list[tuple[str, Any]]) -> None:
-        context = mp.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=server_main, args=(child, options), name="designs-server")
-        self.process.start()
-        child.close()
-        if not self._conn.poll(120):
-            self.stop()
-            raise RuntimeError("the designs' server process did not answer within 120 s")
-        self.address: dict[str, str] = self._conn.recv()
-        if _ERROR in self.address:
-            self.stop()
-            raise RuntimeError(f"the designs' server process failed:\n{self.address[_ERROR]}")
-
-    def stop(self) -> None:
-        """Ask the process to stop; end it if it does not (or has died already)."""
-        try:
-            self._conn.send("stop")
-        except OSError:
-            pass  # it is gone already
-        self._conn.close()
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=9000, help="calls per variant and section")
@@ -310,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     record["parameters"] = {k: v for k, v in vars(args).items() if k != "out_dir"}
     payload = np.random.default_rng(0).standard_normal(args.size // 4).astype(np.float32).tobytes()
     server = transport.ServerProcess(torch.get_num_threads())
-    designs: _DesignsServer | None = None
+    designs: transport.ServerProcess | None = None
     try:
-        designs = _DesignsServer([tuple(option) for option in server.info["server_options"]])
+        options = [tuple(option) for option in server.info["server_options"]]
+        designs = transport.ServerProcess(options, target=server_main)
         channel_options = transport._proxy_channel_options(server.info["service"])
-        record["servers"] = servers(designs.address, channel_options, payload, args.calls)
-        record["clients"] = clients(designs.address["sync"], channel_options, payload, args.calls, args)
+        record["servers"] = servers(designs.info, channel_options, payload, args.calls)
+        record["clients"] = clients(designs.info["sync"], channel_options, payload, args.calls, args)
         if args.halt_poll_ns:
             record["idle_policy"] = idle_policy(server, payload, args.calls, args.halt_poll_ns)
     finally:
