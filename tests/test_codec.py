@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -85,3 +88,38 @@ def test_a_reply_carries_the_server_s_times_and_frames_a_tensor_in_24_bytes() ->
     assert reply.queue_wait_s == pytest.approx(3600.5, rel=1e-6)
     # head 15 + table 9 (one tensor, its name one byte, one dimension): the data starts 8-aligned
     assert len(encode_reply(value)) - value.nbytes == 24
+
+
+def _mutated(frame: bytes, rng: random.Random) -> bytes:
+    """``frame`` with bytes overwritten, cut off, inserted or deleted at random places."""
+    data = bytearray(frame)
+    where = rng.randrange(len(data) + 1)
+    kind = rng.randrange(4)
+    if kind == 0 and data:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:
+        del data[where:]
+    elif kind == 2:
+        data[where:where] = rng.randbytes(rng.randint(1, 8))
+    else:
+        del data[where : where + rng.randint(1, 8)]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("decode", [decode_request, decode_reply])
+def test_any_damage_to_a_frame_is_a_codec_error_or_decodes(decode: Callable[[bytes], object]) -> None:
+    # Corrupt bytes from the network must reach the caller as CodecError (a clear error the
+    # service sends back), never as an IndexError, struct.error or numpy error from inside.
+    tensors = {"embeddings": torch.randn(4, 3, 2), "labels": torch.arange(4), "mask": torch.ones(2, dtype=torch.bool)}
+    frames = (
+        [encode_request(TOKEN, 3, "forward", tensors), encode_request(TOKEN, 0, "f", {})]
+        if decode is decode_request
+        else [encode_reply(tensors["embeddings"]), encode_reply(tensors), encode_reply(None)]
+    )
+    rng = random.Random(0)
+    for _ in range(4000):
+        try:
+            decode(_mutated(rng.choice(frames), rng))
+        except CodecError:
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from conftest import REPO_ROOT
 from splitflower._fork import GRPC_FORK_SUPPORT_ENV
@@ -59,3 +60,19 @@ def test_a_value_the_user_set_is_kept() -> None:
 def test_grpc_imported_first_is_reported_as_too_late() -> None:
     script = _SETTING.format(before="import grpc", name=GRPC_FORK_SUPPORT_ENV)
     assert _run(script, environment()) == "0 True"
+
+
+def test_flower_starts_its_own_processes_without_running_fork_handlers() -> None:
+    # Why a ServerApp under the deployment runtime does not warn (splitflower.app): Flower starts
+    # its processes with Popen and no preexec_fn, which Python runs as a vfork, where no fork
+    # handler runs. Should a Flower release fork its children instead, this fails.
+    import flwr
+
+    forking = [
+        f"{path.name}:{number}"
+        for path in Path(flwr.__file__).parent.rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "preexec_fn" in line or "os.fork(" in line
+    ]
+    assert forking == [], f"Flower forks (fork handlers would run in the child) at {forking}"
+    assert subprocess._USE_VFORK  # type: ignore[attr-defined]  # Python vforks a plain Popen

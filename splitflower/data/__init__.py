@@ -19,6 +19,7 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from splitflower.data.arrays import ArrayDataset
@@ -43,7 +44,15 @@ __all__ = [
     "synthetic",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+# name -> loader of (root, seed): the file-based datasets ignore the seed, "synthetic" the root
+_LOADERS: dict[str, Callable[[str | Path | None, int], tuple[ArrayDataset, ArrayDataset]]] = {
+    "fashion-mnist": lambda root, _: load_fashion_mnist(root),
+    "cifar10": lambda root, _: load_cifar10(root),
+    "cifar100": lambda root, _: load_cifar100(root),
+    "synthetic": lambda _, seed: synthetic(seed=seed),
+}
+
+DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 """Names accepted by :func:`load_dataset`."""
 
 
@@ -75,13 +84,7 @@ def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0) ->
     >>> train.name
     'synthetic'
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key == "fashion-mnist":
-        return load_fashion_mnist(root)
-    if key == "cifar10":
-        return load_cifar10(root)
-    if key == "cifar100":
-        return load_cifar100(root)
-    if key == "synthetic":
-        return synthetic(seed=seed)
-    raise DatasetError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    loader = _LOADERS.get(name.strip().lower()) if isinstance(name, str) else None
+    if loader is None:
+        raise DatasetError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    return loader(root, seed)
