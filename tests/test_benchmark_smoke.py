@@ -170,7 +170,14 @@ def test_transport_designs_benchmark_records_each_design(tmp_path: Path) -> None
     _run_benchmark("transport_designs.py", "--calls", "24", "--out-dir", str(tmp_path), timeout=240)
     (written,) = tmp_path.glob("transport-designs-*.json")
     results = json.loads(written.read_text())
-    assert list(results["servers"]) == ["sync Echo", "sync HandoffEcho", "aio Echo", "aio HandoffEcho"]
+    assert list(results["servers"]) == [
+        "sync Echo",
+        "sync HandoffEcho",
+        "aio Echo",
+        "aio HandoffEcho",
+        "splitflower proxy echo",
+        "proxy echo, handlers on compute",
+    ]
     assert list(results["clients"]) == [
         "blocking, 0 us work",
         "polling 400 us, 0 us work",
