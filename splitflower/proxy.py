@@ -352,7 +352,7 @@ class ServerModelProxy:
         """Record that request ``seq`` has its outcome here. If it failed without the server
         answering it while later requests are out, those make the server wait for it: a
         notice tells the server it was abandoned."""
-        with self._seq_changed:
+        with self._seq_lock:  # _seq_changed's lock, taken directly: this runs on every call
             self._unsettled.discard(seq)
             if self._closing:
                 self._seq_changed.notify_all()

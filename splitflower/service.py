@@ -106,7 +106,11 @@ class ClientSession:
         self._settled_below = 0
         self._present: set[int] = set()
         self._abandoned: set[int] = set()  # numbers the client gave up before they arrived
-        self._cond = threading.Condition()
+        # A plain lock taken directly on every request (a Condition's own enter and exit are
+        # Python calls); its condition is notified only when a request waits on it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
@@ -118,7 +122,7 @@ class ClientSession:
         passed on the way) is skipped as soon as a later request reports, in
         ``settled_below``, that the client has its outcome; it is never guessed from time.
         """
-        with self._cond:
+        with self._lock:
             if self.revoked:
                 raise _revoked()
             if settled_below > self._settled_below:  # else nothing new to skip (checked once per request)
@@ -163,7 +167,11 @@ class ClientSession:
                         ErrorKind.TIMEOUT,
                         f"request number {seq} waited {timeout:.1f}s for request {self._next_seq} to finish",
                     )
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
 
     def would_wait(self, seq: int) -> bool:
         """Whether request ``seq`` would wait in :meth:`enter` for earlier ones (a snapshot:
@@ -173,7 +181,7 @@ class ClientSession:
     def abandon(self, seq: int) -> None:
         """The client gave request ``seq`` up without an answer: if it has not arrived, it
         never runs, and later requests do not wait for it."""
-        with self._cond:
+        with self._lock:
             if self._next_seq <= seq <= self._next_seq + _MAX_SEQ_AHEAD and seq not in self._present:
                 self._abandoned.add(seq)
                 self._skip_settled()
@@ -201,17 +209,18 @@ class ClientSession:
 
     def revoke(self) -> None:
         """End the waits of this client's requests (its token is no longer valid)."""
-        with self._cond:
+        with self._lock:
             self.revoked = True
             self._cond.notify_all()
 
     def leave(self, seq: int) -> None:
         """Let this client's next request run."""
-        with self._cond:
+        with self._lock:
             self._present.discard(seq)
             self._next_seq = seq + 1
             self._skip_settled()
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
 
 class SplitService:
