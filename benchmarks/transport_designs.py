@@ -12,9 +12,11 @@ alternatives to the parts of that design::
    loop on one thread), each answering at once and after handing the request to a compute
    thread and back, as SplitService hands every computation to its model's compute thread.
    Raw bytes echoed; the servers run in a second process. Beside them, splitflower's proxy
-   echo twice: as it ships (a small request is served on the idle compute thread itself, from
-   its receipt on), and sent as a large frame is, which a gRPC thread receives and hands to
-   the compute thread and back.
+   echo twice: served by SplitService as it ships, and by a SplitService whose gRPC handlers
+   run on the model's compute thread itself (no hand-off; rejected: gRPC's synchronous server
+   waits for a request's body on the handler's thread, with no time limit, so any peer that
+   sends headers and withholds the body would stop every computation; see
+   ``docs/performance.md``).
 2. Client: a call that blocks against one that polls its future for up to ``--poll-us``
    before blocking (so that its thread is awake when the reply comes), back to back and after
    ``--work-us`` of client work between calls (a proxy call encodes before and decodes after).
@@ -41,9 +43,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import grpc
 import numpy as np
@@ -53,6 +57,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport  # the sibling benchmark: its servers, proxy and records
 
+from splitflower import service as service_module
 from splitflower._threads import StickyExecutor
 from splitflower.compute import ComputeThread
 from splitflower.proxy import ServerModelProxy
@@ -62,7 +67,7 @@ from splitflower.service import SplitService
 SERVICE = "splitflower.bench.Designs"
 ECHO, HANDOFF = "Echo", "HandoffEcho"
 PROXY_SHIPPED = "splitflower proxy echo"
-PROXY_HANDED_OFF = "proxy echo, handed off"
+PROXY_INLINE = "proxy echo, handlers on compute"
 HALT_POLL_PARAMETER = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 WARMUP_CALLS = 300
 
@@ -115,16 +120,45 @@ def _aio_server(options: Sequence[tuple[str, Any]], compute: ComputeThread) -> i
     return ready[0]
 
 
-def _echo_service() -> tuple[SplitService, dict[str, dict[str, Any]]]:
-    """A SplitService with an echo session for each proxy variant, as a strategy opens one
-    (on the shared compute thread): their addresses and tokens, by variant."""
+class _OnComputeThread(Executor):
+    """An executor for a gRPC server that runs each task on one compute thread, in order."""
+
+    def __init__(self, compute: ComputeThread) -> None:
+        self._compute = compute
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def task() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # noqa: BLE001 - handed to the future's owner
+                    future.set_exception(err)
+
+        self._compute.submit(task)
+        return future
+
+    def raise_max_workers(self, max_workers: int) -> None:
+        """One thread, whatever SplitService asks for."""
+
+
+def _echo_service(compute: ComputeThread | None) -> tuple[SplitService, dict[str, Any]]:
+    """A SplitService with an echo session on its own compute thread; with ``compute``, its
+    gRPC handlers run on that thread too, so a computation runs where its request was handled."""
     service = SplitService()
-    service.start()
-    sessions = {}
-    for name in (PROXY_SHIPPED, PROXY_HANDED_OFF):
-        token, _ = service.open_session(name, ImmediateScheduler(transport.EchoModel(nn.Identity())))
-        sessions[name] = {"address": service.address, "token": token}
-    return service, sessions
+    if compute is None:
+        compute = ComputeThread("designs-service-compute")
+        service.start()
+    else:
+        on_compute = _OnComputeThread(compute)
+        # SplitService.start builds its gRPC executor: give it this one instead.
+        with mock.patch.object(service_module, "StickyExecutor", lambda *_, **__: on_compute):
+            service.start()
+        if service._executor is not on_compute:
+            raise RuntimeError("the service did not take the compute-thread executor; its handlers would not run there")
+    token, _ = service.open_session("echo", ImmediateScheduler(transport.EchoModel(nn.Identity()), compute=compute))
+    return service, {"address": service.address, "token": token}
 
 
 def server_main(conn: Connection, options: list[tuple[str, Any]]) -> None:
@@ -134,11 +168,20 @@ def server_main(conn: Connection, options: list[tuple[str, Any]]) -> None:
     try:
         sync_server, sync_port = _sync_server(options, ComputeThread("designs-sync-compute"))
         aio_port = _aio_server(options, ComputeThread("designs-aio-compute"))
-        service, sessions = _echo_service()
-        conn.send({"sync": f"127.0.0.1:{sync_port}", "aio": f"127.0.0.1:{aio_port}", **sessions})
+        shipped, shipped_session = _echo_service(None)
+        inline, inline_session = _echo_service(ComputeThread("designs-inline-compute"))
+        conn.send(
+            {
+                "sync": f"127.0.0.1:{sync_port}",
+                "aio": f"127.0.0.1:{aio_port}",
+                PROXY_SHIPPED: shipped_session,
+                PROXY_INLINE: inline_session,
+            }
+        )
         conn.recv()  # "stop"
         sync_server.stop(0)
-        service.stop(0)
+        shipped.stop(0)
+        inline.stop(0)
         conn.send("stopped")
     except BaseException:
         conn.send({transport.SERVER_ERROR: traceback.format_exc()})
@@ -180,7 +223,7 @@ def _polling(call: grpc.UnaryUnaryMultiCallable, payload: bytes, poll_us: float)
 
 def servers(address: dict[str, Any], options: Sequence[tuple[str, Any]], payload: bytes, calls: int) -> dict[str, Any]:
     """Section 1: thread-pool against aio, each at once and with a compute-thread hand-off;
-    splitflower's proxy echo as it ships and on the path of a large frame."""
+    splitflower's proxy echo with and without its handlers on the compute thread."""
     variants: dict[str, tuple[Callable[[], object], float]] = {}
     channels: list[grpc.Channel | ServerModelProxy] = []
     for kind in ("sync", "aio"):
@@ -192,10 +235,8 @@ def servers(address: dict[str, Any], options: Sequence[tuple[str, Any]], payload
                 raise RuntimeError(f"{kind} {method} came back different")
             variants[f"{kind} {method}"] = (functools.partial(call, payload), 0.0)
     tensor = torch.frombuffer(bytearray(payload), dtype=torch.float32)
-    for name in (PROXY_SHIPPED, PROXY_HANDED_OFF):
+    for name in (PROXY_SHIPPED, PROXY_INLINE):
         proxy = ServerModelProxy(address[name]["address"], address[name]["token"])
-        if name == PROXY_HANDED_OFF:  # the path of a large frame: a gRPC thread hands it to the compute thread
-            proxy._small_call = proxy._large_call
         channels.append(proxy)
         echoed = proxy.echo(x=tensor)
         if not isinstance(echoed, torch.Tensor) or not torch.equal(echoed, tensor):

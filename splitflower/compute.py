@@ -13,13 +13,6 @@ the machine.
 A scheduler may instead give its model a :class:`ComputeThread` of its own, so that a long
 computation on one model does not delay another (useful with several GPUs).
 
-The hand-off is a thread round trip per request, with the GIL changing hands on each
-side: on a small request it is the largest part of what splitflower adds to a gRPC round
-trip (``benchmarks/transport_designs.py``). So the service hands the whole of a small
-request, from its receipt on, to the compute thread when that thread is idle
-(:class:`ComputeFirstExecutor`); a request that would wait there for others runs on a gRPC
-thread while the compute thread works through its queue (:meth:`ComputeThread.run_jobs_until`).
-
 Example
 -------
 >>> run_on_compute_thread(sum, [1, 2, 3])
@@ -32,12 +25,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from splitflower._openmp import release_openmp_workers
 
-__all__ = ["ComputeFirstExecutor", "ComputeThread", "run_on_compute_thread", "shared_compute_thread"]
+__all__ = ["ComputeThread", "run_on_compute_thread", "shared_compute_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +48,6 @@ class _Job:
         self.done.acquire()
 
 
-_WAKE = object()  # queued to end a run_jobs_until wait; not a job
-
-
 class ComputeThread:
     """A daemon thread that runs the callables handed to it, one at a time, in order.
 
@@ -70,20 +59,9 @@ class ComputeThread:
     """
 
     def __init__(self, name: str = "splitflower-compute") -> None:
-        self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._outstanding = 0  # jobs queued or running (under _count_lock)
-        self._count_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
-
-    @property
-    def idle(self) -> bool:
-        """No job queued or running (a snapshot: another thread may queue one at once)."""
-        return self._outstanding == 0
-
-    def is_current(self) -> bool:
-        """Whether the calling thread is this compute thread."""
-        return threading.current_thread() is self._thread
 
     def _loop(self) -> None:
         while True:
@@ -93,92 +71,29 @@ class ComputeThread:
                 # Idle: stop this thread's OpenMP workers spinning on cores a client may need.
                 release_openmp_workers()
                 job = self._jobs.get()
-            if isinstance(job, _Job):
-                self._execute(job)
-            del job
-
-    def _execute(self, job: _Job) -> None:
-        try:
-            job.result = job.fn(*job.args, **job.kwargs)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-            job.error = err
-        with self._count_lock:
-            self._outstanding -= 1
-        job.done.release()
-
-    def _put(self, job: _Job) -> None:
-        with self._count_lock:
-            self._outstanding += 1
-        self._jobs.put(job)
-
-    def run_jobs_until(self, future: Future[Any]) -> None:
-        """On this thread only: run the jobs queued for it until ``future`` is done, so that
-        a job (a request handled here) that waits on other threads never holds up the jobs
-        they hand this thread."""
-        if not self.is_current():
-            raise RuntimeError("run_jobs_until runs queued jobs, so only the compute thread itself may call it")
-        future.add_done_callback(lambda _: self._jobs.put(_WAKE))
-        while not future.done():
-            job = self._jobs.get()
-            if isinstance(job, _Job):
-                self._execute(job)
+            try:
+                job.result = job.fn(*job.args, **job.kwargs)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                job.error = err
+            job.done.release()
             del job
 
     def submit(self, fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)`` to run on this thread, without waiting for it: ``fn``
         hands its own outcome on (an exception it raises is logged)."""
-        self._put(_Job(_logging_errors(fn), args, kwargs))
+        self._jobs.put(_Job(_logging_errors(fn), args, kwargs))
 
     def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Run ``fn(*args, **kwargs)`` on this thread and return its result (or raise)."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
         job = _Job(fn, args, kwargs)
-        self._put(job)
+        self._jobs.put(job)
         job.done.acquire()  # a bare lock is the cheapest wake-up Python has
         if job.error is not None:
             raise job.error
         result: _T = job.result
         return result
-
-
-class ComputeFirstExecutor(ThreadPoolExecutor):
-    """Runs a task on ``compute`` when that thread is idle, else on ``fallback``.
-
-    For gRPC's per-method thread pool (which must be a ``ThreadPoolExecutor``; this one
-    starts no threads of its own): the handler of a small request then computes where it
-    runs, without a hand-off. A task that finds the compute thread busy runs on
-    ``fallback`` at once, so a request is still received and checked while a long
-    computation runs.
-
-    Example
-    -------
-    >>> compute, fallback = ComputeThread("example-compute"), ThreadPoolExecutor(1, "example-fallback")
-    >>> ComputeFirstExecutor(compute, fallback).submit(lambda: threading.current_thread().name).result()
-    'example-compute'
-    """
-
-    def __init__(self, compute: ComputeThread, fallback: Executor) -> None:
-        super().__init__(max_workers=1)
-        self.compute, self.fallback = compute, fallback
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        if not self.compute.idle:
-            return self.fallback.submit(fn, *args, **kwargs)
-        future: Future[_T] = Future()
-        self.compute.submit(_settle, future, fn, args, kwargs)
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Nothing of its own to stop: the compute thread and ``fallback`` belong to others."""
-
-
-def _settle(future: Future[_T], fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if future.set_running_or_notify_cancel():
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - handed to the future's owner
-            future.set_exception(err)
 
 
 def _logging_errors(fn: Callable[..., object]) -> Callable[..., None]:

@@ -55,9 +55,7 @@ from splitflower.wire import (
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     GRPC_CALL_PATH,
-    GRPC_SMALL_CALL_PATH,
     MAX_IN_FLIGHT,
-    SMALL_FRAME_BYTES,
     ErrorKind,
 )
 
@@ -301,8 +299,7 @@ class ServerModelProxy:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        self._large_call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(GRPC_CALL_PATH)
-        self._small_call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(GRPC_SMALL_CALL_PATH)
+        self._call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(GRPC_CALL_PATH)
         self._closed = False
         self._last_wait_s = math.inf  # how long the last blocking call waited
 
@@ -365,7 +362,7 @@ class ServerModelProxy:
             return
         frame = encode_request(self._token, seq, ABANDONED_METHOD, {}, no_reply=True)
         try:
-            notice = self._small_call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread
+            notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread
         except (ValueError, grpc.RpcError) as err:  # the channel closed meanwhile
             logger.debug("%s a notice of an abandoned request was not sent: %s", self.log_prefix, err)
             return
@@ -444,18 +441,13 @@ class ServerModelProxy:
         future._settled.set()
         self._settle(seq, raw_error)
 
-    def _call(self, frame: bytes, timeout: float | None = None) -> bytes:
-        """Send ``frame`` and wait for the reply (raises grpc.RpcError)."""
-        call = self._small_call if len(frame) <= SMALL_FRAME_BYTES else self._large_call
-        return call(frame, timeout=timeout)  # type: ignore[no-any-return]
-
     def _call_before(self, frame: bytes, method: str, deadline: float | None) -> bytes:
         if deadline is None:
-            return self._call(frame)
+            return self._call(frame)  # type: ignore[no-any-return]
         left = deadline - time.monotonic()
         if left <= 0:
             raise self._not_sent(method)
-        return self._call(frame, timeout=left)
+        return self._call(frame, timeout=left)  # type: ignore[no-any-return]
 
     def _not_sent(self, method: str) -> ServerModelTimeoutError:
         return ServerModelTimeoutError(

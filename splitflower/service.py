@@ -21,7 +21,7 @@ import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,6 @@ import torch
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
 from splitflower.codec import TOKEN_BYTES, Request, check_value, decode_request, encode_reply, request_token
-from splitflower.compute import ComputeFirstExecutor, ComputeThread, shared_compute_thread
 from splitflower.errors import (
     CodecError,
     ConfigError,
@@ -39,7 +38,7 @@ from splitflower.errors import (
     ServerModelTimeoutError,
     UnknownMethodError,
 )
-from splitflower.scheduling import ImmediateScheduler, Scheduler
+from splitflower.scheduling import Scheduler
 from splitflower.wire import (
     ABANDONED_METHOD,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -47,7 +46,6 @@ from splitflower.wire import (
     FINISH_METHOD,
     GRPC_CALL_METHOD,
     GRPC_SERVICE,
-    GRPC_SMALL_CALL_METHOD,
     MAX_IN_FLIGHT,
     ErrorKind,
 )
@@ -173,11 +171,6 @@ class ClientSession:
                 finally:
                     self._waiting -= 1
 
-    def would_wait(self, seq: int) -> bool:
-        """Whether request ``seq`` would wait in :meth:`enter` for earlier ones (a snapshot:
-        only this client's requests move it, and a request that may enter at once stays so)."""
-        return seq != self._next_seq
-
     def abandon(self, seq: int) -> None:
         """The client gave request ``seq`` up without an answer: if it has not arrived, it
         never runs, and later requests do not wait for it."""
@@ -299,11 +292,10 @@ class SplitService:
         keep_freed_memory()
         executor = self._executor = StickyExecutor(self._max_workers, "splitflower-rpc")
         server = grpc.server(executor, options=options)
-        handlers = {
-            GRPC_CALL_METHOD: grpc.unary_unary_rpc_method_handler(self._handle),
-            GRPC_SMALL_CALL_METHOD: grpc.unary_unary_rpc_method_handler(_on_compute_first(self._handle, executor)),
-        }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),))
+        handler = grpc.unary_unary_rpc_method_handler(self._handle)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
+        )
         bind = f"{self.host}:{self.port}"
         cause: RuntimeError | None = None
         try:  # gRPC returns 0, or (newer versions) raises, when it cannot listen
@@ -408,23 +400,6 @@ class SplitService:
             return encode_reply(None)
         if session.finished and request.method != FINISH_METHOD:
             raise _invalid("this client already finished its round; no further calls run")
-        compute = shared_compute_thread()
-        if compute.is_current() and not _may_serve_on_compute_thread(session, request, compute):
-            # Handed here as a small request, but it would wait for others, whose computations
-            # need this thread: serve it on a gRPC thread while this one runs them.
-            elsewhere = self._rpc_threads().submit(self._serve_in_turn, session, request, frame, context, arrived)
-            compute.run_jobs_until(elsewhere)
-            return elsewhere.result()
-        return self._serve_in_turn(session, request, frame, context, arrived)
-
-    def _rpc_threads(self) -> StickyExecutor:
-        if self._executor is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, ErrorKind.INTERNAL, "the service is stopping")
-        return self._executor
-
-    def _serve_in_turn(
-        self, session: ClientSession, request: Request, frame: bytes, context: grpc.ServicerContext, arrived: float
-    ) -> bytes:
         session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
         try:  # everything below runs for one request of this client at a time
             wire, seconds = session.wire, session.seconds
@@ -480,35 +455,6 @@ class SplitService:
 def _takes_still_wanted(scheduler_cls: type[Scheduler]) -> bool:
     parameters = inspect.signature(scheduler_cls.run).parameters.values()
     return any(p.name == "still_wanted" or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
-def _on_compute_first(handler: Callable[..., bytes], fallback: StickyExecutor) -> Callable[..., bytes]:
-    """``handler`` for gRPC to run on the shared compute thread when that is idle (else on
-    ``fallback``), through gRPC's per-method thread pool. A gRPC without that option runs it
-    on the server's pool, which is only slower."""
-
-    def on_compute_first(frame: bytes, context: grpc.ServicerContext) -> bytes:
-        return handler(frame, context)
-
-    pool = ComputeFirstExecutor(shared_compute_thread(), fallback)
-    on_compute_first.experimental_thread_pool = pool  # type: ignore[attr-defined]
-    return on_compute_first
-
-
-def _may_serve_on_compute_thread(session: ClientSession, request: Request, compute: ComputeThread) -> bool:
-    """Whether a request may be served on ``compute`` itself: it waits for no other request
-    (neither earlier ones of its client nor other clients' to gather with: its scheduler
-    runs calls as they come) and computes there. Others are served on a gRPC thread: one
-    extra hand-off, next to a wait for other requests."""
-    scheduler = session.scheduler
-    return not session.would_wait(request.seq) and scheduler.compute is compute and _runs_at_once(type(scheduler))
-
-
-@functools.cache
-def _runs_at_once(scheduler_cls: type[Scheduler]) -> bool:
-    """Whether the scheduler's run is ImmediateScheduler's, which never waits for other calls
-    (a scheduler's own run may, and is only ever called on gRPC threads)."""
-    return scheduler_cls.run is ImmediateScheduler.run
 
 
 def _revoked() -> _Abort:

@@ -12,9 +12,6 @@ __all__ = [
     "GRPC_SERVICE",
     "GRPC_CALL_METHOD",
     "GRPC_CALL_PATH",
-    "GRPC_SMALL_CALL_METHOD",
-    "GRPC_SMALL_CALL_PATH",
-    "SMALL_FRAME_BYTES",
     "ERROR_KIND_METADATA_KEY",
     "FINISH_METHOD",
     "ABANDONED_METHOD",
@@ -30,12 +27,6 @@ __all__ = [
 GRPC_SERVICE: Final = "splitflower.v1.ServerModel"
 GRPC_CALL_METHOD: Final = "Call"
 GRPC_CALL_PATH: Final = f"/{GRPC_SERVICE}/{GRPC_CALL_METHOD}"
-# The same call for a request frame of at most SMALL_FRAME_BYTES: the server may serve it on
-# the compute thread itself, from its receipt on (no thread hand-off), since a frame that
-# small arrives at once on any link; a large upload would hold that thread while it arrives.
-GRPC_SMALL_CALL_METHOD: Final = "CallSmall"
-GRPC_SMALL_CALL_PATH: Final = f"/{GRPC_SERVICE}/{GRPC_SMALL_CALL_METHOD}"
-SMALL_FRAME_BYTES: Final = 16 * 1024
 
 # Trailing-metadata key naming which check failed, so the proxy raises the matching class.
 ERROR_KIND_METADATA_KEY: Final = "sf-error-kind"

@@ -176,7 +176,7 @@ def test_transport_designs_benchmark_records_each_design(tmp_path: Path) -> None
         "aio Echo",
         "aio HandoffEcho",
         "splitflower proxy echo",
-        "proxy echo, handed off",
+        "proxy echo, handlers on compute",
     ]
     assert list(results["clients"]) == [
         "blocking, 0 us work",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from splitflower.app import (
 )
 from splitflower.client import Client
 from splitflower.codec import encode_reply
-from splitflower.compute import ComputeFirstExecutor, ComputeThread
+from splitflower.compute import ComputeThread
 from splitflower.data import synthetic
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.report import check_plot_path, comparison_table, load_results, plot_results
@@ -140,46 +139,6 @@ def test_compute_thread_runs_everything_on_one_thread() -> None:
     assert compute.run(lambda: compute.run(lambda: 7)) == 7, "a job may call run() without deadlock"
     with pytest.raises(ValueError, match="boom"):
         compute.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
-
-
-def test_compute_first_executor_runs_a_task_on_the_idle_compute_thread_else_at_once_elsewhere() -> None:
-    compute = ComputeThread("first-compute")
-    with ThreadPoolExecutor(1, "first-fallback") as fallback:
-        executor = ComputeFirstExecutor(compute, fallback)
-        assert executor.submit(lambda: threading.current_thread().name).result(5) == "first-compute"
-        release = threading.Event()
-        compute.submit(release.wait, 5)  # a long computation holds the compute thread
-        assert not compute.idle
-        assert executor.submit(lambda: threading.current_thread().name).result(5) == "first-fallback_0"
-        release.set()
-        failing = executor.submit(lambda: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            failing.result(5)
-        executor.shutdown()  # stops neither the compute thread nor the fallback: they are others'
-        assert compute.run(lambda: 3) == 3 and fallback.submit(lambda: 4).result(5) == 4
-
-
-def test_a_job_waiting_on_another_thread_lets_the_compute_thread_run_the_jobs_that_thread_queues() -> None:
-    """A request served on the compute thread that must wait for work done elsewhere, work
-    that itself needs the compute thread, completes instead of deadlocking."""
-    compute = ComputeThread("pumping-compute")
-    elsewhere, caller = ThreadPoolExecutor(1), ThreadPoolExecutor(1)  # not joined: a deadlock must fail, not hang
-
-    def wait_for_work_that_needs_the_compute_thread() -> str:
-        work = elsewhere.submit(lambda: compute.run(lambda: threading.current_thread().name))
-        compute.run_jobs_until(work)
-        return work.result()
-
-    try:
-        assert caller.submit(compute.run, wait_for_work_that_needs_the_compute_thread).result(10) == "pumping-compute"
-        assert compute.idle
-    finally:
-        elsewhere.shutdown(wait=False)
-        caller.shutdown(wait=False)
-    done: Future[int] = Future()
-    done.set_result(1)
-    with pytest.raises(RuntimeError, match="only the compute thread itself"):
-        compute.run_jobs_until(done)
 
 
 def test_service_from_run_config_treats_empty_values_as_unset(tmp_path: Path) -> None:

@@ -44,10 +44,8 @@ from splitflower.wire import (
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     GRPC_CALL_PATH,
-    GRPC_SMALL_CALL_PATH,
     MAX_IN_FLIGHT,
     PROXY_ATTRIBUTES,
-    SMALL_FRAME_BYTES,
     ErrorKind,
 )
 
@@ -265,12 +263,11 @@ def test_a_method_the_base_class_would_hide_behind_an_attribute_is_refused_when_
     assert public <= listed, f"every attribute {base.__name__}.__init__ sets must be listed: {public - listed}"
 
 
-def _raw(service: SplitService, frame: bytes, timeout: float = 5, path: str = GRPC_CALL_PATH) -> bytes | grpc.RpcError:
-    """Send a hand-made frame (as a large frame goes, unless ``path`` says otherwise); the
-    reply frame, or the error gRPC raised."""
+def _raw(service: SplitService, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
+    """Send a hand-made frame; the reply frame, or the error gRPC raised."""
     with grpc.insecure_channel(service.address) as channel:
         try:
-            reply: bytes = channel.unary_unary(path)(frame, timeout=timeout)
+            reply: bytes = channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=timeout)
         except grpc.RpcError as err:
             return err
     return reply
@@ -537,28 +534,6 @@ def test_a_long_computation_does_not_block_the_transport(service: SplitService) 
     worker.join()
 
 
-def test_a_small_request_is_served_on_the_idle_compute_thread_and_a_large_one_handed_to_it(
-    service: SplitService, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A small request runs where it is received, with no thread hand-off; a large one is
-    received on a gRPC thread (it may take long to arrive) and computed on the compute thread."""
-    handled_on: list[str] = []
-    serve_in_turn = service._serve_in_turn
-
-    def spied(*args: Any) -> bytes:
-        handled_on.append(threading.current_thread().name)
-        return serve_in_turn(*args)
-
-    monkeypatch.setattr(service, "_serve_in_turn", spied)
-    model = Toy()
-    proxy = connect(service, model)
-    small, large = torch.ones(8), torch.ones(SMALL_FRAME_BYTES // 4 + 1)
-    torch.testing.assert_close(proxy.echo(x=small), small)
-    torch.testing.assert_close(proxy.echo(x=large), large)
-    assert handled_on[0] == "splitflower-compute"
-    assert handled_on[1].startswith("splitflower-rpc"), handled_on
-
-
 def test_fire_and_forget_error_surfaces_at_wait_all(service: SplitService) -> None:
     proxy = connect(service, Toy())
     proxy.fail.send(x=torch.ones(1))
@@ -658,33 +633,28 @@ def _record_frame(token: bytes, seq: int, settled_below: int) -> bytes:
     return encode_request(token, seq, "record", {"i": torch.tensor(seq)}, settled_below=settled_below)
 
 
-@pytest.mark.parametrize("path", [GRPC_CALL_PATH, GRPC_SMALL_CALL_PATH])
-def test_a_request_overtaken_on_the_way_waits_for_its_late_predecessor(service: SplitService, path: str) -> None:
+def test_a_request_overtaken_on_the_way_waits_for_its_late_predecessor(service: SplitService) -> None:
     """On a slow link a small request can overtake a large one by seconds: the later one
-    waits (its client still awaits the earlier), and both run in the client's order. (A
-    small one waits off the compute thread, which the earlier one's computation needs.)"""
+    waits (its client still awaits the earlier), and both run in the client's order."""
     model = Toy()
     token, _ = service.open_session("slow-link", ImmediateScheduler(model))
     with ThreadPoolExecutor(1) as background:
-        later = background.submit(_raw, service, _record_frame(token, 1, 0), 10, path)
+        later = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
         time.sleep(2.0)
-        results = [_raw(service, _record_frame(token, 0, 0), 10, path), later.result(10)]
+        results = [_raw(service, _record_frame(token, 0, 0), 10), later.result(10)]
     assert all(isinstance(r, bytes) for r in results), results
     assert model.seen == [0, 1]
 
 
-@pytest.mark.parametrize("path", [GRPC_CALL_PATH, GRPC_SMALL_CALL_PATH])
-def test_a_request_the_client_gave_up_on_is_skipped_once_a_later_request_says_so(
-    service: SplitService, path: str
-) -> None:
+def test_a_request_the_client_gave_up_on_is_skipped_once_a_later_request_says_so(service: SplitService) -> None:
     model = Toy()
     token, _ = service.open_session("gave-up", ImmediateScheduler(model))
     with ThreadPoolExecutor(1) as background:
-        waiting = background.submit(_raw, service, _record_frame(token, 1, 0), 10, path)
+        waiting = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
         time.sleep(0.5)
         assert model.seen == []  # request 0 may still be on its way: request 1 waits
         # "everything below 1 has settled here":
-        results = [_raw(service, _record_frame(token, 2, 1), 10, path), waiting.result(10)]
+        results = [_raw(service, _record_frame(token, 2, 1), 10), waiting.result(10)]
     assert model.seen == [1, 2]
     assert all(isinstance(r, bytes) for r in results), results
     error = _raw_call(service, _record_frame(token, 0, 0))
