@@ -9,7 +9,10 @@ waits for the strategy's ``min_available_nodes`` to be connected, e.g. after a S
 lost; default the strategy's own, 300), ``sf-host`` (default 127.0.0.1),
 ``sf-port`` (0 = any free port), ``sf-advertised-host``, ``sf-max-message-bytes``, and for
 TLS ``sf-tls-certificate``, ``sf-tls-private-key``, ``sf-tls-root-certificates`` (paths to
-PEM files).
+PEM files), and ``sf-tls-client-ca`` (PEM path: require each client to present a certificate
+it signed). A ClientApp reads its own certificate, for such a service, from its SuperNode's
+node config: ``sf-tls-client-certificate`` and ``sf-tls-client-private-key`` (PEM paths on the
+device; ``flower-supernode --node-config``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ __all__ = [
     "build_server_app",
     "build_client_app",
     "service_from_run_config",
+    "client_certificate_from_node_config",
     "NUM_SERVER_ROUNDS_KEY",
+    "TLS_CLIENT_CA_KEY",
+    "TLS_CLIENT_CERTIFICATE_KEYS",
     "client_reply_metrics",
 ]
 
@@ -56,13 +62,27 @@ logger = logging.getLogger(__name__)
 ROUND_TIMEOUT_KEY = "sf-round-timeout"
 NUM_SERVER_ROUNDS_KEY = "num-server-rounds"  # Flower's own templates' name for it
 NODE_WAIT_TIMEOUT_KEY = "sf-node-wait-timeout"
+TLS_CLIENT_CA_KEY = "sf-tls-client-ca"
+TLS_CLIENT_CERTIFICATE_KEYS = ("sf-tls-client-certificate", "sf-tls-client-private-key")
+"""Node-config keys of a client's own certificate chain and key (PEM paths), for mutual TLS."""
 
 
-def _read_pem(run_config: Mapping[str, Any], key: str) -> bytes:
-    path = Path(str(run_config[key]))
+def _read_pem(config: Mapping[str, Any], key: str, source: str = "run config") -> bytes:
+    path = Path(str(config[key]))
     if not path.is_file():
-        raise ConfigError(f"run config {key!r} must name a PEM file; {path} does not exist")
+        raise ConfigError(f"{source} {key!r} must name a PEM file; {path} does not exist")
     return path.read_bytes()
+
+
+def client_certificate_from_node_config(node_config: Mapping[str, Any]) -> tuple[bytes, bytes] | None:
+    """The client's (certificate chain, private key) its node config names, or None if it names none."""
+    given = [k for k in TLS_CLIENT_CERTIFICATE_KEYS if node_config.get(k)]
+    if not given:
+        return None
+    if len(given) != len(TLS_CLIENT_CERTIFICATE_KEYS):
+        raise ConfigError(f"a client certificate needs all of {list(TLS_CLIENT_CERTIFICATE_KEYS)}; got only {given}")
+    chain, key = (_read_pem(node_config, k, "node config") for k in TLS_CLIENT_CERTIFICATE_KEYS)
+    return chain, key
 
 
 def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
@@ -75,7 +95,13 @@ def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
     given = [k for k in tls_keys if run_config.get(k)]
     if given and len(given) != len(tls_keys):
         raise ConfigError(f"TLS needs all of {list(tls_keys)}; got only {given}")
-    tls = TlsConfig(*(_read_pem(run_config, k) for k in tls_keys)) if given else None
+    if run_config.get(TLS_CLIENT_CA_KEY) and not given:
+        raise ConfigError(f"{TLS_CLIENT_CA_KEY!r} (mutual TLS) needs TLS too: set {list(tls_keys)}")
+    client_ca = _read_pem(run_config, TLS_CLIENT_CA_KEY) if run_config.get(TLS_CLIENT_CA_KEY) else None
+    tls = None
+    if given:
+        certificate, private_key, roots = (_read_pem(run_config, k) for k in tls_keys)
+        tls = TlsConfig(certificate, private_key, roots, client_ca=client_ca)
     try:
         port = int(run_config.get("sf-port") or 0)
         max_bytes = int(run_config.get(ConfigKey.MAX_MESSAGE_BYTES) or DEFAULT_MAX_MESSAGE_BYTES)
@@ -368,7 +394,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         instance = client(context)
         _restore_local_state(instance, msg.content, context)
         instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
-        proxy = _proxy_from_config(config, instance)
+        proxy = _proxy_from_config(config, instance, client_certificate_from_node_config(context.node_config))
         instance.server_model_proxy = proxy
         fit = _fit_then_close(instance, proxy, arrays, config)
         local = instance.local_state()
@@ -425,17 +451,23 @@ def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
     return {} if record is None else record_tensors(record, "the handed-on optimizer state")
 
 
-def _proxy_from_config(config: Mapping[str, Any], client: Client) -> ServerModelProxy:
+def _proxy_from_config(
+    config: Mapping[str, Any], client: Client, client_certificate: tuple[bytes, bytes] | None = None
+) -> ServerModelProxy:
+    """The proxy the round config describes; ``client_certificate`` (the node's own) is
+    presented only to a service that serves over TLS."""
     missing = [k for k in (ConfigKey.PROXY_ADDRESS, ConfigKey.TOKEN) if k not in config]
     if missing:
         raise ConfigError(f"round config lacks {missing}; was this message sent by a SplitStrategy?")
+    roots = config.get(ConfigKey.ROOT_CERTIFICATES) or None
     return ServerModelProxy(
         str(config[ConfigKey.PROXY_ADDRESS]),
         bytes(config[ConfigKey.TOKEN]),
-        root_certificates=config.get(ConfigKey.ROOT_CERTIFICATES) or None,
+        root_certificates=roots,
         max_message_bytes=int(config.get(ConfigKey.MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)),
         default_timeout=float(config[ConfigKey.CALL_TIMEOUT]) if ConfigKey.CALL_TIMEOUT in config else None,
         max_in_flight=client.max_in_flight,
         log_prefix=client.log_prefix,
         memory=client.memory,
+        client_certificate=client_certificate if roots else None,
     )

@@ -244,7 +244,9 @@ class ServerModelProxy:
     """A client's channel to the server model that serves it this round.
 
     Built by the framework from the round config; a :class:`~splitflower.client.Client`
-    finds it as ``self.server_model_proxy``.
+    finds it as ``self.server_model_proxy``. Over TLS, ``root_certificates`` verify the
+    server, and ``client_certificate`` (PEM chain, PEM key) is this client's own, for a service
+    that requires one (:class:`~splitflower.service.TlsConfig`'s ``client_ca``).
 
     Example
     -------
@@ -265,9 +267,15 @@ class ServerModelProxy:
         max_in_flight: int = 8,
         log_prefix: str = "[client]",
         memory: MemoryTally | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
             raise ConfigError(f"max_in_flight must be 1 to {MAX_IN_FLIGHT}, got {max_in_flight}")
+        if client_certificate is not None and not root_certificates:
+            raise ConfigError(
+                "client_certificate is for mutual TLS and needs root_certificates to verify the server with; "
+                "the service's round config gives them when it serves over TLS"
+            )
         self.address = address
         self.max_message_bytes = max_message_bytes
         self.default_timeout = _check_timeout("default_timeout", default_timeout, ConfigError)
@@ -295,7 +303,10 @@ class ServerModelProxy:
             ("grpc.enable_http_proxy", 0),
         ]
         if root_certificates:
-            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            chain, key = client_certificate or (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates, private_key=key, certificate_chain=chain
+            )
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)

@@ -57,11 +57,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """PEM-encoded server certificate chain and key; clients verify against ``root_certificates``."""
+    """PEM-encoded server certificate chain and key; clients verify against ``root_certificates``.
+
+    With ``client_ca`` (PEM certificates), the service also requires each client to present a
+    certificate one of them signed (mutual TLS): a peer without one cannot complete the TLS
+    handshake, so it cannot open a call at all, let alone hold one of the service's threads by
+    withholding a request's body. Clients pass theirs as ``ServerModelProxy(...,
+    client_certificate=(chain, key))``.
+
+    Example
+    -------
+    >>> TlsConfig(b"<server chain>", b"<server key>", b"<root>", client_ca=b"<client CA>").client_ca
+    b'<client CA>'
+    """
 
     certificate_chain: bytes
     private_key: bytes
     root_certificates: bytes
+    client_ca: bytes | None = None
 
 
 # The server counts frames only (the client's TrafficMeter has the per-tensor detail), so
@@ -300,7 +313,11 @@ class SplitService:
         cause: RuntimeError | None = None
         try:  # gRPC returns 0, or (newer versions) raises, when it cannot listen
             if self.tls:
-                creds = grpc.ssl_server_credentials([(self.tls.private_key, self.tls.certificate_chain)])
+                creds = grpc.ssl_server_credentials(
+                    [(self.tls.private_key, self.tls.certificate_chain)],
+                    root_certificates=self.tls.client_ca,
+                    require_client_auth=self.tls.client_ca is not None,
+                )
                 self.bound_port = server.add_secure_port(bind, creds)
             else:
                 self.bound_port = server.add_insecure_port(bind)

@@ -29,7 +29,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from conftest import RAY_START_UP_FAILURES, empty_rounds
+from conftest import RAY_START_UP_FAILURES, empty_rounds, self_signed_certificate
 from splitflower.app import service_from_run_config
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -273,6 +273,7 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
         flower.watch_port(port)
     link = flower.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port))
     _wait_healthy(flower, link, link_port)
+    pems = _mutual_tls_files(flower.tmp)
     for i, port in enumerate(node_ports):
         flower.start(
             f"supernode-{i}",
@@ -283,7 +284,8 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
             "--port",
             str(port),
             "--node-config",
-            f"partition-id={i} num-partitions={len(node_ports)}",
+            f"partition-id={i} num-partitions={len(node_ports)} "
+            f"sf-tls-client-certificate='{pems['client-cert']}' sf-tls-client-private-key='{pems['client-key']}'",
         )
     # Flower 1.41 reads SuperLink connections from $FLWR_HOME/config.toml: `flwr run APP localhost`.
     (flower.home / "config.toml").write_text(
@@ -296,9 +298,15 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     assert status == "finished:completed", f"{details}\n{flower.tail()}"
     results = _check_results(out, flower.tail())
     _check_saved_model(model, results)
-    # A second run trains on from those weights: round 2, on the SuperNodes that ran round 1.
+    # A second run trains on from those weights: round 2, on the SuperNodes that ran round 1,
+    # over mutual TLS: each SuperNode presents the certificate its node config names (the
+    # first run, without TLS, left it unused).
     resumed = flower.tmp / "resumed-results.json"
-    run_config = RUN_CONFIG.replace("num-server-rounds=1", "num-server-rounds=2")
+    mutual_tls = (
+        f"sf-tls-certificate='{pems['server-cert']}' sf-tls-private-key='{pems['server-key']}' "
+        f"sf-tls-root-certificates='{pems['server-cert']}' sf-tls-client-ca='{pems['client-cert']}'"
+    )
+    run_config = RUN_CONFIG.replace("num-server-rounds=1", "num-server-rounds=2") + " " + mutual_tls
     rc = _flwr_run_localhost(flower, "flwr-run-resumed", f"{run_config} out='{resumed}' resume-from='{model}'")
     assert rc == 0, flower.tail()
     trained_on = json.loads(resumed.read_text())
@@ -306,6 +314,17 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     assert trained_on["rounds"][0] == results["rounds"][0], "the first run's round, carried on"
     assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1, "carried_rounds": 1, "changed": {}}
     assert trained_on["rounds"][1]["failed_clients"] == [] and trained_on["rounds"][1]["num_examples"] == 512
+
+
+def _mutual_tls_files(folder: Path) -> dict[str, Path]:
+    """PEM files of a server certificate and a client certificate (each its own CA) with keys."""
+    pems = {}
+    for party in ("server", "client"):
+        certificate, key = self_signed_certificate()
+        for kind, pem in (("cert", certificate), ("key", key)):
+            pems[f"{party}-{kind}"] = folder / f"{party}-{kind}.pem"
+            pems[f"{party}-{kind}"].write_bytes(pem)
+    return pems
 
 
 def _flwr_run_localhost(flower: Flower, name: str, run_config: str) -> int:
@@ -353,7 +372,7 @@ def test_example_pyproject_defaults_make_a_valid_config(task: Any) -> None:
 def test_the_example_declares_every_service_key_the_readme_tells_users_to_set() -> None:
     with (APP / "pyproject.toml").open("rb") as f:
         run_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    tls = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates")
+    tls = ("sf-tls-certificate", "sf-tls-private-key", "sf-tls-root-certificates", "sf-tls-client-ca")
     lan_and_tls = ("sf-advertised-host", "sf-max-message-bytes", "sf-node-wait-timeout", *tls)
     assert set(lan_and_tls) <= set(run_config), "Flower refuses --run-config overrides of undeclared keys"
     service = service_from_run_config(run_config)  # the declared defaults mean "unset"

@@ -19,6 +19,7 @@ from splitflower._threads import StickyExecutor
 from splitflower.app import (
     _handed_optimizer_state,
     _proxy_from_config,
+    client_certificate_from_node_config,
     service_from_run_config,
 )
 from splitflower.client import Client
@@ -152,6 +153,36 @@ def test_service_from_run_config_treats_empty_values_as_unset(tmp_path: Path) ->
         service_from_run_config(dict.fromkeys(keys, str(tmp_path / "missing.pem")))
     with pytest.raises(ConfigError, match="integers"):
         service_from_run_config({"sf-port": "eighty"})
+
+
+def test_mutual_tls_settings_come_from_the_run_config_and_each_node_s_config(tmp_path: Path) -> None:
+    pems = {
+        name: tmp_path / f"{name}.pem" for name in ("cert", "key", "roots", "client-ca", "client-cert", "client-key")
+    }
+    for name, path in pems.items():
+        path.write_bytes(f"<{name}>".encode())
+    tls = {
+        "sf-tls-certificate": pems["cert"],
+        "sf-tls-private-key": pems["key"],
+        "sf-tls-root-certificates": pems["roots"],
+    }
+    with pytest.raises(ConfigError, match="'sf-tls-client-ca' \\(mutual TLS\\) needs TLS too"):
+        service_from_run_config({"sf-tls-client-ca": str(pems["client-ca"])})
+    service = service_from_run_config({**tls, "sf-tls-client-ca": str(pems["client-ca"]), "sf-host": ""})
+    assert service.tls is not None and service.tls.client_ca == b"<client-ca>"
+    assert service_from_run_config({**tls, "sf-tls-client-ca": ""}).tls.client_ca is None  # type: ignore[union-attr]
+
+    assert client_certificate_from_node_config({"partition-id": 0, "sf-tls-client-certificate": ""}) is None
+    with pytest.raises(ConfigError, match="a client certificate needs all of"):
+        client_certificate_from_node_config({"sf-tls-client-certificate": str(pems["client-cert"])})
+    missing = {
+        "sf-tls-client-certificate": str(tmp_path / "gone.pem"),
+        "sf-tls-client-private-key": str(pems["client-key"]),
+    }
+    with pytest.raises(ConfigError, match="node config 'sf-tls-client-certificate' must name a PEM file"):
+        client_certificate_from_node_config(missing)
+    node = {"sf-tls-client-certificate": str(pems["client-cert"]), "sf-tls-client-private-key": str(pems["client-key"])}
+    assert client_certificate_from_node_config(node) == (b"<client-cert>", b"<client-key>")
 
 
 def test_strategy_call_timeout_reaches_the_clients_proxy() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import math
 import re
@@ -18,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import connect
+from conftest import connect, self_signed_certificate
 from splitflower import client, codec, server_model
 from splitflower.algorithms.csl import CSLServerModel
 from splitflower.client import Client
@@ -567,42 +566,10 @@ def test_results_return_on_callers_device_and_dtypes_roundtrip(service: SplitSer
     torch.testing.assert_close(proxy.echo(x=torch.empty(0, 5)), torch.empty(0, 5))
 
 
-def _self_signed() -> tuple[bytes, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), pem_key
-
-
 def test_tls_clients_verify_the_server_certificate() -> None:
     pytest.importorskip("cryptography")
-    cert, key = _self_signed()
-    other_cert, _ = _self_signed()
+    cert, key = self_signed_certificate()
+    other_cert, _ = self_signed_certificate()
     service = SplitService(tls=TlsConfig(cert, key, cert))
     service.start()
     try:
@@ -619,10 +586,64 @@ def test_tls_clients_verify_the_server_certificate() -> None:
         service.stop(grace=0)
 
 
+def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -> None:
+    """With a client CA, a peer without a trusted certificate cannot open a call at all, so it
+    cannot hold the service's threads (not even by withholding a request's body)."""
+    pytest.importorskip("cryptography")
+    server_cert, server_key = self_signed_certificate()
+    client_cert, client_key = self_signed_certificate()
+    stranger_cert, stranger_key = self_signed_certificate()
+    service = SplitService(tls=TlsConfig(server_cert, server_key, server_cert, client_ca=client_cert), max_workers=2)
+    service.start()
+    try:
+        token, _ = service.open_session("c", ImmediateScheduler(Toy()))
+        proxy = ServerModelProxy(
+            service.address, token, root_certificates=server_cert, client_certificate=(client_cert, client_key)
+        )
+        _still_serves(proxy)
+        credentials = grpc.ssl_channel_credentials(root_certificates=server_cert)
+        withheld = threading.Event()
+
+        def no_body() -> Any:
+            withheld.wait(10)
+            yield from ()
+
+        channels = [grpc.secure_channel(service.address, credentials) for _ in range(4)]  # twice the threads
+        stalls = [channel.stream_unary(GRPC_CALL_PATH).future(no_body()) for channel in channels]
+        for stall in stalls:
+            with pytest.raises(grpc.RpcError) as refused:
+                stall.result(timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        started = time.perf_counter()
+        _still_serves(proxy)
+        assert time.perf_counter() - started < 2
+        for certificate in (None, (stranger_cert, stranger_key)):
+            stranger = ServerModelProxy(
+                service.address,
+                token,
+                root_certificates=server_cert,
+                client_certificate=certificate,
+                default_timeout=3.0,
+            )
+            with pytest.raises((ServerUnavailableError, ServerModelTimeoutError)):
+                stranger.echo(x=torch.ones(1))
+        _still_serves(proxy)
+        withheld.set()
+        for channel in channels:
+            channel.close()
+    finally:
+        service.stop(grace=0)
+
+
+def test_a_client_certificate_without_roots_to_verify_the_server_is_refused() -> None:
+    with pytest.raises(ConfigError, match="client_certificate is for mutual TLS and needs root_certificates"):
+        ServerModelProxy("127.0.0.1:1", b"0" * 16, client_certificate=(b"chain", b"key"))
+
+
 def test_a_service_that_cannot_listen_says_which_setting_to_check() -> None:
     pytest.importorskip("cryptography")
-    cert, _ = _self_signed()
-    _, other_key = _self_signed()
+    cert, _ = self_signed_certificate()
+    _, other_key = self_signed_certificate()
     with pytest.raises(ConfigError, match=r"cannot listen on 127.0.0.1:0: the TLS private key does not match"):
         SplitService(tls=TlsConfig(cert, other_key, cert)).start()
     with pytest.raises(ConfigError, match=r"cannot listen on 192.0.2.1:0: the address is not this machine's"):
