@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ ROUND_TIMEOUT_KEY = "sf-round-timeout"
 NUM_SERVER_ROUNDS_KEY = "num-server-rounds"  # Flower's own templates' name for it
 NODE_WAIT_TIMEOUT_KEY = "sf-node-wait-timeout"
 TLS_CLIENT_CA_KEY = "sf-tls-client-ca"
+"""Run-config key: PEM path of the CA whose certificates the service requires of clients (mutual TLS)."""
 TLS_CLIENT_CERTIFICATE_KEYS = ("sf-tls-client-certificate", "sf-tls-client-private-key")
 """Node-config keys of a client's own certificate chain and key (PEM paths), for mutual TLS."""
 
@@ -81,7 +83,15 @@ def client_certificate_from_node_config(node_config: Mapping[str, Any]) -> tuple
         return None
     if len(given) != len(TLS_CLIENT_CERTIFICATE_KEYS):
         raise ConfigError(f"a client certificate needs all of {list(TLS_CLIENT_CERTIFICATE_KEYS)}; got only {given}")
+    paths = [Path(str(node_config[k])) for k in TLS_CLIENT_CERTIFICATE_KEYS]
     chain, key = (_read_pem(node_config, k, "node config") for k in TLS_CLIENT_CERTIFICATE_KEYS)
+    try:  # gRPC would only say "unreachable" at the first call
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(paths[0]), str(paths[1]))
+    except ssl.SSLError as err:
+        raise ConfigError(
+            f"node config {list(TLS_CLIENT_CERTIFICATE_KEYS)} must name a PEM certificate chain and its PEM "
+            f"private key; {paths[0]} and {paths[1]} are not such a pair ({err.reason or err})"
+        ) from err
     return chain, key
 
 
@@ -394,7 +404,7 @@ def build_client_app(client: Callable[[Context], Client]) -> ClientApp:
         instance = client(context)
         _restore_local_state(instance, msg.content, context)
         instance.handed_optimizer_state = _handed_optimizer_state(msg.content)
-        proxy = _proxy_from_config(config, instance, client_certificate_from_node_config(context.node_config))
+        proxy = _proxy_from_config(config, instance, context.node_config)
         instance.server_model_proxy = proxy
         fit = _fit_then_close(instance, proxy, arrays, config)
         local = instance.local_state()
@@ -452,10 +462,11 @@ def _handed_optimizer_state(content: RecordDict) -> dict[str, torch.Tensor]:
 
 
 def _proxy_from_config(
-    config: Mapping[str, Any], client: Client, client_certificate: tuple[bytes, bytes] | None = None
+    config: Mapping[str, Any], client: Client, node_config: Mapping[str, Any] | None = None
 ) -> ServerModelProxy:
-    """The proxy the round config describes; ``client_certificate`` (the node's own) is
-    presented only to a service that serves over TLS."""
+    """The proxy the round config describes. Where the service serves over TLS, the node
+    presents the certificate its node config names, if any (a service without mutual TLS
+    does not ask for it; one with it refuses a node without one)."""
     missing = [k for k in (ConfigKey.PROXY_ADDRESS, ConfigKey.TOKEN) if k not in config]
     if missing:
         raise ConfigError(f"round config lacks {missing}; was this message sent by a SplitStrategy?")
@@ -469,5 +480,5 @@ def _proxy_from_config(
         max_in_flight=client.max_in_flight,
         log_prefix=client.log_prefix,
         memory=client.memory,
-        client_certificate=client_certificate if roots else None,
+        client_certificate=client_certificate_from_node_config(node_config or {}) if roots else None,
     )

@@ -302,6 +302,7 @@ class ServerModelProxy:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_http_proxy", 0),
         ]
+        self._over_tls = bool(root_certificates)
         if root_certificates:
             chain, key = client_certificate or (None, None)
             credentials = grpc.ssl_channel_credentials(
@@ -535,7 +536,16 @@ class ServerModelProxy:
                 f"{self.max_message_bytes} bytes unless configured otherwise"
             )
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ServerUnavailableError(f"{method}: split-learning service at {self.address} unreachable ({details})")
+            hint = (
+                "; over TLS, check that root_certificates verify the server's certificate and, where the service "
+                "requires client certificates (mutual TLS), that this client presents one its client CA signed "
+                "(a SuperNode's sf-tls-client-certificate and sf-tls-client-private-key)"
+                if self._over_tls
+                else ""
+            )
+            return ServerUnavailableError(
+                f"{method}: split-learning service at {self.address} unreachable ({details}){hint}"
+            )
         return RemoteCallError(f"{method}: {code}: {details}")
 
     def wait_all(self, timeout: float | None = None) -> None:

@@ -67,14 +67,28 @@ class TlsConfig:
 
     Example
     -------
-    >>> TlsConfig(b"<server chain>", b"<server key>", b"<root>", client_ca=b"<client CA>").client_ca
-    b'<client CA>'
+    >>> TlsConfig(b"<server chain>", b"<server key>", b"<root>", client_ca=b"<client CA>")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    splitflower.errors.ConfigError: client_ca (sf-tls-client-ca) must hold PEM certificates ...; got 11 bytes ...
     """
 
     certificate_chain: bytes
     private_key: bytes
     root_certificates: bytes
     client_ca: bytes | None = None
+
+    def __post_init__(self) -> None:
+        # gRPC would take an empty or non-PEM client CA and then refuse every client, or fail
+        # to listen with an error that blames the server's key.
+        if self.client_ca is not None and _PEM_CERTIFICATE not in self.client_ca:
+            raise ConfigError(
+                f"client_ca (sf-tls-client-ca) must hold PEM certificates ({_PEM_CERTIFICATE.decode()}); "
+                f"got {len(self.client_ca)} bytes without one"
+            )
+
+
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
 # The server counts frames only (the client's TrafficMeter has the per-tensor detail), so

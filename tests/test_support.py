@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, self_signed_certificate
 from splitflower import cli
 from splitflower._tensor_record import tensor_record
 from splitflower._threads import StickyExecutor
@@ -156,33 +156,45 @@ def test_service_from_run_config_treats_empty_values_as_unset(tmp_path: Path) ->
 
 
 def test_mutual_tls_settings_come_from_the_run_config_and_each_node_s_config(tmp_path: Path) -> None:
-    pems = {
-        name: tmp_path / f"{name}.pem" for name in ("cert", "key", "roots", "client-ca", "client-cert", "client-key")
-    }
-    for name, path in pems.items():
-        path.write_bytes(f"<{name}>".encode())
+    pytest.importorskip("cryptography")
+    pems: dict[str, Path] = {}
+    for party in ("server", "client", "other"):
+        for kind, pem in zip(("cert", "key"), self_signed_certificate(), strict=True):
+            pems[f"{party}-{kind}"] = tmp_path / f"{party}-{kind}.pem"
+            pems[f"{party}-{kind}"].write_bytes(pem)
+    (tmp_path / "junk.pem").write_bytes(b"not a certificate")
     tls = {
-        "sf-tls-certificate": pems["cert"],
-        "sf-tls-private-key": pems["key"],
-        "sf-tls-root-certificates": pems["roots"],
+        "sf-tls-certificate": str(pems["server-cert"]),
+        "sf-tls-private-key": str(pems["server-key"]),
+        "sf-tls-root-certificates": str(pems["server-cert"]),
     }
-    with pytest.raises(ConfigError, match="'sf-tls-client-ca' \\(mutual TLS\\) needs TLS too"):
-        service_from_run_config({"sf-tls-client-ca": str(pems["client-ca"])})
-    service = service_from_run_config({**tls, "sf-tls-client-ca": str(pems["client-ca"]), "sf-host": ""})
-    assert service.tls is not None and service.tls.client_ca == b"<client-ca>"
+    with pytest.raises(ConfigError, match=r"'sf-tls-client-ca' \(mutual TLS\) needs TLS too"):
+        service_from_run_config({"sf-tls-client-ca": str(pems["client-cert"])})
+    with pytest.raises(ConfigError, match=r"client_ca \(sf-tls-client-ca\) must hold PEM certificates.*17 bytes"):
+        service_from_run_config({**tls, "sf-tls-client-ca": str(tmp_path / "junk.pem")})
+    service = service_from_run_config({**tls, "sf-tls-client-ca": str(pems["client-cert"])})
+    assert service.tls is not None and service.tls.client_ca == pems["client-cert"].read_bytes()
     assert service_from_run_config({**tls, "sf-tls-client-ca": ""}).tls.client_ca is None  # type: ignore[union-attr]
 
-    assert client_certificate_from_node_config({"partition-id": 0, "sf-tls-client-certificate": ""}) is None
+    keys = ("sf-tls-client-certificate", "sf-tls-client-private-key")
+    assert client_certificate_from_node_config({"partition-id": 0, keys[0]: ""}) is None
     with pytest.raises(ConfigError, match="a client certificate needs all of"):
-        client_certificate_from_node_config({"sf-tls-client-certificate": str(pems["client-cert"])})
-    missing = {
-        "sf-tls-client-certificate": str(tmp_path / "gone.pem"),
-        "sf-tls-client-private-key": str(pems["client-key"]),
-    }
+        client_certificate_from_node_config({keys[0]: str(pems["client-cert"])})
     with pytest.raises(ConfigError, match="node config 'sf-tls-client-certificate' must name a PEM file"):
-        client_certificate_from_node_config(missing)
-    node = {"sf-tls-client-certificate": str(pems["client-cert"]), "sf-tls-client-private-key": str(pems["client-key"])}
-    assert client_certificate_from_node_config(node) == (b"<client-cert>", b"<client-key>")
+        client_certificate_from_node_config({keys[0]: str(tmp_path / "gone.pem"), keys[1]: str(pems["client-key"])})
+    with pytest.raises(ConfigError, match="are not such a pair"):
+        client_certificate_from_node_config({keys[0]: str(pems["client-cert"]), keys[1]: str(pems["other-key"])})
+    node = {keys[0]: str(pems["client-cert"]), keys[1]: str(pems["client-key"])}
+    expected = (pems["client-cert"].read_bytes(), pems["client-key"].read_bytes())
+    assert client_certificate_from_node_config(node) == expected
+
+    # A node's certificate is read only for a service that serves over TLS.
+    client = Client(torch.nn.Linear(2, 2), synthetic(8, 8)[0])
+    config = {ConfigKey.PROXY_ADDRESS: "127.0.0.1:1", ConfigKey.TOKEN: b"0" * 16}
+    broken = {keys[0]: str(tmp_path / "gone.pem"), keys[1]: str(tmp_path / "gone.pem")}
+    assert _proxy_from_config(config, client, broken).address == "127.0.0.1:1"
+    with pytest.raises(ConfigError, match="must name a PEM file"):
+        _proxy_from_config({**config, ConfigKey.ROOT_CERTIFICATES: pems["server-cert"].read_bytes()}, client, broken)
 
 
 def test_strategy_call_timeout_reaches_the_clients_proxy() -> None:

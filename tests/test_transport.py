@@ -625,8 +625,10 @@ def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -
                 client_certificate=certificate,
                 default_timeout=3.0,
             )
-            with pytest.raises((ServerUnavailableError, ServerModelTimeoutError)):
+            with pytest.raises(ServerUnavailableError, match=r"requires client certificates \(mutual TLS\)"):
                 stranger.echo(x=torch.ones(1))
+            with pytest.raises(ServerUnavailableError):
+                stranger.close()
         _still_serves(proxy)
         withheld.set()
         for channel in channels:
@@ -635,9 +637,12 @@ def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -
         service.stop(grace=0)
 
 
-def test_a_client_certificate_without_roots_to_verify_the_server_is_refused() -> None:
+def test_a_client_certificate_without_roots_or_a_client_ca_without_a_certificate_is_refused() -> None:
     with pytest.raises(ConfigError, match="client_certificate is for mutual TLS and needs root_certificates"):
         ServerModelProxy("127.0.0.1:1", b"0" * 16, client_certificate=(b"chain", b"key"))
+    for junk in (b"", b"not a certificate"):
+        with pytest.raises(ConfigError, match=rf"must hold PEM certificates .* got {len(junk)} bytes without one"):
+            TlsConfig(b"chain", b"key", b"roots", client_ca=junk)
 
 
 def test_a_service_that_cannot_listen_says_which_setting_to_check() -> None:
