@@ -83,14 +83,14 @@ def client_certificate_from_node_config(node_config: Mapping[str, Any]) -> tuple
         return None
     if len(given) != len(TLS_CLIENT_CERTIFICATE_KEYS):
         raise ConfigError(f"a client certificate needs all of {list(TLS_CLIENT_CERTIFICATE_KEYS)}; got only {given}")
-    paths = [Path(str(node_config[k])) for k in TLS_CLIENT_CERTIFICATE_KEYS]
     chain, key = (_read_pem(node_config, k, "node config") for k in TLS_CLIENT_CERTIFICATE_KEYS)
+    chain_path, key_path = (str(node_config[k]) for k in TLS_CLIENT_CERTIFICATE_KEYS)
     try:  # gRPC would only say "unreachable" at the first call
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(paths[0]), str(paths[1]))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(chain_path, key_path)
     except ssl.SSLError as err:
         raise ConfigError(
             f"node config {list(TLS_CLIENT_CERTIFICATE_KEYS)} must name a PEM certificate chain and its PEM "
-            f"private key; {paths[0]} and {paths[1]} are not such a pair ({err.reason or err})"
+            f"private key; {chain_path} and {key_path} are not such a pair ({err.reason or err})"
         ) from err
     return chain, key
 
@@ -105,12 +105,13 @@ def service_from_run_config(run_config: Mapping[str, Any]) -> SplitService:
     given = [k for k in tls_keys if run_config.get(k)]
     if given and len(given) != len(tls_keys):
         raise ConfigError(f"TLS needs all of {list(tls_keys)}; got only {given}")
-    if run_config.get(TLS_CLIENT_CA_KEY) and not given:
+    mutual = bool(run_config.get(TLS_CLIENT_CA_KEY))
+    if mutual and not given:
         raise ConfigError(f"{TLS_CLIENT_CA_KEY!r} (mutual TLS) needs TLS too: set {list(tls_keys)}")
-    client_ca = _read_pem(run_config, TLS_CLIENT_CA_KEY) if run_config.get(TLS_CLIENT_CA_KEY) else None
     tls = None
     if given:
         certificate, private_key, roots = (_read_pem(run_config, k) for k in tls_keys)
+        client_ca = _read_pem(run_config, TLS_CLIENT_CA_KEY) if mutual else None
         tls = TlsConfig(certificate, private_key, roots, client_ca=client_ca)
     try:
         port = int(run_config.get("sf-port") or 0)

@@ -320,3 +320,14 @@ def self_signed_certificate() -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+
+def certificate_files(folder: Path, parties: tuple[str, ...]) -> dict[str, Path]:
+    """For each party a fresh self-signed certificate and its key, written as PEM files
+    ``<party>-cert.pem`` and ``<party>-key.pem`` in ``folder``: their paths, by that stem."""
+    files = {}
+    for party in parties:
+        for kind, pem in zip(("cert", "key"), self_signed_certificate(), strict=True):
+            files[f"{party}-{kind}"] = folder / f"{party}-{kind}.pem"
+            files[f"{party}-{kind}"].write_bytes(pem)
+    return files

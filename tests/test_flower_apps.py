@@ -29,7 +29,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from conftest import RAY_START_UP_FAILURES, empty_rounds, self_signed_certificate
+from conftest import RAY_START_UP_FAILURES, certificate_files, empty_rounds
 from splitflower.app import service_from_run_config
 from splitflower.errors import ConfigError, ResultsFileError
 from splitflower.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -273,7 +273,7 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
         flower.watch_port(port)
     link = flower.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port))
     _wait_healthy(flower, link, link_port)
-    pems = _mutual_tls_files(flower.tmp)
+    pems = certificate_files(flower.tmp, ("server", "client"))
     for i, port in enumerate(node_ports):
         flower.start(
             f"supernode-{i}",
@@ -314,17 +314,6 @@ def test_flwr_run_localhost_deployment(flower: Flower) -> None:
     assert trained_on["rounds"][0] == results["rounds"][0], "the first run's round, carried on"
     assert trained_on["resumed_from"] == {"path": str(model), "rounds": 1, "carried_rounds": 1, "changed": {}}
     assert trained_on["rounds"][1]["failed_clients"] == [] and trained_on["rounds"][1]["num_examples"] == 512
-
-
-def _mutual_tls_files(folder: Path) -> dict[str, Path]:
-    """PEM files of a server certificate and a client certificate (each its own CA) with keys."""
-    pems = {}
-    for party in ("server", "client"):
-        certificate, key = self_signed_certificate()
-        for kind, pem in (("cert", certificate), ("key", key)):
-            pems[f"{party}-{kind}"] = folder / f"{party}-{kind}.pem"
-            pems[f"{party}-{kind}"].write_bytes(pem)
-    return pems
 
 
 def _flwr_run_localhost(flower: Flower, name: str, run_config: str) -> int:

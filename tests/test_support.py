@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from conftest import REPO_ROOT, self_signed_certificate
+from conftest import REPO_ROOT, certificate_files
 from splitflower import cli
 from splitflower._tensor_record import tensor_record
 from splitflower._threads import StickyExecutor
@@ -157,11 +157,7 @@ def test_service_from_run_config_treats_empty_values_as_unset(tmp_path: Path) ->
 
 def test_mutual_tls_settings_come_from_the_run_config_and_each_node_s_config(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
-    pems: dict[str, Path] = {}
-    for party in ("server", "client", "other"):
-        for kind, pem in zip(("cert", "key"), self_signed_certificate(), strict=True):
-            pems[f"{party}-{kind}"] = tmp_path / f"{party}-{kind}.pem"
-            pems[f"{party}-{kind}"].write_bytes(pem)
+    pems = certificate_files(tmp_path, ("server", "client", "other"))
     (tmp_path / "junk.pem").write_bytes(b"not a certificate")
     tls = {
         "sf-tls-certificate": str(pems["server-cert"]),

@@ -7,6 +7,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -586,6 +587,39 @@ def test_tls_clients_verify_the_server_certificate() -> None:
         service.stop(grace=0)
 
 
+def _calls_withholding_their_bodies(channels: list[grpc.Channel], until: threading.Event) -> list[grpc.Future]:
+    """A call on each channel that sends its headers and no body until ``until`` is set (no token)."""
+
+    def no_body() -> Iterator[bytes]:
+        until.wait(10)
+        yield from ()
+
+    return [channel.stream_unary(GRPC_CALL_PATH).future(no_body()) for channel in channels]
+
+
+def test_a_peer_withholding_request_bodies_holds_the_service_s_threads_until_it_lets_go() -> None:
+    """The exposure the README states: gRPC waits for a body on a service thread, without a
+    time limit, before splitflower sees the request (no token needed)."""
+    service = SplitService(max_workers=2)
+    service.start()
+    try:
+        proxy = connect(service, Toy(), default_timeout=1.0)
+        _still_serves(proxy)
+        channels = [grpc.insecure_channel(service.address) for _ in range(2)]
+        withheld = threading.Event()
+        stalls = _calls_withholding_their_bodies(channels, withheld)  # kept: a dropped call is cancelled
+        time.sleep(1.0)  # time for the calls to reach the service's threads
+        assert not any(stall.done() for stall in stalls)
+        with pytest.raises(ServerModelTimeoutError):
+            proxy.echo(x=torch.ones(1))
+        withheld.set()
+        for channel in channels:
+            channel.close()
+        _still_serves(proxy)
+    finally:
+        service.stop(grace=0)
+
+
 def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -> None:
     """With a client CA, a peer without a trusted certificate cannot open a call at all, so it
     cannot hold the service's threads (not even by withholding a request's body)."""
@@ -602,15 +636,9 @@ def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -
         )
         _still_serves(proxy)
         credentials = grpc.ssl_channel_credentials(root_certificates=server_cert)
-        withheld = threading.Event()
-
-        def no_body() -> Any:
-            withheld.wait(10)
-            yield from ()
-
         channels = [grpc.secure_channel(service.address, credentials) for _ in range(4)]  # twice the threads
-        stalls = [channel.stream_unary(GRPC_CALL_PATH).future(no_body()) for channel in channels]
-        for stall in stalls:
+        withheld = threading.Event()
+        for stall in _calls_withholding_their_bodies(channels, withheld):
             with pytest.raises(grpc.RpcError) as refused:
                 stall.result(timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
