@@ -182,7 +182,7 @@ def _swap(model: ServerModel, context: CallContext) -> None:
 
 def hot_loop(tensor: torch.Tensor) -> dict[str, float]:
     """The same code back to back in this process (caches warm, no other thread running)."""
-    frame = encode_request(bytes(16), 0, "echo", {"x": tensor})
+    frame = encode_request(0, "echo", {"x": tensor})
     stub = ServerModelProxy("127.0.0.1:1", bytes(16))  # never dials: its gRPC call is replaced
     reply = encode_reply(tensor)
     stub._call = lambda *args, **kwargs: reply  # type: ignore[method-assign]

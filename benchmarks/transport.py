@@ -543,10 +543,8 @@ def _proxy_echo(proxy: ServerModelProxy, tensor: torch.Tensor) -> Callable[[], o
 
 
 def _codec_echo_call(codec_call: Callable[..., bytes], tensor: torch.Tensor) -> Callable[[], Any]:
-    token = bytes(16)
-
     def call() -> Any:
-        return decode_reply(codec_call(encode_request(token, 0, "echo", {"x": tensor}))).value
+        return decode_reply(codec_call(encode_request(0, "echo", {"x": tensor}))).value
 
     return call
 

@@ -8,8 +8,7 @@ instead of yielding garbage.
 
 Request frame::
 
-    "SF" | version u8 | kind=1 u8 | flags u8 | token 16B | seq u32 | settled below u32
-    | table length u16
+    "SF" | version u8 | kind=1 u8 | flags u8 | seq u32 | settled below u32 | table length u16
     | method (u8 len + utf-8) | tensor table | padding to 8 | tensor data (each block padded to 8)
 
 Reply frame::
@@ -19,12 +18,13 @@ Reply frame::
 
 Tensor table: ``count u8`` then per tensor ``name (u8 len + utf-8) | dtype u8 | ndim u8 |
 dims u32 x ndim``. Byte order is little-endian on both ends (every platform splitflower
-targets, x86-64 and aarch64, is little-endian).
+targets, x86-64 and aarch64, is little-endian). A request carries no credential: the
+client's token is in the gRPC method path it calls (:func:`splitflower.wire.call_path`).
 
 Example
 -------
 >>> import torch
->>> frame = encode_request(b"0" * 16, 7, "forward", {"z": torch.ones(2, 3)})
+>>> frame = encode_request(7, "forward", {"z": torch.ones(2, 3)})
 >>> request = decode_request(frame)
 >>> request.method, request.seq, tuple(request.tensors["z"].shape)
 ('forward', 7, (2, 3))
@@ -45,13 +45,11 @@ import torch
 from splitflower.errors import CodecError
 
 __all__ = [
-    "TOKEN_BYTES",
     "ResultKind",
     "Request",
     "Reply",
     "encode_request",
     "decode_request",
-    "request_token",
     "check_value",
     "MAX_DIMENSIONS",
     "encode_reply",
@@ -60,13 +58,14 @@ __all__ = [
     "value_tensors",
 ]
 
-TOKEN_BYTES: Final = 16
 _MAGIC: Final = b"SF"
-_VERSION: Final = 3  # 3: a reply's two times are f32 (a reply of one tensor fits 24 bytes of head and table)
+# 3: a reply's two times are f32 (a reply of one tensor fits 24 bytes of head and table);
+# 4: the token left the request frame for the gRPC method path.
+_VERSION: Final = 4
 _KIND_REQUEST: Final = 1
 _KIND_REPLY: Final = 2
 _ALIGN: Final = 8
-_REQUEST_HEAD = struct.Struct(f"<2sBBB{TOKEN_BYTES}sIIH")
+_REQUEST_HEAD = struct.Struct("<2sBBBIIH")
 _REPLY_HEAD = struct.Struct("<2sBBBffH")
 _U8 = struct.Struct("<B")
 _ENTRY_HEAD = struct.Struct("<BB")
@@ -100,7 +99,6 @@ class ResultKind(IntEnum):
 class Request(NamedTuple):
     """A decoded request frame."""
 
-    token: bytes
     seq: int
     method: str
     no_reply: bool
@@ -251,7 +249,6 @@ _ZEROS = bytes(_ALIGN)
 
 
 def encode_request(
-    token: bytes,
     seq: int,
     method: str,
     tensors: Mapping[str, torch.Tensor],
@@ -265,8 +262,6 @@ def encode_request(
     its outcome, so the server can tell a request that failed before reaching it from one
     still on its way.
     """
-    if len(token) != TOKEN_BYTES:
-        raise CodecError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
     encoded_method = method.encode()
     if not encoded_method or len(encoded_method) > 255:
         raise CodecError(f"method names must be 1-255 bytes of UTF-8, got {method!r}")
@@ -276,7 +271,6 @@ def encode_request(
         _VERSION,
         _KIND_REQUEST,
         _FLAG_NO_REPLY if no_reply else 0,
-        token,
         seq & 0xFFFFFFFF,
         (seq if settled_below is None else settled_below) & 0xFFFFFFFF,
         len(table),
@@ -412,16 +406,9 @@ def _request_head(frame: bytes) -> tuple[Any, ...]:
     return head
 
 
-def request_token(frame: bytes) -> bytes:
-    """A request's token, read from the fixed header alone: a server refuses strangers
-    before it parses anything they sent."""
-    token: bytes = _request_head(frame)[4]
-    return token
-
-
 def decode_request(frame: bytes) -> Request:
     """Decode a request frame; tensors share memory with ``frame`` (no copy)."""
-    _, _, _, flags, token, seq, settled_below, table_length = _request_head(frame)
+    _, _, _, flags, seq, settled_below, table_length = _request_head(frame)
     offset = _REQUEST_HEAD.size
     method_length = frame[offset]
     method_bytes = frame[offset + 1 : offset + 1 + method_length]
@@ -433,7 +420,7 @@ def decode_request(frame: bytes) -> Request:
         raise CodecError("the method name is not valid UTF-8") from err
     tensors = _decode_tensors(frame, offset + 1 + method_length, table_length)
     no_reply = bool(flags & _FLAG_NO_REPLY)
-    return Request(token, seq, method, no_reply, tensors, settled_below)
+    return Request(seq, method, no_reply, tensors, settled_below)
 
 
 def decode_reply(frame: bytes) -> Reply:

@@ -54,9 +54,9 @@ from splitflower.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
-    GRPC_CALL_PATH,
     MAX_IN_FLIGHT,
     ErrorKind,
+    call_path,
 )
 
 __all__ = ["ServerModelProxy", "RemoteMethod", "ProxyFuture", "Value"]
@@ -284,7 +284,7 @@ class ServerModelProxy:
         self.times = TimeMeter()
         self.memory = memory or MemoryTally()
         keep_freed_memory()
-        self._token = token
+        path = call_path(token)  # checks the token before a channel opens
         self._next_seq = 0
         self._unsettled: set[int] = set()  # numbers of requests sent whose outcome is not back
         self._seq_lock = threading.Lock()
@@ -311,7 +311,7 @@ class ServerModelProxy:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        self._call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(GRPC_CALL_PATH)
+        self._call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(path)
         self._closed = False
         self._last_wait_s = math.inf  # how long the last blocking call waited
 
@@ -346,7 +346,7 @@ class ServerModelProxy:
             # Every number below min(unsettled) has its outcome here: if the server never saw
             # one of them, it failed on the way and the server need not wait for it.
             settled_below = min(self._unsettled, default=seq)
-            frame = encode_request(self._token, seq, method, tensors, no_reply=no_reply, settled_below=settled_below)
+            frame = encode_request(seq, method, tensors, no_reply=no_reply, settled_below=settled_below)
             if len(frame) > self.max_message_bytes:
                 raise MessageTooLargeError(
                     f"{method}: request is {len(frame)} bytes, over the limit of {self.max_message_bytes}; "
@@ -372,7 +372,7 @@ class ServerModelProxy:
     def _notify_abandoned(self, seq: int) -> None:
         if self._closed:  # its calls end because the channel closed; the server revokes the session
             return
-        frame = encode_request(self._token, seq, ABANDONED_METHOD, {}, no_reply=True)
+        frame = encode_request(seq, ABANDONED_METHOD, {}, no_reply=True)
         try:
             notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread
         except (ValueError, grpc.RpcError) as err:  # the channel closed meanwhile

@@ -2,9 +2,11 @@
 
 Clients reach server models through it, one unary call per offloaded computation, with
 frames encoded by :mod:`splitflower.codec` (no protobuf code generation, no pickle). The
-service authenticates each request by a token the strategy issued to that client for the
-round, keeps each client's requests in the order it sent them, and hands them to the
-scheduler of the server model that serves the client. Every failure (unknown method, bad
+service authenticates each call by the token the strategy issued to that client for the
+round (the call's method path, :func:`splitflower.wire.call_path`) as soon as the call's
+headers arrive, before gRPC waits for its body on a service thread; it keeps each
+client's requests in the order it sent them and hands them to the scheduler of the server
+model that serves the client. Every failure (unknown method, bad
 arguments, corrupt bytes, oversize message, missing or stale token, an exception in the
 method) is answered to that caller alone with a gRPC status and an error kind; the service
 keeps serving everyone else.
@@ -21,16 +23,17 @@ import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import torch
 
 from splitflower._malloc import keep_freed_memory
 from splitflower._threads import StickyExecutor
-from splitflower.codec import TOKEN_BYTES, Request, check_value, decode_request, encode_reply, request_token
+from splitflower.codec import Request, check_value, decode_request, encode_reply
 from splitflower.errors import (
     CodecError,
     ConfigError,
@@ -44,10 +47,11 @@ from splitflower.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
-    GRPC_CALL_METHOD,
-    GRPC_SERVICE,
+    GRPC_CALL_PREFIX,
     MAX_IN_FLIGHT,
+    TOKEN_BYTES,
     ErrorKind,
+    call_path,
 )
 
 __all__ = ["TlsConfig", "SplitService", "ClientSession"]
@@ -131,11 +135,35 @@ class ClientSession:
         self._settled_below = 0
         self._present: set[int] = set()
         self._abandoned: set[int] = set()  # numbers the client gave up before they arrived
+        self._awaiting_body = 0  # its calls whose request frame has not arrived
         # A plain lock taken directly on every request (a Condition's own enter and exit are
         # Python calls); its condition is notified only when a request waits on it.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
+
+    def receive(self, requests: Iterator[bytes]) -> bytes:
+        """Wait for a call's request frame; refused at once while ``max_in_progress`` of this
+        client's calls wait for theirs, so that a client withholding its requests' bodies holds
+        at most that many of the service's threads."""
+        with self._lock:
+            if self._awaiting_body >= self.max_in_progress:
+                raise _Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ErrorKind.INVALID_ARGUMENTS,
+                    f"{self._awaiting_body} of this client's calls are waiting for their request bodies, the most "
+                    f"its share of the service's threads allows ({self.max_in_progress}; a proxy keeps at most "
+                    f"{MAX_IN_FLIGHT + 1} calls in flight): send each call's body with its headers",
+                )
+            self._awaiting_body += 1
+        try:
+            frame = next(requests, None)  # a cancelled call raises grpc.RpcError: nobody to answer
+        finally:
+            with self._lock:
+                self._awaiting_body -= 1
+        if frame is None:
+            raise _invalid("the call ended without a request frame; send exactly one per call")
+        return frame
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
@@ -298,6 +326,8 @@ class SplitService:
         self._server: grpc.Server | None = None
         self._executor: StickyExecutor | None = None
         self._sessions: dict[bytes, ClientSession] = {}
+        # A call's method path -> its session's handler; read by _Router on each call's headers.
+        self._routes: dict[str, grpc.RpcMethodHandler] = {}
         self._lock = threading.Lock()
         self.bound_port = 0
 
@@ -319,10 +349,7 @@ class SplitService:
         keep_freed_memory()
         executor = self._executor = StickyExecutor(self._max_workers, "splitflower-rpc")
         server = grpc.server(executor, options=options)
-        handler = grpc.unary_unary_rpc_method_handler(self._handle)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(GRPC_SERVICE, {GRPC_CALL_METHOD: handler}),)
-        )
+        server.add_generic_rpc_handlers((_Router(self._routes),))
         bind = f"{self.host}:{self.port}"
         cause: RuntimeError | None = None
         try:  # gRPC returns 0, or (newer versions) raises, when it cannot listen
@@ -384,45 +411,40 @@ class SplitService:
         # always as many as a proxy keeps in flight.
         in_progress = max(self._max_workers // 2, MAX_IN_FLIGHT + 1)
         session = ClientSession(client, scheduler, max_in_progress=in_progress)
+        # Client-streaming to gRPC, one message on the wire: the handler starts before the body
+        # arrives, so the session can bound how many of its calls wait for theirs.
+        handler = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle, session))
         with self._lock:
             self._sessions[token] = session
+            self._routes[call_path(token)] = handler
         return token, session
 
     def close_session(self, token: bytes) -> None:
         """Revoke a token; the client's later requests are refused."""
         with self._lock:
             session = self._sessions.pop(token, None)
+            self._routes.pop(call_path(token), None)
         if session is not None:
             session.revoke()
         if session is not None and not session.finished:
             session.finished = True
             session.scheduler.client_finished(session.client)
 
-    def _handle(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+    def _handle(self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         try:
             try:
-                return self._serve(frame, context)
-            except _Abort:
+                return self._serve(session, session.receive(requests), context)
+            except (_Abort, grpc.RpcError):  # RpcError: the caller cancelled; nobody to answer
                 raise
             except BaseException as err:  # a bug here must still answer the caller
                 logger.exception("[server] unexpected error while serving a request")
                 raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
         except _Abort as abort:
-            context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, abort.kind),))
-            context.abort(abort.code, abort.message)
-            raise  # unreachable: abort raises
+            _answer(abort, context)
 
-    def _serve(self, frame: bytes, context: grpc.ServicerContext) -> bytes:
+    def _serve(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
         arrived = time.perf_counter()
         try:
-            session = self._sessions.get(request_token(frame))  # a single dict read: atomic under the GIL
-            if session is None:
-                raise _Abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    ErrorKind.AUTH,
-                    "token not issued for the current round (missing, wrong or expired); "
-                    "a client gets its token from the strategy's round config",
-                )
             request = decode_request(frame)
         except CodecError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
@@ -480,6 +502,43 @@ class SplitService:
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
+
+
+def _answer(abort: _Abort, context: grpc.ServicerContext) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, abort.kind),))
+    context.abort(abort.code, abort.message)
+    raise abort  # unreachable: abort raises
+
+
+def _refuse_stranger(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    """A call whose path holds no token of the current round: answered at once, its body unread."""
+    _answer(
+        _Abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            ErrorKind.AUTH,
+            "token not issued for the current round (missing, wrong or expired); "
+            "a client gets its token from the strategy's round config",
+        ),
+        context,
+    )
+
+
+class _Router(grpc.GenericRpcHandler):
+    """Finds a call's handler from its method path alone, on gRPC's polling thread when the
+    call's headers arrive: a call to this service without a live token is refused before gRPC
+    gives it a thread to wait for its body on."""
+
+    _STRANGER = grpc.stream_unary_rpc_method_handler(_refuse_stranger)
+
+    def __init__(self, routes: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._routes = routes
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = self._routes.get(method)  # a single dict read: atomic under the GIL
+        if handler is None and method.startswith(GRPC_CALL_PREFIX):
+            return self._STRANGER
+        return handler  # None for other services' paths: gRPC answers UNIMPLEMENTED
 
 
 @functools.cache

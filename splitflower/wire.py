@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Final
 
+from splitflower.errors import ConfigError
+
 __all__ = [
     "GRPC_SERVICE",
-    "GRPC_CALL_METHOD",
-    "GRPC_CALL_PATH",
+    "GRPC_CALL_PREFIX",
+    "TOKEN_BYTES",
+    "call_path",
     "ERROR_KIND_METADATA_KEY",
     "FINISH_METHOD",
     "ABANDONED_METHOD",
@@ -25,8 +28,28 @@ __all__ = [
 ]
 
 GRPC_SERVICE: Final = "splitflower.v1.ServerModel"
-GRPC_CALL_METHOD: Final = "Call"
-GRPC_CALL_PATH: Final = f"/{GRPC_SERVICE}/{GRPC_CALL_METHOD}"
+GRPC_CALL_PREFIX: Final = f"/{GRPC_SERVICE}/"
+TOKEN_BYTES: Final = 16
+
+
+def call_path(token: bytes) -> str:
+    """The gRPC method path of every call a client holding ``token`` makes.
+
+    The token is the path's method name, so the service finds the client's session as soon
+    as a call's headers arrive, before gRPC waits for its body on one of the service's
+    threads: a caller without a token of the current round holds no thread at all. HTTP/2
+    header compression sends a path it has sent on the connection before in a byte or two.
+
+    Example
+    -------
+    >>> call_path(bytes(range(16)))
+    '/splitflower.v1.ServerModel/000102030405060708090a0b0c0d0e0f'
+    """
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        got = f"{len(token)} bytes" if isinstance(token, bytes) else type(token).__name__
+        raise ConfigError(f"a token is {TOKEN_BYTES} bytes (from the round config's sf-token), got {got}")
+    return GRPC_CALL_PREFIX + token.hex()
+
 
 # Trailing-metadata key naming which check failed, so the proxy raises the matching class.
 ERROR_KIND_METADATA_KEY: Final = "sf-error-kind"

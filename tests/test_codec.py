@@ -11,11 +11,9 @@ import torch
 from splitflower.codec import decode_reply, decode_request, encode_reply, encode_request
 from splitflower.errors import CodecError
 
-TOKEN = bytes(16)
-
 
 def _round_trip(tensor: torch.Tensor) -> torch.Tensor:
-    sent = decode_request(encode_request(TOKEN, 0, "m", {"x": tensor})).tensors["x"]
+    sent = decode_request(encode_request(0, "m", {"x": tensor})).tensors["x"]
     back = decode_reply(encode_reply(sent)).value
     assert isinstance(back, torch.Tensor)
     return back
@@ -45,15 +43,15 @@ def test_every_tensor_layout_round_trips_exactly(make: object) -> None:
 
 def test_a_sparse_tensor_is_refused_even_after_a_dense_one_of_its_dtype_and_shape() -> None:
     dense = torch.eye(3)
-    encode_request(TOKEN, 0, "m", {"x": dense})  # the dense table is now cached
+    encode_request(0, "m", {"x": dense})  # the dense table is now cached
     with pytest.raises(CodecError, match="expected a dense tensor"):
-        encode_request(TOKEN, 1, "m", {"x": dense.to_sparse()})
+        encode_request(1, "m", {"x": dense.to_sparse()})
 
 
 def test_a_meta_tensor_is_refused_even_after_a_real_one_of_its_dtype_and_shape() -> None:
-    encode_request(TOKEN, 0, "m", {"z": torch.ones(2)})  # the table is now cached
+    encode_request(0, "m", {"z": torch.ones(2)})  # the table is now cached
     with pytest.raises(CodecError, match="argument 'z': a meta tensor has a shape but no values to send"):
-        encode_request(TOKEN, 1, "m", {"z": torch.ones(2, device="meta")})
+        encode_request(1, "m", {"z": torch.ones(2, device="meta")})
     with pytest.raises(CodecError, match="returned item '_': a meta tensor"):
         encode_reply(torch.ones(2, device="meta"))
 
@@ -72,7 +70,7 @@ def test_a_returned_dict_with_keys_that_are_not_strings_is_refused() -> None:
 def test_a_value_that_cannot_cross_the_wire_is_named_as_argument_or_returned_item() -> None:
     x = torch.ones(2)
     with pytest.raises(CodecError, match=r"argument 'lr': expected a torch.Tensor, got float; wrap numbers"):
-        encode_request(b"0" * 16, 0, "step", {"lr": 0.1})  # type: ignore[dict-item]
+        encode_request(0, "step", {"lr": 0.1})  # type: ignore[dict-item]
     with pytest.raises(CodecError, match=r"returned item '1': expected a torch.Tensor, got NoneType; only tensors"):
         encode_reply((x, None))
     with pytest.raises(CodecError, match=r"returned item 'a': expected a torch.Tensor, got tuple; only tensors"):
@@ -113,7 +111,7 @@ def test_any_damage_to_a_frame_is_a_codec_error_or_decodes(decode: Callable[[byt
     # service sends back), never as an IndexError, struct.error or numpy error from inside.
     tensors = {"embeddings": torch.randn(4, 3, 2), "labels": torch.arange(4), "mask": torch.ones(2, dtype=torch.bool)}
     frames = (
-        [encode_request(TOKEN, 3, "forward", tensors), encode_request(TOKEN, 0, "f", {})]
+        [encode_request(3, "forward", tensors), encode_request(0, "f", {})]
         if decode is decode_request
         else [encode_reply(tensors["embeddings"]), encode_reply(tensors), encode_reply(None)]
     )

@@ -43,10 +43,11 @@ from splitflower.wire import (
     ABANDONED_METHOD,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
-    GRPC_CALL_PATH,
+    GRPC_CALL_PREFIX,
     MAX_IN_FLIGHT,
     PROXY_ATTRIBUTES,
     ErrorKind,
+    call_path,
 )
 
 
@@ -263,18 +264,18 @@ def test_a_method_the_base_class_would_hide_behind_an_attribute_is_refused_when_
     assert public <= listed, f"every attribute {base.__name__}.__init__ sets must be listed: {public - listed}"
 
 
-def _raw(service: SplitService, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
-    """Send a hand-made frame; the reply frame, or the error gRPC raised."""
+def _raw(service: SplitService, token: bytes, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
+    """Send a hand-made frame with ``token``; the reply frame, or the error gRPC raised."""
     with grpc.insecure_channel(service.address) as channel:
         try:
-            reply: bytes = channel.unary_unary(GRPC_CALL_PATH)(frame, timeout=timeout)
+            reply: bytes = channel.unary_unary(call_path(token))(frame, timeout=timeout)
         except grpc.RpcError as err:
             return err
     return reply
 
 
-def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
-    result = _raw(service, frame)
+def _raw_call(service: SplitService, token: bytes, frame: bytes) -> grpc.RpcError:
+    result = _raw(service, token, frame)
     assert isinstance(result, grpc.RpcError), "the frame was accepted"
     return result
 
@@ -283,13 +284,13 @@ def _raw_call(service: SplitService, frame: bytes) -> grpc.RpcError:
 def test_corrupt_bytes_are_rejected(service: SplitService, corruption: str) -> None:
     proxy = connect(service, Toy())
     token, _ = service.open_session("corrupting", ImmediateScheduler(Toy()))
-    frame = encode_request(token, 0, "echo", {"x": torch.ones(8)})
+    frame = encode_request(0, "echo", {"x": torch.ones(8)})
     bad = {
         "garbage": b"\x00\x01not a frame at all",
         "truncated": frame[:-5],
         "bad-dtype": frame.replace(b"x\x01\x01", b"x\x63\x01", 1),
     }[corruption]
-    error = _raw_call(service, bad)
+    error = _raw_call(service, token, bad)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "corrupt request" in (error.details() or "")
     assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
@@ -304,9 +305,9 @@ _BAD_SHAPES = {
 }
 
 
-def _frame(token: bytes, table: bytes, data: bytes = b"", method: bytes = b"echo") -> bytes:
+def _frame(table: bytes, data: bytes = b"", method: bytes = b"echo") -> bytes:
     """A request frame built by hand (the codec refuses to encode a bad one): header, method, table, data."""
-    head = codec._REQUEST_HEAD.pack(codec._MAGIC, codec._VERSION, codec._KIND_REQUEST, 0, token, 0, 0, len(table))
+    head = codec._REQUEST_HEAD.pack(codec._MAGIC, codec._VERSION, codec._KIND_REQUEST, 0, 0, 0, len(table))
     body = head + bytes([len(method)]) + method + table
     return body + b"\0" * codec._pad(len(body)) + data
 
@@ -315,7 +316,7 @@ def _frame(token: bytes, table: bytes, data: bytes = b"", method: bytes = b"echo
 def test_corrupt_shapes_get_a_clear_error(service: SplitService, case: str) -> None:
     token, _ = service.open_session("corrupting", ImmediateScheduler(Toy()))
     table, data, message = _BAD_SHAPES[case]
-    error = _raw_call(service, _frame(token, table, data))
+    error = _raw_call(service, token, _frame(table, data))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (error.details() or ""), error.details()
     assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.CORRUPT
@@ -324,25 +325,25 @@ def test_corrupt_shapes_get_a_clear_error(service: SplitService, case: str) -> N
 
 def test_a_stranger_s_frame_is_refused_before_it_is_parsed(service: SplitService) -> None:
     unknown_dtype = b"\x01\x01x\x63\x00"  # would be refused as corrupt, had it been parsed
-    error = _raw_call(service, _frame(b"\0" * 16, unknown_dtype))
+    error = _raw_call(service, b"\0" * 16, _frame(unknown_dtype))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_request_number_sent_twice_or_far_ahead_is_refused(service: SplitService) -> None:
     token, _ = service.open_session("replaying", ImmediateScheduler(Toy()))
-    slow = encode_request(token, 0, "slow", {"seconds": torch.tensor(0.5)})
-    first = ThreadPoolExecutor(1).submit(_raw, service, slow)
+    slow = encode_request(0, "slow", {"seconds": torch.tensor(0.5)})
+    first = ThreadPoolExecutor(1).submit(_raw, service, token, slow)
     time.sleep(0.2)
-    assert "already being served" in (_raw_call(service, slow).details() or "")
+    assert "already being served" in (_raw_call(service, token, slow).details() or "")
     assert isinstance(first.result(), bytes), "the first copy still ran"
-    ahead = _raw_call(service, encode_request(token, 5000, "echo", {"x": torch.ones(1)}, settled_below=1))
+    ahead = _raw_call(service, token, encode_request(5000, "echo", {"x": torch.ones(1)}, settled_below=1))
     assert ahead.code() == grpc.StatusCode.INVALID_ARGUMENT and "the next expected is 1" in (ahead.details() or "")
 
 
 def test_revoking_a_token_ends_the_waits_of_its_requests(service: SplitService) -> None:
     token, _ = service.open_session("revoked", ImmediateScheduler(Toy()))
     waiting = ThreadPoolExecutor(1).submit(
-        _raw, service, encode_request(token, 3, "echo", {"x": torch.ones(1)}, settled_below=0), 30
+        _raw, service, token, encode_request(3, "echo", {"x": torch.ones(1)}, settled_below=0), 30
     )
     time.sleep(0.2)
     started = time.perf_counter()
@@ -355,8 +356,8 @@ def test_revoking_a_token_ends_the_waits_of_its_requests(service: SplitService) 
 def test_calls_after_the_client_finished_are_refused(service: SplitService) -> None:
     model = Toy()
     token, _ = service.open_session("finished", ImmediateScheduler(model))
-    assert isinstance(_raw(service, encode_request(token, 0, FINISH_METHOD, {})), bytes)
-    error = _raw_call(service, _record_frame(token, 1, 0))
+    assert isinstance(_raw(service, token, encode_request(0, FINISH_METHOD, {})), bytes)
+    error = _raw_call(service, token, _record_frame(1, 0))
     assert "already finished its round" in (error.details() or "")
     assert model.seen == []
 
@@ -427,6 +428,9 @@ def test_missing_wrong_and_expired_tokens(service: SplitService) -> None:
     service.close_session(token)
     with pytest.raises(AuthenticationError):
         ServerModelProxy(service.address, token).echo(x=torch.ones(1))
+    for malformed, got in ((b"short", "5 bytes"), ("0" * 16, "str")):
+        with pytest.raises(ConfigError, match=f"a token is 16 bytes .*sf-token.*, got {got}"):
+            ServerModelProxy(service.address, malformed)  # type: ignore[arg-type]
     _still_serves(good)
 
 
@@ -587,35 +591,65 @@ def test_tls_clients_verify_the_server_certificate() -> None:
         service.stop(grace=0)
 
 
-def _calls_withholding_their_bodies(channels: list[grpc.Channel], until: threading.Event) -> list[grpc.Future]:
-    """A call on each channel that sends its headers and no body until ``until`` is set (no token)."""
+def _calls_withholding_their_bodies(
+    channels: list[grpc.Channel], until: threading.Event, path: str = GRPC_CALL_PREFIX
+) -> list[grpc.Future]:
+    """A call to ``path`` on each channel that sends its headers and no body until ``until`` is set."""
 
     def no_body() -> Iterator[bytes]:
         until.wait(10)
         yield from ()
 
-    return [channel.stream_unary(GRPC_CALL_PATH).future(no_body()) for channel in channels]
+    return [channel.stream_unary(path).future(no_body()) for channel in channels]
 
 
-def test_a_peer_withholding_request_bodies_holds_the_service_s_threads_until_it_lets_go() -> None:
-    """The exposure the README states: gRPC waits for a body on a service thread, without a
-    time limit, before splitflower sees the request (no token needed)."""
+def test_a_stranger_withholding_request_bodies_is_refused_at_once_and_holds_no_thread() -> None:
+    """gRPC waits for a call's body on a service thread with no time limit; the service reads
+    the token from the call's path first, so a stranger never gets that far."""
     service = SplitService(max_workers=2)
     service.start()
     try:
-        proxy = connect(service, Toy(), default_timeout=1.0)
-        _still_serves(proxy)
-        channels = [grpc.insecure_channel(service.address) for _ in range(2)]
+        proxy = connect(service, Toy(), default_timeout=2.0)
         withheld = threading.Event()
-        stalls = _calls_withholding_their_bodies(channels, withheld)  # kept: a dropped call is cancelled
-        time.sleep(1.0)  # time for the calls to reach the service's threads
-        assert not any(stall.done() for stall in stalls)
-        with pytest.raises(ServerModelTimeoutError):
-            proxy.echo(x=torch.ones(1))
-        withheld.set()
-        for channel in channels:
-            channel.close()
-        _still_serves(proxy)
+        with grpc.insecure_channel(service.address) as channel:
+            strangers = [GRPC_CALL_PREFIX, GRPC_CALL_PREFIX + "Call", call_path(b"\0" * 16)] * 2  # 3x the threads
+            stalls = [_calls_withholding_their_bodies([channel], withheld, path)[0] for path in strangers]
+            for stall in stalls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    stall.result(timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "token not issued for the current round" in (refused.value.details() or "")
+            _still_serves(proxy)
+            withheld.set()
+    finally:
+        service.stop(grace=0)
+
+
+def test_a_client_withholding_request_bodies_holds_at_most_its_share_of_the_threads() -> None:
+    """A client of the round can hold threads by withholding bodies, but no more than its share:
+    one call over it is refused at once, and the others' calls are still served."""
+    service = SplitService(max_workers=2 * (MAX_IN_FLIGHT + 1))
+    service.start()
+    try:
+        token, session = service.open_session("withholding", ImmediateScheduler(Toy()))
+        other = connect(service, Toy(), default_timeout=2.0)
+        withheld = threading.Event()
+        with grpc.insecure_channel(service.address) as channel:
+            paths = [call_path(token)] * (session.max_in_progress + 1)
+            stalls = [_calls_withholding_their_bodies([channel], withheld, path)[0] for path in paths]
+            time.sleep(1.0)  # time for the calls to reach the service's threads
+            refused = [stall for stall in stalls if stall.done()]
+            assert len(refused) == 1, f"{len(refused)} refused"
+            error = refused[0].exception()
+            assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"{session.max_in_progress} of this client's calls are waiting" in (error.details() or "")
+            _still_serves(other)
+            withheld.set()
+            for stall in stalls:
+                if stall is not refused[0]:
+                    with pytest.raises(grpc.RpcError, match="ended without a request frame"):
+                        stall.result(timeout=5)
+        _still_serves(other)
     finally:
         service.stop(grace=0)
 
@@ -683,8 +717,8 @@ def test_a_service_that_cannot_listen_says_which_setting_to_check() -> None:
         SplitService("192.0.2.1", 0).start()  # TEST-NET-1: never a local address
 
 
-def _record_frame(token: bytes, seq: int, settled_below: int) -> bytes:
-    return encode_request(token, seq, "record", {"i": torch.tensor(seq)}, settled_below=settled_below)
+def _record_frame(seq: int, settled_below: int) -> bytes:
+    return encode_request(seq, "record", {"i": torch.tensor(seq)}, settled_below=settled_below)
 
 
 def test_a_request_overtaken_on_the_way_waits_for_its_late_predecessor(service: SplitService) -> None:
@@ -693,9 +727,9 @@ def test_a_request_overtaken_on_the_way_waits_for_its_late_predecessor(service: 
     model = Toy()
     token, _ = service.open_session("slow-link", ImmediateScheduler(model))
     with ThreadPoolExecutor(1) as background:
-        later = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
+        later = background.submit(_raw, service, token, _record_frame(1, 0), 10)
         time.sleep(2.0)
-        results = [_raw(service, _record_frame(token, 0, 0), 10), later.result(10)]
+        results = [_raw(service, token, _record_frame(0, 0), 10), later.result(10)]
     assert all(isinstance(r, bytes) for r in results), results
     assert model.seen == [0, 1]
 
@@ -704,14 +738,14 @@ def test_a_request_the_client_gave_up_on_is_skipped_once_a_later_request_says_so
     model = Toy()
     token, _ = service.open_session("gave-up", ImmediateScheduler(model))
     with ThreadPoolExecutor(1) as background:
-        waiting = background.submit(_raw, service, _record_frame(token, 1, 0), 10)
+        waiting = background.submit(_raw, service, token, _record_frame(1, 0), 10)
         time.sleep(0.5)
         assert model.seen == []  # request 0 may still be on its way: request 1 waits
         # "everything below 1 has settled here":
-        results = [_raw(service, _record_frame(token, 2, 1), 10), waiting.result(10)]
+        results = [_raw(service, token, _record_frame(2, 1), 10), waiting.result(10)]
     assert model.seen == [1, 2]
     assert all(isinstance(r, bytes) for r in results), results
-    error = _raw_call(service, _record_frame(token, 0, 0))
+    error = _raw_call(service, token, _record_frame(0, 0))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already given it up" in (error.details() or "")
 
@@ -759,10 +793,10 @@ def test_closing_waits_for_outstanding_futures_and_finishes_after_a_failed_send(
 def test_a_request_that_timed_out_waiting_for_its_turn_does_not_hold_up_the_next(service: SplitService) -> None:
     model = Toy()
     token, _ = service.open_session("gave-up-waiting", ImmediateScheduler(model))
-    gave_up = _raw(service, _record_frame(token, 1, 0), 0.3)  # waits for 0, which has not come
+    gave_up = _raw(service, token, _record_frame(1, 0), 0.3)  # waits for 0, which has not come
     assert isinstance(gave_up, grpc.RpcError) and gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert isinstance(_raw(service, _record_frame(token, 0, 0)), bytes)
-    after = _raw(service, _record_frame(token, 2, 0), 3)  # the service's sequence timeout is 5 s
+    assert isinstance(_raw(service, token, _record_frame(0, 0)), bytes)
+    after = _raw(service, token, _record_frame(2, 0), 3)  # the service's sequence timeout is 5 s
     assert isinstance(after, bytes), after
     assert model.seen == [0, 2]
 
