@@ -82,26 +82,34 @@ _RELEASE_WORKERS_AFTER_S = 0.002
 
 _NOTICE_TIMEOUT_S = 10.0  # a notice the server has not taken by then is of no further use
 
+# A call the service refused unread for room (ErrorKind.BUSY) is sent again after this pause,
+# doubled each time up to the maximum, until its deadline.
+_BUSY_PAUSE_S = 0.005
+_BUSY_MAX_PAUSE_S = 0.2
+
+
+def _error_kind(error: BaseException) -> str | None:
+    """The error kind the server answered ``error`` with; None if it never answered."""
+    if isinstance(error, grpc.Call):
+        for key, value in error.trailing_metadata() or ():
+            if key == ERROR_KIND_METADATA_KEY:
+                return str(value)
+    return None
+
 
 def _maybe_unseen(error: BaseException | None) -> bool:
     """Whether a request that ended with ``error`` may never have reached the server (the
-    server answers each request it sees with an error kind in the trailing metadata)."""
+    server answers each request it reads with an error kind in the trailing metadata; one
+    refused for room it never read)."""
     if error is None:
         return False
-    if isinstance(error, grpc.Call):
-        return not any(key == ERROR_KIND_METADATA_KEY for key, _ in error.trailing_metadata() or ())
-    return True
+    return _error_kind(error) in (None, ErrorKind.BUSY)
 
 
 def _left(deadline: float | None) -> float | None:
     """Seconds until ``deadline`` (a time.monotonic() value; None: no limit), at least a
     millisecond, so that a wait that has run out still looks once."""
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
-
-
-def _log_lost_notice(log_prefix: str, notice: grpc.Future) -> None:
-    if notice.exception() is not None:
-        logger.debug("%s a notice of an abandoned request was not delivered: %s", log_prefix, notice.exception())
 
 
 Value = None | torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
@@ -369,17 +377,29 @@ class ServerModelProxy:
         if overtaken:
             self._notify_abandoned(seq)
 
-    def _notify_abandoned(self, seq: int) -> None:
+    def _notify_abandoned(self, seq: int, deadline: float | None = None, pause: float = _BUSY_PAUSE_S) -> None:
         if self._closed:  # its calls end because the channel closed; the server revokes the session
             return
+        deadline = deadline or time.monotonic() + _NOTICE_TIMEOUT_S
         frame = encode_request(seq, ABANDONED_METHOD, {}, no_reply=True)
         try:
-            notice = self._call.future(frame, timeout=_NOTICE_TIMEOUT_S)  # gRPC's own future: no sender thread
+            notice = self._call.future(frame, timeout=_left(deadline))  # gRPC's own future: no sender thread
         except (ValueError, grpc.RpcError) as err:  # the channel closed meanwhile
             logger.debug("%s a notice of an abandoned request was not sent: %s", self.log_prefix, err)
             return
         self.traffic.record("up", ABANDONED_METHOD, {}, frame_bytes=len(frame))
-        notice.add_done_callback(lambda done: _log_lost_notice(self.log_prefix, done))
+        notice.add_done_callback(lambda done: self._after_notice(done, seq, deadline, pause))
+
+    def _after_notice(self, notice: grpc.Future, seq: int, deadline: float, pause: float) -> None:
+        error = notice.exception()
+        if error is None:
+            return
+        if _error_kind(error) == ErrorKind.BUSY and time.monotonic() + pause < deadline:
+            again = threading.Timer(pause, self._notify_abandoned, (seq, deadline, min(2 * pause, _BUSY_MAX_PAUSE_S)))
+            again.daemon = True
+            again.start()
+        else:
+            logger.debug("%s a notice of an abandoned request was not delivered: %s", self.log_prefix, error)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.default_timeout if timeout is None else timeout
@@ -390,8 +410,9 @@ class ServerModelProxy:
         self._before_waiting()
         started = time.perf_counter()
         error: grpc.RpcError | None = None
+        seconds = self._deadline(timeout)
         try:
-            reply = self._call(frame, timeout=self._deadline(timeout))
+            reply = self._invoke(frame, None if seconds is None else time.monotonic() + seconds)
         except grpc.RpcError as err:
             error = err
             raise self._translate(method, err) from None
@@ -454,12 +475,23 @@ class ServerModelProxy:
         self._settle(seq, raw_error)
 
     def _call_before(self, frame: bytes, method: str, deadline: float | None) -> bytes:
-        if deadline is None:
-            return self._call(frame)  # type: ignore[no-any-return]
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline is not None and deadline <= time.monotonic():
             raise self._not_sent(method)
-        return self._call(frame, timeout=left)  # type: ignore[no-any-return]
+        return self._invoke(frame, deadline)
+
+    def _invoke(self, frame: bytes, deadline: float | None) -> bytes:
+        """The gRPC call, made again after a pause while the service refuses it unread for room
+        (it never ran), until ``deadline`` (a time.monotonic() value; None: no limit). A call
+        sent again is metered once."""
+        pause = _BUSY_PAUSE_S
+        while True:
+            try:
+                return self._call(frame, timeout=_left(deadline))  # type: ignore[no-any-return]
+            except grpc.RpcError as err:
+                if _error_kind(err) != ErrorKind.BUSY or (deadline is not None and time.monotonic() + pause > deadline):
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, _BUSY_MAX_PAUSE_S)
 
     def _not_sent(self, method: str) -> ServerModelTimeoutError:
         return ServerModelTimeoutError(
@@ -523,6 +555,10 @@ class ServerModelProxy:
         details = err.details() if hasattr(err, "details") else str(err)
         trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
         kind = trailing.get(ERROR_KIND_METADATA_KEY)
+        if kind == ErrorKind.BUSY:
+            return ServerModelTimeoutError(
+                f"{method}: the service refused it for room until its timeout; it never ran ({details})"
+            )
         if isinstance(kind, str) and kind in _KIND_TO_ERROR:
             return _KIND_TO_ERROR[kind](f"{method}: {details}")  # server messages leave the method out
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -150,10 +150,10 @@ class ClientSession:
             if self._awaiting_body >= self.max_in_progress:
                 raise _Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    ErrorKind.INVALID_ARGUMENTS,
-                    f"{self._awaiting_body} of this client's calls are waiting for their request bodies, the most "
-                    f"its share of the service's threads allows ({self.max_in_progress}; a proxy keeps at most "
-                    f"{MAX_IN_FLIGHT + 1} calls in flight): send each call's body with its headers",
+                    ErrorKind.BUSY,
+                    f"refused unread: {self._awaiting_body} of this client's calls are waiting for their request "
+                    f"bodies, its share of the service's threads (a proxy keeps at most {MAX_IN_FLIGHT} calls in "
+                    "flight plus a blocking call, and sends a call refused this way again until its timeout)",
                 )
             self._awaiting_body += 1
         try:

@@ -99,6 +99,9 @@ class ErrorKind:
     COMPUTATION: Final = "computation"
     TIMEOUT: Final = "timeout"
     INTERNAL: Final = "internal"
+    # Refused before its body was read (so it never ran): the client's share of the service's
+    # threads was waiting for request bodies. The proxy sends it again after a pause.
+    BUSY: Final = "busy"
 
 
 class ConfigKey:

@@ -642,7 +642,8 @@ def test_a_client_withholding_request_bodies_holds_at_most_its_share_of_the_thre
             assert len(refused) == 1, f"{len(refused)} refused"
             error = refused[0].exception()
             assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert f"{session.max_in_progress} of this client's calls are waiting" in (error.details() or "")
+            assert f"refused unread: {session.max_in_progress} of this client's calls" in (error.details() or "")
+            assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.BUSY
             _still_serves(other)
             withheld.set()
             for stall in stalls:
@@ -650,6 +651,37 @@ def test_a_client_withholding_request_bodies_holds_at_most_its_share_of_the_thre
                     with pytest.raises(grpc.RpcError, match="ended without a request frame"):
                         stall.result(timeout=5)
         _still_serves(other)
+    finally:
+        service.stop(grace=0)
+
+
+def test_calls_and_notices_refused_for_room_are_sent_again_until_room_frees_or_their_timeout_passes() -> None:
+    """While a client's share of the service's threads waits for request bodies, its other
+    calls are refused unread; the proxy sends them again. One whose timeout passes first never
+    ran, and the notice that it will not come gets through the same way, so the next call
+    does not wait for it."""
+    service = SplitService(sequence_timeout=60.0)
+    service.start()
+    try:
+        model = Toy()
+        token, session = service.open_session("crowded", ImmediateScheduler(model))
+        session.max_in_progress = 2
+        proxy = ServerModelProxy(service.address, token)
+        withheld = threading.Event()
+        with grpc.insecure_channel(service.address) as channel:
+            stalls = _calls_withholding_their_bodies([channel, channel], withheld, call_path(token))  # noqa: F841
+            time.sleep(0.5)  # time for the calls to reach the service's threads
+            given_up = proxy.record.future(i=torch.tensor(0), timeout=0.5)
+            later = proxy.record.future(i=torch.tensor(1), timeout=30.0)
+            with pytest.raises(ServerModelTimeoutError, match="refused it for room until its timeout; it never ran"):
+                given_up.result()
+            time.sleep(0.5)  # the notice that request 0 will not come is refused too, for a while
+            assert not later.done()
+            withheld.set()
+            assert later.result(timeout=5) is None  # well within the sequence timeout: 0 was skipped
+        assert model.seen == [1]
+        assert proxy.traffic.by_method()[ABANDONED_METHOD]["up_messages"] >= 2, "the notice was never refused"
+        _still_serves(proxy)
     finally:
         service.stop(grace=0)
 
