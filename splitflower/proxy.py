@@ -561,6 +561,12 @@ class ServerModelProxy:
             )
         if isinstance(kind, str) and kind in _KIND_TO_ERROR:
             return _KIND_TO_ERROR[kind](f"{method}: {details}")  # server messages leave the method out
+        if code == grpc.StatusCode.UNIMPLEMENTED and kind is None:  # the service routes calls by token alone
+            return AuthenticationError(
+                f"{method}: the service at {self.address} refused this client's token: token not issued for the "
+                "current round (wrong or expired; a client gets its token from the strategy's round config), or "
+                "the service runs another splitflower version"
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerModelTimeoutError(
                 f"{method}: no reply within the call's timeout ({details}). The server may have run it, or "

@@ -47,7 +47,6 @@ from splitflower.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
-    GRPC_CALL_PREFIX,
     MAX_IN_FLIGHT,
     TOKEN_BYTES,
     ErrorKind,
@@ -135,35 +134,47 @@ class ClientSession:
         self._settled_below = 0
         self._present: set[int] = set()
         self._abandoned: set[int] = set()  # numbers the client gave up before they arrived
-        self._awaiting_body = 0  # its calls whose request frame has not arrived
+        # Its calls in progress, from the handler's start to its end: whether each still
+        # awaits its request frame (revoking the token cancels those).
+        self._calls: dict[grpc.ServicerContext, bool] = {}
         # A plain lock taken directly on every request (a Condition's own enter and exit are
         # Python calls); its condition is notified only when a request waits on it.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
 
-    def receive(self, requests: Iterator[bytes]) -> bytes:
-        """Wait for a call's request frame; refused at once while ``max_in_progress`` of this
-        client's calls wait for theirs, so that a client withholding its requests' bodies holds
-        at most that many of the service's threads."""
+    def admit(self, context: grpc.ServicerContext) -> None:
+        """Count a call in progress, before its request frame arrives; refused unread while
+        ``max_in_progress`` of this client's calls are (a proxy sends it again): a client that
+        withholds its requests' bodies, or whose requests wait for an earlier one, holds at most
+        that many of the service's threads."""
         with self._lock:
-            if self._awaiting_body >= self.max_in_progress:
+            if self.revoked:
+                raise _revoked()
+            if len(self._calls) >= self.max_in_progress:
                 raise _Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     ErrorKind.BUSY,
-                    f"refused unread: {self._awaiting_body} of this client's calls are waiting for their request "
-                    f"bodies, its share of the service's threads (a proxy keeps at most {MAX_IN_FLIGHT} calls in "
-                    "flight plus a blocking call, and sends a call refused this way again until its timeout)",
+                    f"refused unread: {len(self._calls)} of this client's calls are in progress, its share of "
+                    f"the service's threads (a proxy keeps at most {MAX_IN_FLIGHT} calls in flight plus a blocking "
+                    "call, and sends a call refused this way again until its timeout)",
                 )
-            self._awaiting_body += 1
-        try:
-            frame = next(requests, None)  # a cancelled call raises grpc.RpcError: nobody to answer
-        finally:
-            with self._lock:
-                self._awaiting_body -= 1
+            self._calls[context] = True
+
+    def receive(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """Wait for an admitted call's request frame. Raises grpc.RpcError if the caller
+        cancels the call, or the token is revoked, first."""
+        frame = next(requests, None)
+        with self._lock:
+            self._calls[context] = False
         if frame is None:
             raise _invalid("the call ended without a request frame; send exactly one per call")
         return frame
+
+    def release(self, context: grpc.ServicerContext) -> None:
+        """The call has ended: its thread is free again."""
+        with self._lock:
+            self._calls.pop(context, None)
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
@@ -195,12 +206,10 @@ class ClientSession:
                     f"request number {seq} arrived after later requests ran (next expected {self._next_seq}); "
                     "the client had already given it up, or the token is shared by two proxies"
                 )
-            if seq > self._next_seq + _MAX_SEQ_AHEAD or len(self._present) >= self.max_in_progress:
+            if seq > self._next_seq + _MAX_SEQ_AHEAD:
                 raise _invalid(
-                    f"request number {seq}: the next expected is {self._next_seq} and {len(self._present)} of "
-                    f"this client's requests are in progress; at most {self.max_in_progress} may be, within "
-                    f"{_MAX_SEQ_AHEAD} numbers of the next (lower the client's in-flight window, or give the "
-                    "service more max_workers)"
+                    f"request number {seq}: the next expected is {self._next_seq}, and a request may be at most "
+                    f"{_MAX_SEQ_AHEAD} numbers ahead of it (a proxy has at most {MAX_IN_FLIGHT + 1} in flight)"
                 )
             self._present.add(seq)
             remaining = context.time_remaining()
@@ -256,10 +265,14 @@ class ClientSession:
             self._cond.notify_all()
 
     def revoke(self) -> None:
-        """End the waits of this client's requests (its token is no longer valid)."""
+        """End the waits of this client's requests (its token is no longer valid), those still
+        awaiting their request frames included."""
         with self._lock:
             self.revoked = True
             self._cond.notify_all()
+            unread = [context for context, awaiting in self._calls.items() if awaiting]
+        for context in unread:
+            context.cancel()
 
     def leave(self, seq: int) -> None:
         """Let this client's next request run."""
@@ -289,7 +302,8 @@ class SplitService:
         Threads carrying requests, at first: gathering requests (batched, or in the clients'
         order) holds one thread per waiting client, so a strategy raises it each round to
         what its clients may have in flight (:meth:`reserve_workers`). One client may have at
-        most half of them in progress (its requests waiting for its earlier ones included).
+        most half of them in progress, and always the 33 calls a proxy may have in flight
+        (calls waiting for their request bodies, or for its earlier requests, included).
     sequence_timeout:
         How long a request may wait for this client's earlier requests to arrive and finish
         (at most; its own deadline may be shorter). Requests that failed on the client's
@@ -432,18 +446,30 @@ class SplitService:
 
     def _handle(self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         try:
+            session.admit(context)
             try:
-                return self._serve(session, session.receive(requests), context)
-            except (_Abort, grpc.RpcError):  # RpcError: the caller cancelled; nobody to answer
-                raise
-            except BaseException as err:  # a bug here must still answer the caller
-                logger.exception("[server] unexpected error while serving a request")
-                raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
+                # grpc.RpcError from receive: the call was cancelled (by its caller, or by revoking
+                # the token) before its frame came; there is nobody to answer.
+                frame = session.receive(requests, context)
+                return self._serve_or_explain(session, frame, context)
+            finally:
+                session.release(context)
         except _Abort as abort:
             _answer(abort, context)
 
+    def _serve_or_explain(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._serve(session, frame, context)
+        except _Abort:
+            raise
+        except BaseException as err:  # a bug here must still answer the caller
+            logger.exception("[server] unexpected error while serving a request")
+            raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
+
     def _serve(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
         arrived = time.perf_counter()
+        if session.revoked:  # while its frame was on the way
+            raise _revoked()
         try:
             request = decode_request(frame)
         except CodecError as err:
@@ -510,35 +536,17 @@ def _answer(abort: _Abort, context: grpc.ServicerContext) -> NoReturn:
     raise abort  # unreachable: abort raises
 
 
-def _refuse_stranger(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-    """A call whose path holds no token of the current round: answered at once, its body unread."""
-    _answer(
-        _Abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            ErrorKind.AUTH,
-            "token not issued for the current round (missing, wrong or expired); "
-            "a client gets its token from the strategy's round config",
-        ),
-        context,
-    )
-
-
 class _Router(grpc.GenericRpcHandler):
     """Finds a call's handler from its method path alone, on gRPC's polling thread when the
-    call's headers arrive: a call to this service without a live token is refused before gRPC
-    gives it a thread to wait for its body on."""
-
-    _STRANGER = grpc.stream_unary_rpc_method_handler(_refuse_stranger)
+    call's headers arrive. A path holding no live token finds none, and gRPC refuses the call
+    there (UNIMPLEMENTED) without giving it a thread or reading its body; the proxy explains
+    that status as a token not issued for the current round."""
 
     def __init__(self, routes: dict[str, grpc.RpcMethodHandler]) -> None:
         self._routes = routes
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        handler = self._routes.get(method)  # a single dict read: atomic under the GIL
-        if handler is None and method.startswith(GRPC_CALL_PREFIX):
-            return self._STRANGER
-        return handler  # None for other services' paths: gRPC answers UNIMPLEMENTED
+        return self._routes.get(handler_call_details.method)  # type: ignore[attr-defined]  # atomic under the GIL
 
 
 @functools.cache

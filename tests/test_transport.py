@@ -326,7 +326,7 @@ def test_corrupt_shapes_get_a_clear_error(service: SplitService, case: str) -> N
 def test_a_stranger_s_frame_is_refused_before_it_is_parsed(service: SplitService) -> None:
     unknown_dtype = b"\x01\x01x\x63\x00"  # would be refused as corrupt, had it been parsed
     error = _raw_call(service, b"\0" * 16, _frame(unknown_dtype))
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_request_number_sent_twice_or_far_ahead_is_refused(service: SplitService) -> None:
@@ -603,63 +603,88 @@ def _calls_withholding_their_bodies(
     return [channel.stream_unary(path).future(no_body()) for channel in channels]
 
 
-def test_a_stranger_withholding_request_bodies_is_refused_at_once_and_holds_no_thread() -> None:
-    """gRPC waits for a call's body on a service thread with no time limit; the service reads
-    the token from the call's path first, so a stranger never gets that far."""
+def _wait_until_its_share_is_taken(service: SplitService, token: bytes) -> None:
+    """Probe with a frame that is refused either way: corrupt if read, unread while the
+    client's share of the service's threads is taken."""
+    deadline = time.monotonic() + 10
+    while _error_kind_of(_raw_call(service, token, b"probe")) != ErrorKind.BUSY:
+        assert time.monotonic() < deadline, "the client's share of the threads was never taken"
+        time.sleep(0.05)
+
+
+def _error_kind_of(error: grpc.RpcError) -> str | None:
+    return dict(error.trailing_metadata() or ()).get(ERROR_KIND_METADATA_KEY)  # type: ignore[no-any-return]
+
+
+def test_a_stranger_is_refused_on_arrival_even_while_every_thread_is_taken() -> None:
+    """gRPC waits for a call's body on a service thread, with no time limit; the service finds
+    the caller's session from the call's path when its headers arrive, and gRPC refuses a
+    path holding no live token there, before giving the call a thread."""
     service = SplitService(max_workers=2)
     service.start()
     try:
-        proxy = connect(service, Toy(), default_timeout=2.0)
+        token, _ = service.open_session("withholding", ImmediateScheduler(Toy()))
         withheld = threading.Event()
         with grpc.insecure_channel(service.address) as channel:
-            strangers = [GRPC_CALL_PREFIX, GRPC_CALL_PREFIX + "Call", call_path(b"\0" * 16)] * 2  # 3x the threads
+            holding = _calls_withholding_their_bodies([channel] * 2, withheld, call_path(token))  # noqa: F841
+            strangers = [GRPC_CALL_PREFIX, GRPC_CALL_PREFIX + "Call", call_path(b"\0" * 16)] * 2
             stalls = [_calls_withholding_their_bodies([channel], withheld, path)[0] for path in strangers]
             for stall in stalls:
                 with pytest.raises(grpc.RpcError) as refused:
                     stall.result(timeout=5)
-                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert "token not issued for the current round" in (refused.value.details() or "")
-            _still_serves(proxy)
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(AuthenticationError, match="token not issued for the current round"):
+                ServerModelProxy(service.address, b"\1" * 16, default_timeout=5.0).echo(x=torch.ones(1))
+            other = connect(service, Toy(), default_timeout=0.5)
+            with pytest.raises(ServerModelTimeoutError):  # the threads were all taken meanwhile
+                other.echo(x=torch.ones(1))
             withheld.set()
+        other.default_timeout = 5.0
+        _still_serves(other)
     finally:
         service.stop(grace=0)
 
 
-def test_a_client_withholding_request_bodies_holds_at_most_its_share_of_the_threads() -> None:
-    """A client of the round can hold threads by withholding bodies, but no more than its share:
-    one call over it is refused at once, and the others' calls are still served."""
+def test_a_client_holds_at_most_its_share_of_the_threads_and_revoking_its_token_frees_them() -> None:
+    """A client of the round can hold threads with calls that withhold their bodies or wait for
+    an earlier request, but together no more than its share: a call over it is refused unread,
+    another client is still served, and closing the client's session ends all of them."""
     service = SplitService(max_workers=2 * (MAX_IN_FLIGHT + 1))
     service.start()
     try:
         token, session = service.open_session("withholding", ImmediateScheduler(Toy()))
-        other = connect(service, Toy(), default_timeout=2.0)
+        other = connect(service, Toy(), default_timeout=5.0)
         withheld = threading.Event()
-        with grpc.insecure_channel(service.address) as channel:
-            paths = [call_path(token)] * (session.max_in_progress + 1)
-            stalls = [_calls_withholding_their_bodies([channel], withheld, path)[0] for path in paths]
-            time.sleep(1.0)  # time for the calls to reach the service's threads
-            refused = [stall for stall in stalls if stall.done()]
-            assert len(refused) == 1, f"{len(refused)} refused"
-            error = refused[0].exception()
-            assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with grpc.insecure_channel(service.address) as channel, ThreadPoolExecutor(2) as background:
+            waiting = [background.submit(_raw, service, token, _record_frame(seq, 0), 30) for seq in (1, 2)]
+            paths = [call_path(token)] * (session.max_in_progress - len(waiting))
+            stalls = _calls_withholding_their_bodies([channel] * len(paths), withheld, paths[0])
+            _wait_until_its_share_is_taken(service, token)
+            error = _raw_call(service, token, _record_frame(3, 0))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f"refused unread: {session.max_in_progress} of this client's calls" in (error.details() or "")
-            assert dict(error.trailing_metadata() or ())[ERROR_KIND_METADATA_KEY] == ErrorKind.BUSY
             _still_serves(other)
-            withheld.set()
+            started = time.perf_counter()
+            service.close_session(token)
             for stall in stalls:
-                if stall is not refused[0]:
-                    with pytest.raises(grpc.RpcError, match="ended without a request frame"):
-                        stall.result(timeout=5)
+                with pytest.raises(grpc.RpcError) as ended:
+                    stall.result(timeout=5)
+                assert ended.value.code() == grpc.StatusCode.CANCELLED
+            for request in waiting:
+                result = request.result(timeout=5)
+                assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert time.perf_counter() - started < 5
+            withheld.set()
         _still_serves(other)
     finally:
         service.stop(grace=0)
 
 
 def test_calls_and_notices_refused_for_room_are_sent_again_until_room_frees_or_their_timeout_passes() -> None:
-    """While a client's share of the service's threads waits for request bodies, its other
-    calls are refused unread; the proxy sends them again. One whose timeout passes first never
-    ran, and the notice that it will not come gets through the same way, so the next call
-    does not wait for it."""
+    """While a client's share of the service's threads is taken, its other calls are refused
+    unread; the proxy sends them again. One whose timeout passes first never ran, and the
+    notice that it will not come gets through the same way, so the next call does not wait
+    for it."""
     service = SplitService(sequence_timeout=60.0)
     service.start()
     try:
@@ -670,17 +695,19 @@ def test_calls_and_notices_refused_for_room_are_sent_again_until_room_frees_or_t
         withheld = threading.Event()
         with grpc.insecure_channel(service.address) as channel:
             stalls = _calls_withholding_their_bodies([channel, channel], withheld, call_path(token))  # noqa: F841
-            time.sleep(0.5)  # time for the calls to reach the service's threads
+            _wait_until_its_share_is_taken(service, token)
             given_up = proxy.record.future(i=torch.tensor(0), timeout=0.5)
             later = proxy.record.future(i=torch.tensor(1), timeout=30.0)
             with pytest.raises(ServerModelTimeoutError, match="refused it for room until its timeout; it never ran"):
                 given_up.result()
-            time.sleep(0.5)  # the notice that request 0 will not come is refused too, for a while
+            deadline = time.monotonic() + 10
+            while proxy.traffic.by_method().get(ABANDONED_METHOD, {}).get("up_messages", 0) < 2:
+                assert time.monotonic() < deadline, "the notice that request 0 will not come was not sent again"
+                time.sleep(0.05)
             assert not later.done()
             withheld.set()
             assert later.result(timeout=5) is None  # well within the sequence timeout: 0 was skipped
         assert model.seen == [1]
-        assert proxy.traffic.by_method()[ABANDONED_METHOD]["up_messages"] >= 2, "the notice was never refused"
         _still_serves(proxy)
     finally:
         service.stop(grace=0)
