@@ -320,6 +320,7 @@ class ServerModelProxy:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._call: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(path)
+        self._notice: grpc.UnaryUnaryMultiCallable = self._channel.unary_unary(call_path(token, notice=True))
         self._closed = False
         self._last_wait_s = math.inf  # how long the last blocking call waited
 
@@ -383,7 +384,7 @@ class ServerModelProxy:
         deadline = deadline or time.monotonic() + _NOTICE_TIMEOUT_S
         frame = encode_request(seq, ABANDONED_METHOD, {}, no_reply=True)
         try:
-            notice = self._call.future(frame, timeout=_left(deadline))  # gRPC's own future: no sender thread
+            notice = self._notice.future(frame, timeout=_left(deadline))  # gRPC's own future: no sender thread
         except (ValueError, grpc.RpcError) as err:  # the channel closed meanwhile
             logger.debug("%s a notice of an abandoned request was not sent: %s", self.log_prefix, err)
             return
@@ -393,6 +394,8 @@ class ServerModelProxy:
     def _after_notice(self, notice: grpc.Future, seq: int, deadline: float, pause: float) -> None:
         error = notice.exception()
         if error is None:
+            return
+        if self._closed:  # the server revokes the session; nothing waits for the notice
             return
         if _error_kind(error) == ErrorKind.BUSY and time.monotonic() + pause < deadline:
             again = threading.Timer(pause, self._notify_abandoned, (seq, deadline, min(2 * pause, _BUSY_MAX_PAUSE_S)))

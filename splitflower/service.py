@@ -48,6 +48,7 @@ from splitflower.wire import (
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     MAX_IN_FLIGHT,
+    MAX_NOTICES_IN_PROGRESS,
     TOKEN_BYTES,
     ErrorKind,
     call_path,
@@ -137,29 +138,44 @@ class ClientSession:
         # Its calls in progress, from the handler's start to its end: whether each still
         # awaits its request frame (revoking the token cancels those).
         self._calls: dict[grpc.ServicerContext, bool] = {}
+        self._notices = 0  # of those calls, notices (they have a small share of their own)
         # A plain lock taken directly on every request (a Condition's own enter and exit are
         # Python calls); its condition is notified only when a request waits on it.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
 
-    def admit(self, context: grpc.ServicerContext) -> None:
+    def admit(self, context: grpc.ServicerContext, *, notice: bool = False) -> None:
         """Count a call in progress, before its request frame arrives; refused unread while
         ``max_in_progress`` of this client's calls are (a proxy sends it again): a client that
         withholds its requests' bodies, or whose requests wait for an earlier one, holds at most
-        that many of the service's threads."""
+        that many of the service's threads. Notices have a share of their own, since the calls
+        filling the client's share may be waiting for one."""
         with self._lock:
             if self.revoked:
                 raise _revoked()
-            if len(self._calls) >= self.max_in_progress:
+            if notice:
+                busy = self._notices >= MAX_NOTICES_IN_PROGRESS
+            else:
+                busy = len(self._calls) - self._notices >= self.max_in_progress
+            if busy:
+                what = "notices" if notice else "calls"
                 raise _Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     ErrorKind.BUSY,
-                    f"refused unread: {len(self._calls)} of this client's calls are in progress, its share of "
-                    f"the service's threads (a proxy keeps at most {MAX_IN_FLIGHT} calls in flight plus a blocking "
-                    "call, and sends a call refused this way again until its timeout)",
+                    f"refused unread: {self._notices if notice else len(self._calls) - self._notices} of this "
+                    f"client's {what} are in progress, its share of the service's threads (a proxy keeps at most "
+                    f"{MAX_IN_FLIGHT} calls in flight plus a blocking call, and sends a call refused this way "
+                    "again until its timeout)",
                 )
             self._calls[context] = True
+            self._notices += notice
+
+    @property
+    def calls_in_progress(self) -> int:
+        """This client's calls (notices aside) the service holds a thread for: at most ``max_in_progress``."""
+        with self._lock:
+            return len(self._calls) - self._notices
 
     def receive(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         """Wait for an admitted call's request frame. Raises grpc.RpcError if the caller
@@ -171,10 +187,11 @@ class ClientSession:
             raise _invalid("the call ended without a request frame; send exactly one per call")
         return frame
 
-    def release(self, context: grpc.ServicerContext) -> None:
+    def release(self, context: grpc.ServicerContext, *, notice: bool = False) -> None:
         """The call has ended: its thread is free again."""
         with self._lock:
-            self._calls.pop(context, None)
+            del self._calls[context]
+            self._notices -= notice
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
@@ -428,9 +445,11 @@ class SplitService:
         # Client-streaming to gRPC, one message on the wire: the handler starts before the body
         # arrives, so the session can bound how many of its calls wait for theirs.
         handler = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle, session))
+        notices = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle_notice, session))
         with self._lock:
             self._sessions[token] = session
             self._routes[call_path(token)] = handler
+            self._routes[call_path(token, notice=True)] = notices
         return token, session
 
     def close_session(self, token: bytes) -> None:
@@ -438,6 +457,7 @@ class SplitService:
         with self._lock:
             session = self._sessions.pop(token, None)
             self._routes.pop(call_path(token), None)
+            self._routes.pop(call_path(token, notice=True), None)
         if session is not None:
             session.revoke()
         if session is not None and not session.finished:
@@ -457,6 +477,21 @@ class SplitService:
         except _Abort as abort:
             _answer(abort, context)
 
+    def _handle_notice(self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """A notice that a request will not come: it takes no turn in the client's order."""
+        try:
+            session.admit(context, notice=True)
+            try:
+                request = _decoded(session.receive(requests, context))
+                if request.method != ABANDONED_METHOD:
+                    raise _invalid(f"the notice path takes {ABANDONED_METHOD} notices only, got {request.method!r}")
+                session.abandon(request.seq)
+                return encode_reply(None)
+            finally:
+                session.release(context, notice=True)
+        except _Abort as abort:
+            _answer(abort, context)
+
     def _serve_or_explain(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             return self._serve(session, frame, context)
@@ -468,17 +503,16 @@ class SplitService:
 
     def _serve(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
         arrived = time.perf_counter()
-        if session.revoked:  # while its frame was on the way
-            raise _revoked()
-        try:
-            request = decode_request(frame)
-        except CodecError as err:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
-        if request.method == ABANDONED_METHOD:  # a notice: it takes no turn in the client's order
-            session.abandon(request.seq)
-            return encode_reply(None)
+        request = _decoded(frame)
+        if request.method == ABANDONED_METHOD:
+            raise _invalid(f"{ABANDONED_METHOD} notices go to the notice path (call_path(token, notice=True))")
         if session.finished and request.method != FINISH_METHOD:
-            raise _invalid("this client already finished its round; no further calls run")
+            # Closing a session revokes it, then marks it finished.
+            raise (
+                _revoked()
+                if session.revoked
+                else _invalid("this client already finished its round; no further calls run")
+            )
         session.enter(request.seq, request.settled_below, context, self.sequence_timeout)
         try:  # everything below runs for one request of this client at a time
             wire, seconds = session.wire, session.seconds
@@ -528,6 +562,13 @@ class SplitService:
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
+
+
+def _decoded(frame: bytes) -> Request:
+    try:
+        return decode_request(frame)
+    except CodecError as err:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, ErrorKind.CORRUPT, f"corrupt request: {err}") from err
 
 
 def _answer(abort: _Abort, context: grpc.ServicerContext) -> NoReturn:

@@ -13,6 +13,7 @@ from splitflower.errors import ConfigError
 __all__ = [
     "GRPC_SERVICE",
     "GRPC_CALL_PREFIX",
+    "GRPC_NOTICE_PREFIX",
     "TOKEN_BYTES",
     "call_path",
     "ERROR_KIND_METADATA_KEY",
@@ -24,16 +25,21 @@ __all__ = [
     "MetricKey",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_IN_FLIGHT",
+    "MAX_NOTICES_IN_PROGRESS",
     "PROXY_ATTRIBUTES",
 ]
 
 GRPC_SERVICE: Final = "splitflower.v1.ServerModel"
 GRPC_CALL_PREFIX: Final = f"/{GRPC_SERVICE}/"
+# Notices (ABANDONED_METHOD) go to a path of their own, outside the client's share of the
+# service's threads: the calls that fill it may be waiting for exactly that notice.
+GRPC_NOTICE_PREFIX: Final = "/splitflower.v1.Notices/"
 TOKEN_BYTES: Final = 16
 
 
-def call_path(token: bytes) -> str:
-    """The gRPC method path of every call a client holding ``token`` makes.
+def call_path(token: bytes, *, notice: bool = False) -> str:
+    """The gRPC method path of every call a client holding ``token`` makes (of its notices
+    that a request will not come, with ``notice``).
 
     The token is the path's method name, so the service finds the client's session as soon
     as a call's headers arrive, before gRPC waits for its body on one of the service's
@@ -48,7 +54,7 @@ def call_path(token: bytes) -> str:
     if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
         got = f"{len(token)} bytes" if isinstance(token, bytes) else type(token).__name__
         raise ConfigError(f"a token is {TOKEN_BYTES} bytes (from the round config's sf-token), got {got}")
-    return GRPC_CALL_PREFIX + token.hex()
+    return (GRPC_NOTICE_PREFIX if notice else GRPC_CALL_PREFIX) + token.hex()
 
 
 # Trailing-metadata key naming which check failed, so the proxy raises the matching class.
@@ -58,10 +64,11 @@ ERROR_KIND_METADATA_KEY: Final = "sf-error-kind"
 # waiting for it. Not a valid Python identifier, so no server model can define it.
 FINISH_METHOD: Final = "<finish>"
 
-# A reserved notice a client sends when a request failed without the server answering it
-# (e.g. its deadline passed while it waited for a sender thread) and later requests are on
-# their way: it names the request (in the frame's request number), so that the server runs
-# the later ones instead of waiting for it. It takes no turn in the client's order.
+# A reserved notice a client sends (to call_path(token, notice=True)) when a request failed
+# without the server answering it (e.g. its deadline passed while it waited for a sender
+# thread) and later requests are on their way: it names the request (in the frame's request
+# number), so that the server runs the later ones instead of waiting for it. It takes no
+# turn in the client's order.
 ABANDONED_METHOD: Final = "<abandoned>"
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -69,6 +76,10 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 # Most requests one proxy keeps in flight; the service lets a client have this many (plus
 # a blocking call) in progress however few threads it has.
 MAX_IN_FLIGHT: Final = 32
+
+# A client's notices (ABANDONED_METHOD) the service serves at once, outside its share of calls;
+# a proxy sends one refused for room again.
+MAX_NOTICES_IN_PROGRESS: Final = 4
 
 # The public attributes of a client's ServerModelProxy: ``proxy.<name>`` finds these, not
 # a remote method, so no server model may define a method of one of these names.

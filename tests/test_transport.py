@@ -38,13 +38,14 @@ from splitflower.errors import (
 from splitflower.proxy import ServerModelProxy
 from splitflower.scheduling import BatchingScheduler, ImmediateScheduler
 from splitflower.server_model import FLOATING, ServerModel, TensorSpec, remote, remote_methods
-from splitflower.service import SplitService, TlsConfig
+from splitflower.service import ClientSession, SplitService, TlsConfig
 from splitflower.wire import (
     ABANDONED_METHOD,
     ERROR_KIND_METADATA_KEY,
     FINISH_METHOD,
     GRPC_CALL_PREFIX,
     MAX_IN_FLIGHT,
+    MAX_NOTICES_IN_PROGRESS,
     PROXY_ATTRIBUTES,
     ErrorKind,
     call_path,
@@ -264,11 +265,13 @@ def test_a_method_the_base_class_would_hide_behind_an_attribute_is_refused_when_
     assert public <= listed, f"every attribute {base.__name__}.__init__ sets must be listed: {public - listed}"
 
 
-def _raw(service: SplitService, token: bytes, frame: bytes, timeout: float = 5) -> bytes | grpc.RpcError:
+def _raw(
+    service: SplitService, token: bytes, frame: bytes, timeout: float = 5, *, notice: bool = False
+) -> bytes | grpc.RpcError:
     """Send a hand-made frame with ``token``; the reply frame, or the error gRPC raised."""
     with grpc.insecure_channel(service.address) as channel:
         try:
-            reply: bytes = channel.unary_unary(call_path(token))(frame, timeout=timeout)
+            reply: bytes = channel.unary_unary(call_path(token, notice=notice))(frame, timeout=timeout)
         except grpc.RpcError as err:
             return err
     return reply
@@ -597,23 +600,17 @@ def _calls_withholding_their_bodies(
     """A call to ``path`` on each channel that sends its headers and no body until ``until`` is set."""
 
     def no_body() -> Iterator[bytes]:
-        until.wait(10)
+        until.wait(60)
         yield from ()
 
     return [channel.stream_unary(path).future(no_body()) for channel in channels]
 
 
-def _wait_until_its_share_is_taken(service: SplitService, token: bytes) -> None:
-    """Probe with a frame that is refused either way: corrupt if read, unread while the
-    client's share of the service's threads is taken."""
+def _wait_until_its_share_is_taken(session: ClientSession) -> None:
     deadline = time.monotonic() + 10
-    while _error_kind_of(_raw_call(service, token, b"probe")) != ErrorKind.BUSY:
-        assert time.monotonic() < deadline, "the client's share of the threads was never taken"
+    while session.calls_in_progress < session.max_in_progress:
+        assert time.monotonic() < deadline, f"{session.calls_in_progress} of {session.max_in_progress} calls came"
         time.sleep(0.05)
-
-
-def _error_kind_of(error: grpc.RpcError) -> str | None:
-    return dict(error.trailing_metadata() or ()).get(ERROR_KIND_METADATA_KEY)  # type: ignore[no-any-return]
 
 
 def test_a_stranger_is_refused_on_arrival_even_while_every_thread_is_taken() -> None:
@@ -633,8 +630,11 @@ def test_a_stranger_is_refused_on_arrival_even_while_every_thread_is_taken() -> 
                 with pytest.raises(grpc.RpcError) as refused:
                     stall.result(timeout=5)
                 assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            stranger = ServerModelProxy(service.address, b"\1" * 16, default_timeout=5.0)
             with pytest.raises(AuthenticationError, match="token not issued for the current round"):
-                ServerModelProxy(service.address, b"\1" * 16, default_timeout=5.0).echo(x=torch.ones(1))
+                stranger.echo(x=torch.ones(1))
+            with pytest.raises(AuthenticationError):
+                stranger.close()  # telling the service it is done is refused too; the channel closes
             other = connect(service, Toy(), default_timeout=0.5)
             with pytest.raises(ServerModelTimeoutError):  # the threads were all taken meanwhile
                 other.echo(x=torch.ones(1))
@@ -659,7 +659,7 @@ def test_a_client_holds_at_most_its_share_of_the_threads_and_revoking_its_token_
             waiting = [background.submit(_raw, service, token, _record_frame(seq, 0), 30) for seq in (1, 2)]
             paths = [call_path(token)] * (session.max_in_progress - len(waiting))
             stalls = _calls_withholding_their_bodies([channel] * len(paths), withheld, paths[0])
-            _wait_until_its_share_is_taken(service, token)
+            _wait_until_its_share_is_taken(session)
             error = _raw_call(service, token, _record_frame(3, 0))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f"refused unread: {session.max_in_progress} of this client's calls" in (error.details() or "")
@@ -694,8 +694,10 @@ def test_calls_and_notices_refused_for_room_are_sent_again_until_room_frees_or_t
         proxy = ServerModelProxy(service.address, token)
         withheld = threading.Event()
         with grpc.insecure_channel(service.address) as channel:
-            stalls = _calls_withholding_their_bodies([channel, channel], withheld, call_path(token))  # noqa: F841
-            _wait_until_its_share_is_taken(service, token)
+            stalls = _calls_withholding_their_bodies([channel, channel], withheld, call_path(token))
+            notices = [call_path(token, notice=True)] * MAX_NOTICES_IN_PROGRESS  # the notices' own share
+            stalls += _calls_withholding_their_bodies([channel] * len(notices), withheld, notices[0])
+            _wait_until_its_share_is_taken(session)
             given_up = proxy.record.future(i=torch.tensor(0), timeout=0.5)
             later = proxy.record.future(i=torch.tensor(1), timeout=30.0)
             with pytest.raises(ServerModelTimeoutError, match="refused it for room until its timeout; it never ran"):
@@ -709,8 +711,27 @@ def test_calls_and_notices_refused_for_room_are_sent_again_until_room_frees_or_t
             assert later.result(timeout=5) is None  # well within the sequence timeout: 0 was skipped
         assert model.seen == [1]
         _still_serves(proxy)
+        proxy.close()
     finally:
         service.stop(grace=0)
+
+
+def test_a_notice_gets_through_while_the_calls_waiting_for_it_fill_the_client_s_share(service: SplitService) -> None:
+    """Requests waiting for one that will never come can fill the client's share of the
+    threads; the notice that it will not come has a share of its own, so they run at once
+    instead of waiting out the sequence timeout."""
+    model = Toy()
+    token, session = service.open_session("noticed", ImmediateScheduler(model))
+    session.max_in_progress = 2
+    with ThreadPoolExecutor(2) as background:
+        waiting = [background.submit(_raw, service, token, _record_frame(seq, 0), 30) for seq in (1, 2)]
+        _wait_until_its_share_is_taken(session)
+        notice = encode_request(0, ABANDONED_METHOD, {}, no_reply=True)
+        assert isinstance(_raw(service, token, notice, notice=True), bytes)
+        assert all(isinstance(request.result(timeout=3), bytes) for request in waiting)
+    assert model.seen == [1, 2]
+    error = _raw_call(service, token, notice)
+    assert "notices go to the notice path" in (error.details() or "")
 
 
 def test_mutual_tls_serves_only_clients_whose_certificate_the_service_trusts() -> None:
