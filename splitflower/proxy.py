@@ -97,6 +97,12 @@ def _error_kind(error: BaseException) -> str | None:
     return None
 
 
+def _worth_resending(error: BaseException, pause: float, deadline: float | None) -> bool:
+    """Whether a call that ended with ``error`` was refused unread for room and, after
+    ``pause``, still has time before ``deadline`` (None: no limit) to be sent again."""
+    return _error_kind(error) == ErrorKind.BUSY and (deadline is None or time.monotonic() + pause < deadline)
+
+
 def _maybe_unseen(error: BaseException | None) -> bool:
     """Whether a request that ended with ``error`` may never have reached the server (the
     server answers each request it reads with an error kind in the trailing metadata; one
@@ -397,7 +403,7 @@ class ServerModelProxy:
             return
         if self._closed:  # the server revokes the session; nothing waits for the notice
             return
-        if _error_kind(error) == ErrorKind.BUSY and time.monotonic() + pause < deadline:
+        if _worth_resending(error, pause, deadline):
             again = threading.Timer(pause, self._notify_abandoned, (seq, deadline, min(2 * pause, _BUSY_MAX_PAUSE_S)))
             again.daemon = True
             again.start()
@@ -491,7 +497,7 @@ class ServerModelProxy:
             try:
                 return self._call(frame, timeout=_left(deadline))  # type: ignore[no-any-return]
             except grpc.RpcError as err:
-                if _error_kind(err) != ErrorKind.BUSY or (deadline is not None and time.monotonic() + pause > deadline):
+                if not _worth_resending(err, pause, deadline):
                     raise
             time.sleep(pause)
             pause = min(2 * pause, _BUSY_MAX_PAUSE_S)
@@ -556,13 +562,12 @@ class ServerModelProxy:
     def _translate(self, method: str, err: grpc.RpcError) -> RemoteCallError:
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else str(err)
-        trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
-        kind = trailing.get(ERROR_KIND_METADATA_KEY)
+        kind = _error_kind(err)
         if kind == ErrorKind.BUSY:
             return ServerModelTimeoutError(
                 f"{method}: the service refused it for room until its timeout; it never ran ({details})"
             )
-        if isinstance(kind, str) and kind in _KIND_TO_ERROR:
+        if kind in _KIND_TO_ERROR:
             return _KIND_TO_ERROR[kind](f"{method}: {details}")  # server messages leave the method out
         if code == grpc.StatusCode.UNIMPLEMENTED and kind is None:  # the service routes calls by token alone
             return AuthenticationError(

@@ -135,10 +135,11 @@ class ClientSession:
         self._settled_below = 0
         self._present: set[int] = set()
         self._abandoned: set[int] = set()  # numbers the client gave up before they arrived
-        # Its calls in progress, from the handler's start to its end: whether each still
-        # awaits its request frame (revoking the token cancels those).
+        # Its calls in progress, from the handler's start to its end, and whether each still
+        # awaits its request frame (revoking the token cancels those); notices apart, as they
+        # have a share of their own.
         self._calls: dict[grpc.ServicerContext, bool] = {}
-        self._notices = 0  # of those calls, notices (they have a small share of their own)
+        self._notices: dict[grpc.ServicerContext, bool] = {}
         # A plain lock taken directly on every request (a Condition's own enter and exit are
         # Python calls); its condition is notified only when a request waits on it.
         self._lock = threading.Lock()
@@ -151,38 +152,32 @@ class ClientSession:
         withholds its requests' bodies, or whose requests wait for an earlier one, holds at most
         that many of the service's threads. Notices have a share of their own, since the calls
         filling the client's share may be waiting for one."""
+        calls, share = (self._notices, MAX_NOTICES_IN_PROGRESS) if notice else (self._calls, self.max_in_progress)
         with self._lock:
             if self.revoked:
                 raise _revoked()
-            if notice:
-                busy = self._notices >= MAX_NOTICES_IN_PROGRESS
-            else:
-                busy = len(self._calls) - self._notices >= self.max_in_progress
-            if busy:
-                what = "notices" if notice else "calls"
+            if len(calls) >= share:
                 raise _Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     ErrorKind.BUSY,
-                    f"refused unread: {self._notices if notice else len(self._calls) - self._notices} of this "
-                    f"client's {what} are in progress, its share of the service's threads (a proxy keeps at most "
-                    f"{MAX_IN_FLIGHT} calls in flight plus a blocking call, and sends a call refused this way "
-                    "again until its timeout)",
+                    f"refused unread: {len(calls)} of this client's {'notices' if notice else 'calls'} are in "
+                    f"progress, its share of the service's threads (a proxy keeps at most {MAX_IN_FLIGHT} calls in "
+                    "flight plus a blocking call, and sends a call refused this way again until its timeout)",
                 )
-            self._calls[context] = True
-            self._notices += notice
+            calls[context] = True
 
     @property
     def calls_in_progress(self) -> int:
         """This client's calls (notices aside) the service holds a thread for: at most ``max_in_progress``."""
-        with self._lock:
-            return len(self._calls) - self._notices
+        return len(self._calls)
 
-    def receive(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def receive(self, requests: Iterator[bytes], context: grpc.ServicerContext, *, notice: bool = False) -> bytes:
         """Wait for an admitted call's request frame. Raises grpc.RpcError if the caller
         cancels the call, or the token is revoked, first."""
         frame = next(requests, None)
-        with self._lock:
-            self._calls[context] = False
+        # No lock: setting an existing key is atomic under the GIL and leaves the dict's size,
+        # which revoke iterates, unchanged; a revoke racing this may cancel a call just read.
+        (self._notices if notice else self._calls)[context] = False
         if frame is None:
             raise _invalid("the call ended without a request frame; send exactly one per call")
         return frame
@@ -190,8 +185,7 @@ class ClientSession:
     def release(self, context: grpc.ServicerContext, *, notice: bool = False) -> None:
         """The call has ended: its thread is free again."""
         with self._lock:
-            del self._calls[context]
-            self._notices -= notice
+            del (self._notices if notice else self._calls)[context]
 
     def enter(self, seq: int, settled_below: int, context: grpc.ServicerContext, sequence_timeout: float) -> None:
         """Return once every earlier request of this client has been handled.
@@ -287,7 +281,9 @@ class ClientSession:
         with self._lock:
             self.revoked = True
             self._cond.notify_all()
-            unread = [context for context, awaiting in self._calls.items() if awaiting]
+            unread = [
+                context for calls in (self._calls, self._notices) for context, awaiting in calls.items() if awaiting
+            ]
         for context in unread:
             context.cancel()
 
@@ -445,7 +441,7 @@ class SplitService:
         # Client-streaming to gRPC, one message on the wire: the handler starts before the body
         # arrives, so the session can bound how many of its calls wait for theirs.
         handler = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle, session))
-        notices = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle_notice, session))
+        notices = grpc.stream_unary_rpc_method_handler(functools.partial(self._handle, session, notice=True))
         with self._lock:
             self._sessions[token] = session
             self._routes[call_path(token)] = handler
@@ -464,42 +460,26 @@ class SplitService:
             session.finished = True
             session.scheduler.client_finished(session.client)
 
-    def _handle(self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def _handle(
+        self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext, *, notice: bool = False
+    ) -> bytes:
         try:
-            session.admit(context)
+            session.admit(context, notice=notice)
             try:
                 # grpc.RpcError from receive: the call was cancelled (by its caller, or by revoking
                 # the token) before its frame came; there is nobody to answer.
-                frame = session.receive(requests, context)
-                return self._serve_or_explain(session, frame, context)
+                frame = session.receive(requests, context, notice=notice)
+                try:
+                    return _serve_notice(session, frame) if notice else self._serve(session, frame, context)
+                except _Abort:
+                    raise
+                except BaseException as err:  # a bug here must still answer the caller
+                    logger.exception("[server] unexpected error while serving a request")
+                    raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
             finally:
-                session.release(context)
+                session.release(context, notice=notice)
         except _Abort as abort:
             _answer(abort, context)
-
-    def _handle_notice(self, session: ClientSession, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        """A notice that a request will not come: it takes no turn in the client's order."""
-        try:
-            session.admit(context, notice=True)
-            try:
-                request = _decoded(session.receive(requests, context))
-                if request.method != ABANDONED_METHOD:
-                    raise _invalid(f"the notice path takes {ABANDONED_METHOD} notices only, got {request.method!r}")
-                session.abandon(request.seq)
-                return encode_reply(None)
-            finally:
-                session.release(context, notice=True)
-        except _Abort as abort:
-            _answer(abort, context)
-
-    def _serve_or_explain(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
-        try:
-            return self._serve(session, frame, context)
-        except _Abort:
-            raise
-        except BaseException as err:  # a bug here must still answer the caller
-            logger.exception("[server] unexpected error while serving a request")
-            raise _Abort(grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, f"server error: {err!r}") from err
 
     def _serve(self, session: ClientSession, frame: bytes, context: grpc.ServicerContext) -> bytes:
         arrived = time.perf_counter()
@@ -562,6 +542,15 @@ class SplitService:
                 f"{self.max_message_bytes}; raise max_message_bytes or return less",
             )
         return reply
+
+
+def _serve_notice(session: ClientSession, frame: bytes) -> bytes:
+    """A notice that a request will not come: it takes no turn in the client's order."""
+    request = _decoded(frame)
+    if request.method != ABANDONED_METHOD:
+        raise _invalid(f"the notice path takes {ABANDONED_METHOD} notices only, got {request.method!r}")
+    session.abandon(request.seq)
+    return encode_reply(None)
 
 
 def _decoded(frame: bytes) -> Request:
